@@ -1,0 +1,725 @@
+//! Configuration: parsed once, by a pure function, before anything on the host changes.
+//!
+//! [`parse`] takes the document's text, where it came from and the host's facts, and returns a
+//! validated [`Config`] or a [`ConfigError`] that points at `FILE:LINE:COL`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::size::{parse_duration, parse_size, Bytes};
+
+/// The embedded defaults: the platform's lanes.
+pub const DEFAULT_CONFIG: &str = include_str!("defaults.toml");
+
+/// Where a configuration document came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The defaults compiled into the binary.
+    Embedded,
+    /// A file given by `--config` or `FLYWHEEL_CONFIG`.
+    File(PathBuf),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Embedded => f.write_str("<embedded defaults>"),
+            Origin::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// What the configuration is checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostFacts {
+    /// Memory the host (or the agent's own cgroup) can give jobs, in bytes.
+    pub memory_bytes: u64,
+    /// CPUs the agent may use.
+    pub cpus: u32,
+}
+
+impl HostFacts {
+    /// Read the facts from this host: `MemTotal` from `/proc/meminfo`, available parallelism.
+    pub fn detect() -> HostFacts {
+        let memory_bytes = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| meminfo_total(&s))
+            .unwrap_or(u64::MAX);
+        let cpus = std::thread::available_parallelism()
+            .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+            .unwrap_or(1);
+        HostFacts { memory_bytes, cpus }
+    }
+}
+
+fn meminfo_total(s: &str) -> Option<u64> {
+    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
+/// A configuration that was rejected, with where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub origin: String,
+    /// 1-based line and column, when the error has a place in the document.
+    pub position: Option<(usize, usize)>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.position {
+            Some((line, col)) => write!(f, "{}:{line}:{col}: {}", self.origin, self.message),
+            None => write!(f, "{}: {}", self.origin, self.message),
+        }
+    }
+}
+
+/// Runtime hints a lane injects into its jobs' environment. `None` means absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Hints {
+    pub attic_server: Option<String>,
+    pub attic_cache: Option<String>,
+    pub attic_public_key: Option<String>,
+    pub bazel_remote_cache: Option<String>,
+    pub nix_extra_conf: Option<String>,
+}
+
+/// One runner lane.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Lane {
+    pub name: String,
+    pub labels: Vec<String>,
+    /// The job's memory envelope, bytes.
+    pub memory_bytes: u64,
+    pub max_runners: u32,
+    pub pids_max: u64,
+    pub work_root: PathBuf,
+    pub nix_store: PathBuf,
+    /// The lane's fast-local volume holding one `slot-N/{nix,work}` per runner slot.
+    pub slot_root: Option<PathBuf>,
+    /// Free space the fast-local check demands on the work root and the nix store.
+    pub min_free_bytes: u64,
+    /// CPUs a job of this lane may use for `cores`/`max-jobs`; the host's CPUs when unset.
+    pub cpus: Option<u32>,
+    /// Memory one parallel Nix build is assumed to need when deriving `max-jobs`.
+    pub memory_per_build_bytes: u64,
+    /// cgroup v2 `memory.oom.group`: kill the whole job on OOM instead of one process.
+    pub oom_group: bool,
+    pub hints: Hints,
+    /// Why this lane cannot run on this host (embedded defaults only; a file is rejected).
+    pub unavailable: Option<String>,
+}
+
+/// Agent-wide settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentSettings {
+    /// Runtime state: slot locks.
+    pub state_dir: PathBuf,
+    /// How long a job's processes get between SIGTERM and the cgroup kill.
+    pub teardown_grace: Duration,
+    /// How long a job stopped by a signal to the agent gets before the cgroup kill.
+    pub stop_grace: Duration,
+}
+
+/// Where job cgroups live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupSettings {
+    /// The cgroup filesystem mount (normally `/sys/fs/cgroup`).
+    pub mount: PathBuf,
+    /// The parent cgroup of the agent's job subtree, as a path inside the hierarchy; the
+    /// agent's own cgroup when unset.
+    pub parent: Option<String>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub origin: Origin,
+    pub agent: AgentSettings,
+    pub cgroup: CgroupSettings,
+    pub lanes: Vec<Lane>,
+}
+
+impl Config {
+    /// The lane called `name`.
+    pub fn lane(&self, name: &str) -> Option<&Lane> {
+        self.lanes.iter().find(|l| l.name == name)
+    }
+
+    /// The embedded defaults for this host.
+    pub fn embedded(host: &HostFacts) -> Result<Config, ConfigError> {
+        parse(DEFAULT_CONFIG, &Origin::Embedded, host)
+    }
+}
+
+// ---- raw document -------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    agent: RawAgent,
+    #[serde(default)]
+    cgroup: RawCgroup,
+    #[serde(default)]
+    lane: Option<Vec<RawLane>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    state_dir: Option<PathBuf>,
+    teardown_grace: Option<Spanned<String>>,
+    stop_grace: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCgroup {
+    mount: Option<Spanned<PathBuf>>,
+    parent: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLane {
+    name: Spanned<String>,
+    labels: Option<Spanned<Vec<Spanned<String>>>>,
+    memory: Spanned<String>,
+    max_runners: Option<Spanned<u32>>,
+    pids_max: Option<Spanned<u64>>,
+    work_root: Option<Spanned<PathBuf>>,
+    nix_store: Option<Spanned<PathBuf>>,
+    slot_root: Option<Spanned<PathBuf>>,
+    min_free: Option<Spanned<String>>,
+    cpus: Option<Spanned<u32>>,
+    memory_per_build: Option<Spanned<String>>,
+    oom_group: Option<bool>,
+    #[serde(default)]
+    hints: RawHints,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHints {
+    attic_server: Option<Spanned<String>>,
+    attic_cache: Option<Spanned<String>>,
+    attic_public_key: Option<Spanned<String>>,
+    bazel_remote_cache: Option<Spanned<String>>,
+    nix_extra_conf: Option<Spanned<String>>,
+}
+
+const DEFAULT_MAX_RUNNERS: u32 = 1;
+const DEFAULT_PIDS_MAX: u64 = 16384;
+const DEFAULT_MIN_FREE: u64 = 2 << 30;
+const DEFAULT_MEMORY_PER_BUILD: u64 = 2 << 30;
+
+struct Ctx<'a> {
+    origin: &'a Origin,
+    src: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err_at(&self, offset: Option<usize>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            origin: self.origin.to_string(),
+            position: offset.map(|o| line_col(self.src, o)),
+            message: message.into(),
+        }
+    }
+    fn err<T>(&self, s: &Spanned<T>, message: impl Into<String>) -> ConfigError {
+        self.err_at(Some(s.span().start), message)
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(src.len());
+    let before = src.get(..offset).unwrap_or(src);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
+    (line, col)
+}
+
+/// Parse and validate a configuration document. Pure: reads nothing, changes nothing.
+pub fn parse(src: &str, origin: &Origin, host: &HostFacts) -> Result<Config, ConfigError> {
+    let cx = Ctx { origin, src };
+    let raw: RawConfig = toml::from_str(src).map_err(|e| {
+        let msg = e.message().trim().to_owned();
+        cx.err_at(Some(e.span().map_or(0, |s| s.start)), msg)
+    })?;
+
+    let agent = AgentSettings {
+        state_dir: raw
+            .agent
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from("/run/flywheel-agent")),
+        teardown_grace: duration_or(&cx, raw.agent.teardown_grace.as_ref(), "5s")?,
+        stop_grace: duration_or(&cx, raw.agent.stop_grace.as_ref(), "10s")?,
+    };
+    let cgroup = CgroupSettings {
+        mount: match raw.cgroup.mount {
+            Some(m) => absolute(&cx, &m, "cgroup.mount")?,
+            None => PathBuf::from("/sys/fs/cgroup"),
+        },
+        parent: match raw.cgroup.parent {
+            Some(p) if !p.get_ref().starts_with('/') => {
+                return Err(cx.err(&p, "cgroup.parent must be an absolute path inside the cgroup hierarchy, e.g. \"/flywheel.slice\""));
+            }
+            Some(p) => Some(p.into_inner()),
+            None => None,
+        },
+    };
+
+    let raw_lanes = match raw.lane {
+        Some(l) => l,
+        None if *origin != Origin::Embedded => {
+            return parse_lanes_only(origin, host, agent, cgroup);
+        }
+        None => Vec::new(),
+    };
+    if raw_lanes.is_empty() {
+        return Err(cx.err_at(None, "no [[lane]] is configured: add at least one"));
+    }
+
+    let mut lanes = Vec::with_capacity(raw_lanes.len());
+    let mut names: HashMap<String, (usize, usize)> = HashMap::new();
+    let mut labels_seen: HashMap<String, String> = HashMap::new();
+    for rl in raw_lanes {
+        let lane = validate_lane(&cx, rl, host, &mut names, &mut labels_seen)?;
+        lanes.push(lane);
+    }
+    Ok(Config {
+        origin: origin.clone(),
+        agent,
+        cgroup,
+        lanes,
+    })
+}
+
+/// A file with settings but no lanes keeps the embedded lanes.
+fn parse_lanes_only(
+    origin: &Origin,
+    host: &HostFacts,
+    agent: AgentSettings,
+    cgroup: CgroupSettings,
+) -> Result<Config, ConfigError> {
+    let defaults = parse(DEFAULT_CONFIG, &Origin::Embedded, host)?;
+    Ok(Config {
+        origin: origin.clone(),
+        agent,
+        cgroup,
+        lanes: defaults.lanes,
+    })
+}
+
+fn duration_or(
+    cx: &Ctx<'_>,
+    v: Option<&Spanned<String>>,
+    default: &str,
+) -> Result<Duration, ConfigError> {
+    match v {
+        Some(s) => parse_duration(s.get_ref()).map_err(|e| cx.err(s, e.to_string())),
+        None => parse_duration(default).map_err(|e| cx.err_at(None, e.to_string())),
+    }
+}
+
+fn size_of(cx: &Ctx<'_>, key: &str, v: &Spanned<String>) -> Result<u64, ConfigError> {
+    parse_size(v.get_ref()).map_err(|e| cx.err(v, format!("{key}: {e}")))
+}
+
+fn absolute(cx: &Ctx<'_>, v: &Spanned<PathBuf>, key: &str) -> Result<PathBuf, ConfigError> {
+    if v.get_ref().is_absolute() {
+        Ok(v.get_ref().clone())
+    } else {
+        Err(cx.err(
+            v,
+            format!(
+                "{key} must be an absolute path, got {:?}",
+                v.get_ref().display().to_string()
+            ),
+        ))
+    }
+}
+
+fn nonempty(
+    cx: &Ctx<'_>,
+    v: Option<Spanned<String>>,
+    key: &str,
+) -> Result<Option<String>, ConfigError> {
+    match v {
+        Some(s) if s.get_ref().trim().is_empty() => Err(cx.err(
+            &s,
+            format!("hints.{key} is empty: remove the key to leave the hint unset"),
+        )),
+        Some(s) => Ok(Some(s.into_inner())),
+        None => Ok(None),
+    }
+}
+
+fn validate_lane(
+    cx: &Ctx<'_>,
+    rl: RawLane,
+    host: &HostFacts,
+    names: &mut HashMap<String, (usize, usize)>,
+    labels_seen: &mut HashMap<String, String>,
+) -> Result<Lane, ConfigError> {
+    let name = rl.name.get_ref().clone();
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(cx.err(&rl.name, format!("lane name {name:?} must be non-empty and use only letters, digits, '-', '_' and '.'")));
+    }
+    let here = line_col(cx.src, rl.name.span().start);
+    if let Some((l, c)) = names.insert(name.clone(), here) {
+        return Err(cx.err(
+            &rl.name,
+            format!("duplicate lane name {name:?}: it is already defined at line {l}, column {c}"),
+        ));
+    }
+
+    let labels: Vec<String> = match &rl.labels {
+        Some(ls) => {
+            if ls.get_ref().is_empty() {
+                return Err(cx.err(ls, format!("lane {name:?} has no labels: give it at least one, e.g. labels = [{name:?}]")));
+            }
+            let mut out = Vec::new();
+            for l in ls.get_ref() {
+                let label = l.get_ref().trim();
+                if label.is_empty() {
+                    return Err(cx.err(l, format!("lane {name:?} has an empty label")));
+                }
+                if let Some(other) = labels_seen.get(label) {
+                    return Err(cx.err(l, format!("label {label:?} is used by lanes {other:?} and {name:?}: a label must select exactly one lane")));
+                }
+                labels_seen.insert(label.to_owned(), name.clone());
+                out.push(label.to_owned());
+            }
+            out
+        }
+        None => {
+            if let Some(other) = labels_seen.get(&name) {
+                return Err(cx.err(&rl.name, format!("label {name:?} (the default label of lane {name:?}) is used by lanes {other:?} and {name:?}")));
+            }
+            labels_seen.insert(name.clone(), name.clone());
+            vec![name.clone()]
+        }
+    };
+
+    let memory_bytes = size_of(cx, "memory", &rl.memory)?;
+    let mut unavailable = None;
+    if memory_bytes > host.memory_bytes {
+        let msg = format!(
+            "lane {name:?} has a memory envelope of {} but this host has only {}: lower `memory` or run this lane on a larger host",
+            Bytes(memory_bytes),
+            Bytes(host.memory_bytes)
+        );
+        if *cx.origin == Origin::Embedded {
+            unavailable = Some(msg);
+        } else {
+            return Err(cx.err(&rl.memory, msg));
+        }
+    }
+    let max_runners = match &rl.max_runners {
+        Some(m) if *m.get_ref() == 0 => {
+            return Err(cx.err(m, format!("lane {name:?}: max_runners is 0; a lane needs at least 1 runner (remove the lane to disable it)")));
+        }
+        Some(m) => *m.get_ref(),
+        None => DEFAULT_MAX_RUNNERS,
+    };
+    let pids_max = match &rl.pids_max {
+        Some(p) if *p.get_ref() < 16 => {
+            return Err(cx.err(p, format!("lane {name:?}: pids_max {} is too small for any job; use at least 16 (e.g. 16384)", p.get_ref())));
+        }
+        Some(p) => *p.get_ref(),
+        None => DEFAULT_PIDS_MAX,
+    };
+    let work_root = match &rl.work_root {
+        Some(w) => absolute(cx, w, "work_root")?,
+        None => PathBuf::from("/var/lib/flywheel/work").join(&name),
+    };
+    let nix_store = match &rl.nix_store {
+        Some(n) => absolute(cx, n, "nix_store")?,
+        None => PathBuf::from("/nix"),
+    };
+    let slot_root = rl
+        .slot_root
+        .as_ref()
+        .map(|s| absolute(cx, s, "slot_root"))
+        .transpose()?;
+    if let Some(sr) = &slot_root {
+        if sr.starts_with(&work_root) || sr.starts_with(&nix_store) {
+            return Err(cx.err_at(
+                rl.slot_root.as_ref().map(|s| s.span().start),
+                format!("lane {name:?}: slot_root {} lies inside work_root or nix_store, which are mounted over it in the job; put it elsewhere", sr.display()),
+            ));
+        }
+    }
+    let min_free_bytes = match &rl.min_free {
+        Some(m) => size_of(cx, "min_free", m)?,
+        None => DEFAULT_MIN_FREE,
+    };
+    let cpus = match &rl.cpus {
+        Some(c) if *c.get_ref() == 0 => {
+            return Err(cx.err(
+                c,
+                format!("lane {name:?}: cpus is 0; remove it to use the host's CPUs"),
+            ));
+        }
+        Some(c) => Some(*c.get_ref()),
+        None => None,
+    };
+    let memory_per_build_bytes = match &rl.memory_per_build {
+        Some(m) => size_of(cx, "memory_per_build", m)?,
+        None => DEFAULT_MEMORY_PER_BUILD,
+    };
+
+    let h = rl.hints;
+    if let Some(s) = &h.attic_server {
+        let v = s.get_ref();
+        if !(v.starts_with("http://") || v.starts_with("https://")) {
+            return Err(cx.err(
+                s,
+                format!("hints.attic_server {v:?} must be an http:// or https:// URL"),
+            ));
+        }
+    }
+    if let (Some(c), None) = (&h.attic_cache, &h.attic_server) {
+        return Err(cx.err(
+            c,
+            "hints.attic_cache is set but hints.attic_server is not: set both, or neither",
+        ));
+    }
+    if let Some(k) = &h.attic_public_key {
+        let v = k.get_ref();
+        if !v.contains(':') || v.contains(char::is_whitespace) {
+            return Err(cx.err(k, format!("hints.attic_public_key {v:?} is not a Nix public key: expected NAME:BASE64, as printed by `attic cache info`")));
+        }
+    }
+    let hints = Hints {
+        attic_server: nonempty(cx, h.attic_server, "attic_server")?,
+        attic_cache: nonempty(cx, h.attic_cache, "attic_cache")?,
+        attic_public_key: nonempty(cx, h.attic_public_key, "attic_public_key")?,
+        bazel_remote_cache: nonempty(cx, h.bazel_remote_cache, "bazel_remote_cache")?,
+        nix_extra_conf: nonempty(cx, h.nix_extra_conf, "nix_extra_conf")?,
+    };
+
+    Ok(Lane {
+        name,
+        labels,
+        memory_bytes,
+        max_runners,
+        pids_max,
+        work_root,
+        nix_store,
+        slot_root,
+        min_free_bytes,
+        cpus,
+        memory_per_build_bytes,
+        oom_group: rl.oom_group.unwrap_or(false),
+        hints,
+        unavailable,
+    })
+}
+
+/// Read and parse the configuration named by `--config`, else `FLYWHEEL_CONFIG`, else the
+/// embedded defaults.
+pub fn load(path: Option<&Path>, host: &HostFacts) -> Result<Config, ConfigError> {
+    let from_env = std::env::var_os("FLYWHEEL_CONFIG").filter(|v| !v.is_empty());
+    let path = path.map(Path::to_path_buf).or(from_env.map(PathBuf::from));
+    match path {
+        None => Config::embedded(host),
+        Some(p) => {
+            let src = std::fs::read_to_string(&p).map_err(|e| ConfigError {
+                origin: p.display().to_string(),
+                position: None,
+                message: format!("cannot read the config file: {e}"),
+            })?;
+            parse(&src, &Origin::File(p), host)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST: HostFacts = HostFacts {
+        memory_bytes: 128 << 30,
+        cpus: 16,
+    };
+    const SMALL: HostFacts = HostFacts {
+        memory_bytes: 24 << 30,
+        cpus: 2,
+    };
+
+    fn file(src: &str) -> Result<Config, ConfigError> {
+        parse(src, &Origin::File(PathBuf::from("lanes.toml")), &HOST)
+    }
+
+    #[test]
+    fn embedded_defaults_are_the_platform_lanes() {
+        let c = Config::embedded(&HOST).expect("defaults parse");
+        let got: Vec<(&str, u64, u32)> = c
+            .lanes
+            .iter()
+            .map(|l| (l.name.as_str(), l.memory_bytes, l.max_runners))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("tinyland-nix", 8 << 30, 4),
+                ("tinyland-nix-heavy", 64 << 30, 2),
+                ("tinyland-nix-compute-expansion", 8 << 30, 2),
+            ]
+        );
+        let ce = c.lane("tinyland-nix-compute-expansion").expect("lane");
+        assert!(ce.slot_root.is_some());
+        assert_eq!(
+            c.lane("tinyland-nix").expect("lane").labels,
+            vec!["tinyland-nix"]
+        );
+        assert!(c.lanes.iter().all(|l| l.unavailable.is_none()));
+    }
+
+    #[test]
+    fn embedded_heavy_lane_is_unavailable_on_a_small_host() {
+        let c = Config::embedded(&SMALL).expect("defaults parse on a small host");
+        let heavy = c.lane("tinyland-nix-heavy").expect("lane");
+        let why = heavy.unavailable.as_deref().expect("unavailable");
+        assert!(
+            why.contains("64.0 GiB") && why.contains("24.0 GiB"),
+            "{why}"
+        );
+        assert!(c.lane("tinyland-nix").expect("lane").unavailable.is_none());
+    }
+
+    #[test]
+    fn full_lane_parses() {
+        let c = file(
+            r#"
+[agent]
+state_dir = "/tmp/fw"
+teardown_grace = "250ms"
+
+[cgroup]
+parent = "/flywheel.slice"
+
+[[lane]]
+name = "small"
+labels = ["small", "nix-small"]
+memory = "512Mi"
+max_runners = 3
+pids_max = 256
+work_root = "/srv/work"
+nix_store = "/nix"
+min_free = "1Gi"
+cpus = 4
+memory_per_build = "1Gi"
+oom_group = true
+
+[lane.hints]
+attic_server = "https://attic.example"
+attic_cache = "main"
+attic_public_key = "main:AAAA"
+bazel_remote_cache = "grpc://bazel.example:9092"
+nix_extra_conf = "fallback = true"
+"#,
+        )
+        .expect("parses");
+        let l = &c.lanes[0];
+        assert_eq!(l.memory_bytes, 512 << 20);
+        assert_eq!(l.labels, vec!["small", "nix-small"]);
+        assert_eq!(l.cpus, Some(4));
+        assert!(l.oom_group);
+        assert_eq!(l.hints.attic_cache.as_deref(), Some("main"));
+        assert_eq!(c.agent.teardown_grace, Duration::from_millis(250));
+        assert_eq!(c.cgroup.parent.as_deref(), Some("/flywheel.slice"));
+    }
+
+    #[test]
+    fn file_without_lanes_keeps_the_platform_lanes() {
+        let c = file("[agent]\nstate_dir = \"/tmp/x\"\n").expect("parses");
+        assert_eq!(c.lanes.len(), 3);
+        assert_eq!(c.agent.state_dir, PathBuf::from("/tmp/x"));
+    }
+
+    /// Every rejection: (document, expected position, a fragment of the message).
+    #[test]
+    fn errors_table() {
+        let lane = |extra: &str| format!("[[lane]]\nname = \"a\"\nmemory = \"1Gi\"\n{extra}");
+        type Case = (String, Option<(usize, usize)>, &'static str);
+        let cases: Vec<Case> = vec![
+            ("[[lane]\nname = 1".into(), Some((1, 7)), "expected"),
+            ("[[lane]]\nname = 3\nmemory = \"1Gi\"\n".into(), Some((2, 8)), "invalid type"),
+            (lane("max_runners = \"two\"\n"), Some((4, 15)), "invalid type"),
+            (lane("colour = \"red\"\n"), Some((4, 1)), "unknown field `colour`"),
+            (lane("[lane.hints]\nattic_token = \"x\"\n"), Some((5, 1)), "unknown field `attic_token`"),
+            ("[agnet]\n".into(), Some((1, 2)), "unknown field `agnet`"),
+            ("[[lane]]\nname = \"a\"\n".into(), Some((1, 1)), "missing field `memory`"),
+            (lane("") + &lane(""), Some((5, 8)), "duplicate lane name \"a\": it is already defined at line 2, column 8"),
+            (
+                "[[lane]]\nname = \"a\"\nmemory = \"1Gi\"\nlabels = [\"x\"]\n[[lane]]\nname = \"b\"\nmemory = \"1Gi\"\nlabels = [\"y\", \"x\"]\n".into(),
+                Some((8, 16)),
+                "label \"x\" is used by lanes \"a\" and \"b\"",
+            ),
+            ("[[lane]]\nname = \"a\"\nmemory = \"0Gi\"\n".into(), Some((3, 10)), "is zero"),
+            ("[[lane]]\nname = \"a\"\nmemory = \"lots\"\n".into(), Some((3, 10)), "not a number with a unit"),
+            ("[[lane]]\nname = \"a\"\nmemory = \"256Gi\"\n".into(), Some((3, 10)), "this host has only 128.0 GiB"),
+            (lane("max_runners = 0\n"), Some((4, 15)), "max_runners is 0"),
+            (lane("pids_max = 2\n"), Some((4, 12)), "pids_max 2 is too small"),
+            (lane("work_root = \"work\"\n"), Some((4, 13)), "work_root must be an absolute path"),
+            (lane("labels = []\n"), Some((4, 10)), "has no labels"),
+            (lane("min_free = \"x\"\n"), Some((4, 12)), "min_free"),
+            (lane("cpus = 0\n"), Some((4, 8)), "cpus is 0"),
+            (lane("[lane.hints]\nattic_cache = \"main\"\n"), Some((5, 15)), "attic_server is not"),
+            (lane("[lane.hints]\nattic_server = \"attic.example\"\n"), Some((5, 16)), "http:// or https://"),
+            (lane("[lane.hints]\nattic_public_key = \"nocolon\"\n"), Some((5, 20)), "NAME:BASE64"),
+            (lane("[lane.hints]\nbazel_remote_cache = \"\"\n"), Some((5, 22)), "is empty"),
+            (lane("slot_root = \"/nix/slots\"\n"), Some((4, 13)), "lies inside"),
+            ("[agent]\nteardown_grace = \"5\"\n".into(), Some((2, 18)), "duration"),
+            ("[cgroup]\nparent = \"rel\"\n".into(), Some((2, 10)), "absolute path"),
+            ("lane = []\n".into(), None, "no [[lane]]"),
+            ("[[lane]]\nname = \"a b\"\nmemory = \"1Gi\"\n".into(), Some((2, 8)), "lane name"),
+        ];
+        for (src, pos, frag) in cases {
+            let e = file(&src).expect_err(&src);
+            assert_eq!(e.position, pos, "position for {src:?}: {e}");
+            assert!(e.to_string().contains(frag), "message for {src:?}: {e}");
+            let shown = e.to_string();
+            match pos {
+                Some((l, c)) => assert!(
+                    shown.starts_with(&format!("lanes.toml:{l}:{c}: ")),
+                    "{shown}"
+                ),
+                None => assert!(shown.starts_with("lanes.toml: "), "{shown}"),
+            }
+        }
+    }
+
+    #[test]
+    fn line_col_counts_characters() {
+        assert_eq!(line_col("ab\ncd", 0), (1, 1));
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+        assert_eq!(line_col("é\nx", 3), (2, 1));
+    }
+
+    #[test]
+    fn meminfo() {
+        assert_eq!(
+            meminfo_total("MemTotal:       24576000 kB\nMemFree: 1 kB\n"),
+            Some(24576000 * 1024)
+        );
+        assert_eq!(meminfo_total("nothing"), None);
+    }
+}

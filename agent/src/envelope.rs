@@ -1,0 +1,649 @@
+//! The job envelope: run one command as one job of a lane.
+//!
+//! Phases, all in this file: **setup** (slot, fast-local check, cgroup, fresh `_work`),
+//! **run** (the command joins its cgroup before it executes; signals to the agent stop it),
+//! **teardown** (SIGTERM with a grace, kill the whole cgroup, wait until empty, remove the
+//! cgroup and `_work`, release the slot). Teardown runs whatever happened before it.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::cgroup::{CgroupError, CgroupManager, JobCgroup, Limits, Stats, JOBS_DIR};
+use crate::config::{Config, Lane};
+use crate::hints;
+use crate::reaper::{Exit, Reaper};
+use crate::scratch::{self, ScratchError};
+use crate::slot::{self, SlotError};
+use crate::verdict::{self, Killed, KmsgWatch, OomFacts};
+use crate::workdir;
+
+/// How long teardown waits for a killed job's cgroup to empty before giving up.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The unprivileged user a job runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+    pub groups: Vec<u32>,
+}
+
+impl JobUser {
+    /// Look a user up in the passwd and group databases.
+    pub fn lookup(name: &str) -> Result<JobUser, EnvelopeError> {
+        let u = nix::unistd::User::from_name(name)
+            .map_err(|e| EnvelopeError::User(format!("cannot look up user {name:?}: {e}")))?
+            .ok_or_else(|| EnvelopeError::User(format!("user {name:?} does not exist: create it (e.g. `useradd --system {name}`) or pick another with --user")))?;
+        let cname = CString::new(name)
+            .map_err(|_| EnvelopeError::User(format!("user name {name:?} contains a NUL byte")))?;
+        let groups = nix::unistd::getgrouplist(&cname, u.gid)
+            .map(|gs| gs.into_iter().map(|g| g.as_raw()).collect())
+            .unwrap_or_else(|_| vec![u.gid.as_raw()]);
+        Ok(JobUser {
+            name: u.name,
+            uid: u.uid.as_raw(),
+            gid: u.gid.as_raw(),
+            home: u.dir,
+            groups,
+        })
+    }
+}
+
+/// One job to run.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub lane: Lane,
+    pub memory_bytes: u64,
+    /// The work root the job sees (the lane's, or `--work-root`).
+    pub work_root: PathBuf,
+    /// `None`: the job runs as the agent's own user.
+    pub user: Option<JobUser>,
+    pub slot: Option<u32>,
+    pub command: Vec<OsString>,
+    pub host_cpus: u32,
+}
+
+/// How the agent's owner stops a running job: `graceful` sends SIGTERM and waits the stop
+/// grace; `now` kills the cgroup at once.
+#[derive(Debug, Clone, Default)]
+pub struct Stop {
+    pub graceful: CancellationToken,
+    pub now: CancellationToken,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timings {
+    pub setup: Duration,
+    pub run: Duration,
+    pub teardown: Duration,
+}
+
+/// What became of a job.
+#[derive(Debug, Clone)]
+pub struct JobOutcome {
+    pub job: String,
+    pub slot: u32,
+    /// The exit status to report: the command's own, 126/127 when it could not be started.
+    pub code: i32,
+    pub exit: Option<Exit>,
+    pub stats: Stats,
+    /// The OOM verdict, when the kernel OOM-killed anything in the job.
+    pub verdict: Option<String>,
+    /// A note when the pids cap refused forks.
+    pub pids_note: Option<String>,
+    /// Why the command could not be started (code 126 or 127).
+    pub launch_error: Option<String>,
+    /// The job was stopped by a signal to the agent.
+    pub stopped: bool,
+    pub timings: Timings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("{0}")]
+    User(String),
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+    #[error("fast-local check failed: {0}")]
+    Scratch(#[from] ScratchError),
+    #[error("job cgroup: {0}")]
+    Cgroup(#[from] CgroupError),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("could not start the job: {0}")]
+    Spawn(io::Error),
+    #[error("teardown failed: {0}")]
+    Teardown(String),
+}
+
+fn io_at<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> EnvelopeError + 'a {
+    move |source| EnvelopeError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A job name unique on this host: lane, slot, pid and time.
+fn job_name(lane: &str, slot: u32) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{lane}.s{slot}.{}.{:x}",
+        std::process::id(),
+        nanos & 0xffff_ffff_ffff
+    )
+}
+
+/// The smallest lane with a larger envelope than `lane`'s, to suggest after an OOM.
+pub fn bigger_lane<'a>(cfg: &'a Config, lane: &str, memory_bytes: u64) -> Option<(&'a str, u64)> {
+    cfg.lanes
+        .iter()
+        .filter(|l| l.name != lane && l.memory_bytes > memory_bytes && l.unavailable.is_none())
+        .min_by_key(|l| l.memory_bytes)
+        .map(|l| (l.name.as_str(), l.memory_bytes))
+}
+
+/// Bind mounts for a slot: (source on the fast-local volume, target the job sees).
+#[derive(Debug, Clone)]
+struct Binds {
+    nix: (PathBuf, PathBuf),
+    work: (PathBuf, PathBuf),
+}
+
+/// Run one job of a lane to completion.
+pub async fn run_job(
+    cfg: &Config,
+    mgr: &dyn CgroupManager,
+    spec: JobSpec,
+    stop: Stop,
+    reaper: &mut Reaper,
+) -> Result<JobOutcome, EnvelopeError> {
+    let span = info_span!("job", lane = %spec.lane.name, job = tracing::field::Empty);
+    run_job_inner(cfg, mgr, spec, stop, reaper, span.clone())
+        .instrument(span)
+        .await
+}
+
+async fn run_job_inner(
+    cfg: &Config,
+    mgr: &dyn CgroupManager,
+    spec: JobSpec,
+    stop: Stop,
+    reaper: &mut Reaper,
+    span: tracing::Span,
+) -> Result<JobOutcome, EnvelopeError> {
+    let t0 = Instant::now();
+    let lane = &spec.lane;
+    let setup_span = info_span!("setup");
+    let entered = setup_span.enter();
+
+    let slot = slot::acquire(&cfg.agent.state_dir, lane, spec.slot)?;
+    let job = job_name(&lane.name, slot.index);
+    span.record("job", job.as_str());
+
+    let binds = lane.slot_root.as_ref().map(|root| {
+        let (nix_src, work_src) = slot::slot_dirs(root, slot.index);
+        Binds {
+            nix: (nix_src, lane.nix_store.clone()),
+            work: (work_src, spec.work_root.clone()),
+        }
+    });
+    let (phys_work_root, phys_nix) = match &binds {
+        Some(b) => (b.work.0.clone(), b.nix.0.clone()),
+        None => (spec.work_root.clone(), lane.nix_store.clone()),
+    };
+    let work_scratch = scratch::check(&phys_work_root, lane.min_free_bytes)?;
+    let nix_scratch = scratch::check(&phys_nix, lane.min_free_bytes)?;
+    info!(
+        work = %work_scratch.inspected.display(), work_fs = %work_scratch.fs,
+        nix = %nix_scratch.inspected.display(), nix_fs = %nix_scratch.fs,
+        slot = slot.index, "fast-local scratch ok"
+    );
+    if let Some(b) = &binds {
+        for dir in [&b.nix.0, &b.work.0, &b.nix.1, &b.work.1] {
+            std::fs::create_dir_all(dir).map_err(io_at("create", dir))?;
+        }
+    }
+
+    let user = spec.user.clone();
+    let (uid, gid) = user.as_ref().map_or_else(
+        || {
+            (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            )
+        },
+        |u| (u.uid, u.gid),
+    );
+    let limits = Limits {
+        memory_bytes: spec.memory_bytes,
+        pids_max: lane.pids_max,
+        oom_group: lane.oom_group,
+    };
+    let mut kmsg = KmsgWatch::start();
+    let cg = mgr.create(&job, &limits)?;
+    // From here on, teardown runs whatever happens.
+    let mut job_dir: Option<PathBuf> = None;
+    let launched = launch(
+        &spec,
+        cg.as_ref(),
+        &phys_work_root,
+        binds.as_ref(),
+        &job,
+        (uid, gid),
+        &mut job_dir,
+    );
+    let setup = t0.elapsed();
+    drop(entered);
+
+    let t_run = Instant::now();
+    let mut stopped = false;
+    let (exit, launch_error, code) = match launched {
+        Ok(Launched::Running(pid)) => {
+            reaper.watch(pid);
+            let exit = supervise(pid, cg.as_ref(), &stop, cfg, reaper, &mut stopped)
+                .instrument(info_span!("run", pid))
+                .await;
+            (Some(exit), None, exit.code())
+        }
+        Ok(Launched::Failed { code, message }) => (None, Some(message), code),
+        Err(e) => {
+            // Setup failed after the cgroup existed: tear down, then report the setup error.
+            let _ = teardown(
+                cg.as_ref(),
+                job_dir.as_deref(),
+                cfg.agent.teardown_grace,
+                &stop,
+                reaper,
+            )
+            .await;
+            return Err(e);
+        }
+    };
+    let run = t_run.elapsed();
+
+    let t_down = Instant::now();
+    let stats = teardown(
+        cg.as_ref(),
+        job_dir.as_deref(),
+        cfg.agent.teardown_grace,
+        &stop,
+        reaper,
+    )
+    .instrument(info_span!("teardown"))
+    .await?;
+    let slot_index = slot.index;
+    drop(slot);
+    let teardown_time = t_down.elapsed();
+
+    let verdict = (stats.oom_kills > 0).then(|| {
+        let mut killed = kmsg.killed(&format!("/{JOBS_DIR}/{job}"));
+        if killed.is_empty() && exit == Some(Exit::Signal(libc::SIGKILL)) {
+            killed.push(Killed {
+                pid: 0,
+                name: command_name(&spec.command),
+            });
+            killed.retain(|k| !k.name.is_empty());
+        }
+        verdict::oom_verdict(&OomFacts {
+            lane: &lane.name,
+            envelope_bytes: spec.memory_bytes,
+            stats,
+            killed,
+            bigger_lane: bigger_lane(cfg, &lane.name, spec.memory_bytes),
+        })
+    });
+    let pids_note = (stats.pids_max_hits > 0)
+        .then(|| verdict::pids_note(&lane.name, lane.pids_max, stats.pids_max_hits));
+    let timings = Timings {
+        setup,
+        run,
+        teardown: teardown_time,
+    };
+    info!(
+        exit = code,
+        oom_kills = stats.oom_kills,
+        peak_bytes = stats.peak_bytes.unwrap_or(0),
+        setup_ms = ms(timings.setup),
+        run_ms = ms(timings.run),
+        teardown_ms = ms(timings.teardown),
+        stopped,
+        "job finished"
+    );
+    Ok(JobOutcome {
+        job,
+        slot: slot_index,
+        code,
+        exit,
+        stats,
+        verdict,
+        pids_note,
+        launch_error,
+        stopped,
+        timings,
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+fn command_name(cmd: &[OsString]) -> String {
+    cmd.first()
+        .map(|c| {
+            Path::new(c)
+                .file_name()
+                .unwrap_or(c)
+                .to_string_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default()
+}
+
+enum Launched {
+    Running(i32),
+    Failed { code: i32, message: String },
+}
+
+fn cstring(p: &OsStr) -> Result<CString, EnvelopeError> {
+    CString::new(p.as_bytes())
+        .map_err(|_| EnvelopeError::Spawn(io::Error::other("path contains a NUL byte")))
+}
+
+/// The job's environment: the agent's, minus secrets and old hints, plus the user's identity
+/// and the lane's hints.
+fn job_environment(spec: &JobSpec) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| !hints::is_secret_var(&k.to_string_lossy()))
+        .collect();
+    let mut set = |k: &str, v: OsString| {
+        env.retain(|(n, _)| n != k);
+        env.push((k.into(), v));
+    };
+    if let Some(u) = &spec.user {
+        set("HOME", u.home.clone().into_os_string());
+        set("USER", u.name.clone().into());
+        set("LOGNAME", u.name.clone().into());
+    }
+    for (k, v) in hints::job_env(&spec.lane, spec.memory_bytes, spec.host_cpus) {
+        set(&k, v.into());
+    }
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
+    }
+    env
+}
+
+/// Create `_work` and start the command inside the cgroup.
+fn launch(
+    spec: &JobSpec,
+    cg: &dyn JobCgroup,
+    phys_work_root: &Path,
+    binds: Option<&Binds>,
+    job: &str,
+    (uid, gid): (u32, u32),
+    job_dir_out: &mut Option<PathBuf>,
+) -> Result<Launched, EnvelopeError> {
+    let (job_dir, _work_phys) = workdir::create(phys_work_root, job, uid, gid)
+        .map_err(io_at("create the job's _work under", phys_work_root))?;
+    *job_dir_out = Some(job_dir.clone());
+    let work_seen = spec.work_root.join(job).join("_work");
+
+    let mut procs = Vec::new();
+    for f in cg.procs_files() {
+        let fd = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f)
+            .map_err(io_at("open", &f))?;
+        procs.push(OwnedFd::from(fd));
+    }
+    let bind_c = match binds {
+        Some(b) => Some([
+            (cstring(b.nix.0.as_os_str())?, cstring(b.nix.1.as_os_str())?),
+            (
+                cstring(b.work.0.as_os_str())?,
+                cstring(b.work.1.as_os_str())?,
+            ),
+        ]),
+        None => None,
+    };
+    let ids = spec.user.as_ref().map(|u| {
+        (
+            u.uid as libc::uid_t,
+            u.gid as libc::gid_t,
+            u.groups
+                .iter()
+                .map(|g| *g as libc::gid_t)
+                .collect::<Vec<_>>(),
+        )
+    });
+    let cwd = cstring(work_seen.as_os_str())?;
+    let (fail_r, fail_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+            .map_err(|e| EnvelopeError::Spawn(e.into()))?;
+
+    let Some(program) = spec.command.first() else {
+        return Ok(Launched::Failed {
+            code: 127,
+            message: "no command given".into(),
+        });
+    };
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(&spec.command[1..])
+        .env_clear()
+        .envs(job_environment(spec));
+    let fail_fd = fail_w.as_raw_fd();
+    // Runs in the forked child before exec: only async-signal-safe system calls on data
+    // prepared before the fork; it allocates nothing.
+    let hook = move || {
+        let fail = || {
+            let err = io::Error::last_os_error();
+            // SAFETY: writing one byte to a pipe we own.
+            unsafe { libc::write(fail_fd, b"x".as_ptr().cast(), 1) };
+            Err(err)
+        };
+        for fd in &procs {
+            // SAFETY: "0" moves the calling process into this cgroup.
+            if unsafe { libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) } != 1 {
+                return fail();
+            }
+        }
+        if let Some(b) = &bind_c {
+            // SAFETY: plain system calls with NUL-terminated strings made before the fork.
+            unsafe {
+                if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                    return fail();
+                }
+                if libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return fail();
+                }
+                for (src, dst) in b {
+                    if libc::mount(
+                        src.as_ptr(),
+                        dst.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND | libc::MS_REC,
+                        std::ptr::null(),
+                    ) != 0
+                    {
+                        return fail();
+                    }
+                }
+            }
+        }
+        if let Some((uid, gid, groups)) = &ids {
+            // SAFETY: dropping privileges: groups, then gid, then uid.
+            unsafe {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(*gid) != 0
+                    || libc::setuid(*uid) != 0
+                {
+                    return fail();
+                }
+            }
+        }
+        // SAFETY: chdir with a NUL-terminated path.
+        if unsafe { libc::chdir(cwd.as_ptr()) } != 0 {
+            return fail();
+        }
+        Ok(())
+    };
+    // SAFETY: `hook` obeys the rules for code between fork and exec (see above).
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+    match cmd.spawn() {
+        Ok(child) => {
+            let pid = i32::try_from(child.id())
+                .map_err(|_| EnvelopeError::Spawn(io::Error::other("pid out of range")))?;
+            // The child is reaped by the Reaper, never by std.
+            drop(child);
+            drop(cmd);
+            Ok(Launched::Running(pid))
+        }
+        Err(e) => {
+            drop(cmd);
+            let mut b = [0u8; 1];
+            // SAFETY: reading from the non-blocking pipe we own.
+            let agent_side =
+                unsafe { libc::read(fail_r.as_raw_fd(), b.as_mut_ptr().cast(), 1) } == 1;
+            drop(fail_w);
+            if agent_side {
+                return Err(EnvelopeError::Spawn(e));
+            }
+            let name = program.to_string_lossy();
+            Ok(match e.kind() {
+                io::ErrorKind::NotFound => Launched::Failed {
+                    code: 127,
+                    message: format!("command not found: {name}"),
+                },
+                _ => Launched::Failed {
+                    code: 126,
+                    message: format!("command cannot be executed: {name}: {e}"),
+                },
+            })
+        }
+    }
+}
+
+fn signal_all(cg: &dyn JobCgroup, sig: nix::sys::signal::Signal) {
+    if let Ok(pids) = cg.pids() {
+        for pid in pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        }
+    }
+}
+
+/// Wait for the command; a graceful stop sends SIGTERM and waits the stop grace, a second
+/// (or an immediate) stop kills the cgroup.
+async fn supervise(
+    pid: i32,
+    cg: &dyn JobCgroup,
+    stop: &Stop,
+    cfg: &Config,
+    reaper: &mut Reaper,
+    stopped: &mut bool,
+) -> Exit {
+    enum Ev {
+        Exited(Exit),
+        Graceful,
+        Kill,
+    }
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let mut killed = false;
+    loop {
+        let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
+        let ev = tokio::select! {
+            e = reaper.wait(pid) => Ev::Exited(e),
+            () = stop.graceful.cancelled(), if deadline.is_none() && !killed => Ev::Graceful,
+            () = stop.now.cancelled(), if !killed => Ev::Kill,
+            () = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() && !killed => Ev::Kill,
+        };
+        match ev {
+            Ev::Exited(e) => return e,
+            Ev::Graceful => {
+                *stopped = true;
+                warn!(grace = ?cfg.agent.stop_grace, "stopping the job: SIGTERM to every process, then the cgroup is killed");
+                signal_all(cg, nix::sys::signal::Signal::SIGTERM);
+                deadline = Some(tokio::time::Instant::now() + cfg.agent.stop_grace);
+            }
+            Ev::Kill => {
+                *stopped = true;
+                killed = true;
+                warn!("killing the job's cgroup");
+                if let Err(e) = cg.kill_all() {
+                    warn!(error = %e, "cgroup kill failed; sending SIGKILL to each process");
+                    signal_all(cg, nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+/// SIGTERM what is left, wait the grace, kill the cgroup, wait until it is empty, read its
+/// counters, remove it and the job's directory.
+async fn teardown(
+    cg: &dyn JobCgroup,
+    job_dir: Option<&Path>,
+    grace: Duration,
+    stop: &Stop,
+    reaper: &mut Reaper,
+) -> Result<Stats, EnvelopeError> {
+    reaper.reap();
+    if !cg.is_empty()? {
+        signal_all(cg, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        let mut pause = Duration::from_micros(500);
+        while Instant::now() < deadline && !stop.now.is_cancelled() {
+            reaper.reap();
+            if cg.is_empty()? {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+    let drained = cg.kill_and_drain(DRAIN_TIMEOUT);
+    reaper.reap();
+    let stats = cg.stats().unwrap_or_default();
+    let mut errors = Vec::new();
+    if let Err(e) = drained {
+        errors.push(e.to_string());
+    } else if let Err(e) = cg.remove() {
+        errors.push(e.to_string());
+    }
+    if let Some(dir) = job_dir {
+        if let Err(e) = workdir::remove_tree(dir) {
+            errors.push(format!("remove {}: {e}", dir.display()));
+        }
+    }
+    if errors.is_empty() {
+        Ok(stats)
+    } else {
+        Err(EnvelopeError::Teardown(errors.join("; ")))
+    }
+}

@@ -1,0 +1,211 @@
+//! The OOM verdict: one plain sentence for a workflow author, decided from the kernel's
+//! `oom_kill` counter, never from an exit code.
+
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+
+use crate::cgroup::Stats;
+use crate::size::Bytes;
+
+/// A process the kernel's OOM killer chose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Killed {
+    pub pid: i32,
+    pub name: String,
+}
+
+/// Everything the verdict says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OomFacts<'a> {
+    pub lane: &'a str,
+    pub envelope_bytes: u64,
+    pub stats: Stats,
+    pub killed: Vec<Killed>,
+    /// The smallest configured lane with a larger envelope, if any.
+    pub bigger_lane: Option<(&'a str, u64)>,
+}
+
+/// The verdict printed on stderr when the job's cgroup saw an OOM kill.
+pub fn oom_verdict(f: &OomFacts<'_>) -> String {
+    let peak = f
+        .stats
+        .peak_bytes
+        .map_or_else(|| "unknown".to_owned(), |p| Bytes(p).to_string());
+    let who = match f.killed.as_slice() {
+        [] if f.stats.oom_kills == 1 => "the kernel killed one process of the job".to_owned(),
+        [] => format!(
+            "the kernel killed {} processes of the job",
+            f.stats.oom_kills
+        ),
+        ks => {
+            let names: Vec<String> = ks
+                .iter()
+                .map(|k| format!("{} (pid {})", k.name, k.pid))
+                .collect();
+            format!("the kernel killed {}", names.join(", "))
+        }
+    };
+    let advice = match f.bigger_lane {
+        Some((name, bytes)) => format!(
+            "lower the build's parallelism (fewer parallel jobs: nix --max-jobs / --cores, make -j, cargo -j) or run it on the `{name}` lane ({}) with `runs-on: {name}`",
+            Bytes(bytes)
+        ),
+        None => "lower the build's parallelism (fewer parallel jobs: nix --max-jobs / --cores, make -j, cargo -j) or split the job; no larger lane is configured".to_owned(),
+    };
+    format!(
+        "flywheel: out of memory: this job on lane `{}` reached its memory envelope of {} (peak {peak}); {who}. What to do: {advice}.",
+        f.lane,
+        Bytes(f.envelope_bytes),
+    )
+}
+
+/// A note when the pids cap refused forks.
+pub fn pids_note(lane: &str, pids_max: u64, hits: u64) -> String {
+    format!(
+        "flywheel: the job on lane `{lane}` hit its process limit of {pids_max} ({hits} forks refused); a fork bomb or runaway parallelism is the usual cause."
+    )
+}
+
+/// Watches the kernel log for OOM kills of one job cgroup, to name the killed process.
+#[derive(Debug)]
+pub struct KmsgWatch {
+    file: Option<std::fs::File>,
+}
+
+impl KmsgWatch {
+    /// Start watching from now. Without access to `/dev/kmsg` the watch is empty.
+    pub fn start() -> KmsgWatch {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open("/dev/kmsg")
+            .ok()
+            .and_then(|f| {
+                use std::os::fd::AsRawFd;
+                // SAFETY: lseek on a descriptor we own; SEEK_END positions after the last record.
+                let r = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_END) };
+                (r >= 0).then_some(f)
+            });
+        KmsgWatch { file }
+    }
+
+    /// OOM kills recorded since [`KmsgWatch::start`] whose memcg ends with `cgroup_suffix`.
+    pub fn killed(&mut self, cgroup_suffix: &str) -> Vec<Killed> {
+        let Some(f) = self.file.as_mut() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 8192];
+        // Each read returns one record; EAGAIN when there is none left; EPIPE when records were
+        // overwritten (the next read continues).
+        for _ in 0..100_000 {
+            match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if let Some(k) =
+                        parse_oom_record(&String::from_utf8_lossy(&buf[..n]), cgroup_suffix)
+                    {
+                        out.push(k);
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+                Err(_) => break,
+            }
+        }
+        out
+    }
+}
+
+/// Parse `oom-kill:constraint=…,oom_memcg=/…/JOB,task_memcg=…,task=NAME,pid=PID,uid=UID`.
+pub fn parse_oom_record(record: &str, cgroup_suffix: &str) -> Option<Killed> {
+    let msg = record.split_once(';').map_or(record, |(_, m)| m);
+    let body = msg.trim().strip_prefix("oom-kill:")?;
+    let field = |k: &str| {
+        body.split(',')
+            .find_map(|kv| kv.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
+    };
+    let memcg = field("oom_memcg")?;
+    if !memcg.ends_with(cgroup_suffix) {
+        return None;
+    }
+    Some(Killed {
+        name: field("task")?.to_owned(),
+        pid: field("pid")?.trim().parse().ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdict_names_lane_limit_peak_victim_and_advice() {
+        let v = oom_verdict(&OomFacts {
+            lane: "tinyland-nix",
+            envelope_bytes: 8 << 30,
+            stats: Stats {
+                oom_kills: 1,
+                peak_bytes: Some(8 << 30),
+                pids_max_hits: 0,
+            },
+            killed: vec![Killed {
+                pid: 4242,
+                name: "cc1plus".into(),
+            }],
+            bigger_lane: Some(("tinyland-nix-heavy", 64 << 30)),
+        });
+        for frag in [
+            "out of memory",
+            "`tinyland-nix`",
+            "8.0 GiB",
+            "peak 8.0 GiB",
+            "cc1plus (pid 4242)",
+            "fewer parallel jobs",
+            "runs-on: tinyland-nix-heavy",
+        ] {
+            assert!(v.contains(frag), "{frag:?} missing from {v}");
+        }
+        assert!(!v.contains("lost communication"));
+    }
+
+    #[test]
+    fn verdict_without_victim_or_bigger_lane() {
+        let v = oom_verdict(&OomFacts {
+            lane: "tinyland-nix-heavy",
+            envelope_bytes: 64 << 30,
+            stats: Stats {
+                oom_kills: 3,
+                peak_bytes: None,
+                pids_max_hits: 0,
+            },
+            killed: vec![],
+            bigger_lane: None,
+        });
+        assert!(
+            v.contains("killed 3 processes")
+                && v.contains("peak unknown")
+                && v.contains("split the job"),
+            "{v}"
+        );
+    }
+
+    #[test]
+    fn parses_kernel_records() {
+        let rec = "6,1234,163863263,-;oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset=/,mems_allowed=0,oom_memcg=/process_api/x/flywheel-jobs/j1,task_memcg=/process_api/x/flywheel-jobs/j1,task=python3,pid=2169,uid=0\n";
+        assert_eq!(
+            parse_oom_record(rec, "/flywheel-jobs/j1"),
+            Some(Killed {
+                pid: 2169,
+                name: "python3".into()
+            })
+        );
+        assert_eq!(parse_oom_record(rec, "/flywheel-jobs/j2"), None);
+        assert_eq!(
+            parse_oom_record(
+                "6,1,1,-;Memory cgroup out of memory: Killed process 1",
+                "/j1"
+            ),
+            None
+        );
+    }
+}
