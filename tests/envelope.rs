@@ -1,1 +1,596 @@
+//! The job envelope on this machine's real cgroups (root; CI runs these as root).
 
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{privileged, processes_with, stderr, stdout, unique, Fixture};
+
+#[test]
+fn oom_is_137_with_a_verdict_naming_lane_limit_and_peak() {
+    if !privileged("oom") {
+        return;
+    }
+    let f = Fixture::new("oom", "64Mi", "");
+    // `tail` keeps a newline-free stream in memory: it grows until the envelope stops it.
+    let o = f.exec(&[], &["tail", "/dev/zero"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(137), "{err}");
+    let verdict = err
+        .lines()
+        .find(|l| l.contains("out of memory"))
+        .unwrap_or_else(|| panic!("no verdict in {err}"));
+    assert!(verdict.contains(&format!("`{}`", f.lane)), "{verdict}");
+    assert!(verdict.contains("64.0 MiB"), "{verdict}");
+    assert!(verdict.contains("peak "), "{verdict}");
+    assert!(!verdict.contains("peak unknown"), "{verdict}");
+    assert!(
+        verdict.contains("tail"),
+        "the killed process is named: {verdict}"
+    );
+    assert!(verdict.contains("parallel"), "{verdict}");
+    assert!(f.leftover_cgroups().is_empty());
+    assert!(f.leftover_work().is_empty());
+}
+
+#[test]
+fn oom_of_a_child_keeps_the_commands_own_status_and_prints_the_verdict() {
+    if !privileged("oom-child") {
+        return;
+    }
+    let f = Fixture::new("oomc", "64Mi", "");
+    // A build tool whose compiler died: the shell survives and exits 3 on its own.
+    let o = f.exec(&[], &["sh", "-c", "tail /dev/zero; exit 3"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(err.contains("out of memory"), "{err}");
+}
+
+#[test]
+fn the_agent_is_not_in_the_job_cgroup_and_the_command_is() {
+    if !privileged("cgroup-membership") {
+        return;
+    }
+    let f = Fixture::new("member", "128Mi", "");
+    let o = f.exec(&[], &["cat", "/proc/self/cgroup"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    let mem = out
+        .lines()
+        .find(|l| l.contains(":memory:") || l.starts_with("0::"))
+        .expect("a cgroup line");
+    assert!(
+        out.contains(&format!("flywheel-jobs/{}.", f.lane)),
+        "job cgroup: {out}"
+    );
+    assert!(mem.contains("flywheel-jobs"), "{out}");
+    let own = std::fs::read_to_string("/proc/self/cgroup").expect("read");
+    assert!(
+        !own.contains("flywheel-jobs"),
+        "the test (and so the agent's parent) stays outside"
+    );
+}
+
+#[test]
+fn setsid_and_double_forked_leftovers_die_with_the_job() {
+    if !privileged("leftovers") {
+        return;
+    }
+    let f = Fixture::new("left", "128Mi", "");
+    let marker = format!("99{}.5", std::process::id());
+    let script = format!(
+        "setsid sleep {marker} & (sleep {marker} &) ; setsid sh -c 'trap \"\" TERM; sleep {marker}' & sleep 0.2; exit 0"
+    );
+    let start = Instant::now();
+    let o = f.exec(&[], &["sh", "-c", &script]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        processes_with(&format!("sleep {marker}")).is_empty(),
+        "leftovers survived"
+    );
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(f.leftover_cgroups().is_empty());
+}
+
+#[test]
+fn a_fork_bomb_is_held_by_the_pids_cap() {
+    if !privileged("fork-bomb") {
+        return;
+    }
+    let f = Fixture::new("bomb", "256Mi", "");
+    let o = f.exec(
+        &[],
+        &[
+            "bash",
+            "-c",
+            "bomb() { bomb | bomb & }; bomb; sleep 2; exit 0",
+        ],
+    );
+    let err = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "the agent survives and reports the command: {err}"
+    );
+    assert!(err.contains("process limit of 512"), "{err}");
+    assert!(f.leftover_cgroups().is_empty());
+}
+
+#[test]
+fn work_is_fresh_owned_by_the_user_and_removed_even_when_hostile() {
+    if !privileged("work") {
+        return;
+    }
+    let f = Fixture::new("work", "128Mi", "");
+    let script = "pwd; ls -A | wc -l; id -u; mkdir -p a/b/c && touch a/b/c/f && chmod 0 a/b/c a/b a && ls -ld . | cut -d' ' -f3";
+    let o = f.exec(&["--user", "nobody"], &["sh", "-c", script]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with(&f.work_root().display().to_string()),
+        "{out}"
+    );
+    assert!(lines[0].ends_with("/_work"), "{out}");
+    assert_eq!(lines[1], "0", "fresh _work is empty");
+    assert_eq!(lines[2], "65534", "runs as nobody");
+    assert_eq!(lines[3], "nobody", "_work owned by the job user");
+    assert!(f.leftover_work().is_empty(), "{:?}", f.leftover_work());
+}
+
+#[test]
+fn fifty_jobs_leave_no_cgroup_behind() {
+    if !privileged("fifty") {
+        return;
+    }
+    let f = Fixture::new("fifty", "64Mi", "");
+    for i in 0..50 {
+        let o = f.exec(&[], &["true"]);
+        assert_eq!(o.status.code(), Some(0), "job {i}: {}", stderr(&o));
+    }
+    assert!(
+        f.leftover_cgroups().is_empty(),
+        "{:?}",
+        f.leftover_cgroups()
+    );
+    assert!(f.leftover_work().is_empty());
+}
+
+#[test]
+fn hints_are_present_when_configured_and_absent_otherwise() {
+    if !privileged("hints") {
+        return;
+    }
+    let with = Fixture::with_tail(
+        "hints",
+        "8Gi",
+        "",
+        "[lane.hints]\nattic_server = \"http://127.0.0.1:8080\"\nattic_cache = \"main\"\nattic_public_key = \"main:AAAA\"\nbazel_remote_cache = \"grpc://127.0.0.1:9092\"\n",
+    );
+    let mut cmd = with.exec_cmd(&[], &["env"]);
+    cmd.env("ACTIONS_RUNNER_INPUT_JITCONFIG", "c2VjcmV0")
+        .env("ATTIC_TOKEN", "sekrit");
+    let o = cmd.output().expect("run");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let env = stdout(&o);
+    assert!(
+        env.contains("ATTIC_SERVER=http://127.0.0.1:8080\n"),
+        "{env}"
+    );
+    assert!(env.contains("ATTIC_CACHE=main\n"), "{env}");
+    assert!(
+        env.contains("BAZEL_REMOTE_CACHE=grpc://127.0.0.1:9092\n"),
+        "{env}"
+    );
+    assert!(
+        env.contains("NIX_CONFIG=extra-substituters = http://127.0.0.1:8080/main\n"),
+        "{env}"
+    );
+    assert!(
+        env.contains(&format!("FLYWHEEL_LANE={}\n", with.lane)),
+        "{env}"
+    );
+    assert!(
+        env.contains(&format!("FLYWHEEL_MEMORY_LIMIT={}\n", 8u64 << 30)),
+        "{env}"
+    );
+    assert!(
+        !env.contains("c2VjcmV0") && !env.contains("sekrit"),
+        "secrets leaked: {env}"
+    );
+
+    let without = Fixture::new("nohints", "1Gi", "");
+    let o = without.exec(&[], &["env"]);
+    let env = stdout(&o);
+    for absent in ["ATTIC_SERVER=", "ATTIC_CACHE=", "BAZEL_REMOTE_CACHE="] {
+        assert!(!env.contains(absent), "{absent} should be absent: {env}");
+    }
+    assert!(env.contains("NIX_CONFIG=max-jobs = "), "{env}");
+}
+
+#[test]
+fn exit_statuses_follow_the_container_convention() {
+    if !privileged("exit-codes") {
+        return;
+    }
+    let f = Fixture::new("codes", "64Mi", "");
+    assert_eq!(
+        f.exec(&[], &["sh", "-c", "exit 42"]).status.code(),
+        Some(42)
+    );
+    let nf = f.exec(&[], &["definitely-not-a-command-xyz"]);
+    assert_eq!(nf.status.code(), Some(127));
+    assert!(stderr(&nf).contains("command not found"), "{}", stderr(&nf));
+    let script = f.dir.path().join("noexec.sh");
+    std::fs::write(&script, "#!/bin/sh\necho hi\n").expect("write");
+    let ne = f.exec(&[], &[script.to_str().expect("utf8")]);
+    assert_eq!(ne.status.code(), Some(126), "{}", stderr(&ne));
+    let bad_lane = common::Fixture::new("codes2", "64Mi", "");
+    let o = std::process::Command::new(common::AGENT)
+        .args(["exec", "--lane", "no-such-lane", "--config"])
+        .arg(&bad_lane.config)
+        .args(["--", "true"])
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        stderr(&o).contains("no lane \"no-such-lane\""),
+        "{}",
+        stderr(&o)
+    );
+    assert!(f.leftover_cgroups().is_empty());
+    assert!(f.leftover_work().is_empty());
+}
+
+fn wait_for(path: &Path, timeout: Duration) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < timeout,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_to_the_agent_stops_the_job_gracefully_then_tears_down() {
+    if !privileged("sigterm") {
+        return;
+    }
+    let f = Fixture::new("term", "128Mi", "");
+    let ready = f.dir.path().join("ready");
+    let script = format!(
+        "trap 'echo got-term; exit 3' TERM; touch {}; while :; do sleep 0.05; done",
+        ready.display()
+    );
+    let child = f
+        .exec_cmd(&[], &["sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    wait_for(&ready, Duration::from_secs(10));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("kill");
+    let o = child.wait_with_output().expect("wait");
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "the job's own trap ran: {}",
+        stderr(&o)
+    );
+    assert!(stdout(&o).contains("got-term"));
+    assert!(f.leftover_cgroups().is_empty());
+    assert!(f.leftover_work().is_empty());
+}
+
+#[test]
+fn a_second_signal_kills_a_job_that_ignores_sigterm() {
+    if !privileged("sigterm-twice") {
+        return;
+    }
+    let f = Fixture::new("term2", "128Mi", "");
+    let ready = f.dir.path().join("ready");
+    let script = format!(
+        "trap '' TERM; touch {}; while :; do sleep 0.05; done",
+        ready.display()
+    );
+    let child = f
+        .exec_cmd(&[], &["sh", "-c", &script])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    wait_for(&ready, Duration::from_secs(10));
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let start = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("kill");
+    std::thread::sleep(Duration::from_millis(200));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("kill");
+    let o = child.wait_with_output().expect("wait");
+    assert_eq!(o.status.code(), Some(137), "{}", stderr(&o));
+    assert!(
+        start.elapsed() < Duration::from_millis(1800),
+        "did not wait the 2 s stop grace"
+    );
+    assert!(f.leftover_cgroups().is_empty());
+}
+
+#[test]
+fn slot_mounts_give_a_warm_nix_and_a_fresh_work() {
+    if !privileged("slots") {
+        return;
+    }
+    let f0 = Fixture::new("slot", "128Mi", "");
+    let slots = f0.dir.path().join("fast");
+    let nix_target = Path::new("/nix");
+    let f = Fixture::new(
+        "slot",
+        "128Mi",
+        &format!("slot_root = \"{}\"\nnix_store = \"/nix\"", slots.display()),
+    );
+    let marker = unique("warm");
+    let host_before: Vec<_> = std::fs::read_dir(nix_target)
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    let script = format!(
+        "test -e /nix/{marker} && echo warm || echo cold; touch /nix/{marker}; pwd; touch left-in-work; grep -c ' /nix ' /proc/self/mountinfo"
+    );
+    let first = f.exec(&["--slot", "1"], &["sh", "-c", &script]);
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    let out1 = stdout(&first);
+    assert!(out1.starts_with("cold\n"), "{out1}");
+    assert!(
+        out1.contains(&format!("{}/", f.work_root().display())),
+        "{out1}"
+    );
+    assert!(
+        slots.join("slot-1/nix").join(&marker).exists(),
+        "the file landed on the slot's volume"
+    );
+    assert!(
+        !nix_target.join(&marker).exists(),
+        "the host's /nix is untouched"
+    );
+    let host_after: Vec<_> = std::fs::read_dir(nix_target)
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert_eq!(host_before, host_after);
+
+    let second = f.exec(&["--slot", "1"], &["sh", "-c", &script]);
+    let out2 = stdout(&second);
+    assert!(
+        out2.starts_with("warm\n"),
+        "the slot's /nix stays warm: {out2}"
+    );
+    // _work was fresh each time and removed after.
+    let work_on_slot: Vec<_> = std::fs::read_dir(slots.join("slot-1/work"))
+        .expect("read")
+        .flatten()
+        .collect();
+    assert!(work_on_slot.is_empty(), "{work_on_slot:?}");
+    // Another slot is cold.
+    let other = f.exec(&["--slot", "0"], &["sh", "-c", &script]);
+    assert!(stdout(&other).starts_with("cold\n"));
+    // The host's mount table never saw the bind mounts.
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(!mi.contains(&slots.display().to_string()));
+    let _ = nix_target.metadata().map(|m| m.ino());
+}
+
+#[test]
+fn a_non_local_work_root_is_refused_before_anything_runs() {
+    if !privileged("scratch") {
+        return;
+    }
+    let base = tempfile::tempdir().expect("tempdir");
+    let (lower, upper, workd, merged) = (
+        base.path().join("l"),
+        base.path().join("u"),
+        base.path().join("w"),
+        base.path().join("m"),
+    );
+    for d in [&lower, &upper, &workd, &merged] {
+        std::fs::create_dir(d).expect("mkdir");
+    }
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        workd.display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        &merged,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .expect("mount overlay");
+    let f = Fixture::new("scratch", "64Mi", "");
+    let marker = f.dir.path().join("ran");
+    let o = f.exec(
+        &["--work-root", merged.to_str().expect("utf8")],
+        &["touch", marker.to_str().expect("utf8")],
+    );
+    let _ = nix::mount::umount(&merged);
+    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("overlayfs") && stderr(&o).contains(&merged.display().to_string()),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!marker.exists(), "the command never ran");
+    assert!(f.leftover_cgroups().is_empty());
+
+    let full = Fixture::new("full", "64Mi", "");
+    let cfg = std::fs::read_to_string(&full.config)
+        .expect("read")
+        .replace("min_free = \"1Mi\"", "min_free = \"1000Ti\"");
+    std::fs::write(&full.config, cfg).expect("write");
+    let o = full.exec(&[], &["true"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("min_free"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_full_lane_refuses_more_jobs() {
+    if !privileged("full-lane") {
+        return;
+    }
+    let f = Fixture::new("busy", "64Mi", "");
+    let ready = f.dir.path().join("ready");
+    let hold = format!("touch {}; sleep 3", ready.display());
+    let mut a = f
+        .exec_cmd(&["--slot", "0"], &["sh", "-c", &hold])
+        .spawn()
+        .expect("spawn");
+    wait_for(&ready, Duration::from_secs(10));
+    let busy = f.exec(&["--slot", "0"], &["true"]);
+    assert_eq!(busy.status.code(), Some(125));
+    assert!(stderr(&busy).contains("in use"), "{}", stderr(&busy));
+    let other = f.exec(&[], &["true"]);
+    assert_eq!(
+        other.status.code(),
+        Some(0),
+        "slot 1 is free: {}",
+        stderr(&other)
+    );
+    let bad = f.exec(&["--slot", "7"], &["true"]);
+    assert_eq!(bad.status.code(), Some(125));
+    assert!(stderr(&bad).contains("slot 7 does not exist"));
+    assert_eq!(a.wait().expect("wait").code(), Some(0));
+}
+
+/// Real cgroups through the library: a failed setup leaves nothing behind, and the pure-v1
+/// freezer teardown works (the unified tree hidden from the manager).
+mod library {
+    use super::*;
+    use flywheel_agent::cgroup::{self, Limits};
+
+    const LIMITS: Limits = Limits {
+        memory_bytes: 64 << 20,
+        pids_max: 64,
+        oom_group: false,
+    };
+
+    #[test]
+    fn failed_creation_rolls_back() {
+        if !privileged("rollback") {
+            return;
+        }
+        let mgr = cgroup::detect(Path::new("/sys/fs/cgroup"), None).expect("detect");
+        let name = unique("rollback");
+        // Make the last hierarchy's mkdir fail by occupying the name there.
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").expect("mi");
+        let own = std::fs::read_to_string("/proc/self/cgroup").expect("cg");
+        let blocker = match mgr.layout() {
+            cgroup::Layout::V2 => {
+                let base = own
+                    .lines()
+                    .find_map(|l| l.strip_prefix("0::"))
+                    .expect("v2 line");
+                Path::new("/sys/fs/cgroup")
+                    .join(base.trim_start_matches('/'))
+                    .join("flywheel-jobs")
+                    .join(&name)
+            }
+            _ => {
+                let m = cgroup::detect::parse_mountinfo(&mi);
+                let last = m
+                    .iter()
+                    .find(|m| m.controllers.is_none())
+                    .or_else(|| {
+                        m.iter().find(|m| {
+                            m.controllers
+                                .as_ref()
+                                .is_some_and(|c| c.iter().any(|x| x == "freezer"))
+                        })
+                    })
+                    .expect("a hierarchy");
+                let ctl = if last.controllers.is_none() {
+                    None
+                } else {
+                    Some("freezer")
+                };
+                let base = cgroup::detect::own_path(&own, ctl).expect("own");
+                last.mountpoint
+                    .join(base.trim_start_matches('/'))
+                    .join("flywheel-jobs")
+                    .join(&name)
+            }
+        };
+        std::fs::create_dir_all(&blocker).expect("block");
+        let r = mgr.create(&name, &LIMITS);
+        std::fs::remove_dir(&blocker).expect("unblock");
+        if mgr.layout() != cgroup::Layout::V2 {
+            assert!(r.is_err(), "creation must fail");
+            assert!(
+                mgr.list().expect("list").iter().all(|n| n != &name),
+                "rolled back"
+            );
+        }
+    }
+
+    #[test]
+    fn pure_v1_freezer_kill_empties_a_forking_job() {
+        if !privileged("freezer") {
+            return;
+        }
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").expect("mi");
+        if !mi.contains(" - cgroup cgroup ") || !mi.contains("freezer") {
+            // Pure v2 host (the VM): the v1 freezer is covered on the host run.
+            return;
+        }
+        let v1_only: String = mi
+            .lines()
+            .filter(|l| !l.contains(" - cgroup2 "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let own = std::fs::read_to_string("/proc/self/cgroup").expect("cg");
+        let mgr =
+            cgroup::detect::from_texts(&v1_only, &own, Path::new("/sys/fs/cgroup"), None, false)
+                .expect("v1");
+        assert_eq!(mgr.layout(), cgroup::Layout::V1);
+        let job = mgr.create(&unique("freezer"), &LIMITS).expect("create");
+        let procs: Vec<std::fs::File> = job
+            .procs_files()
+            .iter()
+            .map(|p| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(p)
+                    .expect("open")
+            })
+            .collect();
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", "while :; do sleep 30 & done"]);
+        unsafe {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
+            cmd.pre_exec(move || {
+                for fd in &fds {
+                    if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("spawn");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(job.pids().expect("pids").len() > 2, "the job is forking");
+        job.kill_and_drain(Duration::from_secs(10))
+            .expect("drained");
+        let _ = child.wait();
+        assert!(job.is_empty().expect("empty"));
+        job.remove().expect("remove");
+    }
+}

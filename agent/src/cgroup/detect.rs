@@ -130,6 +130,7 @@ pub fn from_texts(
     self_cgroup: &str,
     mount: &Path,
     parent: Option<&str>,
+    kernel_has_cgroup_kill: bool,
 ) -> Result<Box<dyn CgroupManager>> {
     let mounts: Vec<CgroupMount> = parse_mountinfo(mountinfo)
         .into_iter()
@@ -161,12 +162,28 @@ pub fn from_texts(
         });
     };
     let h = |m: &CgroupMount, c: Option<&str>| base_for(m, own_path(self_cgroup, c), parent, false);
+    // With `cgroup.kill` in the unified tree the freezer is not needed for teardown.
+    let unified = v2.filter(|_| kernel_has_cgroup_kill);
     Ok(Box::new(V1 {
         memory: h(memory, Some("memory")),
         pids: h(pids, Some("pids")),
-        freezer: v1("freezer").map(|m| h(m, Some("freezer"))),
-        unified: v2.map(|m| base_for(m, own_path(self_cgroup, None), parent, true)),
+        freezer: if unified.is_some() {
+            None
+        } else {
+            v1("freezer").map(|m| h(m, Some("freezer")))
+        },
+        unified: unified.map(|m| base_for(m, own_path(self_cgroup, None), parent, true)),
     }))
+}
+
+/// `cgroup.kill` arrived in Linux 5.14.
+pub fn release_has_cgroup_kill(release: &str) -> bool {
+    let mut it = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty());
+    let major: u32 = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let minor: u32 = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    (major, minor) >= (5, 14)
 }
 
 /// Detect this host's layout.
@@ -178,11 +195,15 @@ pub fn detect(mount: &Path, parent: Option<&str>) -> Result<Box<dyn CgroupManage
             source: e,
         })
     };
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
     from_texts(
         &read("/proc/self/mountinfo")?,
         &read("/proc/self/cgroup")?,
         mount,
         parent,
+        release_has_cgroup_kill(&release),
     )
 }
 
@@ -215,24 +236,49 @@ mod tests {
     }
 
     #[test]
+    fn old_hybrid_kernel_keeps_the_freezer() {
+        let mgr = from_texts(
+            HYBRID,
+            HYBRID_SELF,
+            Path::new("/sys/fs/cgroup"),
+            None,
+            false,
+        )
+        .expect("detect");
+        let s = format!("{mgr:?}");
+        assert!(
+            s.contains("freezer: Some") && s.contains("unified: None"),
+            "{s}"
+        );
+        assert!(release_has_cgroup_kill("6.18.44-fc-v657"));
+        assert!(release_has_cgroup_kill("5.14.0"));
+        assert!(!release_has_cgroup_kill("5.10.0-28-cloud-amd64"));
+        assert!(!release_has_cgroup_kill("4.19.0"));
+    }
+
+    #[test]
     fn hybrid_host() {
-        let mgr =
-            from_texts(HYBRID, HYBRID_SELF, Path::new("/sys/fs/cgroup"), None).expect("detect");
+        let mgr = from_texts(HYBRID, HYBRID_SELF, Path::new("/sys/fs/cgroup"), None, true)
+            .expect("detect");
         assert_eq!(mgr.layout(), Layout::Hybrid);
         let s = format!("{mgr:?}");
         assert!(s.contains("base: \"/process_api/abc\""), "{s}");
+        assert!(
+            s.contains("freezer: None"),
+            "cgroup.kill makes the freezer unnecessary: {s}"
+        );
     }
 
     #[test]
     fn pure_v2_host_in_a_systemd_service() {
         let mi = "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
         let own = "0::/system.slice/flywheel-agent.service\n";
-        let mgr = from_texts(mi, own, Path::new("/sys/fs/cgroup"), None).expect("detect");
+        let mgr = from_texts(mi, own, Path::new("/sys/fs/cgroup"), None, true).expect("detect");
         assert_eq!(mgr.layout(), Layout::V2);
         assert!(format!("{mgr:?}").contains("base: \"/system.slice/flywheel-agent.service\""));
         // After the agent moved itself into its leaf, the base stays the service cgroup.
         let moved = "0::/system.slice/flywheel-agent.service/flywheel-agent\n";
-        let mgr = from_texts(mi, moved, Path::new("/sys/fs/cgroup"), None).expect("detect");
+        let mgr = from_texts(mi, moved, Path::new("/sys/fs/cgroup"), None, true).expect("detect");
         assert!(format!("{mgr:?}").contains("base: \"/system.slice/flywheel-agent.service\""));
     }
 
@@ -240,7 +286,7 @@ mod tests {
     fn container_without_cgroupns_sees_its_part_of_the_tree() {
         let mi = "30 23 0:26 /kubepods/pod1/c1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
         let own = "0::/kubepods/pod1/c1\n";
-        let mgr = from_texts(mi, own, Path::new("/sys/fs/cgroup"), None).expect("detect");
+        let mgr = from_texts(mi, own, Path::new("/sys/fs/cgroup"), None, true).expect("detect");
         assert!(format!("{mgr:?}").contains("base: \"/\""));
     }
 
@@ -251,6 +297,7 @@ mod tests {
             HYBRID_SELF,
             Path::new("/sys/fs/cgroup"),
             Some("/flywheel"),
+            true,
         )
         .expect("detect");
         assert!(format!("{mgr:?}").contains("base: \"/flywheel\""));
@@ -263,12 +310,19 @@ mod tests {
             "0::/\n",
             Path::new("/sys/fs/cgroup"),
             None,
+            true,
         )
         .expect_err("nothing mounted");
         assert!(e.to_string().contains("no usable cgroup hierarchy"), "{e}");
         let no_pids = "35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
-        let e = from_texts(no_pids, "4:memory:/\n", Path::new("/sys/fs/cgroup"), None)
-            .expect_err("no pids");
+        let e = from_texts(
+            no_pids,
+            "4:memory:/\n",
+            Path::new("/sys/fs/cgroup"),
+            None,
+            true,
+        )
+        .expect_err("no pids");
         assert!(e.to_string().contains("pids"), "{e}");
     }
 }
