@@ -156,3 +156,36 @@ pub fn processes_with(marker: &str) -> Vec<i32> {
     }
     out
 }
+
+/// Start `sh -c script` inside a job cgroup (it joins before it executes), like the agent does.
+pub fn spawn_in(job: &dyn flywheel_agent::cgroup::JobCgroup, script: &str) -> std::process::Child {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let files: Vec<std::fs::File> = job
+        .procs_files()
+        .iter()
+        .map(|p| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(p)
+                .expect("open cgroup.procs")
+        })
+        .collect();
+    let fds: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", script]);
+    // SAFETY: only write(2) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in &fds {
+                if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("spawn in cgroup");
+    drop(files);
+    child
+}

@@ -46,10 +46,22 @@ impl V2 {
                     });
                 }
             }
-            if self.hierarchy.base != "/" {
-                self.evacuate(&base)?;
+            // A process forked into the base between the move and the write makes the kernel
+            // answer EBUSY: move again and retry.
+            let mut attempt = 0;
+            loop {
+                if self.hierarchy.base != "/" {
+                    self.evacuate(&base)?;
+                }
+                match std::fs::write(&subtree, "+memory +pids") {
+                    Ok(()) => break,
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && attempt < 50 => {
+                        attempt += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                    }
+                    Err(e) => return Err(io_err("write", &subtree)(e)),
+                }
             }
-            write(&subtree, "+memory +pids")?;
         }
         let jobs = self.hierarchy.jobs_dir();
         mkdir_if_missing(&jobs)?;
