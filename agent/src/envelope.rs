@@ -551,10 +551,8 @@ fn launch(
 }
 
 fn signal_all(cg: &dyn JobCgroup, sig: nix::sys::signal::Signal) {
-    if let Ok(pids) = cg.pids() {
-        for pid in pids {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
-        }
+    if let Err(e) = cg.signal(sig) {
+        warn!(error = %e, signal = %sig, "cannot list the job's processes to signal them");
     }
 }
 

@@ -118,6 +118,13 @@ pub(crate) fn keyed(contents: &str, key: &str) -> Option<u64> {
     })
 }
 
+/// Send `sig` to each of `pids`, ignoring processes that are already gone.
+pub fn signal_pids(pids: &[i32], sig: nix::sys::signal::Signal) {
+    for &pid in pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+    }
+}
+
 pub(crate) fn parse_pids(contents: &str) -> Vec<i32> {
     contents
         .lines()
@@ -198,6 +205,12 @@ pub trait JobCgroup: Debug + Send + Sync {
     fn procs_files(&self) -> Vec<PathBuf>;
     /// Processes in the job now.
     fn pids(&self) -> Result<Vec<i32>>;
+
+    /// Send `sig` to every process in the job now.
+    fn signal(&self, sig: nix::sys::signal::Signal) -> Result<()> {
+        signal_pids(&self.pids()?, sig);
+        Ok(())
+    }
     fn stats(&self) -> Result<Stats>;
     /// Kill every process of the job, including ones forking concurrently.
     fn kill_all(&self) -> Result<()>;

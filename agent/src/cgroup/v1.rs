@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use super::v2::list_dirs;
 use super::{
-    keyed, mkdir, mkdir_if_missing, parse_pids, read_optional, rmdir, write, CgroupError,
-    CgroupManager, Hierarchy, JobCgroup, Layout, Limits, Result, Stats,
+    keyed, mkdir, mkdir_if_missing, parse_pids, read_optional, rmdir, signal_pids, write,
+    CgroupError, CgroupManager, Hierarchy, JobCgroup, Layout, Limits, Result, Stats,
 };
 
 /// A cgroup v1 (or hybrid) host.
@@ -137,12 +137,7 @@ impl V1Job {
             std::thread::sleep(Duration::from_millis(1));
         }
         if let Some(procs) = read_optional(&freezer.join("cgroup.procs"))? {
-            for pid in parse_pids(&procs) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
+            signal_pids(&parse_pids(&procs), nix::sys::signal::Signal::SIGKILL);
         }
         write(&state, "THAWED")
     }
@@ -193,15 +188,7 @@ impl JobCgroup for V1Job {
         }
         match &self.freezer {
             Some(f) => self.freezer_kill(f),
-            None => {
-                for pid in self.pids()? {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-                Ok(())
-            }
+            None => self.signal(nix::sys::signal::Signal::SIGKILL),
         }
     }
 

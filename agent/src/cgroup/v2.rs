@@ -225,12 +225,7 @@ pub(crate) fn kill_tree(dir: &Path, pids: impl Fn() -> Result<Vec<i32>>) -> Resu
     }
     let freeze = dir.join("cgroup.freeze");
     let frozen = freeze.exists() && write(&freeze, "1").is_ok();
-    for pid in pids()? {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+    super::signal_pids(&pids()?, nix::sys::signal::Signal::SIGKILL);
     if frozen {
         write(&freeze, "0")?;
     }
