@@ -1,0 +1,69 @@
+//! GitHub's side of flywheel-agent: GitHub App authentication, just-in-time runner
+//! registration, runner listing and deletion, workflow-run look-ups, and GitHub's rate-limit
+//! rules. This is the only crate that knows GitHub's wire types; the agent gets the plain
+//! types exported here.
+
+mod client;
+pub mod jitfile;
+mod retry;
+pub mod secret;
+mod wire;
+
+pub use client::{ApiStats, Client, ClientConfig, Credentials, Deleted, Scope};
+pub use retry::RetryPolicy;
+pub use secret::Secret;
+
+/// A self-hosted runner as GitHub knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerInfo {
+    pub id: u64,
+    pub name: String,
+    pub online: bool,
+    pub busy: bool,
+    pub labels: Vec<String>,
+}
+
+/// A registered just-in-time runner and its one-time configuration.
+#[derive(Debug)]
+pub struct JitRunner {
+    pub runner: RunnerInfo,
+    /// `encoded_jit_config`: hand it to `Runner.Listener` in `ACTIONS_RUNNER_INPUT_JITCONFIG`.
+    pub encoded: Secret<String>,
+}
+
+/// Errors from GitHub or on the way to it. Messages never contain a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum GitHubError {
+    #[error("{endpoint}: GitHub answered {status}: {message}")]
+    Status {
+        endpoint: &'static str,
+        status: u16,
+        message: String,
+    },
+    #[error("{endpoint}: a runner with this name already exists (409)")]
+    Conflict { endpoint: &'static str },
+    #[error("{endpoint}: cannot reach GitHub: {message}")]
+    Transport {
+        endpoint: &'static str,
+        message: String,
+    },
+    #[error("{endpoint}: GitHub's answer is not what its API describes: {message}")]
+    Decode {
+        endpoint: &'static str,
+        message: String,
+    },
+    #[error("{endpoint}: rate limited for {wait_secs} s, longer than the agent waits ({max_secs} s); lower the request rate or wait for the limit to reset")]
+    RateLimited {
+        endpoint: &'static str,
+        wait_secs: u64,
+        max_secs: u64,
+    },
+    #[error("{endpoint}: gave up after {attempts} attempts: {last}")]
+    GaveUp {
+        endpoint: &'static str,
+        attempts: u32,
+        last: String,
+    },
+    #[error("github configuration: {0}")]
+    Config(String),
+}
