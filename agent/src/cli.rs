@@ -9,10 +9,12 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use flywheel_agent::cgroup;
 use flywheel_agent::config::{self, Config, HostFacts};
-use flywheel_agent::envelope::{self, JobSpec, JobUser, Stop};
+use flywheel_agent::envelope::{self, JobSpec, JobUser, Stop, StopMode};
 use flywheel_agent::exit;
 use flywheel_agent::reaper::Reaper;
+use flywheel_agent::runner::{self, PoolStats, RunContext, Shutdown};
 use flywheel_agent::size::{parse_size, Bytes};
+use flywheel_jit_config::{Client, ClientConfig, Credentials, RetryPolicy, Secret};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -53,6 +55,12 @@ enum Command {
     },
     /// Validate a configuration: exit 0 when valid, 78 otherwise.
     CheckConfig {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Keep each lane's pool of just-in-time runners full (bare metal). As an ARC runner pod's
+    /// entrypoint (ACTIONS_RUNNER_INPUT_JITCONFIG set), run exactly that runner instead.
+    Run {
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -103,6 +111,13 @@ fn init_logging(format: LogFormat) {
 }
 
 pub fn main() -> ExitCode {
+    // ARC hands the runner's JIT config to the `runner` container in this variable. Take it out
+    // of the agent's own environment before any thread exists; it then lives only in a Secret.
+    let jit = std::env::var("ACTIONS_RUNNER_INPUT_JITCONFIG")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(Secret::new);
+    std::env::remove_var("ACTIONS_RUNNER_INPUT_JITCONFIG");
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -114,7 +129,9 @@ pub fn main() -> ExitCode {
     let host = HostFacts::detect();
     match cli.command {
         Command::Lanes { config, json } => lanes(config, json, &host),
-        Command::CheckConfig { config } => match config::load(config.as_deref(), &host) {
+        Command::CheckConfig { config } => match config::load(config.as_deref(), &host)
+            .and_then(|c| config::check_host(&c).map(|()| c))
+        {
             Ok(c) => {
                 let mut out = std::io::stdout().lock();
                 let _ = writeln!(out, "{}: ok ({} lanes)", c.origin, c.lanes.len());
@@ -132,6 +149,7 @@ pub fn main() -> ExitCode {
                 ExitCode::from(exit::CONFIG)
             }
         },
+        Command::Run { config } => run(config, &host, jit),
         Command::Exec {
             lane,
             config,
@@ -253,6 +271,11 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         slot: req.slot,
         command: req.command,
         host_cpus: host.cpus,
+        runner: None,
+        secret_env: Vec::new(),
+        log_output: None,
+        stop_mode: StopMode::default(),
+        probe: None,
     };
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -260,12 +283,19 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
-        let mut reaper = Reaper::new().context("cannot watch child processes")?;
+        let reaper = Reaper::start().context("cannot watch child processes")?;
         let stop = Stop::default();
-        watch_signals(stop.clone())?;
+        let signals = watch_signals()?;
+        let s2 = stop.clone();
+        tokio::spawn(async move {
+            signals.drain.cancelled().await;
+            s2.graceful.cancel();
+            signals.stop.cancelled().await;
+            s2.now.cancel();
+        });
         let mgr = cgroup::detect(&cfg.cgroup.mount, cfg.cgroup.parent.as_deref())?;
         tracing::debug!(layout = %mgr.layout(), "cgroup layout");
-        let outcome = envelope::run_job(&cfg, mgr.as_ref(), spec, stop, &mut reaper).await?;
+        let outcome = envelope::run_job(&cfg, mgr.as_ref(), spec, stop, &reaper).await?;
         if let Some(msg) = &outcome.launch_error {
             eprintln!("flywheel: {msg}");
         }
@@ -279,11 +309,13 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
     })
 }
 
-/// First SIGINT/SIGTERM: graceful stop. Second: kill now.
-fn watch_signals(stop: Stop) -> anyhow::Result<()> {
+/// SIGINT/SIGTERM, escalating: the first cancels `drain`, the second `stop`, the third `kill`.
+fn watch_signals() -> anyhow::Result<Shutdown> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let shutdown = Shutdown::default();
+    let s = shutdown.clone();
     tokio::spawn(async move {
         let mut seen = 0;
         loop {
@@ -292,13 +324,182 @@ fn watch_signals(stop: Stop) -> anyhow::Result<()> {
                 _ = int.recv() => {}
             }
             seen += 1;
-            if seen == 1 {
-                tracing::warn!("signal received: stopping the job (send another to kill it now)");
-                stop.graceful.cancel();
-            } else {
-                stop.now.cancel();
+            match seen {
+                1 => {
+                    tracing::warn!("signal received: stopping gracefully (send another to hurry)");
+                    s.drain.cancel();
+                }
+                2 => {
+                    tracing::warn!("second signal: stopping now");
+                    s.stop.cancel();
+                }
+                _ => s.kill.cancel(),
             }
         }
     });
-    Ok(())
+    Ok(shutdown)
+}
+
+/// A configuration problem found before `run` changes anything: exit 78.
+#[derive(Debug)]
+struct ConfigProblem(String);
+
+impl std::fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigProblem {}
+
+fn github_client(cfg: &Config) -> anyhow::Result<Client> {
+    let Some(g) = &cfg.github else {
+        return Err(ConfigProblem(format!(
+            "{}: `run` needs a [github] section (or ACTIONS_RUNNER_INPUT_JITCONFIG from ARC)",
+            cfg.origin
+        ))
+        .into());
+    };
+    let credentials = match &g.auth {
+        config::GitHubAuth::App {
+            app_id,
+            installation_id,
+            private_key_file,
+            ..
+        } => Credentials::App {
+            app_id: app_id.clone(),
+            installation_id: *installation_id,
+            private_key_pem: Secret::new(
+                std::fs::read(private_key_file)
+                    .with_context(|| format!("read {}", private_key_file.display()))?,
+            ),
+        },
+        config::GitHubAuth::Token { token_file, .. } => Credentials::Token(Secret::new(
+            std::fs::read_to_string(token_file)
+                .with_context(|| format!("read {}", token_file.display()))?
+                .trim()
+                .to_owned(),
+        )),
+    };
+    Ok(Client::new(ClientConfig {
+        api_url: g.api_url.clone(),
+        scope: g.scope.clone(),
+        credentials,
+        user_agent: format!("flywheel-agent/{}", env!("CARGO_PKG_VERSION")),
+        retry: RetryPolicy::default(),
+    })
+    .map_err(|e| ConfigProblem(e.to_string()))?)
+}
+
+fn run(config: Option<PathBuf>, host: &HostFacts, jit: Option<Secret<String>>) -> ExitCode {
+    match run_inner(config, host, jit) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e)
+            if e.downcast_ref::<config::ConfigError>().is_some()
+                || e.downcast_ref::<ConfigProblem>().is_some() =>
+        {
+            eprintln!("{e}");
+            ExitCode::from(exit::CONFIG)
+        }
+        Err(e) => {
+            eprintln!("flywheel: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run_inner(
+    config: Option<PathBuf>,
+    host: &HostFacts,
+    jit: Option<Secret<String>>,
+) -> anyhow::Result<i32> {
+    let cfg = config::load(config.as_deref(), host)?;
+    config::check_host(&cfg)?;
+    let user = JobUser::lookup(&cfg.runner.user)
+        .map_err(|e| ConfigProblem(format!("{}: runner.user: {e}", cfg.origin)))?;
+    let listener = cfg.runner.install_dir.join("bin/Runner.Listener");
+    if !listener.is_file() {
+        return Err(ConfigProblem(format!(
+            "{}: runner.install_dir {} has no bin/Runner.Listener: unpack an actions/runner release there",
+            cfg.origin,
+            cfg.runner.install_dir.display()
+        ))
+        .into());
+    }
+    let arc_lane = match &jit {
+        Some(_) => {
+            let name = std::env::var("FLYWHEEL_LANE")
+                .ok()
+                .or(cfg.runner.lane.clone())
+                .ok_or_else(|| {
+                    ConfigProblem(format!(
+                        "{}: ARC mode needs the runner's lane: set FLYWHEEL_LANE or runner.lane",
+                        cfg.origin
+                    ))
+                })?;
+            let lane = cfg
+                .lane(&name)
+                .cloned()
+                .ok_or_else(|| ConfigProblem(format!("{}: no lane {name:?}", cfg.origin)))?;
+            if let Some(why) = &lane.unavailable {
+                return Err(ConfigProblem(why.clone()).into());
+            }
+            Some(lane)
+        }
+        None => None,
+    };
+    let github = match &jit {
+        None => Some(std::sync::Arc::new(github_client(&cfg)?)),
+        Some(_) => None,
+    };
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let reaper = Reaper::start().context("cannot watch child processes")?;
+        let shutdown = watch_signals()?;
+        let mgr = cgroup::detect(&cfg.cgroup.mount, cfg.cgroup.parent.as_deref())?;
+        let ctx = RunContext {
+            cfg: std::sync::Arc::new(cfg),
+            mgr: std::sync::Arc::from(mgr),
+            reaper,
+            host: *host,
+            user,
+        };
+        match (jit, arc_lane, github) {
+            (Some(jit), Some(lane), _) => {
+                let outcome = runner::run_arc(ctx, jit, &lane, shutdown).await?;
+                if let Some(v) = &outcome.verdict {
+                    eprintln!("{v}");
+                }
+                tracing::info!(
+                    code = outcome.code,
+                    "listener exited; the pod exits with its status"
+                );
+                Ok(outcome.code)
+            }
+            (_, _, Some(github)) => {
+                let stats = std::sync::Arc::new(PoolStats::default());
+                runner::run_pool(ctx, github.clone(), shutdown, None, stats.clone()).await?;
+                let reg = stats.registered.load(std::sync::atomic::Ordering::Relaxed);
+                let launch = stats.launch_us.load(std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(
+                    registered = reg,
+                    finished = stats.finished.load(std::sync::atomic::Ordering::Relaxed),
+                    github_calls = github.stats().requests().values().sum::<u64>(),
+                    generate_jitconfig_calls = github.stats().count("generate-jitconfig"),
+                    mean_launch_ms = if reg > 0 {
+                        launch as f64 / reg as f64 / 1000.0
+                    } else {
+                        0.0
+                    },
+                    "stopped after a clean drain"
+                );
+                Ok(0)
+            }
+            _ => Err(ConfigProblem("nothing to run".into()).into()),
+        }
+    })
 }

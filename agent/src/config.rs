@@ -117,6 +117,47 @@ pub struct Lane {
     pub unavailable: Option<String>,
 }
 
+/// How the agent reaches GitHub (`run` in bare-metal mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitHubSettings {
+    pub api_url: String,
+    pub scope: flywheel_jit_config::Scope,
+    pub auth: GitHubAuth,
+    pub runner_group_id: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GitHubAuth {
+    App {
+        app_id: String,
+        installation_id: Option<u64>,
+        private_key_file: PathBuf,
+        /// Where `private_key_file` is in the config, for errors found when reading it.
+        position: Option<(usize, usize)>,
+    },
+    Token {
+        token_file: PathBuf,
+        position: Option<(usize, usize)>,
+    },
+}
+
+/// The runner installation and how runners are run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerSettings {
+    /// Holds `bin/Runner.Listener`.
+    pub install_dir: PathBuf,
+    /// The unprivileged user runners run as.
+    pub user: String,
+    /// Runner names are `<prefix>-<lane>-<random>`; the host name when unset.
+    pub name_prefix: Option<String>,
+    /// How long busy runners get to finish their job when the agent drains.
+    pub drain_grace: Duration,
+    /// First wait after a runner failed; doubles per failure, at most 5 minutes.
+    pub backoff: Duration,
+    /// The lane of an ARC pod's runner (`FLYWHEEL_LANE` overrides).
+    pub lane: Option<String>,
+}
+
 /// Agent-wide settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentSettings {
@@ -126,6 +167,8 @@ pub struct AgentSettings {
     pub teardown_grace: Duration,
     /// How long a job stopped by a signal to the agent gets before the cgroup kill.
     pub stop_grace: Duration,
+    /// Memory kept free for the agent itself when admitting runners.
+    pub reserve_bytes: u64,
 }
 
 /// Where job cgroups live.
@@ -144,6 +187,8 @@ pub struct Config {
     pub origin: Origin,
     pub agent: AgentSettings,
     pub cgroup: CgroupSettings,
+    pub github: Option<GitHubSettings>,
+    pub runner: RunnerSettings,
     pub lanes: Vec<Lane>,
 }
 
@@ -168,8 +213,35 @@ struct RawConfig {
     agent: RawAgent,
     #[serde(default)]
     cgroup: RawCgroup,
+    github: Option<RawGitHub>,
+    #[serde(default)]
+    runner: RawRunner,
     #[serde(default)]
     lane: Option<Vec<RawLane>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGitHub {
+    api_url: Option<Spanned<String>>,
+    scope: Spanned<String>,
+    target: Spanned<String>,
+    app_id: Option<Spanned<toml::Value>>,
+    installation_id: Option<u64>,
+    private_key_file: Option<Spanned<PathBuf>>,
+    token_file: Option<Spanned<PathBuf>>,
+    runner_group_id: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRunner {
+    install_dir: Option<Spanned<PathBuf>>,
+    user: Option<String>,
+    name_prefix: Option<Spanned<String>>,
+    drain_grace: Option<Spanned<String>>,
+    backoff: Option<Spanned<String>>,
+    lane: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -178,6 +250,7 @@ struct RawAgent {
     state_dir: Option<PathBuf>,
     teardown_grace: Option<Spanned<String>>,
     stop_grace: Option<Spanned<String>>,
+    reserve: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -264,7 +337,13 @@ pub fn parse(src: &str, origin: &Origin, host: &HostFacts) -> Result<Config, Con
             .unwrap_or_else(|| PathBuf::from("/run/flywheel-agent")),
         teardown_grace: duration_or(&cx, raw.agent.teardown_grace.as_ref(), "5s")?,
         stop_grace: duration_or(&cx, raw.agent.stop_grace.as_ref(), "10s")?,
+        reserve_bytes: match &raw.agent.reserve {
+            Some(r) => size_of(&cx, "agent.reserve", r)?,
+            None => 512 << 20,
+        },
     };
+    let github = raw.github.map(|g| github_settings(&cx, g)).transpose()?;
+    let runner = runner_settings(&cx, raw.runner)?;
     let cgroup = CgroupSettings {
         mount: match raw.cgroup.mount {
             Some(m) => absolute(&cx, &m, "cgroup.mount")?,
@@ -282,7 +361,17 @@ pub fn parse(src: &str, origin: &Origin, host: &HostFacts) -> Result<Config, Con
     let raw_lanes = match raw.lane {
         Some(l) => l,
         None if *origin != Origin::Embedded => {
-            return parse_lanes_only(origin, host, agent, cgroup);
+            let defaults = parse(DEFAULT_CONFIG, &Origin::Embedded, host)?;
+            let cfg = Config {
+                origin: origin.clone(),
+                agent,
+                cgroup,
+                github,
+                runner,
+                lanes: defaults.lanes,
+            };
+            check_runner_lane(&cx, &cfg)?;
+            return Ok(cfg);
         }
         None => Vec::new(),
     };
@@ -297,30 +386,166 @@ pub fn parse(src: &str, origin: &Origin, host: &HostFacts) -> Result<Config, Con
         let lane = validate_lane(&cx, rl, host, &mut names, &mut labels_seen)?;
         lanes.push(lane);
     }
-    Ok(Config {
+    let cfg = Config {
         origin: origin.clone(),
         agent,
         cgroup,
+        github,
+        runner,
         lanes,
+    };
+    check_runner_lane(&cx, &cfg)?;
+    Ok(cfg)
+}
+
+fn check_runner_lane(cx: &Ctx<'_>, cfg: &Config) -> Result<(), ConfigError> {
+    if let Some(l) = &cfg.runner.lane {
+        if cfg.lane(l).is_none() {
+            return Err(cx.err_at(None, format!("runner.lane {l:?} is not a configured lane")));
+        }
+    }
+    Ok(())
+}
+
+fn github_settings(cx: &Ctx<'_>, g: RawGitHub) -> Result<GitHubSettings, ConfigError> {
+    let scope = flywheel_jit_config::Scope::parse(g.scope.get_ref(), g.target.get_ref())
+        .map_err(|e| cx.err(&g.target, format!("github: {e}")))?;
+    let api_url = match g.api_url {
+        Some(u) if !(u.get_ref().starts_with("https://") || u.get_ref().starts_with("http://")) => {
+            return Err(cx.err(&u, "github.api_url must be an http(s) URL: https://api.github.com, or https://HOST/api/v3 for GitHub Enterprise Server"));
+        }
+        Some(u) => u.into_inner().trim_end_matches('/').to_owned(),
+        None => "https://api.github.com".to_owned(),
+    };
+    let pos = |s: &Spanned<PathBuf>| Some(line_col(cx.src, s.span().start));
+    let auth = match (g.app_id, g.private_key_file, g.token_file) {
+        (Some(id), Some(key), None) => {
+            let app_id = match id.get_ref() {
+                toml::Value::String(s) if !s.is_empty() => s.clone(),
+                toml::Value::Integer(i) if *i > 0 => i.to_string(),
+                _ => return Err(cx.err(&id, "github.app_id must be the App's client ID (a string) or its numeric app ID")),
+            };
+            GitHubAuth::App {
+                app_id,
+                installation_id: g.installation_id,
+                position: pos(&key),
+                private_key_file: absolute(cx, &key, "github.private_key_file")?,
+            }
+        }
+        (None, None, Some(t)) => GitHubAuth::Token {
+            position: pos(&t),
+            token_file: absolute(cx, &t, "github.token_file")?,
+        },
+        (_, _, Some(t)) => return Err(cx.err(&t, "github: give either app_id + private_key_file (a GitHub App) or token_file (a personal access token), not both")),
+        (Some(id), None, None) => return Err(cx.err(&id, "github.app_id needs github.private_key_file")),
+        (None, Some(k), None) => return Err(cx.err(&k, "github.private_key_file needs github.app_id")),
+        (None, None, None) => return Err(cx.err(&g.scope, "github: configure app_id + private_key_file (a GitHub App) or token_file (a personal access token)")),
+    };
+    if matches!(scope, flywheel_jit_config::Scope::Enterprise(_))
+        && matches!(
+            auth,
+            GitHubAuth::App {
+                installation_id: None,
+                ..
+            }
+        )
+    {
+        return Err(cx.err(
+            &g.scope,
+            "github: enterprise scope with a GitHub App needs installation_id",
+        ));
+    }
+    Ok(GitHubSettings {
+        api_url,
+        scope,
+        auth,
+        runner_group_id: g.runner_group_id.unwrap_or(1),
     })
 }
 
-/// A file with settings but no lanes keeps the embedded lanes.
-fn parse_lanes_only(
-    origin: &Origin,
-    host: &HostFacts,
-    agent: AgentSettings,
-    cgroup: CgroupSettings,
-) -> Result<Config, ConfigError> {
-    let defaults = parse(DEFAULT_CONFIG, &Origin::Embedded, host)?;
-    Ok(Config {
-        origin: origin.clone(),
-        agent,
-        cgroup,
-        lanes: defaults.lanes,
+fn runner_settings(cx: &Ctx<'_>, r: RawRunner) -> Result<RunnerSettings, ConfigError> {
+    if let Some(p) = &r.name_prefix {
+        let v = p.get_ref();
+        if v.is_empty()
+            || v.len() > 40
+            || !v
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(cx.err(
+                p,
+                "runner.name_prefix must be 1-40 letters, digits, '-' or '_'",
+            ));
+        }
+    }
+    Ok(RunnerSettings {
+        install_dir: match &r.install_dir {
+            Some(d) => absolute(cx, d, "runner.install_dir")?,
+            None => PathBuf::from("/opt/actions-runner"),
+        },
+        user: r.user.unwrap_or_else(|| "runner".to_owned()),
+        name_prefix: r.name_prefix.map(Spanned::into_inner),
+        drain_grace: duration_or(cx, r.drain_grace.as_ref(), "15m")?,
+        backoff: duration_or(cx, r.backoff.as_ref(), "2s")?,
+        lane: r.lane.map(Spanned::into_inner),
     })
 }
 
+/// Checks that read the host: the GitHub credential files, the runner installation and user.
+/// `check-config` and `run` call this after [`parse`]; it changes nothing.
+pub fn check_host(cfg: &Config) -> Result<(), ConfigError> {
+    let err = |pos: Option<(usize, usize)>, message: String| ConfigError {
+        origin: cfg.origin.to_string(),
+        position: pos,
+        message,
+    };
+    if let Some(g) = &cfg.github {
+        match &g.auth {
+            GitHubAuth::App {
+                private_key_file,
+                position,
+                ..
+            } => {
+                let pem = std::fs::read(private_key_file).map_err(|e| {
+                    err(
+                        *position,
+                        format!(
+                            "github.private_key_file {}: {e}",
+                            private_key_file.display()
+                        ),
+                    )
+                })?;
+                flywheel_jit_config::validate_app_key(&pem).map_err(|e| {
+                    err(
+                        *position,
+                        format!(
+                            "github.private_key_file {}: {e}",
+                            private_key_file.display()
+                        ),
+                    )
+                })?;
+            }
+            GitHubAuth::Token {
+                token_file,
+                position,
+            } => {
+                let t = std::fs::read_to_string(token_file).map_err(|e| {
+                    err(
+                        *position,
+                        format!("github.token_file {}: {e}", token_file.display()),
+                    )
+                })?;
+                if t.trim().is_empty() {
+                    return Err(err(
+                        *position,
+                        format!("github.token_file {} is empty", token_file.display()),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
 fn duration_or(
     cx: &Ctx<'_>,
     v: Option<&Spanned<String>>,

@@ -13,6 +13,9 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use flywheel_jit_config::Secret;
+use nix::sys::signal::Signal;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
@@ -69,8 +72,85 @@ pub struct JobSpec {
     /// `None`: the job runs as the agent's own user.
     pub user: Option<JobUser>,
     pub slot: Option<u32>,
+    /// The command; for a runner job a relative program is resolved in the runner root.
     pub command: Vec<OsString>,
     pub host_cpus: u32,
+    /// Set for a GitHub runner: the job directory becomes the runner root.
+    pub runner: Option<RunnerRoot>,
+    /// Variables only this job's first process gets (the JIT config); never logged.
+    pub secret_env: Vec<(String, Secret<String>)>,
+    /// Send the command's output to the agent's log, with this runner name, instead of
+    /// inheriting the agent's stdout and stderr.
+    pub log_output: Option<String>,
+    /// How a graceful stop is asked for.
+    pub stop_mode: StopMode,
+    /// Filled with the job's cgroup while it runs, for callers that ask whether it is busy.
+    pub probe: Option<JobProbe>,
+}
+
+/// The runner root: `<work_root>/<job>/`, owned by the job's user. The installation's
+/// directories (`bin`, `externals`) are bind-mounted into it read-only in the job's mount
+/// namespace, so the listener finds its root from its own path without copying anything, and
+/// cannot change its binaries.
+#[derive(Debug, Clone)]
+pub struct RunnerRoot {
+    pub install_dir: PathBuf,
+    /// Lines of the runner's `.env` (`KEY=VALUE`, no quoting).
+    pub dotenv: Vec<(String, String)>,
+}
+
+/// A graceful stop: `signal` to the command itself (a runner listener cancels its job on
+/// SIGINT) or to every process of the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopMode {
+    pub signal: Signal,
+    pub whole_job: bool,
+}
+
+impl Default for StopMode {
+    fn default() -> Self {
+        StopMode {
+            signal: Signal::SIGTERM,
+            whole_job: true,
+        }
+    }
+}
+
+/// Where a running job's `cgroup.procs` files are, while it runs.
+#[derive(Debug, Clone, Default)]
+pub struct JobProbe(std::sync::Arc<std::sync::Mutex<Option<Vec<PathBuf>>>>);
+
+impl JobProbe {
+    fn set(&self, files: Option<Vec<PathBuf>>) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = files;
+        }
+    }
+    /// Processes in the job now (0 when it is not running).
+    pub fn processes(&self) -> usize {
+        let files = self
+            .0
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default()
+            .unwrap_or_default();
+        let mut pids: Vec<i32> = files
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .flat_map(|s| {
+                s.lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids.len()
+    }
+    /// A runner is busy when its listener has company: a worker and the job's processes.
+    pub fn busy(&self) -> bool {
+        self.processes() > 1
+    }
 }
 
 /// How the agent's owner stops a running job: `graceful` sends SIGTERM and waits the stop
@@ -160,11 +240,12 @@ pub fn bigger_lane<'a>(cfg: &'a Config, lane: &str, memory_bytes: u64) -> Option
         .map(|l| (l.name.as_str(), l.memory_bytes))
 }
 
-/// Bind mounts for a slot: (source on the fast-local volume, target the job sees).
+/// A bind mount made in the job's private mount namespace.
 #[derive(Debug, Clone)]
-struct Binds {
-    nix: (PathBuf, PathBuf),
-    work: (PathBuf, PathBuf),
+struct Bind {
+    src: PathBuf,
+    dst: PathBuf,
+    readonly: bool,
 }
 
 /// Run one job of a lane to completion.
@@ -173,9 +254,14 @@ pub async fn run_job(
     mgr: &dyn CgroupManager,
     spec: JobSpec,
     stop: Stop,
-    reaper: &mut Reaper,
+    reaper: &Reaper,
 ) -> Result<JobOutcome, EnvelopeError> {
-    let span = info_span!("job", lane = %spec.lane.name, job = tracing::field::Empty);
+    let span = match &spec.log_output {
+        Some(runner) => {
+            info_span!("job", lane = %spec.lane.name, runner = %runner, job = tracing::field::Empty)
+        }
+        None => info_span!("job", lane = %spec.lane.name, job = tracing::field::Empty),
+    };
     run_job_inner(cfg, mgr, spec, stop, reaper, span.clone())
         .instrument(span)
         .await
@@ -186,7 +272,7 @@ async fn run_job_inner(
     mgr: &dyn CgroupManager,
     spec: JobSpec,
     stop: Stop,
-    reaper: &mut Reaper,
+    reaper: &Reaper,
     span: tracing::Span,
 ) -> Result<JobOutcome, EnvelopeError> {
     let t0 = Instant::now();
@@ -198,15 +284,12 @@ async fn run_job_inner(
     let job = job_name(&lane.name, slot.index);
     span.record("job", job.as_str());
 
-    let binds = lane.slot_root.as_ref().map(|root| {
-        let (nix_src, work_src) = slot::slot_dirs(root, slot.index);
-        Binds {
-            nix: (nix_src, lane.nix_store.clone()),
-            work: (work_src, spec.work_root.clone()),
-        }
-    });
-    let (phys_work_root, phys_nix) = match &binds {
-        Some(b) => (b.work.0.clone(), b.nix.0.clone()),
+    let slot_dirs = lane
+        .slot_root
+        .as_ref()
+        .map(|root| slot::slot_dirs(root, slot.index));
+    let (phys_work_root, phys_nix) = match &slot_dirs {
+        Some((nix, work)) => (work.clone(), nix.clone()),
         None => (spec.work_root.clone(), lane.nix_store.clone()),
     };
     let work_scratch = scratch::check(&phys_work_root, lane.min_free_bytes)?;
@@ -216,10 +299,21 @@ async fn run_job_inner(
         nix = %nix_scratch.inspected.display(), nix_fs = %nix_scratch.fs,
         slot = slot.index, "fast-local scratch ok"
     );
-    if let Some(b) = &binds {
-        for dir in [&b.nix.0, &b.work.0, &b.nix.1, &b.work.1] {
+    let mut binds = Vec::new();
+    if let Some((nix, work)) = &slot_dirs {
+        for dir in [nix, work, &lane.nix_store, &spec.work_root] {
             std::fs::create_dir_all(dir).map_err(io_at("create", dir))?;
         }
+        binds.push(Bind {
+            src: nix.clone(),
+            dst: lane.nix_store.clone(),
+            readonly: false,
+        });
+        binds.push(Bind {
+            src: work.clone(),
+            dst: spec.work_root.clone(),
+            readonly: false,
+        });
     }
 
     let user = spec.user.clone();
@@ -239,16 +333,20 @@ async fn run_job_inner(
     };
     let mut kmsg = KmsgWatch::start();
     let cg = mgr.create(&job, &limits)?;
+    if let Some(p) = &spec.probe {
+        p.set(Some(cg.procs_files()));
+    }
     // From here on, teardown runs whatever happens.
     let mut job_dir: Option<PathBuf> = None;
     let launched = launch(
         &spec,
         cg.as_ref(),
         &phys_work_root,
-        binds.as_ref(),
+        binds,
         &job,
         (uid, gid),
         &mut job_dir,
+        reaper,
     );
     let setup = t0.elapsed();
     drop(entered);
@@ -256,11 +354,21 @@ async fn run_job_inner(
     let t_run = Instant::now();
     let mut stopped = false;
     let (exit, launch_error, code) = match launched {
-        Ok(Launched::Running(pid)) => {
-            reaper.watch(pid);
-            let exit = supervise(pid, cg.as_ref(), &stop, cfg, reaper, &mut stopped)
-                .instrument(info_span!("run", pid))
-                .await;
+        Ok(Launched::Running { pid, exit, output }) => {
+            let exit = supervise(
+                pid,
+                exit,
+                cg.as_ref(),
+                &stop,
+                spec.stop_mode,
+                cfg,
+                &mut stopped,
+            )
+            .instrument(info_span!("run", pid))
+            .await;
+            for task in output {
+                let _ = task.await;
+            }
             (Some(exit), None, exit.code())
         }
         Ok(Launched::Failed { code, message }) => (None, Some(message), code),
@@ -274,13 +382,16 @@ async fn run_job_inner(
                 reaper,
             )
             .await;
+            if let Some(p) = &spec.probe {
+                p.set(None);
+            }
             return Err(e);
         }
     };
     let run = t_run.elapsed();
 
     let t_down = Instant::now();
-    let stats = teardown(
+    let torn = teardown(
         cg.as_ref(),
         job_dir.as_deref(),
         cfg.agent.teardown_grace,
@@ -288,7 +399,11 @@ async fn run_job_inner(
         reaper,
     )
     .instrument(info_span!("teardown"))
-    .await?;
+    .await;
+    if let Some(p) = &spec.probe {
+        p.set(None);
+    }
+    let stats = torn?;
     let slot_index = slot.index;
     drop(slot);
     let teardown_time = t_down.elapsed();
@@ -358,8 +473,15 @@ fn command_name(cmd: &[OsString]) -> String {
 }
 
 enum Launched {
-    Running(i32),
-    Failed { code: i32, message: String },
+    Running {
+        pid: i32,
+        exit: oneshot::Receiver<Exit>,
+        output: Vec<tokio::task::JoinHandle<()>>,
+    },
+    Failed {
+        code: i32,
+        message: String,
+    },
 }
 
 fn cstring(p: &OsStr) -> Result<CString, EnvelopeError> {
@@ -367,8 +489,8 @@ fn cstring(p: &OsStr) -> Result<CString, EnvelopeError> {
         .map_err(|_| EnvelopeError::Spawn(io::Error::other("path contains a NUL byte")))
 }
 
-/// The job's environment: the agent's, minus secrets and old hints, plus the user's identity
-/// and the lane's hints.
+/// The job's environment: the agent's, minus secrets and old hints, plus the user's identity,
+/// the lane's hints and the job's own secret variables.
 fn job_environment(spec: &JobSpec) -> Vec<(OsString, OsString)> {
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| !hints::is_secret_var(&k.to_string_lossy()))
@@ -385,26 +507,108 @@ fn job_environment(spec: &JobSpec) -> Vec<(OsString, OsString)> {
     for (k, v) in hints::job_env(&spec.lane, spec.memory_bytes, spec.host_cpus) {
         set(&k, v.into());
     }
+    for (k, v) in &spec.secret_env {
+        set(k, v.expose().clone().into());
+    }
     if !env.iter().any(|(k, _)| k == "PATH") {
         env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
     }
     env
 }
 
+/// Make the runner root: `.env`, and empty mount points for the installation's directories.
+fn prepare_runner_root(
+    root: &Path,
+    r: &RunnerRoot,
+    (uid, gid): (u32, u32),
+) -> Result<Vec<(PathBuf, PathBuf)>, EnvelopeError> {
+    std::os::unix::fs::chown(root, Some(uid), Some(gid)).map_err(io_at("chown", root))?;
+    let mut mounts = Vec::new();
+    let entries = std::fs::read_dir(&r.install_dir)
+        .map_err(io_at("read the runner installation", &r.install_dir))?;
+    for entry in entries {
+        let entry = entry.map_err(io_at("read the runner installation", &r.install_dir))?;
+        let name = entry.file_name();
+        let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        if !is_dir || name == "_work" || name == "_diag" {
+            continue;
+        }
+        let point = root.join(&name);
+        std::fs::create_dir(&point).map_err(io_at("create", &point))?;
+        mounts.push((entry.path(), point));
+    }
+    if !mounts
+        .iter()
+        .any(|(src, _)| src.file_name().is_some_and(|n| n == "bin"))
+    {
+        return Err(EnvelopeError::Io {
+            what: "find bin/Runner.Listener in",
+            path: r.install_dir.clone(),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        });
+    }
+    let mut dotenv = String::new();
+    for (k, v) in &r.dotenv {
+        dotenv.push_str(k);
+        dotenv.push('=');
+        dotenv.push_str(v);
+        dotenv.push('\n');
+    }
+    let env_file = root.join(".env");
+    std::fs::write(&env_file, dotenv).map_err(io_at("write", &env_file))?;
+    Ok(mounts)
+}
+
+/// Log a child's output line by line with the job's span.
+fn log_lines(fd: OwnedFd, stream: &'static str) -> io::Result<tokio::task::JoinHandle<()>> {
+    use tokio::io::AsyncBufReadExt;
+    let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?;
+    let span = tracing::Span::current();
+    Ok(tokio::spawn(
+        async move {
+            let mut lines = tokio::io::BufReader::new(rx).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                info!(stream, "{line}");
+            }
+        }
+        .instrument(span),
+    ))
+}
+
 /// Create `_work` and start the command inside the cgroup.
+#[allow(clippy::too_many_arguments)]
 fn launch(
     spec: &JobSpec,
     cg: &dyn JobCgroup,
     phys_work_root: &Path,
-    binds: Option<&Binds>,
+    mut binds: Vec<Bind>,
     job: &str,
     (uid, gid): (u32, u32),
     job_dir_out: &mut Option<PathBuf>,
+    reaper: &Reaper,
 ) -> Result<Launched, EnvelopeError> {
     let (job_dir, _work_phys) = workdir::create(phys_work_root, job, uid, gid)
         .map_err(io_at("create the job's _work under", phys_work_root))?;
     *job_dir_out = Some(job_dir.clone());
-    let work_seen = spec.work_root.join(job).join("_work");
+    let root_seen = spec.work_root.join(job);
+    let mut cwd_path = root_seen.join("_work");
+    let mut command = spec.command.clone();
+    if let Some(r) = &spec.runner {
+        for (src, point) in prepare_runner_root(&job_dir, r, (uid, gid))? {
+            let rel = point.strip_prefix(&job_dir).unwrap_or(&point).to_path_buf();
+            binds.push(Bind {
+                src,
+                dst: root_seen.join(rel),
+                readonly: true,
+            });
+        }
+        cwd_path = root_seen.clone();
+        if let Some(first) = command.first_mut() {
+            if Path::new(first).is_relative() {
+                *first = root_seen.join(&first).into_os_string();
+            }
+        }
+    }
 
     let mut procs = Vec::new();
     for f in cg.procs_files() {
@@ -414,16 +618,14 @@ fn launch(
             .map_err(io_at("open", &f))?;
         procs.push(OwnedFd::from(fd));
     }
-    let bind_c = match binds {
-        Some(b) => Some([
-            (cstring(b.nix.0.as_os_str())?, cstring(b.nix.1.as_os_str())?),
-            (
-                cstring(b.work.0.as_os_str())?,
-                cstring(b.work.1.as_os_str())?,
-            ),
-        ]),
-        None => None,
-    };
+    let mut bind_c = Vec::with_capacity(binds.len());
+    for b in &binds {
+        bind_c.push((
+            cstring(b.src.as_os_str())?,
+            cstring(b.dst.as_os_str())?,
+            b.readonly,
+        ));
+    }
     let ids = spec.user.as_ref().map(|u| {
         (
             u.uid as libc::uid_t,
@@ -434,21 +636,26 @@ fn launch(
                 .collect::<Vec<_>>(),
         )
     });
-    let cwd = cstring(work_seen.as_os_str())?;
+    let cwd = cstring(cwd_path.as_os_str())?;
     let (fail_r, fail_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
             .map_err(|e| EnvelopeError::Spawn(e.into()))?;
 
-    let Some(program) = spec.command.first() else {
+    let Some(program) = command.first().cloned() else {
         return Ok(Launched::Failed {
             code: 127,
             message: "no command given".into(),
         });
     };
-    let mut cmd = std::process::Command::new(program);
-    cmd.args(&spec.command[1..])
+    let mut cmd = std::process::Command::new(&program);
+    cmd.args(&command[1..])
         .env_clear()
         .envs(job_environment(spec));
+    if spec.log_output.is_some() {
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+    }
     let fail_fd = fail_w.as_raw_fd();
     // Runs in the forked child before exec: only async-signal-safe system calls on data
     // prepared before the fork; it allocates nothing.
@@ -465,7 +672,7 @@ fn launch(
                 return fail();
             }
         }
-        if let Some(b) = &bind_c {
+        if !bind_c.is_empty() {
             // SAFETY: plain system calls with NUL-terminated strings made before the fork.
             unsafe {
                 if libc::unshare(libc::CLONE_NEWNS) != 0 {
@@ -481,7 +688,7 @@ fn launch(
                 {
                     return fail();
                 }
-                for (src, dst) in b {
+                for (src, dst, readonly) in &bind_c {
                     if libc::mount(
                         src.as_ptr(),
                         dst.as_ptr(),
@@ -489,6 +696,21 @@ fn launch(
                         libc::MS_BIND | libc::MS_REC,
                         std::ptr::null(),
                     ) != 0
+                    {
+                        return fail();
+                    }
+                    if *readonly
+                        && libc::mount(
+                            std::ptr::null(),
+                            dst.as_ptr(),
+                            std::ptr::null(),
+                            libc::MS_BIND
+                                | libc::MS_REMOUNT
+                                | libc::MS_RDONLY
+                                | libc::MS_NOSUID
+                                | libc::MS_NODEV,
+                            std::ptr::null(),
+                        ) != 0
                     {
                         return fail();
                     }
@@ -516,17 +738,26 @@ fn launch(
     unsafe {
         cmd.pre_exec(hook);
     }
-    match cmd.spawn() {
-        Ok(child) => {
-            let pid = i32::try_from(child.id())
-                .map_err(|_| EnvelopeError::Spawn(io::Error::other("pid out of range")))?;
+    let spawned = reaper.spawn(|| {
+        let child = cmd.spawn()?;
+        let pid = i32::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))?;
+        Ok((pid, child))
+    });
+    drop(cmd);
+    match spawned {
+        Ok((pid, mut child, exit)) => {
+            let mut output = Vec::new();
+            if let Some(out) = child.stdout.take() {
+                output.push(log_lines(OwnedFd::from(out), "stdout").map_err(EnvelopeError::Spawn)?);
+            }
+            if let Some(err) = child.stderr.take() {
+                output.push(log_lines(OwnedFd::from(err), "stderr").map_err(EnvelopeError::Spawn)?);
+            }
             // The child is reaped by the Reaper, never by std.
             drop(child);
-            drop(cmd);
-            Ok(Launched::Running(pid))
+            Ok(Launched::Running { pid, exit, output })
         }
         Err(e) => {
-            drop(cmd);
             let mut b = [0u8; 1];
             // SAFETY: reading from the non-blocking pipe we own.
             let agent_side =
@@ -556,14 +787,15 @@ fn signal_all(cg: &dyn JobCgroup, sig: nix::sys::signal::Signal) {
     }
 }
 
-/// Wait for the command; a graceful stop sends SIGTERM and waits the stop grace, a second
-/// (or an immediate) stop kills the cgroup.
+/// Wait for the command; a graceful stop sends the stop signal and waits the stop grace, a
+/// second (or an immediate) stop kills the cgroup.
 async fn supervise(
     pid: i32,
+    mut exit: oneshot::Receiver<Exit>,
     cg: &dyn JobCgroup,
     stop: &Stop,
+    mode: StopMode,
     cfg: &Config,
-    reaper: &mut Reaper,
     stopped: &mut bool,
 ) -> Exit {
     enum Ev {
@@ -576,7 +808,7 @@ async fn supervise(
     loop {
         let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
         let ev = tokio::select! {
-            e = reaper.wait(pid) => Ev::Exited(e),
+            e = &mut exit => Ev::Exited(e.unwrap_or(Exit::Signal(libc::SIGKILL))),
             () = stop.graceful.cancelled(), if deadline.is_none() && !killed => Ev::Graceful,
             () = stop.now.cancelled(), if !killed => Ev::Kill,
             () = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() && !killed => Ev::Kill,
@@ -585,8 +817,12 @@ async fn supervise(
             Ev::Exited(e) => return e,
             Ev::Graceful => {
                 *stopped = true;
-                warn!(grace = ?cfg.agent.stop_grace, "stopping the job: SIGTERM to every process, then the cgroup is killed");
-                signal_all(cg, nix::sys::signal::Signal::SIGTERM);
+                warn!(grace = ?cfg.agent.stop_grace, signal = %mode.signal, whole_job = mode.whole_job, "stopping the job; the cgroup is killed after the grace");
+                if mode.whole_job {
+                    signal_all(cg, mode.signal);
+                } else {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), mode.signal);
+                }
                 deadline = Some(tokio::time::Instant::now() + cfg.agent.stop_grace);
             }
             Ev::Kill => {
@@ -609,7 +845,7 @@ async fn teardown(
     job_dir: Option<&Path>,
     grace: Duration,
     stop: &Stop,
-    reaper: &mut Reaper,
+    reaper: &Reaper,
 ) -> Result<Stats, EnvelopeError> {
     reaper.reap();
     if !cg.is_empty()? {

@@ -6,6 +6,7 @@ pub mod config;
 pub mod envelope;
 pub mod hints;
 pub mod reaper;
+pub mod runner;
 pub mod scratch;
 pub mod size;
 pub mod slot;

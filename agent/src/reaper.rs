@@ -1,12 +1,16 @@
-//! Child reaping. The agent is a child subreaper, so orphans of a job (double forks, `setsid`
-//! daemons) become its children; they are all reaped here, and a waiter gets the status of the
-//! one process it asked about.
+//! Child reaping. The agent is a child subreaper, so orphans of its jobs (double forks,
+//! `setsid` daemons) and, as a container's PID 1, every orphan of the container become its
+//! children. One task reaps them all on SIGCHLD and hands each watched process's exit to its
+//! waiter.
 
 use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
 
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::oneshot;
 
 /// How a process ended, as a shell would report it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,36 +29,60 @@ impl Exit {
     }
 }
 
-#[derive(Debug)]
+/// Handle on the reaping task; cheap to clone.
+#[derive(Debug, Clone)]
 pub struct Reaper {
-    sigchld: Signal,
-    /// Exits of the processes someone waits for; orphans are reaped and forgotten.
-    exited: HashMap<i32, Option<Exit>>,
+    waiters: Arc<Mutex<HashMap<i32, oneshot::Sender<Exit>>>>,
+    reaped_orphans: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Reaper {
-    /// Listen for SIGCHLD (before any child is spawned, so that no exit is missed) and become
-    /// a child subreaper.
-    pub fn new() -> std::io::Result<Reaper> {
-        let sigchld = signal(SignalKind::child())?;
+    /// Become a child subreaper and start reaping. Call inside a tokio runtime, before any
+    /// child is spawned.
+    pub fn start() -> io::Result<Reaper> {
+        let mut sigchld = signal(SignalKind::child())?;
         // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes an integer flag; no memory involved.
-        let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error());
+        if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+            return Err(io::Error::last_os_error());
         }
-        Ok(Reaper {
-            sigchld,
-            exited: HashMap::new(),
-        })
+        let reaper = Reaper {
+            waiters: Arc::default(),
+            reaped_orphans: Arc::default(),
+        };
+        let r = reaper.clone();
+        tokio::spawn(async move {
+            loop {
+                r.reap();
+                if sigchld.recv().await.is_none() {
+                    return;
+                }
+            }
+        });
+        Ok(reaper)
     }
 
-    /// Remember the exit of `pid` when it is reaped. Call it right after spawning.
-    pub fn watch(&mut self, pid: i32) {
-        self.exited.entry(pid).or_insert(None);
+    /// Spawn a child with `f` (which returns its pid) and get a receiver for its exit. The
+    /// spawn happens under the waiters' lock, so the child cannot be reaped before it is
+    /// watched.
+    pub fn spawn<T>(
+        &self,
+        f: impl FnOnce() -> io::Result<(i32, T)>,
+    ) -> io::Result<(i32, T, oneshot::Receiver<Exit>)> {
+        let mut w = self
+            .waiters
+            .lock()
+            .map_err(|_| io::Error::other("reaper lock poisoned"))?;
+        let (pid, extra) = f()?;
+        let (tx, rx) = oneshot::channel();
+        w.insert(pid, tx);
+        Ok((pid, extra, rx))
     }
 
     /// Reap every child that has exited; returns how many.
-    pub fn reap(&mut self) -> usize {
+    pub fn reap(&self) -> usize {
+        let Ok(mut w) = self.waiters.lock() else {
+            return 0;
+        };
         let mut n = 0;
         loop {
             let (pid, exit) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
@@ -64,29 +92,21 @@ impl Reaper {
                 Ok(_) => continue,
             };
             n += 1;
-            if let Some(slot) = self.exited.get_mut(&pid.as_raw()) {
-                *slot = Some(exit);
+            match w.remove(&pid.as_raw()) {
+                Some(tx) => {
+                    let _ = tx.send(exit);
+                }
+                None => {
+                    self.reaped_orphans
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
         }
     }
 
-    /// The exit of a watched `pid`, once it has been reaped.
-    pub fn take(&mut self, pid: i32) -> Option<Exit> {
-        self.reap();
-        match self.exited.get(&pid) {
-            Some(Some(_)) => self.exited.remove(&pid).flatten(),
-            _ => None,
-        }
-    }
-
-    /// Wait for a watched `pid` to exit.
-    pub async fn wait(&mut self, pid: i32) -> Exit {
-        self.watch(pid);
-        loop {
-            if let Some(e) = self.take(pid) {
-                return e;
-            }
-            self.sigchld.recv().await;
-        }
+    /// Orphans reaped so far (processes nobody waited for).
+    pub fn orphans_reaped(&self) -> u64 {
+        self.reaped_orphans
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }

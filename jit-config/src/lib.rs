@@ -13,6 +13,13 @@ pub use client::{ApiStats, Client, ClientConfig, Credentials, Deleted, Scope};
 pub use retry::RetryPolicy;
 pub use secret::Secret;
 
+/// Check that `pem` is an RSA private key the App JWT can be signed with.
+pub fn validate_app_key(pem: &[u8]) -> Result<(), String> {
+    jsonwebtoken::EncodingKey::from_rsa_pem(pem)
+        .map(|_| ())
+        .map_err(|e| format!("not an RSA private key in PEM form: {e}"))
+}
+
 /// A self-hosted runner as GitHub knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunnerInfo {

@@ -119,6 +119,9 @@ pub struct State {
     pub max_alive: HashMap<String, usize>,
     pub rate_remaining: u64,
     pub runs: Vec<FakeRun>,
+    /// Jobs handed to runners that have not started them; back to the queue if the runner is
+    /// deleted while idle (GitHub assigns jobs to listeners, not to registrations).
+    pub assigned: HashMap<u64, FakeJob>,
 }
 
 impl State {
@@ -488,6 +491,9 @@ fn route(
                         ),
                         _ => {
                             s.runners.remove(&id);
+                            if let Some(j) = s.assigned.remove(&id) {
+                                s.jobs.push_front(j);
+                            }
                             json_response(s, 204, Value::Null, &[])
                         }
                     }
@@ -586,6 +592,7 @@ fn generate(s: &mut State, body: &[u8]) -> Response {
         "UseV2Flow": true,
     });
     if let Some(j) = job {
+        s.assigned.insert(id, j.clone());
         dot_runner["FakeJob"] = json!({
             "script": j.script,
             "listener_exit": j.listener_exit,
@@ -648,6 +655,7 @@ fn fake_report(s: &mut State, segs: &[&str], body: &[u8]) -> Response {
             if let Some(r) = s.runners.get_mut(&id) {
                 r.busy = true;
             }
+            s.assigned.remove(&id);
         }
         Some(&"done") => {
             let v: Value = serde_json::from_slice(body).unwrap_or_default();

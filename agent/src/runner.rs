@@ -1,0 +1,703 @@
+//! `flywheel-agent run`: keep each lane's pool of just-in-time runners full (bare metal), or run
+//! the one runner ARC handed this pod (ARC mode). Every runner runs inside a job envelope of its
+//! lane, as the unprivileged runner user; the agent stays root and outside every job cgroup.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flywheel_jit_config::{jitfile, Client, Deleted, Secret};
+use nix::sys::signal::Signal;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, info_span, warn, Instrument};
+
+use crate::cgroup::CgroupManager;
+use crate::config::{Config, HostFacts, Lane};
+use crate::envelope::{self, JobOutcome, JobProbe, JobSpec, JobUser, RunnerRoot, Stop, StopMode};
+use crate::hints;
+use crate::reaper::Reaper;
+use crate::workdir;
+
+/// The three escalating stops of `run`: drain (first SIGTERM), stop (second), kill (third).
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    pub drain: CancellationToken,
+    pub stop: CancellationToken,
+    pub kill: CancellationToken,
+}
+
+/// Everything a runner needs, shared by the pool.
+#[derive(Debug, Clone)]
+pub struct RunContext {
+    pub cfg: Arc<Config>,
+    pub mgr: Arc<dyn CgroupManager>,
+    pub reaper: Reaper,
+    pub host: HostFacts,
+    pub user: JobUser,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Envelope(#[from] envelope::EnvelopeError),
+    #[error("the JIT config handed to this pod is unusable: {0}")]
+    JitConfig(String),
+}
+
+/// What the listener's exit code means (actions/runner `ReturnCode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerExit {
+    Done,
+    Terminated,
+    Retryable,
+    Updating,
+    SessionConflict,
+    ConfigRefreshed,
+    VersionDeprecated,
+    Other(i32),
+}
+
+impl ListenerExit {
+    pub fn from_code(code: i32) -> ListenerExit {
+        match code {
+            0 => ListenerExit::Done,
+            1 => ListenerExit::Terminated,
+            2 => ListenerExit::Retryable,
+            3 | 4 => ListenerExit::Updating,
+            5 => ListenerExit::SessionConflict,
+            6 => ListenerExit::ConfigRefreshed,
+            7 => ListenerExit::VersionDeprecated,
+            c => ListenerExit::Other(c),
+        }
+    }
+    /// Does this exit count against the lane (back off before the next runner)?
+    pub fn is_failure(self) -> bool {
+        !matches!(self, ListenerExit::Done | ListenerExit::ConfigRefreshed)
+    }
+}
+
+/// The runner's `.env`: single-line values only (the listener splits at the first `=`, no
+/// quoting). Multi-line hints (`NIX_CONFIG`) reach the runner through its environment.
+pub fn runner_dotenv(lane: &Lane, host_cpus: u32) -> Vec<(String, String)> {
+    let mut v = vec![
+        ("LANG".to_owned(), "C.UTF-8".to_owned()),
+        (
+            "PATH".to_owned(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+        ),
+        (
+            "ACTIONS_RUNNER_RETURN_VERSION_DEPRECATED_EXIT_CODE".to_owned(),
+            "1".to_owned(),
+        ),
+    ];
+    v.extend(
+        hints::job_env(lane, lane.memory_bytes, host_cpus)
+            .into_iter()
+            .filter(|(_, val)| !val.contains('\n')),
+    );
+    v
+}
+
+fn runner_spec(
+    ctx: &RunContext,
+    lane: &Lane,
+    jit: Secret<String>,
+    name: &str,
+    probe: JobProbe,
+) -> JobSpec {
+    JobSpec {
+        lane: lane.clone(),
+        memory_bytes: lane.memory_bytes,
+        work_root: lane.work_root.clone(),
+        user: Some(ctx.user.clone()),
+        slot: None,
+        command: vec!["bin/Runner.Listener".into(), "run".into()],
+        host_cpus: ctx.host.cpus,
+        runner: Some(RunnerRoot {
+            install_dir: ctx.cfg.runner.install_dir.clone(),
+            dotenv: runner_dotenv(lane, ctx.host.cpus),
+        }),
+        secret_env: vec![("ACTIONS_RUNNER_INPUT_JITCONFIG".to_owned(), jit)],
+        log_output: Some(name.to_owned()),
+        stop_mode: StopMode {
+            signal: Signal::SIGINT,
+            whole_job: false,
+        },
+        probe: Some(probe),
+    }
+}
+
+/// `<prefix>-<lane>-<6 hex>`: unique per attempt.
+pub fn runner_name(prefix: &str, lane: &str) -> String {
+    format!("{prefix}-{lane}-{:06x}", fastrand::u32(..0x100_0000))
+}
+
+/// The host name, reduced to what a runner name may hold.
+pub fn default_prefix() -> String {
+    let h = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "flywheel".into());
+    let s: String = h
+        .split('.')
+        .next()
+        .unwrap_or("flywheel")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(40)
+        .collect();
+    if s.is_empty() {
+        "flywheel".into()
+    } else {
+        s
+    }
+}
+
+/// The pid a job name was created by: `<lane>.s<slot>.<pid>.<hex>`.
+fn creator_pid(job: &str) -> Option<i32> {
+    let mut it = job.rsplitn(3, '.');
+    let _hex = it.next()?;
+    it.next()?.parse().ok()
+}
+
+fn alive(pid: i32) -> bool {
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) => true,
+        Err(e) => e == nix::errno::Errno::EPERM,
+    }
+}
+
+/// Remove job cgroups and job directories left by an agent that died (their creator is gone).
+/// Returns (cgroups, directories) removed.
+pub fn reconcile_local(cfg: &Config, mgr: &dyn CgroupManager) -> (usize, usize) {
+    let ours = |name: &str| {
+        cfg.lanes
+            .iter()
+            .any(|l| name.starts_with(&format!("{}.s", l.name)))
+            && creator_pid(name).is_some_and(|p| p != std::process::id() as i32 && !alive(p))
+    };
+    let mut cgroups = 0;
+    match mgr.list() {
+        Ok(names) => {
+            for name in names.into_iter().filter(|n| ours(n)) {
+                match mgr.open(&name).destroy(Duration::from_secs(10)) {
+                    Ok(()) => {
+                        info!(cgroup = %name, "removed a job cgroup left by an earlier run");
+                        cgroups += 1;
+                    }
+                    Err(e) => {
+                        warn!(cgroup = %name, error = %e, "cannot remove a leftover job cgroup")
+                    }
+                }
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot list job cgroups"),
+    }
+    let mut dirs = 0;
+    for lane in &cfg.lanes {
+        let mut roots = vec![lane.work_root.clone()];
+        if let Some(sr) = &lane.slot_root {
+            roots.extend((0..lane.max_runners).map(|i| crate::slot::slot_dirs(sr, i).1));
+        }
+        for root in roots {
+            let Ok(rd) = std::fs::read_dir(&root) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if ours(&name) {
+                    match workdir::remove_tree(&e.path()) {
+                        Ok(()) => {
+                            info!(dir = %e.path().display(), "removed a job directory left by an earlier run");
+                            dirs += 1;
+                        }
+                        Err(err) => {
+                            warn!(dir = %e.path().display(), error = %err, "cannot remove a leftover job directory")
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (cgroups, dirs)
+}
+
+/// Delete runners this agent registered in an earlier life (recognised by name prefix).
+pub async fn reconcile_github(github: &Client, prefix: &str) -> usize {
+    let mine = format!("{prefix}-");
+    let runners = match github.list_runners(None).await {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "cannot list runners to remove stale ones; continuing");
+            return 0;
+        }
+    };
+    let mut n = 0;
+    for r in runners.into_iter().filter(|r| r.name.starts_with(&mine)) {
+        match github.delete_runner(r.id).await {
+            Ok(Deleted::Deleted) => {
+                info!(runner = %r.name, online = r.online, "deleted a runner left by an earlier run");
+                n += 1;
+            }
+            Ok(Deleted::Gone) => {}
+            Ok(Deleted::Busy) => {
+                warn!(runner = %r.name, "a runner from an earlier run is still busy on GitHub; GitHub will drop it when it notices")
+            }
+            Err(e) => warn!(runner = %r.name, error = %e, "cannot delete a stale runner"),
+        }
+    }
+    n
+}
+
+/// The memory runners may use: the host's, or the agent's own cgroup limit when lower.
+pub fn capacity_bytes(host: &HostFacts) -> u64 {
+    host.memory_bytes
+        .min(own_memory_limit().unwrap_or(u64::MAX))
+}
+
+fn own_memory_limit() -> Option<u64> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let read = |p: String| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .filter(|v| *v < (1 << 60))
+    };
+    if let Some(path) = own.lines().find_map(|l| l.strip_prefix("0::")) {
+        let base = path.strip_suffix("/flywheel-agent").unwrap_or(path);
+        if let Some(v) = read(format!("/sys/fs/cgroup{base}/memory.max")) {
+            return Some(v);
+        }
+    }
+    let mem = own.lines().find_map(|l| {
+        let mut it = l.splitn(3, ':');
+        let (_, c, p) = (it.next()?, it.next()?, it.next()?);
+        c.split(',').any(|x| x == "memory").then(|| p.to_owned())
+    })?;
+    read(format!("/sys/fs/cgroup/memory{mem}/memory.limit_in_bytes"))
+}
+
+// ---- ARC mode --------------------------------------------------------------------------------
+
+/// Run the one runner whose JIT config ARC put in this pod's environment; return the
+/// listener's exit status.
+pub async fn run_arc(
+    ctx: RunContext,
+    jit: Secret<String>,
+    lane: &Lane,
+    shutdown: Shutdown,
+) -> Result<JobOutcome, RunError> {
+    let (c, d) = reconcile_local(&ctx.cfg, ctx.mgr.as_ref());
+    if c + d > 0 {
+        info!(cgroups = c, dirs = d, "cleaned up after an earlier run");
+    }
+    let file = jitfile::runner_file(&jit).map_err(|e| RunError::JitConfig(e.to_string()))?;
+    let name = file.agent_name.clone();
+    info!(runner = %name, lane = %lane.name, "ARC mode: running the runner this pod was given");
+    let probe = JobProbe::default();
+    let stop = Stop::default();
+    let watcher = {
+        let (probe, stop, grace) = (probe.clone(), stop.clone(), ctx.cfg.runner.drain_grace);
+        tokio::spawn(async move {
+            shutdown.drain.cancelled().await;
+            if probe.busy() {
+                info!(grace = ?grace, "draining: the runner is busy; letting its job finish");
+                tokio::select! {
+                    () = tokio::time::sleep(grace) => {}
+                    () = shutdown.stop.cancelled() => {}
+                    () = wait_idle(&probe) => {}
+                }
+            }
+            stop.graceful.cancel();
+            shutdown.kill.cancelled().await;
+            stop.now.cancel();
+        })
+    };
+    let spec = runner_spec(&ctx, lane, jit, &name, probe);
+    let outcome = envelope::run_job(&ctx.cfg, ctx.mgr.as_ref(), spec, stop, &ctx.reaper).await;
+    watcher.abort();
+    Ok(outcome?)
+}
+
+async fn wait_idle(probe: &JobProbe) {
+    while probe.busy() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+// ---- pool mode -------------------------------------------------------------------------------
+
+/// One runner the pool started.
+#[derive(Debug)]
+struct Handle {
+    lane: usize,
+    name: Arc<Mutex<Option<(String, u64)>>>,
+    probe: JobProbe,
+    stop: Stop,
+    stopping: bool,
+}
+
+/// How a runner task ended.
+#[derive(Debug)]
+enum End {
+    RegistrationFailed(String),
+    Drained,
+    Exited {
+        name: String,
+        outcome: Box<JobOutcome>,
+    },
+    AgentFailed {
+        name: String,
+        error: String,
+    },
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct LaneState {
+    failures: u32,
+    not_before: Option<Instant>,
+    refused_logged: bool,
+}
+
+/// Per-pool counters, for tests and the closing numbers.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    pub registered: std::sync::atomic::AtomicU64,
+    pub finished: std::sync::atomic::AtomicU64,
+    /// Microseconds from a JIT config received to its listener started, summed.
+    pub launch_us: std::sync::atomic::AtomicU64,
+}
+
+/// Keep every lane at `max_runners` until drained. Returns after a clean drain.
+pub async fn run_pool(
+    ctx: RunContext,
+    github: Arc<Client>,
+    shutdown: Shutdown,
+    ready: Option<tokio::sync::oneshot::Sender<()>>,
+    stats: Arc<PoolStats>,
+) -> Result<(), RunError> {
+    let prefix = ctx
+        .cfg
+        .runner
+        .name_prefix
+        .clone()
+        .unwrap_or_else(default_prefix);
+    let (c, d) = reconcile_local(&ctx.cfg, ctx.mgr.as_ref());
+    let r = reconcile_github(&github, &prefix).await;
+    info!(cgroups = c, dirs = d, runners = r, prefix = %prefix, "startup reconciliation done");
+
+    let capacity = capacity_bytes(&ctx.host);
+    let reserve = ctx.cfg.agent.reserve_bytes;
+    let mut lanes: Vec<LaneState> = vec![LaneState::default(); ctx.cfg.lanes.len()];
+    let mut handles: HashMap<tokio::task::Id, Handle> = HashMap::new();
+    let mut tasks: JoinSet<End> = JoinSet::new();
+    let mut draining: Option<Instant> = None;
+    let mut ready = ready;
+    let mut stopping_all = false;
+
+    loop {
+        // Fill the lanes.
+        if draining.is_none() {
+            for (i, lane) in ctx.cfg.lanes.iter().enumerate() {
+                if lane.unavailable.is_some() {
+                    continue;
+                }
+                loop {
+                    let running = handles.values().filter(|h| h.lane == i).count() as u32;
+                    if running >= lane.max_runners {
+                        break;
+                    }
+                    if lanes[i].not_before.is_some_and(|t| Instant::now() < t) {
+                        break;
+                    }
+                    let used: u64 = handles
+                        .values()
+                        .map(|h| ctx.cfg.lanes[h.lane].memory_bytes)
+                        .sum();
+                    if used + lane.memory_bytes + reserve > capacity {
+                        if !lanes[i].refused_logged {
+                            warn!(lane = %lane.name, used, envelope = lane.memory_bytes, reserve, capacity, "admission: no room for another runner of this lane until a job ends");
+                            lanes[i].refused_logged = true;
+                        }
+                        break;
+                    }
+                    lanes[i].refused_logged = false;
+                    let h = Handle {
+                        lane: i,
+                        name: Arc::default(),
+                        probe: JobProbe::default(),
+                        stop: Stop::default(),
+                        stopping: false,
+                    };
+                    let fut = runner_task(
+                        ctx.clone(),
+                        github.clone(),
+                        i,
+                        prefix.clone(),
+                        h.name.clone(),
+                        h.probe.clone(),
+                        h.stop.clone(),
+                        shutdown.drain.clone(),
+                        stats.clone(),
+                    );
+                    let id = tasks
+                        .spawn(fut.instrument(info_span!("runner", lane = %lane.name)))
+                        .id();
+                    handles.insert(id, h);
+                }
+            }
+            if let Some(tx) = ready.take() {
+                let _ = tx.send(());
+            }
+        }
+        if draining.is_some() && tasks.is_empty() {
+            info!("drained: no runner left");
+            return Ok(());
+        }
+
+        let deadline = draining.map(|t| t + ctx.cfg.runner.drain_grace);
+        let far = Instant::now() + Duration::from_secs(86400);
+        tokio::select! {
+            Some(joined) = tasks.join_next_with_id() => {
+                let (id, end) = match joined {
+                    Ok((id, end)) => (id, end),
+                    Err(e) => (e.id(), End::AgentFailed { name: String::new(), error: e.to_string() }),
+                };
+                let Some(h) = handles.remove(&id) else { continue };
+                let lane = &ctx.cfg.lanes[h.lane];
+                let st = &mut lanes[h.lane];
+                match end {
+                    End::Exited { name, outcome } => {
+                        let exit = ListenerExit::from_code(outcome.code);
+                        stats.finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let oom = outcome.verdict.is_some();
+                        match exit {
+                            ListenerExit::Done | ListenerExit::ConfigRefreshed => info!(lane = %lane.name, runner = %name, code = outcome.code, "runner finished"),
+                            ListenerExit::VersionDeprecated => error!(lane = %lane.name, runner = %name, "the runner version is deprecated (exit 7): install a current actions/runner in runner.install_dir"),
+                            ListenerExit::Updating => error!(lane = %lane.name, runner = %name, code = outcome.code, "the runner wants to update itself: pin runner.install_dir to a current actions/runner release"),
+                            ListenerExit::SessionConflict => warn!(lane = %lane.name, runner = %name, "session conflict (exit 5): another listener used this runner's registration"),
+                            ListenerExit::Terminated | ListenerExit::Retryable | ListenerExit::Other(_) => warn!(lane = %lane.name, runner = %name, code = outcome.code, oom, "runner failed"),
+                        }
+                        if let Some(v) = &outcome.verdict {
+                            warn!(lane = %lane.name, runner = %name, "{v}");
+                        }
+                        if exit.is_failure() && !h.stopping && !oom {
+                            st.failures = st.failures.saturating_add(if exit == ListenerExit::VersionDeprecated { 6 } else { 1 });
+                        } else {
+                            st.failures = 0;
+                        }
+                    }
+                    End::RegistrationFailed(e) => {
+                        st.failures = st.failures.saturating_add(1);
+                        warn!(lane = %lane.name, error = %e, "cannot register a runner");
+                    }
+                    End::AgentFailed { name, error } => {
+                        st.failures = st.failures.saturating_add(1);
+                        error!(lane = %lane.name, runner = %name, error = %error, "the agent could not run this runner");
+                    }
+                    End::Drained => {}
+                }
+                if st.failures > 0 {
+                    let wait = ctx.cfg.runner.backoff.saturating_mul(1u32 << (st.failures - 1).min(10)).min(Duration::from_secs(300));
+                    warn!(lane = %lane.name, failures = st.failures, wait_ms = wait.as_millis() as u64, "backing off before the next runner of this lane");
+                    st.not_before = Some(Instant::now() + wait);
+                } else {
+                    st.not_before = None;
+                }
+            }
+            () = shutdown.drain.cancelled(), if draining.is_none() => {
+                draining = Some(Instant::now());
+                info!(runners = handles.len(), grace = ?ctx.cfg.runner.drain_grace, "draining: no new runners; idle runners are removed, busy ones may finish");
+                for h in handles.values_mut() {
+                    drain_one(&github, h).await;
+                }
+            }
+            () = tokio::time::sleep_until(deadline.unwrap_or(far).into()), if deadline.is_some() && !stopping_all => {
+                warn!(runners = handles.len(), "drain grace is over: stopping the remaining runners");
+                stopping_all = true;
+                for h in handles.values_mut() {
+                    h.stopping = true;
+                    h.stop.graceful.cancel();
+                }
+            }
+            () = shutdown.stop.cancelled(), if !stopping_all => {
+                warn!("second signal: stopping every runner now");
+                stopping_all = true;
+                if draining.is_none() { draining = Some(Instant::now()); }
+                for h in handles.values_mut() {
+                    h.stopping = true;
+                    h.stop.graceful.cancel();
+                }
+            }
+            () = shutdown.kill.cancelled() => {
+                for h in handles.values() {
+                    h.stop.now.cancel();
+                }
+            }
+            () = tokio::time::sleep(Duration::from_millis(250)) => {
+                // Re-check drain candidates: a runner that finished registering while draining.
+                if draining.is_some() && !stopping_all {
+                    for h in handles.values_mut().filter(|h| !h.stopping) {
+                        drain_one(&github, h).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// While draining: an idle runner is deleted on GitHub (so no job lands on it) and stopped.
+async fn drain_one(github: &Client, h: &mut Handle) {
+    if h.stopping || h.probe.busy() {
+        return;
+    }
+    let known = h.name.lock().ok().and_then(|g| g.clone());
+    let Some((name, id)) = known else { return };
+    match github.delete_runner(id).await {
+        Ok(Deleted::Busy) => info!(runner = %name, "busy on GitHub: letting its job finish"),
+        Ok(_) => {
+            info!(runner = %name, "idle: removed from GitHub and stopped");
+            // Deleted: the runner's task need not delete it again.
+            if let Ok(mut g) = h.name.lock() {
+                *g = None;
+            }
+            h.stopping = true;
+            h.stop.graceful.cancel();
+        }
+        Err(e) => {
+            warn!(runner = %name, error = %e, "cannot delete an idle runner while draining; stopping it");
+            h.stopping = true;
+            h.stop.graceful.cancel();
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn runner_task(
+    ctx: RunContext,
+    github: Arc<Client>,
+    lane_idx: usize,
+    prefix: String,
+    slot: Arc<Mutex<Option<(String, u64)>>>,
+    probe: JobProbe,
+    stop: Stop,
+    drain: CancellationToken,
+    stats: Arc<PoolStats>,
+) -> End {
+    let lane = &ctx.cfg.lanes[lane_idx];
+    let gh = match &ctx.cfg.github {
+        Some(g) => g,
+        None => return End::RegistrationFailed("no [github] configured".into()),
+    };
+    let reg = github
+        .register(
+            |_| runner_name(&prefix, &lane.name),
+            gh.runner_group_id,
+            &lane.labels,
+            "_work",
+        )
+        .await;
+    let jit = match reg {
+        Ok(j) => j,
+        Err(e) => return End::RegistrationFailed(e.to_string()),
+    };
+    let received = Instant::now();
+    let name = jit.runner.name.clone();
+    let id = jit.runner.id;
+    stats
+        .registered
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Ok(mut g) = slot.lock() {
+        *g = Some((name.clone(), id));
+    }
+    if drain.is_cancelled() {
+        let _ = github.delete_runner(id).await;
+        return End::Drained;
+    }
+    info!(runner = %name, id, "registered; starting its listener");
+    let spec = runner_spec(&ctx, lane, jit.encoded, &name, probe.clone());
+    // Launch latency: from the JIT config in hand to the listener's process started.
+    let watch = {
+        let (probe, stats) = (probe.clone(), stats.clone());
+        tokio::spawn(async move {
+            while probe.processes() == 0 {
+                tokio::time::sleep(Duration::from_micros(500)).await;
+            }
+            let us = u64::try_from(received.elapsed().as_micros()).unwrap_or(u64::MAX);
+            stats
+                .launch_us
+                .fetch_add(us, std::sync::atomic::Ordering::Relaxed);
+        })
+    };
+    let stopped_by_us = stop.graceful.clone();
+    let res = envelope::run_job(&ctx.cfg, ctx.mgr.as_ref(), spec, stop, &ctx.reaper).await;
+    watch.abort();
+    match res {
+        Ok(outcome) => {
+            // An ephemeral runner that ran its job is removed by GitHub; anything else may
+            // still be registered.
+            let still_registered = slot.lock().map(|g| g.is_some()).unwrap_or(true);
+            if still_registered && (outcome.code != 0 || stopped_by_us.is_cancelled()) {
+                match github.delete_runner(id).await {
+                    Ok(Deleted::Deleted) => info!(runner = %name, "deleted its registration"),
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!(runner = %name, error = %e, "cannot delete the runner's registration")
+                    }
+                }
+            }
+            End::Exited {
+                name,
+                outcome: Box::new(outcome),
+            }
+        }
+        Err(e) => {
+            let _ = github.delete_runner(id).await;
+            End::AgentFailed {
+                name,
+                error: e.to_string(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listener_exit_codes() {
+        assert_eq!(ListenerExit::from_code(0), ListenerExit::Done);
+        assert_eq!(ListenerExit::from_code(4), ListenerExit::Updating);
+        assert_eq!(ListenerExit::from_code(7), ListenerExit::VersionDeprecated);
+        assert!(!ListenerExit::Done.is_failure());
+        assert!(!ListenerExit::ConfigRefreshed.is_failure());
+        assert!(ListenerExit::Retryable.is_failure());
+        assert!(ListenerExit::from_code(137).is_failure());
+    }
+
+    #[test]
+    fn names_and_creators() {
+        let n = runner_name("sting", "tinyland-nix");
+        assert!(
+            n.starts_with("sting-tinyland-nix-") && n.len() == "sting-tinyland-nix-".len() + 6,
+            "{n}"
+        );
+        assert_eq!(creator_pid("tinyland-nix.s0.1234.4fc9abc44777"), Some(1234));
+        assert_eq!(creator_pid("lane.with.dots.s1.99.abc"), Some(99));
+        assert_eq!(creator_pid("garbage"), None);
+        let p = default_prefix();
+        assert!(
+            !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
+            "{p}"
+        );
+    }
+}

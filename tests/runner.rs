@@ -1,0 +1,639 @@
+//! `flywheel-agent run` end to end: the fake GitHub, the fake Runner.Listener, real cgroups.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::{privileged, unique, AGENT};
+use fake_github::{app_key, FakeGitHub, FakeJob, Injection, APP_ID};
+
+/// The fake listener binary, built once (it is a workspace member, not a dependency).
+fn fake_listener() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let target_dir = Path::new(AGENT)
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_path_buf();
+        let profile_dir = Path::new(AGENT)
+            .parent()
+            .expect("profile dir")
+            .to_path_buf();
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args([
+            "build",
+            "-q",
+            "-p",
+            "fake-runner",
+            "--bin",
+            "fake-runner-listener",
+        ])
+        .env("CARGO_TARGET_DIR", &target_dir);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let ok = cmd.status().expect("cargo build fake-runner");
+        assert!(ok.success(), "building the fake listener failed");
+        profile_dir.join("fake-runner-listener")
+    })
+    .clone()
+}
+
+struct Rig {
+    gh: FakeGitHub,
+    dir: tempfile::TempDir,
+    prefix: String,
+    config: PathBuf,
+    lanes: Vec<String>,
+}
+
+impl Rig {
+    /// Lanes: (suffix, memory, max_runners).
+    fn new(lanes: &[(&str, &str, u32)], drain_grace: &str) -> Rig {
+        let gh = FakeGitHub::start();
+        let dir = tempfile::Builder::new()
+            .prefix("flywheel-run")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod");
+        let prefix = unique("fw").replace('-', "x");
+        let install = dir.path().join("install");
+        std::fs::create_dir_all(install.join("bin")).expect("mkdir");
+        std::fs::create_dir_all(install.join("externals/node20/bin")).expect("mkdir");
+        std::fs::copy(fake_listener(), install.join("bin/Runner.Listener"))
+            .expect("install listener");
+        std::fs::write(install.join("externals/node20/bin/node"), "#!/bin/sh\n").expect("write");
+        std::fs::write(install.join("run.sh"), "#!/bin/sh\n").expect("write");
+        let key = dir.path().join("app.pem");
+        std::fs::write(&key, app_key().0).expect("key");
+        let mut text = format!(
+            r#"[agent]
+state_dir = "{state}"
+teardown_grace = "300ms"
+stop_grace = "2s"
+reserve = "64Mi"
+
+[github]
+api_url = "{url}"
+scope = "org"
+target = "tinyland"
+app_id = "{APP_ID}"
+private_key_file = "{key}"
+runner_group_id = 1
+
+[runner]
+install_dir = "{install}"
+user = "nobody"
+name_prefix = "{prefix}"
+drain_grace = "{drain_grace}"
+backoff = "100ms"
+"#,
+            state = dir.path().join("state").display(),
+            url = gh.url,
+            key = key.display(),
+            install = install.display(),
+        );
+        let mut names = Vec::new();
+        for (suffix, memory, max) in lanes {
+            let name = format!("{prefix}-{suffix}");
+            text.push_str(&format!(
+                "\n[[lane]]\nname = \"{name}\"\nlabels = [\"{name}\"]\nmemory = \"{memory}\"\nmax_runners = {max}\npids_max = 1024\nmin_free = \"1Mi\"\nwork_root = \"{}\"\n",
+                dir.path().join("work").join(suffix).display()
+            ));
+            names.push(name);
+        }
+        let config = dir.path().join("agent.toml");
+        std::fs::write(&config, text).expect("config");
+        Rig {
+            gh,
+            dir,
+            prefix,
+            config,
+            lanes: names,
+        }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
+    }
+
+    /// Start `run`; its output goes to `agent.log` (appended), shown when a wait times out.
+    fn start(&self) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log");
+        Command::new(AGENT)
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("FLYWHEEL_LOG", "info")
+            .env("FLYWHEEL_LOG_FORMAT", "text")
+            .env_remove("ACTIONS_RUNNER_INPUT_JITCONFIG")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start agent")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn job(&self, lane: usize, script: &str) -> FakeJob {
+        FakeJob {
+            labels: vec![self.lanes[lane].clone()],
+            script: script.into(),
+            env: [
+                ("GITHUB_REPOSITORY", "tinyland/flywheel"),
+                ("GITHUB_RUN_ID", "1001"),
+                ("GITHUB_RUN_ATTEMPT", "1"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+            ..FakeJob::default()
+        }
+    }
+
+    fn wait(&self, what: &str, timeout: Duration, mut f: impl FnMut(&fake_github::State) -> bool) {
+        let t = Instant::now();
+        loop {
+            if self.gh.with(|s| f(s)) {
+                return;
+            }
+            if t.elapsed() > timeout {
+                let state = self.gh.with(|s| {
+                    format!(
+                        "runners={:?}\ncompleted={:?}\ncalls={:?}",
+                        s.runners,
+                        s.completed,
+                        s.calls
+                            .iter()
+                            .map(|c| (c.endpoint, c.status))
+                            .collect::<Vec<_>>()
+                    )
+                });
+                panic!(
+                    "timed out waiting for {what}\n{state}\n--- agent log ---\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn leftovers(&self) -> (Vec<String>, Vec<PathBuf>) {
+        let mgr =
+            flywheel_agent::cgroup::detect(Path::new("/sys/fs/cgroup"), None).expect("detect");
+        let cgroups: Vec<String> = mgr
+            .list()
+            .expect("list")
+            .into_iter()
+            .filter(|n| self.lanes.iter().any(|l| n.starts_with(&format!("{l}."))))
+            .collect();
+        let mut dirs = Vec::new();
+        for entry in std::fs::read_dir(self.dir.path().join("work"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            dirs.extend(
+                std::fs::read_dir(entry.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path()),
+            );
+        }
+        (cgroups, dirs)
+    }
+}
+
+fn term(child: &Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).expect("signal");
+}
+
+fn wait_exit(rig: &Rig, mut child: Child, timeout: Duration) -> (i32, String) {
+    let t = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            return (st.code().unwrap_or(-1), rig.log());
+        }
+        if t.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("agent did not exit in time:\n{}", rig.log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn two_lanes_stay_at_target_across_many_jobs_through_faults() {
+    if !privileged("run-pool") {
+        return;
+    }
+    let rig = Rig::new(&[("a", "128Mi", 2), ("b", "128Mi", 1)], "5s");
+    for i in 0..8 {
+        rig.gh.push_job(rig.job(
+            0,
+            &format!("echo job-a-{i} as $(id -un) in $PWD; sleep 0.2"),
+        ));
+    }
+    for i in 0..4 {
+        rig.gh
+            .push_job(rig.job(1, &format!("echo job-b-{i}; sleep 0.2")));
+    }
+    // Faults on the way: a lost answer (then 409), a rate limit, a truncated body, a 5xx.
+    rig.gh.inject(Injection {
+        endpoint: "generate-jitconfig",
+        status: 502,
+        apply: true,
+        ..Injection::default()
+    });
+    rig.gh.inject(Injection {
+        endpoint: "generate-jitconfig",
+        status: 429,
+        headers: vec![("retry-after".into(), "1".into())],
+        ..Injection::default()
+    });
+    rig.gh.inject(Injection {
+        endpoint: "generate-jitconfig",
+        status: 201,
+        body: "{\"runner\": {\"id\": 9".into(),
+        ..Injection::default()
+    });
+    let agent = rig.start();
+    rig.wait("12 jobs done", Duration::from_secs(90), |s| {
+        s.completed.len() >= 12
+    });
+    // Steady state: the lanes are back at target.
+    rig.wait("lanes refilled", Duration::from_secs(20), |s| {
+        let alive = |l: &str| {
+            s.runners
+                .values()
+                .filter(|r| r.labels.iter().any(|x| x == l))
+                .count()
+        };
+        alive(&rig.lanes[0]) == 2 && alive(&rig.lanes[1]) == 1
+    });
+    term(&agent, nix::sys::signal::Signal::SIGTERM);
+    let (code, log) = wait_exit(&rig, agent, Duration::from_secs(30));
+    assert_eq!(code, 0, "clean drain exits 0:\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(
+        log.contains("job-a-0 as nobody in"),
+        "listener output is in the agent's log with its runner: {log}"
+    );
+    assert!(log.contains("runner="), "{log}");
+    rig.gh.with(|s| {
+        assert!(s.completed.iter().all(|(_, r, _)| r == "succeeded"), "{:?}", s.completed);
+        assert_eq!(s.max_alive.get(&rig.lanes[0]), Some(&2), "lane a never above its target");
+        assert_eq!(s.max_alive.get(&rig.lanes[1]), Some(&1), "lane b never above its target");
+        for r in &s.registrations {
+            assert!(r.name.starts_with(&format!("{}-", rig.prefix)), "{}", r.name);
+            assert_eq!(r.labels.len(), 1);
+            assert!(rig.lanes.contains(&r.labels[0]));
+            assert_eq!(r.runner_group_id, 1);
+        }
+        assert_eq!(s.count("create-installation-token"), 1, "one installation token served every registration");
+        let statuses: Vec<u16> = s.calls.iter().filter(|c| c.endpoint == "generate-jitconfig").map(|c| c.status).collect();
+        let lost = statuses.iter().position(|c| *c == 502).expect("the injected 502");
+        assert!(statuses[lost..].contains(&409), "the lost answer was recovered through 409: {statuses:?}");
+        assert!(statuses.contains(&429));
+        assert!(s.runners.is_empty(), "drain removed the idle runners: {:?}", s.runners);
+        // API calls per runner in steady state: one generate-jitconfig for each runner that ran a
+        // job; deletions only for the idle runners removed by the drain and the 409 recovery.
+        let finished = s.completed.len();
+        let deletes = s.count("delete-runner");
+        assert!(deletes <= 3 + 1, "deletes {deletes}: finished runners are not deleted again");
+        eprintln!(
+            "figures: registrations={} completed={finished} generate-jitconfig calls={} (incl. injected faults) delete calls={deletes} total calls={}",
+            s.registrations.len(),
+            s.count("generate-jitconfig"),
+            s.calls.len()
+        );
+    });
+    let (cgroups, dirs) = rig.leftovers();
+    assert!(cgroups.is_empty(), "{cgroups:?}");
+    assert!(dirs.is_empty(), "{dirs:?}");
+}
+
+#[test]
+fn sigterm_lets_a_busy_runner_finish_and_removes_idle_ones() {
+    if !privileged("run-drain") {
+        return;
+    }
+    let rig = Rig::new(&[("busy", "128Mi", 1), ("idle", "128Mi", 2)], "20s");
+    rig.gh
+        .push_job(rig.job(0, "sleep 3; echo finished-in-drain"));
+    let agent = rig.start();
+    rig.wait("the job is running", Duration::from_secs(30), |s| {
+        s.runners.values().any(|r| r.busy)
+    });
+    rig.wait("idle lane full", Duration::from_secs(30), |s| {
+        s.runners
+            .values()
+            .filter(|r| r.labels.contains(&rig.lanes[1]))
+            .count()
+            == 2
+    });
+    let t = Instant::now();
+    term(&agent, nix::sys::signal::Signal::SIGTERM);
+    let (code, log) = wait_exit(&rig, agent, Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        t.elapsed() >= Duration::from_secs(1),
+        "the drain waited for the busy job"
+    );
+    rig.gh.with(|s| {
+        assert_eq!(s.completed.len(), 1, "{:?}", s.completed);
+        assert_eq!(
+            s.completed[0].1, "succeeded",
+            "the busy job finished, not cancelled"
+        );
+        assert!(
+            s.runners.is_empty(),
+            "idle runners deleted: {:?}",
+            s.runners
+        );
+    });
+    assert!(log.contains("finished-in-drain"), "{log}");
+    let (cgroups, dirs) = rig.leftovers();
+    assert!(
+        cgroups.is_empty() && dirs.is_empty(),
+        "{cgroups:?} {dirs:?}"
+    );
+}
+
+#[test]
+fn a_busy_runner_past_the_drain_grace_is_stopped() {
+    if !privileged("run-drain-grace") {
+        return;
+    }
+    let rig = Rig::new(&[("slow", "128Mi", 1)], "1s");
+    rig.gh.push_job(rig.job(0, "sleep 60"));
+    let agent = rig.start();
+    rig.wait("the job is running", Duration::from_secs(30), |s| {
+        s.runners.values().any(|r| r.busy)
+    });
+    let t = Instant::now();
+    term(&agent, nix::sys::signal::Signal::SIGTERM);
+    let (code, log) = wait_exit(&rig, agent, Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "stopped after the 1 s grace, not after the job's 60 s"
+    );
+    rig.gh.with(|s| {
+        assert_eq!(
+            s.completed.first().map(|c| c.1.as_str()),
+            Some("cancelled"),
+            "{:?}",
+            s.completed
+        )
+    });
+    let (cgroups, dirs) = rig.leftovers();
+    assert!(
+        cgroups.is_empty() && dirs.is_empty(),
+        "{cgroups:?} {dirs:?}"
+    );
+}
+
+#[test]
+fn a_second_signal_stops_busy_runners_without_waiting_for_the_grace() {
+    if !privileged("run-second-signal") {
+        return;
+    }
+    let rig = Rig::new(&[("hurry", "128Mi", 1)], "60s");
+    rig.gh.push_job(rig.job(0, "sleep 60"));
+    let agent = rig.start();
+    rig.wait("the job is running", Duration::from_secs(30), |s| {
+        s.runners.values().any(|r| r.busy)
+    });
+    let t = Instant::now();
+    term(&agent, nix::sys::signal::Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(500));
+    term(&agent, nix::sys::signal::Signal::SIGTERM);
+    let (code, log) = wait_exit(&rig, agent, Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "did not wait the 60 s drain grace: {:?}",
+        t.elapsed()
+    );
+    assert!(log.contains("second signal"), "{log}");
+    let (cgroups, dirs) = rig.leftovers();
+    assert!(
+        cgroups.is_empty() && dirs.is_empty(),
+        "{cgroups:?} {dirs:?}"
+    );
+}
+
+#[test]
+fn sigkill_then_restart_leaves_no_stale_runner_cgroup_or_work() {
+    if !privileged("run-restart") {
+        return;
+    }
+    let rig = Rig::new(&[("r", "128Mi", 2)], "5s");
+    let first = rig.start();
+    let first_pid = first.id();
+    rig.wait("first agent's runners", Duration::from_secs(30), |s| {
+        s.runners.len() == 2
+    });
+    let old: Vec<String> = rig
+        .gh
+        .with(|s| s.runners.values().map(|r| r.name.clone()).collect());
+    // Let the listeners start inside their cgroups, then kill the agent without warning.
+    std::thread::sleep(Duration::from_millis(500));
+    term(&first, nix::sys::signal::Signal::SIGKILL);
+    let _ = wait_exit(&rig, first, Duration::from_secs(10));
+    let (cgroups, _) = rig.leftovers();
+    assert!(
+        !cgroups.is_empty(),
+        "the killed agent left its runners' cgroups (the test's premise)"
+    );
+
+    let second = rig.start();
+    rig.wait("second agent's runners", Duration::from_secs(30), |s| {
+        s.runners.len() == 2 && s.runners.values().all(|r| !old.contains(&r.name))
+    });
+    let (cgroups, dirs) = rig.leftovers();
+    let stale = |n: &str| n.contains(&format!(".{first_pid}."));
+    assert!(
+        !cgroups.iter().any(|c| stale(c)),
+        "old cgroups removed: {cgroups:?}"
+    );
+    assert!(
+        !dirs.iter().any(|d| stale(&d.display().to_string())),
+        "old work removed: {dirs:?}"
+    );
+    term(&second, nix::sys::signal::Signal::SIGTERM);
+    let (code, log) = wait_exit(&rig, second, Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("deleted a runner left by an earlier run"),
+        "{log}"
+    );
+    rig.gh.with(|s| assert!(s.runners.is_empty()));
+    let (cgroups, dirs) = rig.leftovers();
+    assert!(
+        cgroups.is_empty() && dirs.is_empty(),
+        "{cgroups:?} {dirs:?}"
+    );
+}
+
+#[test]
+fn arc_mode_runs_the_given_runner_and_exits_with_its_status() {
+    if !privileged("arc") {
+        return;
+    }
+    let rig = Rig::new(&[("arc", "128Mi", 1)], "5s");
+    // No [github] in ARC mode: the pod has only the JIT config.
+    let cfg = std::fs::read_to_string(&rig.config).expect("read");
+    let start = cfg.find("[github]").expect("github");
+    let end = cfg.find("[runner]").expect("runner");
+    std::fs::write(&rig.config, format!("{}{}", &cfg[..start], &cfg[end..])).expect("write");
+
+    for (exit, script) in [(0u8, "echo arc-job"), (7, "true"), (2, "true")] {
+        let mut job = rig.job(0, script);
+        job.listener_exit = exit;
+        rig.gh.push_job(job);
+        // What ARC does: generate a JIT config and hand it to the pod.
+        let jit = register_directly(&rig, &format!("arc-{exit}"));
+        let out = Command::new(AGENT)
+            .args(["run", "--config"])
+            .arg(&rig.config)
+            .env("ACTIONS_RUNNER_INPUT_JITCONFIG", &jit)
+            .env("FLYWHEEL_LANE", &rig.lanes[0])
+            .env("FLYWHEEL_LOG_FORMAT", "text")
+            .output()
+            .expect("run");
+        let log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(i32::from(exit)), "{log}");
+        assert!(!log.contains(&jit), "the JIT config never reaches the log");
+    }
+    assert!(rig
+        .gh
+        .with(|s| s.completed.iter().any(|(_, r, _)| r == "succeeded")));
+    let (cgroups, dirs) = rig.leftovers();
+    assert!(
+        cgroups.is_empty() && dirs.is_empty(),
+        "{cgroups:?} {dirs:?}"
+    );
+    rig.gh.with(|s| {
+        assert_eq!(
+            s.count("generate-jitconfig"),
+            3,
+            "only the controller registered runners"
+        );
+        assert_eq!(
+            s.count("list-runners") + s.count("delete-runner"),
+            0,
+            "the agent itself never called GitHub"
+        );
+    });
+}
+
+/// Register a runner the way ARC's controller does, returning the encoded JIT config.
+fn register_directly(rig: &Rig, name: &str) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        let c = flywheel_jit_config::Client::new(flywheel_jit_config::ClientConfig {
+            api_url: rig.gh.url.clone(),
+            scope: flywheel_jit_config::Scope::Org("tinyland".into()),
+            credentials: flywheel_jit_config::Credentials::App {
+                app_id: APP_ID.into(),
+                private_key_pem: flywheel_jit_config::Secret::new(app_key().0),
+                installation_id: None,
+            },
+            user_agent: "arc-controller".into(),
+            retry: flywheel_jit_config::RetryPolicy::default(),
+        })
+        .expect("client");
+        let r = c
+            .generate_jitconfig(name, 1, &[rig.lanes[0].clone()], "_work")
+            .await
+            .expect("register");
+        r.encoded.expose().clone()
+    })
+}
+
+#[test]
+fn run_refuses_a_config_without_what_it_needs() {
+    let rig = Rig::new(&[("x", "128Mi", 1)], "5s");
+    let cfg = std::fs::read_to_string(&rig.config).expect("read");
+    std::fs::write(
+        &rig.config,
+        cfg.replace("private_key_file", "private_key_filez"),
+    )
+    .expect("write");
+    let o = Command::new(AGENT)
+        .args(["run", "--config"])
+        .arg(&rig.config)
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown field `private_key_filez`"));
+    std::fs::write(
+        &rig.config,
+        cfg.replace(
+            &rig.dir.path().join("app.pem").display().to_string(),
+            "/nonexistent/app.pem",
+        ),
+    )
+    .expect("write");
+    let o = Command::new(AGENT)
+        .args(["check-config", "--config"])
+        .arg(&rig.config)
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("github.private_key_file /nonexistent/app.pem")
+            && err.contains("agent.toml:12:20: "),
+        "{err}"
+    );
+    std::fs::write(
+        rig.dir.path().join("bad.pem"),
+        "-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n",
+    )
+    .expect("write");
+    std::fs::write(
+        &rig.config,
+        cfg.replace(
+            &rig.dir.path().join("app.pem").display().to_string(),
+            &rig.dir.path().join("bad.pem").display().to_string(),
+        ),
+    )
+    .expect("write");
+    let o = Command::new(AGENT)
+        .args(["check-config", "--config"])
+        .arg(&rig.config)
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(78));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not an RSA private key"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
