@@ -366,7 +366,7 @@ fn classify(method: &Method, segs: &[&str]) -> &'static str {
     };
     match (method.as_str(), segs.first().copied(), rest) {
         ("POST", Some("app"), _) => "create-installation-token",
-        ("POST", Some("_fake"), _) => "fake",
+        ("POST", Some("_fake"), _) | ("GET", Some("_fake"), _) => "fake",
         ("GET", _, ["installation"]) => "get-installation",
         ("POST", _, ["actions", "runners", "generate-jitconfig"]) => "generate-jitconfig",
         ("GET", _, ["actions", "runners"]) => "list-runners",
@@ -649,6 +649,20 @@ fn list(s: &mut State, uri: &Uri) -> Response {
 }
 
 fn fake_report(s: &mut State, segs: &[&str], body: &[u8]) -> Response {
+    if segs.get(1) == Some(&"stats") {
+        let mut by: BTreeMap<&str, usize> = BTreeMap::new();
+        for c in &s.calls {
+            *by.entry(c.endpoint).or_default() += 1;
+        }
+        let body = json!({
+            "calls": by,
+            "registrations": s.registrations.len(),
+            "completed": s.completed.len(),
+            "alive": s.runners.len(),
+            "queued": s.jobs.len(),
+        });
+        return json_response(s, 200, body, &[]);
+    }
     let id: u64 = segs.get(2).and_then(|v| v.parse().ok()).unwrap_or(0);
     match segs.get(3) {
         Some(&"busy") => {

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Benchmark `flywheel-agent run` in steady state against the fake GitHub on loopback, with the
+# fake Runner.Listener, one lane of 4 runners and JOBS short jobs (root; real cgroups).
+# Reports: GitHub API calls per registered runner (goal 1), agent-side time from JIT config
+# received to listener started (goal <= 50 ms), agent RSS with 4 runners (goal <= 20 MiB).
+#
+# usage: bench/run-steady-state.sh [JOBS]
+set -euo pipefail
+JOBS=${1:-40}
+cd "$(dirname "$0")/.."
+cargo build --release -q -p flywheel-agent -p fake-runner -p fake-github
+T=$PWD/target/release
+TMP=$(mktemp -d /tmp/flywheel-bench-run.XXXXXX)
+chmod 755 "$TMP"
+cleanup() { exec 3>&- 2>/dev/null || true; [ -n "${AGENT_PID:-}" ] && kill "$AGENT_PID" 2>/dev/null; rm -rf "$TMP"; }
+trap cleanup EXIT
+mkdir -p "$TMP/install/bin" "$TMP/install/externals"
+cp "$T/fake-runner-listener" "$TMP/install/bin/Runner.Listener"
+LANE=bench4
+coproc FAKE { "$T/fake-github-serve" "$TMP/app.pem" "$LANE" "$JOBS" "sleep 0.3"; }
+exec 3>&"${FAKE[1]}"
+read -r URL <&"${FAKE[0]}"
+cat > "$TMP/agent.toml" <<TOML
+[agent]
+state_dir = "$TMP/state"
+teardown_grace = "300ms"
+reserve = "64Mi"
+[github]
+api_url = "$URL"
+scope = "org"
+target = "tinyland"
+app_id = "Iv1.flywheeltest"
+private_key_file = "$TMP/app.pem"
+[runner]
+install_dir = "$TMP/install"
+user = "nobody"
+name_prefix = "bench"
+drain_grace = "5s"
+[[lane]]
+name = "$LANE"
+memory = "256Mi"
+max_runners = 4
+min_free = "1Mi"
+work_root = "$TMP/work"
+TOML
+stats() { curl -s "$URL/_fake/stats"; }
+FLYWHEEL_LOG=info FLYWHEEL_LOG_FORMAT=json "$T/flywheel-agent" run --config "$TMP/agent.toml" > "$TMP/agent.log" 2>&1 &
+AGENT_PID=$!
+rss_max=0
+while :; do
+  s=$(stats)
+  done_=$(echo "$s" | sed -n 's/.*"completed":\([0-9]*\).*/\1/p')
+  rss=$(awk '/VmRSS/ {print $2}' /proc/$AGENT_PID/status)
+  [ "$rss" -gt "$rss_max" ] && rss_max=$rss
+  [ "${done_:-0}" -ge "$JOBS" ] && break
+  sleep 0.2
+done
+kill -TERM "$AGENT_PID"; wait "$AGENT_PID" || true; AGENT_PID=
+s=$(stats)
+reg=$(echo "$s" | sed -n 's/.*"registrations":\([0-9]*\).*/\1/p')
+gen=$(echo "$s" | sed -n 's/.*"generate-jitconfig":\([0-9]*\).*/\1/p')
+del=$(echo "$s" | sed -n 's/.*"delete-runner":\([0-9]*\).*/\1/p')
+launch=$(grep -o '"mean_launch_ms":[0-9.]*' "$TMP/agent.log" | cut -d: -f2)
+echo "jobs completed:                 $JOBS"
+echo "runners registered:             $reg"
+echo "generate-jitconfig calls:       $gen (per registered runner: $(awk -v g="$gen" -v r="$reg" 'BEGIN{printf "%.2f", g/r}'))"
+echo "delete-runner calls:            ${del:-0} (the drain's idle runners)"
+echo "all API calls:                  $(echo "$s" | grep -o '"calls":{[^}]*}')"
+echo "JIT config -> listener started: ${launch} ms mean (goal <= 50 ms)"
+echo "agent peak RSS, 4 runners:      $((rss_max / 1024)).$(( (rss_max % 1024) * 10 / 1024 )) MiB (goal <= 20 MiB)"
