@@ -21,6 +21,7 @@ max_runners = 1
 pids_max = 512
 work_root = "$TMP/work"
 min_free = "1Mi"
+nix = false
 TOML
 
 # The script's cgroups: the same hierarchies the agent uses on this host.

@@ -41,6 +41,7 @@ name = "$LANE"
 memory = "256Mi"
 max_runners = 4
 min_free = "1Mi"
+nix = false
 work_root = "$TMP/work"
 TOML
 stats() { curl -s "$URL/_fake/stats"; }

@@ -64,6 +64,11 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Nix on this host: the pinned, hash-verified bootstrap.
+    Nix {
+        #[command(subcommand)]
+        command: NixCommand,
+    },
     /// Run COMMAND as one job of a lane, inside the lane's memory envelope.
     Exec {
         /// The lane whose envelope the job gets.
@@ -83,9 +88,43 @@ enum Command {
         /// Use this runner slot of the lane (0-based).
         #[arg(long)]
         slot: Option<u32>,
+        /// Run without Nix even when the lane has it (no bootstrap, no per-job nix-daemon).
+        #[arg(long)]
+        no_nix: bool,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<OsString>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NixCommand {
+    /// Install the pinned Nix (or verify it and change nothing when it is right).
+    Bootstrap {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The lane whose store and nix.conf to bootstrap (default: the first lane with Nix).
+        #[arg(long)]
+        lane: Option<String>,
+        /// A local release tarball (default: nix.tarball, else the pinned file name under
+        /// /var/lib/flywheel-agent/nix).
+        #[arg(long, conflicts_with = "url")]
+        tarball: Option<PathBuf>,
+        /// Download the tarball from here first (it is verified before use).
+        #[arg(long)]
+        url: Option<String>,
+        /// Expected sha256 of the tarball (default: the pin's).
+        #[arg(long, requires = "version")]
+        sha256: Option<String>,
+        /// The Nix version the tarball holds (with --sha256).
+        #[arg(long, requires = "sha256")]
+        version: Option<String>,
+        /// Bootstrap this slot's store of a lane with per-slot stores.
+        #[arg(long)]
+        slot: Option<u32>,
+        /// Print only the one-line summary.
+        #[arg(long, hide = true)]
+        summary_only: bool,
     },
 }
 
@@ -150,6 +189,38 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Run { config } => run(config, &host, jit),
+        Command::Nix {
+            command:
+                NixCommand::Bootstrap {
+                    config,
+                    lane,
+                    tarball,
+                    url,
+                    sha256,
+                    version,
+                    slot,
+                    summary_only,
+                },
+        } => match nix_bootstrap(
+            config,
+            lane,
+            tarball,
+            url,
+            sha256.zip(version),
+            slot,
+            summary_only,
+            &host,
+        ) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) if e.downcast_ref::<config::ConfigError>().is_some() => {
+                eprintln!("{e}");
+                ExitCode::from(exit::CONFIG)
+            }
+            Err(e) => {
+                eprintln!("flywheel: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Command::Exec {
             lane,
             config,
@@ -157,6 +228,7 @@ pub fn main() -> ExitCode {
             work_root,
             user,
             slot,
+            no_nix,
             command,
         } => {
             let req = ExecRequest {
@@ -166,6 +238,7 @@ pub fn main() -> ExitCode {
                 work_root,
                 user,
                 slot,
+                no_nix,
                 command,
             };
             match exec(req, &host) {
@@ -230,6 +303,7 @@ struct ExecRequest {
     work_root: Option<PathBuf>,
     user: Option<String>,
     slot: Option<u32>,
+    no_nix: bool,
     command: Vec<OsString>,
 }
 
@@ -263,6 +337,7 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         None => lane.work_root.clone(),
     };
     let user = req.user.as_deref().map(JobUser::lookup).transpose()?;
+    let nix = (lane.nix && !req.no_nix).then(|| flywheel_agent::nixboot::nix_job(&cfg, &lane));
     let spec = JobSpec {
         lane,
         memory_bytes,
@@ -276,6 +351,7 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         log_output: None,
         stop_mode: StopMode::default(),
         probe: None,
+        nix,
     };
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -296,6 +372,9 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         let mgr = cgroup::detect(&cfg.cgroup.mount, cfg.cgroup.parent.as_deref())?;
         tracing::debug!(layout = %mgr.layout(), "cgroup layout");
         let outcome = envelope::run_job(&cfg, mgr.as_ref(), spec, stop, &reaper).await?;
+        if let Some(n) = &outcome.nix {
+            eprintln!("flywheel: {n}");
+        }
         if let Some(msg) = &outcome.launch_error {
             eprintln!("flywheel: {msg}");
         }
@@ -306,6 +385,103 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
             eprintln!("{n}");
         }
         Ok(outcome.code)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn nix_bootstrap(
+    config: Option<PathBuf>,
+    lane: Option<String>,
+    tarball: Option<PathBuf>,
+    url: Option<String>,
+    pinned: Option<(String, String)>,
+    slot: Option<u32>,
+    summary_only: bool,
+    host: &HostFacts,
+) -> anyhow::Result<()> {
+    use flywheel_agent::nixboot;
+    let mut cfg = config::load(config.as_deref(), host)?;
+    if let Some((sha, version)) = pinned {
+        cfg.nix.sha256 = Some(sha);
+        cfg.nix.version = Some(version);
+    }
+    if let Some(t) = tarball {
+        cfg.nix.tarball = Some(std::path::absolute(t)?);
+    }
+    let lane = match &lane {
+        Some(n) => cfg
+            .lane(n)
+            .with_context(|| format!("no lane {n:?} in {}", cfg.origin))?,
+        None => cfg
+            .lanes
+            .iter()
+            .find(|l| l.nix)
+            .context("no lane has Nix on")?,
+    }
+    .clone();
+    let (plan, version, system) = nixboot::plan_for(&cfg, &lane, host.cpus)?;
+    if let Some(url) = url {
+        download(&url, &plan.tarball)?;
+    }
+    if let Some(s) = slot {
+        let root = lane
+            .slot_root
+            .as_ref()
+            .with_context(|| format!("lane {:?} has no slot_root", lane.name))?;
+        anyhow::ensure!(
+            s < lane.max_runners,
+            "lane {:?} has slots 0..{}",
+            lane.name,
+            lane.max_runners
+        );
+        let (slot_nix, _) = flywheel_agent::slot::slot_dirs(root, s);
+        std::fs::create_dir_all(&slot_nix)?;
+        nixboot::enter_store_namespace(&slot_nix, &lane.nix_store)?;
+    }
+    let report = nixboot::ensure(&plan, &version, &system)?;
+    let mut out = std::io::stdout().lock();
+    if summary_only {
+        let _ = writeln!(out, "{}", report.summary());
+        return Ok(());
+    }
+    let _ = writeln!(out, "{}", report.summary());
+    let _ = writeln!(
+        out,
+        "store: {}/store ({})",
+        plan.nix_root.display(),
+        if report.cold { "cold" } else { "warm" }
+    );
+    let _ = writeln!(out, "nix.conf: {}", plan.conf_file.display());
+    let _ = writeln!(
+        out,
+        "receipt: {}",
+        nixboot::receipt_path(&plan.nix_root).display()
+    );
+    Ok(())
+}
+
+/// Fetch a release tarball (verification happens after, before anything is unpacked).
+fn download(url: &str, to: &std::path::Path) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let resp = reqwest::Client::builder()
+            .use_rustls_tls()
+            .build()?
+            .get(url)
+            .send()
+            .await?
+            .error_for_status()?;
+        let bytes = resp.bytes().await?;
+        if let Some(dir) = to.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = to.with_extension("partial");
+        std::fs::write(&tmp, &bytes)?;
+        std::fs::rename(&tmp, to)?;
+        tracing::info!(url, bytes = bytes.len(), to = %to.display(), "downloaded the nix tarball");
+        Ok(())
     })
 }
 

@@ -113,8 +113,52 @@ pub struct Lane {
     /// cgroup v2 `memory.oom.group`: kill the whole job on OOM instead of one process.
     pub oom_group: bool,
     pub hints: Hints,
+    /// Jobs get Nix: bootstrapped or verified before the job, and a nix-daemon of their own
+    /// inside the job's cgroup.
+    pub nix: bool,
+    /// The `nix.conf` this lane's daemons read: `/etc/nix/nix.conf` when one lane uses Nix,
+    /// else `/etc/nix/flywheel/<lane>/nix.conf`, so lanes never fight over one file.
+    pub nix_conf: PathBuf,
     /// Why this lane cannot run on this host (embedded defaults only; a file is rejected).
     pub unavailable: Option<String>,
+}
+
+/// How Nix is installed and configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NixSettings {
+    /// The pinned release tarball on local disk; default
+    /// `/var/lib/flywheel-agent/nix/<file name of the pinned URL>`.
+    pub tarball: Option<PathBuf>,
+    /// Override the pinned sha256 (a tarball from a mirror of another pinned version).
+    pub sha256: Option<String>,
+    /// Override the pinned version (goes with `sha256`).
+    pub version: Option<String>,
+    /// The netrc file the daemons read cache credentials from (root-only).
+    pub netrc_file: PathBuf,
+    pub substituters: Vec<String>,
+    pub trusted_public_keys: Vec<String>,
+    pub sandbox: bool,
+    /// The build-user lock directory every per-job daemon shares (bound at
+    /// `<nix_store>/var/nix/userpool`), so that daemons of different stores (slots) never pick
+    /// the same `nixbld` user and kill each other's builds.
+    pub userpool: PathBuf,
+}
+
+impl Default for NixSettings {
+    fn default() -> Self {
+        NixSettings {
+            tarball: None,
+            sha256: None,
+            version: None,
+            netrc_file: PathBuf::from("/etc/nix/netrc"),
+            substituters: vec!["https://cache.nixos.org".into()],
+            trusted_public_keys: vec![
+                "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=".into(),
+            ],
+            sandbox: true,
+            userpool: PathBuf::from("/nix/var/nix/userpool"),
+        }
+    }
 }
 
 /// How the agent reaches GitHub (`run` in bare-metal mode).
@@ -189,6 +233,7 @@ pub struct Config {
     pub cgroup: CgroupSettings,
     pub github: Option<GitHubSettings>,
     pub runner: RunnerSettings,
+    pub nix: NixSettings,
     pub lanes: Vec<Lane>,
 }
 
@@ -217,7 +262,22 @@ struct RawConfig {
     #[serde(default)]
     runner: RawRunner,
     #[serde(default)]
+    nix: RawNix,
+    #[serde(default)]
     lane: Option<Vec<RawLane>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNix {
+    tarball: Option<Spanned<PathBuf>>,
+    sha256: Option<Spanned<String>>,
+    version: Option<String>,
+    netrc_file: Option<Spanned<PathBuf>>,
+    substituters: Option<Vec<String>>,
+    trusted_public_keys: Option<Vec<String>>,
+    sandbox: Option<bool>,
+    userpool: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -275,6 +335,8 @@ struct RawLane {
     cpus: Option<Spanned<u32>>,
     memory_per_build: Option<Spanned<String>>,
     oom_group: Option<bool>,
+    nix: Option<bool>,
+    nix_conf: Option<Spanned<PathBuf>>,
     #[serde(default)]
     hints: RawHints,
 }
@@ -344,6 +406,7 @@ pub fn parse(src: &str, origin: &Origin, host: &HostFacts) -> Result<Config, Con
     };
     let github = raw.github.map(|g| github_settings(&cx, g)).transpose()?;
     let runner = runner_settings(&cx, raw.runner)?;
+    let nix = nix_settings(&cx, raw.nix)?;
     let cgroup = CgroupSettings {
         mount: match raw.cgroup.mount {
             Some(m) => absolute(&cx, &m, "cgroup.mount")?,
@@ -368,6 +431,7 @@ pub fn parse(src: &str, origin: &Origin, host: &HostFacts) -> Result<Config, Con
                 cgroup,
                 github,
                 runner,
+                nix,
                 lanes: defaults.lanes,
             };
             check_runner_lane(&cx, &cfg)?;
@@ -382,9 +446,23 @@ pub fn parse(src: &str, origin: &Origin, host: &HostFacts) -> Result<Config, Con
     let mut lanes = Vec::with_capacity(raw_lanes.len());
     let mut names: HashMap<String, (usize, usize)> = HashMap::new();
     let mut labels_seen: HashMap<String, String> = HashMap::new();
+    let nix_lanes = raw_lanes.iter().filter(|l| l.nix.unwrap_or(true)).count();
     for rl in raw_lanes {
-        let lane = validate_lane(&cx, rl, host, &mut names, &mut labels_seen)?;
+        let lane = validate_lane(&cx, rl, host, &mut names, &mut labels_seen, nix_lanes)?;
         lanes.push(lane);
+    }
+    let mut confs: HashMap<&Path, &str> = HashMap::new();
+    for l in lanes.iter().filter(|l| l.nix) {
+        if let Some(other) = confs.insert(&l.nix_conf, &l.name) {
+            return Err(cx.err_at(
+                None,
+                format!(
+                    "lanes {other:?} and {:?} both write {}: give each lane its own nix_conf",
+                    l.name,
+                    l.nix_conf.display()
+                ),
+            ));
+        }
     }
     let cfg = Config {
         origin: origin.clone(),
@@ -392,6 +470,7 @@ pub fn parse(src: &str, origin: &Origin, host: &HostFacts) -> Result<Config, Con
         cgroup,
         github,
         runner,
+        nix,
         lanes,
     };
     check_runner_lane(&cx, &cfg)?;
@@ -460,6 +539,49 @@ fn github_settings(cx: &Ctx<'_>, g: RawGitHub) -> Result<GitHubSettings, ConfigE
         scope,
         auth,
         runner_group_id: g.runner_group_id.unwrap_or(1),
+    })
+}
+
+fn nix_settings(cx: &Ctx<'_>, n: RawNix) -> Result<NixSettings, ConfigError> {
+    let d = NixSettings::default();
+    if let Some(h) = &n.sha256 {
+        let v = h.get_ref();
+        if v.len() != 64
+            || !v
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        {
+            return Err(cx.err(
+                h,
+                "nix.sha256 must be 64 lowercase hex digits (sha256sum's output)",
+            ));
+        }
+    }
+    if n.sha256.is_some() != n.version.is_some() {
+        return Err(cx.err_at(
+            n.sha256.as_ref().map(|s| s.span().start),
+            "nix.sha256 and nix.version go together: set both to pin another release, or neither",
+        ));
+    }
+    Ok(NixSettings {
+        tarball: n
+            .tarball
+            .as_ref()
+            .map(|t| absolute(cx, t, "nix.tarball"))
+            .transpose()?,
+        sha256: n.sha256.map(Spanned::into_inner),
+        version: n.version,
+        netrc_file: match &n.netrc_file {
+            Some(f) => absolute(cx, f, "nix.netrc_file")?,
+            None => d.netrc_file,
+        },
+        substituters: n.substituters.unwrap_or(d.substituters),
+        trusted_public_keys: n.trusted_public_keys.unwrap_or(d.trusted_public_keys),
+        sandbox: n.sandbox.unwrap_or(d.sandbox),
+        userpool: match &n.userpool {
+            Some(u) => absolute(cx, u, "nix.userpool")?,
+            None => d.userpool,
+        },
     })
 }
 
@@ -596,6 +718,7 @@ fn validate_lane(
     host: &HostFacts,
     names: &mut HashMap<String, (usize, usize)>,
     labels_seen: &mut HashMap<String, String>,
+    nix_lanes: usize,
 ) -> Result<Lane, ConfigError> {
     let name = rl.name.get_ref().clone();
     if name.is_empty()
@@ -739,7 +862,17 @@ fn validate_lane(
         nix_extra_conf: nonempty(cx, h.nix_extra_conf, "nix_extra_conf")?,
     };
 
+    let nix = rl.nix.unwrap_or(true);
+    let nix_conf = match &rl.nix_conf {
+        Some(c) => absolute(cx, c, "nix_conf")?,
+        None if nix_lanes <= 1 => PathBuf::from("/etc/nix/nix.conf"),
+        None => PathBuf::from("/etc/nix/flywheel")
+            .join(&name)
+            .join("nix.conf"),
+    };
     Ok(Lane {
+        nix,
+        nix_conf,
         name,
         labels,
         memory_bytes,

@@ -86,6 +86,26 @@ pub struct JobSpec {
     pub stop_mode: StopMode,
     /// Filled with the job's cgroup while it runs, for callers that ask whether it is busy.
     pub probe: Option<JobProbe>,
+    /// Give the job a nix-daemon of its own, inside its cgroup.
+    pub nix: Option<NixJob>,
+}
+
+/// A job's own nix-daemon: started inside the job's cgroup (so its builds count against the
+/// envelope and die at teardown), listening on a socket only this job can reach.
+#[derive(Debug, Clone)]
+pub struct NixJob {
+    /// The nix-daemon binary.
+    pub daemon: PathBuf,
+    /// `NIX_CONF_DIR` of the daemon: the directory of the lane's `nix.conf`.
+    pub conf_dir: PathBuf,
+    /// Holds every job's socket directory; hidden (an empty tmpfs) inside jobs.
+    pub sockets: PathBuf,
+    /// Where the job finds its daemon's socket directory (`<nix>/var/nix/daemon-socket`,
+    /// which also hides any host daemon's socket).
+    pub socket_seen: PathBuf,
+    /// The shared build-user pool, and where the daemon sees it.
+    pub userpool: PathBuf,
+    pub userpool_seen: PathBuf,
 }
 
 /// The runner root: `<work_root>/<job>/`, owned by the job's user. The installation's
@@ -116,15 +136,22 @@ impl Default for StopMode {
     }
 }
 
-/// Where a running job's `cgroup.procs` files are, while it runs.
+/// Where a running job's `cgroup.procs` files are, while it runs, and how many processes
+/// the job has when idle (the command, plus its nix-daemon).
 #[derive(Debug, Clone, Default)]
-pub struct JobProbe(std::sync::Arc<std::sync::Mutex<Option<Vec<PathBuf>>>>);
+pub struct JobProbe(
+    std::sync::Arc<std::sync::Mutex<Option<Vec<PathBuf>>>>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+);
 
 impl JobProbe {
     fn set(&self, files: Option<Vec<PathBuf>>) {
         if let Ok(mut g) = self.0.lock() {
             *g = files;
         }
+    }
+    fn set_idle(&self, n: usize) {
+        self.1.store(n, std::sync::atomic::Ordering::Relaxed);
     }
     /// Processes in the job now (0 when it is not running).
     pub fn processes(&self) -> usize {
@@ -147,9 +174,10 @@ impl JobProbe {
         pids.dedup();
         pids.len()
     }
-    /// A runner is busy when its listener has company: a worker and the job's processes.
+    /// A runner is busy when its listener has company beyond its nix-daemon: a worker and the
+    /// job's processes.
     pub fn busy(&self) -> bool {
-        self.processes() > 1
+        self.processes() > self.1.load(std::sync::atomic::Ordering::Relaxed).max(1)
     }
 }
 
@@ -186,6 +214,8 @@ pub struct JobOutcome {
     /// The job was stopped by a signal to the agent.
     pub stopped: bool,
     pub timings: Timings,
+    /// Whether Nix was warm or cold, and the bootstrap's own time (never part of `run`).
+    pub nix: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +239,8 @@ pub enum EnvelopeError {
     Spawn(io::Error),
     #[error("teardown failed: {0}")]
     Teardown(String),
+    #[error("nix: {0}")]
+    Nix(String),
 }
 
 fn io_at<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> EnvelopeError + 'a {
@@ -240,12 +272,16 @@ pub fn bigger_lane<'a>(cfg: &'a Config, lane: &str, memory_bytes: u64) -> Option
         .map(|l| (l.name.as_str(), l.memory_bytes))
 }
 
-/// A bind mount made in the job's private mount namespace.
+/// A mount made in a job's private mount namespace.
 #[derive(Debug, Clone)]
-struct Bind {
-    src: PathBuf,
-    dst: PathBuf,
-    readonly: bool,
+enum Mount {
+    Bind {
+        src: PathBuf,
+        dst: PathBuf,
+        readonly: bool,
+    },
+    /// An empty tmpfs that hides what is below `dst`.
+    Hide { dst: PathBuf },
 }
 
 /// Run one job of a lane to completion.
@@ -299,17 +335,26 @@ async fn run_job_inner(
         nix = %nix_scratch.inspected.display(), nix_fs = %nix_scratch.fs,
         slot = slot.index, "fast-local scratch ok"
     );
+    let nix_report = match &spec.nix {
+        Some(_) => {
+            let r = crate::nixboot::ensure_for_job(cfg, lane, slot.index, spec.host_cpus)
+                .map_err(|e| EnvelopeError::Nix(e.to_string()))?;
+            info!(cold = r.cold, "{}", r.summary());
+            Some(r.summary())
+        }
+        None => None,
+    };
     let mut binds = Vec::new();
     if let Some((nix, work)) = &slot_dirs {
         for dir in [nix, work, &lane.nix_store, &spec.work_root] {
             std::fs::create_dir_all(dir).map_err(io_at("create", dir))?;
         }
-        binds.push(Bind {
+        binds.push(Mount::Bind {
             src: nix.clone(),
             dst: lane.nix_store.clone(),
             readonly: false,
         });
-        binds.push(Bind {
+        binds.push(Mount::Bind {
             src: work.clone(),
             dst: spec.work_root.clone(),
             readonly: false,
@@ -337,7 +382,7 @@ async fn run_job_inner(
         p.set(Some(cg.procs_files()));
     }
     // From here on, teardown runs whatever happens.
-    let mut job_dir: Option<PathBuf> = None;
+    let mut cleanup: Vec<PathBuf> = Vec::new();
     let launched = launch(
         &spec,
         cg.as_ref(),
@@ -345,7 +390,7 @@ async fn run_job_inner(
         binds,
         &job,
         (uid, gid),
-        &mut job_dir,
+        &mut cleanup,
         reaper,
     );
     let setup = t0.elapsed();
@@ -376,7 +421,7 @@ async fn run_job_inner(
             // Setup failed after the cgroup existed: tear down, then report the setup error.
             let _ = teardown(
                 cg.as_ref(),
-                job_dir.as_deref(),
+                &cleanup,
                 cfg.agent.teardown_grace,
                 &stop,
                 reaper,
@@ -393,7 +438,7 @@ async fn run_job_inner(
     let t_down = Instant::now();
     let torn = teardown(
         cg.as_ref(),
-        job_dir.as_deref(),
+        &cleanup,
         cfg.agent.teardown_grace,
         &stop,
         reaper,
@@ -453,6 +498,7 @@ async fn run_job_inner(
         launch_error,
         stopped,
         timings,
+        nix: nix_report,
     })
 }
 
@@ -507,11 +553,28 @@ fn job_environment(spec: &JobSpec) -> Vec<(OsString, OsString)> {
     for (k, v) in hints::job_env(&spec.lane, spec.memory_bytes, spec.host_cpus) {
         set(&k, v.into());
     }
+    if let Some(n) = &spec.nix {
+        set(
+            "NIX_REMOTE",
+            format!("unix://{}/socket", n.socket_seen.display()).into(),
+        );
+    }
     for (k, v) in &spec.secret_env {
         set(k, v.expose().clone().into());
     }
     if !env.iter().any(|(k, _)| k == "PATH") {
         env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
+    }
+    if spec.nix.is_some() {
+        // The job finds nix, nix-build, … of the pinned release first.
+        let profile_bin = spec.lane.nix_store.join("var/nix/profiles/default/bin");
+        for (k, v) in env.iter_mut().filter(|(k, _)| k == "PATH") {
+            let _ = k;
+            let mut p = profile_bin.clone().into_os_string();
+            p.push(":");
+            p.push(&*v);
+            *v = p;
+        }
     }
     env
 }
@@ -561,6 +624,14 @@ fn prepare_runner_root(
 
 /// Log a child's output line by line with the job's span.
 fn log_lines(fd: OwnedFd, stream: &'static str) -> io::Result<tokio::task::JoinHandle<()>> {
+    log_lines_at(fd, stream, tracing::Level::INFO)
+}
+
+fn log_lines_at(
+    fd: OwnedFd,
+    stream: &'static str,
+    level: tracing::Level,
+) -> io::Result<tokio::task::JoinHandle<()>> {
     use tokio::io::AsyncBufReadExt;
     let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?;
     let span = tracing::Span::current();
@@ -568,11 +639,269 @@ fn log_lines(fd: OwnedFd, stream: &'static str) -> io::Result<tokio::task::JoinH
         async move {
             let mut lines = tokio::io::BufReader::new(rx).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                info!(stream, "{line}");
+                if level == tracing::Level::DEBUG {
+                    tracing::debug!(stream, "{line}");
+                } else {
+                    info!(stream, "{line}");
+                }
             }
         }
         .instrument(span),
     ))
+}
+
+/// What a child does between fork and exec, prepared before the fork.
+struct ChildSetup {
+    procs: Vec<OwnedFd>,
+    mounts: Vec<(u8, CString, CString)>,
+    ids: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
+    cwd: CString,
+}
+
+const M_BIND: u8 = 0;
+const M_BIND_RO: u8 = 1;
+const M_HIDE: u8 = 2;
+
+impl ChildSetup {
+    fn new(
+        cg: &dyn JobCgroup,
+        mounts: &[Mount],
+        user: Option<&JobUser>,
+        cwd: &Path,
+    ) -> Result<ChildSetup, EnvelopeError> {
+        let mut procs = Vec::new();
+        for f in cg.procs_files() {
+            let fd = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&f)
+                .map_err(io_at("open", &f))?;
+            procs.push(OwnedFd::from(fd));
+        }
+        let mut m = Vec::with_capacity(mounts.len());
+        for mount in mounts {
+            m.push(match mount {
+                Mount::Bind { src, dst, readonly } => (
+                    if *readonly { M_BIND_RO } else { M_BIND },
+                    cstring(src.as_os_str())?,
+                    cstring(dst.as_os_str())?,
+                ),
+                Mount::Hide { dst } => (
+                    M_HIDE,
+                    cstring(OsStr::new("tmpfs"))?,
+                    cstring(dst.as_os_str())?,
+                ),
+            });
+        }
+        let ids = user.map(|u| {
+            (
+                u.uid as libc::uid_t,
+                u.gid as libc::gid_t,
+                u.groups
+                    .iter()
+                    .map(|g| *g as libc::gid_t)
+                    .collect::<Vec<_>>(),
+            )
+        });
+        Ok(ChildSetup {
+            procs,
+            mounts: m,
+            ids,
+            cwd: cstring(cwd.as_os_str())?,
+        })
+    }
+
+    /// Install the pre-exec hook: join the cgroup, enter a private mount namespace with the
+    /// mounts, drop to the user, change directory. Failures write a byte to `fail_fd`.
+    fn install(self, cmd: &mut std::process::Command, fail_fd: i32) {
+        let ChildSetup {
+            procs,
+            mounts,
+            ids,
+            cwd,
+        } = self;
+        // Runs in the forked child before exec: only async-signal-safe system calls on data
+        // prepared before the fork; it allocates nothing.
+        let hook = move || {
+            let fail = || {
+                let err = io::Error::last_os_error();
+                // SAFETY: writing one byte to a pipe we own.
+                unsafe { libc::write(fail_fd, b"x".as_ptr().cast(), 1) };
+                Err(err)
+            };
+            for fd in &procs {
+                // SAFETY: "0" moves the calling process into this cgroup.
+                if unsafe { libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) } != 1 {
+                    return fail();
+                }
+            }
+            if !mounts.is_empty() {
+                // SAFETY: plain system calls with NUL-terminated strings made before the fork.
+                unsafe {
+                    if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                        return fail();
+                    }
+                    if libc::mount(
+                        std::ptr::null(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) != 0
+                    {
+                        return fail();
+                    }
+                    for (kind, src, dst) in &mounts {
+                        let r = if *kind == M_HIDE {
+                            libc::mount(
+                                src.as_ptr(),
+                                dst.as_ptr(),
+                                src.as_ptr(),
+                                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                                c"mode=0755,size=64k".as_ptr().cast(),
+                            )
+                        } else {
+                            libc::mount(
+                                src.as_ptr(),
+                                dst.as_ptr(),
+                                std::ptr::null(),
+                                libc::MS_BIND | libc::MS_REC,
+                                std::ptr::null(),
+                            )
+                        };
+                        if r != 0 {
+                            return fail();
+                        }
+                        if *kind == M_BIND_RO
+                            && libc::mount(
+                                std::ptr::null(),
+                                dst.as_ptr(),
+                                std::ptr::null(),
+                                libc::MS_BIND
+                                    | libc::MS_REMOUNT
+                                    | libc::MS_RDONLY
+                                    | libc::MS_NOSUID
+                                    | libc::MS_NODEV,
+                                std::ptr::null(),
+                            ) != 0
+                        {
+                            return fail();
+                        }
+                    }
+                }
+            }
+            if let Some((uid, gid, groups)) = &ids {
+                // SAFETY: dropping privileges: groups, then gid, then uid.
+                unsafe {
+                    if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                        || libc::setgid(*gid) != 0
+                        || libc::setuid(*uid) != 0
+                    {
+                        return fail();
+                    }
+                }
+            }
+            // SAFETY: chdir with a NUL-terminated path.
+            if unsafe { libc::chdir(cwd.as_ptr()) } != 0 {
+                return fail();
+            }
+            Ok(())
+        };
+        // SAFETY: `hook` obeys the rules for code between fork and exec (see above).
+        unsafe {
+            cmd.pre_exec(hook);
+        }
+    }
+}
+
+/// A pipe whose write end the pre-exec hook uses to tell agent-side failures from exec errors.
+fn fail_pipe() -> Result<(OwnedFd, OwnedFd), EnvelopeError> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+        .map_err(|e| EnvelopeError::Spawn(e.into()))
+}
+
+fn agent_side_failure(fail_r: &OwnedFd) -> bool {
+    let mut b = [0u8; 1];
+    // SAFETY: reading from the non-blocking pipe we own.
+    unsafe { libc::read(fail_r.as_raw_fd(), b.as_mut_ptr().cast(), 1) == 1 }
+}
+
+/// Start the job's own nix-daemon inside its cgroup (and its slot's mounts), as root, and wait
+/// for its socket. Returns the socket directory.
+fn start_nix_daemon(
+    nix: &NixJob,
+    cg: &dyn JobCgroup,
+    slot_mounts: &[Mount],
+    job: &str,
+    reaper: &Reaper,
+) -> Result<PathBuf, EnvelopeError> {
+    let dir = nix
+        .sockets
+        .join(format!("{job}.{:016x}", fastrand::u64(..)));
+    std::fs::create_dir_all(&nix.sockets).map_err(io_at("create", &nix.sockets))?;
+    std::fs::set_permissions(
+        &nix.sockets,
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .map_err(io_at("chmod", &nix.sockets))?;
+    std::fs::create_dir(&dir).map_err(io_at("create", &dir))?;
+    let socket = dir.join("socket");
+    let mut cmd = std::process::Command::new(&nix.daemon);
+    cmd.env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("NIX_DAEMON_SOCKET_PATH", &socket)
+        .env("NIX_CONF_DIR", &nix.conf_dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let (fail_r, fail_w) = fail_pipe()?;
+    ChildSetup::new(cg, slot_mounts, None, Path::new("/"))?.install(&mut cmd, fail_w.as_raw_fd());
+    let spawned = reaper.spawn(|| {
+        let child = cmd.spawn()?;
+        let pid = i32::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))?;
+        Ok((pid, child))
+    });
+    drop(cmd);
+    let (pid, mut child, mut exit) = spawned.map_err(|e| {
+        if agent_side_failure(&fail_r) {
+            EnvelopeError::Spawn(e)
+        } else {
+            EnvelopeError::Io {
+                what: "start the job's nix-daemon",
+                path: nix.daemon.clone(),
+                source: e,
+            }
+        }
+    })?;
+    for (out, stream) in [
+        (child.stdout.take().map(OwnedFd::from), "nix-daemon"),
+        (child.stderr.take().map(OwnedFd::from), "nix-daemon"),
+    ] {
+        if let Some(fd) = out {
+            // The daemon logs each connection; keep those lines at debug level.
+            let _ = log_lines_at(fd, stream, tracing::Level::DEBUG);
+        }
+    }
+    drop(child);
+    let t = Instant::now();
+    while !socket.exists() {
+        if exit.try_recv().is_ok() {
+            return Err(EnvelopeError::Io {
+                what: "the job's nix-daemon exited before listening",
+                path: nix.daemon.clone(),
+                source: io::Error::other("see the agent log"),
+            });
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            return Err(EnvelopeError::Io {
+                what: "the job's nix-daemon did not listen within 10 s",
+                path: socket,
+                source: io::Error::from(io::ErrorKind::TimedOut),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    info!(pid, socket = %socket.display(), "the job's nix-daemon is listening");
+    Ok(dir)
 }
 
 /// Create `_work` and start the command inside the cgroup.
@@ -581,22 +910,46 @@ fn launch(
     spec: &JobSpec,
     cg: &dyn JobCgroup,
     phys_work_root: &Path,
-    mut binds: Vec<Bind>,
+    mut mounts: Vec<Mount>,
     job: &str,
     (uid, gid): (u32, u32),
-    job_dir_out: &mut Option<PathBuf>,
+    cleanup: &mut Vec<PathBuf>,
     reaper: &Reaper,
 ) -> Result<Launched, EnvelopeError> {
     let (job_dir, _work_phys) = workdir::create(phys_work_root, job, uid, gid)
         .map_err(io_at("create the job's _work under", phys_work_root))?;
-    *job_dir_out = Some(job_dir.clone());
+    cleanup.push(job_dir.clone());
     let root_seen = spec.work_root.join(job);
     let mut cwd_path = root_seen.join("_work");
     let mut command = spec.command.clone();
+    if let Some(n) = &spec.nix {
+        let mut daemon_mounts = mounts.clone();
+        for d in [&n.userpool, &n.userpool_seen] {
+            std::fs::create_dir_all(d).map_err(io_at("create", d))?;
+        }
+        daemon_mounts.push(Mount::Bind {
+            src: n.userpool.clone(),
+            dst: n.userpool_seen.clone(),
+            readonly: false,
+        });
+        let dir = start_nix_daemon(n, cg, &daemon_mounts, job, reaper)?;
+        cleanup.push(dir.clone());
+        if let Some(p) = &spec.probe {
+            p.set_idle(2);
+        }
+        mounts.push(Mount::Bind {
+            src: dir,
+            dst: n.socket_seen.clone(),
+            readonly: false,
+        });
+        mounts.push(Mount::Hide {
+            dst: n.sockets.clone(),
+        });
+    }
     if let Some(r) = &spec.runner {
         for (src, point) in prepare_runner_root(&job_dir, r, (uid, gid))? {
             let rel = point.strip_prefix(&job_dir).unwrap_or(&point).to_path_buf();
-            binds.push(Bind {
+            mounts.push(Mount::Bind {
                 src,
                 dst: root_seen.join(rel),
                 readonly: true,
@@ -609,37 +962,6 @@ fn launch(
             }
         }
     }
-
-    let mut procs = Vec::new();
-    for f in cg.procs_files() {
-        let fd = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&f)
-            .map_err(io_at("open", &f))?;
-        procs.push(OwnedFd::from(fd));
-    }
-    let mut bind_c = Vec::with_capacity(binds.len());
-    for b in &binds {
-        bind_c.push((
-            cstring(b.src.as_os_str())?,
-            cstring(b.dst.as_os_str())?,
-            b.readonly,
-        ));
-    }
-    let ids = spec.user.as_ref().map(|u| {
-        (
-            u.uid as libc::uid_t,
-            u.gid as libc::gid_t,
-            u.groups
-                .iter()
-                .map(|g| *g as libc::gid_t)
-                .collect::<Vec<_>>(),
-        )
-    });
-    let cwd = cstring(cwd_path.as_os_str())?;
-    let (fail_r, fail_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
-            .map_err(|e| EnvelopeError::Spawn(e.into()))?;
 
     let Some(program) = command.first().cloned() else {
         return Ok(Launched::Failed {
@@ -656,88 +978,9 @@ fn launch(
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
     }
-    let fail_fd = fail_w.as_raw_fd();
-    // Runs in the forked child before exec: only async-signal-safe system calls on data
-    // prepared before the fork; it allocates nothing.
-    let hook = move || {
-        let fail = || {
-            let err = io::Error::last_os_error();
-            // SAFETY: writing one byte to a pipe we own.
-            unsafe { libc::write(fail_fd, b"x".as_ptr().cast(), 1) };
-            Err(err)
-        };
-        for fd in &procs {
-            // SAFETY: "0" moves the calling process into this cgroup.
-            if unsafe { libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) } != 1 {
-                return fail();
-            }
-        }
-        if !bind_c.is_empty() {
-            // SAFETY: plain system calls with NUL-terminated strings made before the fork.
-            unsafe {
-                if libc::unshare(libc::CLONE_NEWNS) != 0 {
-                    return fail();
-                }
-                if libc::mount(
-                    std::ptr::null(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                ) != 0
-                {
-                    return fail();
-                }
-                for (src, dst, readonly) in &bind_c {
-                    if libc::mount(
-                        src.as_ptr(),
-                        dst.as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_BIND | libc::MS_REC,
-                        std::ptr::null(),
-                    ) != 0
-                    {
-                        return fail();
-                    }
-                    if *readonly
-                        && libc::mount(
-                            std::ptr::null(),
-                            dst.as_ptr(),
-                            std::ptr::null(),
-                            libc::MS_BIND
-                                | libc::MS_REMOUNT
-                                | libc::MS_RDONLY
-                                | libc::MS_NOSUID
-                                | libc::MS_NODEV,
-                            std::ptr::null(),
-                        ) != 0
-                    {
-                        return fail();
-                    }
-                }
-            }
-        }
-        if let Some((uid, gid, groups)) = &ids {
-            // SAFETY: dropping privileges: groups, then gid, then uid.
-            unsafe {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(*gid) != 0
-                    || libc::setuid(*uid) != 0
-                {
-                    return fail();
-                }
-            }
-        }
-        // SAFETY: chdir with a NUL-terminated path.
-        if unsafe { libc::chdir(cwd.as_ptr()) } != 0 {
-            return fail();
-        }
-        Ok(())
-    };
-    // SAFETY: `hook` obeys the rules for code between fork and exec (see above).
-    unsafe {
-        cmd.pre_exec(hook);
-    }
+    let (fail_r, fail_w) = fail_pipe()?;
+    ChildSetup::new(cg, &mounts, spec.user.as_ref(), &cwd_path)?
+        .install(&mut cmd, fail_w.as_raw_fd());
     let spawned = reaper.spawn(|| {
         let child = cmd.spawn()?;
         let pid = i32::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))?;
@@ -758,14 +1001,10 @@ fn launch(
             Ok(Launched::Running { pid, exit, output })
         }
         Err(e) => {
-            let mut b = [0u8; 1];
-            // SAFETY: reading from the non-blocking pipe we own.
-            let agent_side =
-                unsafe { libc::read(fail_r.as_raw_fd(), b.as_mut_ptr().cast(), 1) } == 1;
-            drop(fail_w);
-            if agent_side {
+            if agent_side_failure(&fail_r) {
                 return Err(EnvelopeError::Spawn(e));
             }
+            drop(fail_w);
             let name = program.to_string_lossy();
             Ok(match e.kind() {
                 io::ErrorKind::NotFound => Launched::Failed {
@@ -842,7 +1081,7 @@ async fn supervise(
 /// counters, remove it and the job's directory.
 async fn teardown(
     cg: &dyn JobCgroup,
-    job_dir: Option<&Path>,
+    cleanup: &[PathBuf],
     grace: Duration,
     stop: &Stop,
     reaper: &Reaper,
@@ -870,7 +1109,7 @@ async fn teardown(
     } else if let Err(e) = cg.remove() {
         errors.push(e.to_string());
     }
-    if let Some(dir) = job_dir {
+    for dir in cleanup {
         if let Err(e) = workdir::remove_tree(dir) {
             errors.push(format!("remove {}: {e}", dir.display()));
         }

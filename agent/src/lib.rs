@@ -5,6 +5,7 @@ pub mod cgroup;
 pub mod config;
 pub mod envelope;
 pub mod hints;
+pub mod nixboot;
 pub mod reaper;
 pub mod runner;
 pub mod scratch;

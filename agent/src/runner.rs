@@ -127,6 +127,7 @@ fn runner_spec(
             whole_job: false,
         },
         probe: Some(probe),
+        nix: lane.nix.then(|| crate::nixboot::nix_job(&ctx.cfg, lane)),
     }
 }
 
@@ -203,7 +204,10 @@ pub fn reconcile_local(cfg: &Config, mgr: &dyn CgroupManager) -> (usize, usize) 
     }
     let mut dirs = 0;
     for lane in &cfg.lanes {
-        let mut roots = vec![lane.work_root.clone()];
+        let mut roots = vec![
+            lane.work_root.clone(),
+            cfg.agent.state_dir.join("nix-sockets"),
+        ];
         if let Some(sr) = &lane.slot_root {
             roots.extend((0..lane.max_runners).map(|i| crate::slot::slot_dirs(sr, i).1));
         }

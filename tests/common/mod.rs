@@ -81,6 +81,7 @@ max_runners = 2
 pids_max = 512
 min_free = "1Mi"
 work_root = "{work}"
+nix = false
 {lane_extra}
 {tail}
 "#,

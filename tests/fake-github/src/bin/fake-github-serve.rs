@@ -20,7 +20,9 @@ fn main() {
         gh.push_job(fake_github::FakeJob {
             labels: vec![label.clone()],
             script: script.clone(),
-            env: [("GITHUB_RUN_ID".to_owned(), i.to_string())].into_iter().collect(),
+            env: [("GITHUB_RUN_ID".to_owned(), i.to_string())]
+                .into_iter()
+                .collect(),
             ..Default::default()
         });
     }

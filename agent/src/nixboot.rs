@@ -1,0 +1,842 @@
+//! Deterministic Nix bootstrap: the pinned release tarball, hash-verified before anything is
+//! unpacked, installed offline into a root-owned read-only store, registered with
+//! `nix-store --load-db`, configured with a byte-stable `nix.conf`, and recorded in a receipt
+//! written atomically. A warm check that finds everything right changes nothing; drift (another
+//! version, an edited `nix.conf`, missing store paths, a receipt from another version) is
+//! repaired from the tarball.
+//!
+//! Phases, timed separately and never mixed with build time: verify, unpack, register,
+//! configure.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::{Lane, NixSettings};
+use crate::hints;
+
+/// The manifest in `images/nix-pin.toml`, compiled in.
+pub const PIN_TOML: &str = include_str!("../../images/nix-pin.toml");
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Pin {
+    pub version: String,
+    pub systems: BTreeMap<String, PinSystem>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PinSystem {
+    pub url: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NixError {
+    #[error("the pinned Nix manifest is invalid: {0}")]
+    Manifest(String),
+    #[error("no pinned Nix tarball for system {0}: add it to images/nix-pin.toml")]
+    NoSystem(String),
+    #[error("nix tarball {path}: {source}; put the pinned release there (the runner image bakes it), set nix.tarball, or run `flywheel-agent nix bootstrap --url URL`")]
+    Tarball {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("nix tarball {path} has sha256 {got}, expected {want}: refusing to unpack it (nothing was changed)")]
+    HashMismatch {
+        path: PathBuf,
+        got: String,
+        want: String,
+    },
+    #[error(
+        "nix tarball {0} is not in the official layout (nix-<version>-<system>/store, .reginfo)"
+    )]
+    Layout(PathBuf),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} failed: {detail}")]
+    Command { what: String, detail: String },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NixError {
+    let what = what.into();
+    move |source| NixError::Io { what, source }
+}
+
+/// The compiled-in pin.
+pub fn pin() -> Result<Pin, NixError> {
+    toml::from_str(PIN_TOML).map_err(|e| NixError::Manifest(e.to_string()))
+}
+
+/// Nix's name for this machine's system.
+pub fn current_system() -> String {
+    format!("{}-linux", std::env::consts::ARCH)
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String, NixError> {
+    let mut f = std::fs::File::open(path).map_err(|source| NixError::Tarball {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf).map_err(|source| NixError::Tarball {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sha256_bytes(b: &[u8]) -> String {
+    hex(&Sha256::digest(b))
+}
+
+/// `min-free` / `max-free` from the store filesystem's size: GC starts below 5% free (at most
+/// 10 GiB) and frees up to 15% (at most 50 GiB).
+pub fn free_thresholds(fs_bytes: u64) -> (u64, u64) {
+    (
+        (fs_bytes / 20).min(10 << 30),
+        (fs_bytes / 100 * 15).min(50 << 30),
+    )
+}
+
+/// The `nix.conf` for a lane: byte-identical for identical inputs. The job's user is never a
+/// trusted user; caches come from the lane's hints; parallelism from its envelope.
+pub fn render_conf(lane: &Lane, nix: &NixSettings, store_fs_bytes: u64, host_cpus: u32) -> String {
+    let p = hints::parallelism(lane, lane.memory_bytes, host_cpus);
+    let (min_free, max_free) = free_thresholds(store_fs_bytes);
+    let mut subs = nix.substituters.clone();
+    let mut keys = nix.trusted_public_keys.clone();
+    if let Some(url) = hints::attic_cache_url(lane) {
+        subs.push(url);
+    }
+    if let Some(k) = &lane.hints.attic_public_key {
+        keys.push(k.clone());
+    }
+    let mut out = format!("# Written by flywheel-agent for lane {}. Edits are reverted; change the agent's config instead.\n", lane.name);
+    let mut line = |k: &str, v: String| {
+        out.push_str(k);
+        out.push_str(" = ");
+        out.push_str(&v);
+        out.push('\n');
+    };
+    line("accept-flake-config", "false".into());
+    line("allowed-users", "*".into());
+    line("build-users-group", "nixbld".into());
+    line("cores", p.cores.to_string());
+    line("experimental-features", "nix-command flakes".into());
+    line("max-free", max_free.to_string());
+    line("max-jobs", p.max_jobs.to_string());
+    line("min-free", min_free.to_string());
+    line("netrc-file", nix.netrc_file.display().to_string());
+    line("require-sigs", "true".into());
+    line("sandbox", nix.sandbox.to_string());
+    line("substituters", subs.join(" "));
+    line("trusted-public-keys", keys.join(" "));
+    line("trusted-users", "root".into());
+    out
+}
+
+/// Where the receipt lives under a Nix root (`/nix`).
+pub fn receipt_path(nix_root: &Path) -> PathBuf {
+    nix_root.join("var/flywheel-agent/receipt.json")
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Receipt {
+    pub version: String,
+    pub system: String,
+    pub tarball_sha256: String,
+    pub nix_path: String,
+    pub store_paths: Vec<String>,
+    pub conf_file: String,
+    pub conf_sha256: String,
+    pub timings_ms: BTreeMap<String, f64>,
+}
+
+/// What to make true.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The Nix root, `/nix` as the jobs see it.
+    pub nix_root: PathBuf,
+    pub tarball: PathBuf,
+    pub sha256: String,
+    pub conf_file: PathBuf,
+    pub conf_text: String,
+    pub netrc_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Timings {
+    pub check: Duration,
+    pub verify: Duration,
+    pub unpack: Duration,
+    pub register: Duration,
+    pub configure: Duration,
+}
+
+/// What a bootstrap did.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// False when the warm check found everything right and changed nothing.
+    pub cold: bool,
+    pub version: String,
+    pub nix_path: PathBuf,
+    /// What was repaired or installed.
+    pub changed: Vec<String>,
+    pub timings: Timings,
+}
+
+impl Report {
+    /// One line for a job log: warm/cold, version, time.
+    pub fn summary(&self) -> String {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        if self.cold {
+            format!(
+                "nix {}: cold bootstrap in {:.0} ms (verify {:.0} ms, unpack {:.0} ms, register {:.0} ms, configure {:.1} ms): {}",
+                self.version,
+                ms(self.timings.check + self.timings.verify + self.timings.unpack + self.timings.register + self.timings.configure),
+                ms(self.timings.verify),
+                ms(self.timings.unpack),
+                ms(self.timings.register),
+                ms(self.timings.configure),
+                self.changed.join(", ")
+            )
+        } else {
+            format!(
+                "nix {}: warm (verified in {:.1} ms)",
+                self.version,
+                ms(self.timings.check)
+            )
+        }
+    }
+}
+
+fn read_receipt(nix_root: &Path) -> Option<Receipt> {
+    let text = std::fs::read(receipt_path(nix_root)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// The reasons the installed state differs from the plan; empty when warm.
+pub fn drift(plan: &Plan, version: &str) -> Vec<String> {
+    let Some(r) = read_receipt(&plan.nix_root) else {
+        return vec!["no receipt (fresh /nix)".into()];
+    };
+    let mut why = Vec::new();
+    if r.version != version {
+        why.push(format!(
+            "receipt is for nix {}, the pin is {version}",
+            r.version
+        ));
+    }
+    if r.tarball_sha256 != plan.sha256 {
+        why.push("receipt is for another tarball".into());
+    }
+    match std::fs::read(&plan.conf_file) {
+        Ok(b) if sha256_bytes(&b) == sha256_bytes(plan.conf_text.as_bytes()) => {}
+        Ok(_) => why.push(format!("{} was edited", plan.conf_file.display())),
+        Err(_) => why.push(format!("{} is missing", plan.conf_file.display())),
+    }
+    let missing = r
+        .store_paths
+        .iter()
+        .filter(|p| std::fs::symlink_metadata(plan.nix_root.join("store").join(p)).is_err())
+        .count();
+    if missing > 0 {
+        why.push(format!("{missing} store paths are missing"));
+    }
+    let profile = plan.nix_root.join("var/nix/profiles/default");
+    if std::fs::canonicalize(&profile).ok() != Some(plan.nix_root.join("store").join(&r.nix_path)) {
+        why.push("the default profile does not point at the pinned nix".into());
+    }
+    if !plan.nix_root.join("var/nix/db/db.sqlite").exists() {
+        why.push("the store database is missing".into());
+    }
+    if !plan.netrc_file.exists() {
+        why.push(format!("{} is missing", plan.netrc_file.display()));
+    }
+    if nix::unistd::Group::from_name("nixbld")
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        why.push("the nixbld build users are missing".into());
+    }
+    why
+}
+
+/// Make the plan true: a warm check first, then (only if needed) verify, unpack, register,
+/// configure.
+pub fn ensure(plan: &Plan, version: &str, system: &str) -> Result<Report, NixError> {
+    let t = Instant::now();
+    let reasons = drift(plan, version);
+    let check = t.elapsed();
+    let mut timings = Timings {
+        check,
+        ..Timings::default()
+    };
+    if reasons.is_empty() {
+        let nix_path = read_receipt(&plan.nix_root)
+            .map(|r| plan.nix_root.join("store").join(r.nix_path))
+            .unwrap_or_default();
+        return Ok(Report {
+            cold: false,
+            version: version.to_owned(),
+            nix_path,
+            changed: Vec::new(),
+            timings,
+        });
+    }
+    tracing::info!(reasons = %reasons.join("; "), "nix bootstrap needed");
+
+    // verify: before anything is unpacked.
+    let t = Instant::now();
+    let got = sha256_file(&plan.tarball)?;
+    if got != plan.sha256 {
+        return Err(NixError::HashMismatch {
+            path: plan.tarball.clone(),
+            got,
+            want: plan.sha256.clone(),
+        });
+    }
+    timings.verify = t.elapsed();
+
+    // unpack into a staging directory on the store's filesystem.
+    let t = Instant::now();
+    std::fs::create_dir_all(&plan.nix_root)
+        .map_err(io(format!("create {}", plan.nix_root.display())))?;
+    let staging = plan
+        .nix_root
+        .join(format!(".flywheel-staging-{}", std::process::id()));
+    let _ = crate::workdir::remove_tree(&staging);
+    std::fs::create_dir(&staging).map_err(io("create the staging directory"))?;
+    let result = install(plan, version, system, &staging, &mut timings, t);
+    let _ = crate::workdir::remove_tree(&staging);
+    let (nix_path, changed) = result?;
+    Ok(Report {
+        cold: true,
+        version: version.to_owned(),
+        nix_path,
+        changed: reasons.into_iter().chain(changed).collect(),
+        timings,
+    })
+}
+
+fn run(cmd: &mut std::process::Command, what: &str, stdin: Option<&Path>) -> Result<(), NixError> {
+    if let Some(p) = stdin {
+        let f = std::fs::File::open(p).map_err(io(format!("open {}", p.display())))?;
+        cmd.stdin(f);
+    }
+    let out = cmd.output().map_err(|e| NixError::Command {
+        what: what.into(),
+        detail: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(NixError::Command {
+            what: what.into(),
+            detail: String::from_utf8_lossy(&out.stderr)
+                .trim()
+                .chars()
+                .take(500)
+                .collect(),
+        });
+    }
+    Ok(())
+}
+
+/// Build users as the official multi-user installer makes them: group `nixbld`, users
+/// `nixbld1`..`nixbld32`. Returns whether anything was created.
+fn ensure_build_users() -> Result<bool, NixError> {
+    let mut created = false;
+    if nix::unistd::Group::from_name("nixbld")
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        run(
+            std::process::Command::new("groupadd").args(["--system", "nixbld"]),
+            "groupadd nixbld",
+            None,
+        )?;
+        created = true;
+    }
+    for i in 1..=32 {
+        let name = format!("nixbld{i}");
+        if nix::unistd::User::from_name(&name).ok().flatten().is_some() {
+            continue;
+        }
+        run(
+            std::process::Command::new("useradd").args([
+                "--system",
+                "--no-create-home",
+                "--home-dir",
+                "/var/empty",
+                "--shell",
+                "/usr/sbin/nologin",
+                "--gid",
+                "nixbld",
+                "--groups",
+                "nixbld",
+                "--comment",
+                "Nix build user",
+                &name,
+            ]),
+            "useradd nixbld",
+            None,
+        )?;
+        created = true;
+    }
+    Ok(created)
+}
+
+/// Make a store path root-owned and read-only, as Nix does (files 0444/0555, dirs 0555).
+fn canonicalize(path: &Path) -> std::io::Result<()> {
+    let m = std::fs::symlink_metadata(path)?;
+    if m.file_type().is_symlink() {
+        return std::os::unix::fs::lchown(path, Some(0), Some(0));
+    }
+    if m.is_dir() {
+        for e in std::fs::read_dir(path)? {
+            canonicalize(&e?.path())?;
+        }
+    }
+    std::os::unix::fs::chown(path, Some(0), Some(0))?;
+    let exec = m.is_dir() || m.mode() & 0o111 != 0;
+    std::fs::set_permissions(
+        path,
+        std::fs::Permissions::from_mode(if exec { 0o555 } else { 0o444 }),
+    )?;
+    Ok(())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), NixError> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+    let tmp = dir.join(format!(
+        ".{}.flywheel-tmp",
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    let mut f = std::fs::File::create(&tmp).map_err(io(format!("write {}", tmp.display())))?;
+    std::io::Write::write_all(&mut f, bytes).map_err(io(format!("write {}", tmp.display())))?;
+    f.sync_all()
+        .map_err(io(format!("sync {}", tmp.display())))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(io("chmod"))?;
+    std::fs::rename(&tmp, path).map_err(io(format!("replace {}", path.display())))?;
+    Ok(())
+}
+
+fn install(
+    plan: &Plan,
+    version: &str,
+    system: &str,
+    staging: &Path,
+    timings: &mut Timings,
+    t_unpack: Instant,
+) -> Result<(PathBuf, Vec<String>), NixError> {
+    run(
+        std::process::Command::new("tar")
+            .args(["--no-same-owner", "-xJf"])
+            .arg(&plan.tarball)
+            .arg("-C")
+            .arg(staging),
+        "unpacking the nix tarball (tar -xJf)",
+        None,
+    )?;
+    let top = std::fs::read_dir(staging)
+        .map_err(io("read the staging directory"))?
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("nix-"))
+        .map(|e| e.path())
+        .ok_or_else(|| NixError::Layout(plan.tarball.clone()))?;
+    let top_name = top
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tar_version = top_name
+        .strip_prefix("nix-")
+        .and_then(|s| s.strip_suffix(&format!("-{system}")))
+        .ok_or_else(|| NixError::Layout(plan.tarball.clone()))?
+        .to_owned();
+    if tar_version != version {
+        return Err(NixError::Command {
+            what: "checking the tarball".into(),
+            detail: format!("it holds nix {tar_version}, the pin is {version}"),
+        });
+    }
+    let (src_store, reginfo) = (top.join("store"), top.join(".reginfo"));
+    if !src_store.is_dir() || !reginfo.is_file() {
+        return Err(NixError::Layout(plan.tarball.clone()));
+    }
+    let mut names: Vec<String> = std::fs::read_dir(&src_store)
+        .map_err(io("read the tarball's store"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let nix_name = names
+        .iter()
+        .find(|n| n.ends_with(&format!("-nix-{version}")))
+        .cloned()
+        .ok_or_else(|| NixError::Layout(plan.tarball.clone()))?;
+    timings.unpack = t_unpack.elapsed();
+
+    // register
+    let t = Instant::now();
+    let mut changed = Vec::new();
+    let store = plan.nix_root.join("store");
+    if !store.exists() {
+        std::fs::create_dir_all(&store).map_err(io("create the store"))?;
+        changed.push("created the store".to_owned());
+    }
+    if ensure_build_users()? {
+        changed.push("created the nixbld build users".to_owned());
+    }
+    let nixbld = nix::unistd::Group::from_name("nixbld").ok().flatten();
+    std::os::unix::fs::chown(&store, Some(0), nixbld.as_ref().map(|g| g.gid.as_raw()))
+        .map_err(io("chown the store"))?;
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o1775))
+        .map_err(io("chmod the store"))?;
+    for d in [
+        "var/nix/db",
+        "var/nix/gcroots",
+        "var/nix/profiles",
+        "var/nix/temproots",
+        "var/nix/daemon-socket",
+        "var/nix/userpool",
+        "var/flywheel-agent",
+    ] {
+        std::fs::create_dir_all(plan.nix_root.join(d)).map_err(io(format!("create {d}")))?;
+    }
+    let mut moved = 0;
+    for n in &names {
+        let dst = store.join(n);
+        if std::fs::symlink_metadata(&dst).is_ok() {
+            continue;
+        }
+        std::fs::rename(src_store.join(n), &dst).map_err(io(format!("move {n} into the store")))?;
+        canonicalize(&dst).map_err(io(format!("make {n} read-only")))?;
+        moved += 1;
+    }
+    if moved > 0 {
+        changed.push(format!("installed {moved} store paths"));
+    }
+    let nix_path = store.join(&nix_name);
+    run(
+        std::process::Command::new(nix_path.join("bin/nix-store"))
+            .arg("--load-db")
+            .env_remove("NIX_REMOTE"),
+        "nix-store --load-db",
+        Some(&reginfo),
+    )?;
+    // The default profile: default -> default-N-link -> the pinned nix.
+    let profiles = plan.nix_root.join("var/nix/profiles");
+    let current = std::fs::canonicalize(profiles.join("default")).ok();
+    if current.as_deref() != Some(nix_path.as_path()) {
+        let mut n = 1;
+        while std::fs::symlink_metadata(profiles.join(format!("default-{n}-link"))).is_ok() {
+            n += 1;
+        }
+        let gen = profiles.join(format!("default-{n}-link"));
+        std::os::unix::fs::symlink(&nix_path, &gen).map_err(io("create the profile generation"))?;
+        let tmp = profiles.join(".default.flywheel-tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(format!("default-{n}-link"), &tmp)
+            .map_err(io("link the profile"))?;
+        std::fs::rename(&tmp, profiles.join("default")).map_err(io("switch the profile"))?;
+        changed.push(format!("default profile -> nix {version}"));
+    }
+    timings.register = t.elapsed();
+
+    // configure
+    let t = Instant::now();
+    if std::fs::read(&plan.conf_file).ok().as_deref() != Some(plan.conf_text.as_bytes()) {
+        write_atomic(&plan.conf_file, plan.conf_text.as_bytes(), 0o644)?;
+        changed.push(format!("wrote {}", plan.conf_file.display()));
+    }
+    if !plan.netrc_file.exists() {
+        write_atomic(&plan.netrc_file, b"", 0o600)?;
+        changed.push(format!("created {}", plan.netrc_file.display()));
+    }
+    timings.configure = t.elapsed();
+
+    let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+    let receipt = Receipt {
+        version: version.to_owned(),
+        system: system.to_owned(),
+        tarball_sha256: plan.sha256.clone(),
+        nix_path: nix_name,
+        store_paths: names,
+        conf_file: plan.conf_file.display().to_string(),
+        conf_sha256: sha256_bytes(plan.conf_text.as_bytes()),
+        timings_ms: [
+            ("verify", timings.verify),
+            ("unpack", timings.unpack),
+            ("register", timings.register),
+            ("configure", timings.configure),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), ms(v)))
+        .collect(),
+    };
+    let bytes =
+        serde_json::to_vec_pretty(&receipt).map_err(|e| NixError::Manifest(e.to_string()))?;
+    write_atomic(&receipt_path(&plan.nix_root), &bytes, 0o644)?;
+    Ok((nix_path, changed))
+}
+
+/// The bootstrap plan for a lane's store as its jobs see it.
+pub fn plan_for(
+    cfg: &crate::config::Config,
+    lane: &Lane,
+    host_cpus: u32,
+) -> Result<(Plan, String, String), NixError> {
+    let system = current_system();
+    let pin = pin()?;
+    let (version, sha256, url) = match (&cfg.nix.version, &cfg.nix.sha256) {
+        (Some(v), Some(h)) => (v.clone(), h.clone(), None),
+        _ => {
+            let s = pin
+                .systems
+                .get(&system)
+                .ok_or_else(|| NixError::NoSystem(system.clone()))?;
+            (pin.version.clone(), s.sha256.clone(), Some(s.url.clone()))
+        }
+    };
+    let tarball = match &cfg.nix.tarball {
+        Some(t) => t.clone(),
+        None => {
+            let name = url
+                .as_deref()
+                .and_then(|u| u.rsplit('/').next())
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("nix-{version}-{system}.tar.xz"));
+            PathBuf::from("/var/lib/flywheel-agent/nix").join(name)
+        }
+    };
+    let fs_bytes = store_fs_bytes(&lane.nix_store);
+    let plan = Plan {
+        nix_root: lane.nix_store.clone(),
+        tarball,
+        sha256,
+        conf_file: lane.nix_conf.clone(),
+        conf_text: render_conf(lane, &cfg.nix, fs_bytes, host_cpus),
+        netrc_file: cfg.nix.netrc_file.clone(),
+    };
+    Ok((plan, version, system))
+}
+
+/// Total size of the filesystem holding `path` (or its nearest existing ancestor).
+fn store_fs_bytes(path: &Path) -> u64 {
+    let mut p = path;
+    while !p.exists() {
+        match p.parent() {
+            Some(up) => p = up,
+            None => break,
+        }
+    }
+    nix::sys::statvfs::statvfs(p)
+        .map(|v| {
+            #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+            let b = (v.blocks() as u64).saturating_mul(v.fragment_size() as u64);
+            b
+        })
+        .unwrap_or(0)
+}
+
+/// Bootstrap (or verify) the Nix store a job of `lane` in `slot` will see. A lane with
+/// per-slot stores is bootstrapped in a child of the agent that mounts the slot's store at
+/// the lane's `nix_store` in a private mount namespace first.
+pub fn ensure_for_job(
+    cfg: &crate::config::Config,
+    lane: &Lane,
+    slot: u32,
+    host_cpus: u32,
+) -> Result<Report, NixError> {
+    let (plan, version, system) = plan_for(cfg, lane, host_cpus)?;
+    let Some(slot_root) = &lane.slot_root else {
+        return ensure(&plan, &version, &system);
+    };
+    let (slot_nix, _) = crate::slot::slot_dirs(slot_root, slot);
+    std::fs::create_dir_all(&slot_nix).map_err(io(format!("create {}", slot_nix.display())))?;
+    let exe = std::env::current_exe().map_err(io("find the agent's own executable"))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args([
+        "nix",
+        "bootstrap",
+        "--lane",
+        &lane.name,
+        "--slot",
+        &slot.to_string(),
+        "--summary-only",
+    ]);
+    if let crate::config::Origin::File(p) = &cfg.origin {
+        cmd.arg("--config").arg(p);
+    }
+    let t = Instant::now();
+    let out = cmd.output().map_err(|e| NixError::Command {
+        what: "bootstrapping the slot's store".into(),
+        detail: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(NixError::Command {
+            what: format!("bootstrapping slot {slot}'s store"),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    let summary = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let cold = !summary.contains(": warm");
+    Ok(Report {
+        cold,
+        version,
+        nix_path: PathBuf::new(),
+        changed: vec![summary],
+        timings: Timings {
+            check: t.elapsed(),
+            ..Timings::default()
+        },
+    })
+}
+
+/// Enter a private mount namespace with `src` bind-mounted at `dst` (for `nix bootstrap
+/// --slot`, in its own process).
+pub fn enter_store_namespace(src: &Path, dst: &Path) -> Result<(), NixError> {
+    use nix::mount::{mount, MsFlags};
+    let err = |what: &str| {
+        let what = what.to_owned();
+        move |e: nix::Error| NixError::Io {
+            what,
+            source: e.into(),
+        }
+    };
+    std::fs::create_dir_all(dst).map_err(io(format!("create {}", dst.display())))?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(err("unshare the mount namespace"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(err("make / private"))?;
+    mount(
+        Some(src),
+        dst,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(err("bind the slot's store"))?;
+    Ok(())
+}
+
+/// The per-job daemon settings of a lane.
+pub fn nix_job(cfg: &crate::config::Config, lane: &Lane) -> crate::envelope::NixJob {
+    crate::envelope::NixJob {
+        daemon: lane
+            .nix_store
+            .join("var/nix/profiles/default/bin/nix-daemon"),
+        conf_dir: lane
+            .nix_conf
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("/etc/nix")),
+        sockets: cfg.agent.state_dir.join("nix-sockets"),
+        socket_seen: lane.nix_store.join("var/nix/daemon-socket"),
+        userpool: cfg.nix.userpool.clone(),
+        userpool_seen: lane.nix_store.join("var/nix/userpool"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{parse, HostFacts, Origin};
+
+    fn cfg(extra: &str) -> crate::config::Config {
+        let src = format!("[[lane]]\nname = \"l\"\nmemory = \"8Gi\"\n{extra}");
+        parse(
+            &src,
+            &Origin::Embedded,
+            &HostFacts {
+                memory_bytes: 1 << 40,
+                cpus: 8,
+            },
+        )
+        .expect("parses")
+    }
+
+    #[test]
+    fn the_pin_parses_and_names_this_system() {
+        let p = pin().expect("pin");
+        assert!(!p.version.is_empty());
+        let s = p.systems.get("x86_64-linux").expect("x86_64");
+        assert_eq!(s.sha256.len(), 64);
+        assert!(s
+            .url
+            .ends_with(&format!("nix-{}-x86_64-linux.tar.xz", p.version)));
+    }
+
+    #[test]
+    fn conf_is_deterministic_and_never_trusts_the_job_user() {
+        let c = cfg("[lane.hints]\nattic_server = \"http://127.0.0.1:1\"\nattic_cache = \"c\"\nattic_public_key = \"c:KEY=\"\n");
+        let a = render_conf(&c.lanes[0], &c.nix, 100 << 30, 16);
+        let b = render_conf(&c.lanes[0], &c.nix, 100 << 30, 16);
+        assert_eq!(a.as_bytes(), b.as_bytes());
+        assert!(a.contains("\ntrusted-users = root\n"));
+        assert!(a.contains("\naccept-flake-config = false\n"));
+        assert!(
+            a.contains("\nsubstituters = https://cache.nixos.org http://127.0.0.1:1/c\n"),
+            "{a}"
+        );
+        assert!(a.contains("trusted-public-keys = cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY= c:KEY=\n"));
+        assert!(
+            a.contains("\nmax-jobs = 4\n") && a.contains("\ncores = 4\n"),
+            "{a}"
+        );
+        assert!(a.contains("\nmin-free = 5368709120\n"), "{a}");
+        assert!(a.contains("\nnetrc-file = /etc/nix/netrc\n"));
+        assert!(a.contains("\nrequire-sigs = true\n"));
+        assert_ne!(a, render_conf(&c.lanes[0], &c.nix, 200 << 30, 16));
+    }
+
+    #[test]
+    fn free_thresholds_scale_and_cap() {
+        assert_eq!(free_thresholds(100 << 30), (5 << 30, 15 << 30));
+        assert_eq!(free_thresholds(10 << 40), (10 << 30, 50 << 30));
+    }
+
+    #[test]
+    fn sha256_of_a_file() {
+        let t = tempfile::NamedTempFile::new().expect("tmp");
+        std::fs::write(t.path(), b"abc").expect("write");
+        assert_eq!(
+            sha256_file(t.path()).expect("hash"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,553 @@
+//! The Nix bootstrap and Nix builds inside the envelope, with real Nix (Debian's nix-bin):
+//! real store paths, a real per-job nix-daemon, real signatures, a binary cache on loopback.
+//! Every test runs the agent in a private mount namespace with a fresh directory on `/nix`.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use common::{privileged, stderr, stdout, unique, AGENT};
+
+const VERSION: &str = "2.8.0-flywheel";
+
+/// A release tarball in the official layout, made from real store paths built by the host's
+/// Nix: a `nix-<VERSION>` package whose programs are the host's, and a dependency.
+struct Tarball {
+    path: PathBuf,
+    sha256: String,
+    nix_out: String,
+}
+
+fn sh(cmd: &str) -> String {
+    // The host's Nix, offline: no substituters to time out on.
+    let o = Command::new("sh")
+        .args(["-c", cmd])
+        .env_remove("NIX_REMOTE")
+        .env(
+            "NIX_CONFIG",
+            "substituters =\nsandbox = false\nbuild-users-group =",
+        )
+        .output()
+        .expect("sh");
+    assert!(
+        o.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+fn tarball() -> &'static Tarball {
+    static T: OnceLock<Tarball> = OnceLock::new();
+    T.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("flywheel-nix-tarball-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let expr = dir.join("nix.nix");
+        std::fs::write(
+            &expr,
+            format!(
+                r#"let
+  dep = derivation {{ name = "flywheel-test-dep"; system = "x86_64-linux"; builder = "/bin/sh";
+    args = [ "-c" "echo dependency > $out" ]; }};
+in derivation {{ name = "nix-{VERSION}"; system = "x86_64-linux"; builder = "/bin/sh"; inherit dep;
+  args = [ "-c" "export PATH=/usr/bin:/bin; mkdir -p $out/bin; for n in nix nix-store nix-daemon nix-build nix-env nix-instantiate; do printf '#!/bin/sh\nexec /usr/bin/%s \"$@\"\n' $n > $out/bin/$n; chmod +x $out/bin/$n; done; echo $dep > $out/dep" ]; }}
+"#
+            ),
+        )
+        .expect("expr");
+        let out = sh(&format!("nix-build {} --no-out-link", expr.display()));
+        let closure = sh(&format!("nix-store -qR {out}"));
+        let top = dir.join(format!("nix-{VERSION}-x86_64-linux"));
+        std::fs::create_dir_all(top.join("store")).expect("store");
+        for p in closure.lines() {
+            sh(&format!("cp -a {p} {}/store/", top.display()));
+        }
+        sh(&format!("nix-store --dump-db {} > {}/.reginfo", closure.lines().collect::<Vec<_>>().join(" "), top.display()));
+        let path = dir.join(format!("nix-{VERSION}-x86_64-linux.tar.xz"));
+        sh(&format!("tar -C {} -cJf {} {}", dir.display(), path.display(), top.file_name().unwrap().to_string_lossy()));
+        let sha256 = sh(&format!("sha256sum {} | cut -d' ' -f1", path.display()));
+        Tarball { path, sha256, nix_out: out }
+    })
+}
+
+/// One build-user pool for every rig of this test process (see `nix.userpool`).
+fn shared_userpool() -> PathBuf {
+    let p = std::env::temp_dir().join(format!("flywheel-nix-userpool-{}", std::process::id()));
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+struct Rig {
+    dir: tempfile::TempDir,
+    lane: String,
+    config: PathBuf,
+}
+
+impl Rig {
+    fn new(hints: &str, sha256: Option<&str>) -> Rig {
+        let t = tarball();
+        let dir = tempfile::Builder::new()
+            .prefix("flywheel-nixtest")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod");
+        for d in ["fresh-nix", "etc-nix", "work"] {
+            std::fs::create_dir(dir.path().join(d)).expect("mkdir");
+            std::fs::set_permissions(
+                dir.path().join(d),
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )
+            .expect("chmod");
+        }
+        let lane = unique("nixl");
+        let config = dir.path().join("agent.toml");
+        let p = |s: &str| dir.path().join(s).display().to_string();
+        std::fs::write(
+            &config,
+            format!(
+                r#"[agent]
+state_dir = "{state}"
+teardown_grace = "300ms"
+
+[nix]
+tarball = "{tarball}"
+sha256 = "{sha}"
+version = "{VERSION}"
+netrc_file = "{netrc}"
+sandbox = false
+substituters = []
+trusted_public_keys = []
+userpool = "{userpool}"
+
+[[lane]]
+name = "{lane}"
+memory = "256Mi"
+max_runners = 2
+pids_max = 1024
+min_free = "1Mi"
+work_root = "{work}"
+nix_conf = "{conf}"
+{hints}
+"#,
+                state = p("state"),
+                tarball = t.path.display(),
+                sha = sha256.unwrap_or(&t.sha256),
+                netrc = p("etc-nix/netrc"),
+                work = p("work"),
+                conf = p("etc-nix/nix.conf"),
+                userpool = shared_userpool().display(),
+            ),
+        )
+        .expect("config");
+        Rig { dir, lane, config }
+    }
+
+    fn fresh(&self) -> PathBuf {
+        self.dir.path().join("fresh-nix")
+    }
+
+    /// The agent with ARGS, in a private mount namespace whose `/nix` is this rig's fresh one.
+    fn agent(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("unshare");
+        c.args([
+            "-m",
+            "--",
+            "sh",
+            "-c",
+            "mount --make-rprivate / && mount --bind \"$0\" /nix && exec \"$@\"",
+        ])
+        .arg(self.fresh())
+        .arg(AGENT)
+        .args(args)
+        .env("FLYWHEEL_LOG", "info")
+        .env("FLYWHEEL_LOG_FORMAT", "text")
+        .env_remove("NIX_REMOTE");
+        c
+    }
+
+    fn bootstrap(&self) -> Output {
+        self.agent(&[
+            "nix",
+            "bootstrap",
+            "--config",
+            self.config.to_str().unwrap(),
+        ])
+        .output()
+        .expect("run")
+    }
+
+    fn exec(&self, user: Option<&str>, script: &str) -> Output {
+        let mut args = vec![
+            "exec",
+            "--lane",
+            &self.lane,
+            "--config",
+            self.config.to_str().unwrap(),
+        ];
+        if let Some(u) = user {
+            args.extend(["--user", u]);
+        }
+        args.extend(["--", "sh", "-c", script]);
+        self.agent(&args).output().expect("run")
+    }
+}
+
+#[test]
+fn cold_install_then_warm_then_drift_is_repaired() {
+    if !privileged("nix-bootstrap") {
+        return;
+    }
+    let rig = Rig::new("", None);
+    let o = rig.bootstrap();
+    let out = stdout(&o);
+    assert!(o.status.success(), "{}{}", out, stderr(&o));
+    assert!(
+        out.contains("cold bootstrap")
+            && out.contains("verify")
+            && out.contains("unpack")
+            && out.contains("register")
+            && out.contains("configure"),
+        "{out}"
+    );
+    let fresh = rig.fresh();
+    let nix_name = Path::new(&tarball().nix_out)
+        .file_name()
+        .unwrap()
+        .to_owned();
+    let nix_path = fresh.join("store").join(&nix_name);
+    assert!(nix_path.join("bin/nix-daemon").exists());
+    let meta = std::fs::metadata(&nix_path).expect("meta");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        (meta.uid(), meta.mode() & 0o777),
+        (0, 0o555),
+        "root-owned, read-only"
+    );
+    assert!(
+        fresh.join("var/nix/db/db.sqlite").exists(),
+        "registered with --load-db"
+    );
+    assert_eq!(
+        std::fs::canonicalize(fresh.join("var/nix/profiles/default")).unwrap(),
+        Path::new("/nix/store").join(&nix_name),
+        "profile points into /nix"
+    );
+    let conf_path = rig.dir.path().join("etc-nix/nix.conf");
+    let conf = std::fs::read_to_string(&conf_path).expect("conf");
+    assert!(
+        conf.contains("\ntrusted-users = root\n") && conf.contains("\nnetrc-file = "),
+        "{conf}"
+    );
+    let receipt: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fresh.join("var/flywheel-agent/receipt.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(receipt["version"], VERSION);
+    assert_eq!(receipt["tarball_sha256"], tarball().sha256.as_str());
+    for phase in ["verify", "unpack", "register", "configure"] {
+        assert!(receipt["timings_ms"][phase].is_number(), "{receipt}");
+    }
+
+    // Warm: nothing changes.
+    let before = std::fs::metadata(&conf_path).unwrap().modified().unwrap();
+    let receipt_before = std::fs::read(fresh.join("var/flywheel-agent/receipt.json")).unwrap();
+    let o = rig.bootstrap();
+    assert!(o.status.success());
+    assert!(stdout(&o).contains(": warm"), "{}", stdout(&o));
+    assert_eq!(
+        std::fs::metadata(&conf_path).unwrap().modified().unwrap(),
+        before
+    );
+    assert_eq!(
+        std::fs::read(fresh.join("var/flywheel-agent/receipt.json")).unwrap(),
+        receipt_before
+    );
+
+    // Drift: an edited nix.conf and a missing store path are repaired.
+    std::fs::write(&conf_path, format!("{conf}trusted-users = nobody\n")).unwrap();
+    let dep = std::fs::read_dir(fresh.join("store"))
+        .unwrap()
+        .flatten()
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .ends_with("flywheel-test-dep")
+        })
+        .unwrap()
+        .path();
+    std::fs::set_permissions(&dep, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::remove_file(&dep).unwrap();
+    let o = rig.bootstrap();
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert!(
+        out.contains("cold bootstrap")
+            && out.contains("was edited")
+            && out.contains("1 store paths are missing"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&conf_path).unwrap(),
+        conf,
+        "nix.conf restored byte for byte"
+    );
+    assert!(dep.exists());
+    assert!(stdout(&rig.bootstrap()).contains(": warm"));
+}
+
+#[test]
+fn a_wrong_hash_changes_nothing() {
+    if !privileged("nix-hash") {
+        return;
+    }
+    let rig = Rig::new(
+        "",
+        Some("0000000000000000000000000000000000000000000000000000000000000000"),
+    );
+    let o = rig.bootstrap();
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("refusing to unpack") && err.contains(&tarball().sha256),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(rig.fresh()).unwrap().count(),
+        0,
+        "the fresh /nix is still empty"
+    );
+    assert!(!rig.dir.path().join("etc-nix/nix.conf").exists());
+}
+
+#[test]
+fn a_nix_build_that_blows_the_envelope_is_killed_inside_it() {
+    if !privileged("nix-oom") {
+        return;
+    }
+    let rig = Rig::new("", None);
+    let script = r#"cat > hog.nix <<'EOF'
+derivation { name = "hog"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "exec /usr/bin/tail /dev/zero" ]; }
+EOF
+echo NIX_REMOTE=$NIX_REMOTE
+nix-build hog.nix --no-out-link"#;
+    let o = rig.exec(Some("nobody"), script);
+    let err = stderr(&o);
+    assert_ne!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("cold bootstrap"),
+        "exec bootstrapped Nix first: {err}"
+    );
+    assert!(
+        err.contains("out of memory") && err.contains("256.0 MiB"),
+        "the envelope reported the build's OOM: {err}"
+    );
+    assert!(
+        stdout(&o).contains("NIX_REMOTE=unix:///nix/var/nix/daemon-socket/socket"),
+        "{}",
+        stdout(&o)
+    );
+    // The next job finds Nix warm, and its bootstrap time is reported apart from the job.
+    let o = rig.exec(None, "true");
+    assert!(stderr(&o).contains(": warm (verified in"), "{}", stderr(&o));
+}
+
+/// A static file server on loopback for a binary cache directory; returns its URL.
+fn serve(dir: PathBuf) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                let mut s = stream;
+                let mut buf = [0u8; 4096];
+                let n = s.read(&mut buf).unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]);
+                let path = req
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("/")
+                    .trim_start_matches('/')
+                    .to_owned();
+                let file = dir.join(&path);
+                match (path.contains(".."), std::fs::read(&file)) {
+                    (false, Ok(body)) => {
+                        let _ = write!(
+                            s,
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                            body.len()
+                        );
+                        let _ = s.write_all(&body);
+                    }
+                    _ => {
+                        let _ = write!(s, "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+/// Build a unique path with the host's Nix, sign it with a fresh key, copy it to a file cache.
+/// Returns (store path, cache dir, public key).
+fn signed_cache(tag: &str, root: &Path) -> (String, PathBuf, String) {
+    let keys = root.join(format!("keys-{tag}"));
+    std::fs::create_dir_all(&keys).unwrap();
+    let (sk, pk) = (keys.join("sk"), keys.join("pk"));
+    sh(&format!(
+        "nix-store --generate-binary-cache-key {tag}-1 {} {}",
+        sk.display(),
+        pk.display()
+    ));
+    let expr = root.join(format!("{tag}.nix"));
+    std::fs::write(&expr, format!("derivation {{ name = \"subst-{tag}\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"echo {} > $out\" ]; }}", unique(tag))).unwrap();
+    let path = sh(&format!("nix-build {} --no-out-link", expr.display()));
+    sh(&format!(
+        "nix --extra-experimental-features nix-command store sign --key-file {} {path}",
+        sk.display()
+    ));
+    let cache = root.join(format!("cache-{tag}"));
+    sh(&format!(
+        "nix --extra-experimental-features nix-command copy --to file://{}/cache {path}",
+        cache.display()
+    ));
+    (
+        path,
+        cache,
+        std::fs::read_to_string(pk).unwrap().trim().to_owned(),
+    )
+}
+
+#[test]
+fn jobs_substitute_from_the_lanes_signed_cache_and_refuse_unknown_keys() {
+    if !privileged("nix-substitute") {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let (good_path, good_cache, good_pk) = signed_cache("good", root.path());
+    let (bad_path, bad_cache, _) = signed_cache("bad", root.path());
+    let good_url = serve(good_cache);
+    let bad_url = serve(bad_cache);
+
+    let rig = Rig::new(&format!("[lane.hints]\nattic_server = \"{good_url}\"\nattic_cache = \"cache\"\nattic_public_key = \"{good_pk}\"\n"), None);
+    let o = rig.exec(
+        Some("nobody"),
+        &format!("nix-store -r {good_path} && cat {good_path}"),
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "substituted through the job's daemon: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    assert!(rig
+        .fresh()
+        .join("store")
+        .join(Path::new(&good_path).file_name().unwrap())
+        .exists());
+
+    // A cache whose paths are signed by a key the lane does not trust.
+    let rig = Rig::new(&format!("[lane.hints]\nattic_server = \"{bad_url}\"\nattic_cache = \"cache\"\nattic_public_key = \"{good_pk}\"\n"), None);
+    let o = rig.exec(Some("nobody"), &format!("nix-store -r {bad_path}"));
+    assert_ne!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!rig
+        .fresh()
+        .join("store")
+        .join(Path::new(&bad_path).file_name().unwrap())
+        .exists());
+}
+
+#[test]
+fn the_job_user_cannot_import_unsigned_paths_or_reach_another_jobs_daemon() {
+    if !privileged("nix-isolation") {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        root.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let expr = root.path().join("u.nix");
+    std::fs::write(&expr, format!("derivation {{ name = \"unsigned\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"echo {} > $out\" ]; }}", unique("u"))).unwrap();
+    let path = sh(&format!("nix-build {} --no-out-link", expr.display()));
+    let export = root.path().join("unsigned.export");
+    sh(&format!("nix-store --export {path} > {}", export.display()));
+    std::fs::set_permissions(&export, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+
+    let rig = Rig::new("", None);
+    assert!(rig.bootstrap().status.success());
+    let o = rig.exec(
+        Some("nobody"),
+        &format!("nix-store --import < {}", export.display()),
+    );
+    assert_ne!(
+        o.status.code(),
+        Some(0),
+        "an untrusted user imported an unsigned path: {}",
+        stdout(&o)
+    );
+    assert!(!rig
+        .fresh()
+        .join("store")
+        .join(Path::new(&path).file_name().unwrap())
+        .exists());
+
+    // Two jobs at once: the second sees neither the first's socket nor the socket directory.
+    let shared = rig.dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(
+        &shared,
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
+    let ready = shared.join("ready");
+    let mut first = rig
+        .agent(&[
+            "exec",
+            "--lane",
+            &rig.lane,
+            "--config",
+            rig.config.to_str().unwrap(),
+            "--user",
+            "nobody",
+            "--",
+            "sh",
+            "-c",
+            &format!("touch {}; sleep 4", ready.display()),
+        ])
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !ready.exists() {
+        assert!(t.elapsed().as_secs() < 20, "first job never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let sockets = rig.dir.path().join("state/nix-sockets");
+    let theirs: Vec<PathBuf> = std::fs::read_dir(&sockets)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("socket"))
+        .collect();
+    assert_eq!(theirs.len(), 1, "{theirs:?}");
+    let probe = format!(
+        "ls -A {} | wc -l; test -e {} && echo reachable || echo hidden",
+        sockets.display(),
+        theirs[0].display()
+    );
+    let o = rig.exec(Some("nobody"), &probe);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(out, "0\nhidden\n", "another job's daemon is out of reach");
+    let _ = first.wait();
+}
