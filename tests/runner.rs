@@ -128,6 +128,10 @@ backoff = "100ms"
 
     /// Start `run`; its output goes to `agent.log` (appended), shown when a wait times out.
     fn start(&self) -> Child {
+        self.start_with(&[])
+    }
+
+    fn start_with(&self, env: &[(&str, &str)]) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -136,6 +140,7 @@ backoff = "100ms"
         Command::new(AGENT)
             .args(["run", "--config"])
             .arg(&self.config)
+            .envs(env.iter().copied())
             .env("FLYWHEEL_LOG", "info")
             .env("FLYWHEEL_LOG_FORMAT", "text")
             .env_remove("ACTIONS_RUNNER_INPUT_JITCONFIG")
@@ -636,4 +641,126 @@ fn run_refuses_a_config_without_what_it_needs() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+
+#[test]
+fn systemd_gets_ready_watchdog_and_stopping() {
+    if !privileged("sd-notify") {
+        return;
+    }
+    let rig = Rig::new(&[("notify", "128Mi", 1)], "5s");
+    let sock_path = rig.dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("bind");
+    sock.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let agent = rig.start_with(&[("NOTIFY_SOCKET", sock_path.to_str().unwrap()), ("WATCHDOG_USEC", "400000")]);
+    let mut seen = Vec::<String>::new();
+    let t = Instant::now();
+    let mut buf = [0u8; 512];
+    while !(seen.iter().any(|m| m.contains("READY=1")) && seen.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2) {
+        assert!(t.elapsed() < Duration::from_secs(20), "no READY/WATCHDOG: {seen:?}\n{}", rig.log());
+        if let Ok(n) = sock.recv(&mut buf) {
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    assert!(rig.gh.with(|s| !s.registrations.is_empty()), "READY came after the first registration");
+    term(&agent, nix::sys::signal::Signal::SIGTERM);
+    let t = Instant::now();
+    while !seen.iter().any(|m| m.contains("STOPPING=1")) && t.elapsed() < Duration::from_secs(10) {
+        if let Ok(n) = sock.recv(&mut buf) {
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    assert!(seen.iter().any(|m| m.contains("STOPPING=1")), "{seen:?}");
+    let (code, log) = wait_exit(&rig, agent, Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
+}
+
+/// ARC mode with the agent as PID 1 of a new PID namespace (a pod's entrypoint).
+fn arc_rig(drain_grace: &str) -> Rig {
+    let rig = Rig::new(&[("pid1", "128Mi", 1)], drain_grace);
+    let cfg = std::fs::read_to_string(&rig.config).expect("read");
+    let (start, end) = (cfg.find("[github]").expect("github"), cfg.find("[runner]").expect("runner"));
+    std::fs::write(&rig.config, format!("{}{}", &cfg[..start], &cfg[end..])).expect("write");
+    rig
+}
+
+fn start_as_pid1(rig: &Rig, jit: &str) -> (Child, i32) {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(rig.log_path()).expect("log");
+    let child = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "--", AGENT, "run", "--config"])
+        .arg(&rig.config)
+        .env("ACTIONS_RUNNER_INPUT_JITCONFIG", jit)
+        .env("FLYWHEEL_LANE", &rig.lanes[0])
+        .env("FLYWHEEL_LOG_FORMAT", "text")
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("unshare");
+    // The agent is unshare's only child; its pid here is what a pod's PID 1 is outside.
+    let t = Instant::now();
+    let agent = loop {
+        let kids = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id())).unwrap_or_default();
+        if let Some(p) = kids.split_whitespace().next().and_then(|p| p.parse::<i32>().ok()) {
+            break p;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "the agent never started");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let status = std::fs::read_to_string(format!("/proc/{agent}/status")).unwrap_or_default();
+    let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap_or_default().to_owned();
+    assert!(nspid.trim_end().ends_with("\t1"), "the agent is PID 1 in its namespace: {nspid:?}");
+    (child, agent)
+}
+
+fn zombie_children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        let after = stat.rsplit_once(')').map(|(_, r)| r.trim().to_owned()).unwrap_or_default();
+        let mut f = after.split_whitespace();
+        let (state, ppid) = (f.next(), f.next().and_then(|x| x.parse::<i32>().ok()));
+        if state == Some("Z") && ppid == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn as_pid1_the_agent_reaps_orphans_and_exits_with_the_listeners_status() {
+    if !privileged("pid1") {
+        return;
+    }
+    let rig = arc_rig("5s");
+    let mut job = rig.job(0, "for i in 1 2 3 4 5 6; do (sleep 0.1 &); done; sleep 2; echo orphans-made");
+    job.listener_exit = 2;
+    rig.gh.push_job(job);
+    let jit = register_directly(&rig, "pid1-a");
+    let (child, agent) = start_as_pid1(&rig, &jit);
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(zombie_children(agent).is_empty(), "orphans were reaped: {:?}", zombie_children(agent));
+    let (code, log) = wait_exit(&rig, child, Duration::from_secs(30));
+    assert_eq!(code, 2, "the pod exits with the listener's status: {log}");
+    assert!(log.contains("orphans-made"), "{log}");
+}
+
+#[test]
+fn as_pid1_sigterm_drains_and_exits_with_the_listeners_status() {
+    if !privileged("pid1-drain") {
+        return;
+    }
+    let rig = arc_rig("1s");
+    rig.gh.push_job(rig.job(0, "sleep 30"));
+    let jit = register_directly(&rig, "pid1-b");
+    let (child, agent) = start_as_pid1(&rig, &jit);
+    rig.wait("the job is running", Duration::from_secs(20), |s| s.runners.values().any(|r| r.busy));
+    let t = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent), nix::sys::signal::Signal::SIGTERM).expect("signal");
+    let (code, log) = wait_exit(&rig, child, Duration::from_secs(30));
+    assert_eq!(code, 0, "the listener cancelled its job and exited 0: {log}");
+    assert!(t.elapsed() < Duration::from_secs(15), "the 1 s drain grace, then the listener's SIGINT");
+    assert!(log.contains("draining: the runner is busy"), "{log}");
+    assert_eq!(rig.gh.with(|s| s.completed.first().map(|c| c.1.clone())), Some("cancelled".into()));
 }

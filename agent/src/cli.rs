@@ -658,7 +658,20 @@ fn run_inner(
             }
             (_, _, Some(github)) => {
                 let stats = std::sync::Arc::new(PoolStats::default());
-                runner::run_pool(ctx, github.clone(), shutdown, None, stats.clone()).await?;
+                let notifier = flywheel_agent::notify::Notifier::from_env();
+                notifier.spawn_watchdog(stats.heartbeat.clone());
+                let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+                {
+                    let (n, drain) = (notifier.clone(), shutdown.drain.clone());
+                    tokio::spawn(async move {
+                        if ready_rx.await.is_ok() {
+                            n.send("READY=1\nSTATUS=runners registered");
+                        }
+                        drain.cancelled().await;
+                        n.send("STOPPING=1\nSTATUS=draining");
+                    });
+                }
+                runner::run_pool(ctx, github.clone(), shutdown, Some(ready_tx), stats.clone()).await?;
                 let reg = stats.registered.load(std::sync::atomic::Ordering::Relaxed);
                 let launch = stats.launch_us.load(std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(

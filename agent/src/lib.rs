@@ -6,6 +6,7 @@ pub mod config;
 pub mod envelope;
 pub mod hints;
 pub mod nixboot;
+pub mod notify;
 pub mod reaper;
 pub mod runner;
 pub mod scratch;

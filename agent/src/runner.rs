@@ -374,6 +374,10 @@ struct LaneState {
 /// Per-pool counters, for tests and the closing numbers.
 #[derive(Debug, Default)]
 pub struct PoolStats {
+    /// Unix ms of the pool loop's last turn (the watchdog's evidence of life).
+    pub heartbeat: Arc<std::sync::atomic::AtomicU64>,
+    /// Registrations that failed.
+    pub registration_failures: std::sync::atomic::AtomicU64,
     pub registered: std::sync::atomic::AtomicU64,
     pub finished: std::sync::atomic::AtomicU64,
     /// Microseconds from a JIT config received to its listener started, summed.
@@ -408,6 +412,15 @@ pub async fn run_pool(
     let mut stopping_all = false;
 
     loop {
+        stats.heartbeat.store(crate::notify::now_ms(), std::sync::atomic::Ordering::Relaxed);
+        // Ready (systemd READY=1) once the first registration has an answer, good or bad.
+        let answered = stats.registered.load(std::sync::atomic::Ordering::Relaxed)
+            + stats.registration_failures.load(std::sync::atomic::Ordering::Relaxed);
+        if answered > 0 {
+            if let Some(tx) = ready.take() {
+                let _ = tx.send(());
+            }
+        }
         // Fill the lanes.
         if draining.is_none() {
             for (i, lane) in ctx.cfg.lanes.iter().enumerate() {
@@ -458,9 +471,6 @@ pub async fn run_pool(
                     handles.insert(id, h);
                 }
             }
-            if let Some(tx) = ready.take() {
-                let _ = tx.send(());
-            }
         }
         if draining.is_some() && tasks.is_empty() {
             info!("drained: no runner left");
@@ -500,6 +510,7 @@ pub async fn run_pool(
                         }
                     }
                     End::RegistrationFailed(e) => {
+                        stats.registration_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         st.failures = st.failures.saturating_add(1);
                         warn!(lane = %lane.name, error = %e, "cannot register a runner");
                     }

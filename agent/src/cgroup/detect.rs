@@ -14,6 +14,8 @@ pub struct CgroupMount {
     pub root: String,
     /// `None` for cgroup2, else the v1 controllers (`memory`, `pids`, `name=systemd`, …).
     pub controllers: Option<Vec<String>>,
+    /// Mounted read-only (an unprivileged pod).
+    pub read_only: bool,
 }
 
 /// The cgroup mounts in a mountinfo document.
@@ -40,10 +42,12 @@ pub fn parse_mountinfo(text: &str) -> Vec<CgroupMount> {
             ),
             _ => continue,
         };
+        let read_only = pre.get(5).is_some_and(|o| o.split(',').any(|x| x == "ro"));
         out.push(CgroupMount {
             mountpoint: PathBuf::from(unescape(mp)),
             root: unescape(root),
             controllers,
+            read_only,
         });
     }
     out
@@ -136,6 +140,11 @@ pub fn from_texts(
         .into_iter()
         .filter(|m| m.mountpoint.starts_with(mount))
         .collect();
+    if let Some(ro) = mounts.iter().find(|m| m.read_only) {
+        return Err(CgroupError::ReadOnly {
+            path: ro.mountpoint.clone(),
+        });
+    }
     let v2 = mounts.iter().find(|m| m.controllers.is_none());
     if let Some(m) = v2.filter(|m| m.mountpoint == mount) {
         let own = own_path(self_cgroup, None);
@@ -301,6 +310,14 @@ mod tests {
         )
         .expect("detect");
         assert!(format!("{mgr:?}").contains("base: \"/flywheel\""));
+    }
+
+    #[test]
+    fn a_read_only_cgroup_mount_is_a_clear_error() {
+        let mi = "30 23 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec,relatime - cgroup2 cgroup2 rw\n";
+        let e = from_texts(mi, "0::/\n", Path::new("/sys/fs/cgroup"), None, true).expect_err("read-only");
+        let msg = e.to_string();
+        assert!(msg.contains("read-only") && msg.contains("privileged"), "{msg}");
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub struct Stats {
 pub enum CgroupError {
     #[error("no usable cgroup hierarchy under {mount}: {why}")]
     NoHierarchy { mount: PathBuf, why: String },
+    #[error("the cgroup filesystem at {path} is mounted read-only, so the agent cannot give jobs their memory envelope: run the runner pod privileged, or have the runtime mount cgroups read-write (CRI-O: io.kubernetes.cri-o.cgroup2-mount-hierarchy-rw), or (bare metal) Delegate=yes")]
+    ReadOnly { path: PathBuf },
     #[error("cgroup v2 at {path} does not offer the {controller} controller to the agent: delegate it (systemd Delegate=yes, or a privileged pod) or set [cgroup] parent to a delegated cgroup")]
     NotDelegated { path: PathBuf, controller: String },
     #[error("{op} {path}: {source}")]
