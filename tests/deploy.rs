@@ -11,10 +11,16 @@ use flywheel_agent::config::{parse, HostFacts, Origin};
 use flywheel_agent::size::{parse_duration, parse_size};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_flywheel-agent");
-const BIG_HOST: HostFacts = HostFacts { memory_bytes: 1 << 40, cpus: 64 };
+const BIG_HOST: HostFacts = HostFacts {
+    memory_bytes: 1 << 40,
+    cpus: 64,
+};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn read(rel: &str) -> String {
@@ -22,16 +28,25 @@ fn read(rel: &str) -> String {
 }
 
 fn tool(name: &str) -> bool {
-    let found = Command::new("sh").args(["-c", &format!("command -v {name}")]).output().map(|o| o.status.success()).unwrap_or(false);
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if !found {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{name} is missing and CI must not skip this test");
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{name} is missing and CI must not skip this test"
+        );
         eprintln!("SKIP: {name} is not installed");
     }
     found
 }
 
 fn unit_value<'a>(unit: &'a str, key: &str) -> &'a str {
-    unit.lines().find_map(|l| l.strip_prefix(&format!("{key}="))).unwrap_or_else(|| panic!("{key} missing"))
+    unit.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("{key} missing"))
 }
 
 fn systemd_duration(v: &str) -> Duration {
@@ -49,9 +64,17 @@ fn the_systemd_unit_verifies_and_fits_the_drain() {
     assert_eq!(unit_value(&unit, "Delegate"), "yes");
     assert_eq!(unit_value(&unit, "KillMode"), "mixed");
     assert_eq!(unit_value(&unit, "RestartPreventExitStatus"), "78");
-    let cfg = parse(&read("systemd/agent.toml.example"), &Origin::File("agent.toml.example".into()), &BIG_HOST).expect("the example config is valid");
+    let cfg = parse(
+        &read("systemd/agent.toml.example"),
+        &Origin::File("agent.toml.example".into()),
+        &BIG_HOST,
+    )
+    .expect("the example config is valid");
     let stop = systemd_duration(unit_value(&unit, "TimeoutStopSec"));
-    assert!(stop > cfg.runner.drain_grace + cfg.agent.stop_grace, "TimeoutStopSec {stop:?} must exceed the drain");
+    assert!(
+        stop > cfg.runner.drain_grace + cfg.agent.stop_grace,
+        "TimeoutStopSec {stop:?} must exceed the drain"
+    );
     assert!(cfg.github.is_some() && cfg.lanes.len() == 3);
 
     if !tool("systemd-analyze") {
@@ -60,20 +83,52 @@ fn the_systemd_unit_verifies_and_fits_the_drain() {
     let dir = tempfile::tempdir().unwrap();
     let local = dir.path().join("flywheel-agent.service");
     std::fs::write(&local, unit.replace("/usr/local/bin/flywheel-agent", AGENT)).unwrap();
-    let o = Command::new("systemd-analyze").arg("verify").arg(&local).output().unwrap();
-    let said = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success() && said.trim().is_empty(), "systemd-analyze verify: {said}");
+    let o = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&local)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        o.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify: {said}"
+    );
     // The check can fail: an unknown key is reported.
-    std::fs::write(&local, unit.replace("Delegate=yes", "Delegate=yes\nDelegateSubgroupp=x").replace("/usr/local/bin/flywheel-agent", AGENT)).unwrap();
-    let o = Command::new("systemd-analyze").arg("verify").arg(&local).output().unwrap();
-    assert!(String::from_utf8_lossy(&o.stderr).contains("Unknown key"), "the verification is real");
+    std::fs::write(
+        &local,
+        unit.replace("Delegate=yes", "Delegate=yes\nDelegateSubgroupp=x")
+            .replace("/usr/local/bin/flywheel-agent", AGENT),
+    )
+    .unwrap();
+    let o = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&local)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Unknown key"),
+        "the verification is real"
+    );
 }
 
 #[test]
 fn tmpfiles_and_sysusers_cover_the_paths_and_users() {
     let tmp = read("systemd/flywheel-agent.tmpfiles.conf");
-    for p in ["/run/flywheel-agent", "/var/lib/flywheel-agent/nix", "/var/lib/flywheel/work", "/var/lib/flywheel/fast"] {
-        assert!(tmp.lines().any(|l| l.starts_with("d ") && l.split_whitespace().nth(1) == Some(p)), "{p}");
+    for p in [
+        "/run/flywheel-agent",
+        "/var/lib/flywheel-agent/nix",
+        "/var/lib/flywheel/work",
+        "/var/lib/flywheel/fast",
+    ] {
+        assert!(
+            tmp.lines()
+                .any(|l| l.starts_with("d ") && l.split_whitespace().nth(1) == Some(p)),
+            "{p}"
+        );
     }
     let users = read("systemd/flywheel-agent.sysusers.conf");
     assert!(users.lines().any(|l| l.starts_with("u runner ")));
@@ -82,22 +137,54 @@ fn tmpfiles_and_sysusers_cover_the_paths_and_users() {
 
 #[test]
 fn helm_values_carry_what_arc_and_the_agent_need() {
-    let lanes = [("tinyland-nix", 8u64 << 30, None), ("tinyland-nix-heavy", 64 << 30, Some(2)), ("tinyland-nix-compute-expansion", 8 << 30, None)];
+    let lanes = [
+        ("tinyland-nix", 8u64 << 30, None),
+        ("tinyland-nix-heavy", 64 << 30, Some(2)),
+        ("tinyland-nix-compute-expansion", 8 << 30, None),
+    ];
     for (lane, envelope, max) in lanes {
-        let v: serde_yaml::Value = serde_yaml::from_str(&read(&format!("images/helm/{lane}.yaml"))).expect("yaml");
+        let v: serde_yaml::Value =
+            serde_yaml::from_str(&read(&format!("images/helm/{lane}.yaml"))).expect("yaml");
         assert_eq!(v["runnerScaleSetName"].as_str(), Some(lane));
         if let Some(m) = max {
             assert_eq!(v["maxRunners"].as_u64(), Some(m), "{lane}");
         }
         let spec = &v["template"]["spec"];
-        let c = spec["containers"].as_sequence().unwrap().iter().find(|c| c["name"] == "runner").expect("a container named runner");
-        assert_eq!(c["command"][0].as_str(), Some("/usr/local/bin/flywheel-agent"));
-        assert_eq!(c["securityContext"]["privileged"].as_bool(), Some(true), "writable cgroups");
-        let env = |k: &str| c["env"].as_sequence().unwrap().iter().find(|e| e["name"] == k).and_then(|e| e["value"].as_str()).map(str::to_owned);
+        let c = spec["containers"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "runner")
+            .expect("a container named runner");
+        assert_eq!(
+            c["command"][0].as_str(),
+            Some("/usr/local/bin/flywheel-agent")
+        );
+        assert_eq!(
+            c["securityContext"]["privileged"].as_bool(),
+            Some(true),
+            "writable cgroups"
+        );
+        let env = |k: &str| {
+            c["env"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == k)
+                .and_then(|e| e["value"].as_str())
+                .map(str::to_owned)
+        };
         assert_eq!(env("FLYWHEEL_LANE").as_deref(), Some(lane));
         let cfg_path = env("FLYWHEEL_CONFIG").unwrap();
-        let local = root().join("images/arc").join(Path::new(&cfg_path).file_name().unwrap());
-        let cfg = parse(&std::fs::read_to_string(&local).unwrap(), &Origin::File(local.clone()), &BIG_HOST).expect("the lane's config is valid");
+        let local = root()
+            .join("images/arc")
+            .join(Path::new(&cfg_path).file_name().unwrap());
+        let cfg = parse(
+            &std::fs::read_to_string(&local).unwrap(),
+            &Origin::File(local.clone()),
+            &BIG_HOST,
+        )
+        .expect("the lane's config is valid");
         let l = cfg.lane(lane).expect("the config has the lane");
         assert_eq!(l.memory_bytes, envelope);
         assert_eq!(cfg.runner.lane.as_deref(), Some(lane));
@@ -105,13 +192,28 @@ fn helm_values_carry_what_arc_and_the_agent_need() {
         let limit = parse_size(c["resources"]["limits"]["memory"].as_str().unwrap()).unwrap();
         assert_eq!(limit, envelope + cfg.agent.reserve_bytes, "{lane}");
         let grace = spec["terminationGracePeriodSeconds"].as_u64().unwrap();
-        assert!(Duration::from_secs(grace) >= cfg.runner.drain_grace + cfg.agent.stop_grace, "{lane}: grace {grace}");
-        let mounts: Vec<&str> = c["volumeMounts"].as_sequence().unwrap().iter().filter_map(|m| m["mountPath"].as_str()).collect();
-        assert!(mounts.contains(&"/nix") && mounts.contains(&"/home/runner/_work"), "{lane}: {mounts:?}");
+        assert!(
+            Duration::from_secs(grace) >= cfg.runner.drain_grace + cfg.agent.stop_grace,
+            "{lane}: grace {grace}"
+        );
+        let mounts: Vec<&str> = c["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|m| m["mountPath"].as_str())
+            .collect();
+        assert!(
+            mounts.contains(&"/nix") && mounts.contains(&"/home/runner/_work"),
+            "{lane}: {mounts:?}"
+        );
         if lane == "tinyland-nix-compute-expansion" {
             for vol in spec["volumes"].as_sequence().unwrap() {
                 let claim = &vol["ephemeral"]["volumeClaimTemplate"]["spec"];
-                assert_eq!(claim["storageClassName"].as_str(), Some("fast-local"), "per-pod fast-local volumes");
+                assert_eq!(
+                    claim["storageClassName"].as_str(),
+                    Some("fast-local"),
+                    "per-pod fast-local volumes"
+                );
             }
         }
     }
@@ -133,11 +235,25 @@ fn the_containerfile_lints_clean_and_has_what_it_must() {
     }
     let pin: toml::Value = toml::from_str(&read("images/nix-pin.toml")).unwrap();
     let sha = pin["systems"]["x86_64-linux"]["sha256"].as_str().unwrap();
-    assert!(cf.contains(&format!("ARG NIX_SHA256={sha}")), "the Containerfile bakes the pinned tarball");
-    assert!(cf.contains(&format!("ARG NIX_VERSION={}", pin["version"].as_str().unwrap())));
+    assert!(
+        cf.contains(&format!("ARG NIX_SHA256={sha}")),
+        "the Containerfile bakes the pinned tarball"
+    );
+    assert!(cf.contains(&format!(
+        "ARG NIX_VERSION={}",
+        pin["version"].as_str().unwrap()
+    )));
     if !tool("hadolint") {
         return;
     }
-    let o = Command::new("hadolint").arg("--no-color").arg(root().join("Containerfile")).output().unwrap();
-    assert!(o.status.success(), "hadolint: {}", String::from_utf8_lossy(&o.stdout));
+    let o = Command::new("hadolint")
+        .arg("--no-color")
+        .arg(root().join("Containerfile"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "hadolint: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
 }

@@ -551,3 +551,207 @@ fn the_job_user_cannot_import_unsigned_paths_or_reach_another_jobs_daemon() {
     assert_eq!(out, "0\nhidden\n", "another job's daemon is out of reach");
     let _ = first.wait();
 }
+
+/// Sum of the samples of `name` whose label set contains every fragment.
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter(|l| labels.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn metrics_after_an_oom_a_local_build_a_substitution_and_cold_and_warm_bootstraps() {
+    if !privileged("nix-metrics") {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let (subst_path, cache, pk) = signed_cache("metrics", root.path());
+    let cache_url = serve(cache);
+    let gh = fake_github::FakeGitHub::start();
+    let rig = Rig::new(&format!("[lane.hints]\nattic_server = \"{cache_url}\"\nattic_cache = \"cache\"\nattic_public_key = \"{pk}\"\n"), None);
+    let install = rig.dir.path().join("install");
+    std::fs::create_dir_all(install.join("bin")).unwrap();
+    std::fs::copy(common::fake_listener(), install.join("bin/Runner.Listener")).unwrap();
+    let key = rig.dir.path().join("app.pem");
+    std::fs::write(&key, fake_github::app_key().0).unwrap();
+    let cfg = std::fs::read_to_string(&rig.config)
+        .unwrap()
+        .replace("max_runners = 2", "max_runners = 1");
+    std::fs::write(
+        &rig.config,
+        format!(
+            "{cfg}\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[github]\napi_url = \"{}\"\nscope = \"org\"\ntarget = \"tinyland\"\napp_id = \"{}\"\nprivate_key_file = \"{}\"\n\n[runner]\ninstall_dir = \"{}\"\nuser = \"nobody\"\nname_prefix = \"metrics\"\ndrain_grace = \"5s\"\nbackoff = \"100ms\"\n",
+            gh.url,
+            fake_github::APP_ID,
+            key.display(),
+            install.display()
+        ),
+    )
+    .unwrap();
+    let job = |script: String| fake_github::FakeJob {
+        labels: vec![rig.lane.clone()],
+        script,
+        ..Default::default()
+    };
+    gh.push_job(job("printf '%s' 'derivation { name = \"hog\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"exec /usr/bin/tail /dev/zero\" ]; }' > hog.nix; nix-build hog.nix --no-out-link".into()));
+    gh.push_job(job(format!(
+        "printf '%s' 'derivation {{ name = \"local\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"echo {} > $out\" ]; }}' > local.nix; nix-build local.nix --no-out-link",
+        unique("local")
+    )));
+    gh.push_job(job(format!("nix-store -r {subst_path}")));
+
+    let log_path = rig.dir.path().join("agent.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut agent = rig
+        .agent(&["run", "--config", rig.config.to_str().unwrap()])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while gh.with(|s| s.completed.len()) < 3 {
+        assert!(
+            t.elapsed().as_secs() < 120,
+            "jobs did not finish: {:?}\n{}",
+            gh.with(|s| s.completed.clone()),
+            std::fs::read_to_string(&log_path).unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let text_log = std::fs::read_to_string(&log_path).unwrap();
+    let addr = common::metrics_address(&text_log).expect("the agent logged its metrics address");
+    // The job records land right after the listener exits; give the last one a moment.
+    let mut m = String::new();
+    for _ in 0..50 {
+        m = common::http_get(&addr, "/metrics");
+        if metric(&m, "flywheel_jobs_total", &[]) >= 3.0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = agent.wait().unwrap();
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(&log_path).unwrap()
+    );
+
+    let lane = format!("lane=\"{}\"", rig.lane);
+    assert!(m.ends_with("# EOF\n"), "OpenMetrics text");
+    assert_eq!(
+        metric(&m, "flywheel_jobs_total", &[&lane, "result=\"oom\""]),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "flywheel_jobs_total", &[&lane, "result=\"succeeded\""]),
+        2.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "flywheel_oom_kills_total", &[&lane]) >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "flywheel_job_phase_duration_seconds_count",
+            &[&lane, "phase=\"nix_bootstrap\"", "cache=\"cold\""]
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "flywheel_job_phase_duration_seconds_count",
+            &[&lane, "phase=\"nix_bootstrap\"", "cache=\"warm\""]
+        ),
+        2.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "flywheel_job_phase_duration_seconds_count",
+            &[&lane, "phase=\"run\"", "cache=\"cold\""]
+        ) >= 1.0,
+        "a locally built run: {m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "flywheel_job_phase_duration_seconds_count",
+            &[&lane, "phase=\"run\"", "cache=\"substituted\""]
+        ),
+        1.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "flywheel_nix_store_paths_total",
+            &[&lane, "source=\"built\""]
+        ) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "flywheel_nix_store_paths_total",
+            &[&lane, "source=\"substituted\""]
+        ) >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "flywheel_job_phase_duration_seconds_count",
+            &[&lane, "phase=\"registration\""]
+        ),
+        metric(
+            &m,
+            "flywheel_github_requests_total",
+            &["endpoint=\"generate-jitconfig\"", "status=\"201\""]
+        ),
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "flywheel_github_requests_total",
+            &["endpoint=\"generate-jitconfig\"", "status=\"201\""]
+        ) >= 3.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "flywheel_github_ratelimit_remaining", &[]) > 0.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "flywheel_job_peak_memory_envelope_ratio_count",
+            &[&lane]
+        ),
+        3.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "flywheel_job_peak_memory_bytes_count", &[&lane]) >= 3.0,
+        "{m}"
+    );
+    assert!(m.contains("flywheel_runners{"), "{m}");
+    assert!(
+        m.contains("flywheel_attic_token_mints_total{kind=\"push\"} 0"),
+        "{m}"
+    );
+}

@@ -5,44 +5,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{privileged, unique, AGENT};
+use common::{fake_listener, privileged, unique, AGENT};
 use fake_github::{app_key, FakeGitHub, FakeJob, Injection, APP_ID};
-
-/// The fake listener binary, built once (it is a workspace member, not a dependency).
-fn fake_listener() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let target_dir = Path::new(AGENT)
-            .parent()
-            .and_then(Path::parent)
-            .expect("target dir")
-            .to_path_buf();
-        let profile_dir = Path::new(AGENT)
-            .parent()
-            .expect("profile dir")
-            .to_path_buf();
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args([
-            "build",
-            "-q",
-            "-p",
-            "fake-runner",
-            "--bin",
-            "fake-runner-listener",
-        ])
-        .env("CARGO_TARGET_DIR", &target_dir);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let ok = cmd.status().expect("cargo build fake-runner");
-        assert!(ok.success(), "building the fake listener failed");
-        profile_dir.join("fake-runner-listener")
-    })
-    .clone()
-}
 
 struct Rig {
     gh: FakeGitHub,
@@ -81,6 +47,9 @@ state_dir = "{state}"
 teardown_grace = "300ms"
 stop_grace = "2s"
 reserve = "64Mi"
+
+[metrics]
+listen = "127.0.0.1:0"
 
 [github]
 api_url = "{url}"
@@ -614,7 +583,7 @@ fn run_refuses_a_config_without_what_it_needs() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("github.private_key_file /nonexistent/app.pem")
-            && err.contains("agent.toml:12:20: "),
+            && err.contains("agent.toml:15:20: "),
         "{err}"
     );
     std::fs::write(
@@ -643,7 +612,6 @@ fn run_refuses_a_config_without_what_it_needs() {
     );
 }
 
-
 #[test]
 fn systemd_gets_ready_watchdog_and_stopping() {
     if !privileged("sd-notify") {
@@ -652,18 +620,31 @@ fn systemd_gets_ready_watchdog_and_stopping() {
     let rig = Rig::new(&[("notify", "128Mi", 1)], "5s");
     let sock_path = rig.dir.path().join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("bind");
-    sock.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
-    let agent = rig.start_with(&[("NOTIFY_SOCKET", sock_path.to_str().unwrap()), ("WATCHDOG_USEC", "400000")]);
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let agent = rig.start_with(&[
+        ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "400000"),
+    ]);
     let mut seen = Vec::<String>::new();
     let t = Instant::now();
     let mut buf = [0u8; 512];
-    while !(seen.iter().any(|m| m.contains("READY=1")) && seen.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2) {
-        assert!(t.elapsed() < Duration::from_secs(20), "no READY/WATCHDOG: {seen:?}\n{}", rig.log());
+    while !(seen.iter().any(|m| m.contains("READY=1"))
+        && seen.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no READY/WATCHDOG: {seen:?}\n{}",
+            rig.log()
+        );
         if let Ok(n) = sock.recv(&mut buf) {
             seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
         }
     }
-    assert!(rig.gh.with(|s| !s.registrations.is_empty()), "READY came after the first registration");
+    assert!(
+        rig.gh.with(|s| !s.registrations.is_empty()),
+        "READY came after the first registration"
+    );
     term(&agent, nix::sys::signal::Signal::SIGTERM);
     let t = Instant::now();
     while !seen.iter().any(|m| m.contains("STOPPING=1")) && t.elapsed() < Duration::from_secs(10) {
@@ -680,15 +661,30 @@ fn systemd_gets_ready_watchdog_and_stopping() {
 fn arc_rig(drain_grace: &str) -> Rig {
     let rig = Rig::new(&[("pid1", "128Mi", 1)], drain_grace);
     let cfg = std::fs::read_to_string(&rig.config).expect("read");
-    let (start, end) = (cfg.find("[github]").expect("github"), cfg.find("[runner]").expect("runner"));
+    let (start, end) = (
+        cfg.find("[github]").expect("github"),
+        cfg.find("[runner]").expect("runner"),
+    );
     std::fs::write(&rig.config, format!("{}{}", &cfg[..start], &cfg[end..])).expect("write");
     rig
 }
 
 fn start_as_pid1(rig: &Rig, jit: &str) -> (Child, i32) {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(rig.log_path()).expect("log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(rig.log_path())
+        .expect("log");
     let child = Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc", "--", AGENT, "run", "--config"])
+        .args([
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--",
+            AGENT,
+            "run",
+            "--config",
+        ])
         .arg(&rig.config)
         .env("ACTIONS_RUNNER_INPUT_JITCONFIG", jit)
         .env("FLYWHEEL_LANE", &rig.lanes[0])
@@ -700,25 +696,47 @@ fn start_as_pid1(rig: &Rig, jit: &str) -> (Child, i32) {
     // The agent is unshare's only child; its pid here is what a pod's PID 1 is outside.
     let t = Instant::now();
     let agent = loop {
-        let kids = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id())).unwrap_or_default();
-        if let Some(p) = kids.split_whitespace().next().and_then(|p| p.parse::<i32>().ok()) {
+        let kids = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
+            .unwrap_or_default();
+        if let Some(p) = kids
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse::<i32>().ok())
+        {
             break p;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "the agent never started");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the agent never started"
+        );
         std::thread::sleep(Duration::from_millis(10));
     };
     let status = std::fs::read_to_string(format!("/proc/{agent}/status")).unwrap_or_default();
-    let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap_or_default().to_owned();
-    assert!(nspid.trim_end().ends_with("\t1"), "the agent is PID 1 in its namespace: {nspid:?}");
+    let nspid = status
+        .lines()
+        .find(|l| l.starts_with("NSpid:"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        nspid.trim_end().ends_with("\t1"),
+        "the agent is PID 1 in its namespace: {nspid:?}"
+    );
     (child, agent)
 }
 
 fn zombie_children(pid: i32) -> Vec<i32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
-        let after = stat.rsplit_once(')').map(|(_, r)| r.trim().to_owned()).unwrap_or_default();
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let after = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.trim().to_owned())
+            .unwrap_or_default();
         let mut f = after.split_whitespace();
         let (state, ppid) = (f.next(), f.next().and_then(|x| x.parse::<i32>().ok()));
         if state == Some("Z") && ppid == Some(pid) {
@@ -734,13 +752,20 @@ fn as_pid1_the_agent_reaps_orphans_and_exits_with_the_listeners_status() {
         return;
     }
     let rig = arc_rig("5s");
-    let mut job = rig.job(0, "for i in 1 2 3 4 5 6; do (sleep 0.1 &); done; sleep 2; echo orphans-made");
+    let mut job = rig.job(
+        0,
+        "for i in 1 2 3 4 5 6; do (sleep 0.1 &); done; sleep 2; echo orphans-made",
+    );
     job.listener_exit = 2;
     rig.gh.push_job(job);
     let jit = register_directly(&rig, "pid1-a");
     let (child, agent) = start_as_pid1(&rig, &jit);
     std::thread::sleep(Duration::from_millis(1200));
-    assert!(zombie_children(agent).is_empty(), "orphans were reaped: {:?}", zombie_children(agent));
+    assert!(
+        zombie_children(agent).is_empty(),
+        "orphans were reaped: {:?}",
+        zombie_children(agent)
+    );
     let (code, log) = wait_exit(&rig, child, Duration::from_secs(30));
     assert_eq!(code, 2, "the pod exits with the listener's status: {log}");
     assert!(log.contains("orphans-made"), "{log}");
@@ -755,12 +780,92 @@ fn as_pid1_sigterm_drains_and_exits_with_the_listeners_status() {
     rig.gh.push_job(rig.job(0, "sleep 30"));
     let jit = register_directly(&rig, "pid1-b");
     let (child, agent) = start_as_pid1(&rig, &jit);
-    rig.wait("the job is running", Duration::from_secs(20), |s| s.runners.values().any(|r| r.busy));
+    rig.wait("the job is running", Duration::from_secs(20), |s| {
+        s.runners.values().any(|r| r.busy)
+    });
     let t = Instant::now();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent), nix::sys::signal::Signal::SIGTERM).expect("signal");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("signal");
     let (code, log) = wait_exit(&rig, child, Duration::from_secs(30));
-    assert_eq!(code, 0, "the listener cancelled its job and exited 0: {log}");
-    assert!(t.elapsed() < Duration::from_secs(15), "the 1 s drain grace, then the listener's SIGINT");
+    assert_eq!(
+        code, 0,
+        "the listener cancelled its job and exited 0: {log}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "the 1 s drain grace, then the listener's SIGINT"
+    );
     assert!(log.contains("draining: the runner is busy"), "{log}");
-    assert_eq!(rig.gh.with(|s| s.completed.first().map(|c| c.1.clone())), Some("cancelled".into()));
+    assert_eq!(
+        rig.gh.with(|s| s.completed.first().map(|c| c.1.clone())),
+        Some("cancelled".into())
+    );
+}
+
+#[test]
+fn status_json_shows_the_running_job_with_its_lane_and_envelope() {
+    if !privileged("status") {
+        return;
+    }
+    let rig = Rig::new(&[("st", "192Mi", 1)], "5s");
+    rig.gh.push_job(rig.job(0, "sleep 4"));
+    let agent = rig.start();
+    rig.wait("the job is running", Duration::from_secs(30), |s| {
+        s.runners.values().any(|r| r.busy)
+    });
+    let t = Instant::now();
+    let status = loop {
+        let o = Command::new(AGENT)
+            .args(["status", "--json", "--config"])
+            .arg(&rig.config)
+            .output()
+            .expect("status");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+        let busy = v["lanes"][0]["runners"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|x| x["state"] == "busy"));
+        if busy || t.elapsed() > Duration::from_secs(10) {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status["mode"], "pool");
+    let lane = &status["lanes"][0];
+    assert_eq!(lane["name"], rig.lanes[0].as_str());
+    assert_eq!(lane["memory_bytes"], 192u64 << 20);
+    let r = lane["runners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["state"] == "busy")
+        .unwrap_or_else(|| panic!("a busy runner: {status}"));
+    assert_eq!(r["envelope_bytes"], 192u64 << 20);
+    assert!(
+        r["job"]
+            .as_str()
+            .is_some_and(|j| j.starts_with(&format!("{}.s", rig.lanes[0]))),
+        "{r}"
+    );
+    assert!(
+        r["memory_current_bytes"].as_u64().is_some_and(|m| m > 0),
+        "{r}"
+    );
+    assert!(r["name"].as_str().unwrap().starts_with(&rig.prefix));
+    let text = Command::new(AGENT)
+        .args(["status", "--config"])
+        .arg(&rig.config)
+        .output()
+        .expect("status");
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("busy"),
+        "{}",
+        String::from_utf8_lossy(&text.stdout)
+    );
+    term(&agent, nix::sys::signal::Signal::SIGTERM);
+    let (code, log) = wait_exit(&rig, agent, Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
 }

@@ -64,6 +64,14 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Ask the running agent (`run`) what it is doing: lanes, runners, jobs, envelope use,
+    /// the last OOM verdicts.
+    Status {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Nix on this host: the pinned, hash-verified bootstrap.
     Nix {
         #[command(subcommand)]
@@ -189,6 +197,13 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Run { config } => run(config, &host, jit),
+        Command::Status { config, json } => match status(config, json, &host) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("flywheel: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Command::Nix {
             command:
                 NixCommand::Bootstrap {
@@ -373,7 +388,7 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         tracing::debug!(layout = %mgr.layout(), "cgroup layout");
         let outcome = envelope::run_job(&cfg, mgr.as_ref(), spec, stop, &reaper).await?;
         if let Some(n) = &outcome.nix {
-            eprintln!("flywheel: {n}");
+            eprintln!("flywheel: {}", n.text);
         }
         if let Some(msg) = &outcome.launch_error {
             eprintln!("flywheel: {msg}");
@@ -483,6 +498,59 @@ fn download(url: &str, to: &std::path::Path) -> anyhow::Result<()> {
         tracing::info!(url, bytes = bytes.len(), to = %to.display(), "downloaded the nix tarball");
         Ok(())
     })
+}
+
+fn status(config: Option<PathBuf>, json: bool, host: &HostFacts) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+    let cfg = config::load(config.as_deref(), host)?;
+    let path = flywheel_agent::telemetry::control_socket(&cfg.agent.state_dir);
+    let mut s = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
+        format!(
+            "no agent is answering on {} (is `flywheel-agent run` running, and are you root?)",
+            path.display()
+        )
+    })?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    s.write_all(b"status\n")?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let _ = write!(out, "{line}");
+        return Ok(());
+    }
+    let st: flywheel_agent::telemetry::Status =
+        serde_json::from_str(&line).context("the agent's answer")?;
+    let _ = writeln!(out, "mode: {}", st.mode);
+    for l in &st.lanes {
+        let _ = writeln!(
+            out,
+            "{} ({} envelope, {} of {} runners)",
+            l.name,
+            Bytes(l.memory_bytes),
+            l.runners.len(),
+            l.max_runners
+        );
+        for r in &l.runners {
+            let mem = r.memory_current_bytes.map_or_else(
+                || "-".to_owned(),
+                |m| format!("{} of {}", Bytes(m), Bytes(r.envelope_bytes)),
+            );
+            let _ = writeln!(
+                out,
+                "  {:<40} {:<11} {:>24}  {}s  {}",
+                r.name,
+                r.state,
+                mem,
+                r.age_seconds,
+                r.job.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    for v in &st.verdicts {
+        let _ = writeln!(out, "verdict ({}, {}): {}", v.lane, v.runner, v.text);
+    }
+    Ok(())
 }
 
 /// SIGINT/SIGTERM, escalating: the first cancels `drain`, the second `stop`, the third `kill`.
@@ -637,12 +705,25 @@ fn run_inner(
         let reaper = Reaper::start().context("cannot watch child processes")?;
         let shutdown = watch_signals()?;
         let mgr = cgroup::detect(&cfg.cgroup.mount, cfg.cgroup.parent.as_deref())?;
+        let telemetry = std::sync::Arc::new(flywheel_agent::telemetry::Telemetry::new(
+            &cfg.lanes,
+            if jit.is_some() { "arc" } else { "pool" },
+        ));
+        if let Some(addr) = cfg.metrics.listen {
+            flywheel_agent::telemetry::serve_metrics(addr, telemetry.clone(), github.clone())
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr}: set [metrics] listen to a free address, or \"\" to turn metrics off"))?;
+        }
+        flywheel_agent::telemetry::serve_control(flywheel_agent::telemetry::control_socket(&cfg.agent.state_dir), telemetry.clone())
+            .await
+            .context("cannot open the control socket")?;
         let ctx = RunContext {
             cfg: std::sync::Arc::new(cfg),
             mgr: std::sync::Arc::from(mgr),
             reaper,
             host: *host,
             user,
+            telemetry,
         };
         match (jit, arc_lane, github) {
             (Some(jit), Some(lane), _) => {
@@ -671,7 +752,8 @@ fn run_inner(
                         n.send("STOPPING=1\nSTATUS=draining");
                     });
                 }
-                runner::run_pool(ctx, github.clone(), shutdown, Some(ready_tx), stats.clone()).await?;
+                runner::run_pool(ctx, github.clone(), shutdown, Some(ready_tx), stats.clone())
+                    .await?;
                 let reg = stats.registered.load(std::sync::atomic::Ordering::Relaxed);
                 let launch = stats.launch_us.load(std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(

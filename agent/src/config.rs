@@ -202,6 +202,12 @@ pub struct RunnerSettings {
     pub lane: Option<String>,
 }
 
+/// Where `/metrics` is served (`run`, ARC mode); `None` turns it off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsSettings {
+    pub listen: Option<std::net::SocketAddr>,
+}
+
 /// Agent-wide settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentSettings {
@@ -234,6 +240,7 @@ pub struct Config {
     pub github: Option<GitHubSettings>,
     pub runner: RunnerSettings,
     pub nix: NixSettings,
+    pub metrics: MetricsSettings,
     pub lanes: Vec<Lane>,
 }
 
@@ -264,7 +271,15 @@ struct RawConfig {
     #[serde(default)]
     nix: RawNix,
     #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
     lane: Option<Vec<RawLane>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -407,6 +422,15 @@ pub fn parse(src: &str, origin: &Origin, host: &HostFacts) -> Result<Config, Con
     let github = raw.github.map(|g| github_settings(&cx, g)).transpose()?;
     let runner = runner_settings(&cx, raw.runner)?;
     let nix = nix_settings(&cx, raw.nix)?;
+    let metrics = MetricsSettings {
+        listen: match &raw.metrics.listen {
+            Some(l) if l.get_ref().is_empty() => None,
+            Some(l) => Some(l.get_ref().parse().map_err(|_| {
+                cx.err(l, format!("metrics.listen {:?} is not an address: write HOST:PORT, e.g. \"127.0.0.1:9464\", or \"\" to turn metrics off", l.get_ref()))
+            })?),
+            None => Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9464))),
+        },
+    };
     let cgroup = CgroupSettings {
         mount: match raw.cgroup.mount {
             Some(m) => absolute(&cx, &m, "cgroup.mount")?,
@@ -432,6 +456,7 @@ pub fn parse(src: &str, origin: &Origin, host: &HostFacts) -> Result<Config, Con
                 github,
                 runner,
                 nix,
+                metrics,
                 lanes: defaults.lanes,
             };
             check_runner_lane(&cx, &cfg)?;
@@ -471,6 +496,7 @@ pub fn parse(src: &str, origin: &Origin, host: &HostFacts) -> Result<Config, Con
         github,
         runner,
         nix,
+        metrics,
         lanes,
     };
     check_runner_lane(&cx, &cfg)?;

@@ -174,6 +174,23 @@ impl JobProbe {
         pids.dedup();
         pids.len()
     }
+    /// The running job's name (its cgroup's directory name).
+    pub fn job_name(&self) -> Option<String> {
+        let files = self.0.lock().ok()?.clone()?;
+        let dir = files.first()?.parent()?;
+        Some(dir.file_name()?.to_string_lossy().into_owned())
+    }
+
+    /// The running job's memory use now (v2 `memory.current`, v1 `memory.usage_in_bytes`).
+    pub fn memory_current(&self) -> Option<u64> {
+        let files = self.0.lock().ok()?.clone()?;
+        files.iter().filter_map(|f| f.parent()).find_map(|d| {
+            ["memory.current", "memory.usage_in_bytes"]
+                .iter()
+                .find_map(|n| std::fs::read_to_string(d.join(n)).ok()?.trim().parse().ok())
+        })
+    }
+
     /// A runner is busy when its listener has company beyond its nix-daemon: a worker and the
     /// job's processes.
     pub fn busy(&self) -> bool {
@@ -215,7 +232,17 @@ pub struct JobOutcome {
     pub stopped: bool,
     pub timings: Timings,
     /// Whether Nix was warm or cold, and the bootstrap's own time (never part of `run`).
-    pub nix: Option<String>,
+    pub nix: Option<NixSummary>,
+    /// Unix seconds when the command started (for the store paths it added).
+    pub started_unix: u64,
+}
+
+/// The Nix bootstrap of a job, reported apart from the job.
+#[derive(Debug, Clone)]
+pub struct NixSummary {
+    pub cold: bool,
+    pub elapsed: Duration,
+    pub text: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -337,10 +364,15 @@ async fn run_job_inner(
     );
     let nix_report = match &spec.nix {
         Some(_) => {
+            let t = Instant::now();
             let r = crate::nixboot::ensure_for_job(cfg, lane, slot.index, spec.host_cpus)
                 .map_err(|e| EnvelopeError::Nix(e.to_string()))?;
             info!(cold = r.cold, "{}", r.summary());
-            Some(r.summary())
+            Some(NixSummary {
+                cold: r.cold,
+                elapsed: t.elapsed(),
+                text: r.summary(),
+            })
         }
         None => None,
     };
@@ -397,6 +429,9 @@ async fn run_job_inner(
     drop(entered);
 
     let t_run = Instant::now();
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let mut stopped = false;
     let (exit, launch_error, code) = match launched {
         Ok(Launched::Running { pid, exit, output }) => {
@@ -499,6 +534,7 @@ async fn run_job_inner(
         stopped,
         timings,
         nix: nix_report,
+        started_unix,
     })
 }
 

@@ -12,6 +12,7 @@ pub mod runner;
 pub mod scratch;
 pub mod size;
 pub mod slot;
+pub mod telemetry;
 pub mod verdict;
 pub mod workdir;
 

@@ -45,7 +45,10 @@ impl Notifier {
     /// Ping `WATCHDOG=1` every half of `WATCHDOG_USEC` as long as `heartbeat` (unix ms, set by
     /// the pool loop) is fresher than the watchdog interval: a hung loop stops the pings.
     pub fn spawn_watchdog(&self, heartbeat: Arc<AtomicU64>) {
-        let Some(usec) = std::env::var("WATCHDOG_USEC").ok().and_then(|v| v.parse::<u64>().ok()) else {
+        let Some(usec) = std::env::var("WATCHDOG_USEC")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        else {
             return;
         };
         if !self.enabled() || usec == 0 {
@@ -60,7 +63,10 @@ impl Notifier {
                 if u128::from(age) < interval.as_millis() {
                     me.send("WATCHDOG=1");
                 } else {
-                    tracing::error!(age_ms = age, "the pool loop is stuck; withholding the watchdog ping");
+                    tracing::error!(
+                        age_ms = age,
+                        "the pool loop is stuck; withholding the watchdog ping"
+                    );
                 }
             }
         });

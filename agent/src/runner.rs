@@ -35,6 +35,20 @@ pub struct RunContext {
     pub reaper: Reaper,
     pub host: HostFacts,
     pub user: JobUser,
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
+}
+
+/// Record a finished runner job in the metrics (with the store paths its daemon added).
+fn record(ctx: &RunContext, lane: &Lane, runner: &str, o: &JobOutcome) {
+    let paths = lane.nix.then(|| {
+        let root = match &lane.slot_root {
+            Some(sr) => crate::slot::slot_dirs(sr, o.slot).0,
+            None => lane.nix_store.clone(),
+        };
+        crate::telemetry::store_paths_since(&root, o.started_unix)
+    });
+    ctx.telemetry
+        .job_finished(&lane.name, lane.memory_bytes, runner, o, paths.flatten());
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -307,6 +321,7 @@ pub async fn run_arc(
     let name = file.agent_name.clone();
     info!(runner = %name, lane = %lane.name, "ARC mode: running the runner this pod was given");
     let probe = JobProbe::default();
+    ctx.telemetry.runner_started(&name, lane, probe.clone());
     let stop = Stop::default();
     let watcher = {
         let (probe, stop, grace) = (probe.clone(), stop.clone(), ctx.cfg.runner.drain_grace);
@@ -328,6 +343,11 @@ pub async fn run_arc(
     let spec = runner_spec(&ctx, lane, jit, &name, probe);
     let outcome = envelope::run_job(&ctx.cfg, ctx.mgr.as_ref(), spec, stop, &ctx.reaper).await;
     watcher.abort();
+    ctx.telemetry.runner_ended(&name);
+    match &outcome {
+        Ok(o) => record(&ctx, lane, &name, o),
+        Err(_) => ctx.telemetry.infrastructure_failure(&lane.name),
+    }
     Ok(outcome?)
 }
 
@@ -412,10 +432,15 @@ pub async fn run_pool(
     let mut stopping_all = false;
 
     loop {
-        stats.heartbeat.store(crate::notify::now_ms(), std::sync::atomic::Ordering::Relaxed);
+        stats.heartbeat.store(
+            crate::notify::now_ms(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         // Ready (systemd READY=1) once the first registration has an answer, good or bad.
         let answered = stats.registered.load(std::sync::atomic::Ordering::Relaxed)
-            + stats.registration_failures.load(std::sync::atomic::Ordering::Relaxed);
+            + stats
+                .registration_failures
+                .load(std::sync::atomic::Ordering::Relaxed);
         if answered > 0 {
             if let Some(tx) = ready.take() {
                 let _ = tx.send(());
@@ -441,6 +466,7 @@ pub async fn run_pool(
                         .sum();
                     if used + lane.memory_bytes + reserve > capacity {
                         if !lanes[i].refused_logged {
+                            ctx.telemetry.admission_refused(&lane.name);
                             warn!(lane = %lane.name, used, envelope = lane.memory_bytes, reserve, capacity, "admission: no room for another runner of this lane until a job ends");
                             lanes[i].refused_logged = true;
                         }
@@ -612,6 +638,9 @@ async fn runner_task(
         Some(g) => g,
         None => return End::RegistrationFailed("no [github] configured".into()),
     };
+    let key = format!("(registering {:08x})", fastrand::u32(..));
+    ctx.telemetry.runner_started(&key, lane, probe.clone());
+    let t_reg = Instant::now();
     let reg = github
         .register(
             |_| runner_name(&prefix, &lane.name),
@@ -620,10 +649,16 @@ async fn runner_task(
             "_work",
         )
         .await;
+    ctx.telemetry
+        .observe_phase(&lane.name, "registration", "none", t_reg.elapsed());
     let jit = match reg {
         Ok(j) => j,
-        Err(e) => return End::RegistrationFailed(e.to_string()),
+        Err(e) => {
+            ctx.telemetry.runner_ended(&key);
+            return End::RegistrationFailed(e.to_string());
+        }
     };
+    ctx.telemetry.runner_named(&key, &jit.runner.name);
     let received = Instant::now();
     let name = jit.runner.name.clone();
     let id = jit.runner.id;
@@ -635,6 +670,7 @@ async fn runner_task(
     }
     if drain.is_cancelled() {
         let _ = github.delete_runner(id).await;
+        ctx.telemetry.runner_ended(&name);
         return End::Drained;
     }
     info!(runner = %name, id, "registered; starting its listener");
@@ -655,6 +691,11 @@ async fn runner_task(
     let stopped_by_us = stop.graceful.clone();
     let res = envelope::run_job(&ctx.cfg, ctx.mgr.as_ref(), spec, stop, &ctx.reaper).await;
     watch.abort();
+    ctx.telemetry.runner_ended(&name);
+    match &res {
+        Ok(o) => record(&ctx, lane, &name, o),
+        Err(_) => ctx.telemetry.infrastructure_failure(&lane.name),
+    }
     match res {
         Ok(outcome) => {
             // An ephemeral runner that ran its job is removed by GitHub; anything else may

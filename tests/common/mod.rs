@@ -190,3 +190,62 @@ pub fn spawn_in(job: &dyn flywheel_agent::cgroup::JobCgroup, script: &str) -> st
     drop(files);
     child
 }
+
+/// The fake listener binary, built once (it is a workspace member, not a dependency).
+pub fn fake_listener() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let target_dir = Path::new(AGENT)
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_path_buf();
+        let profile_dir = Path::new(AGENT)
+            .parent()
+            .expect("profile dir")
+            .to_path_buf();
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args([
+            "build",
+            "-q",
+            "-p",
+            "fake-runner",
+            "--bin",
+            "fake-runner-listener",
+        ])
+        .env("CARGO_TARGET_DIR", &target_dir);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let ok = cmd.status().expect("cargo build fake-runner");
+        assert!(ok.success(), "building the fake listener failed");
+        profile_dir.join("fake-runner-listener")
+    })
+    .clone()
+}
+
+/// The address `run` serves `/metrics` on, from its log (the rigs listen on port 0).
+pub fn metrics_address(log: &str) -> Option<String> {
+    log.lines()
+        .find(|l| l.contains("serving /metrics"))
+        .and_then(|l| {
+            let i = l.find("address=")? + "address=".len();
+            Some(l[i..].split_whitespace().next()?.to_owned())
+        })
+}
+
+/// GET a URL on loopback (plain HTTP/1.1), returning the body.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}

@@ -314,10 +314,15 @@ mod tests {
 
     #[test]
     fn a_read_only_cgroup_mount_is_a_clear_error() {
-        let mi = "30 23 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec,relatime - cgroup2 cgroup2 rw\n";
-        let e = from_texts(mi, "0::/\n", Path::new("/sys/fs/cgroup"), None, true).expect_err("read-only");
+        let mi =
+            "30 23 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec,relatime - cgroup2 cgroup2 rw\n";
+        let e = from_texts(mi, "0::/\n", Path::new("/sys/fs/cgroup"), None, true)
+            .expect_err("read-only");
         let msg = e.to_string();
-        assert!(msg.contains("read-only") && msg.contains("privileged"), "{msg}");
+        assert!(
+            msg.contains("read-only") && msg.contains("privileged"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -1,0 +1,583 @@
+//! What operators see: Prometheus metrics on `[metrics] listen`, and `flywheel-agent status`
+//! through a control socket (`<state_dir>/control.sock`, root only).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, linear_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+use serde::Serialize;
+
+use crate::envelope::{JobOutcome, JobProbe};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LaneLabels {
+    pub lane: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RunnerStateLabels {
+    pub lane: String,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabels {
+    pub lane: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub lane: String,
+    pub phase: String,
+    /// For `run`: cold (built locally), substituted, warm (nothing to build or fetch), none
+    /// (no Nix). For `nix_bootstrap`: cold or warm.
+    pub cache: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    pub endpoint: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabels {
+    pub lane: String,
+    pub source: String,
+}
+
+fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.5, 16))
+}
+
+fn bytes_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(16.0 * 1024.0 * 1024.0, 2.0, 14))
+}
+
+fn ratio_histogram() -> Histogram {
+    Histogram::new(linear_buckets(0.1, 0.1, 10))
+}
+
+/// A runner the status shows.
+#[derive(Debug, Clone)]
+struct RunnerEntry {
+    lane: String,
+    envelope_bytes: u64,
+    probe: JobProbe,
+    job: Option<String>,
+    since: Instant,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct VerdictEntry {
+    pub lane: String,
+    pub runner: String,
+    pub at_unix: u64,
+    pub text: String,
+}
+
+/// The agent's metrics and its live runner table.
+#[derive(Debug)]
+pub struct Telemetry {
+    registry: Registry,
+    runners_gauge: Family<RunnerStateLabels, Gauge>,
+    jobs: Family<JobLabels, Counter>,
+    oom_kills: Family<LaneLabels, Counter>,
+    peak_bytes: Family<LaneLabels, Histogram>,
+    peak_ratio: Family<LaneLabels, Histogram>,
+    phase: Family<PhaseLabels, Histogram>,
+    api: Family<ApiLabels, Counter>,
+    ratelimit_remaining: Gauge,
+    mints: Family<KindLabels, Counter>,
+    admission_refusals: Family<LaneLabels, Counter>,
+    store_paths: Family<PathLabels, Counter>,
+    api_seen: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    runners: Mutex<BTreeMap<String, RunnerEntry>>,
+    verdicts: Mutex<VecDeque<VerdictEntry>>,
+    lanes: Vec<(String, u64, u32)>,
+    pub mode: &'static str,
+}
+
+impl Telemetry {
+    pub fn new(lanes: &[crate::config::Lane], mode: &'static str) -> Telemetry {
+        let mut registry = Registry::with_prefix("flywheel");
+        let runners_gauge = Family::<RunnerStateLabels, Gauge>::default();
+        let jobs = Family::<JobLabels, Counter>::default();
+        let oom_kills = Family::<LaneLabels, Counter>::default();
+        let peak_bytes = Family::<LaneLabels, Histogram>::new_with_constructor(
+            bytes_histogram as fn() -> Histogram,
+        );
+        let peak_ratio = Family::<LaneLabels, Histogram>::new_with_constructor(
+            ratio_histogram as fn() -> Histogram,
+        );
+        let phase = Family::<PhaseLabels, Histogram>::new_with_constructor(
+            seconds_histogram as fn() -> Histogram,
+        );
+        let api = Family::<ApiLabels, Counter>::default();
+        let ratelimit_remaining = Gauge::default();
+        let mints = Family::<KindLabels, Counter>::default();
+        let admission_refusals = Family::<LaneLabels, Counter>::default();
+        let store_paths = Family::<PathLabels, Counter>::default();
+        registry.register(
+            "runners",
+            "Runners by lane and state (registering, idle, busy)",
+            runners_gauge.clone(),
+        );
+        registry.register(
+            "jobs",
+            "Jobs by lane and result (succeeded, failed, oom, cancelled, infrastructure)",
+            jobs.clone(),
+        );
+        registry.register(
+            "oom_kills",
+            "Processes the kernel OOM-killed inside job envelopes",
+            oom_kills.clone(),
+        );
+        registry.register_with_unit(
+            "job_peak_memory",
+            "Peak memory of jobs",
+            Unit::Bytes,
+            peak_bytes.clone(),
+        );
+        registry.register(
+            "job_peak_memory_envelope_ratio",
+            "Peak memory of jobs as a fraction of their envelope",
+            peak_ratio.clone(),
+        );
+        registry.register_with_unit(
+            "job_phase_duration",
+            "Job phases: registration, setup, nix_bootstrap, run, teardown",
+            Unit::Seconds,
+            phase.clone(),
+        );
+        registry.register(
+            "github_requests",
+            "GitHub API requests by endpoint and status (0: no answer)",
+            api.clone(),
+        );
+        registry.register(
+            "github_ratelimit_remaining",
+            "The last x-ratelimit-remaining GitHub reported (-1: none yet)",
+            ratelimit_remaining.clone(),
+        );
+        registry.register(
+            "attic_token_mints",
+            "Attic tokens minted, by kind (pull, push)",
+            mints.clone(),
+        );
+        registry.register(
+            "admission_refusals",
+            "Runner starts deferred because the host's memory was taken",
+            admission_refusals.clone(),
+        );
+        registry.register(
+            "nix_store_paths",
+            "Store paths a job's nix-daemon added, by source (built, substituted)",
+            store_paths.clone(),
+        );
+        ratelimit_remaining.set(-1);
+        for l in lanes {
+            for kind in ["pull", "push"] {
+                let _ = mints.get_or_create(&KindLabels { kind: kind.into() });
+            }
+            let _ = oom_kills.get_or_create(&LaneLabels {
+                lane: l.name.clone(),
+            });
+        }
+        Telemetry {
+            registry,
+            runners_gauge,
+            jobs,
+            oom_kills,
+            peak_bytes,
+            peak_ratio,
+            phase,
+            api,
+            ratelimit_remaining,
+            mints,
+            admission_refusals,
+            store_paths,
+            api_seen: Mutex::default(),
+            runners: Mutex::default(),
+            verdicts: Mutex::default(),
+            lanes: lanes
+                .iter()
+                .map(|l| (l.name.clone(), l.memory_bytes, l.max_runners))
+                .collect(),
+            mode,
+        }
+    }
+
+    /// A runner task started (registering).
+    pub fn runner_started(&self, id: &str, lane: &crate::config::Lane, probe: JobProbe) {
+        if let Ok(mut r) = self.runners.lock() {
+            r.insert(
+                id.to_owned(),
+                RunnerEntry {
+                    lane: lane.name.clone(),
+                    envelope_bytes: lane.memory_bytes,
+                    probe,
+                    job: None,
+                    since: Instant::now(),
+                },
+            );
+        }
+    }
+
+    /// The runner got its GitHub name.
+    pub fn runner_named(&self, id: &str, name: &str) {
+        if let Ok(mut r) = self.runners.lock() {
+            if let Some(e) = r.remove(id) {
+                r.insert(name.to_owned(), e);
+            }
+        }
+    }
+
+    pub fn runner_ended(&self, id: &str) {
+        if let Ok(mut r) = self.runners.lock() {
+            r.remove(id);
+        }
+    }
+
+    pub fn observe_phase(&self, lane: &str, phase: &str, cache: &str, d: Duration) {
+        self.phase
+            .get_or_create(&PhaseLabels {
+                lane: lane.into(),
+                phase: phase.into(),
+                cache: cache.into(),
+            })
+            .observe(d.as_secs_f64());
+    }
+
+    /// An Attic token was minted (`pull` or `push`).
+    pub fn attic_token_minted(&self, kind: &str) {
+        self.mints
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
+    }
+
+    pub fn admission_refused(&self, lane: &str) {
+        self.admission_refusals
+            .get_or_create(&LaneLabels { lane: lane.into() })
+            .inc();
+    }
+
+    pub fn infrastructure_failure(&self, lane: &str) {
+        self.jobs
+            .get_or_create(&JobLabels {
+                lane: lane.into(),
+                result: "infrastructure".into(),
+            })
+            .inc();
+    }
+
+    /// Record a finished job of `runner`.
+    pub fn job_finished(
+        &self,
+        lane: &str,
+        envelope: u64,
+        runner: &str,
+        o: &JobOutcome,
+        paths: Option<(u64, u64)>,
+    ) {
+        let result = if o.verdict.is_some() {
+            "oom"
+        } else if o.stopped {
+            "cancelled"
+        } else if o.code == 0 {
+            "succeeded"
+        } else {
+            "failed"
+        };
+        self.jobs
+            .get_or_create(&JobLabels {
+                lane: lane.into(),
+                result: result.into(),
+            })
+            .inc();
+        let l = LaneLabels { lane: lane.into() };
+        self.oom_kills.get_or_create(&l).inc_by(o.stats.oom_kills);
+        if let Some(p) = o.stats.peak_bytes {
+            #[allow(clippy::cast_precision_loss)]
+            {
+                self.peak_bytes.get_or_create(&l).observe(p as f64);
+                self.peak_ratio
+                    .get_or_create(&l)
+                    .observe(p as f64 / envelope.max(1) as f64);
+            }
+        }
+        let cache = match (&o.nix, paths) {
+            (None, _) => "none",
+            (Some(_), Some((built, _))) if built > 0 => "cold",
+            (Some(_), Some((_, subst))) if subst > 0 => "substituted",
+            (Some(_), _) => "warm",
+        };
+        if let Some(n) = &o.nix {
+            self.observe_phase(
+                lane,
+                "nix_bootstrap",
+                if n.cold { "cold" } else { "warm" },
+                n.elapsed,
+            );
+        }
+        if let Some((built, subst)) = paths {
+            self.store_paths
+                .get_or_create(&PathLabels {
+                    lane: lane.into(),
+                    source: "built".into(),
+                })
+                .inc_by(built);
+            self.store_paths
+                .get_or_create(&PathLabels {
+                    lane: lane.into(),
+                    source: "substituted".into(),
+                })
+                .inc_by(subst);
+        }
+        self.observe_phase(lane, "setup", cache, o.timings.setup);
+        self.observe_phase(lane, "run", cache, o.timings.run);
+        self.observe_phase(lane, "teardown", cache, o.timings.teardown);
+        if let Some(v) = &o.verdict {
+            if let Ok(mut q) = self.verdicts.lock() {
+                q.push_back(VerdictEntry {
+                    lane: lane.into(),
+                    runner: runner.into(),
+                    at_unix: now(),
+                    text: v.clone(),
+                });
+                while q.len() > 20 {
+                    q.pop_front();
+                }
+            }
+        }
+    }
+
+    /// Bring the GitHub counters up to the client's own.
+    pub fn sync_github(&self, stats: &flywheel_jit_config::ApiStats) {
+        let Ok(mut seen) = self.api_seen.lock() else {
+            return;
+        };
+        for ((endpoint, status), n) in stats.requests() {
+            let before = seen.insert((endpoint, status), n).unwrap_or(0);
+            if n > before {
+                self.api
+                    .get_or_create(&ApiLabels {
+                        endpoint: endpoint.into(),
+                        status: status.to_string(),
+                    })
+                    .inc_by(n - before);
+            }
+        }
+        self.ratelimit_remaining.set(stats.ratelimit_remaining());
+    }
+
+    /// The Prometheus (OpenMetrics) text.
+    pub fn encode(&self) -> String {
+        self.runners_gauge.clear();
+        if let Ok(r) = self.runners.lock() {
+            for (lane, _, _) in &self.lanes {
+                for state in ["registering", "idle", "busy"] {
+                    self.runners_gauge
+                        .get_or_create(&RunnerStateLabels {
+                            lane: lane.clone(),
+                            state: state.into(),
+                        })
+                        .set(0);
+                }
+            }
+            for e in r.values() {
+                self.runners_gauge
+                    .get_or_create(&RunnerStateLabels {
+                        lane: e.lane.clone(),
+                        state: state_of(e).into(),
+                    })
+                    .inc();
+            }
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    /// The status report.
+    pub fn status(&self) -> Status {
+        let runners = self.runners.lock().map(|r| r.clone()).unwrap_or_default();
+        let lanes = self
+            .lanes
+            .iter()
+            .map(|(name, mem, max)| LaneStatus {
+                name: name.clone(),
+                memory_bytes: *mem,
+                max_runners: *max,
+                runners: runners
+                    .iter()
+                    .filter(|(_, e)| &e.lane == name)
+                    .map(|(n, e)| RunnerStatus {
+                        name: n.clone(),
+                        state: state_of(e).into(),
+                        job: e.job.clone().or_else(|| e.probe.job_name()),
+                        memory_current_bytes: e.probe.memory_current(),
+                        envelope_bytes: e.envelope_bytes,
+                        age_seconds: e.since.elapsed().as_secs(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Status {
+            mode: self.mode.into(),
+            lanes,
+            verdicts: self
+                .verdicts
+                .lock()
+                .map(|q| q.iter().cloned().collect())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+fn state_of(e: &RunnerEntry) -> &'static str {
+    if e.probe.processes() == 0 {
+        "registering"
+    } else if e.probe.busy() {
+        "busy"
+    } else {
+        "idle"
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Status {
+    pub mode: String,
+    pub lanes: Vec<LaneStatus>,
+    pub verdicts: Vec<VerdictEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct LaneStatus {
+    pub name: String,
+    pub memory_bytes: u64,
+    pub max_runners: u32,
+    pub runners: Vec<RunnerStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct RunnerStatus {
+    pub name: String,
+    pub state: String,
+    pub job: Option<String>,
+    pub memory_current_bytes: Option<u64>,
+    pub envelope_bytes: u64,
+    pub age_seconds: u64,
+}
+
+/// Store paths a job's daemon added since `since` (unix seconds): (built, substituted).
+pub fn store_paths_since(nix_root: &Path, since: u64) -> Option<(u64, u64)> {
+    let db = nix_root.join("var/nix/db/db.sqlite");
+    let conn =
+        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .ok()?;
+    let count = |sql: &str| {
+        conn.query_row(sql, [i64::try_from(since).unwrap_or(i64::MAX)], |r| {
+            r.get::<_, i64>(0)
+        })
+        .ok()
+    };
+    let built = count("SELECT COUNT(*) FROM ValidPaths WHERE registrationTime >= ?1 AND path NOT LIKE '%.drv' AND ultimate = 1")?;
+    let subst = count("SELECT COUNT(*) FROM ValidPaths WHERE registrationTime >= ?1 AND path NOT LIKE '%.drv' AND (ultimate IS NULL OR ultimate = 0)")?;
+    Some((
+        u64::try_from(built).unwrap_or(0),
+        u64::try_from(subst).unwrap_or(0),
+    ))
+}
+
+/// Serve `/metrics` on `addr` until the process ends.
+pub async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    t: Arc<Telemetry>,
+    github: Option<Arc<flywheel_jit_config::Client>>,
+) -> std::io::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let (t, g) = (t.clone(), github.clone());
+            async move {
+                if let Some(g) = &g {
+                    t.sync_github(g.stats());
+                }
+                (
+                    [(
+                        "content-type",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    t.encode(),
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics server stopped");
+        }
+    });
+    tracing::info!(address = %bound, "serving /metrics");
+    Ok(bound)
+}
+
+/// The control socket: one request line (`status`), one JSON answer.
+pub fn control_socket(state_dir: &Path) -> PathBuf {
+    state_dir.join("control.sock")
+}
+
+pub async fn serve_control(path: PathBuf, t: Arc<Telemetry>) -> std::io::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let t = t.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut line = String::new();
+                let _ = tokio::io::BufReader::new(r).read_line(&mut line).await;
+                let answer = match line.trim() {
+                    "status" => serde_json::to_string(&t.status())
+                        .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+                    other => format!("{{\"error\":\"unknown request {other:?}: try status\"}}"),
+                };
+                let _ = w.write_all(answer.as_bytes()).await;
+                let _ = w.write_all(b"\n").await;
+            });
+        }
+    });
+    Ok(())
+}
