@@ -869,3 +869,196 @@ fn status_json_shows_the_running_job_with_its_lane_and_envelope() {
     let (code, log) = wait_exit(&rig, agent, Duration::from_secs(30));
     assert_eq!(code, 0, "{log}");
 }
+
+fn hs256_secret() -> Vec<u8> {
+    (100u8..148).collect()
+}
+
+#[test]
+fn a_push_to_main_gets_a_push_token_a_fork_pr_does_not_and_nothing_remains() {
+    if !privileged("credentials") {
+        return;
+    }
+    use base64::Engine;
+    let rig = Rig::new(&[("cred", "128Mi", 1)], "5s");
+    let key = rig.dir.path().join("attic-hs256.b64");
+    std::fs::write(
+        &key,
+        base64::engine::general_purpose::STANDARD.encode(hs256_secret()),
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(&rig.config).unwrap();
+    std::fs::write(
+        &rig.config,
+        format!(
+            "{cfg}[lane.hints]\nattic_server = \"http://127.0.0.1:9\"\nattic_cache = \"tinyland\"\n\n[attic]\nsigning_key_file = \"{}\"\npublish_repositories = [\"tinyland/flywheel\"]\ntoken_validity = \"2h\"\n",
+            key.display()
+        ),
+    )
+    .unwrap();
+    let shared = rig.dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(
+        &shared,
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
+    rig.gh.with(|s| {
+        for (id, event, head) in [(101, "push", 10), (102, "pull_request", 99)] {
+            s.runs.push(fake_github::FakeRun {
+                repository: "tinyland/flywheel".into(),
+                repository_id: 10,
+                default_branch: "main".into(),
+                id,
+                run_attempt: 1,
+                event: event.into(),
+                head_branch: "main".into(),
+                head_repository: if head == 10 {
+                    "tinyland/flywheel".into()
+                } else {
+                    "someone/flywheel".into()
+                },
+                head_repository_id: head,
+                jobs: Vec::new(),
+            });
+        }
+    });
+    let sockets = rig.dir.path().join("state/hook-sockets");
+    let mut push = rig.job(0, &format!(
+        "cat \"$XDG_CONFIG_HOME/attic/config.toml\" > {s}/a.toml; stat -c %a \"$XDG_CONFIG_HOME/attic/config.toml\" > {s}/a.mode; {agent} hook job-started > {s}/a.replay 2>&1; ls -A {sockets} | wc -l > {s}/a.others",
+        s = shared.display(),
+        agent = AGENT,
+        sockets = sockets.display()
+    ));
+    push.env.insert("GITHUB_RUN_ID".into(), "101".into());
+    push.env.insert("GITHUB_EVENT_NAME".into(), "push".into());
+    push.env
+        .insert("GITHUB_REF".into(), "refs/heads/main".into());
+    let mut pr = rig.job(
+        0,
+        &format!(
+            "echo \"xdg=${{XDG_CONFIG_HOME:-none}}\" > {}/b.txt",
+            shared.display()
+        ),
+    );
+    pr.env.insert("GITHUB_RUN_ID".into(), "102".into());
+    pr.env
+        .insert("GITHUB_EVENT_NAME".into(), "pull_request".into());
+    pr.env
+        .insert("GITHUB_REF".into(), "refs/pull/5/merge".into());
+    rig.gh.push_job(push);
+    rig.gh.push_job(pr);
+
+    let agent = rig.start();
+    rig.wait("both jobs", Duration::from_secs(60), |s| {
+        s.completed.len() >= 2
+    });
+    term(&agent, nix::sys::signal::Signal::SIGTERM);
+    let (code, log) = wait_exit(&rig, agent, Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
+
+    // What the job logs say ("Set up runner").
+    assert!(
+        log.contains("push: allowed (push to main of tinyland/flywheel)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("push: denied (pull_request from a fork)"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "flywheel: lane {}, memory envelope 128.0 MiB",
+            rig.lanes[0]
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains("flywheel: cache http://127.0.0.1:9/tinyland"),
+        "{log}"
+    );
+    assert!(
+        log.contains("flywheel: peak memory "),
+        "the completed hook reports the peak: {log}"
+    );
+
+    // The trusted job got a push token in Attic's format, in a 0600 file only it can read.
+    let cfg_text = std::fs::read_to_string(shared.join("a.toml"))
+        .expect("the trusted job saw its attic config");
+    let token = cfg_text
+        .lines()
+        .find_map(|l| l.strip_prefix("token = \""))
+        .and_then(|t| t.strip_suffix('"'))
+        .expect("a token")
+        .to_owned();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    v.set_required_spec_claims(&["exp", "nbf", "sub"]);
+    let claims = jsonwebtoken::decode::<serde_json::Value>(
+        &token,
+        &jsonwebtoken::DecodingKey::from_secret(&hs256_secret()),
+        &v,
+    )
+    .expect("verifies")
+    .claims;
+    assert_eq!(
+        claims["https://jwt.attic.rs/v1"]["caches"],
+        serde_json::json!({"tinyland": {"r": 1, "w": 1}})
+    );
+    assert_eq!(
+        claims["exp"].as_u64().unwrap() - claims["nbf"].as_u64().unwrap(),
+        7200
+    );
+    assert!(
+        claims["sub"]
+            .as_str()
+            .unwrap()
+            .contains("tinyland/flywheel:run/101/1:runner/"),
+        "{claims}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(shared.join("a.mode"))
+            .unwrap()
+            .trim(),
+        "600"
+    );
+    // No second answer, and no other runner's socket in sight.
+    assert!(std::fs::read_to_string(shared.join("a.replay"))
+        .unwrap()
+        .contains("already answered"));
+    assert_eq!(
+        std::fs::read_to_string(shared.join("a.others"))
+            .unwrap()
+            .trim(),
+        "0"
+    );
+    // The pull request got nothing.
+    assert_eq!(
+        std::fs::read_to_string(shared.join("b.txt"))
+            .unwrap()
+            .trim(),
+        "xdg=none"
+    );
+
+    // Residue: the token is nowhere but in the copy the test made.
+    assert!(!log.contains(&token), "the token reached the agent's log");
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(env) = std::fs::read(e.path().join("environ")) {
+            assert!(
+                !String::from_utf8_lossy(&env).contains(&token),
+                "the token is in {}/environ",
+                e.path().display()
+            );
+        }
+    }
+    let (cgroups, dirs) = rig.leftovers();
+    assert!(
+        cgroups.is_empty() && dirs.is_empty(),
+        "{cgroups:?} {dirs:?}"
+    );
+    for d in ["state/netrc", "state/hook-sockets"] {
+        let left: Vec<_> = std::fs::read_dir(rig.dir.path().join(d))
+            .map(|r| r.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{d}: {left:?}");
+    }
+}

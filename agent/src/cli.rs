@@ -72,6 +72,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run by a runner's job hooks (as the job's user): talk to the agent.
+    #[command(hide = true)]
+    Hook {
+        #[arg(value_parser = ["job-started", "job-completed"])]
+        op: String,
+    },
+    /// Attic tokens for operators.
+    Attic {
+        #[command(subcommand)]
+        command: AtticCommand,
+    },
     /// Nix on this host: the pinned, hash-verified bootstrap.
     Nix {
         #[command(subcommand)]
@@ -102,6 +113,25 @@ enum Command {
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<OsString>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AtticCommand {
+    /// Print a token signed with attic.signing_key_file.
+    MintToken {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        cache: String,
+        #[arg(long)]
+        sub: String,
+        /// How long it is valid (e.g. 1h); a token always expires.
+        #[arg(long)]
+        validity: String,
+        /// Also allow pushing (else pull only).
+        #[arg(long)]
+        push: bool,
     },
 }
 
@@ -197,6 +227,29 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Run { config } => run(config, &host, jit),
+        Command::Hook { op } => {
+            ExitCode::from(u8::try_from(flywheel_agent::hooks::run_hook(&op)).unwrap_or(0))
+        }
+        Command::Attic {
+            command:
+                AtticCommand::MintToken {
+                    config,
+                    cache,
+                    sub,
+                    validity,
+                    push,
+                },
+        } => match mint_token(config, &cache, &sub, &validity, push, &host) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) if e.downcast_ref::<config::ConfigError>().is_some() => {
+                eprintln!("{e}");
+                ExitCode::from(exit::CONFIG)
+            }
+            Err(e) => {
+                eprintln!("flywheel: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Command::Status { config, json } => match status(config, json, &host) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -367,6 +420,7 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         stop_mode: StopMode::default(),
         probe: None,
         nix,
+        hook: None,
     };
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -498,6 +552,36 @@ fn download(url: &str, to: &std::path::Path) -> anyhow::Result<()> {
         tracing::info!(url, bytes = bytes.len(), to = %to.display(), "downloaded the nix tarball");
         Ok(())
     })
+}
+
+fn mint_token(
+    config: Option<PathBuf>,
+    cache: &str,
+    sub: &str,
+    validity: &str,
+    push: bool,
+    host: &HostFacts,
+) -> anyhow::Result<()> {
+    let cfg = config::load(config.as_deref(), host)?;
+    let key_file = cfg
+        .attic
+        .signing_key_file
+        .as_ref()
+        .context("attic.signing_key_file is not configured")?;
+    let key = flywheel_agent::attic::SigningKey::load(key_file)?;
+    let validity = flywheel_agent::size::parse_duration(validity).context("--validity")?;
+    let token = flywheel_agent::attic::mint(
+        &key,
+        &flywheel_agent::attic::TokenRequest {
+            cache: cache.to_owned(),
+            sub: sub.to_owned(),
+            validity,
+            push,
+        },
+    )?;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", token.expose());
+    Ok(())
 }
 
 fn status(config: Option<PathBuf>, json: bool, host: &HostFacts) -> anyhow::Result<()> {
@@ -692,10 +776,15 @@ fn run_inner(
         }
         None => None,
     };
-    let github = match &jit {
-        None => Some(std::sync::Arc::new(github_client(&cfg)?)),
-        Some(_) => None,
+    // Pool mode needs GitHub; ARC mode uses it, when configured, only to decide trust.
+    let github = match (&jit, &cfg.github) {
+        (None, _) | (Some(_), Some(_)) => Some(std::sync::Arc::new(github_client(&cfg)?)),
+        (Some(_), None) => None,
     };
+    let attic = flywheel_agent::hooks::AtticCredential::load(&cfg.attic)
+        .map_err(|e| ConfigProblem(format!("{}: {e}", cfg.origin)))?;
+    let hook_scripts = flywheel_agent::hooks::write_hook_scripts(&cfg.agent.state_dir)
+        .context("cannot write the runner hook scripts")?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -724,8 +813,12 @@ fn run_inner(
             host: *host,
             user,
             telemetry,
+            github: github.clone(),
+            attic,
+            hook_scripts,
         };
-        match (jit, arc_lane, github) {
+        let pool_github = if arc_lane.is_some() { None } else { github };
+        match (jit, arc_lane, pool_github) {
             (Some(jit), Some(lane), _) => {
                 let outcome = runner::run_arc(ctx, jit, &lane, shutdown).await?;
                 if let Some(v) = &outcome.verdict {

@@ -202,6 +202,24 @@ pub struct RunnerSettings {
     pub lane: Option<String>,
 }
 
+/// Who may publish to Attic, and with what credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AtticSettings {
+    /// The Attic server's signing key (HS256 base64 secret or RSA PEM): per-job tokens.
+    pub signing_key_file: Option<PathBuf>,
+    /// Without the signing key: a static push token, handed only to trusted jobs.
+    pub push_token_file: Option<PathBuf>,
+    /// The cache is public: untrusted jobs get no token at all (else a pull-only one).
+    pub public: bool,
+    /// `OWNER/REPO`s that may publish.
+    pub publish_repositories: Vec<String>,
+    /// Events trusted on the default branch (default `push`; `workflow_dispatch` and
+    /// `schedule` are opt-in; `pull_request*` and `merge_group` are never trusted).
+    pub trusted_events: Vec<String>,
+    /// A token's lifetime: the longest a job of these lanes runs.
+    pub token_validity: Duration,
+}
+
 /// Where `/metrics` is served (`run`, ARC mode); `None` turns it off.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetricsSettings {
@@ -241,6 +259,7 @@ pub struct Config {
     pub runner: RunnerSettings,
     pub nix: NixSettings,
     pub metrics: MetricsSettings,
+    pub attic: AtticSettings,
     pub lanes: Vec<Lane>,
 }
 
@@ -273,7 +292,20 @@ struct RawConfig {
     #[serde(default)]
     metrics: RawMetrics,
     #[serde(default)]
+    attic: RawAttic,
+    #[serde(default)]
     lane: Option<Vec<RawLane>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAttic {
+    signing_key_file: Option<Spanned<PathBuf>>,
+    push_token_file: Option<Spanned<PathBuf>>,
+    public: Option<bool>,
+    publish_repositories: Option<Vec<Spanned<String>>>,
+    trusted_events: Option<Vec<Spanned<String>>>,
+    token_validity: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -422,6 +454,7 @@ pub fn parse(src: &str, origin: &Origin, host: &HostFacts) -> Result<Config, Con
     let github = raw.github.map(|g| github_settings(&cx, g)).transpose()?;
     let runner = runner_settings(&cx, raw.runner)?;
     let nix = nix_settings(&cx, raw.nix)?;
+    let attic = attic_settings(&cx, raw.attic)?;
     let metrics = MetricsSettings {
         listen: match &raw.metrics.listen {
             Some(l) if l.get_ref().is_empty() => None,
@@ -457,6 +490,7 @@ pub fn parse(src: &str, origin: &Origin, host: &HostFacts) -> Result<Config, Con
                 runner,
                 nix,
                 metrics,
+                attic,
                 lanes: defaults.lanes,
             };
             check_runner_lane(&cx, &cfg)?;
@@ -497,6 +531,7 @@ pub fn parse(src: &str, origin: &Origin, host: &HostFacts) -> Result<Config, Con
         runner,
         nix,
         metrics,
+        attic,
         lanes,
     };
     check_runner_lane(&cx, &cfg)?;
@@ -565,6 +600,52 @@ fn github_settings(cx: &Ctx<'_>, g: RawGitHub) -> Result<GitHubSettings, ConfigE
         scope,
         auth,
         runner_group_id: g.runner_group_id.unwrap_or(1),
+    })
+}
+
+fn attic_settings(cx: &Ctx<'_>, a: RawAttic) -> Result<AtticSettings, ConfigError> {
+    if let (Some(_), Some(t)) = (&a.signing_key_file, &a.push_token_file) {
+        return Err(cx.err(t, "attic: give signing_key_file (per-job tokens) or push_token_file (a static push token), not both"));
+    }
+    let mut repos = Vec::new();
+    for r in a.publish_repositories.unwrap_or_default() {
+        let v = r.get_ref();
+        if v.split('/').count() != 2 || v.contains(char::is_whitespace) || v.contains('*') {
+            return Err(cx.err(
+                &r,
+                format!("attic.publish_repositories: {v:?} is not OWNER/REPO"),
+            ));
+        }
+        repos.push(r.into_inner());
+    }
+    let mut events = Vec::new();
+    for e in a
+        .trusted_events
+        .unwrap_or_else(|| vec![Spanned::new(0..0, "push".to_owned())])
+    {
+        if matches!(
+            e.get_ref().as_str(),
+            "pull_request" | "pull_request_target" | "merge_group"
+        ) {
+            return Err(cx.err(&e, format!("attic.trusted_events: {} runs code from outside the default branch and is never trusted to publish", e.get_ref())));
+        }
+        events.push(e.into_inner());
+    }
+    Ok(AtticSettings {
+        signing_key_file: a
+            .signing_key_file
+            .as_ref()
+            .map(|f| absolute(cx, f, "attic.signing_key_file"))
+            .transpose()?,
+        push_token_file: a
+            .push_token_file
+            .as_ref()
+            .map(|f| absolute(cx, f, "attic.push_token_file"))
+            .transpose()?,
+        public: a.public.unwrap_or(true),
+        publish_repositories: repos,
+        trusted_events: events,
+        token_validity: duration_or(cx, a.token_validity.as_ref(), "6h")?,
     })
 }
 

@@ -88,6 +88,16 @@ pub struct JobSpec {
     pub probe: Option<JobProbe>,
     /// Give the job a nix-daemon of its own, inside its cgroup.
     pub nix: Option<NixJob>,
+    /// The runner's hook socket directory and where the job sees it (all others hidden).
+    pub hook: Option<HookMount>,
+}
+
+/// A runner's hook socket in its mount namespace.
+#[derive(Debug, Clone)]
+pub struct HookMount {
+    pub dir: PathBuf,
+    pub seen: PathBuf,
+    pub all: PathBuf,
 }
 
 /// A job's own nix-daemon: started inside the job's cgroup (so its builds count against the
@@ -106,6 +116,8 @@ pub struct NixJob {
     /// The shared build-user pool, and where the daemon sees it.
     pub userpool: PathBuf,
     pub userpool_seen: PathBuf,
+    /// A root-only netrc of this job's cache credentials (read by its daemon only).
+    pub netrc: Option<PathBuf>,
 }
 
 /// The runner root: `<work_root>/<job>/`, owned by the job's user. The installation's
@@ -142,6 +154,7 @@ impl Default for StopMode {
 pub struct JobProbe(
     std::sync::Arc<std::sync::Mutex<Option<Vec<PathBuf>>>>,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::Mutex<Option<String>>>,
 );
 
 impl JobProbe {
@@ -149,6 +162,38 @@ impl JobProbe {
         if let Ok(mut g) = self.0.lock() {
             *g = files;
         }
+    }
+    fn set_note(&self, note: String) {
+        if let Ok(mut g) = self.2.lock() {
+            *g = Some(note);
+        }
+    }
+    /// The job's Nix bootstrap line (warm or cold), once set up.
+    pub fn note(&self) -> Option<String> {
+        self.2.lock().ok()?.clone()
+    }
+    fn read_first<T: std::str::FromStr>(&self, names: &[&str], key: Option<&str>) -> Option<T> {
+        let files = self.0.lock().ok()?.clone()?;
+        files.iter().filter_map(|f| f.parent()).find_map(|d| {
+            names.iter().find_map(|n| {
+                let text = std::fs::read_to_string(d.join(n)).ok()?;
+                match key {
+                    None => text.trim().parse().ok(),
+                    Some(k) => text
+                        .lines()
+                        .find_map(|l| l.strip_prefix(k)?.trim().parse().ok()),
+                }
+            })
+        })
+    }
+    /// The job's peak memory so far.
+    pub fn peak_bytes(&self) -> Option<u64> {
+        self.read_first(&["memory.peak", "memory.max_usage_in_bytes"], None)
+    }
+    /// OOM kills in the job so far.
+    pub fn oom_kills(&self) -> u64 {
+        self.read_first(&["memory.events", "memory.oom_control"], Some("oom_kill "))
+            .unwrap_or(0)
     }
     fn set_idle(&self, n: usize) {
         self.1.store(n, std::sync::atomic::Ordering::Relaxed);
@@ -368,6 +413,9 @@ async fn run_job_inner(
             let r = crate::nixboot::ensure_for_job(cfg, lane, slot.index, spec.host_cpus)
                 .map_err(|e| EnvelopeError::Nix(e.to_string()))?;
             info!(cold = r.cold, "{}", r.summary());
+            if let Some(p) = &spec.probe {
+                p.set_note(r.summary());
+            }
             Some(NixSummary {
                 cold: r.cold,
                 elapsed: t.elapsed(),
@@ -886,6 +934,11 @@ fn start_nix_daemon(
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .env("NIX_DAEMON_SOCKET_PATH", &socket)
         .env("NIX_CONF_DIR", &nix.conf_dir)
+        .envs(
+            nix.netrc
+                .as_ref()
+                .map(|n| ("NIX_CONFIG", format!("netrc-file = {}", n.display()))),
+        )
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
@@ -981,6 +1034,15 @@ fn launch(
         mounts.push(Mount::Hide {
             dst: n.sockets.clone(),
         });
+    }
+    if let Some(h) = &spec.hook {
+        std::fs::create_dir_all(&h.seen).map_err(io_at("create", &h.seen))?;
+        mounts.push(Mount::Bind {
+            src: h.dir.clone(),
+            dst: h.seen.clone(),
+            readonly: false,
+        });
+        mounts.push(Mount::Hide { dst: h.all.clone() });
     }
     if let Some(r) = &spec.runner {
         for (src, point) in prepare_runner_root(&job_dir, r, (uid, gid))? {

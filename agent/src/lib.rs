@@ -1,10 +1,12 @@
 //! flywheel-agent: runs self-hosted GitHub Actions runners for Nix builds, each job inside a
 //! memory envelope of its lane. See `docs/ARCHITECTURE.md` for the map.
 
+pub mod attic;
 pub mod cgroup;
 pub mod config;
 pub mod envelope;
 pub mod hints;
+pub mod hooks;
 pub mod nixboot;
 pub mod notify;
 pub mod reaper;
@@ -13,6 +15,7 @@ pub mod scratch;
 pub mod size;
 pub mod slot;
 pub mod telemetry;
+pub mod trust;
 pub mod verdict;
 pub mod workdir;
 

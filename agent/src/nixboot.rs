@@ -769,6 +769,7 @@ pub fn nix_job(cfg: &crate::config::Config, lane: &Lane) -> crate::envelope::Nix
         socket_seen: lane.nix_store.join("var/nix/daemon-socket"),
         userpool: cfg.nix.userpool.clone(),
         userpool_seen: lane.nix_store.join("var/nix/userpool"),
+        netrc: None,
     }
 }
 

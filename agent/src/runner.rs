@@ -36,6 +36,77 @@ pub struct RunContext {
     pub host: HostFacts,
     pub user: JobUser,
     pub telemetry: Arc<crate::telemetry::Telemetry>,
+    /// For trust decisions (and, in pool mode, registration).
+    pub github: Option<Arc<Client>>,
+    pub attic: crate::hooks::AtticCredential,
+    /// The root-owned hook scripts (job-started, job-completed).
+    pub hook_scripts: (std::path::PathBuf, std::path::PathBuf),
+}
+
+/// A runner's hook service: its socket directory, its job's netrc, the serving task.
+struct Hooks {
+    mount: envelope::HookMount,
+    netrc: std::path::PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Hooks {
+    fn start(
+        ctx: &RunContext,
+        lane: &Lane,
+        name: &str,
+        probe: &JobProbe,
+    ) -> Result<Hooks, RunError> {
+        let state = &ctx.cfg.agent.state_dir;
+        let all = crate::hooks::sockets_dir(state);
+        let dir = all.join(format!("{name}.{:016x}", fastrand::u64(..)));
+        let netrc_dir = state.join("netrc");
+        let setup = |e: std::io::Error| RunError::Setup(format!("runner hooks: {e}"));
+        std::fs::create_dir_all(&all).map_err(setup)?;
+        std::fs::set_permissions(&all, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+            .map_err(setup)?;
+        std::fs::create_dir_all(&netrc_dir).map_err(setup)?;
+        std::fs::set_permissions(
+            &netrc_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .map_err(setup)?;
+        let netrc = netrc_dir.join(format!("{name}.netrc"));
+        std::fs::write(&netrc, "").map_err(setup)?;
+        std::fs::set_permissions(&netrc, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(setup)?;
+        let task = crate::hooks::serve(
+            &dir,
+            crate::hooks::RunnerHooks {
+                runner_name: name.to_owned(),
+                lane: lane.clone(),
+                uid: ctx.user.uid,
+                probe: probe.clone(),
+                netrc: netrc.clone(),
+                github: ctx.github.clone(),
+                attic: ctx.cfg.attic.clone(),
+                credential: ctx.attic.clone(),
+                telemetry: ctx.telemetry.clone(),
+            },
+        )
+        .map_err(setup)?;
+        Ok(Hooks {
+            mount: envelope::HookMount {
+                dir,
+                seen: crate::hooks::socket_seen(state),
+                all,
+            },
+            netrc,
+            task,
+        })
+    }
+
+    /// Stop serving and remove every trace: the socket and the job's netrc.
+    fn finish(self) {
+        self.task.abort();
+        let _ = crate::workdir::remove_tree(&self.mount.dir);
+        let _ = std::fs::remove_file(&self.netrc);
+    }
 }
 
 /// Record a finished runner job in the metrics (with the store paths its daemon added).
@@ -121,7 +192,26 @@ fn runner_spec(
     jit: Secret<String>,
     name: &str,
     probe: JobProbe,
+    hooks: &Hooks,
 ) -> JobSpec {
+    let mut dotenv = runner_dotenv(lane, ctx.host.cpus);
+    dotenv.push((
+        "ACTIONS_RUNNER_HOOK_JOB_STARTED".into(),
+        ctx.hook_scripts.0.display().to_string(),
+    ));
+    dotenv.push((
+        "ACTIONS_RUNNER_HOOK_JOB_COMPLETED".into(),
+        ctx.hook_scripts.1.display().to_string(),
+    ));
+    dotenv.push((
+        "FLYWHEEL_HOOK_SOCKET".into(),
+        hooks.mount.seen.join("socket").display().to_string(),
+    ));
+    let nix = lane.nix.then(|| {
+        let mut n = crate::nixboot::nix_job(&ctx.cfg, lane);
+        n.netrc = Some(hooks.netrc.clone());
+        n
+    });
     JobSpec {
         lane: lane.clone(),
         memory_bytes: lane.memory_bytes,
@@ -132,7 +222,7 @@ fn runner_spec(
         host_cpus: ctx.host.cpus,
         runner: Some(RunnerRoot {
             install_dir: ctx.cfg.runner.install_dir.clone(),
-            dotenv: runner_dotenv(lane, ctx.host.cpus),
+            dotenv,
         }),
         secret_env: vec![("ACTIONS_RUNNER_INPUT_JITCONFIG".to_owned(), jit)],
         log_output: Some(name.to_owned()),
@@ -141,7 +231,8 @@ fn runner_spec(
             whole_job: false,
         },
         probe: Some(probe),
-        nix: lane.nix.then(|| crate::nixboot::nix_job(&ctx.cfg, lane)),
+        nix,
+        hook: Some(hooks.mount.clone()),
     }
 }
 
@@ -215,6 +306,15 @@ pub fn reconcile_local(cfg: &Config, mgr: &dyn CgroupManager) -> (usize, usize) 
             }
         }
         Err(e) => warn!(error = %e, "cannot list job cgroups"),
+    }
+    // Sockets and netrc files of runners of an earlier run: no runner is alive yet.
+    for d in [
+        crate::hooks::sockets_dir(&cfg.agent.state_dir),
+        cfg.agent.state_dir.join("netrc"),
+    ] {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let _ = crate::workdir::remove_tree(&e.path());
+        }
     }
     let mut dirs = 0;
     for lane in &cfg.lanes {
@@ -340,8 +440,10 @@ pub async fn run_arc(
             stop.now.cancel();
         })
     };
-    let spec = runner_spec(&ctx, lane, jit, &name, probe);
+    let hooks = Hooks::start(&ctx, lane, &name, &probe)?;
+    let spec = runner_spec(&ctx, lane, jit, &name, probe, &hooks);
     let outcome = envelope::run_job(&ctx.cfg, ctx.mgr.as_ref(), spec, stop, &ctx.reaper).await;
+    hooks.finish();
     watcher.abort();
     ctx.telemetry.runner_ended(&name);
     match &outcome {
@@ -674,7 +776,18 @@ async fn runner_task(
         return End::Drained;
     }
     info!(runner = %name, id, "registered; starting its listener");
-    let spec = runner_spec(&ctx, lane, jit.encoded, &name, probe.clone());
+    let hooks = match Hooks::start(&ctx, lane, &name, &probe) {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = github.delete_runner(id).await;
+            ctx.telemetry.runner_ended(&name);
+            return End::AgentFailed {
+                name,
+                error: e.to_string(),
+            };
+        }
+    };
+    let spec = runner_spec(&ctx, lane, jit.encoded, &name, probe.clone(), &hooks);
     // Launch latency: from the JIT config in hand to the listener's process started.
     let watch = {
         let (probe, stats) = (probe.clone(), stats.clone());
@@ -690,6 +803,7 @@ async fn runner_task(
     };
     let stopped_by_us = stop.graceful.clone();
     let res = envelope::run_job(&ctx.cfg, ctx.mgr.as_ref(), spec, stop, &ctx.reaper).await;
+    hooks.finish();
     watch.abort();
     ctx.telemetry.runner_ended(&name);
     match &res {

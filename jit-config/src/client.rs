@@ -597,6 +597,98 @@ impl Client {
     }
 }
 
+impl Client {
+    /// The run, its repository's default branch and the run's jobs (three GET requests).
+    pub async fn run_facts(
+        &self,
+        repository: &str,
+        run_id: u64,
+    ) -> Result<crate::RunFacts, GitHubError> {
+        let valid = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
+        match repository.split_once('/') {
+            Some((o, r)) if valid(o) && valid(r) => {}
+            _ => {
+                return Err(GitHubError::Config(format!(
+                    "{repository:?} is not OWNER/REPO"
+                )))
+            }
+        }
+        const RUN: &str = "get-run";
+        let r = self
+            .send(
+                Method::GET,
+                &format!("/repos/{repository}/actions/runs/{run_id}"),
+                None,
+                AuthKind::Installation,
+                RUN,
+            )
+            .await?;
+        if !r.status.is_success() {
+            return Err(status_error(RUN, &r));
+        }
+        let run: wire::WorkflowRun = decode(RUN, &r.body)?;
+        let default_branch = match run.repository.default_branch.clone() {
+            Some(b) => b,
+            None => {
+                const REPO: &str = "get-repository";
+                let r = self
+                    .send(
+                        Method::GET,
+                        &format!("/repos/{repository}"),
+                        None,
+                        AuthKind::Installation,
+                        REPO,
+                    )
+                    .await?;
+                if !r.status.is_success() {
+                    return Err(status_error(REPO, &r));
+                }
+                decode::<wire::RepoRef>(REPO, &r.body)?
+                    .default_branch
+                    .ok_or(GitHubError::Decode {
+                        endpoint: REPO,
+                        message: "no default_branch".into(),
+                    })?
+            }
+        };
+        const JOBS: &str = "list-run-jobs";
+        let r = self
+            .send(
+                Method::GET,
+                &format!(
+                    "/repos/{repository}/actions/runs/{run_id}/jobs?filter=latest&per_page=100"
+                ),
+                None,
+                AuthKind::Installation,
+                JOBS,
+            )
+            .await?;
+        if !r.status.is_success() {
+            return Err(status_error(JOBS, &r));
+        }
+        let jobs: wire::JobList = decode(JOBS, &r.body)?;
+        Ok(crate::RunFacts {
+            repository: run.repository.full_name,
+            repository_id: run.repository.id,
+            default_branch,
+            event: run.event,
+            head_branch: run.head_branch,
+            head_repository_id: run.head_repository.as_ref().map(|h| h.id),
+            head_repository_fork: run.head_repository.as_ref().is_some_and(|h| h.fork),
+            run_attempt: run.run_attempt,
+            jobs: jobs
+                .jobs
+                .into_iter()
+                .map(|j| (j.id, j.status, j.runner_name))
+                .collect(),
+        })
+    }
+}
+
 fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {

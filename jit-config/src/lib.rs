@@ -30,6 +30,21 @@ pub struct RunnerInfo {
     pub labels: Vec<String>,
 }
 
+/// What GitHub says about a workflow run, for deciding whether a job may publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunFacts {
+    pub repository: String,
+    pub repository_id: u64,
+    pub default_branch: String,
+    pub event: String,
+    pub head_branch: Option<String>,
+    pub head_repository_id: Option<u64>,
+    pub head_repository_fork: bool,
+    pub run_attempt: Option<u64>,
+    /// The run's jobs: (id, status, runner name).
+    pub jobs: Vec<(u64, String, Option<String>)>,
+}
+
 /// A registered just-in-time runner and its one-time configuration.
 #[derive(Debug)]
 pub struct JitRunner {

@@ -74,3 +74,38 @@ impl From<Runner> for crate::RunnerInfo {
         }
     }
 }
+
+#[derive(Debug, Deserialize)]
+pub struct RepoRef {
+    pub id: u64,
+    pub full_name: String,
+    #[serde(default)]
+    pub fork: bool,
+    #[serde(default)]
+    pub default_branch: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WorkflowRun {
+    pub event: String,
+    #[serde(default)]
+    pub head_branch: Option<String>,
+    #[serde(default)]
+    pub run_attempt: Option<u64>,
+    pub repository: RepoRef,
+    #[serde(default)]
+    pub head_repository: Option<RepoRef>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Job {
+    pub id: u64,
+    pub status: String,
+    #[serde(default)]
+    pub runner_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct JobList {
+    pub jobs: Vec<Job>,
+}

@@ -591,6 +591,22 @@ fn generate(s: &mut State, body: &[u8]) -> Response {
         "Ephemeral": true,
         "UseV2Flow": true,
     });
+    if let Some(j) = job.as_ref() {
+        // The run's job is now in progress on this runner, as GitHub's jobs API reports it.
+        if let Some(run_id) = j
+            .env
+            .get("GITHUB_RUN_ID")
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            if let Some(run) = s.runs.iter_mut().find(|r| r.id == run_id) {
+                run.jobs.push((
+                    run_id * 10 + run.jobs.len() as u64,
+                    "in_progress".into(),
+                    name.clone(),
+                ));
+            }
+        }
+    }
     if let Some(j) = job {
         s.assigned.insert(id, j.clone());
         dot_runner["FakeJob"] = json!({

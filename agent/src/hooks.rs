@@ -1,0 +1,449 @@
+//! The runner's job hooks and the agent's answer to them.
+//!
+//! Each runner's `.env` points `ACTIONS_RUNNER_HOOK_JOB_STARTED` / `…_COMPLETED` at root-owned
+//! scripts that run `flywheel-agent hook job-started|job-completed`. Those talk to the agent
+//! over a per-runner unix socket: bound into the runner's own mount namespace at a fixed path
+//! (every other runner's socket is under an empty tmpfs there), answered only for the runner's
+//! uid, and `job-started` is answered once — the hook runs before any step of the job, so the
+//! job can neither ask again nor ask for another runner.
+//!
+//! On `job-started` the agent asks GitHub about the run (the job's `GITHUB_*` variables only say
+//! which run), decides with [`crate::trust::decide`], and hands out the least it can: a push
+//! token only to a trusted job (into a job-private attic client config the hook writes with
+//! mode 0600), a pull-only token to untrusted jobs only when the cache is private (into the
+//! job's nix-daemon's root-only netrc), nothing otherwise.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flywheel_jit_config::{Client, Secret};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tracing::{info, warn};
+
+use crate::attic::{self, SigningKey, TokenRequest};
+use crate::config::{AtticSettings, Lane};
+use crate::envelope::JobProbe;
+use crate::size::Bytes;
+use crate::telemetry::Telemetry;
+use crate::trust::{self, Claims, Decision, Policy};
+
+/// What the hook sends.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct HookRequest {
+    pub op: String,
+    pub repository: String,
+    pub run_id: String,
+    pub run_attempt: String,
+    pub event_name: String,
+    pub git_ref: String,
+}
+
+/// What the agent answers. `attic_config` is a secret: the hook writes it to a 0600 file.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct HookResponse {
+    pub ok: bool,
+    pub lines: Vec<String>,
+    pub attic_config: Option<String>,
+    pub xdg_config_home: Option<String>,
+}
+
+/// Credentials the agent can hand out.
+#[derive(Debug, Clone)]
+pub enum AtticCredential {
+    Sign(SigningKey),
+    Static(Secret<String>),
+    None,
+}
+
+impl AtticCredential {
+    pub fn load(a: &AtticSettings) -> Result<AtticCredential, String> {
+        if let Some(k) = &a.signing_key_file {
+            return SigningKey::load(k)
+                .map(AtticCredential::Sign)
+                .map_err(|e| e.to_string());
+        }
+        if let Some(t) = &a.push_token_file {
+            let text = std::fs::read_to_string(t)
+                .map_err(|e| format!("attic.push_token_file {}: {e}", t.display()))?;
+            return Ok(AtticCredential::Static(Secret::new(text.trim().to_owned())));
+        }
+        Ok(AtticCredential::None)
+    }
+}
+
+/// One runner's hook service.
+#[derive(Debug, Clone)]
+pub struct RunnerHooks {
+    pub runner_name: String,
+    pub lane: Lane,
+    pub uid: u32,
+    pub probe: JobProbe,
+    /// The job's nix-daemon reads cache credentials from here (root-only).
+    pub netrc: PathBuf,
+    pub github: Option<Arc<Client>>,
+    pub attic: AtticSettings,
+    pub credential: AtticCredential,
+    pub telemetry: Arc<Telemetry>,
+}
+
+#[derive(Debug, Default)]
+struct HookState {
+    started: bool,
+    completed: bool,
+}
+
+/// Make the root-owned hook scripts the runners' `.env` points at.
+pub fn write_hook_scripts(state_dir: &Path) -> std::io::Result<(PathBuf, PathBuf)> {
+    let dir = state_dir.join("hooks");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let exe = std::env::current_exe()?;
+    let mut paths = Vec::new();
+    for op in ["job-started", "job-completed"] {
+        let p = dir.join(format!("{op}.sh"));
+        let tmp = dir.join(format!(".{op}.sh.tmp"));
+        std::fs::write(&tmp, format!("#!/bin/sh\n# Written by flywheel-agent; runners cannot change it.\nexec '{}' hook {op}\n", exe.display()))?;
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        std::fs::rename(&tmp, &p)?;
+        paths.push(p);
+    }
+    Ok((paths[0].clone(), paths[1].clone()))
+}
+
+/// Where jobs find their hook socket, and where the per-runner socket directories live.
+pub fn socket_seen(state_dir: &Path) -> PathBuf {
+    state_dir.join("hook")
+}
+
+pub fn sockets_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("hook-sockets")
+}
+
+/// Listen on `<dir>/socket` for this runner's hooks until the returned task is aborted.
+pub fn serve(dir: &Path, hooks: RunnerHooks) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+    let path = dir.join("socket");
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+    let state = Arc::new(Mutex::new(HookState::default()));
+    let hooks = Arc::new(hooks);
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (hooks, state) = (hooks.clone(), state.clone());
+            tokio::spawn(async move {
+                let peer = stream.peer_cred().ok().map(|c| c.uid());
+                let (r, mut w) = stream.into_split();
+                let mut line = String::new();
+                let read = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    tokio::io::BufReader::new(r).read_line(&mut line),
+                )
+                .await;
+                let answer = match (peer, read) {
+                    (Some(uid), Ok(Ok(_))) if uid == hooks.uid || uid == 0 => {
+                        match serde_json::from_str::<HookRequest>(&line) {
+                            Ok(req) => handle(&hooks, &state, req).await,
+                            Err(e) => refuse(format!("not a hook request: {e}")),
+                        }
+                    }
+                    (Some(uid), _) => refuse(format!("uid {uid} is not this runner's user")),
+                    _ => refuse("no request".into()),
+                };
+                let text = serde_json::to_string(&answer).unwrap_or_default();
+                let _ = w.write_all(text.as_bytes()).await;
+                let _ = w.write_all(b"\n").await;
+            });
+        }
+    }))
+}
+
+fn refuse(why: String) -> HookResponse {
+    HookResponse {
+        ok: false,
+        lines: vec![format!("flywheel: {why}")],
+        ..HookResponse::default()
+    }
+}
+
+async fn handle(h: &RunnerHooks, state: &Mutex<HookState>, req: HookRequest) -> HookResponse {
+    let first = {
+        let Ok(mut s) = state.lock() else {
+            return refuse("internal error".into());
+        };
+        match req.op.as_str() {
+            "job-started" if s.started => false,
+            "job-started" => {
+                s.started = true;
+                true
+            }
+            "job-completed" if s.completed || !s.started => false,
+            "job-completed" => {
+                s.completed = true;
+                true
+            }
+            _ => return refuse(format!("unknown hook {:?}", req.op)),
+        }
+    };
+    if !first {
+        warn!(runner = %h.runner_name, op = %req.op, "refused a repeated hook request");
+        return refuse(format!(
+            "{} was already answered for this runner; a job gets one",
+            req.op
+        ));
+    }
+    match req.op.as_str() {
+        "job-started" => job_started(h, req).await,
+        _ => job_completed(h),
+    }
+}
+
+async fn job_started(h: &RunnerHooks, req: HookRequest) -> HookResponse {
+    let lane = &h.lane;
+    let mut lines = vec![format!(
+        "flywheel: lane {}, memory envelope {}",
+        lane.name,
+        Bytes(lane.memory_bytes)
+    )];
+    if let Some(n) = h.probe.note() {
+        lines.push(format!("flywheel: {n}"));
+    }
+    let cache_url = crate::hints::attic_cache_url(lane);
+    lines.push(match &cache_url {
+        Some(u) => format!("flywheel: cache {u}"),
+        None => "flywheel: cache: none configured for this lane".into(),
+    });
+    let claims = Claims {
+        repository: req.repository.clone(),
+        run_id: req.run_id.parse().unwrap_or(0),
+        run_attempt: req.run_attempt.parse().unwrap_or(0),
+        event_name: req.event_name.clone(),
+        git_ref: req.git_ref.clone(),
+        runner_name: h.runner_name.clone(),
+    };
+    let policy = Policy {
+        repositories: h.attic.publish_repositories.clone(),
+        trusted_events: h.attic.trusted_events.clone(),
+    };
+    let facts = match &h.github {
+        None => Err("this agent has no [github] to ask".to_owned()),
+        Some(_) if claims.run_id == 0 => Err("the job has no GITHUB_RUN_ID".to_owned()),
+        Some(g) => match tokio::time::timeout(
+            Duration::from_secs(30),
+            g.run_facts(&claims.repository, claims.run_id),
+        )
+        .await
+        {
+            Ok(Ok(f)) => Ok(f),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer within 30 s".to_owned()),
+        },
+    };
+    let decision = trust::decide(&policy, &claims, facts.as_ref().map_err(String::as_str));
+    info!(runner = %h.runner_name, repository = %claims.repository, run = claims.run_id, decision = %decision.line(), "trust decided");
+    let mut resp = HookResponse {
+        ok: true,
+        ..HookResponse::default()
+    };
+    let (Some(server), Some(cache)) = (
+        lane.hints.attic_server.clone(),
+        lane.hints.attic_cache.clone(),
+    ) else {
+        lines.push(format!(
+            "flywheel: {} (no cache to publish to)",
+            decision.line()
+        ));
+        resp.lines = lines;
+        return resp;
+    };
+    let sub = format!(
+        "flywheel:{}:run/{}/{}:runner/{}",
+        claims.repository, claims.run_id, claims.run_attempt, h.runner_name
+    );
+    let token = |push: bool| -> Result<Option<Secret<String>>, String> {
+        match &h.credential {
+            AtticCredential::Sign(k) => attic::mint(
+                k,
+                &TokenRequest {
+                    cache: cache.clone(),
+                    sub: sub.clone(),
+                    validity: h.attic.token_validity,
+                    push,
+                },
+            )
+            .map(Some)
+            .map_err(|e| e.to_string()),
+            AtticCredential::Static(t) if push => Ok(Some(t.clone())),
+            _ => Ok(None),
+        }
+    };
+    match &decision {
+        Decision::Push { .. } => match token(true) {
+            Ok(Some(t)) => {
+                h.telemetry.attic_token_minted("push");
+                write_netrc(&h.netrc, &attic::netrc(&server, &t));
+                let root = h
+                    .probe
+                    .job_name()
+                    .map(|j| lane.work_root.join(j))
+                    .unwrap_or_default();
+                let xdg = root.join(".flywheel-xdg");
+                resp.attic_config = Some(attic::client_config(&server, &t).expose().clone());
+                resp.xdg_config_home = Some(xdg.display().to_string());
+                lines.push(format!("flywheel: {}", decision.line()));
+            }
+            Ok(None) => lines.push(format!(
+                "flywheel: {} — but this agent holds no push credential",
+                decision.line()
+            )),
+            Err(e) => lines.push(format!("flywheel: push: denied (cannot mint a token: {e})")),
+        },
+        Decision::ReadOnly { .. } => {
+            if !h.attic.public {
+                if let Ok(Some(t)) = token(false) {
+                    h.telemetry.attic_token_minted("pull");
+                    write_netrc(&h.netrc, &attic::netrc(&server, &t));
+                }
+            }
+            lines.push(format!("flywheel: {}", decision.line()));
+        }
+    }
+    resp.lines = lines;
+    resp
+}
+
+fn write_netrc(path: &Path, content: &Secret<String>) {
+    use std::io::Write;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode_0600()
+        .open(path);
+    match f {
+        Ok(mut f) => {
+            if let Err(e) = f.write_all(content.expose().as_bytes()) {
+                warn!(error = %e, "cannot write the job's netrc");
+            }
+        }
+        Err(e) => warn!(error = %e, path = %path.display(), "cannot write the job's netrc"),
+    }
+}
+
+trait Mode0600 {
+    fn mode_0600(&mut self) -> &mut Self;
+}
+
+impl Mode0600 for std::fs::OpenOptions {
+    fn mode_0600(&mut self) -> &mut Self {
+        std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
+    }
+}
+
+fn job_completed(h: &RunnerHooks) -> HookResponse {
+    let mut lines = Vec::new();
+    let peak = h.probe.peak_bytes();
+    lines.push(format!(
+        "flywheel: peak memory {} of the {} envelope of lane {}",
+        peak.map_or_else(|| "unknown".to_owned(), |p| Bytes(p).to_string()),
+        Bytes(h.lane.memory_bytes),
+        h.lane.name
+    ));
+    let kills = h.probe.oom_kills();
+    if kills > 0 {
+        lines.push(crate::verdict::oom_verdict(&crate::verdict::OomFacts {
+            lane: &h.lane.name,
+            envelope_bytes: h.lane.memory_bytes,
+            stats: crate::cgroup::Stats {
+                oom_kills: kills,
+                peak_bytes: peak,
+                pids_max_hits: 0,
+            },
+            killed: Vec::new(),
+            bigger_lane: None,
+        }));
+    }
+    HookResponse {
+        ok: true,
+        lines,
+        ..HookResponse::default()
+    }
+}
+
+/// `flywheel-agent hook job-started|job-completed`, run by the runner as the job's user.
+/// Never fails the job: without an answer the job is read-only.
+pub fn run_hook(op: &str) -> i32 {
+    use std::io::{BufRead, BufReader, Write};
+    let env = |k: &str| std::env::var(k).unwrap_or_default();
+    let req = HookRequest {
+        op: op.to_owned(),
+        repository: env("GITHUB_REPOSITORY"),
+        run_id: env("GITHUB_RUN_ID"),
+        run_attempt: env("GITHUB_RUN_ATTEMPT"),
+        event_name: env("GITHUB_EVENT_NAME"),
+        git_ref: env("GITHUB_REF"),
+    };
+    let socket = env("FLYWHEEL_HOOK_SOCKET");
+    let mut out = std::io::stdout().lock();
+    let answer = (|| -> Result<HookResponse, String> {
+        let mut s = std::os::unix::net::UnixStream::connect(&socket)
+            .map_err(|e| format!("cannot reach the agent at {socket:?}: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(|e| e.to_string())?;
+        let body = serde_json::to_string(&req).map_err(|e| e.to_string())?;
+        s.write_all(body.as_bytes())
+            .and_then(|()| s.write_all(b"\n"))
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        BufReader::new(&s)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        serde_json::from_str(&line).map_err(|e| format!("the agent's answer: {e}"))
+    })();
+    let resp = match answer {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(out, "flywheel: {e}; this job is read-only");
+            return 0;
+        }
+    };
+    for l in &resp.lines {
+        let _ = writeln!(out, "{l}");
+    }
+    if let (Some(cfg), Some(xdg)) = (resp.attic_config.map(Secret::new), &resp.xdg_config_home) {
+        if let Err(e) = install_attic_config(Path::new(xdg), &cfg) {
+            let _ = writeln!(
+                out,
+                "flywheel: cannot install the attic client config: {e}; this job is read-only"
+            );
+        }
+    }
+    0
+}
+
+fn install_attic_config(xdg: &Path, cfg: &Secret<String>) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let dir = xdg.join("attic");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(dir.join("config.toml"))?;
+    f.write_all(cfg.expose().as_bytes())?;
+    if let Ok(github_env) = std::env::var("GITHUB_ENV") {
+        let mut e = std::fs::OpenOptions::new().append(true).open(github_env)?;
+        writeln!(e, "XDG_CONFIG_HOME={}", xdg.display())?;
+    }
+    Ok(())
+}
