@@ -140,3 +140,68 @@ fn usage_errors_exit_64() {
     let o = agent(&["--help"]);
     assert_eq!(o.status.code(), Some(0));
 }
+
+#[test]
+fn attic_mint_token_prints_a_token_that_always_expires() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret: Vec<u8> = (7u8..71).collect();
+    let key = dir.path().join("attic.key");
+    std::fs::write(
+        &key,
+        base64::engine::general_purpose::STANDARD.encode(&secret),
+    )
+    .expect("write");
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!("[attic]\nsigning_key_file = \"{}\"\n", key.display()),
+    )
+    .expect("write");
+    let o = agent(&[
+        "attic",
+        "mint-token",
+        "--config",
+        cfg.to_str().expect("utf8"),
+        "--cache",
+        "tinyland",
+        "--sub",
+        "ops:alice",
+        "--validity",
+        "1h",
+        "--push",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let token = stdout(&o).trim().to_owned();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    v.set_required_spec_claims(&["exp", "sub"]);
+    let c = jsonwebtoken::decode::<serde_json::Value>(
+        &token,
+        &jsonwebtoken::DecodingKey::from_secret(&secret),
+        &v,
+    )
+    .expect("verifies")
+    .claims;
+    assert_eq!(c["sub"], "ops:alice");
+    assert_eq!(
+        c["https://jwt.attic.rs/v1"]["caches"]["tinyland"],
+        serde_json::json!({"r": 1, "w": 1})
+    );
+    assert_eq!(
+        c["exp"].as_u64().expect("exp") - c["nbf"].as_u64().expect("nbf"),
+        3600
+    );
+    let o = agent(&[
+        "attic",
+        "mint-token",
+        "--config",
+        cfg.to_str().expect("utf8"),
+        "--cache",
+        "tiny*",
+        "--sub",
+        "x",
+        "--validity",
+        "1h",
+    ]);
+    assert_ne!(o.status.code(), Some(0), "a wildcard cache is refused");
+}

@@ -90,15 +90,7 @@ struct Rig {
 impl Rig {
     fn new(hints: &str, sha256: Option<&str>) -> Rig {
         let t = tarball();
-        let dir = tempfile::Builder::new()
-            .prefix("flywheel-nixtest")
-            .tempdir()
-            .expect("tempdir");
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .expect("chmod");
+        let dir = common::open_tempdir("flywheel-nixtest");
         for d in ["fresh-nix", "etc-nix", "work"] {
             std::fs::create_dir(dir.path().join(d)).expect("mkdir");
             std::fs::set_permissions(

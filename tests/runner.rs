@@ -22,15 +22,7 @@ impl Rig {
     /// Lanes: (suffix, memory, max_runners).
     fn new(lanes: &[(&str, &str, u32)], drain_grace: &str) -> Rig {
         let gh = FakeGitHub::start();
-        let dir = tempfile::Builder::new()
-            .prefix("flywheel-run")
-            .tempdir()
-            .expect("tempdir");
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .expect("chmod");
+        let dir = common::open_tempdir("flywheel-run");
         let prefix = unique("fw").replace('-', "x");
         let install = dir.path().join("install");
         std::fs::create_dir_all(install.join("bin")).expect("mkdir");
@@ -1061,4 +1053,115 @@ fn a_push_to_main_gets_a_push_token_a_fork_pr_does_not_and_nothing_remains() {
             .unwrap_or_default();
         assert!(left.is_empty(), "{d}: {left:?}");
     }
+}
+
+#[test]
+fn on_a_private_cache_an_untrusted_job_gets_a_pull_only_token_its_steps_cannot_read() {
+    if !privileged("credentials-private") {
+        return;
+    }
+    use base64::Engine;
+    let rig = Rig::new(&[("priv", "128Mi", 1)], "5s");
+    let key = rig.dir.path().join("attic-hs256.b64");
+    std::fs::write(
+        &key,
+        base64::engine::general_purpose::STANDARD.encode(hs256_secret()),
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(&rig.config).unwrap();
+    std::fs::write(
+        &rig.config,
+        format!("{cfg}[lane.hints]\nattic_server = \"http://attic.test:8080\"\nattic_cache = \"tinyland\"\n\n[attic]\nsigning_key_file = \"{}\"\npublic = false\npublish_repositories = [\"tinyland/flywheel\"]\n", key.display()),
+    )
+    .unwrap();
+    let shared = rig.dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(
+        &shared,
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
+    rig.gh.with(|s| {
+        s.runs.push(fake_github::FakeRun {
+            repository: "tinyland/flywheel".into(),
+            repository_id: 10,
+            default_branch: "main".into(),
+            id: 201,
+            run_attempt: 1,
+            event: "pull_request".into(),
+            head_branch: "feature".into(),
+            head_repository: "tinyland/flywheel".into(),
+            head_repository_id: 10,
+            jobs: Vec::new(),
+        })
+    });
+    let netrc_dir = rig.dir.path().join("state/netrc");
+    let mut pr = rig.job(
+        0,
+        &format!(
+            "cat {}/* > {s}/read.txt 2>&1 || echo denied >> {s}/read.txt; touch {s}/ready; sleep 2",
+            netrc_dir.display(),
+            s = shared.display()
+        ),
+    );
+    pr.env.insert("GITHUB_RUN_ID".into(), "201".into());
+    pr.env
+        .insert("GITHUB_EVENT_NAME".into(), "pull_request".into());
+    pr.env
+        .insert("GITHUB_REF".into(), "refs/pull/7/merge".into());
+    rig.gh.push_job(pr);
+    let agent = rig.start();
+    let t = Instant::now();
+    while !shared.join("ready").exists() {
+        assert!(t.elapsed() < Duration::from_secs(30), "{}", rig.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // While the job runs, its daemon's netrc holds a pull-only token.
+    let netrc: String = std::fs::read_dir(&netrc_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert!(
+        netrc.starts_with("machine attic.test\npassword "),
+        "{netrc:?}"
+    );
+    let token = netrc
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim_start_matches("password ")
+        .to_owned();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    v.set_required_spec_claims(&["exp"]);
+    let claims = jsonwebtoken::decode::<serde_json::Value>(
+        &token,
+        &jsonwebtoken::DecodingKey::from_secret(&hs256_secret()),
+        &v,
+    )
+    .unwrap()
+    .claims;
+    assert_eq!(
+        claims["https://jwt.attic.rs/v1"]["caches"],
+        serde_json::json!({"tinyland": {"r": 1}}),
+        "pull only"
+    );
+    let read = std::fs::read_to_string(shared.join("read.txt")).unwrap();
+    assert!(
+        read.contains("denied") && !read.contains(&token),
+        "the job's steps cannot read the netrc: {read}"
+    );
+    rig.wait("the job", Duration::from_secs(30), |s| {
+        !s.completed.is_empty()
+    });
+    term(&agent, nix::sys::signal::Signal::SIGTERM);
+    let (code, log) = wait_exit(&rig, agent, Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("push: denied (pull_request)"), "{log}");
+    assert!(!log.contains(&token));
+    assert_eq!(
+        std::fs::read_dir(&netrc_dir).unwrap().count(),
+        0,
+        "the netrc is gone after the job"
+    );
 }

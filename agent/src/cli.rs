@@ -239,17 +239,7 @@ pub fn main() -> ExitCode {
                     validity,
                     push,
                 },
-        } => match mint_token(config, &cache, &sub, &validity, push, &host) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) if e.downcast_ref::<config::ConfigError>().is_some() => {
-                eprintln!("{e}");
-                ExitCode::from(exit::CONFIG)
-            }
-            Err(e) => {
-                eprintln!("flywheel: {e:#}");
-                ExitCode::from(1)
-            }
-        },
+        } => report(mint_token(config, &cache, &sub, &validity, push, &host)),
         Command::Status { config, json } => match status(config, json, &host) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -269,7 +259,7 @@ pub fn main() -> ExitCode {
                     slot,
                     summary_only,
                 },
-        } => match nix_bootstrap(
+        } => report(nix_bootstrap(
             config,
             lane,
             tarball,
@@ -278,17 +268,7 @@ pub fn main() -> ExitCode {
             slot,
             summary_only,
             &host,
-        ) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) if e.downcast_ref::<config::ConfigError>().is_some() => {
-                eprintln!("{e}");
-                ExitCode::from(exit::CONFIG)
-            }
-            Err(e) => {
-                eprintln!("flywheel: {e:#}");
-                ExitCode::from(1)
-            }
-        },
+        )),
         Command::Exec {
             lane,
             config,
@@ -552,6 +532,22 @@ fn download(url: &str, to: &std::path::Path) -> anyhow::Result<()> {
         tracing::info!(url, bytes = bytes.len(), to = %to.display(), "downloaded the nix tarball");
         Ok(())
     })
+}
+
+/// Exit status and message of a one-shot command: 78 and the message alone for a bad
+/// config, 1 and `flywheel: …` otherwise.
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<config::ConfigError>().is_some() => {
+            eprintln!("{e}");
+            ExitCode::from(exit::CONFIG)
+        }
+        Err(e) => {
+            eprintln!("flywheel: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn mint_token(

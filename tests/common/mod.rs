@@ -30,6 +30,20 @@ pub fn privileged(test: &str) -> bool {
     }
 }
 
+/// A temporary directory the job user (`nobody`) can traverse (mode 0755).
+pub fn open_tempdir(prefix: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("tempdir");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    dir
+}
+
 /// A unique lane name for one test, so that tests running at once can tell their jobs apart.
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -56,16 +70,7 @@ impl Fixture {
     }
 
     pub fn with_tail(prefix: &str, memory: &str, lane_extra: &str, tail: &str) -> Fixture {
-        let dir = tempfile::Builder::new()
-            .prefix("flywheel-test")
-            .tempdir()
-            .expect("tempdir");
-        // The job user must be able to reach its _work.
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .expect("chmod");
+        let dir = open_tempdir("flywheel-test");
         let lane = unique(prefix);
         let config = dir.path().join("agent.toml");
         let text = format!(
