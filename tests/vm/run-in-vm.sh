@@ -100,8 +100,10 @@ export PATH=/usr/local/bin:/usr/bin:/usr/sbin:/bbin HOME=/root
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /tmp
-mount -t tmpfs tmpfs /run
+# /tmp and /run stay on the (writable) initramfs root: a tmpfs there would hide binaries of a
+# checkout that lives under /tmp.
+chmod 1777 /tmp
+chmod 0755 /run
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 insmod /overlay.ko 2>/dev/null
 echo "+memory +pids" > /sys/fs/cgroup/cgroup.subtree_control
