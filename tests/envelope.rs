@@ -106,7 +106,7 @@ fn a_fork_bomb_is_held_by_the_pids_cap() {
         &[
             "bash",
             "-c",
-            "bomb() { bomb | bomb & }; bomb; sleep 2; exit 0",
+            "(bomb() { bomb | bomb & }; bomb) & exec sleep 2",
         ],
     );
     let err = stderr(&o);

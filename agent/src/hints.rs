@@ -74,7 +74,8 @@ pub fn job_env(lane: &Lane, memory_bytes: u64, host_cpus: u32) -> Vec<(String, S
     env
 }
 
-/// Names of variables that never pass from the agent's environment into a job's.
+/// Names of variables that never pass from the agent's environment into a job's: secrets,
+/// the agent's own hints and Nix store settings (a job gets its own).
 pub fn is_secret_var(name: &str) -> bool {
     name.starts_with("ACTIONS_RUNNER_INPUT_")
         || name.starts_with("FLYWHEEL_")
@@ -84,6 +85,8 @@ pub fn is_secret_var(name: &str) -> bool {
                 | "GH_TOKEN"
                 | "ATTIC_TOKEN"
                 | "NIX_CONFIG"
+                | "NIX_REMOTE"
+                | "NIX_DAEMON_SOCKET_PATH"
                 | "ATTIC_SERVER"
                 | "ATTIC_CACHE"
                 | "BAZEL_REMOTE_CACHE"
@@ -190,6 +193,9 @@ mod tests {
         assert!(is_secret_var("ACTIONS_RUNNER_INPUT_JITCONFIG"));
         assert!(is_secret_var("FLYWHEEL_CONFIG"));
         assert!(is_secret_var("ATTIC_TOKEN"));
+        // The agent's own Nix store settings never reach a job: a job gets its own daemon.
+        assert!(is_secret_var("NIX_REMOTE"));
+        assert!(is_secret_var("NIX_DAEMON_SOCKET_PATH"));
         assert!(!is_secret_var("PATH"));
     }
 }
