@@ -1165,3 +1165,57 @@ fn on_a_private_cache_an_untrusted_job_gets_a_pull_only_token_its_steps_cannot_r
         "the netrc is gone after the job"
     );
 }
+
+#[test]
+fn under_kubernetes_logs_are_json_lines_carrying_lane_runner_and_job() {
+    if !privileged("json-logs") {
+        return;
+    }
+    let rig = Rig::new(&[("json", "128Mi", 1)], "5s");
+    rig.gh.push_job(rig.job(0, "echo hello-from-the-job"));
+    // No --log-format and no FLYWHEEL_LOG_FORMAT: detected from the pod's environment.
+    let log = std::fs::File::create(rig.log_path()).expect("log");
+    let agent = Command::new(AGENT)
+        .args(["run", "--config"])
+        .arg(&rig.config)
+        .env("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+        .env_remove("FLYWHEEL_LOG_FORMAT")
+        .env("FLYWHEEL_LOG", "info")
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start");
+    rig.wait("the job", Duration::from_secs(30), |s| {
+        !s.completed.is_empty()
+    });
+    term(&agent, nix::sys::signal::Signal::SIGTERM);
+    let (code, text) = wait_exit(&rig, agent, Duration::from_secs(30));
+    assert_eq!(code, 0, "{text}");
+    let mut job_lines = 0;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(
+            v["timestamp"].is_string() && v["level"].is_string(),
+            "{line}"
+        );
+        if line.contains("hello-from-the-job") {
+            let span = &v["span"];
+            assert_eq!(span["lane"], rig.lanes[0].as_str(), "{line}");
+            assert!(
+                span["runner"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with(&rig.prefix)),
+                "{line}"
+            );
+            assert!(
+                span["job"]
+                    .as_str()
+                    .is_some_and(|j| j.starts_with(&rig.lanes[0])),
+                "{line}"
+            );
+            job_lines += 1;
+        }
+    }
+    assert_eq!(job_lines, 1, "the job's output line: {text}");
+}

@@ -472,6 +472,7 @@ async fn run_job_inner(
         (uid, gid),
         &mut cleanup,
         reaper,
+        &span,
     );
     let setup = t0.elapsed();
     drop(entered);
@@ -707,18 +708,22 @@ fn prepare_runner_root(
 }
 
 /// Log a child's output line by line with the job's span.
-fn log_lines(fd: OwnedFd, stream: &'static str) -> io::Result<tokio::task::JoinHandle<()>> {
-    log_lines_at(fd, stream, tracing::Level::INFO)
+fn log_lines(
+    fd: OwnedFd,
+    stream: &'static str,
+    span: tracing::Span,
+) -> io::Result<tokio::task::JoinHandle<()>> {
+    log_lines_at(fd, stream, tracing::Level::INFO, span)
 }
 
 fn log_lines_at(
     fd: OwnedFd,
     stream: &'static str,
     level: tracing::Level,
+    span: tracing::Span,
 ) -> io::Result<tokio::task::JoinHandle<()>> {
     use tokio::io::AsyncBufReadExt;
     let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?;
-    let span = tracing::Span::current();
     Ok(tokio::spawn(
         async move {
             let mut lines = tokio::io::BufReader::new(rx).lines();
@@ -917,6 +922,7 @@ fn start_nix_daemon(
     slot_mounts: &[Mount],
     job: &str,
     reaper: &Reaper,
+    job_span: &tracing::Span,
 ) -> Result<PathBuf, EnvelopeError> {
     let dir = nix
         .sockets
@@ -967,7 +973,7 @@ fn start_nix_daemon(
     ] {
         if let Some(fd) = out {
             // The daemon logs each connection; keep those lines at debug level.
-            let _ = log_lines_at(fd, stream, tracing::Level::DEBUG);
+            let _ = log_lines_at(fd, stream, tracing::Level::DEBUG, job_span.clone());
         }
     }
     drop(child);
@@ -1004,6 +1010,7 @@ fn launch(
     (uid, gid): (u32, u32),
     cleanup: &mut Vec<PathBuf>,
     reaper: &Reaper,
+    job_span: &tracing::Span,
 ) -> Result<Launched, EnvelopeError> {
     let (job_dir, _work_phys) = workdir::create(phys_work_root, job, uid, gid)
         .map_err(io_at("create the job's _work under", phys_work_root))?;
@@ -1021,7 +1028,7 @@ fn launch(
             dst: n.userpool_seen.clone(),
             readonly: false,
         });
-        let dir = start_nix_daemon(n, cg, &daemon_mounts, job, reaper)?;
+        let dir = start_nix_daemon(n, cg, &daemon_mounts, job, reaper, job_span)?;
         cleanup.push(dir.clone());
         if let Some(p) = &spec.probe {
             p.set_idle(2);
@@ -1089,10 +1096,16 @@ fn launch(
         Ok((pid, mut child, exit)) => {
             let mut output = Vec::new();
             if let Some(out) = child.stdout.take() {
-                output.push(log_lines(OwnedFd::from(out), "stdout").map_err(EnvelopeError::Spawn)?);
+                output.push(
+                    log_lines(OwnedFd::from(out), "stdout", job_span.clone())
+                        .map_err(EnvelopeError::Spawn)?,
+                );
             }
             if let Some(err) = child.stderr.take() {
-                output.push(log_lines(OwnedFd::from(err), "stderr").map_err(EnvelopeError::Spawn)?);
+                output.push(
+                    log_lines(OwnedFd::from(err), "stderr", job_span.clone())
+                        .map_err(EnvelopeError::Spawn)?,
+                );
             }
             // The child is reaped by the Reaper, never by std.
             drop(child);
