@@ -496,13 +496,7 @@ fn the_job_user_cannot_import_unsigned_paths_or_reach_another_jobs_daemon() {
         .exists());
 
     // Two jobs at once: the second sees neither the first's socket nor the socket directory.
-    let shared = rig.dir.path().join("shared");
-    std::fs::create_dir(&shared).unwrap();
-    std::fs::set_permissions(
-        &shared,
-        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
-    )
-    .unwrap();
+    let shared = common::shared_dir(rig.dir.path());
     let ready = shared.join("ready");
     let mut first = rig
         .agent(&[

@@ -888,13 +888,7 @@ fn a_push_to_main_gets_a_push_token_a_fork_pr_does_not_and_nothing_remains() {
         ),
     )
     .unwrap();
-    let shared = rig.dir.path().join("shared");
-    std::fs::create_dir(&shared).unwrap();
-    std::fs::set_permissions(
-        &shared,
-        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
-    )
-    .unwrap();
+    let shared = common::shared_dir(rig.dir.path());
     rig.gh.with(|s| {
         for (id, event, head) in [(101, "push", 10), (102, "pull_request", 99)] {
             s.runs.push(fake_github::FakeRun {
@@ -1074,13 +1068,7 @@ fn on_a_private_cache_an_untrusted_job_gets_a_pull_only_token_its_steps_cannot_r
         format!("{cfg}[lane.hints]\nattic_server = \"http://attic.test:8080\"\nattic_cache = \"tinyland\"\n\n[attic]\nsigning_key_file = \"{}\"\npublic = false\npublish_repositories = [\"tinyland/flywheel\"]\n", key.display()),
     )
     .unwrap();
-    let shared = rig.dir.path().join("shared");
-    std::fs::create_dir(&shared).unwrap();
-    std::fs::set_permissions(
-        &shared,
-        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
-    )
-    .unwrap();
+    let shared = common::shared_dir(rig.dir.path());
     rig.gh.with(|s| {
         s.runs.push(fake_github::FakeRun {
             repository: "tinyland/flywheel".into(),

@@ -44,6 +44,19 @@ pub fn open_tempdir(prefix: &str) -> tempfile::TempDir {
     dir
 }
 
+/// `<root>/shared`, writable by every user (mode 1777): where a job run as `nobody` leaves
+/// what the test then reads.
+pub fn shared_dir(root: &Path) -> PathBuf {
+    let shared = root.join("shared");
+    std::fs::create_dir(&shared).expect("mkdir shared");
+    std::fs::set_permissions(
+        &shared,
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .expect("chmod");
+    shared
+}
+
 /// A unique lane name for one test, so that tests running at once can tell their jobs apart.
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
