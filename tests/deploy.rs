@@ -131,7 +131,24 @@ fn tmpfiles_and_sysusers_cover_the_paths_and_users() {
         );
     }
     let users = read("systemd/flywheel-agent.sysusers.conf");
-    assert!(users.lines().any(|l| l.starts_with("u runner ")));
+    // One user per runner slot of the example config, none of them in another group.
+    let cfg = parse(
+        &read("systemd/agent.toml.example"),
+        &Origin::File("agent.toml.example".into()),
+        &BIG_HOST,
+    )
+    .expect("the example config is valid");
+    for lane in &cfg.lanes {
+        for slot in 0..lane.max_runners {
+            let name = cfg.slot_user(&lane.name, slot);
+            assert!(
+                users.lines().any(|l| l.starts_with(&format!("u {name} "))),
+                "sysusers lacks {name}"
+            );
+            assert!(!users.lines().any(|l| l.starts_with(&format!("m {name} "))));
+        }
+    }
+    assert!(!users.lines().any(|l| l.starts_with("u runner ")));
     assert!(users.lines().any(|l| l.starts_with("g nixbld ")));
 }
 
@@ -230,8 +247,35 @@ fn the_containerfile_lints_clean_and_has_what_it_must() {
         "COPY images/arc/ /etc/flywheel-agent/",
         "ENTRYPOINT [\"/usr/local/bin/flywheel-agent\"]",
         "/var/lib/flywheel-agent/nix/",
+        // No way up to root: runner leaves sudo, the grant goes, xz is there without sudo.
+        "gpasswd -d runner sudo",
+        "sed -i '/^%sudo/d' /etc/sudoers",
+        "xz-utils",
+        "chown -R root:root /home/runner/bin /home/runner/externals",
     ] {
         assert!(cf.contains(must), "Containerfile lacks {must:?}");
+    }
+    // The slot users the ARC configs name exist in the image.
+    for lane in [
+        "tinyland-nix",
+        "tinyland-nix-heavy",
+        "tinyland-nix-compute-expansion",
+    ] {
+        let cfg = parse(
+            &read(&format!("images/arc/{lane}.toml")),
+            &Origin::File(format!("{lane}.toml").into()),
+            &BIG_HOST,
+        )
+        .unwrap();
+        let l = cfg.lane(lane).unwrap();
+        for slot in 0..l.max_runners {
+            let user = cfg.slot_user(lane, slot);
+            let n = user.trim_start_matches("runner-");
+            assert!(
+                cf.contains("for i in 0 1 2 3; do useradd") && "0123".contains(n),
+                "the image lacks {user}"
+            );
+        }
     }
     let pin: toml::Value = toml::from_str(&read("images/nix-pin.toml")).unwrap();
     let sha = pin["systems"]["x86_64-linux"]["sha256"].as_str().unwrap();

@@ -53,7 +53,7 @@ runner_group_id = 1
 
 [runner]
 install_dir = "{install}"
-user = "nobody"
+user = "{user}"
 name_prefix = "{prefix}"
 drain_grace = "{drain_grace}"
 backoff = "100ms"
@@ -62,6 +62,7 @@ backoff = "100ms"
             url = gh.url,
             key = key.display(),
             install = install.display(),
+            user = common::runner_pool(),
         );
         let mut names = Vec::new();
         for (suffix, memory, max) in lanes {
@@ -258,7 +259,7 @@ fn two_lanes_stay_at_target_across_many_jobs_through_faults() {
     assert_eq!(code, 0, "clean drain exits 0:\n{log}");
     assert!(!log.contains("panicked"), "{log}");
     assert!(
-        log.contains("job-a-0 as nobody in"),
+        log.contains("job-a-0 as fwt-"),
         "listener output is in the agent's log with its runner: {log}"
     );
     assert!(log.contains("runner="), "{log}");

@@ -384,7 +384,11 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         Some(w) => w,
         None => lane.work_root.clone(),
     };
-    let user = req.user.as_deref().map(JobUser::lookup).transpose()?;
+    let user = req
+        .user
+        .as_deref()
+        .map(|u| JobUser::lookup(u, &cfg.runner.groups).map(envelope::UserChoice::Named))
+        .transpose()?;
     let nix = (lane.nix && !req.no_nix).then(|| flywheel_agent::nixboot::nix_job(&cfg, &lane));
     let spec = JobSpec {
         lane,
@@ -732,6 +736,17 @@ fn run(config: Option<PathBuf>, host: &HostFacts, jit: Option<Secret<String>>) -
     }
 }
 
+/// Raise the soft descriptor limit to the hard one: sockets of many runners' hooks and jobs'
+/// pipes must not run the agent out of descriptors.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
 fn run_inner(
     config: Option<PathBuf>,
     host: &HostFacts,
@@ -739,8 +754,15 @@ fn run_inner(
 ) -> anyhow::Result<i32> {
     let cfg = config::load(config.as_deref(), host)?;
     config::check_host(&cfg)?;
-    let user = JobUser::lookup(&cfg.runner.user)
-        .map_err(|e| ConfigProblem(format!("{}: runner.user: {e}", cfg.origin)))?;
+    // Every slot's user exists and cannot become root, before anything starts.
+    for lane in &cfg.lanes {
+        for slot in 0..lane.max_runners {
+            let name = cfg.slot_user(&lane.name, slot);
+            JobUser::lookup(&name, &cfg.runner.groups)
+                .and_then(|u| u.refuse_owning(&[&cfg.runner.install_dir]))
+                .map_err(|e| ConfigProblem(format!("{}: runner.user: {e}", cfg.origin)))?;
+        }
+    }
     let listener = cfg.runner.install_dir.join("bin/Runner.Listener");
     if !listener.is_file() {
         return Err(ConfigProblem(format!(
@@ -777,6 +799,7 @@ fn run_inner(
         (None, _) | (Some(_), Some(_)) => Some(std::sync::Arc::new(github_client(&cfg)?)),
         (Some(_), None) => None,
     };
+    raise_fd_limit();
     let attic = flywheel_agent::hooks::AtticCredential::load(&cfg.attic)
         .map_err(|e| ConfigProblem(format!("{}: {e}", cfg.origin)))?;
     let hook_scripts = flywheel_agent::hooks::write_hook_scripts(&cfg.agent.state_dir)
@@ -807,7 +830,6 @@ fn run_inner(
             mgr: std::sync::Arc::from(mgr),
             reaper,
             host: *host,
-            user,
             telemetry,
             github: github.clone(),
             attic,

@@ -190,8 +190,13 @@ pub enum GitHubAuth {
 pub struct RunnerSettings {
     /// Holds `bin/Runner.Listener`.
     pub install_dir: PathBuf,
-    /// The unprivileged user runners run as.
+    /// The unprivileged users runners run as: a pool such as `runner-{n}`, where `{n}` is the
+    /// host-wide index of the runner slot ([`Config::slot_user`]), so concurrent jobs never
+    /// share a uid. A name without `{n}` is allowed only where one runner runs at a time.
     pub user: String,
+    /// Supplementary groups a job keeps (the operator's list); every other group of the user
+    /// is dropped. Groups that grant root (`sudo`, `docker`, …) are refused.
+    pub groups: Vec<String>,
     /// Runner names are `<prefix>-<lane>-<random>`; the host name when unset.
     pub name_prefix: Option<String>,
     /// How long busy runners get to finish their job when the agent drains.
@@ -269,6 +274,21 @@ impl Config {
         self.lanes.iter().find(|l| l.name == name)
     }
 
+    /// The user a runner in `slot` of `lane` runs as: `runner.user` with `{n}` replaced by
+    /// the slot's host-wide index (the lanes' slots numbered one after another in config
+    /// order), so no two runners that may run at once share a uid.
+    pub fn slot_user(&self, lane: &str, slot: u32) -> String {
+        let offset: u32 = self
+            .lanes
+            .iter()
+            .take_while(|l| l.name != lane)
+            .map(|l| l.max_runners)
+            .sum();
+        self.runner
+            .user
+            .replace("{n}", &(offset + slot).to_string())
+    }
+
     /// The embedded defaults for this host.
     pub fn embedded(host: &HostFacts) -> Result<Config, ConfigError> {
         parse(DEFAULT_CONFIG, &Origin::Embedded, host)
@@ -344,7 +364,8 @@ struct RawGitHub {
 #[serde(deny_unknown_fields)]
 struct RawRunner {
     install_dir: Option<Spanned<PathBuf>>,
-    user: Option<String>,
+    user: Option<Spanned<String>>,
+    groups: Option<Vec<Spanned<String>>>,
     name_prefix: Option<Spanned<String>>,
     drain_grace: Option<Spanned<String>>,
     backoff: Option<Spanned<String>>,
@@ -399,6 +420,16 @@ struct RawHints {
 }
 
 const DEFAULT_MAX_RUNNERS: u32 = 1;
+/// One user per concurrently running job: `runner-0`, `runner-1`, … (see `systemd/*.sysusers.conf`).
+const DEFAULT_RUNNER_USER: &str = "runner-{n}";
+/// Groups whose members can become root (sudoers defaults, the docker/lxd sockets, raw disks).
+pub const ROOT_GROUPS: [&str; 11] = [
+    "root", "sudo", "wheel", "admin", "adm", "docker", "podman", "lxd", "incus", "libvirt", "disk",
+];
+/// Events outsiders cannot trigger with code of their own; only these may publish.
+const TRUSTABLE_EVENTS: [&str; 3] = ["push", "workflow_dispatch", "schedule"];
+/// A token outlives its files (a copy stays valid): keep its lifetime short.
+const MAX_TOKEN_VALIDITY: Duration = Duration::from_secs(6 * 3600);
 const DEFAULT_PIDS_MAX: u64 = 16384;
 const DEFAULT_MIN_FREE: u64 = 2 << 30;
 const DEFAULT_MEMORY_PER_BUILD: u64 = 2 << 30;
@@ -452,6 +483,7 @@ pub fn parse(src: &str, origin: &Origin, host: &HostFacts) -> Result<Config, Con
         },
     };
     let github = raw.github.map(|g| github_settings(&cx, g)).transpose()?;
+    let user_pos = raw.runner.user.as_ref().map(|u| u.span().start);
     let runner = runner_settings(&cx, raw.runner)?;
     let nix = nix_settings(&cx, raw.nix)?;
     let attic = attic_settings(&cx, raw.attic)?;
@@ -493,7 +525,7 @@ pub fn parse(src: &str, origin: &Origin, host: &HostFacts) -> Result<Config, Con
                 attic,
                 lanes: defaults.lanes,
             };
-            check_runner_lane(&cx, &cfg)?;
+            check_runner_lane(&cx, &cfg, user_pos)?;
             return Ok(cfg);
         }
         None => Vec::new(),
@@ -534,15 +566,29 @@ pub fn parse(src: &str, origin: &Origin, host: &HostFacts) -> Result<Config, Con
         attic,
         lanes,
     };
-    check_runner_lane(&cx, &cfg)?;
+    check_runner_lane(&cx, &cfg, user_pos)?;
     Ok(cfg)
 }
 
-fn check_runner_lane(cx: &Ctx<'_>, cfg: &Config) -> Result<(), ConfigError> {
+fn check_runner_lane(
+    cx: &Ctx<'_>,
+    cfg: &Config,
+    user_pos: Option<usize>,
+) -> Result<(), ConfigError> {
     if let Some(l) = &cfg.runner.lane {
         if cfg.lane(l).is_none() {
             return Err(cx.err_at(None, format!("runner.lane {l:?} is not a configured lane")));
         }
+    }
+    let slots: u32 = cfg.lanes.iter().map(|l| l.max_runners).sum();
+    if !cfg.runner.user.contains("{n}") && slots > 1 {
+        return Err(cx.err_at(
+            user_pos,
+            format!(
+                "runner.user {:?} would run up to {slots} jobs at once as one user, and jobs of one uid can read and ptrace each other: use a pool such as \"{}-{{n}}\" (one user per runner slot, e.g. from the sysusers file)",
+                cfg.runner.user, cfg.runner.user
+            ),
+        ));
     }
     Ok(())
 }
@@ -623,11 +669,8 @@ fn attic_settings(cx: &Ctx<'_>, a: RawAttic) -> Result<AtticSettings, ConfigErro
         .trusted_events
         .unwrap_or_else(|| vec![Spanned::new(0..0, "push".to_owned())])
     {
-        if matches!(
-            e.get_ref().as_str(),
-            "pull_request" | "pull_request_target" | "merge_group"
-        ) {
-            return Err(cx.err(&e, format!("attic.trusted_events: {} runs code from outside the default branch and is never trusted to publish", e.get_ref())));
+        if !TRUSTABLE_EVENTS.contains(&e.get_ref().as_str()) {
+            return Err(cx.err(&e, format!("attic.trusted_events: {:?} can be triggered by outsiders or runs code from outside the default branch, and is never trusted to publish (allowed: {})", e.get_ref(), TRUSTABLE_EVENTS.join(", "))));
         }
         events.push(e.into_inner());
     }
@@ -645,7 +688,13 @@ fn attic_settings(cx: &Ctx<'_>, a: RawAttic) -> Result<AtticSettings, ConfigErro
         public: a.public.unwrap_or(true),
         publish_repositories: repos,
         trusted_events: events,
-        token_validity: duration_or(cx, a.token_validity.as_ref(), "6h")?,
+        token_validity: {
+            let d = duration_or(cx, a.token_validity.as_ref(), "1h")?;
+            if let (Some(v), true) = (&a.token_validity, d > MAX_TOKEN_VALIDITY || d.is_zero()) {
+                return Err(cx.err(v, "attic.token_validity must be between 1s and 6h: a copied token stays valid that long after its job (default 1h)"));
+            }
+            d
+        },
     })
 }
 
@@ -712,7 +761,39 @@ fn runner_settings(cx: &Ctx<'_>, r: RawRunner) -> Result<RunnerSettings, ConfigE
             Some(d) => absolute(cx, d, "runner.install_dir")?,
             None => PathBuf::from("/opt/actions-runner"),
         },
-        user: r.user.unwrap_or_else(|| "runner".to_owned()),
+        user: match r.user {
+            Some(u) => {
+                let v = u.get_ref();
+                let bare = v.replace("{n}", "0");
+                if bare.is_empty()
+                    || bare.len() > 31
+                    || !bare
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                    || v.matches('{').count() != v.matches("{n}").count()
+                {
+                    return Err(cx.err(
+                        &u,
+                        "runner.user must be a user name or a pool like \"runner-{n}\" (letters, digits, '-', '_', and {n} for the slot number)",
+                    ));
+                }
+                u.into_inner()
+            }
+            None => DEFAULT_RUNNER_USER.to_owned(),
+        },
+        groups: {
+            let mut gs = Vec::new();
+            for g in r.groups.unwrap_or_default() {
+                if ROOT_GROUPS.contains(&g.get_ref().as_str()) {
+                    return Err(cx.err(
+                        &g,
+                        format!("runner.groups: {:?} lets its members become root; a job must not keep it", g.get_ref()),
+                    ));
+                }
+                gs.push(g.into_inner());
+            }
+            gs
+        },
         name_prefix: r.name_prefix.map(Spanned::into_inner),
         drain_grace: duration_or(cx, r.drain_grace.as_ref(), "15m")?,
         backoff: duration_or(cx, r.backoff.as_ref(), "2s")?,

@@ -5,7 +5,7 @@
 //! **teardown** (SIGTERM with a grace, kill the whole cgroup, wait until empty, remove the
 //! cgroup and `_work`, release the slot). Teardown runs whatever happened before it.
 
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -31,35 +31,16 @@ use crate::workdir;
 /// How long teardown waits for a killed job's cgroup to empty before giving up.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The unprivileged user a job runs as.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobUser {
-    pub name: String,
-    pub uid: u32,
-    pub gid: u32,
-    pub home: PathBuf,
-    pub groups: Vec<u32>,
-}
+pub use crate::jobuser::{JobUser, UserError};
 
-impl JobUser {
-    /// Look a user up in the passwd and group databases.
-    pub fn lookup(name: &str) -> Result<JobUser, EnvelopeError> {
-        let u = nix::unistd::User::from_name(name)
-            .map_err(|e| EnvelopeError::User(format!("cannot look up user {name:?}: {e}")))?
-            .ok_or_else(|| EnvelopeError::User(format!("user {name:?} does not exist: create it (e.g. `useradd --system {name}`) or pick another with --user")))?;
-        let cname = CString::new(name)
-            .map_err(|_| EnvelopeError::User(format!("user name {name:?} contains a NUL byte")))?;
-        let groups = nix::unistd::getgrouplist(&cname, u.gid)
-            .map(|gs| gs.into_iter().map(|g| g.as_raw()).collect())
-            .unwrap_or_else(|_| vec![u.gid.as_raw()]);
-        Ok(JobUser {
-            name: u.name,
-            uid: u.uid.as_raw(),
-            gid: u.gid.as_raw(),
-            home: u.dir,
-            groups,
-        })
-    }
+/// Who a job runs as.
+#[derive(Debug, Clone)]
+pub enum UserChoice {
+    /// This user (`exec --user`).
+    Named(JobUser),
+    /// The user of the job's runner slot (`runner.user` with `{n}`, see
+    /// [`Config::slot_user`]), so jobs that run at once never share a uid.
+    Slot,
 }
 
 /// One job to run.
@@ -70,7 +51,7 @@ pub struct JobSpec {
     /// The work root the job sees (the lane's, or `--work-root`).
     pub work_root: PathBuf,
     /// `None`: the job runs as the agent's own user.
-    pub user: Option<JobUser>,
+    pub user: Option<UserChoice>,
     pub slot: Option<u32>,
     /// The command; for a runner job a relative program is resolved in the runner root.
     pub command: Vec<OsString>,
@@ -219,6 +200,21 @@ impl JobProbe {
         pids.dedup();
         pids.len()
     }
+    /// Whether process `pid` is in the running job's cgroup.
+    pub fn contains(&self, pid: i32) -> bool {
+        let files = self
+            .0
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default()
+            .unwrap_or_default();
+        !files.is_empty()
+            && files.iter().all(|f| {
+                std::fs::read_to_string(f)
+                    .is_ok_and(|s| s.lines().any(|l| l.trim().parse() == Ok(pid)))
+            })
+    }
+
     /// The running job's name (its cgroup's directory name).
     pub fn job_name(&self) -> Option<String> {
         let files = self.0.lock().ok()?.clone()?;
@@ -292,8 +288,8 @@ pub struct NixSummary {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnvelopeError {
-    #[error("{0}")]
-    User(String),
+    #[error(transparent)]
+    User(#[from] UserError),
     #[error(transparent)]
     Slot(#[from] SlotError),
     #[error("fast-local check failed: {0}")]
@@ -354,6 +350,30 @@ enum Mount {
     },
     /// An empty tmpfs that hides what is below `dst`.
     Hide { dst: PathBuf },
+    /// A private tmpfs on `/tmp` (made at `stage`, a root-only directory outside `/tmp`, then
+    /// moved), with the directories in `keep` (the agent's own paths under `/tmp`, if any)
+    /// bound back into it.
+    PrivateTmp { stage: PathBuf, keep: Vec<PathBuf> },
+    /// A `/proc` of its own with `hidepid=invisible`: the job sees only its user's processes.
+    Proc,
+}
+
+/// `/tmp`, which every job gets privately.
+const TMP: &str = "/tmp";
+
+/// The agent's own paths under `/tmp` (only in odd setups and tests) that a job's mounts or
+/// exec need: they are bound back into its private `/tmp`. Outermost first, no nesting.
+fn tmp_keep(paths: &[&Path]) -> Vec<PathBuf> {
+    let mut keep: Vec<PathBuf> = paths
+        .iter()
+        .filter(|p| p.starts_with(TMP) && **p != Path::new(TMP) && p.is_dir())
+        .map(|p| p.to_path_buf())
+        .collect();
+    keep.sort();
+    keep.dedup();
+    let all = keep.clone();
+    keep.retain(|p| !all.iter().any(|q| q != p && p.starts_with(q)));
+    keep
 }
 
 /// Run one job of a lane to completion.
@@ -424,7 +444,31 @@ async fn run_job_inner(
         }
         None => None,
     };
-    let mut binds = Vec::new();
+    let stage = cfg.agent.state_dir.join("job-tmp");
+    std::fs::create_dir_all(&stage).map_err(io_at("create", &stage))?;
+    std::fs::set_permissions(&stage, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(io_at("chmod", &stage))?;
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    let install_dir = spec.runner.as_ref().map(|r| r.install_dir.clone());
+    let mut keep_candidates: Vec<&Path> = vec![
+        &spec.work_root,
+        &phys_work_root,
+        &phys_nix,
+        &lane.nix_store,
+        &cfg.agent.state_dir,
+        &exe_dir,
+    ];
+    keep_candidates.extend(install_dir.as_deref());
+    for d in [&phys_work_root, &spec.work_root] {
+        std::fs::create_dir_all(d).map_err(io_at("create", d))?;
+    }
+    let mut binds = vec![Mount::PrivateTmp {
+        stage,
+        keep: tmp_keep(&keep_candidates),
+    }];
     if let Some((nix, work)) = &slot_dirs {
         for dir in [nix, work, &lane.nix_store, &spec.work_root] {
             std::fs::create_dir_all(dir).map_err(io_at("create", dir))?;
@@ -441,7 +485,23 @@ async fn run_job_inner(
         });
     }
 
-    let user = spec.user.clone();
+    let user = match &spec.user {
+        None => None,
+        Some(UserChoice::Named(u)) => Some(u.clone()),
+        Some(UserChoice::Slot) => Some(JobUser::lookup(
+            &cfg.slot_user(&lane.name, slot.index),
+            &cfg.runner.groups,
+        )?),
+    };
+    if let Some(u) = &user {
+        let exe = std::env::current_exe().unwrap_or_default();
+        let mut owned: Vec<&Path> = vec![exe.as_path()];
+        if let Some(r) = &spec.runner {
+            owned.push(&r.install_dir);
+        }
+        u.refuse_owning(&owned)?;
+        info!(user = %u.name, uid = u.uid, "the job runs as");
+    }
     let (uid, gid) = user.as_ref().map_or_else(
         || {
             (
@@ -465,6 +525,7 @@ async fn run_job_inner(
     let mut cleanup: Vec<PathBuf> = Vec::new();
     let launched = launch(
         &spec,
+        user.as_ref(),
         cg.as_ref(),
         &phys_work_root,
         binds,
@@ -620,18 +681,29 @@ fn cstring(p: &OsStr) -> Result<CString, EnvelopeError> {
         .map_err(|_| EnvelopeError::Spawn(io::Error::other("path contains a NUL byte")))
 }
 
-/// The job's environment: the agent's, minus secrets and old hints, plus the user's identity,
-/// the lane's hints and the job's own secret variables.
-fn job_environment(spec: &JobSpec) -> Vec<(OsString, OsString)> {
+/// The job's environment: the agent's, minus secrets, old hints and the agent's XDG
+/// directories, plus the user's identity and private HOME, the lane's hints and the job's own
+/// secret variables.
+fn job_environment(
+    spec: &JobSpec,
+    user: Option<&JobUser>,
+    home: &Path,
+) -> Vec<(OsString, OsString)> {
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
-        .filter(|(k, _)| !hints::is_secret_var(&k.to_string_lossy()))
+        .filter(|(k, _)| {
+            let k = k.to_string_lossy();
+            !hints::is_secret_var(&k) && !k.starts_with("XDG_")
+        })
         .collect();
     let mut set = |k: &str, v: OsString| {
         env.retain(|(n, _)| n != k);
         env.push((k.into(), v));
     };
-    if let Some(u) = &spec.user {
-        set("HOME", u.home.clone().into_os_string());
+    set("TMPDIR", TMP.into());
+    if let Some(u) = user {
+        // A fresh HOME in the job's directory: nothing an earlier job left in a home
+        // (~/.config/nix, ~/.gitconfig) reaches this one.
+        set("HOME", home.as_os_str().to_owned());
         set("USER", u.name.clone().into());
         set("LOGNAME", u.name.clone().into());
     }
@@ -664,13 +736,13 @@ fn job_environment(spec: &JobSpec) -> Vec<(OsString, OsString)> {
     env
 }
 
-/// Make the runner root: `.env`, and empty mount points for the installation's directories.
+/// Make the runner root while it is still root's (mode 0700): `.env`, and empty mount points
+/// for the installation's directories. Nothing here follows a symlink: the directory was just
+/// created by root in a root-owned work root, and files are created exclusively.
 fn prepare_runner_root(
     root: &Path,
     r: &RunnerRoot,
-    (uid, gid): (u32, u32),
 ) -> Result<Vec<(PathBuf, PathBuf)>, EnvelopeError> {
-    std::os::unix::fs::chown(root, Some(uid), Some(gid)).map_err(io_at("chown", root))?;
     let mut mounts = Vec::new();
     let entries = std::fs::read_dir(&r.install_dir)
         .map_err(io_at("read the runner installation", &r.install_dir))?;
@@ -678,7 +750,7 @@ fn prepare_runner_root(
         let entry = entry.map_err(io_at("read the runner installation", &r.install_dir))?;
         let name = entry.file_name();
         let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
-        if !is_dir || name == "_work" || name == "_diag" {
+        if !is_dir || name == "_work" || name == "_diag" || name == workdir::HOME {
             continue;
         }
         let point = root.join(&name);
@@ -703,7 +775,7 @@ fn prepare_runner_root(
         dotenv.push('\n');
     }
     let env_file = root.join(".env");
-    std::fs::write(&env_file, dotenv).map_err(io_at("write", &env_file))?;
+    workdir::write_new(&env_file, dotenv.as_bytes(), 0o644).map_err(io_at("write", &env_file))?;
     Ok(mounts)
 }
 
@@ -739,17 +811,35 @@ fn log_lines_at(
     ))
 }
 
+/// One mount-namespace operation of a child, with its strings made before the fork.
+enum Op {
+    Bind {
+        src: CString,
+        dst: CString,
+        readonly: bool,
+    },
+    Tmpfs {
+        dst: CString,
+        opts: &'static CStr,
+    },
+    Mkdir {
+        path: CString,
+    },
+    Move {
+        src: CString,
+        dst: CString,
+    },
+    Proc,
+}
+
 /// What a child does between fork and exec, prepared before the fork.
 struct ChildSetup {
     procs: Vec<OwnedFd>,
-    mounts: Vec<(u8, CString, CString)>,
+    ops: Vec<Op>,
     ids: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
     cwd: CString,
+    no_new_privs: bool,
 }
-
-const M_BIND: u8 = 0;
-const M_BIND_RO: u8 = 1;
-const M_HIDE: u8 = 2;
 
 impl ChildSetup {
     fn new(
@@ -757,6 +847,7 @@ impl ChildSetup {
         mounts: &[Mount],
         user: Option<&JobUser>,
         cwd: &Path,
+        no_new_privs: bool,
     ) -> Result<ChildSetup, EnvelopeError> {
         let mut procs = Vec::new();
         for f in cg.procs_files() {
@@ -766,20 +857,44 @@ impl ChildSetup {
                 .map_err(io_at("open", &f))?;
             procs.push(OwnedFd::from(fd));
         }
-        let mut m = Vec::with_capacity(mounts.len());
+        let c = |p: &Path| cstring(p.as_os_str());
+        let mut ops = Vec::with_capacity(mounts.len());
         for mount in mounts {
-            m.push(match mount {
-                Mount::Bind { src, dst, readonly } => (
-                    if *readonly { M_BIND_RO } else { M_BIND },
-                    cstring(src.as_os_str())?,
-                    cstring(dst.as_os_str())?,
-                ),
-                Mount::Hide { dst } => (
-                    M_HIDE,
-                    cstring(OsStr::new("tmpfs"))?,
-                    cstring(dst.as_os_str())?,
-                ),
-            });
+            match mount {
+                Mount::Bind { src, dst, readonly } => ops.push(Op::Bind {
+                    src: c(src)?,
+                    dst: c(dst)?,
+                    readonly: *readonly,
+                }),
+                Mount::Hide { dst } => ops.push(Op::Tmpfs {
+                    dst: c(dst)?,
+                    opts: c"mode=0755,size=64k",
+                }),
+                Mount::PrivateTmp { stage, keep } => {
+                    ops.push(Op::Tmpfs {
+                        dst: c(stage)?,
+                        opts: c"mode=1777",
+                    });
+                    for k in keep {
+                        let rel = k.strip_prefix(TMP).unwrap_or(k);
+                        let mut at = stage.clone();
+                        for part in rel.components() {
+                            at.push(part);
+                            ops.push(Op::Mkdir { path: c(&at)? });
+                        }
+                        ops.push(Op::Bind {
+                            src: c(k)?,
+                            dst: c(&at)?,
+                            readonly: false,
+                        });
+                    }
+                    ops.push(Op::Move {
+                        src: c(stage)?,
+                        dst: c(Path::new(TMP))?,
+                    });
+                }
+                Mount::Proc => ops.push(Op::Proc),
+            }
         }
         let ids = user.map(|u| {
             (
@@ -793,20 +908,23 @@ impl ChildSetup {
         });
         Ok(ChildSetup {
             procs,
-            mounts: m,
+            ops,
             ids,
             cwd: cstring(cwd.as_os_str())?,
+            no_new_privs,
         })
     }
 
     /// Install the pre-exec hook: join the cgroup, enter a private mount namespace with the
-    /// mounts, drop to the user, change directory. Failures write a byte to `fail_fd`.
+    /// mounts, drop to the user, forbid new privileges, change directory. Failures write a
+    /// byte to `fail_fd`.
     fn install(self, cmd: &mut std::process::Command, fail_fd: i32) {
         let ChildSetup {
             procs,
-            mounts,
+            ops,
             ids,
             cwd,
+            no_new_privs,
         } = self;
         // Runs in the forked child before exec: only async-signal-safe system calls on data
         // prepared before the fork; it allocates nothing.
@@ -823,7 +941,7 @@ impl ChildSetup {
                     return fail();
                 }
             }
-            if !mounts.is_empty() {
+            if !ops.is_empty() {
                 // SAFETY: plain system calls with NUL-terminated strings made before the fork.
                 unsafe {
                     if libc::unshare(libc::CLONE_NEWNS) != 0 {
@@ -839,40 +957,8 @@ impl ChildSetup {
                     {
                         return fail();
                     }
-                    for (kind, src, dst) in &mounts {
-                        let r = if *kind == M_HIDE {
-                            libc::mount(
-                                src.as_ptr(),
-                                dst.as_ptr(),
-                                src.as_ptr(),
-                                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                                c"mode=0755,size=64k".as_ptr().cast(),
-                            )
-                        } else {
-                            libc::mount(
-                                src.as_ptr(),
-                                dst.as_ptr(),
-                                std::ptr::null(),
-                                libc::MS_BIND | libc::MS_REC,
-                                std::ptr::null(),
-                            )
-                        };
-                        if r != 0 {
-                            return fail();
-                        }
-                        if *kind == M_BIND_RO
-                            && libc::mount(
-                                std::ptr::null(),
-                                dst.as_ptr(),
-                                std::ptr::null(),
-                                libc::MS_BIND
-                                    | libc::MS_REMOUNT
-                                    | libc::MS_RDONLY
-                                    | libc::MS_NOSUID
-                                    | libc::MS_NODEV,
-                                std::ptr::null(),
-                            ) != 0
-                        {
+                    for op in &ops {
+                        if !child_mount(op) {
                             return fail();
                         }
                     }
@@ -889,6 +975,10 @@ impl ChildSetup {
                     }
                 }
             }
+            // SAFETY: prctl with constant arguments; inherited by every descendant, irrevocable.
+            if no_new_privs && unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+                return fail();
+            }
             // SAFETY: chdir with a NUL-terminated path.
             if unsafe { libc::chdir(cwd.as_ptr()) } != 0 {
                 return fail();
@@ -898,6 +988,66 @@ impl ChildSetup {
         // SAFETY: `hook` obeys the rules for code between fork and exec (see above).
         unsafe {
             cmd.pre_exec(hook);
+        }
+    }
+}
+
+/// One mount operation in the forked child. Async-signal-safe: system calls only.
+///
+/// # Safety
+/// Call only in a child between fork and exec, inside its own mount namespace.
+unsafe fn child_mount(op: &Op) -> bool {
+    let null = std::ptr::null();
+    // SAFETY: (for each call) NUL-terminated strings made before the fork, or null.
+    unsafe {
+        match op {
+            Op::Bind { src, dst, readonly } => {
+                libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    null,
+                    libc::MS_BIND | libc::MS_REC,
+                    null.cast(),
+                ) == 0
+                    && (!readonly
+                        || libc::mount(
+                            null,
+                            dst.as_ptr(),
+                            null,
+                            libc::MS_BIND
+                                | libc::MS_REMOUNT
+                                | libc::MS_RDONLY
+                                | libc::MS_NOSUID
+                                | libc::MS_NODEV,
+                            null.cast(),
+                        ) == 0)
+            }
+            Op::Tmpfs { dst, opts } => {
+                libc::mount(
+                    c"tmpfs".as_ptr(),
+                    dst.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV,
+                    opts.as_ptr().cast(),
+                ) == 0
+            }
+            Op::Mkdir { path } => {
+                libc::mkdir(path.as_ptr(), 0o755) == 0 || *libc::__errno_location() == libc::EEXIST
+            }
+            Op::Move { src, dst } => {
+                libc::mount(src.as_ptr(), dst.as_ptr(), null, libc::MS_MOVE, null.cast()) == 0
+            }
+            // A /proc of its own: processes of other users (other jobs, the agent, daemons)
+            // are invisible, not just unreadable.
+            Op::Proc => {
+                libc::mount(
+                    c"proc".as_ptr(),
+                    c"/proc".as_ptr(),
+                    c"proc".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    c"hidepid=invisible".as_ptr().cast(),
+                ) == 0
+            }
         }
     }
 }
@@ -949,7 +1099,8 @@ fn start_nix_daemon(
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let (fail_r, fail_w) = fail_pipe()?;
-    ChildSetup::new(cg, slot_mounts, None, Path::new("/"))?.install(&mut cmd, fail_w.as_raw_fd());
+    ChildSetup::new(cg, slot_mounts, None, Path::new("/"), false)?
+        .install(&mut cmd, fail_w.as_raw_fd());
     let spawned = reaper.spawn(|| {
         let child = cmd.spawn()?;
         let pid = i32::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))?;
@@ -999,10 +1150,11 @@ fn start_nix_daemon(
     Ok(dir)
 }
 
-/// Create `_work` and start the command inside the cgroup.
+/// Create the job's directory and start the command inside the cgroup.
 #[allow(clippy::too_many_arguments)]
 fn launch(
     spec: &JobSpec,
+    user: Option<&JobUser>,
     cg: &dyn JobCgroup,
     phys_work_root: &Path,
     mut mounts: Vec<Mount>,
@@ -1012,14 +1164,19 @@ fn launch(
     reaper: &Reaper,
     job_span: &tracing::Span,
 ) -> Result<Launched, EnvelopeError> {
-    let (job_dir, _work_phys) = workdir::create(phys_work_root, job, uid, gid)
-        .map_err(io_at("create the job's _work under", phys_work_root))?;
+    let job_dir = workdir::create(phys_work_root, job, uid, gid)
+        .map_err(io_at("create the job's directory under", phys_work_root))?;
     cleanup.push(job_dir.clone());
     let root_seen = spec.work_root.join(job);
-    let mut cwd_path = root_seen.join("_work");
+    let mut cwd_path = root_seen.join(workdir::WORK);
     let mut command = spec.command.clone();
     if let Some(n) = &spec.nix {
-        let mut daemon_mounts = mounts.clone();
+        // The daemon runs as root with the host's /tmp and /proc: only the job's own mounts.
+        let mut daemon_mounts: Vec<Mount> = mounts
+            .iter()
+            .filter(|m| matches!(m, Mount::Bind { .. } | Mount::Hide { .. }))
+            .cloned()
+            .collect();
         for d in [&n.userpool, &n.userpool_seen] {
             std::fs::create_dir_all(d).map_err(io_at("create", d))?;
         }
@@ -1052,7 +1209,7 @@ fn launch(
         mounts.push(Mount::Hide { dst: h.all.clone() });
     }
     if let Some(r) = &spec.runner {
-        for (src, point) in prepare_runner_root(&job_dir, r, (uid, gid))? {
+        for (src, point) in prepare_runner_root(&job_dir, r)? {
             let rel = point.strip_prefix(&job_dir).unwrap_or(&point).to_path_buf();
             mounts.push(Mount::Bind {
                 src,
@@ -1067,6 +1224,11 @@ fn launch(
             }
         }
     }
+    // Everything root writes into the job's directory is written; now it becomes the user's.
+    workdir::hand_over(&job_dir, uid, gid)
+        .map_err(io_at("hand the job's directory over to its user", &job_dir))?;
+    mounts.push(Mount::Proc);
+    let home = root_seen.join(workdir::HOME);
 
     let Some(program) = command.first().cloned() else {
         return Ok(Launched::Failed {
@@ -1077,15 +1239,14 @@ fn launch(
     let mut cmd = std::process::Command::new(&program);
     cmd.args(&command[1..])
         .env_clear()
-        .envs(job_environment(spec));
+        .envs(job_environment(spec, user, &home));
     if spec.log_output.is_some() {
         cmd.stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
     }
     let (fail_r, fail_w) = fail_pipe()?;
-    ChildSetup::new(cg, &mounts, spec.user.as_ref(), &cwd_path)?
-        .install(&mut cmd, fail_w.as_raw_fd());
+    ChildSetup::new(cg, &mounts, user, &cwd_path, true)?.install(&mut cmd, fail_w.as_raw_fd());
     let spawned = reaper.spawn(|| {
         let child = cmd.spawn()?;
         let pid = i32::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))?;

@@ -45,8 +45,28 @@ pub struct HookRequest {
 pub struct HookResponse {
     pub ok: bool,
     pub lines: Vec<String>,
-    pub attic_config: Option<String>,
+    #[serde(with = "secret_text", default)]
+    pub attic_config: Option<Secret<String>>,
     pub xdg_config_home: Option<String>,
+}
+
+/// A secret on the hook's wire: the one place it is written out (to the job it belongs to).
+mod secret_text {
+    use flywheel_jit_config::Secret;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Secret<String>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(t) => s.serialize_some(t.expose()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Secret<String>>, D::Error> {
+        Ok(Option::<String>::deserialize(d)?.map(Secret::new))
+    }
 }
 
 /// Credentials the agent can hand out.
@@ -78,7 +98,6 @@ impl AtticCredential {
 pub struct RunnerHooks {
     pub runner_name: String,
     pub lane: Lane,
-    pub uid: u32,
     pub probe: JobProbe,
     /// The job's nix-daemon reads cache credentials from here (root-only).
     pub netrc: PathBuf,
@@ -121,7 +140,19 @@ pub fn sockets_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("hook-sockets")
 }
 
+/// The largest hook request: a few `GITHUB_*` values.
+const MAX_REQUEST: usize = 16 * 1024;
+/// Connections of one runner's job answered at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 4;
+/// How long a connection may take to send its request.
+const READ_DEADLINE: Duration = Duration::from_secs(5);
+
 /// Listen on `<dir>/socket` for this runner's hooks until the returned task is aborted.
+///
+/// Only processes of this runner's own job cgroup are answered (the peer's pid from
+/// `SO_PEERCRED`, looked up in the job's `cgroup.procs`); anyone else is closed before a
+/// byte is read, so a refused caller never uses up the job's one answer. A request is at most
+/// 16 KiB and must arrive within 5 s; at most 4 connections are served at once.
 pub fn serve(dir: &Path, hooks: RunnerHooks) -> std::io::Result<tokio::task::JoinHandle<()>> {
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
@@ -130,37 +161,77 @@ pub fn serve(dir: &Path, hooks: RunnerHooks) -> std::io::Result<tokio::task::Joi
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
     let state = Arc::new(Mutex::new(HookState::default()));
     let hooks = Arc::new(hooks);
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     Ok(tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(10);
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => {
+                    backoff = Duration::from_millis(10);
+                    s
+                }
+                Err(e) => {
+                    // Out of descriptors or memory: wait instead of spinning.
+                    warn!(runner = %hooks.runner_name, error = %e, wait_ms = backoff.as_millis() as u64, "cannot accept a hook connection");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let cred = stream.peer_cred().ok();
+            let pid = cred.and_then(|c| c.pid());
+            if !pid.is_some_and(|p| hooks.probe.contains(p)) {
+                warn!(
+                    runner = %hooks.runner_name,
+                    peer_pid = pid.unwrap_or(0),
+                    peer_uid = cred.map_or(u32::MAX, |c| c.uid()),
+                    "refused a hook connection from outside this runner's job"
+                );
+                let _ = stream.try_write(b"{\"ok\":false,\"lines\":[\"flywheel: not a process of this runner's job\"]}\n");
+                continue;
+            }
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                warn!(runner = %hooks.runner_name, "too many hook connections at once; closed one");
                 continue;
             };
             let (hooks, state) = (hooks.clone(), state.clone());
             tokio::spawn(async move {
-                let peer = stream.peer_cred().ok().map(|c| c.uid());
+                let _permit = permit;
                 let (r, mut w) = stream.into_split();
-                let mut line = String::new();
-                let read = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    tokio::io::BufReader::new(r).read_line(&mut line),
-                )
-                .await;
-                let answer = match (peer, read) {
-                    (Some(uid), Ok(Ok(_))) if uid == hooks.uid || uid == 0 => {
-                        match serde_json::from_str::<HookRequest>(&line) {
-                            Ok(req) => handle(&hooks, &state, req).await,
-                            Err(e) => refuse(format!("not a hook request: {e}")),
-                        }
-                    }
-                    (Some(uid), _) => refuse(format!("uid {uid} is not this runner's user")),
-                    _ => refuse("no request".into()),
+                let answer = match read_request(r).await {
+                    Ok(req) => handle(&hooks, &state, req).await,
+                    Err(why) => refuse(why),
                 };
                 let text = serde_json::to_string(&answer).unwrap_or_default();
-                let _ = w.write_all(text.as_bytes()).await;
-                let _ = w.write_all(b"\n").await;
+                let _ = tokio::time::timeout(READ_DEADLINE, async {
+                    w.write_all(text.as_bytes()).await?;
+                    w.write_all(b"\n").await
+                })
+                .await;
             });
         }
     }))
+}
+
+/// One request line: at most [`MAX_REQUEST`] bytes within [`READ_DEADLINE`].
+async fn read_request(r: impl tokio::io::AsyncRead + Unpin) -> Result<HookRequest, String> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let limited = r.take(MAX_REQUEST as u64 + 1);
+    let read = tokio::time::timeout(
+        READ_DEADLINE,
+        tokio::io::BufReader::new(limited).read_until(b'\n', &mut buf),
+    )
+    .await;
+    match read {
+        Err(_) => Err(format!("no request within {} s", READ_DEADLINE.as_secs())),
+        Ok(Err(e)) => Err(format!("cannot read the request: {e}")),
+        Ok(Ok(0)) => Err("no request".into()),
+        Ok(Ok(_)) if buf.len() > MAX_REQUEST => {
+            Err(format!("a hook request is at most {MAX_REQUEST} bytes"))
+        }
+        Ok(Ok(_)) => serde_json::from_slice(&buf).map_err(|e| format!("not a hook request: {e}")),
+    }
 }
 
 fn refuse(why: String) -> HookResponse {
@@ -293,7 +364,7 @@ async fn job_started(h: &RunnerHooks, req: HookRequest) -> HookResponse {
                     .map(|j| lane.work_root.join(j))
                     .unwrap_or_default();
                 let xdg = root.join(".flywheel-xdg");
-                resp.attic_config = Some(attic::client_config(&server, &t).expose().clone());
+                resp.attic_config = Some(attic::client_config(&server, &t));
                 resp.xdg_config_home = Some(xdg.display().to_string());
                 lines.push(format!("flywheel: {}", decision.line()));
             }
@@ -415,7 +486,7 @@ pub fn run_hook(op: &str) -> i32 {
     for l in &resp.lines {
         let _ = writeln!(out, "{l}");
     }
-    if let (Some(cfg), Some(xdg)) = (resp.attic_config.map(Secret::new), &resp.xdg_config_home) {
+    if let (Some(cfg), Some(xdg)) = (resp.attic_config, &resp.xdg_config_home) {
         if let Err(e) = install_attic_config(Path::new(xdg), &cfg) {
             let _ = writeln!(
                 out,

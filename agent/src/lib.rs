@@ -7,6 +7,7 @@ pub mod config;
 pub mod envelope;
 pub mod hints;
 pub mod hooks;
+pub mod jobuser;
 pub mod nixboot;
 pub mod notify;
 pub mod reaper;

@@ -375,11 +375,21 @@ fn ensure_build_users() -> Result<bool, NixError> {
         .flatten()
         .is_none()
     {
-        run(
+        let made = run(
             std::process::Command::new("groupadd").args(["--system", "nixbld"]),
             "groupadd nixbld",
             None,
-        )?;
+        );
+        // Another bootstrap (another job, another slot) may have created it meanwhile.
+        if let Err(e) = made {
+            if nix::unistd::Group::from_name("nixbld")
+                .ok()
+                .flatten()
+                .is_none()
+            {
+                return Err(e);
+            }
+        }
         created = true;
     }
     for i in 1..=32 {
@@ -387,7 +397,7 @@ fn ensure_build_users() -> Result<bool, NixError> {
         if nix::unistd::User::from_name(&name).ok().flatten().is_some() {
             continue;
         }
-        run(
+        let made = run(
             std::process::Command::new("useradd").args([
                 "--system",
                 "--no-create-home",
@@ -405,7 +415,12 @@ fn ensure_build_users() -> Result<bool, NixError> {
             ]),
             "useradd nixbld",
             None,
-        )?;
+        );
+        if let Err(e) = made {
+            if nix::unistd::User::from_name(&name).ok().flatten().is_none() {
+                return Err(e);
+            }
+        }
         created = true;
     }
     Ok(created)

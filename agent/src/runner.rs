@@ -14,7 +14,9 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::cgroup::CgroupManager;
 use crate::config::{Config, HostFacts, Lane};
-use crate::envelope::{self, JobOutcome, JobProbe, JobSpec, JobUser, RunnerRoot, Stop, StopMode};
+use crate::envelope::{
+    self, JobOutcome, JobProbe, JobSpec, RunnerRoot, Stop, StopMode, UserChoice,
+};
 use crate::hints;
 use crate::reaper::Reaper;
 use crate::workdir;
@@ -34,7 +36,6 @@ pub struct RunContext {
     pub mgr: Arc<dyn CgroupManager>,
     pub reaper: Reaper,
     pub host: HostFacts,
-    pub user: JobUser,
     pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// For trust decisions (and, in pool mode, registration).
     pub github: Option<Arc<Client>>,
@@ -80,7 +81,6 @@ impl Hooks {
             crate::hooks::RunnerHooks {
                 runner_name: name.to_owned(),
                 lane: lane.clone(),
-                uid: ctx.user.uid,
                 probe: probe.clone(),
                 netrc: netrc.clone(),
                 github: ctx.github.clone(),
@@ -216,7 +216,7 @@ fn runner_spec(
         lane: lane.clone(),
         memory_bytes: lane.memory_bytes,
         work_root: lane.work_root.clone(),
-        user: Some(ctx.user.clone()),
+        user: Some(UserChoice::Slot),
         slot: None,
         command: vec!["bin/Runner.Listener".into(), "run".into()],
         host_cpus: ctx.host.cpus,

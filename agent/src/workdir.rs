@@ -1,29 +1,73 @@
-//! A job's fresh `_work`: created empty and owned by the job's user; removed afterwards even
-//! when the job left read-only files, `chmod 0` directories or mounts inside it.
+//! A job's directory: created by root with a fresh `_work` and a private HOME, handed over to
+//! the job's user (mode 0700) only after root has written everything it writes there; removed
+//! afterwards even when the job left read-only files, `chmod 0` directories, mounts or symlinks
+//! inside it.
 //!
-//! Removal runs only after the job's cgroup is empty, so nothing can swap a directory for a
-//! symlink underneath it; it never follows symlinks and never crosses into another filesystem.
+//! Removal never follows a symlink and never leaves the tree: it walks directory descriptors
+//! (`openat` with `O_NOFOLLOW | O_DIRECTORY`, `unlinkat`), so a path swapped for a symlink
+//! while it runs — by anything that can still write there — is removed as a symlink, not
+//! followed (the bug class of CVE-2022-21658). It never crosses into another filesystem.
 
+use std::ffi::{CStr, CString, OsStr};
 use std::fs;
-use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-/// Create `<root>/<job>/_work`: the job directory is root's, `_work` the job user's.
-pub fn create(root: &Path, job: &str, uid: u32, gid: u32) -> io::Result<(PathBuf, PathBuf)> {
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::{FileStat, Mode, SFlag};
+use nix::unistd::UnlinkatFlags;
+
+/// The job's work directory inside its job directory.
+pub const WORK: &str = "_work";
+/// The job's private HOME inside its job directory.
+pub const HOME: &str = "home";
+
+/// Directories deeper than this are moved up to the top of the tree before they are removed,
+/// so removal holds a bounded number of descriptors however deep a job nests.
+const MAX_OPEN_DEPTH: usize = 128;
+
+/// Create `<root>/<job>` (root's, mode 0700) with `_work` and `home` (the user's, mode 0700).
+/// The caller writes what root writes there, then calls [`hand_over`].
+pub fn create(root: &Path, job: &str, uid: u32, gid: u32) -> io::Result<PathBuf> {
     fs::create_dir_all(root)?;
     let job_dir = root.join(job);
-    fs::create_dir(&job_dir)?;
-    fs::set_permissions(&job_dir, fs::Permissions::from_mode(0o755))?;
-    let work = job_dir.join("_work");
-    let made = fs::create_dir(&work)
-        .and_then(|()| fs::set_permissions(&work, fs::Permissions::from_mode(0o755)))
-        .and_then(|()| std::os::unix::fs::chown(&work, Some(uid), Some(gid)));
+    fs::DirBuilder::new().mode(0o700).create(&job_dir)?;
+    let made = [WORK, HOME].iter().try_for_each(|d| {
+        let p = job_dir.join(d);
+        fs::DirBuilder::new().mode(0o700).create(&p)?;
+        std::os::unix::fs::chown(&p, Some(uid), Some(gid))
+    });
     if let Err(e) = made {
         let _ = remove_tree(&job_dir);
         return Err(e);
     }
-    Ok((job_dir, work))
+    Ok(job_dir)
+}
+
+/// Give the job directory to its user (mode 0700: nobody else can enter it).
+pub fn hand_over(job_dir: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    let fd = open_dir_at(None, job_dir.as_os_str())?;
+    nix::unistd::fchown(
+        fd.as_raw_fd(),
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    )
+    .map_err(io::Error::from)?;
+    nix::sys::stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(0o700)).map_err(io::Error::from)
+}
+
+/// Create a new file (never an existing one, never through a symlink) with `content`.
+pub fn write_new(path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    f.write_all(content)
 }
 
 /// Mount points at or below `path`, deepest first.
@@ -42,6 +86,36 @@ fn mounts_below(path: &Path) -> Vec<PathBuf> {
     v
 }
 
+fn open_dir_at(dir: Option<BorrowedFd<'_>>, name: &OsStr) -> io::Result<OwnedFd> {
+    let fd = nix::fcntl::openat(
+        dir.map(|d| d.as_raw_fd()),
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io::Error::from)?;
+    // SAFETY: openat returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn stat_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<FileStat> {
+    nix::sys::stat::fstatat(Some(dir.as_raw_fd()), name, AtFlags::AT_SYMLINK_NOFOLLOW)
+        .map_err(io::Error::from)
+}
+
+fn is_dir(st: &FileStat) -> bool {
+    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
+}
+
+/// A directory being emptied: its descriptor, its name in its parent, and its subdirectories
+/// still to visit.
+struct Level {
+    fd: OwnedFd,
+    name: Option<CString>,
+    pending: Vec<CString>,
+    scanned: u8,
+}
+
 /// Remove a directory tree, whatever the job did to it.
 pub fn remove_tree(path: &Path) -> io::Result<()> {
     let top = match fs::symlink_metadata(path) {
@@ -53,59 +127,196 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
         return fs::remove_file(path);
     }
     for mp in mounts_below(path) {
-        nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
+        nix::mount::umount2(
+            &mp,
+            nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW,
+        )
+        .map_err(|e| {
             io::Error::other(format!(
-                "unmount {} inside the job's work directory: {e}",
+                "unmount {} inside the job's directory: {e}",
                 mp.display()
             ))
         })?;
     }
-    let dev = top.dev();
-    // Depth-first without recursion: (path, children already removed).
-    let mut stack: Vec<(PathBuf, bool)> = vec![(path.to_path_buf(), false)];
-    while let Some((p, expanded)) = stack.pop() {
-        if expanded {
-            fs::remove_dir(&p)?;
+    let (parent, name) = match (path.parent(), path.file_name()) {
+        (Some(p), Some(n)) => (p, n),
+        _ => return Err(io::Error::other("refusing to remove a filesystem root")),
+    };
+    let parent_fd = open_dir_at(None, parent.as_os_str())?;
+    let top_fd = match open_dir_at(Some(parent_fd.as_fd()), name) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let dev = nix::sys::stat::fstat(top_fd.as_raw_fd())
+        .map_err(io::Error::from)?
+        .st_dev;
+    empty_tree(top_fd, dev)?;
+    nix::unistd::unlinkat(Some(parent_fd.as_raw_fd()), name, UnlinkatFlags::RemoveDir)
+        .map_err(io::Error::from)
+}
+
+/// Empty the directory `top` (on device `dev`), depth first, by descriptors only.
+fn empty_tree(top: OwnedFd, dev: u64) -> io::Result<()> {
+    let mut stack = vec![Level {
+        fd: top,
+        name: None,
+        pending: Vec::new(),
+        scanned: 0,
+    }];
+    let mut moved = 0u64;
+    loop {
+        let depth = stack.len();
+        let top_raw = match stack.first() {
+            Some(t) => t.fd.as_raw_fd(),
+            None => return Ok(()),
+        };
+        let Some(level) = stack.last_mut() else {
+            return Ok(());
+        };
+        if level.pending.is_empty() {
+            if level.scanned >= 3 {
+                return Err(io::Error::other(
+                    "the tree keeps changing while it is removed; is a process still writing to it?",
+                ));
+            }
+            level.scanned += 1;
+            level.pending = scan(level.fd.as_fd(), dev)?;
+            if level.pending.is_empty() {
+                // Empty: remove it from its parent.
+                let Some(done) = stack.pop() else {
+                    return Ok(());
+                };
+                drop(done.fd);
+                let (Some(name), Some(parent)) = (done.name, stack.last()) else {
+                    return Ok(());
+                };
+                match nix::unistd::unlinkat(
+                    Some(parent.fd.as_raw_fd()),
+                    name.as_c_str(),
+                    UnlinkatFlags::RemoveDir,
+                ) {
+                    Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                continue;
+            }
+        }
+        let Some(name) = level.pending.pop() else {
+            continue;
+        };
+        // SAFETY: the level's descriptor stays open (in `stack`) for as long as `parent` is used.
+        let parent = unsafe { BorrowedFd::borrow_raw(level.fd.as_raw_fd()) };
+        if depth >= MAX_OPEN_DEPTH {
+            // Too deep: move this subtree up to the top directory and empty it from there.
+            let new_name = CString::new(format!(".flywheel-deep-{moved}"))
+                .map_err(|_| io::Error::other("name with NUL"))?;
+            moved += 1;
+            nix::fcntl::renameat(
+                Some(parent.as_raw_fd()),
+                name.as_c_str(),
+                Some(top_raw),
+                new_name.as_c_str(),
+            )
+            .map_err(io::Error::from)?;
+            if let Some(t) = stack.first_mut() {
+                t.pending.push(new_name);
+            }
             continue;
         }
-        let m = match fs::symlink_metadata(&p) {
-            Ok(m) => m,
+        match open_dir_at(Some(parent), OsStr::from_bytes(name.as_bytes())) {
+            Ok(child) => {
+                let st = nix::sys::stat::fstat(child.as_raw_fd()).map_err(io::Error::from)?;
+                if st.st_dev != dev {
+                    return Err(io::Error::other(format!(
+                        "{} is another filesystem that could not be unmounted; refusing to delete across it",
+                        name.to_string_lossy()
+                    )));
+                }
+                if st.st_mode & 0o700 != 0o700 {
+                    let _ =
+                        nix::sys::stat::fchmod(child.as_raw_fd(), Mode::from_bits_truncate(0o700));
+                }
+                stack.push(Level {
+                    fd: child,
+                    name: Some(name),
+                    pending: Vec::new(),
+                    scanned: 0,
+                });
+            }
+            // Swapped for a symlink or a file since the scan: remove that, never follow it.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) => {
+                unlink_entry(parent, &name)?;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Unlink every non-directory in `dir`; return the names of its subdirectories.
+fn scan(dir: BorrowedFd<'_>, dev: u64) -> io::Result<Vec<CString>> {
+    let mut subdirs = Vec::new();
+    let listing = nix::dir::Dir::openat(
+        Some(dir.as_raw_fd()),
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io::Error::from)?;
+    for entry in listing.into_iter() {
+        let entry = entry.map_err(io::Error::from)?;
+        let name = entry.file_name();
+        if name == c"." || name == c".." {
+            continue;
+        }
+        let st = match stat_at(dir, name) {
+            Ok(st) => st,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
         };
-        if !m.is_dir() {
-            fs::remove_file(&p)?;
-            continue;
-        }
-        if m.dev() != dev {
-            return Err(io::Error::other(format!(
-                "{} is another filesystem that could not be unmounted; refusing to delete across it",
-                p.display()
-            )));
-        }
-        if m.mode() & 0o700 != 0o700 {
-            fs::set_permissions(&p, fs::Permissions::from_mode(0o700))?;
-        }
-        stack.push((p.clone(), true));
-        for entry in fs::read_dir(&p)? {
-            stack.push((entry?.path(), false));
+        if is_dir(&st) {
+            if st.st_dev != dev {
+                return Err(io::Error::other(format!(
+                    "{} is another filesystem that could not be unmounted; refusing to delete across it",
+                    name.to_string_lossy()
+                )));
+            }
+            subdirs.push(name.to_owned());
+        } else {
+            unlink_entry(dir, name)?;
         }
     }
-    Ok(())
+    Ok(subdirs)
+}
+
+fn unlink_entry(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    match nix::unistd::unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn create_then_remove_hostile_tree() {
         let t = tempfile::tempdir().expect("tempdir");
         let uid = nix::unistd::getuid().as_raw();
         let gid = nix::unistd::getgid().as_raw();
-        let (job, work) = create(t.path(), "j1", uid, gid).expect("create");
-        assert!(work.is_dir());
+        let job = create(t.path(), "j1", uid, gid).expect("create");
+        let work = job.join(WORK);
+        assert!(work.is_dir() && job.join(HOME).is_dir());
         assert_eq!(fs::read_dir(&work).expect("read").count(), 0);
+        write_new(&job.join(".env"), b"A=1\n", 0o644).expect("write .env");
+        hand_over(&job, uid, gid).expect("hand over");
+        assert_eq!(
+            fs::metadata(&job).expect("stat").permissions().mode() & 0o777,
+            0o700
+        );
         // Read-only files, a chmod 0 directory with content, a symlink out of the tree.
         fs::create_dir_all(work.join("a/b/c")).expect("mkdir");
         fs::write(work.join("a/b/c/f"), "x").expect("write");
@@ -113,19 +324,61 @@ mod tests {
             .expect("chmod");
         fs::set_permissions(work.join("a/b"), fs::Permissions::from_mode(0o000)).expect("chmod");
         let outside = t.path().join("outside");
-        fs::write(&outside, "keep").expect("write");
+        fs::create_dir(&outside).expect("mkdir");
+        fs::write(outside.join("keep"), "keep").expect("write");
         std::os::unix::fs::symlink(&outside, work.join("link")).expect("symlink");
         remove_tree(&job).expect("remove");
         assert!(!job.exists());
-        assert_eq!(fs::read_to_string(&outside).expect("outside kept"), "keep");
+        assert_eq!(
+            fs::read_to_string(outside.join("keep")).expect("outside kept"),
+            "keep"
+        );
         // Removing again is fine.
         remove_tree(&job).expect("idempotent");
     }
 
     #[test]
-    fn create_refuses_an_existing_job_dir() {
+    fn a_tree_deeper_than_the_descriptor_bound_is_removed() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let top = t.path().join("deep");
+        let mut p = top.clone();
+        fs::create_dir(&p).expect("mkdir");
+        // Deeper than PATH_MAX allows by path: build it relative to descriptors.
+        let mut fd = open_dir_at(None, p.as_os_str()).expect("open");
+        for i in 0..(MAX_OPEN_DEPTH * 3) {
+            let name = format!("d{i}");
+            nix::sys::stat::mkdirat(
+                Some(fd.as_raw_fd()),
+                name.as_str(),
+                Mode::from_bits_truncate(0o755),
+            )
+            .expect("mkdirat");
+            let f = nix::fcntl::openat(
+                Some(fd.as_raw_fd()),
+                "f",
+                OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o644),
+            )
+            .expect("file");
+            // SAFETY: a descriptor we just opened.
+            drop(unsafe { OwnedFd::from_raw_fd(f) });
+            fd = open_dir_at(Some(fd.as_fd()), OsStr::new(&name)).expect("open");
+        }
+        p.push("d0");
+        assert!(p.is_dir());
+        remove_tree(&top).expect("remove");
+        assert!(!top.exists());
+    }
+
+    #[test]
+    fn create_refuses_an_existing_job_dir_or_file() {
         let t = tempfile::tempdir().expect("tempdir");
         fs::create_dir(t.path().join("j")).expect("mkdir");
         assert!(create(t.path(), "j", 0, 0).is_err());
+        let target = t.path().join("target");
+        fs::write(&target, "root's").expect("write");
+        std::os::unix::fs::symlink(&target, t.path().join("planted")).expect("symlink");
+        assert!(write_new(&t.path().join("planted"), b"x", 0o644).is_err());
+        assert_eq!(fs::read_to_string(&target).expect("read"), "root's");
     }
 }

@@ -30,11 +30,19 @@ pub fn privileged(test: &str) -> bool {
     }
 }
 
-/// A temporary directory the job user (`nobody`) can traverse (mode 0755).
+/// Where tests keep what their jobs must see: not under `/tmp`, which every job gets privately
+/// (a fresh tmpfs), so a job would not see a test's directory there.
+pub fn test_base() -> PathBuf {
+    let base = PathBuf::from("/var/tmp");
+    std::fs::create_dir_all(&base).expect("mkdir /var/tmp");
+    base
+}
+
+/// A temporary directory the job user (`nobody`) can traverse (mode 0755), outside `/tmp`.
 pub fn open_tempdir(prefix: &str) -> tempfile::TempDir {
     let dir = tempfile::Builder::new()
         .prefix(prefix)
-        .tempdir()
+        .tempdir_in(test_base())
         .expect("tempdir");
     std::fs::set_permissions(
         dir.path(),
@@ -266,4 +274,37 @@ pub fn http_get(addr: &str, path: &str) -> String {
     out.split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default()
+}
+
+/// The runner user pool of the tests: `fwt-0` … `fwt-15`, created once (as root) like the
+/// sysusers file creates `runner-0` …. Returns the `runner.user` template.
+pub fn runner_pool() -> &'static str {
+    static DONE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        for n in 0..16 {
+            let name = format!("fwt-{n}");
+            if nix::unistd::User::from_name(&name).ok().flatten().is_some() {
+                continue;
+            }
+            let st = Command::new("useradd")
+                .args([
+                    "--system",
+                    "--user-group",
+                    "--no-create-home",
+                    "--home-dir",
+                    "/nonexistent",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    &name,
+                ])
+                .status()
+                .expect("run useradd");
+            // 9: created meanwhile by another test process.
+            assert!(
+                st.success() || st.code() == Some(9),
+                "useradd {name} failed: {st}"
+            );
+        }
+    });
+    "fwt-{n}"
 }

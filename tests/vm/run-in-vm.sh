@@ -52,7 +52,7 @@ stage=$(mktemp -d)
 chmod 0755 "$stage"
 out=$(mktemp)
 trap 'rm -rf "$stage" "$out"' EXIT
-mkdir -p "$stage"/{usr/bin,usr/sbin,usr/lib,bbin,proc,sys,dev,tmp,run,etc,root}
+mkdir -p "$stage"/{usr/bin,usr/sbin,usr/lib,bbin,proc,sys,dev,tmp,run,etc,root,var/tmp}
 ln -s usr/bin "$stage/bin"; ln -s usr/sbin "$stage/sbin"; ln -s usr/lib "$stage/lib"
 [ -d /lib64 ] && ln -s usr/lib64 "$stage/lib64" && mkdir -p "$stage/usr/lib64"
 cp "$busybox" "$stage/bbin/busybox"
@@ -102,7 +102,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 # /tmp and /run stay on the (writable) initramfs root: a tmpfs there would hide binaries of a
 # checkout that lives under /tmp.
-chmod 1777 /tmp
+chmod 1777 /tmp /var/tmp
 chmod 0755 /run
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 insmod /overlay.ko 2>/dev/null
