@@ -164,6 +164,8 @@ pub fn serve(dir: &Path, hooks: RunnerHooks) -> std::io::Result<tokio::task::Joi
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     Ok(tokio::spawn(async move {
         let mut backoff = Duration::from_millis(10);
+        // Refusals are logged at 1, 2, 4, 8, … so a flood cannot flood the log too.
+        let (mut outsiders, mut excess) = (0u64, 0u64);
         loop {
             let stream = match listener.accept().await {
                 Ok((s, _)) => {
@@ -181,17 +183,24 @@ pub fn serve(dir: &Path, hooks: RunnerHooks) -> std::io::Result<tokio::task::Joi
             let cred = stream.peer_cred().ok();
             let pid = cred.and_then(|c| c.pid());
             if !pid.is_some_and(|p| hooks.probe.contains(p)) {
-                warn!(
-                    runner = %hooks.runner_name,
-                    peer_pid = pid.unwrap_or(0),
-                    peer_uid = cred.map_or(u32::MAX, |c| c.uid()),
-                    "refused a hook connection from outside this runner's job"
-                );
+                outsiders += 1;
+                if outsiders.is_power_of_two() {
+                    warn!(
+                        runner = %hooks.runner_name,
+                        peer_pid = pid.unwrap_or(0),
+                        peer_uid = cred.map_or(u32::MAX, |c| c.uid()),
+                        refused = outsiders,
+                        "refused a hook connection from outside this runner's job"
+                    );
+                }
                 let _ = stream.try_write(b"{\"ok\":false,\"lines\":[\"flywheel: not a process of this runner's job\"]}\n");
                 continue;
             }
             let Ok(permit) = permits.clone().try_acquire_owned() else {
-                warn!(runner = %hooks.runner_name, "too many hook connections at once; closed one");
+                excess += 1;
+                if excess.is_power_of_two() {
+                    warn!(runner = %hooks.runner_name, closed = excess, "too many hook connections at once; closed the excess");
+                }
                 continue;
             };
             let (hooks, state) = (hooks.clone(), state.clone());

@@ -2,6 +2,8 @@
 //! agent binary, and the rule for privileged tests (skip only with a reason, never in CI).
 #![allow(dead_code)]
 
+pub mod rig;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -219,6 +221,16 @@ pub fn spawn_in(job: &dyn flywheel_agent::cgroup::JobCgroup, script: &str) -> st
 
 /// The fake listener binary, built once (it is a workspace member, not a dependency).
 pub fn fake_listener() -> PathBuf {
+    fake_runner_bins().join("fake-runner-listener")
+}
+
+/// `fw-attack`, what a hostile job's step runs against a neighbour (tests/fake-runner).
+pub fn attacker() -> PathBuf {
+    fake_runner_bins().join("fw-attack")
+}
+
+/// The directory of the fake-runner crate's binaries, built once.
+fn fake_runner_bins() -> PathBuf {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
         let target_dir = Path::new(AGENT)
@@ -231,21 +243,14 @@ pub fn fake_listener() -> PathBuf {
             .expect("profile dir")
             .to_path_buf();
         let mut cmd = Command::new(env!("CARGO"));
-        cmd.args([
-            "build",
-            "-q",
-            "-p",
-            "fake-runner",
-            "--bin",
-            "fake-runner-listener",
-        ])
-        .env("CARGO_TARGET_DIR", &target_dir);
+        cmd.args(["build", "-q", "-p", "fake-runner", "--bins"])
+            .env("CARGO_TARGET_DIR", &target_dir);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
         let ok = cmd.status().expect("cargo build fake-runner");
         assert!(ok.success(), "building the fake listener failed");
-        profile_dir.join("fake-runner-listener")
+        profile_dir
     })
     .clone()
 }

@@ -1,0 +1,215 @@
+//! `flywheel-agent run` against the fake GitHub and the fake listener: a config with lanes, the
+//! installation, the agent's log, waits with the fake's state shown on a timeout.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use fake_github::{app_key, FakeGitHub, FakeJob, APP_ID};
+
+use super::{fake_listener, unique, AGENT};
+
+/// The HS256 secret of the tests' Attic signing key.
+pub fn hs256_secret() -> Vec<u8> {
+    (100u8..148).collect()
+}
+
+pub struct Rig {
+    pub gh: FakeGitHub,
+    pub dir: tempfile::TempDir,
+    pub prefix: String,
+    pub config: PathBuf,
+    pub lanes: Vec<String>,
+}
+
+impl Rig {
+    /// Lanes: (suffix, memory, max_runners).
+    pub fn new(lanes: &[(&str, &str, u32)], drain_grace: &str) -> Rig {
+        let gh = FakeGitHub::start();
+        let dir = super::open_tempdir("flywheel-run");
+        let prefix = unique("fw").replace('-', "x");
+        let install = dir.path().join("install");
+        std::fs::create_dir_all(install.join("bin")).expect("mkdir");
+        std::fs::create_dir_all(install.join("externals/node20/bin")).expect("mkdir");
+        std::fs::copy(fake_listener(), install.join("bin/Runner.Listener"))
+            .expect("install listener");
+        std::fs::write(install.join("externals/node20/bin/node"), "#!/bin/sh\n").expect("write");
+        std::fs::write(install.join("run.sh"), "#!/bin/sh\n").expect("write");
+        let key = dir.path().join("app.pem");
+        std::fs::write(&key, app_key().0).expect("key");
+        let mut text = format!(
+            r#"[agent]
+state_dir = "{state}"
+teardown_grace = "300ms"
+stop_grace = "2s"
+reserve = "64Mi"
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[github]
+api_url = "{url}"
+scope = "org"
+target = "tinyland"
+app_id = "{APP_ID}"
+private_key_file = "{key}"
+runner_group_id = 1
+
+[runner]
+install_dir = "{install}"
+user = "{user}"
+name_prefix = "{prefix}"
+drain_grace = "{drain_grace}"
+backoff = "100ms"
+"#,
+            state = dir.path().join("state").display(),
+            url = gh.url,
+            key = key.display(),
+            install = install.display(),
+            user = super::runner_pool(),
+        );
+        let mut names = Vec::new();
+        for (suffix, memory, max) in lanes {
+            let name = format!("{prefix}-{suffix}");
+            text.push_str(&format!(
+                "\n[[lane]]\nname = \"{name}\"\nlabels = [\"{name}\"]\nmemory = \"{memory}\"\nmax_runners = {max}\npids_max = 1024\nmin_free = \"1Mi\"\nnix = false\nwork_root = \"{}\"\n",
+                dir.path().join("work").join(suffix).display()
+            ));
+            names.push(name);
+        }
+        let config = dir.path().join("agent.toml");
+        std::fs::write(&config, text).expect("config");
+        Rig {
+            gh,
+            dir,
+            prefix,
+            config,
+            lanes: names,
+        }
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
+    }
+
+    /// Start `run`; its output goes to `agent.log` (appended), shown when a wait times out.
+    pub fn start(&self) -> Child {
+        self.start_with(&[])
+    }
+
+    pub fn start_with(&self, env: &[(&str, &str)]) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log");
+        Command::new(AGENT)
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .envs(env.iter().copied())
+            .env("FLYWHEEL_LOG", "info")
+            .env("FLYWHEEL_LOG_FORMAT", "text")
+            .env_remove("ACTIONS_RUNNER_INPUT_JITCONFIG")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start agent")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn job(&self, lane: usize, script: &str) -> FakeJob {
+        FakeJob {
+            labels: vec![self.lanes[lane].clone()],
+            script: script.into(),
+            env: [
+                ("GITHUB_REPOSITORY", "tinyland/flywheel"),
+                ("GITHUB_RUN_ID", "1001"),
+                ("GITHUB_RUN_ATTEMPT", "1"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+            ..FakeJob::default()
+        }
+    }
+
+    pub fn wait(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut(&fake_github::State) -> bool,
+    ) {
+        let t = Instant::now();
+        loop {
+            if self.gh.with(|s| f(s)) {
+                return;
+            }
+            if t.elapsed() > timeout {
+                let state = self.gh.with(|s| {
+                    format!(
+                        "runners={:?}\ncompleted={:?}\ncalls={:?}",
+                        s.runners,
+                        s.completed,
+                        s.calls
+                            .iter()
+                            .map(|c| (c.endpoint, c.status))
+                            .collect::<Vec<_>>()
+                    )
+                });
+                panic!(
+                    "timed out waiting for {what}\n{state}\n--- agent log ---\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn leftovers(&self) -> (Vec<String>, Vec<PathBuf>) {
+        let mgr =
+            flywheel_agent::cgroup::detect(Path::new("/sys/fs/cgroup"), None).expect("detect");
+        let cgroups: Vec<String> = mgr
+            .list()
+            .expect("list")
+            .into_iter()
+            .filter(|n| self.lanes.iter().any(|l| n.starts_with(&format!("{l}."))))
+            .collect();
+        let mut dirs = Vec::new();
+        for entry in std::fs::read_dir(self.dir.path().join("work"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            dirs.extend(
+                std::fs::read_dir(entry.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path()),
+            );
+        }
+        (cgroups, dirs)
+    }
+}
+
+pub fn term(child: &Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).expect("signal");
+}
+
+pub fn wait_exit(rig: &Rig, mut child: Child, timeout: Duration) -> (i32, String) {
+    let t = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            return (st.code().unwrap_or(-1), rig.log());
+        }
+        if t.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("agent did not exit in time:\n{}", rig.log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
