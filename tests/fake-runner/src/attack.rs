@@ -99,7 +99,7 @@ fn idle(socket: &str, n: usize, secs: u64) {
         let _ = s.set_read_timeout(Some(Duration::from_millis(10)));
         let mut b = [0u8; 1];
         // EOF or an answer: the agent let go of this connection.
-        if matches!(s.read(&mut b), Ok(_)) {
+        if s.read(&mut b).is_ok() {
             closed += 1;
         }
     }
