@@ -338,6 +338,73 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_swapped_for_a_symlink_during_removal_is_never_followed() {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let t = tempfile::tempdir().expect("tempdir");
+        let outside = t.path().join("outside");
+        fs::create_dir(&outside).expect("mkdir");
+        // Named like the tree's files: a removal that follows a swapped symlink deletes these.
+        for i in 0..100 {
+            fs::write(outside.join(format!("f{i}")), "keep").expect("write");
+        }
+        let swaps_during_removal = Arc::new(AtomicU64::new(0));
+        for round in 0..100 {
+            let tree = t.path().join(format!("tree{round}"));
+            for d in ["a", "b/c"] {
+                fs::create_dir_all(tree.join(d)).expect("mkdir");
+                for i in 0..100 {
+                    fs::write(tree.join(d).join(format!("f{i}")), "x").expect("write");
+                }
+            }
+            let removing = Arc::new(AtomicBool::new(true));
+            // The attacker: as soon as the removal is inside `a` (or `b/c`), swap that directory
+            // for a symlink to `outside`, whose files have the same names.
+            let attacker = {
+                let (tree, outside, removing, swaps) = (
+                    tree.clone(),
+                    outside.clone(),
+                    removing.clone(),
+                    swaps_during_removal.clone(),
+                );
+                std::thread::spawn(move || {
+                    let mut pending = vec!["a", "b/c"];
+                    while removing.load(Ordering::SeqCst) && !pending.is_empty() {
+                        pending.retain(|d| {
+                            let p = tree.join(d);
+                            let left = fs::read_dir(&p).map(|r| r.count()).unwrap_or(100);
+                            if left >= 100 || fs::symlink_metadata(&p).map_or(true, |m| !m.is_dir())
+                            {
+                                return true;
+                            }
+                            if fs::rename(&p, tree.join(format!("{d}.moved").replace('/', "-")))
+                                .is_ok()
+                                && std::os::unix::fs::symlink(&outside, &p).is_ok()
+                            {
+                                swaps.fetch_add(1, Ordering::SeqCst);
+                            }
+                            false
+                        });
+                    }
+                })
+            };
+            let _ = remove_tree(&tree);
+            removing.store(false, Ordering::SeqCst);
+            attacker.join().expect("attacker");
+            // Whatever the race did, nothing outside the tree was touched.
+            for i in 0..100 {
+                assert!(
+                    outside.join(format!("f{i}")).exists(),
+                    "round {round}: removal followed a symlink out of the tree"
+                );
+            }
+            remove_tree(&tree).expect("removed once the attacker stopped");
+        }
+        // The attack ran while removals were under way.
+        assert!(swaps_during_removal.load(Ordering::SeqCst) > 0);
+    }
+
+    #[test]
     fn a_tree_deeper_than_the_descriptor_bound_is_removed() {
         let t = tempfile::tempdir().expect("tempdir");
         let top = t.path().join("deep");
