@@ -1237,6 +1237,22 @@ nix_extra_conf = "fallback = true"
             ("[cgroup]\nparent = \"rel\"\n".into(), Some((2, 10)), "absolute path"),
             ("lane = []\n".into(), None, "no [[lane]]"),
             ("[[lane]]\nname = \"a b\"\nmemory = \"1Gi\"\n".into(), Some((2, 8)), "lane name"),
+            // Isolation: one user per concurrent job, no group that grants root.
+            (
+                format!("[runner]\nuser = \"nobody\"\n{}", lane("max_runners = 2\n")),
+                Some((2, 8)),
+                "would run up to 2 jobs at once as one user",
+            ),
+            ("[runner]\ngroups = [\"kvm\", \"sudo\"]\n".into(), Some((2, 18)), "lets its members become root"),
+            ("[runner]\ngroups = [\"docker\"]\n".into(), Some((2, 11)), "\"docker\" lets its members become root"),
+            ("[runner]\nuser = \"../etc\"\n".into(), Some((2, 8)), "runner.user must be"),
+            ("[runner]\nuser = \"r-{m}\"\n".into(), Some((2, 8)), "runner.user must be"),
+            // Publishing: only events outsiders cannot trigger; short-lived tokens.
+            ("[attic]\ntrusted_events = [\"push\", \"issue_comment\"]\n".into(), Some((2, 27)), "\"issue_comment\" can be triggered by outsiders"),
+            ("[attic]\ntrusted_events = [\"workflow_run\"]\n".into(), Some((2, 19)), "never trusted to publish"),
+            ("[attic]\ntrusted_events = [\"pull_request_review\"]\n".into(), Some((2, 19)), "never trusted to publish"),
+            ("[attic]\ntrusted_events = [\"pull_request_target\"]\n".into(), Some((2, 19)), "never trusted to publish"),
+            ("[attic]\ntoken_validity = \"7h\"\n".into(), Some((2, 18)), "between 1s and 6h"),
         ];
         for (src, pos, frag) in cases {
             let e = file(&src).expect_err(&src);
@@ -1251,6 +1267,33 @@ nix_extra_conf = "fallback = true"
                 None => assert!(shown.starts_with("lanes.toml: "), "{shown}"),
             }
         }
+    }
+
+    #[test]
+    fn slot_users_are_one_per_concurrent_runner() {
+        let c = Config::embedded(&HOST).expect("defaults");
+        assert_eq!(c.runner.user, "runner-{n}");
+        let users: Vec<String> = c
+            .lanes
+            .iter()
+            .flat_map(|l| (0..l.max_runners).map(|s| c.slot_user(&l.name, s)))
+            .collect();
+        let mut unique = users.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(users.len(), unique.len(), "{users:?}");
+        assert_eq!(users.first().map(String::as_str), Some("runner-0"));
+        assert_eq!(users.last().map(String::as_str), Some("runner-7"));
+        // A fixed name is fine where only one runner runs at a time (an ARC pod).
+        let one = file("[runner]\nuser = \"runner\"\n[[lane]]\nname = \"a\"\nmemory = \"1Gi\"\n")
+            .expect("one slot");
+        assert_eq!(one.slot_user("a", 0), "runner");
+        assert_eq!(
+            one.attic.token_validity,
+            Duration::from_secs(3600),
+            "default 1h"
+        );
+        assert_eq!(one.attic.trusted_events, vec!["push"]);
     }
 
     #[test]
