@@ -83,6 +83,7 @@ fn a_hostile_pull_request_cannot_reach_the_trusted_push_job_running_beside_it() 
                 run_attempt: 1,
                 event: event.into(),
                 head_branch: "main".into(),
+                head_sha: format!("{id:040x}"),
                 head_repository: if head == 10 {
                     "tinyland/flywheel".into()
                 } else {
@@ -92,6 +93,10 @@ fn a_hostile_pull_request_cannot_reach_the_trusted_push_job_running_beside_it() 
                 jobs: Vec::new(),
             });
         }
+        st.branches.insert(
+            ("tinyland/flywheel".into(), "main".into()),
+            vec![format!("{:040x}", 100), format!("{:040x}", 101)],
+        );
     });
     let state = rig.dir.path().join("state");
     let work_root = rig.dir.path().join("work/iso");
@@ -504,4 +509,82 @@ fn home_and_tmp_are_fresh_for_every_job() {
     assert_eq!(lines[2], "0", "nothing of the earlier job's /tmp: {out2}");
     assert_eq!(lines[3], "tmpfs", "{out2}");
     assert!(f.leftover_work().is_empty(), "{:?}", f.leftover_work());
+}
+
+#[test]
+fn a_tag_named_like_the_default_branch_is_told_apart_by_githubs_answer() {
+    if !privileged("isolation-tag") {
+        return;
+    }
+    use base64::Engine;
+    let rig = Rig::new(&[("tag", "128Mi", 1)], "5s");
+    let key = rig.dir.path().join("attic-hs256.b64");
+    std::fs::write(
+        &key,
+        base64::engine::general_purpose::STANDARD.encode(hs256_secret()),
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(&rig.config).unwrap();
+    std::fs::write(
+        &rig.config,
+        format!(
+            "{cfg}[lane.hints]\nattic_server = \"http://127.0.0.1:9\"\nattic_cache = \"tinyland\"\n\n[attic]\nsigning_key_file = \"{}\"\npublish_repositories = [\"tinyland/flywheel\"]\n",
+            key.display()
+        ),
+    )
+    .unwrap();
+    let shared = common::shared_dir(rig.dir.path());
+    // A push of the tag `main`: GitHub's run says head_branch "main", like a branch push.
+    let tag_commit = "7a9".repeat(13) + "7";
+    rig.gh.with(|st| {
+        st.runs.push(fake_github::FakeRun {
+            repository: "tinyland/flywheel".into(),
+            repository_id: 10,
+            default_branch: "main".into(),
+            id: 301,
+            run_attempt: 1,
+            event: "push".into(),
+            head_branch: "main".into(),
+            head_sha: tag_commit.clone(),
+            head_repository: "tinyland/flywheel".into(),
+            head_repository_id: 10,
+            jobs: Vec::new(),
+        });
+        st.branches.insert(
+            ("tinyland/flywheel".into(), "main".into()),
+            vec![format!("{:040x}", 1), format!("{:040x}", 2)],
+        );
+    });
+    // The job's environment even claims the branch.
+    let mut job = rig.job(
+        0,
+        &format!(
+            "echo \"xdg=${{XDG_CONFIG_HOME:-none}}\" > {}/tag.txt",
+            shared.display()
+        ),
+    );
+    job.env.insert("GITHUB_RUN_ID".into(), "301".into());
+    job.env.insert("GITHUB_EVENT_NAME".into(), "push".into());
+    job.env
+        .insert("GITHUB_REF".into(), "refs/heads/main".into());
+    rig.gh.push_job(job);
+    let agent = rig.start();
+    rig.wait("the job", Duration::from_secs(30), |st| {
+        !st.completed.is_empty()
+    });
+    term(&agent, nix::sys::signal::Signal::SIGTERM);
+    let (code, log) = wait_exit(&rig, agent, Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
+    // GitHub was asked about the commit, and its answer made the job read-only.
+    rig.gh.with(|st| assert_eq!(st.count("compare-commits"), 1));
+    assert!(
+        log.contains("push: denied (push of commit 7a97a97, which is not on main: a tag or another ref named like the default branch)"),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(shared.join("tag.txt"))
+            .unwrap()
+            .trim(),
+        "xdg=none"
+    );
 }

@@ -701,6 +701,7 @@ fn a_push_to_main_gets_a_push_token_a_fork_pr_does_not_and_nothing_remains() {
                 run_attempt: 1,
                 event: event.into(),
                 head_branch: "main".into(),
+                head_sha: format!("{id:040x}"),
                 head_repository: if head == 10 {
                     "tinyland/flywheel".into()
                 } else {
@@ -710,6 +711,10 @@ fn a_push_to_main_gets_a_push_token_a_fork_pr_does_not_and_nothing_remains() {
                 jobs: Vec::new(),
             });
         }
+        s.branches.insert(
+            ("tinyland/flywheel".into(), "main".into()),
+            vec![format!("{:040x}", 101)],
+        );
     });
     let sockets = rig.dir.path().join("state/hook-sockets");
     let mut push = rig.job(0, &format!(
@@ -880,6 +885,7 @@ fn on_a_private_cache_an_untrusted_job_gets_a_pull_only_token_its_steps_cannot_r
             run_attempt: 1,
             event: "pull_request".into(),
             head_branch: "feature".into(),
+            head_sha: format!("{:040x}", 201),
             head_repository: "tinyland/flywheel".into(),
             head_repository_id: 10,
             jobs: Vec::new(),

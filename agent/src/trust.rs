@@ -116,6 +116,29 @@ pub fn decide(policy: &Policy, c: &Claims, facts: Result<&RunFacts, &str>) -> De
             f.event, f.default_branch
         ));
     }
+    // A tag may be named like the default branch: GitHub's answer on the commit decides.
+    let sha7: String = f
+        .head_sha
+        .as_deref()
+        .unwrap_or("?")
+        .chars()
+        .take(7)
+        .collect();
+    match f.head_on_default_branch {
+        Some(true) => {}
+        Some(false) => {
+            return deny(format!(
+                "{} of commit {sha7}, which is not on {}: a tag or another ref named like the default branch",
+                f.event, f.default_branch
+            ))
+        }
+        None => {
+            return deny(format!(
+                "GitHub did not say whether commit {sha7} is on {}",
+                f.default_branch
+            ))
+        }
+    }
     let want_ref = format!("refs/heads/{}", f.default_branch);
     if c.git_ref != want_ref {
         return deny(format!(
@@ -169,6 +192,8 @@ mod tests {
             default_branch: "main".into(),
             event: "push".into(),
             head_branch: Some("main".into()),
+            head_sha: Some("0123456789abcdef0123456789abcdef01234567".into()),
+            head_on_default_branch: Some(true),
             head_repository_id: Some(10),
             head_repository_fork: false,
             run_attempt: Some(1),
@@ -235,6 +260,24 @@ mod tests {
                 None,
                 false,
                 "the job says ref refs/tags/main",
+            ),
+            (
+                "tag named like the default branch, the job claiming the branch",
+                |_, _, f| {
+                    f.head_on_default_branch = Some(false);
+                },
+                None,
+                false,
+                "push of commit 0123456, which is not on main: a tag or another ref named like the default branch",
+            ),
+            (
+                "no answer on the commit",
+                |_, _, f| {
+                    f.head_on_default_branch = None;
+                },
+                None,
+                false,
+                "GitHub did not say whether commit 0123456 is on main",
             ),
             (
                 "default branch is master",

@@ -671,12 +671,45 @@ impl Client {
             return Err(status_error(JOBS, &r));
         }
         let jobs: wire::JobList = decode(JOBS, &r.body)?;
+        // `head_branch` is a name: a tag called like the default branch has it too. Ask GitHub
+        // whether the commit itself is on the default branch.
+        let head_on_default_branch = match (&run.head_branch, &run.head_sha) {
+            (Some(b), Some(sha)) if *b == default_branch => {
+                if !sha.chars().all(|c| c.is_ascii_hexdigit()) || sha.is_empty() {
+                    return Err(GitHubError::Decode {
+                        endpoint: RUN,
+                        message: "head_sha is not a commit id".into(),
+                    });
+                }
+                const CMP: &str = "compare-commits";
+                let r = self
+                    .send(
+                        Method::GET,
+                        &format!(
+                            "/repos/{repository}/compare/{}...{sha}",
+                            percent_encode(&default_branch)
+                        ),
+                        None,
+                        AuthKind::Installation,
+                        CMP,
+                    )
+                    .await?;
+                if !r.status.is_success() {
+                    return Err(status_error(CMP, &r));
+                }
+                let c: wire::Comparison = decode(CMP, &r.body)?;
+                Some(matches!(c.status.as_str(), "identical" | "behind"))
+            }
+            _ => None,
+        };
         Ok(crate::RunFacts {
             repository: run.repository.full_name,
             repository_id: run.repository.id,
             default_branch,
             event: run.event,
             head_branch: run.head_branch,
+            head_sha: run.head_sha,
+            head_on_default_branch,
             head_repository_id: run.head_repository.as_ref().map(|h| h.id),
             head_repository_fork: run.head_repository.as_ref().is_some_and(|h| h.fork),
             run_attempt: run.run_attempt,

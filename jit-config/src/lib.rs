@@ -38,6 +38,12 @@ pub struct RunFacts {
     pub default_branch: String,
     pub event: String,
     pub head_branch: Option<String>,
+    /// The run's commit.
+    pub head_sha: Option<String>,
+    /// Whether GitHub says the run's commit is on the default branch (the branch's head or in
+    /// its history): asked only when the run's `head_branch` names the default branch, since
+    /// a tag can carry the same name.
+    pub head_on_default_branch: Option<bool>,
     pub head_repository_id: Option<u64>,
     pub head_repository_fork: bool,
     pub run_attempt: Option<u64>,

@@ -91,6 +91,8 @@ pub struct WorkflowRun {
     #[serde(default)]
     pub head_branch: Option<String>,
     #[serde(default)]
+    pub head_sha: Option<String>,
+    #[serde(default)]
     pub run_attempt: Option<u64>,
     pub repository: RepoRef,
     #[serde(default)]
@@ -108,4 +110,11 @@ pub struct Job {
 #[derive(Debug, Deserialize)]
 pub struct JobList {
     pub jobs: Vec<Job>,
+}
+
+/// `GET /repos/{owner}/{repo}/compare/{base}...{head}`: where `head` stands against `base`.
+#[derive(Debug, Deserialize)]
+pub struct Comparison {
+    /// `identical`, `behind` (head is in base's history), `ahead` or `diverged`.
+    pub status: String,
 }

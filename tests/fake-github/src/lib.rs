@@ -8,6 +8,9 @@
 //! - `GET {scope}/actions/runners[?name=&per_page=&page=]`, `GET|DELETE {scope}/actions/runners/{id}`
 //!   (DELETE → 204; 422 while busy; 404 unknown)
 //! - `GET /repos/{owner}/{repo}`, `GET /repos/{owner}/{repo}/actions/runs/{id}` and `…/jobs`
+//! - `GET /repos/{owner}/{repo}/compare/{base}...{head}` → `status` of `head` against the
+//!   branch `base` from [`State::branches`] (`identical`, `behind`, `ahead`/`diverged`); 404
+//!   for an unknown branch or commit
 //!
 //! The App JWT is verified (RS256 signature, `iat`, `exp` at most 10 minutes after `iat`,
 //! `iss`); runner endpoints require a live installation token (or the configured PAT).
@@ -92,6 +95,8 @@ pub struct FakeRun {
     pub run_attempt: u64,
     pub event: String,
     pub head_branch: String,
+    /// The run's commit (40 hex digits).
+    pub head_sha: String,
     pub head_repository: String,
     pub head_repository_id: u64,
     /// (job id, status, runner name)
@@ -119,6 +124,8 @@ pub struct State {
     pub max_alive: HashMap<String, usize>,
     pub rate_remaining: u64,
     pub runs: Vec<FakeRun>,
+    /// Branch histories, oldest commit first: (`OWNER/REPO`, branch) → commits.
+    pub branches: HashMap<(String, String), Vec<String>>,
     /// Jobs handed to runners that have not started them; back to the queue if the runner is
     /// deleted while idle (GitHub assigns jobs to listeners, not to registrations).
     pub assigned: HashMap<u64, FakeJob>,
@@ -375,6 +382,7 @@ fn classify(method: &Method, segs: &[&str]) -> &'static str {
         ("GET", Some("repos"), []) => "get-repository",
         ("GET", Some("repos"), ["actions", "runs", _]) => "get-run",
         ("GET", Some("repos"), ["actions", "runs", _, "jobs"]) => "list-run-jobs",
+        ("GET", Some("repos"), ["compare", _]) => "compare-commits",
         _ => "unknown",
     }
 }
@@ -499,6 +507,7 @@ fn route(
                     }
                 }
                 "get-repository" | "get-run" | "list-run-jobs" => runs(s, endpoint, segs),
+                "compare-commits" => compare(s, segs),
                 _ => message(s, 404, "Not Found"),
             }
         }
@@ -726,7 +735,7 @@ fn runs(s: &mut State, endpoint: &str, segs: &[&str]) -> Response {
             // GitHub's run object carries a minimal repository without default_branch.
             let body = json!({
                 "id": r.id, "run_attempt": r.run_attempt, "event": r.event, "head_branch": r.head_branch,
-                "head_sha": "0123456789abcdef0123456789abcdef01234567", "status": "in_progress",
+                "head_sha": r.head_sha, "status": "in_progress",
                 "repository": {"id": r.repository_id, "full_name": r.repository, "fork": false},
                 "head_repository": head, "pull_requests": [],
             });
@@ -742,6 +751,39 @@ fn runs(s: &mut State, endpoint: &str, segs: &[&str]) -> Response {
             json_response(s, 200, json!({"total_count": total, "jobs": jobs}), &[])
         }
     }
+}
+
+/// `compare/{base}...{head}`: `base` a branch, `head` a commit.
+fn compare(s: &mut State, segs: &[&str]) -> Response {
+    let repo = format!(
+        "{}/{}",
+        segs.get(1).unwrap_or(&""),
+        segs.get(2).unwrap_or(&"")
+    );
+    let spec = segs.get(4).copied().unwrap_or_default().replace("%2F", "/");
+    let Some((base, head)) = spec.split_once("...") else {
+        return message(s, 404, "Not Found");
+    };
+    let Some(history) = s.branches.get(&(repo.clone(), base.to_owned())).cloned() else {
+        return message(s, 404, "Not Found");
+    };
+    let known = s
+        .runs
+        .iter()
+        .any(|r| r.repository == repo && r.head_sha == head)
+        || s.branches.values().any(|h| h.iter().any(|c| c == head));
+    let status = match history.iter().position(|c| c == head) {
+        Some(i) if i + 1 == history.len() => "identical",
+        Some(_) => "behind",
+        None if known => "diverged",
+        None => return message(s, 404, &format!("No commit found for SHA: {head}")),
+    };
+    json_response(
+        s,
+        200,
+        json!({"status": status, "ahead_by": 0, "behind_by": 0, "total_commits": 0, "commits": [], "files": []}),
+        &[],
+    )
 }
 
 #[cfg(test)]
