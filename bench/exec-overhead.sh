@@ -4,6 +4,8 @@
 # Goal (issue 2): the agent takes at most 1.5x the script's time per job.
 #
 # usage: bench/exec-overhead.sh [ITERATIONS]      (root; builds the release binary first)
+#        BENCH_USER=nobody bench/exec-overhead.sh  (the job as an unprivileged user: setgroups,
+#        setuid, no_new_privs; every job also gets its private /tmp, HOME and /proc)
 set -euo pipefail
 N=${1:-200}
 cd "$(dirname "$0")/.."
@@ -64,13 +66,15 @@ FLYWHEEL_LOG=off "$AGENT" exec --lane bench --config "$TMP/agent.toml" -- true
 t0=$(now)
 for i in $(seq "$N"); do script_job "$i"; done
 t1=$(now)
-for i in $(seq "$N"); do FLYWHEEL_LOG=off "$AGENT" exec --lane bench --config "$TMP/agent.toml" -- true; done
+user_args=()
+[ -n "${BENCH_USER:-}" ] && user_args=(--user "$BENCH_USER")
+for i in $(seq "$N"); do FLYWHEEL_LOG=off "$AGENT" exec --lane bench --config "$TMP/agent.toml" "${user_args[@]}" -- true; done
 t2=$(now)
 
 script_us=$(( (t1 - t0) / N / 1000 ))
 agent_us=$(( (t2 - t1) / N / 1000 ))
 ratio=$(awk -v a="$agent_us" -v s="$script_us" 'BEGIN { printf "%.2f", a / s }')
-echo "layout=$layout iterations=$N"
+echo "layout=$layout iterations=$N user=${BENCH_USER:-root}"
 echo "script: ${script_us} us/job"
 echo "agent:  ${agent_us} us/job"
 echo "ratio:  ${ratio}x (goal <= 1.5x)"

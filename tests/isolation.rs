@@ -466,52 +466,6 @@ fn a_user_with_sudo_rights_cannot_become_root_inside_a_job() {
 }
 
 #[test]
-fn home_and_tmp_are_fresh_for_every_job() {
-    if !privileged("isolation-home-tmp") {
-        return;
-    }
-    let f = Fixture::new("home", "128Mi", "");
-    let marker = common::test_base().join(format!("host-tmp-{}", std::process::id()));
-    std::fs::write(Path::new("/tmp").join(marker.file_name().unwrap()), "host").unwrap();
-    let first = f.exec(
-        &["--user", "nobody"],
-        &[
-            "sh",
-            "-c",
-            "mkdir -p $HOME/.config/nix && echo '{}' > $HOME/.config/nix/registry.json && git_cfg=$HOME/.gitconfig && echo '[user]' > $git_cfg && echo left > /tmp/left-behind && echo home=$HOME && ls /tmp",
-        ],
-    );
-    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
-    let out1 = stdout(&first);
-    assert!(out1.contains("home="), "{out1}");
-    assert!(
-        !out1.contains(marker.file_name().unwrap().to_str().unwrap()),
-        "the job saw the host's /tmp: {out1}"
-    );
-    let second = f.exec(
-        &["--user", "nobody"],
-        &[
-            "sh",
-            "-c",
-            "echo home=$HOME; ls -A $HOME | wc -l; ls -A /tmp | wc -l; stat -f -c %T /tmp",
-        ],
-    );
-    let _ = std::fs::remove_file(Path::new("/tmp").join(marker.file_name().unwrap()));
-    assert_eq!(second.status.code(), Some(0), "{}", stderr(&second));
-    let out2 = stdout(&second);
-    let lines: Vec<&str> = out2.lines().collect();
-    assert_ne!(
-        lines[0],
-        out1.lines().find(|l| l.starts_with("home=")).unwrap(),
-        "a new HOME"
-    );
-    assert_eq!(lines[1], "0", "nothing of the earlier job's HOME: {out2}");
-    assert_eq!(lines[2], "0", "nothing of the earlier job's /tmp: {out2}");
-    assert_eq!(lines[3], "tmpfs", "{out2}");
-    assert!(f.leftover_work().is_empty(), "{:?}", f.leftover_work());
-}
-
-#[test]
 fn a_tag_named_like_the_default_branch_is_told_apart_by_githubs_answer() {
     if !privileged("isolation-tag") {
         return;
