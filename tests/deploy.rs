@@ -223,15 +223,35 @@ fn helm_values_carry_what_arc_and_the_agent_need() {
             mounts.contains(&"/nix") && mounts.contains(&"/home/runner/_work"),
             "{lane}: {mounts:?}"
         );
-        if lane == "tinyland-nix-compute-expansion" {
-            for vol in spec["volumes"].as_sequence().unwrap() {
-                let claim = &vol["ephemeral"]["volumeClaimTemplate"]["spec"];
-                assert_eq!(
-                    claim["storageClassName"].as_str(),
-                    Some("fast-local"),
-                    "per-pod fast-local volumes"
-                );
-            }
+        // Node-local slots: a hostPath at the lane's slot_root, shared by the node's pods;
+        // the pod-local /nix and _work are the fallback when every slot is busy.
+        let slot_root = l
+            .slot_root
+            .as_ref()
+            .expect("the ARC lanes use node-local slots");
+        assert!(l.slots >= 1 && l.slot_max_bytes.is_some(), "{lane}");
+        let mount = c["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountPath"].as_str() == Some(slot_root.to_str().unwrap()))
+            .unwrap_or_else(|| panic!("{lane}: slot_root is not mounted"));
+        let vol = spec["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap();
+        assert_eq!(vol["hostPath"]["path"].as_str(), slot_root.to_str());
+        assert_eq!(vol["hostPath"]["type"].as_str(), Some("DirectoryOrCreate"));
+        for pod_local in ["nix", "work"] {
+            let v = spec["volumes"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == pod_local)
+                .unwrap();
+            assert!(v["emptyDir"].is_mapping(), "{lane}: {pod_local}");
         }
     }
 }
@@ -268,11 +288,12 @@ fn the_containerfile_lints_clean_and_has_what_it_must() {
         )
         .unwrap();
         let l = cfg.lane(lane).unwrap();
-        for slot in 0..l.max_runners {
+        // Every slot's user, and the pod-local fallback's.
+        for slot in 0..l.user_slots() {
             let user = cfg.slot_user(lane, slot);
             let n = user.trim_start_matches("runner-");
             assert!(
-                cf.contains("for i in 0 1 2 3; do useradd") && "0123".contains(n),
+                cf.contains("for i in 0 1 2 3 4 5 6 7; do useradd") && "01234567".contains(n),
                 "the image lacks {user}"
             );
         }

@@ -8,78 +8,10 @@ mod common;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 
 use common::{privileged, stderr, stdout, unique, AGENT};
 
-const VERSION: &str = "2.8.0-flywheel";
-
-/// A release tarball in the official layout, made from real store paths built by the host's
-/// Nix: a `nix-<VERSION>` package whose programs are the host's, and a dependency.
-struct Tarball {
-    path: PathBuf,
-    sha256: String,
-    nix_out: String,
-}
-
-fn sh(cmd: &str) -> String {
-    // The host's Nix, offline: no substituters to time out on.
-    let o = Command::new("sh")
-        .args(["-c", cmd])
-        .env_remove("NIX_REMOTE")
-        .env(
-            "NIX_CONFIG",
-            "substituters =\nsandbox = false\nbuild-users-group =",
-        )
-        .output()
-        .expect("sh");
-    assert!(
-        o.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
-}
-
-fn tarball() -> &'static Tarball {
-    static T: OnceLock<Tarball> = OnceLock::new();
-    T.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("flywheel-nix-tarball-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let expr = dir.join("nix.nix");
-        std::fs::write(
-            &expr,
-            format!(
-                r#"let
-  dep = derivation {{ name = "flywheel-test-dep"; system = "x86_64-linux"; builder = "/bin/sh";
-    args = [ "-c" "echo dependency > $out" ]; }};
-in derivation {{ name = "nix-{VERSION}"; system = "x86_64-linux"; builder = "/bin/sh"; inherit dep;
-  args = [ "-c" "export PATH=/usr/bin:/bin; mkdir -p $out/bin; for n in nix nix-store nix-daemon nix-build nix-env nix-instantiate; do printf '#!/bin/sh\nexec /usr/bin/%s \"$@\"\n' $n > $out/bin/$n; chmod +x $out/bin/$n; done; echo $dep > $out/dep" ]; }}
-"#
-            ),
-        )
-        .expect("expr");
-        let out = sh(&format!("nix-build {} --no-out-link", expr.display()));
-        let closure = sh(&format!("nix-store -qR {out}"));
-        let top = dir.join(format!("nix-{VERSION}-x86_64-linux"));
-        std::fs::create_dir_all(top.join("store")).expect("store");
-        for p in closure.lines() {
-            sh(&format!("cp -a {p} {}/store/", top.display()));
-        }
-        sh(&format!("nix-store --dump-db {} > {}/.reginfo", closure.lines().collect::<Vec<_>>().join(" "), top.display()));
-        let path = dir.join(format!("nix-{VERSION}-x86_64-linux.tar.xz"));
-        sh(&format!("tar -C {} -cJf {} {}", dir.display(), path.display(), top.file_name().unwrap().to_string_lossy()));
-        let sha256 = sh(&format!("sha256sum {} | cut -d' ' -f1", path.display()));
-        Tarball { path, sha256, nix_out: out }
-    })
-}
-
-/// One build-user pool for every rig of this test process (see `nix.userpool`).
-fn shared_userpool() -> PathBuf {
-    let p = std::env::temp_dir().join(format!("flywheel-nix-userpool-{}", std::process::id()));
-    std::fs::create_dir_all(&p).unwrap();
-    p
-}
+use common::nixtar::{sh, shared_userpool, tarball, VERSION};
 
 struct Rig {
     dir: tempfile::TempDir,
@@ -464,12 +396,8 @@ fn the_job_user_cannot_import_unsigned_paths_or_reach_another_jobs_daemon() {
     if !privileged("nix-isolation") {
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        root.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    // Where the job can read it: not under /tmp, which every job gets privately.
+    let root = common::open_tempdir("flywheel-unsigned");
     let expr = root.path().join("u.nix");
     std::fs::write(&expr, format!("derivation {{ name = \"unsigned\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"echo {} > $out\" ]; }}", unique("u"))).unwrap();
     let path = sh(&format!("nix-build {} --no-out-link", expr.display()));
@@ -488,6 +416,12 @@ fn the_job_user_cannot_import_unsigned_paths_or_reach_another_jobs_daemon() {
         Some(0),
         "an untrusted user imported an unsigned path: {}",
         stdout(&o)
+    );
+    // The import ran (it read the export) and the daemon refused it for its signature.
+    assert!(
+        stderr(&o).contains("signature"),
+        "the import was attempted and refused: {}",
+        stderr(&o)
     );
     assert!(!rig
         .fresh()

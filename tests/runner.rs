@@ -6,9 +6,9 @@ mod common;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::rig::{hs256_secret, term, wait_exit, Rig};
+use common::rig::{hs256_secret, register_directly, term, wait_exit, Rig};
 use common::{privileged, AGENT};
-use fake_github::{app_key, Injection, APP_ID};
+use fake_github::Injection;
 
 #[test]
 fn two_lanes_stay_at_target_across_many_jobs_through_faults() {
@@ -282,7 +282,7 @@ fn arc_mode_runs_the_given_runner_and_exits_with_its_status() {
         job.listener_exit = exit;
         rig.gh.push_job(job);
         // What ARC does: generate a JIT config and hand it to the pod.
-        let jit = register_directly(&rig, &format!("arc-{exit}"));
+        let jit = register_directly(&rig.gh, &rig.lanes[0], &format!("arc-{exit}"));
         let out = Command::new(AGENT)
             .args(["run", "--config"])
             .arg(&rig.config)
@@ -319,33 +319,6 @@ fn arc_mode_runs_the_given_runner_and_exits_with_its_status() {
             "the agent itself never called GitHub"
         );
     });
-}
-
-/// Register a runner the way ARC's controller does, returning the encoded JIT config.
-fn register_directly(rig: &Rig, name: &str) -> String {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
-    rt.block_on(async {
-        let c = flywheel_jit_config::Client::new(flywheel_jit_config::ClientConfig {
-            api_url: rig.gh.url.clone(),
-            scope: flywheel_jit_config::Scope::Org("tinyland".into()),
-            credentials: flywheel_jit_config::Credentials::App {
-                app_id: APP_ID.into(),
-                private_key_pem: flywheel_jit_config::Secret::new(app_key().0),
-                installation_id: None,
-            },
-            user_agent: "arc-controller".into(),
-            retry: flywheel_jit_config::RetryPolicy::default(),
-        })
-        .expect("client");
-        let r = c
-            .generate_jitconfig(name, 1, &[rig.lanes[0].clone()], "_work")
-            .await
-            .expect("register");
-        r.encoded.expose().clone()
-    })
 }
 
 #[test]
@@ -556,7 +529,7 @@ fn as_pid1_the_agent_reaps_orphans_and_exits_with_the_listeners_status() {
     );
     job.listener_exit = 2;
     rig.gh.push_job(job);
-    let jit = register_directly(&rig, "pid1-a");
+    let jit = register_directly(&rig.gh, &rig.lanes[0], "pid1-a");
     let (child, agent) = start_as_pid1(&rig, &jit);
     std::thread::sleep(Duration::from_millis(1200));
     assert!(
@@ -576,7 +549,7 @@ fn as_pid1_sigterm_drains_and_exits_with_the_listeners_status() {
     }
     let rig = arc_rig("1s");
     rig.gh.push_job(rig.job(0, "sleep 30"));
-    let jit = register_directly(&rig, "pid1-b");
+    let jit = register_directly(&rig.gh, &rig.lanes[0], "pid1-b");
     let (child, agent) = start_as_pid1(&rig, &jit);
     rig.wait("the job is running", Duration::from_secs(20), |s| {
         s.runners.values().any(|r| r.busy)

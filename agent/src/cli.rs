@@ -164,6 +164,19 @@ enum NixCommand {
         #[arg(long, hide = true)]
         summary_only: bool,
     },
+    /// Garbage-collect one node-local slot's store (the agent runs this after a job, holding
+    /// the slot, when the slot's filesystem runs low or the store passes `slot_max_size`).
+    Gc {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        lane: String,
+        #[arg(long)]
+        slot: u32,
+        /// Free at least this many bytes (or as much as is garbage).
+        #[arg(long)]
+        max_freed: u64,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -269,6 +282,15 @@ pub fn main() -> ExitCode {
             summary_only,
             &host,
         )),
+        Command::Nix {
+            command:
+                NixCommand::Gc {
+                    config,
+                    lane,
+                    slot,
+                    max_freed,
+                },
+        } => report(nix_gc(config, &lane, slot, max_freed, &host)),
         Command::Exec {
             lane,
             config,
@@ -396,6 +418,7 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         work_root,
         user,
         slot: req.slot,
+        slot_fallback: false,
         command: req.command,
         host_cpus: host.cpus,
         runner: None,
@@ -441,6 +464,69 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
     })
 }
 
+/// `nix gc`: collect garbage in a slot's store, in a mount namespace where it is the lane's
+/// `nix_store`, directly on the store (no daemon: the caller holds the slot).
+fn nix_gc(
+    config: Option<PathBuf>,
+    lane: &str,
+    slot: u32,
+    max_freed: u64,
+    host: &HostFacts,
+) -> anyhow::Result<()> {
+    use flywheel_agent::nixboot;
+    let cfg = config::load(config.as_deref(), host)?;
+    let lane = cfg
+        .lane(lane)
+        .with_context(|| format!("no lane {lane:?} in {}", cfg.origin))?;
+    let root = lane
+        .slot_root
+        .as_ref()
+        .with_context(|| format!("lane {:?} has no slot_root", lane.name))?;
+    anyhow::ensure!(
+        slot < lane.slots,
+        "lane {:?} has slots 0..{}",
+        lane.name,
+        lane.slots
+    );
+    let (slot_nix, _) = flywheel_agent::slot::slot_dirs(root, slot);
+    nixboot::enter_store_namespace(&slot_nix, &lane.nix_store)?;
+    let out = std::process::Command::new(
+        lane.nix_store
+            .join("var/nix/profiles/default/bin/nix-store"),
+    )
+    .args(["--gc", "--max-freed", &max_freed.to_string()])
+    .env_clear()
+    .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+    .env("NIX_REMOTE", "local")
+    .env(
+        "NIX_CONF_DIR",
+        lane.nix_conf
+            .parent()
+            .unwrap_or(std::path::Path::new("/etc/nix")),
+    )
+    .output()
+    .context("cannot run nix-store --gc")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "nix-store --gc failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = writeln!(
+        std::io::stdout().lock(),
+        "{}",
+        said.lines()
+            .rev()
+            .find(|l| l.contains("freed"))
+            .unwrap_or("nothing to free")
+    );
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn nix_bootstrap(
     config: Option<PathBuf>,
@@ -482,10 +568,10 @@ fn nix_bootstrap(
             .as_ref()
             .with_context(|| format!("lane {:?} has no slot_root", lane.name))?;
         anyhow::ensure!(
-            s < lane.max_runners,
+            s < lane.slots,
             "lane {:?} has slots 0..{}",
             lane.name,
-            lane.max_runners
+            lane.slots
         );
         let (slot_nix, _) = flywheel_agent::slot::slot_dirs(root, s);
         std::fs::create_dir_all(&slot_nix)?;
@@ -628,6 +714,18 @@ fn status(config: Option<PathBuf>, json: bool, host: &HostFacts) -> anyhow::Resu
                 mem,
                 r.age_seconds,
                 r.job.as_deref().unwrap_or("-")
+            );
+        }
+        for sl in &l.slots {
+            let _ = writeln!(
+                out,
+                "  slot {:<3} {:>7} paths {:>12}  last used {:<12} {}",
+                sl.index,
+                sl.paths,
+                Bytes(sl.bytes).to_string(),
+                sl.last_used_unix
+                    .map_or_else(|| "never".to_owned(), |t| t.to_string()),
+                sl.holder.as_deref().map_or("free", |h| h)
             );
         }
     }

@@ -102,8 +102,14 @@ pub struct Lane {
     pub pids_max: u64,
     pub work_root: PathBuf,
     pub nix_store: PathBuf,
-    /// The lane's fast-local volume holding one `slot-N/{nix,work}` per runner slot.
+    /// The lane's fast-local volume holding one `slot-N/{nix,work}` per runner slot. Its
+    /// locks are on the volume itself, so agents in different pods of one node share it.
     pub slot_root: Option<PathBuf>,
+    /// How many slots `slot_root` holds (default `max_runners`): under ARC, the slots per node
+    /// (at least the lane's pods per node).
+    pub slots: u32,
+    /// A slot's store is garbage-collected after a job when it holds more than this.
+    pub slot_max_bytes: Option<u64>,
     /// Free space the fast-local check demands on the work root and the nix store.
     pub min_free_bytes: u64,
     /// CPUs a job of this lane may use for `cores`/`max-jobs`; the host's CPUs when unset.
@@ -121,6 +127,17 @@ pub struct Lane {
     pub nix_conf: PathBuf,
     /// Why this lane cannot run on this host (embedded defaults only; a file is rejected).
     pub unavailable: Option<String>,
+}
+
+impl Lane {
+    /// Runner users this lane needs: one per slot, and on a slot lane one more for a job that
+    /// found every node-local slot busy and runs on a pod-local store.
+    pub fn user_slots(&self) -> u32 {
+        match self.slot_root {
+            Some(_) => self.slots + 1,
+            None => self.max_runners,
+        }
+    }
 }
 
 /// How Nix is installed and configured.
@@ -282,7 +299,7 @@ impl Config {
             .lanes
             .iter()
             .take_while(|l| l.name != lane)
-            .map(|l| l.max_runners)
+            .map(Lane::user_slots)
             .sum();
         self.runner
             .user
@@ -399,6 +416,8 @@ struct RawLane {
     work_root: Option<Spanned<PathBuf>>,
     nix_store: Option<Spanned<PathBuf>>,
     slot_root: Option<Spanned<PathBuf>>,
+    slots: Option<Spanned<u32>>,
+    slot_max_size: Option<Spanned<String>>,
     min_free: Option<Spanned<String>>,
     cpus: Option<Spanned<u32>>,
     memory_per_build: Option<Spanned<String>>,
@@ -581,7 +600,9 @@ fn check_runner_lane(
         }
     }
     let slots: u32 = cfg.lanes.iter().map(|l| l.max_runners).sum();
-    if !cfg.runner.user.contains("{n}") && slots > 1 {
+    if !cfg.runner.user.contains("{n}")
+        && (slots > 1 || cfg.lanes.iter().any(|l| l.slot_root.is_some()))
+    {
         return Err(cx.err_at(
             user_pos,
             format!(
@@ -1001,6 +1022,26 @@ fn validate_lane(
             ));
         }
     }
+    let slots = match (&rl.slots, &slot_root) {
+        (Some(n), None) => {
+            return Err(cx.err(
+                n,
+                format!("lane {name:?}: slots needs slot_root (the volume that holds them)"),
+            ));
+        }
+        (Some(n), Some(_)) if *n.get_ref() < max_runners => {
+            return Err(cx.err(n, format!("lane {name:?}: slots {} is fewer than max_runners {max_runners}: every runner needs a slot", n.get_ref())));
+        }
+        (Some(n), Some(_)) => *n.get_ref(),
+        (None, _) => max_runners,
+    };
+    let slot_max_bytes = match (&rl.slot_max_size, &slot_root) {
+        (Some(m), None) => {
+            return Err(cx.err(m, format!("lane {name:?}: slot_max_size needs slot_root")));
+        }
+        (Some(m), Some(_)) => Some(size_of(cx, "slot_max_size", m)?),
+        (None, _) => None,
+    };
     let min_free_bytes = match &rl.min_free {
         Some(m) => size_of(cx, "min_free", m)?,
         None => DEFAULT_MIN_FREE,
@@ -1069,6 +1110,8 @@ fn validate_lane(
         work_root,
         nix_store,
         slot_root,
+        slots,
+        slot_max_bytes,
         min_free_bytes,
         cpus,
         memory_per_build_bytes,

@@ -53,6 +53,9 @@ pub struct JobSpec {
     /// `None`: the job runs as the agent's own user.
     pub user: Option<UserChoice>,
     pub slot: Option<u32>,
+    /// ARC mode: when every node-local slot of the lane is busy, run on the pod-local store
+    /// instead of failing.
+    pub slot_fallback: bool,
     /// The command; for a runner job a relative program is resolved in the runner root.
     pub command: Vec<OsString>,
     pub host_cpus: u32,
@@ -135,7 +138,7 @@ impl Default for StopMode {
 pub struct JobProbe(
     std::sync::Arc<std::sync::Mutex<Option<Vec<PathBuf>>>>,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 );
 
 impl JobProbe {
@@ -144,14 +147,14 @@ impl JobProbe {
             *g = files;
         }
     }
-    fn set_note(&self, note: String) {
+    fn add_note(&self, note: String) {
         if let Ok(mut g) = self.2.lock() {
-            *g = Some(note);
+            g.push(note);
         }
     }
-    /// The job's Nix bootstrap line (warm or cold), once set up.
-    pub fn note(&self) -> Option<String> {
-        self.2.lock().ok()?.clone()
+    /// The job's setup lines (its store, the Nix bootstrap warm or cold), once set up.
+    pub fn notes(&self) -> Vec<String> {
+        self.2.lock().map(|g| g.clone()).unwrap_or_default()
     }
     fn read_first<T: std::str::FromStr>(&self, names: &[&str], key: Option<&str>) -> Option<T> {
         let files = self.0.lock().ok()?.clone()?;
@@ -276,6 +279,8 @@ pub struct JobOutcome {
     pub nix: Option<NixSummary>,
     /// Unix seconds when the command started (for the store paths it added).
     pub started_unix: u64,
+    /// On a slot lane, the store the job started on: `warm`, `cold` or `pod_local`.
+    pub store: Option<&'static str>,
 }
 
 /// The Nix bootstrap of a job, reported apart from the job.
@@ -376,6 +381,63 @@ fn tmp_keep(paths: &[&Path]) -> Vec<PathBuf> {
     keep
 }
 
+/// Describe the store a job gets, for its log: which node-local slot and whether it is warm.
+/// A slot whose last holder died is checked first, and wiped when it is not sound (the job
+/// then bootstraps cold).
+fn store_note(
+    lane: &Lane,
+    slot: &slot::Slot,
+    slot_nix: Option<&Path>,
+) -> Option<(String, &'static str)> {
+    let Some(nix) = slot_nix else {
+        return lane.slot_root.as_ref().map(|_| {
+            (format!(
+                "store: all {} node-local slots of lane {} are busy: this job runs on a pod-local store (cold, still correct)",
+                lane.slots, lane.name
+            ), "pod_local")
+        });
+    };
+    let mut checked = String::new();
+    if slot.dirty {
+        match crate::store::check(nix) {
+            Ok(took) => {
+                checked = format!(
+                    "; its last holder died, the store was checked in {:.0} ms",
+                    took.as_secs_f64() * 1e3
+                )
+            }
+            Err(e) => {
+                warn!(slot = slot.index, error = %e, "the slot's store is not sound after its holder died; wiping it");
+                let _ = workdir::remove_tree(nix);
+                checked = format!("; its last holder died and the store was wiped ({e})");
+            }
+        }
+    }
+    let idle = slot
+        .idle_secs
+        .map(|s| format!(", last used {s} s ago"))
+        .unwrap_or_default();
+    let receipt = crate::nixboot::receipt_path(nix).exists();
+    Some(match crate::store::size(nix) {
+        Some((paths, bytes)) if paths > 0 && receipt => (
+            format!(
+                "store: node-local slot {} of lane {}: warm ({paths} paths, {}{idle}){checked}",
+                slot.index,
+                lane.name,
+                crate::size::Bytes(bytes)
+            ),
+            "warm",
+        ),
+        _ => (
+            format!(
+                "store: node-local slot {} of lane {}: cold (empty){checked}",
+                slot.index, lane.name
+            ),
+            "cold",
+        ),
+    })
+}
+
 /// Run one job of a lane to completion.
 pub async fn run_job(
     cfg: &Config,
@@ -408,14 +470,27 @@ async fn run_job_inner(
     let setup_span = info_span!("setup");
     let entered = setup_span.enter();
 
-    let slot = slot::acquire(&cfg.agent.state_dir, lane, spec.slot)?;
+    let slot = slot::acquire(&cfg.agent.state_dir, lane, spec.slot, spec.slot_fallback)?;
     let job = job_name(&lane.name, slot.index);
     span.record("job", job.as_str());
 
     let slot_dirs = lane
         .slot_root
         .as_ref()
+        .filter(|_| slot.node_local)
         .map(|root| slot::slot_dirs(root, slot.index));
+    let store_line = store_note(
+        lane,
+        &slot,
+        slot_dirs.as_ref().map(|(nix, _)| nix.as_path()),
+    );
+    let store_kind = store_line.as_ref().map(|(_, kind)| *kind);
+    if let Some((line, _)) = &store_line {
+        info!(slot = slot.index, node_local = slot.node_local, "{line}");
+        if let Some(p) = &spec.probe {
+            p.add_note(line.clone());
+        }
+    }
     let (phys_work_root, phys_nix) = match &slot_dirs {
         Some((nix, work)) => (work.clone(), nix.clone()),
         None => (spec.work_root.clone(), lane.nix_store.clone()),
@@ -430,11 +505,12 @@ async fn run_job_inner(
     let nix_report = match &spec.nix {
         Some(_) => {
             let t = Instant::now();
-            let r = crate::nixboot::ensure_for_job(cfg, lane, slot.index, spec.host_cpus)
+            let on_slot = slot_dirs.as_ref().map(|_| slot.index);
+            let r = crate::nixboot::ensure_for_job(cfg, lane, on_slot, spec.host_cpus)
                 .map_err(|e| EnvelopeError::Nix(e.to_string()))?;
             info!(cold = r.cold, "{}", r.summary());
             if let Some(p) = &spec.probe {
-                p.set_note(r.summary());
+                p.add_note(r.summary());
             }
             Some(NixSummary {
                 cold: r.cold,
@@ -484,6 +560,10 @@ async fn run_job_inner(
             readonly: false,
         });
     }
+    if let Some(root) = &lane.slot_root {
+        // Other slots' stores, work roots and locks are none of the job's business.
+        binds.push(Mount::Hide { dst: root.clone() });
+    }
 
     let user = match &spec.user {
         None => None,
@@ -531,6 +611,7 @@ async fn run_job_inner(
         binds,
         &job,
         (uid, gid),
+        slot.lock_fd(),
         &mut cleanup,
         reaper,
         &span,
@@ -595,6 +676,14 @@ async fn run_job_inner(
     }
     let stats = torn?;
     let slot_index = slot.index;
+    if slot_dirs.is_some() && spec.nix.is_some() {
+        // Still holding the slot, its job gone: nothing live uses the store.
+        match crate::nixboot::gc_slot(cfg, lane, slot_index) {
+            Ok(Some(done)) => info!("{done}"),
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "cannot collect the slot's garbage; its disk may fill"),
+        }
+    }
     drop(slot);
     let teardown_time = t_down.elapsed();
 
@@ -645,6 +734,7 @@ async fn run_job_inner(
         timings,
         nix: nix_report,
         started_unix,
+        store: store_kind,
     })
 }
 
@@ -839,6 +929,8 @@ struct ChildSetup {
     ids: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
     cwd: CString,
     no_new_privs: bool,
+    /// A descriptor the child keeps across exec (the slot's lock, for the job's daemon).
+    inherit: Option<i32>,
 }
 
 impl ChildSetup {
@@ -912,6 +1004,7 @@ impl ChildSetup {
             ids,
             cwd: cstring(cwd.as_os_str())?,
             no_new_privs,
+            inherit: None,
         })
     }
 
@@ -925,6 +1018,7 @@ impl ChildSetup {
             ids,
             cwd,
             no_new_privs,
+            inherit,
         } = self;
         // Runs in the forked child before exec: only async-signal-safe system calls on data
         // prepared before the fork; it allocates nothing.
@@ -978,6 +1072,12 @@ impl ChildSetup {
             // SAFETY: prctl with constant arguments; inherited by every descendant, irrevocable.
             if no_new_privs && unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
                 return fail();
+            }
+            if let Some(fd) = inherit {
+                // SAFETY: fcntl on a descriptor the parent keeps open across the fork.
+                if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+                    return fail();
+                }
             }
             // SAFETY: chdir with a NUL-terminated path.
             if unsafe { libc::chdir(cwd.as_ptr()) } != 0 {
@@ -1071,6 +1171,7 @@ fn start_nix_daemon(
     cg: &dyn JobCgroup,
     slot_mounts: &[Mount],
     job: &str,
+    hold: Option<i32>,
     reaper: &Reaper,
     job_span: &tracing::Span,
 ) -> Result<PathBuf, EnvelopeError> {
@@ -1099,8 +1200,11 @@ fn start_nix_daemon(
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let (fail_r, fail_w) = fail_pipe()?;
-    ChildSetup::new(cg, slot_mounts, None, Path::new("/"), false)?
-        .install(&mut cmd, fail_w.as_raw_fd());
+    let mut setup = ChildSetup::new(cg, slot_mounts, None, Path::new("/"), false)?;
+    // The daemon holds the slot as long as it lives: a job orphaned by a killed agent keeps
+    // its slot, and no other job gets the store while it runs.
+    setup.inherit = hold;
+    setup.install(&mut cmd, fail_w.as_raw_fd());
     let spawned = reaper.spawn(|| {
         let child = cmd.spawn()?;
         let pid = i32::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))?;
@@ -1160,6 +1264,7 @@ fn launch(
     mut mounts: Vec<Mount>,
     job: &str,
     (uid, gid): (u32, u32),
+    hold: Option<i32>,
     cleanup: &mut Vec<PathBuf>,
     reaper: &Reaper,
     job_span: &tracing::Span,
@@ -1185,7 +1290,7 @@ fn launch(
             dst: n.userpool_seen.clone(),
             readonly: false,
         });
-        let dir = start_nix_daemon(n, cg, &daemon_mounts, job, reaper, job_span)?;
+        let dir = start_nix_daemon(n, cg, &daemon_mounts, job, hold, reaper, job_span)?;
         cleanup.push(dir.clone());
         if let Some(p) = &spec.probe {
             p.set_idle(2);

@@ -290,7 +290,7 @@ async fn job_started(h: &RunnerHooks, req: HookRequest) -> HookResponse {
         lane.name,
         Bytes(lane.memory_bytes)
     )];
-    if let Some(n) = h.probe.note() {
+    for n in h.probe.notes() {
         lines.push(format!("flywheel: {n}"));
     }
     let cache_url = crate::hints::attic_cache_url(lane);

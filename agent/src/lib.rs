@@ -15,6 +15,7 @@ pub mod runner;
 pub mod scratch;
 pub mod size;
 pub mod slot;
+pub mod store;
 pub mod telemetry;
 pub mod trust;
 pub mod verdict;

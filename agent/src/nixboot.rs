@@ -207,13 +207,17 @@ pub struct Report {
     /// What was repaired or installed.
     pub changed: Vec<String>,
     pub timings: Timings,
+    /// The summary of a bootstrap done by a child process (a slot's store), as it said it.
+    pub relayed: Option<String>,
 }
 
 impl Report {
     /// One line for a job log: warm/cold, version, time.
     pub fn summary(&self) -> String {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        if self.cold {
+        if let Some(line) = &self.relayed {
+            line.clone()
+        } else if self.cold {
             format!(
                 "nix {}: cold bootstrap in {:.0} ms (verify {:.0} ms, unpack {:.0} ms, register {:.0} ms, configure {:.1} ms): {}",
                 self.version,
@@ -224,11 +228,18 @@ impl Report {
                 ms(self.timings.configure),
                 self.changed.join(", ")
             )
-        } else {
+        } else if self.changed.is_empty() {
             format!(
                 "nix {}: warm (verified in {:.1} ms)",
                 self.version,
                 ms(self.timings.check)
+            )
+        } else {
+            format!(
+                "nix {}: warm (verified in {:.1} ms; {})",
+                self.version,
+                ms(self.timings.check),
+                self.changed.join(", ")
             )
         }
     }
@@ -239,8 +250,22 @@ fn read_receipt(nix_root: &Path) -> Option<Receipt> {
     serde_json::from_slice(&text).ok()
 }
 
-/// The reasons the installed state differs from the plan; empty when warm.
-pub fn drift(plan: &Plan, version: &str) -> Vec<String> {
+/// Why the store (not its configuration) differs from the plan; empty when the store is warm.
+/// A pod's fresh `/etc/nix` with a warm node-local store is configuration drift only.
+fn drift(plan: &Plan, version: &str) -> (Vec<String>, Vec<String>) {
+    let mut config = Vec::new();
+    match std::fs::read(&plan.conf_file) {
+        Ok(b) if sha256_bytes(&b) == sha256_bytes(plan.conf_text.as_bytes()) => {}
+        Ok(_) => config.push(format!("{} was edited", plan.conf_file.display())),
+        Err(_) => config.push(format!("{} is missing", plan.conf_file.display())),
+    }
+    if !plan.netrc_file.exists() {
+        config.push(format!("{} is missing", plan.netrc_file.display()));
+    }
+    (store_drift(plan, version), config)
+}
+
+fn store_drift(plan: &Plan, version: &str) -> Vec<String> {
     let Some(r) = read_receipt(&plan.nix_root) else {
         return vec!["no receipt (fresh /nix)".into()];
     };
@@ -253,11 +278,6 @@ pub fn drift(plan: &Plan, version: &str) -> Vec<String> {
     }
     if r.tarball_sha256 != plan.sha256 {
         why.push("receipt is for another tarball".into());
-    }
-    match std::fs::read(&plan.conf_file) {
-        Ok(b) if sha256_bytes(&b) == sha256_bytes(plan.conf_text.as_bytes()) => {}
-        Ok(_) => why.push(format!("{} was edited", plan.conf_file.display())),
-        Err(_) => why.push(format!("{} is missing", plan.conf_file.display())),
     }
     let missing = r
         .store_paths
@@ -274,9 +294,6 @@ pub fn drift(plan: &Plan, version: &str) -> Vec<String> {
     if !plan.nix_root.join("var/nix/db/db.sqlite").exists() {
         why.push("the store database is missing".into());
     }
-    if !plan.netrc_file.exists() {
-        why.push(format!("{} is missing", plan.netrc_file.display()));
-    }
     if nix::unistd::Group::from_name("nixbld")
         .ok()
         .flatten()
@@ -291,12 +308,26 @@ pub fn drift(plan: &Plan, version: &str) -> Vec<String> {
 /// configure.
 pub fn ensure(plan: &Plan, version: &str, system: &str) -> Result<Report, NixError> {
     let t = Instant::now();
-    let reasons = drift(plan, version);
-    let check = t.elapsed();
-    let mut timings = Timings {
-        check,
-        ..Timings::default()
-    };
+    let (store_reasons, config_reasons) = drift(plan, version);
+    let mut timings = Timings::default();
+    if store_reasons.is_empty() && !config_reasons.is_empty() {
+        // A warm store under a fresh configuration (a new pod's /etc/nix): write it, no more.
+        let changed = configure(plan)?;
+        timings.check = t.elapsed();
+        let nix_path = read_receipt(&plan.nix_root)
+            .map(|r| plan.nix_root.join("store").join(r.nix_path))
+            .unwrap_or_default();
+        return Ok(Report {
+            cold: false,
+            version: version.to_owned(),
+            nix_path,
+            changed,
+            timings,
+            relayed: None,
+        });
+    }
+    let reasons: Vec<String> = store_reasons.into_iter().chain(config_reasons).collect();
+    timings.check = t.elapsed();
     if reasons.is_empty() {
         let nix_path = read_receipt(&plan.nix_root)
             .map(|r| plan.nix_root.join("store").join(r.nix_path))
@@ -307,6 +338,7 @@ pub fn ensure(plan: &Plan, version: &str, system: &str) -> Result<Report, NixErr
             nix_path,
             changed: Vec::new(),
             timings,
+            relayed: None,
         });
     }
     tracing::info!(reasons = %reasons.join("; "), "nix bootstrap needed");
@@ -341,6 +373,7 @@ pub fn ensure(plan: &Plan, version: &str, system: &str) -> Result<Report, NixErr
         nix_path,
         changed: reasons.into_iter().chain(changed).collect(),
         timings,
+        relayed: None,
     })
 }
 
@@ -462,6 +495,20 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), NixError> {
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(io("chmod"))?;
     std::fs::rename(&tmp, path).map_err(io(format!("replace {}", path.display())))?;
     Ok(())
+}
+
+/// Write the lane's `nix.conf` and the netrc when they are not what the plan says.
+fn configure(plan: &Plan) -> Result<Vec<String>, NixError> {
+    let mut changed = Vec::new();
+    if std::fs::read(&plan.conf_file).ok().as_deref() != Some(plan.conf_text.as_bytes()) {
+        write_atomic(&plan.conf_file, plan.conf_text.as_bytes(), 0o644)?;
+        changed.push(format!("wrote {}", plan.conf_file.display()));
+    }
+    if !plan.netrc_file.exists() {
+        write_atomic(&plan.netrc_file, b"", 0o600)?;
+        changed.push(format!("created {}", plan.netrc_file.display()));
+    }
+    Ok(changed)
 }
 
 fn install(
@@ -588,14 +635,7 @@ fn install(
 
     // configure
     let t = Instant::now();
-    if std::fs::read(&plan.conf_file).ok().as_deref() != Some(plan.conf_text.as_bytes()) {
-        write_atomic(&plan.conf_file, plan.conf_text.as_bytes(), 0o644)?;
-        changed.push(format!("wrote {}", plan.conf_file.display()));
-    }
-    if !plan.netrc_file.exists() {
-        write_atomic(&plan.netrc_file, b"", 0o600)?;
-        changed.push(format!("created {}", plan.netrc_file.display()));
-    }
+    changed.extend(configure(plan)?);
     timings.configure = t.elapsed();
 
     let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
@@ -682,17 +722,18 @@ fn store_fs_bytes(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Bootstrap (or verify) the Nix store a job of `lane` in `slot` will see. A lane with
-/// per-slot stores is bootstrapped in a child of the agent that mounts the slot's store at
-/// the lane's `nix_store` in a private mount namespace first.
+/// Bootstrap (or verify) the Nix store a job of `lane` in `slot` will see. A node-local slot's
+/// store is bootstrapped in a child of the agent that mounts the slot's store at the lane's
+/// `nix_store` in a private mount namespace first; without a slot, the lane's `nix_store`
+/// itself (bare metal's shared store, or a pod-local one).
 pub fn ensure_for_job(
     cfg: &crate::config::Config,
     lane: &Lane,
-    slot: u32,
+    slot: Option<u32>,
     host_cpus: u32,
 ) -> Result<Report, NixError> {
     let (plan, version, system) = plan_for(cfg, lane, host_cpus)?;
-    let Some(slot_root) = &lane.slot_root else {
+    let (Some(slot_root), Some(slot)) = (&lane.slot_root, slot) else {
         return ensure(&plan, &version, &system);
     };
     let (slot_nix, _) = crate::slot::slot_dirs(slot_root, slot);
@@ -728,12 +769,71 @@ pub fn ensure_for_job(
         cold,
         version,
         nix_path: PathBuf::new(),
-        changed: vec![summary],
+        changed: Vec::new(),
         timings: Timings {
             check: t.elapsed(),
             ..Timings::default()
         },
+        relayed: Some(summary),
     })
+}
+
+/// Garbage-collect a node-local slot's store when its filesystem runs low or it is over the
+/// lane's `slot_max_size`. The caller holds the slot and its job is gone, so nothing live
+/// uses the store. Returns what was done, or `None` when nothing needed doing.
+pub fn gc_slot(
+    cfg: &crate::config::Config,
+    lane: &Lane,
+    slot: u32,
+) -> Result<Option<String>, NixError> {
+    let Some(slot_root) = &lane.slot_root else {
+        return Ok(None);
+    };
+    let (slot_nix, _) = crate::slot::slot_dirs(slot_root, slot);
+    let (Some((free, total)), Some((paths, bytes))) = (
+        crate::store::fs_space(&slot_nix),
+        crate::store::size(&slot_nix),
+    ) else {
+        return Ok(None);
+    };
+    let Some(want) = crate::store::gc_bytes(free, total, bytes, lane.slot_max_bytes) else {
+        return Ok(None);
+    };
+    let exe = std::env::current_exe().map_err(io("find the agent's own executable"))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args([
+        "nix",
+        "gc",
+        "--lane",
+        &lane.name,
+        "--slot",
+        &slot.to_string(),
+        "--max-freed",
+        &want.to_string(),
+    ]);
+    if let crate::config::Origin::File(p) = &cfg.origin {
+        cmd.arg("--config").arg(p);
+    }
+    let t = Instant::now();
+    let out = cmd.output().map_err(|e| NixError::Command {
+        what: "collecting the slot's garbage".into(),
+        detail: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(NixError::Command {
+            what: format!("collecting slot {slot}'s garbage"),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    let after = crate::store::size(&slot_nix).unwrap_or((0, 0));
+    Ok(Some(format!(
+        "slot {slot}: garbage-collected in {:.1} s: {paths} → {} paths, {} → {} ({})",
+        t.elapsed().as_secs_f64(),
+        after.0,
+        crate::size::Bytes(bytes),
+        crate::size::Bytes(after.1),
+        String::from_utf8_lossy(&out.stdout).trim()
+    )))
 }
 
 /// Enter a private mount namespace with `src` bind-mounted at `dst` (for `nix bootstrap

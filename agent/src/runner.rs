@@ -116,7 +116,7 @@ fn record(ctx: &RunContext, lane: &Lane, runner: &str, o: &JobOutcome) {
             Some(sr) => crate::slot::slot_dirs(sr, o.slot).0,
             None => lane.nix_store.clone(),
         };
-        crate::telemetry::store_paths_since(&root, o.started_unix)
+        crate::store::paths_since(&root, o.started_unix)
     });
     ctx.telemetry
         .job_finished(&lane.name, lane.memory_bytes, runner, o, paths.flatten());
@@ -193,6 +193,7 @@ fn runner_spec(
     name: &str,
     probe: JobProbe,
     hooks: &Hooks,
+    arc: bool,
 ) -> JobSpec {
     let mut dotenv = runner_dotenv(lane, ctx.host.cpus);
     dotenv.push((
@@ -218,6 +219,7 @@ fn runner_spec(
         work_root: lane.work_root.clone(),
         user: Some(UserChoice::Slot),
         slot: None,
+        slot_fallback: arc,
         command: vec!["bin/Runner.Listener".into(), "run".into()],
         host_cpus: ctx.host.cpus,
         runner: Some(RunnerRoot {
@@ -441,7 +443,7 @@ pub async fn run_arc(
         })
     };
     let hooks = Hooks::start(&ctx, lane, &name, &probe)?;
-    let spec = runner_spec(&ctx, lane, jit, &name, probe, &hooks);
+    let spec = runner_spec(&ctx, lane, jit, &name, probe, &hooks, true);
     let outcome = envelope::run_job(&ctx.cfg, ctx.mgr.as_ref(), spec, stop, &ctx.reaper).await;
     hooks.finish();
     watcher.abort();
@@ -787,7 +789,7 @@ async fn runner_task(
             };
         }
     };
-    let spec = runner_spec(&ctx, lane, jit.encoded, &name, probe.clone(), &hooks);
+    let spec = runner_spec(&ctx, lane, jit.encoded, &name, probe.clone(), &hooks, false);
     // Launch latency: from the JIT config in hand to the listener's process started.
     let watch = {
         let (probe, stats) = (probe.clone(), stats.clone());

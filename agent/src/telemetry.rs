@@ -54,6 +54,12 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabels {
+    pub lane: String,
+    pub store: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PathLabels {
     pub lane: String,
     pub source: String,
@@ -104,10 +110,13 @@ pub struct Telemetry {
     mints: Family<KindLabels, Counter>,
     admission_refusals: Family<LaneLabels, Counter>,
     store_paths: Family<PathLabels, Counter>,
+    store_starts: Family<StoreLabels, Counter>,
     api_seen: Mutex<BTreeMap<(&'static str, u16), u64>>,
     runners: Mutex<BTreeMap<String, RunnerEntry>>,
     verdicts: Mutex<VecDeque<VerdictEntry>>,
     lanes: Vec<(String, u64, u32)>,
+    /// Lanes with node-local slots: (name, slot_root, slots).
+    slot_lanes: Vec<(String, std::path::PathBuf, u32)>,
     pub mode: &'static str,
 }
 
@@ -131,6 +140,12 @@ impl Telemetry {
         let mints = Family::<KindLabels, Counter>::default();
         let admission_refusals = Family::<LaneLabels, Counter>::default();
         let store_paths = Family::<PathLabels, Counter>::default();
+        let store_starts = Family::<StoreLabels, Counter>::default();
+        registry.register(
+            "job_stores",
+            "Jobs of slot lanes by the store they started on: warm (a node-local slot with the receipt and paths), cold (an empty slot), pod_local (every slot was busy)",
+            store_starts.clone(),
+        );
         registry.register(
             "runners",
             "Runners by lane and state (registering, idle, busy)",
@@ -210,12 +225,17 @@ impl Telemetry {
             mints,
             admission_refusals,
             store_paths,
+            store_starts,
             api_seen: Mutex::default(),
             runners: Mutex::default(),
             verdicts: Mutex::default(),
             lanes: lanes
                 .iter()
                 .map(|l| (l.name.clone(), l.memory_bytes, l.max_runners))
+                .collect(),
+            slot_lanes: lanes
+                .iter()
+                .filter_map(|l| Some((l.name.clone(), l.slot_root.clone()?, l.slots)))
                 .collect(),
             mode,
         }
@@ -319,6 +339,14 @@ impl Telemetry {
                     .observe(p as f64 / envelope.max(1) as f64);
             }
         }
+        if let Some(kind) = o.store {
+            self.store_starts
+                .get_or_create(&StoreLabels {
+                    lane: lane.into(),
+                    store: kind.into(),
+                })
+                .inc();
+        }
         let cache = match (&o.nix, paths) {
             (None, _) => "none",
             (Some(_), Some((built, _))) if built > 0 => "cold",
@@ -421,6 +449,12 @@ impl Telemetry {
             .lanes
             .iter()
             .map(|(name, mem, max)| LaneStatus {
+                slots: self
+                    .slot_lanes
+                    .iter()
+                    .filter(|(n, ..)| n == name)
+                    .flat_map(|(_, root, count)| (0..*count).map(|i| slot_status(root, i)))
+                    .collect(),
                 name: name.clone(),
                 memory_bytes: *mem,
                 max_runners: *max,
@@ -479,6 +513,31 @@ pub struct LaneStatus {
     pub memory_bytes: u64,
     pub max_runners: u32,
     pub runners: Vec<RunnerStatus>,
+    /// Node-local slots (slot lanes only): their stores' size, last use and holder.
+    #[serde(default)]
+    pub slots: Vec<SlotStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct SlotStatus {
+    pub index: u32,
+    pub paths: u64,
+    pub bytes: u64,
+    pub last_used_unix: Option<u64>,
+    /// Who holds it now (or, after a crash, held it last).
+    pub holder: Option<String>,
+}
+
+fn slot_status(root: &std::path::Path, i: u32) -> SlotStatus {
+    let (nix, _) = crate::slot::slot_dirs(root, i);
+    let (paths, bytes) = crate::store::size(&nix).unwrap_or((0, 0));
+    SlotStatus {
+        index: i,
+        paths,
+        bytes,
+        last_used_unix: crate::slot::last_used(root, i),
+        holder: crate::slot::holder(root, i),
+    }
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -489,26 +548,6 @@ pub struct RunnerStatus {
     pub memory_current_bytes: Option<u64>,
     pub envelope_bytes: u64,
     pub age_seconds: u64,
-}
-
-/// Store paths a job's daemon added since `since` (unix seconds): (built, substituted).
-pub fn store_paths_since(nix_root: &Path, since: u64) -> Option<(u64, u64)> {
-    let db = nix_root.join("var/nix/db/db.sqlite");
-    let conn =
-        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .ok()?;
-    let count = |sql: &str| {
-        conn.query_row(sql, [i64::try_from(since).unwrap_or(i64::MAX)], |r| {
-            r.get::<_, i64>(0)
-        })
-        .ok()
-    };
-    let built = count("SELECT COUNT(*) FROM ValidPaths WHERE registrationTime >= ?1 AND path NOT LIKE '%.drv' AND ultimate = 1")?;
-    let subst = count("SELECT COUNT(*) FROM ValidPaths WHERE registrationTime >= ?1 AND path NOT LIKE '%.drv' AND (ultimate IS NULL OR ultimate = 0)")?;
-    Some((
-        u64::try_from(built).unwrap_or(0),
-        u64::try_from(subst).unwrap_or(0),
-    ))
 }
 
 /// Serve `/metrics` on `addr` until the process ends.

@@ -213,3 +213,30 @@ pub fn wait_exit(rig: &Rig, mut child: Child, timeout: Duration) -> (i32, String
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Register a runner the way ARC's controller does, returning the encoded JIT config.
+pub fn register_directly(gh: &FakeGitHub, label: &str, name: &str) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        let c = flywheel_jit_config::Client::new(flywheel_jit_config::ClientConfig {
+            api_url: gh.url.clone(),
+            scope: flywheel_jit_config::Scope::Org("tinyland".into()),
+            credentials: flywheel_jit_config::Credentials::App {
+                app_id: APP_ID.into(),
+                private_key_pem: flywheel_jit_config::Secret::new(app_key().0),
+                installation_id: None,
+            },
+            user_agent: "arc-controller".into(),
+            retry: flywheel_jit_config::RetryPolicy::default(),
+        })
+        .expect("client");
+        let r = c
+            .generate_jitconfig(name, 1, &[label.to_owned()], "_work")
+            .await
+            .expect("register");
+        r.encoded.expose().clone()
+    })
+}

@@ -1,0 +1,188 @@
+//! Facts about a Nix store from its database (`<nix>/var/nix/db/db.sqlite`), read-only and
+//! cheap: what a job added, how big a slot's store is, whether a store whose holder died is
+//! still sound, and when a slot's store needs garbage collection.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn db_path(nix_root: &Path) -> PathBuf {
+    nix_root.join("var/nix/db/db.sqlite")
+}
+
+fn open(nix_root: &Path) -> rusqlite::Result<rusqlite::Connection> {
+    rusqlite::Connection::open_with_flags(
+        db_path(nix_root),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+}
+
+/// Store paths a job's daemon added since `since` (unix seconds): (built, substituted).
+pub fn paths_since(nix_root: &Path, since: u64) -> Option<(u64, u64)> {
+    let conn = open(nix_root).ok()?;
+    let count = |sql: &str| {
+        conn.query_row(sql, [i64::try_from(since).unwrap_or(i64::MAX)], |r| {
+            r.get::<_, i64>(0)
+        })
+        .ok()
+    };
+    let built = count("SELECT COUNT(*) FROM ValidPaths WHERE registrationTime >= ?1 AND path NOT LIKE '%.drv' AND ultimate = 1")?;
+    let subst = count("SELECT COUNT(*) FROM ValidPaths WHERE registrationTime >= ?1 AND path NOT LIKE '%.drv' AND (ultimate IS NULL OR ultimate = 0)")?;
+    Some((
+        u64::try_from(built).unwrap_or(0),
+        u64::try_from(subst).unwrap_or(0),
+    ))
+}
+
+/// Valid paths in a store and the sum of their NAR sizes; `None` without a database.
+pub fn size(nix_root: &Path) -> Option<(u64, u64)> {
+    let conn = open(nix_root).ok()?;
+    conn.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(narSize), 0) FROM ValidPaths",
+        [],
+        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+    )
+    .ok()
+    .map(|(n, b)| (u64::try_from(n).unwrap_or(0), u64::try_from(b).unwrap_or(0)))
+}
+
+/// Check a store whose holder died mid-job before it is reused: the database passes SQLite's
+/// `quick_check` (structure, indexes, no torn pages; a hot journal is rolled back by opening
+/// it) and every registered path's reference points at a registered path. Returns how long it
+/// took. A store without a database is fine (it gets a cold bootstrap).
+pub fn check(nix_root: &Path) -> Result<Duration, String> {
+    let t = Instant::now();
+    if !db_path(nix_root).exists() {
+        return Ok(t.elapsed());
+    }
+    // Read-write, so SQLite can roll back a hot journal the dead holder left.
+    let conn = rusqlite::Connection::open(db_path(nix_root))
+        .map_err(|e| format!("cannot open the store database: {e}"))?;
+    let verdict: String = conn
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(|e| format!("the store database cannot be checked: {e}"))?;
+    if verdict != "ok" {
+        return Err(format!("the store database is damaged: {verdict}"));
+    }
+    let dangling: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM Refs WHERE reference NOT IN (SELECT id FROM ValidPaths) OR referrer NOT IN (SELECT id FROM ValidPaths)",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(|e| format!("the store database cannot be checked: {e}"))?;
+    if dangling > 0 {
+        return Err(format!(
+            "the store database has {dangling} references to unregistered paths"
+        ));
+    }
+    Ok(t.elapsed())
+}
+
+/// How much a slot's store should free now, if anything: below the filesystem's free-space
+/// threshold (`min_free`) free up to `max_free`; above the slot's size cap free down to 90% of
+/// it. `fs_free`/`fs_size` are the slot filesystem's, `store_bytes` the store's NAR total.
+pub fn gc_bytes(fs_free: u64, fs_size: u64, store_bytes: u64, cap: Option<u64>) -> Option<u64> {
+    let (min_free, max_free) = crate::nixboot::free_thresholds(fs_size);
+    let for_disk = (fs_free < min_free).then(|| max_free.saturating_sub(fs_free));
+    let for_cap = cap
+        .filter(|c| store_bytes > *c)
+        .map(|c| store_bytes - c / 10 * 9);
+    match (for_disk, for_cap) {
+        (None, None) => None,
+        (a, b) => Some(a.unwrap_or(0).max(b.unwrap_or(0)).max(1)),
+    }
+}
+
+/// Free and total bytes of the filesystem holding `path`.
+pub fn fs_space(path: &Path) -> Option<(u64, u64)> {
+    let v = nix::sys::statvfs::statvfs(path).ok()?;
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    let (avail, blocks, frag) = (
+        v.blocks_available() as u64,
+        v.blocks() as u64,
+        v.fragment_size() as u64,
+    );
+    Some((avail.saturating_mul(frag), blocks.saturating_mul(frag)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store database with Nix's schema (the tables this module reads) and `n` paths.
+    fn fake_db(root: &Path, n: usize) {
+        std::fs::create_dir_all(root.join("var/nix/db")).expect("mkdir");
+        let mut c = rusqlite::Connection::open(db_path(root)).expect("db");
+        c.execute_batch(
+            "CREATE TABLE ValidPaths (id INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL, path TEXT UNIQUE NOT NULL, hash TEXT NOT NULL, registrationTime INTEGER NOT NULL, deriver TEXT, narSize INTEGER, ultimate INTEGER, sigs TEXT, ca TEXT);
+             CREATE TABLE Refs (referrer INTEGER NOT NULL, reference INTEGER NOT NULL, PRIMARY KEY (referrer, reference));
+             CREATE INDEX IndexReferrer ON Refs(referrer);
+             CREATE INDEX IndexReference ON Refs(reference);",
+        )
+        .expect("schema");
+        let tx = c.transaction().expect("tx");
+        for i in 0..n {
+            tx.execute(
+                "INSERT INTO ValidPaths (path, hash, registrationTime, narSize, ultimate) VALUES (?1, 'sha256:00', 1, 100000, 1)",
+                [format!("/nix/store/{i:032}-p")],
+            )
+            .expect("insert");
+            if i > 0 {
+                tx.execute(
+                    "INSERT INTO Refs (referrer, reference) VALUES (?1, ?2)",
+                    [i as i64 + 1, i as i64],
+                )
+                .expect("ref");
+            }
+        }
+        tx.commit().expect("commit");
+    }
+
+    #[test]
+    fn size_and_check_of_a_store_with_100k_paths() {
+        let t = tempfile::tempdir().expect("tempdir");
+        fake_db(t.path(), 100_000);
+        assert_eq!(size(t.path()), Some((100_000, 100_000 * 100_000)));
+        let took = check(t.path()).expect("sound");
+        // Printed for the record (the figure in docs/operating-arc.md); not a timed assertion.
+        eprintln!("check of a 100k-path store database: {took:?}");
+        // A dangling reference is found.
+        let c = rusqlite::Connection::open(db_path(t.path())).expect("db");
+        c.execute("DELETE FROM ValidPaths WHERE id = 5", [])
+            .expect("delete");
+        drop(c);
+        let e = check(t.path()).expect_err("dangling");
+        assert!(e.contains("references to unregistered paths"), "{e}");
+        // A store without a database is fine: it gets a cold bootstrap.
+        check(&t.path().join("none")).expect("no database");
+    }
+
+    #[test]
+    fn a_damaged_database_is_refused() {
+        let t = tempfile::tempdir().expect("tempdir");
+        fake_db(t.path(), 2000);
+        // Overwrite pages in the middle of the file.
+        let p = db_path(t.path());
+        let mut bytes = std::fs::read(&p).expect("read");
+        let mid = bytes.len() / 2;
+        for b in &mut bytes[mid..mid + 8192] {
+            *b = 0xa5;
+        }
+        std::fs::write(&p, bytes).expect("write");
+        assert!(check(t.path()).is_err());
+    }
+
+    #[test]
+    fn gc_by_disk_threshold_and_by_cap() {
+        let gib = 1u64 << 30;
+        // 100 GiB filesystem: min-free 5 GiB, max-free 15 GiB.
+        assert_eq!(gc_bytes(50 * gib, 100 * gib, 10 * gib, None), None);
+        assert_eq!(gc_bytes(4 * gib, 100 * gib, 10 * gib, None), Some(11 * gib));
+        // Over a 10 GiB cap by 2 GiB: free down to 9 GiB.
+        assert_eq!(
+            gc_bytes(50 * gib, 100 * gib, 12 * gib, Some(10 * gib)),
+            Some(3 * gib)
+        );
+        assert_eq!(gc_bytes(50 * gib, 100 * gib, 9 * gib, Some(10 * gib)), None);
+    }
+}

@@ -1,0 +1,477 @@
+//! Warm stores for ARC's one-pod-per-job: pods of a lane on one node reuse node-local slot
+//! stores. Each "pod" is an agent in ARC mode in its own mount namespace with a pod-local
+//! `/nix`, `/etc/nix`, state and work directory; all pods of the node share one slot volume.
+//! Real Nix (Debian's nix-bin), real cgroups, the fake GitHub and the fake listener.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use common::nixtar::{shared_userpool, tarball, VERSION};
+use common::rig::register_directly;
+use common::{fake_listener, privileged, unique, AGENT};
+use fake_github::{FakeGitHub, FakeJob};
+
+/// One node: the fake GitHub, the runner installation, the shared slot volume.
+struct Node {
+    dir: tempfile::TempDir,
+    gh: FakeGitHub,
+    lane: String,
+    slots: u32,
+    /// Appended to the lane.
+    lane_extra: String,
+    pods: std::cell::Cell<u32>,
+}
+
+/// A pod: its agent and its directory (agent.log inside).
+struct Pod {
+    n: u32,
+    dir: PathBuf,
+    child: Child,
+}
+
+/// A derivation every job of a test builds: the first job on a store builds it, later jobs on
+/// the same store find it.
+const BUILD: &str = r#"cat > slot-test.nix <<'EOF'
+derivation { name = "slot-test"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo built > $out" ]; }
+EOF
+nix-build slot-test.nix --no-out-link > nix-build.txt 2>&1; rc=$?
+cat nix-build.txt
+echo "nix-build rc=$rc builds=$(grep -c 'will be built' nix-build.txt) fetches=$(grep -c 'will be fetched' nix-build.txt)"
+"#;
+
+impl Node {
+    fn new(slots: u32) -> Node {
+        let dir = common::open_tempdir("flywheel-node");
+        let install = dir.path().join("install");
+        std::fs::create_dir_all(install.join("bin")).unwrap();
+        std::fs::copy(fake_listener(), install.join("bin/Runner.Listener")).unwrap();
+        std::fs::create_dir(dir.path().join("slots")).unwrap();
+        common::runner_pool();
+        let _ = tarball();
+        Node {
+            dir,
+            gh: FakeGitHub::start(),
+            lane: unique("arcslot"),
+            slots,
+            lane_extra: String::new(),
+            pods: std::cell::Cell::new(0),
+        }
+    }
+
+    fn slot_root(&self) -> PathBuf {
+        self.dir.path().join("slots")
+    }
+
+    /// Start a pod whose job runs `script` (after building the test derivation).
+    fn start(&self, script: &str) -> Pod {
+        let n = self.pods.get();
+        self.pods.set(n + 1);
+        let pod = self.dir.path().join(format!("pod-{n}"));
+        for d in ["nix", "etc-nix", "state", "work"] {
+            std::fs::create_dir_all(pod.join(d)).unwrap();
+        }
+        let t = tarball();
+        let p = |s: &str| pod.join(s).display().to_string();
+        let config = pod.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[agent]
+state_dir = "{state}"
+teardown_grace = "300ms"
+stop_grace = "2s"
+reserve = "64Mi"
+
+[metrics]
+listen = ""
+
+[runner]
+install_dir = "{install}"
+user = "{user}"
+drain_grace = "5s"
+
+[nix]
+tarball = "{tarball}"
+sha256 = "{sha}"
+version = "{VERSION}"
+netrc_file = "{netrc}"
+sandbox = false
+substituters = []
+trusted_public_keys = []
+userpool = "{userpool}"
+
+[[lane]]
+name = "{lane}"
+labels = ["{lane}"]
+memory = "256Mi"
+max_runners = 1
+slots = {slots}
+slot_root = "{slot_root}"
+pids_max = 1024
+min_free = "1Mi"
+work_root = "{work}"
+nix_conf = "{conf}"
+{extra}
+"#,
+                state = p("state"),
+                install = self.dir.path().join("install").display(),
+                user = common::runner_pool(),
+                tarball = t.path.display(),
+                sha = t.sha256,
+                netrc = p("etc-nix/netrc"),
+                userpool = shared_userpool().display(),
+                lane = self.lane,
+                slots = self.slots,
+                slot_root = self.slot_root().display(),
+                work = p("work"),
+                conf = p("etc-nix/nix.conf"),
+                extra = self.lane_extra,
+            ),
+        )
+        .unwrap();
+        self.gh.push_job(FakeJob {
+            labels: vec![self.lane.clone()],
+            script: format!("{BUILD}{script}"),
+            env: [
+                ("GITHUB_REPOSITORY", "tinyland/flywheel"),
+                ("GITHUB_RUN_ID", "1"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+            ..FakeJob::default()
+        });
+        let jit = register_directly(&self.gh, &self.lane, &format!("{}-pod-{n}", self.lane));
+        let log = std::fs::File::create(pod.join("agent.log")).unwrap();
+        // The pod: a mount namespace whose /nix is the pod's own (ARC's emptyDir).
+        let child = Command::new("unshare")
+            .args([
+                "-m",
+                "--",
+                "sh",
+                "-c",
+                "mount --make-rprivate / && mount --bind \"$0\" /nix && exec \"$@\"",
+            ])
+            .arg(pod.join("nix"))
+            .arg(AGENT)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("ACTIONS_RUNNER_INPUT_JITCONFIG", jit)
+            .env("FLYWHEEL_LANE", &self.lane)
+            .env("FLYWHEEL_LOG", "info")
+            .env("FLYWHEEL_LOG_FORMAT", "text")
+            .env_remove("NIX_REMOTE")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Pod { n, dir: pod, child }
+    }
+}
+
+impl Pod {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Wait for the pod to end; its exit code and log.
+    fn finish(mut self) -> (i32, String) {
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return (st.code().unwrap_or(-1), self.log());
+            }
+            if t.elapsed() > Duration::from_secs(120) {
+                let _ = self.child.kill();
+                panic!("pod {} did not end:\n{}", self.n, self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_for(&self, what: &str) {
+        let t = Instant::now();
+        while !self.log().contains(what) {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "pod {} never logged {what:?}:\n{}",
+                self.n,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The slot a pod's job got, from its store line; `None` for a pod-local store.
+fn slot_of(log: &str) -> Option<u32> {
+    let line = log.lines().find(|l| l.contains("store: "))?;
+    let i = line.find("node-local slot ")? + "node-local slot ".len();
+    line[i..].split_whitespace().next()?.parse().ok()
+}
+
+fn builds(log: &str) -> &str {
+    log.lines()
+        .find_map(|l| {
+            let i = l.find("nix-build rc=")?;
+            Some(l[i..].split(" stream=").next().unwrap_or(&l[i..]))
+        })
+        .unwrap_or_else(|| panic!("the job never ran nix-build:\n{log}"))
+}
+
+#[test]
+fn pods_reuse_node_local_slots_warm_and_never_share_one() {
+    if !privileged("arc-slots") {
+        return;
+    }
+    let node = Node::new(2);
+
+    // The first pod: a cold slot, the derivation is built.
+    let (code, log) = node.start("").finish();
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("cold (empty)"), "{log}");
+    assert!(log.contains("cold bootstrap"), "{log}");
+    assert_eq!(builds(&log), "nix-build rc=0 builds=1 fetches=0", "{log}");
+    let first = slot_of(&log).expect("a node-local slot");
+
+    // The next pod gets the same (most recently used) slot, warm: nothing built or fetched.
+    let (code, log) = node.start("").finish();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(slot_of(&log), Some(first), "{log}");
+    assert!(log.contains(": warm ("), "{log}");
+    assert!(log.contains("nix 2.8.0-flywheel: warm"), "{log}");
+    assert_eq!(builds(&log), "nix-build rc=0 builds=0 fetches=0", "{log}");
+    // The job block shows it too (the job-started hook's lines).
+    assert!(
+        log.contains(&format!(
+            "flywheel: store: node-local slot {first} of lane {}: warm",
+            node.lane
+        )),
+        "{log}"
+    );
+
+    // Two pods at once get different slots; a third finds both busy and runs pod-local.
+    let a = node.start("echo job-is-running; sleep 4");
+    let b = node.start("echo job-is-running; sleep 4");
+    a.wait_for("job-is-running");
+    b.wait_for("job-is-running");
+    // `status` (from inside any pod of the node) lists the slots, their stores and holders.
+    let st = Command::new(AGENT)
+        .args(["status", "--json", "--config"])
+        .arg(a.dir.join("agent.toml"))
+        .output()
+        .unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&st.stderr)));
+    let slots = st["lanes"][0]["slots"].as_array().unwrap();
+    assert_eq!(slots.len(), 2, "{st}");
+    for sl in slots {
+        assert!(
+            sl["holder"].as_str().is_some_and(|h| h.contains("pid")),
+            "{st}"
+        );
+        assert!(sl["paths"].as_u64().unwrap() > 0, "{st}");
+        assert!(sl["bytes"].as_u64().unwrap() > 0, "{st}");
+    }
+    let c = node.start("");
+    let (code_c, log_c) = c.finish();
+    let (code_a, log_a) = a.finish();
+    let (code_b, log_b) = b.finish();
+    assert_eq!((code_a, code_b, code_c), (0, 0, 0), "{log_a}{log_b}{log_c}");
+    let (sa, sb) = (slot_of(&log_a), slot_of(&log_b));
+    assert!(sa.is_some() && sb.is_some() && sa != sb, "{sa:?} {sb:?}");
+    assert!(
+        log_c.contains("all 2 node-local slots of lane") && log_c.contains("pod-local store"),
+        "{log_c}"
+    );
+    assert_eq!(
+        builds(&log_c),
+        "nix-build rc=0 builds=1 fetches=0",
+        "cold but correct: {log_c}"
+    );
+    node.gh.with(|s| {
+        assert!(
+            s.completed.iter().all(|(_, r, _)| r == "succeeded"),
+            "{:?}",
+            s.completed
+        )
+    });
+}
+
+#[test]
+fn a_pod_killed_mid_job_frees_its_slot_and_the_next_pod_checks_and_reuses_it() {
+    if !privileged("arc-slots-kill") {
+        return;
+    }
+    let node = Node::new(1);
+    let (code, log) = node.start("").finish();
+    assert_eq!(code, 0, "{log}");
+    // A pod killed while its job runs (the node drains, the pod is evicted): its agent, the
+    // listener, the job and the job's nix-daemon all die at once.
+    let mut doomed = node.start("echo job-is-running; sleep 60");
+    doomed.wait_for("job-is-running");
+    let pid = doomed.child.id() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = doomed.child.wait();
+    let mgr = flywheel_agent::cgroup::detect(Path::new("/sys/fs/cgroup"), None).unwrap();
+    let mut killed = 0;
+    for name in mgr.list().unwrap() {
+        if name.starts_with(&format!("{}.", node.lane)) {
+            mgr.open(&name).destroy(Duration::from_secs(10)).unwrap();
+            killed += 1;
+        }
+    }
+    assert_eq!(killed, 1, "the pod's job was running when it was killed");
+    assert!(
+        flywheel_agent::slot::holder(&node.slot_root(), 0).is_some(),
+        "the killed pod left its holder marker"
+    );
+
+    // The next pod takes the slot (its lock died with its holder), checks it, reuses it warm.
+    let (code, log) = node.start("").finish();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(slot_of(&log), Some(0), "{log}");
+    assert!(
+        log.contains("its last holder died, the store was checked in"),
+        "{log}"
+    );
+    assert!(log.contains(": warm ("), "{log}");
+    assert_eq!(builds(&log), "nix-build rc=0 builds=0 fetches=0", "{log}");
+    assert!(flywheel_agent::slot::holder(&node.slot_root(), 0).is_none());
+}
+
+#[test]
+fn twenty_pods_on_a_node_with_enough_slots_start_warm() {
+    if !privileged("arc-slots-warm-ratio") {
+        return;
+    }
+    let node = Node::new(2);
+    let mut warm = 0;
+    for i in 0..20 {
+        let (code, log) = node.start("").finish();
+        assert_eq!(code, 0, "pod {i}: {log}");
+        if log.contains(": warm (") && builds(&log).ends_with("builds=0 fetches=0") {
+            warm += 1;
+        }
+    }
+    eprintln!("{warm} of 20 pods started on a warm store");
+    assert!(warm >= 18, "only {warm} of 20 pods started warm");
+}
+
+#[test]
+fn an_untrusted_job_in_a_slot_leaves_nothing_a_later_job_would_trust() {
+    if !privileged("arc-slots-trust") {
+        return;
+    }
+    let node = Node::new(1);
+    // An unsigned export of a path the slot's store does not have.
+    let src = common::open_tempdir("flywheel-untrusted");
+    let expr = src.path().join("evil.nix");
+    std::fs::write(&expr, format!("derivation {{ name = \"evil\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"echo {} > $out\" ]; }}", unique("evil"))).unwrap();
+    let evil = common::nixtar::sh(&format!("nix-build {} --no-out-link", expr.display()));
+    let export = src.path().join("evil.export");
+    common::nixtar::sh(&format!("nix-store --export {evil} > {}", export.display()));
+    std::fs::set_permissions(&export, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+
+    // The untrusted job: build (through the daemon, sandboxed), import unsigned, write the
+    // store directly, add a content-addressed file.
+    let (code, log) = node
+        .start(&format!(
+            "set +e\necho \"== import\"; nix-store --import < {export} 2>&1\necho \"== direct\"; touch /nix/store/planted 2>&1; mkdir /nix/store/$(basename {evil}) 2>&1\necho \"== add\"; echo x > f; nix-store --add f\necho \"== done\"",
+            export = export.display()
+        ))
+        .finish();
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("== done"), "the attempts ran: {log}");
+    assert!(
+        log.contains("signature"),
+        "the unsigned import was refused: {log}"
+    );
+    assert!(
+        log.contains("Permission denied") || log.contains("Read-only"),
+        "{log}"
+    );
+
+    // The next job in the same slot: every path in its store was built by the daemon
+    // (`ultimate`), is content-addressed, came with the verified bootstrap, or carries a
+    // signature — and the lane trusts no key here, so none may carry one.
+    let (code, log) = node.start("").finish();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(builds(&log), "nix-build rc=0 builds=0 fetches=0", "{log}");
+    let (slot_nix, _) = flywheel_agent::slot::slot_dirs(&node.slot_root(), 0);
+    let receipt: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(flywheel_agent::nixboot::receipt_path(&slot_nix)).unwrap(),
+    )
+    .unwrap();
+    let bootstrap: Vec<String> = receipt["store_paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| format!("/nix/store/{}", p.as_str().unwrap()))
+        .collect();
+    let db = rusqlite::Connection::open_with_flags(
+        slot_nix.join("var/nix/db/db.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let mut q = db
+        .prepare("SELECT path, ultimate, sigs, ca FROM ValidPaths")
+        .unwrap();
+    /// path, ultimate, sigs, ca
+    type Row = (String, Option<i64>, Option<String>, Option<String>);
+    let rows: Vec<Row> = q
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(rows.len() > bootstrap.len(), "the jobs' paths are there");
+    let untrusted: Vec<&String> = rows
+        .iter()
+        .filter(|(p, ultimate, sigs, ca)| {
+            ultimate != &Some(1)
+                && ca.as_deref().unwrap_or("").is_empty()
+                && !bootstrap.contains(p)
+                && sigs.as_deref().unwrap_or("").is_empty()
+        })
+        .map(|(p, ..)| p)
+        .collect();
+    assert!(
+        untrusted.is_empty(),
+        "paths nobody vouches for: {untrusted:?}"
+    );
+    assert!(
+        !rows.iter().any(|(p, ..)| p == &evil),
+        "the unsigned import is not in the store"
+    );
+    assert!(!slot_nix.join("store/planted").exists());
+}
+
+#[test]
+fn a_slot_over_its_size_cap_is_collected_after_the_job_and_keeps_its_nix() {
+    if !privileged("arc-slots-gc") {
+        return;
+    }
+    let mut node = Node::new(1);
+    node.lane_extra = "slot_max_size = \"1Ki\"".into();
+    let (code, log) = node.start("").finish();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(builds(&log), "nix-build rc=0 builds=1 fetches=0", "{log}");
+    let gc = log
+        .lines()
+        .find(|l| l.contains("garbage-collected"))
+        .unwrap_or_else(|| panic!("no garbage collection after the job:\n{log}"));
+    eprintln!("{gc}");
+    // The next job: the pinned Nix survived (a warm bootstrap), the job's garbage did not.
+    let (code, log) = node.start("").finish();
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("nix 2.8.0-flywheel: warm"), "{log}");
+    assert_eq!(builds(&log), "nix-build rc=0 builds=1 fetches=0", "{log}");
+}
