@@ -620,3 +620,57 @@ pub async fn serve_control(path: PathBuf, t: Arc<Telemetry>) -> std::io::Result<
     });
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{parse, HostFacts, Origin};
+
+    #[test]
+    fn jobs_are_counted_by_the_store_they_started_on() {
+        let cfg = parse(
+            "[[lane]]\nname = \"arc\"\nmemory = \"1Gi\"\nslot_root = \"/slots\"\nslots = 2\n",
+            &Origin::Embedded,
+            &HostFacts {
+                memory_bytes: 8 << 30,
+                cpus: 2,
+            },
+        )
+        .expect("config");
+        let t = Telemetry::new(&cfg.lanes, "arc");
+        let outcome = |store| JobOutcome {
+            job: "arc.s0.1.1".into(),
+            slot: 0,
+            code: 0,
+            exit: None,
+            stats: crate::cgroup::Stats::default(),
+            verdict: None,
+            pids_note: None,
+            launch_error: None,
+            stopped: false,
+            timings: crate::envelope::Timings::default(),
+            nix: None,
+            started_unix: 0,
+            store,
+        };
+        for store in [Some("warm"), Some("warm"), Some("pod_local"), None] {
+            t.job_finished("arc", 1 << 30, "r", &outcome(store), None);
+        }
+        let text = t.encode();
+        assert!(
+            text.contains("flywheel_job_stores_total{lane=\"arc\",store=\"warm\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flywheel_job_stores_total{lane=\"arc\",store=\"pod_local\"} 1"),
+            "{text}"
+        );
+        // The status lists the lane's slots (none used yet: no holder, empty stores).
+        let st = t.status();
+        assert_eq!(st.lanes[0].slots.len(), 2);
+        assert!(st.lanes[0]
+            .slots
+            .iter()
+            .all(|s| s.holder.is_none() && s.paths == 0));
+    }
+}
