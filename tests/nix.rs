@@ -109,6 +109,10 @@ nix_conf = "{conf}"
     }
 
     fn exec(&self, user: Option<&str>, script: &str) -> Output {
+        self.exec_with(user, &[], script)
+    }
+
+    fn exec_with(&self, user: Option<&str>, extra: &[&str], script: &str) -> Output {
         let mut args = vec![
             "exec",
             "--lane",
@@ -119,6 +123,7 @@ nix_conf = "{conf}"
         if let Some(u) = user {
             args.extend(["--user", u]);
         }
+        args.extend(extra);
         args.extend(["--", "sh", "-c", script]);
         self.agent(&args).output().expect("run")
     }
@@ -262,9 +267,43 @@ derivation { name = "hog"; system = "x86_64-linux"; builder = "/bin/sh"; args = 
 EOF
 echo NIX_REMOTE=$NIX_REMOTE
 nix-build hog.nix --no-out-link"#;
-    let o = rig.exec(Some("nobody"), script);
+    let summary = rig.dir.path().join("summary.md");
+    let o = rig.exec_with(
+        Some("nobody"),
+        &["--summary", summary.to_str().unwrap()],
+        script,
+    );
     let err = stderr(&o);
     assert_ne!(o.status.code(), Some(0), "{err}");
+    // The verdict names the derivation that was building.
+    assert!(err.contains("while building `hog`"), "{err}");
+    // The summary: memory up to the envelope, the build marked as not finished.
+    let md = std::fs::read_to_string(&summary).unwrap();
+    let memory_line = md
+        .lines()
+        .find(|l| l.trim_start().starts_with("line ["))
+        .unwrap_or_else(|| panic!("no memory chart: {md}"));
+    let top: u64 = memory_line
+        .trim()
+        .trim_start_matches("line [")
+        .trim_end_matches(']')
+        .split(", ")
+        .map(|v| v.parse::<u64>().unwrap())
+        .max()
+        .unwrap();
+    assert!(
+        top >= 240,
+        "the chart reaches the 256 MiB envelope: {memory_line}"
+    );
+    assert!(
+        md.contains("> [!CAUTION]") && md.contains("while building `hog`"),
+        "{md}"
+    );
+    assert!(
+        md.contains("hog :crit, "),
+        "the timeline marks the killed build: {md}"
+    );
+    assert!(md.contains("Not finished (failed or killed): hog"), "{md}");
     assert!(
         err.contains("cold bootstrap"),
         "exec bootstrapped Nix first: {err}"
@@ -517,8 +556,16 @@ fn metrics_after_an_oom_a_local_build_a_substitution_and_cold_and_warm_bootstrap
         ..Default::default()
     };
     gh.push_job(job("printf '%s' 'derivation { name = \"hog\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"exec /usr/bin/tail /dev/zero\" ]; }' > hog.nix; nix-build hog.nix --no-out-link".into()));
+    // The seed's workflows, unchanged: install-nix-action stops when `type -p nix` finds one,
+    // nix-installer-action when `nix --version` exits 0, setup-flywheel keeps the lane's
+    // ATTIC_SERVER, nix-job skips `sudo apt-get install xz-utils` when xz is there.
+    let seed = r#"if p=$(type -p nix); then echo "Aborting: Nix is already installed at $p"; else echo "would install nix with sudo"; fi
+nix --version >/dev/null && echo "nix-installer-action: nix is installed, skipping"
+echo "ATTIC_SERVER=${ATTIC_SERVER:-unset}"
+command -v xz >/dev/null && echo "xz is there" || echo "would sudo apt-get install xz-utils"
+"#;
     gh.push_job(job(format!(
-        "printf '%s' 'derivation {{ name = \"local\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"echo {} > $out\" ]; }}' > local.nix; nix-build local.nix --no-out-link",
+        "{seed}printf '%s' 'derivation {{ name = \"local\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"echo {} > $out\" ]; }}' > local.nix; nix-build local.nix --no-out-link",
         unique("local")
     )));
     gh.push_job(job(format!("nix-store -r {subst_path}")));
@@ -542,6 +589,38 @@ fn metrics_after_an_oom_a_local_build_a_substitution_and_cold_and_warm_bootstrap
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let text_log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        text_log.contains(
+            "Aborting: Nix is already installed at /nix/var/nix/profiles/default/bin/nix"
+        ) && text_log.contains("nix-installer-action: nix is installed, skipping")
+            && text_log.contains(&format!("ATTIC_SERVER={cache_url}"))
+            && text_log.contains("xz is there"),
+        "the seed's workflow steps find the lane's Nix, hints and tools: {text_log}"
+    );
+    // The job summaries the runner uploaded, and the OOM's annotation in the hook's output.
+    let summaries: Vec<String> = gh.with(|s| s.summaries.values().cloned().collect());
+    assert_eq!(summaries.len(), 3, "{summaries:?}");
+    let oom = summaries
+        .iter()
+        .find(|m| m.contains("[!CAUTION]"))
+        .unwrap_or_else(|| panic!("no summary tells of the OOM: {summaries:?}"));
+    assert!(
+        oom.contains("hog :crit, ") && oom.contains("while building `hog`"),
+        "{oom}"
+    );
+    assert!(oom.contains("xychart-beta"), "{oom}");
+    assert!(
+        summaries.iter().any(|m| m.contains("local :done, ")
+            && m.contains("| store paths | 1 built")
+            && m.contains("xychart-beta")
+            && m.contains("| nix bootstrap | nix 2.8.0-flywheel: warm")),
+        "{summaries:?}"
+    );
+    assert!(
+        text_log.contains("::error title=Out of memory on lane ")
+            && text_log.contains("while building `hog`"),
+        "{text_log}"
+    );
     let addr = common::metrics_address(&text_log).expect("the agent logged its metrics address");
     // The job records land right after the listener exits; give the last one a moment.
     let mut m = String::new();

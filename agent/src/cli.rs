@@ -110,6 +110,9 @@ enum Command {
         /// Run without Nix even when the lane has it (no bootstrap, no per-job nix-daemon).
         #[arg(long)]
         no_nix: bool,
+        /// Also write the job summary (Markdown, as in GitHub's job summary) to this file.
+        #[arg(long)]
+        summary: Option<PathBuf>,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<OsString>,
@@ -299,9 +302,11 @@ pub fn main() -> ExitCode {
             user,
             slot,
             no_nix,
+            summary,
             command,
         } => {
             let req = ExecRequest {
+                summary,
                 lane,
                 config,
                 memory,
@@ -374,6 +379,7 @@ struct ExecRequest {
     user: Option<String>,
     slot: Option<u32>,
     no_nix: bool,
+    summary: Option<PathBuf>,
     command: Vec<OsString>,
 }
 
@@ -412,6 +418,7 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         .map(|u| JobUser::lookup(u, &cfg.runner.groups).map(envelope::UserChoice::Named))
         .transpose()?;
     let nix = (lane.nix && !req.no_nix).then(|| flywheel_agent::nixboot::nix_job(&cfg, &lane));
+    let (lane_name, summary_file) = (lane.name.clone(), req.summary.clone());
     let spec = JobSpec {
         lane,
         memory_bytes,
@@ -459,6 +466,13 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         }
         if let Some(n) = &outcome.pids_note {
             eprintln!("{n}");
+        }
+        // "Does my build fit?": the same summary a runner job gets, for the terminal.
+        let report = outcome.report(&lane_name, memory_bytes);
+        eprint!("{}", flywheel_agent::summary::text(&report));
+        if let Some(path) = &summary_file {
+            std::fs::write(path, flywheel_agent::summary::markdown(&report))
+                .with_context(|| format!("cannot write the summary to {}", path.display()))?;
         }
         Ok(outcome.code)
     })

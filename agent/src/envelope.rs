@@ -139,9 +139,54 @@ pub struct JobProbe(
     std::sync::Arc<std::sync::Mutex<Option<Vec<PathBuf>>>>,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
     std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    std::sync::Arc<std::sync::Mutex<JobFacts>>,
 );
 
+/// What the agent records of a running job for its summary.
+#[derive(Debug, Clone, Default)]
+pub struct JobFacts {
+    /// Unix seconds (fractional) when the job's cgroup was made.
+    pub started_unix: f64,
+    /// Memory over time, sampled from the job's cgroup.
+    pub samples: Option<crate::summary::Samples>,
+    /// The job's Nix store as the agent sees it (a slot's, or the lane's).
+    pub nix_root: Option<PathBuf>,
+}
+
+/// How often a job's memory is sampled at first (merged to coarser steps for long jobs).
+pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
+
 impl JobProbe {
+    /// The facts recorded so far.
+    pub fn facts(&self) -> JobFacts {
+        self.3.lock().map(|f| f.clone()).unwrap_or_default()
+    }
+
+    fn with_facts(&self, f: impl FnOnce(&mut JobFacts)) {
+        if let Ok(mut g) = self.3.lock() {
+            f(&mut g);
+        }
+    }
+
+    /// Sample the job's memory every [`SAMPLE_INTERVAL`] until the task is aborted.
+    fn sample(&self) -> tokio::task::JoinHandle<()> {
+        let probe = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tick.tick().await;
+                if let Some(v) = probe.memory_current() {
+                    probe.with_facts(|f| {
+                        f.samples
+                            .get_or_insert_with(|| crate::summary::Samples::new(SAMPLE_INTERVAL))
+                            .push(v);
+                    });
+                }
+            }
+        })
+    }
+
     fn set(&self, files: Option<Vec<PathBuf>>) {
         if let Ok(mut g) = self.0.lock() {
             *g = files;
@@ -174,6 +219,11 @@ impl JobProbe {
     pub fn peak_bytes(&self) -> Option<u64> {
         self.read_first(&["memory.peak", "memory.max_usage_in_bytes"], None)
     }
+    /// Forks the pids limit refused so far.
+    pub fn pids_hits(&self) -> u64 {
+        self.read_first(&["pids.events"], Some("max ")).unwrap_or(0)
+    }
+
     /// OOM kills in the job so far.
     pub fn oom_kills(&self) -> u64 {
         self.read_first(&["memory.events", "memory.oom_control"], Some("oom_kill "))
@@ -281,6 +331,42 @@ pub struct JobOutcome {
     pub started_unix: u64,
     /// On a slot lane, the store the job started on: `warm`, `cold` or `pod_local`.
     pub store: Option<&'static str>,
+    /// The job's memory over time.
+    pub samples: Option<crate::summary::Samples>,
+    /// The derivations its daemon built (Nix lanes).
+    pub builds: Vec<crate::summary::Build>,
+    /// The job's Nix store as the agent sees it (Nix lanes).
+    pub nix_root: Option<PathBuf>,
+}
+
+impl JobOutcome {
+    /// The job's summary: memory over time, builds, bootstrap, verdicts.
+    pub fn report(&self, lane: &str, envelope_bytes: u64) -> crate::summary::Report {
+        let mut samples = self.samples.clone();
+        // A spike between two samples (an OOM is often one) still shows: the peak closes the
+        // chart.
+        if let (Some(s), Some(peak)) = (samples.as_mut(), self.stats.peak_bytes) {
+            s.close_with_peak(peak);
+        }
+        let paths = self
+            .nix_root
+            .as_deref()
+            .and_then(|r| crate::store::paths_since(r, self.started_unix));
+        crate::summary::Report {
+            lane: lane.to_owned(),
+            envelope_bytes,
+            peak_bytes: self.stats.peak_bytes,
+            samples,
+            builds: self.builds.clone(),
+            bootstrap: self.nix.as_ref().map(|n| n.text.clone()),
+            store: None,
+            cache: paths.map(|(built, subst)| crate::summary::cache_kind(built, subst).to_owned()),
+            paths,
+            oom: self.verdict.clone(),
+            pids: self.pids_note.clone(),
+            elapsed: self.timings.run,
+        }
+    }
 }
 
 /// The Nix bootstrap of a job, reported apart from the job.
@@ -467,6 +553,7 @@ async fn run_job_inner(
 ) -> Result<JobOutcome, EnvelopeError> {
     let t0 = Instant::now();
     let lane = &spec.lane;
+    let probe = spec.probe.clone().unwrap_or_default();
     let setup_span = info_span!("setup");
     let entered = setup_span.enter();
 
@@ -487,9 +574,7 @@ async fn run_job_inner(
     let store_kind = store_line.as_ref().map(|(_, kind)| *kind);
     if let Some((line, _)) = &store_line {
         info!(slot = slot.index, node_local = slot.node_local, "{line}");
-        if let Some(p) = &spec.probe {
-            p.add_note(line.clone());
-        }
+        probe.add_note(line.clone());
     }
     let (phys_work_root, phys_nix) = match &slot_dirs {
         Some((nix, work)) => (work.clone(), nix.clone()),
@@ -509,9 +594,7 @@ async fn run_job_inner(
             let r = crate::nixboot::ensure_for_job(cfg, lane, on_slot, spec.host_cpus)
                 .map_err(|e| EnvelopeError::Nix(e.to_string()))?;
             info!(cold = r.cold, "{}", r.summary());
-            if let Some(p) = &spec.probe {
-                p.add_note(r.summary());
-            }
+            probe.add_note(r.summary());
             Some(NixSummary {
                 cold: r.cold,
                 elapsed: t.elapsed(),
@@ -598,9 +681,15 @@ async fn run_job_inner(
     };
     let mut kmsg = KmsgWatch::start();
     let cg = mgr.create(&job, &limits)?;
-    if let Some(p) = &spec.probe {
-        p.set(Some(cg.procs_files()));
-    }
+    probe.set(Some(cg.procs_files()));
+    probe.with_facts(|f| {
+        *f = JobFacts {
+            started_unix: now_unix_f64(),
+            samples: None,
+            nix_root: spec.nix.as_ref().map(|_| phys_nix.clone()),
+        }
+    });
+    let sampler = probe.sample();
     // From here on, teardown runs whatever happens.
     let mut cleanup: Vec<PathBuf> = Vec::new();
     let launched = launch(
@@ -653,13 +742,19 @@ async fn run_job_inner(
                 reaper,
             )
             .await;
-            if let Some(p) = &spec.probe {
-                p.set(None);
-            }
+            sampler.abort();
+            probe.set(None);
             return Err(e);
         }
     };
     let run = t_run.elapsed();
+    sampler.abort();
+    let facts = probe.facts();
+    let builds = facts
+        .nix_root
+        .as_deref()
+        .map(|root| crate::store::builds_since(root, facts.started_unix))
+        .unwrap_or_default();
 
     let t_down = Instant::now();
     let torn = teardown(
@@ -671,9 +766,7 @@ async fn run_job_inner(
     )
     .instrument(info_span!("teardown"))
     .await;
-    if let Some(p) = &spec.probe {
-        p.set(None);
-    }
+    probe.set(None);
     let stats = torn?;
     let slot_index = slot.index;
     if slot_dirs.is_some() && spec.nix.is_some() {
@@ -702,6 +795,17 @@ async fn run_job_inner(
             stats,
             killed,
             bigger_lane: bigger_lane(cfg, &lane.name, spec.memory_bytes),
+            building: builds
+                .iter()
+                .filter(|b| b.failed)
+                .map(|b| b.name.clone())
+                .collect(),
+            parallel: spec.nix.as_ref().map(|_| {
+                (
+                    hints::parallelism(lane, spec.memory_bytes, spec.host_cpus).max_jobs,
+                    lane.memory_per_build_bytes,
+                )
+            }),
         })
     });
     let pids_note = (stats.pids_max_hits > 0)
@@ -735,7 +839,16 @@ async fn run_job_inner(
         nix: nix_report,
         started_unix,
         store: store_kind,
+        samples: facts.samples,
+        builds,
+        nix_root: facts.nix_root,
     })
+}
+
+fn now_unix_f64() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn ms(d: Duration) -> f64 {

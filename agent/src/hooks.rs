@@ -48,6 +48,9 @@ pub struct HookResponse {
     #[serde(with = "secret_text", default)]
     pub attic_config: Option<Secret<String>>,
     pub xdg_config_home: Option<String>,
+    /// The job summary (Markdown) for `$GITHUB_STEP_SUMMARY`.
+    #[serde(default)]
+    pub summary: Option<String>,
 }
 
 /// A secret on the hook's wire: the one place it is written out (to the job it belongs to).
@@ -98,6 +101,9 @@ impl AtticCredential {
 pub struct RunnerHooks {
     pub runner_name: String,
     pub lane: Lane,
+    /// The smallest lane with a larger envelope, for the OOM advice.
+    pub bigger_lane: Option<(String, u64)>,
+    pub host_cpus: u32,
     pub probe: JobProbe,
     /// The job's nix-daemon reads cache credentials from here (root-only).
     pub netrc: PathBuf,
@@ -325,6 +331,23 @@ async fn job_started(h: &RunnerHooks, req: HookRequest) -> HookResponse {
         },
     };
     let decision = trust::decide(&policy, &claims, facts.as_ref().map_err(String::as_str));
+    // A repository that publishes, on an event that publishes, on its default branch (as far as
+    // GitHub said), expected to publish: a denial is worth a warning on the run's page.
+    let expected = policy
+        .repositories
+        .iter()
+        .any(|r| r.eq_ignore_ascii_case(&claims.repository))
+        && policy.trusted_events.contains(&claims.event_name)
+        && facts.as_ref().map_or(true, |f| {
+            claims.git_ref == format!("refs/heads/{}", f.default_branch)
+        });
+    if let (Decision::ReadOnly { .. }, true) = (&decision, expected) {
+        lines.push(crate::summary::annotation(
+            "warning",
+            &format!("Not published to the cache of lane {}", lane.name),
+            &decision.line(),
+        ));
+    }
     info!(runner = %h.runner_name, repository = %claims.repository, run = claims.run_id, decision = %decision.line(), "trust decided");
     let mut resp = HookResponse {
         ok: true,
@@ -426,17 +449,59 @@ impl Mode0600 for std::fs::OpenOptions {
 }
 
 fn job_completed(h: &RunnerHooks) -> HookResponse {
-    let mut lines = Vec::new();
-    let peak = h.probe.peak_bytes();
-    lines.push(format!(
+    let report = job_report(h);
+    let mut lines = vec![format!(
         "flywheel: peak memory {} of the {} envelope of lane {}",
-        peak.map_or_else(|| "unknown".to_owned(), |p| Bytes(p).to_string()),
+        report
+            .peak_bytes
+            .map_or_else(|| "unknown".to_owned(), |p| Bytes(p).to_string()),
         Bytes(h.lane.memory_bytes),
         h.lane.name
-    ));
+    )];
+    // Annotations: on the run's page without opening the log.
+    if let Some(v) = &report.oom {
+        lines.push(v.clone());
+        lines.push(crate::summary::annotation(
+            "error",
+            &format!(
+                "Out of memory on lane {} ({} envelope)",
+                h.lane.name,
+                Bytes(h.lane.memory_bytes)
+            ),
+            v.trim_start_matches("flywheel: "),
+        ));
+    }
+    if let Some(p) = &report.pids {
+        lines.push(crate::summary::annotation(
+            "warning",
+            &format!("Process limit reached on lane {}", h.lane.name),
+            p.trim_start_matches("flywheel: "),
+        ));
+    }
+    HookResponse {
+        ok: true,
+        lines,
+        summary: Some(crate::summary::markdown(&report)),
+        ..HookResponse::default()
+    }
+}
+
+/// The job's summary as far as it got: memory so far, the builds of its daemon, the verdicts.
+fn job_report(h: &RunnerHooks) -> crate::summary::Report {
+    let facts = h.probe.facts();
+    let peak = h.probe.peak_bytes();
     let kills = h.probe.oom_kills();
-    if kills > 0 {
-        lines.push(crate::verdict::oom_verdict(&crate::verdict::OomFacts {
+    let root = facts.nix_root.as_deref();
+    let builds = root
+        .map(|r| crate::store::builds_since(r, facts.started_unix))
+        .unwrap_or_default();
+    let paths = root.and_then(|r| crate::store::paths_since(r, facts.started_unix as u64));
+    let mut samples = facts.samples;
+    if let (Some(s), Some(p)) = (samples.as_mut(), peak) {
+        s.close_with_peak(p);
+    }
+    let oom = (kills > 0).then(|| {
+        crate::verdict::oom_verdict(&crate::verdict::OomFacts {
             lane: &h.lane.name,
             envelope_bytes: h.lane.memory_bytes,
             stats: crate::cgroup::Stats {
@@ -445,13 +510,43 @@ fn job_completed(h: &RunnerHooks) -> HookResponse {
                 pids_max_hits: 0,
             },
             killed: Vec::new(),
-            bigger_lane: None,
-        }));
-    }
-    HookResponse {
-        ok: true,
-        lines,
-        ..HookResponse::default()
+            bigger_lane: h.bigger_lane.as_ref().map(|(n, b)| (n.as_str(), *b)),
+            building: builds
+                .iter()
+                .filter(|b| b.failed)
+                .map(|b| b.name.clone())
+                .collect(),
+            parallel: h.lane.nix.then(|| {
+                (
+                    crate::hints::parallelism(&h.lane, h.lane.memory_bytes, h.host_cpus).max_jobs,
+                    h.lane.memory_per_build_bytes,
+                )
+            }),
+        })
+    });
+    let pids_hits = h.probe.pids_hits();
+    let notes = h.probe.notes();
+    let elapsed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+        - facts.started_unix;
+    crate::summary::Report {
+        lane: h.lane.name.clone(),
+        envelope_bytes: h.lane.memory_bytes,
+        peak_bytes: peak,
+        samples,
+        builds,
+        bootstrap: notes.iter().find(|n| n.starts_with("nix ")).cloned(),
+        store: notes
+            .iter()
+            .find_map(|n| n.strip_prefix("store: "))
+            .map(str::to_owned),
+        cache: paths.map(|(b, s)| crate::summary::cache_kind(b, s).to_owned()),
+        paths,
+        oom,
+        pids: (pids_hits > 0)
+            .then(|| crate::verdict::pids_note(&h.lane.name, h.lane.pids_max, pids_hits)),
+        elapsed: Duration::from_secs_f64(elapsed.max(0.0)),
     }
 }
 
@@ -494,6 +589,15 @@ pub fn run_hook(op: &str) -> i32 {
     };
     for l in &resp.lines {
         let _ = writeln!(out, "{l}");
+    }
+    if let (Some(md), Ok(file)) = (&resp.summary, std::env::var("GITHUB_STEP_SUMMARY")) {
+        let written = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&file)
+            .and_then(|mut f| f.write_all(md.as_bytes()));
+        if let Err(e) = written {
+            let _ = writeln!(out, "flywheel: cannot write the job summary to {file}: {e}");
+        }
     }
     if let (Some(cfg), Some(xdg)) = (resp.attic_config, &resp.xdg_config_home) {
         if let Err(e) = install_attic_config(Path::new(xdg), &cfg) {

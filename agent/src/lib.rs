@@ -16,6 +16,7 @@ pub mod scratch;
 pub mod size;
 pub mod slot;
 pub mod store;
+pub mod summary;
 pub mod telemetry;
 pub mod trust;
 pub mod verdict;

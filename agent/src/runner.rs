@@ -81,6 +81,9 @@ impl Hooks {
             crate::hooks::RunnerHooks {
                 runner_name: name.to_owned(),
                 lane: lane.clone(),
+                bigger_lane: crate::envelope::bigger_lane(&ctx.cfg, &lane.name, lane.memory_bytes)
+                    .map(|(n, b)| (n.to_owned(), b)),
+                host_cpus: ctx.host.cpus,
                 probe: probe.clone(),
                 netrc: netrc.clone(),
                 github: ctx.github.clone(),
@@ -167,12 +170,24 @@ impl ListenerExit {
 /// The runner's `.env`: single-line values only (the listener splits at the first `=`, no
 /// quoting). Multi-line hints (`NIX_CONFIG`) reach the runner through its environment.
 pub fn runner_dotenv(lane: &Lane, host_cpus: u32) -> Vec<(String, String)> {
+    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
+    // The listener loads `.env` over its own environment (actions/runner, Runner.Listener's
+    // LoadAndSetEnv), and every step inherits it: the lane's Nix must be first on this PATH,
+    // so `type -p nix` (install-nix-action) and `nix --version` (nix-installer-action) find it
+    // and those actions install nothing.
+    let path = if lane.nix {
+        format!(
+            "{}:{path}",
+            lane.nix_store
+                .join("var/nix/profiles/default/bin")
+                .display()
+        )
+    } else {
+        path
+    };
     let mut v = vec![
         ("LANG".to_owned(), "C.UTF-8".to_owned()),
-        (
-            "PATH".to_owned(),
-            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
-        ),
+        ("PATH".to_owned(), path),
         (
             "ACTIONS_RUNNER_RETURN_VERSION_DEPRECATED_EXIT_CODE".to_owned(),
             "1".to_owned(),

@@ -33,6 +33,71 @@ pub fn paths_since(nix_root: &Path, since: u64) -> Option<(u64, u64)> {
     ))
 }
 
+/// The derivations a store's daemon built (or started building) since `since` (unix seconds,
+/// fractional), with start and end relative to `since`. Start: the build log's creation (the
+/// daemon creates it when the build starts); end: when the output was registered, or the log's
+/// last write if later; no registered output: failed or killed (end = the log's last write).
+pub fn builds_since(nix_root: &Path, since: f64) -> Vec<crate::summary::Build> {
+    let logs = nix_root.join("var/log/nix/drvs");
+    let conn = open(nix_root).ok();
+    let mut out = Vec::new();
+    let secs = |t: std::io::Result<std::time::SystemTime>| {
+        t.ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs_f64())
+    };
+    for dir in std::fs::read_dir(&logs).into_iter().flatten().flatten() {
+        let prefix = dir.file_name().to_string_lossy().into_owned();
+        for f in std::fs::read_dir(dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(meta) = f.metadata() else { continue };
+            let Some(modified) = secs(meta.modified()) else {
+                continue;
+            };
+            let created = secs(meta.created()).unwrap_or(modified);
+            if modified < since {
+                continue;
+            }
+            let file = f.file_name().to_string_lossy().into_owned();
+            let drv = format!("{prefix}{}", file.trim_end_matches(".bz2"));
+            let registered: Option<i64> = conn.as_ref().and_then(|c| {
+                c.query_row(
+                    "SELECT MAX(registrationTime) FROM ValidPaths WHERE deriver = ?1",
+                    [format!("/nix/store/{drv}")],
+                    |r| r.get(0),
+                )
+                .ok()
+                .flatten()
+            });
+            let name = drv
+                .split_once('-')
+                .map_or(drv.as_str(), |(_, n)| n)
+                .trim_end_matches(".drv")
+                .to_owned();
+            let start = (created.max(since) - since).max(0.0);
+            let end = match registered {
+                Some(t) => (t as f64).max(modified) - since,
+                None => modified - since,
+            };
+            out.push(crate::summary::Build {
+                name,
+                start,
+                end: end.max(start),
+                failed: registered.is_none(),
+            });
+        }
+    }
+    out.sort_by(|a, b| {
+        a.start
+            .partial_cmp(&b.start)
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    out
+}
+
 /// Valid paths in a store and the sum of their NAR sizes; `None` without a database.
 pub fn size(nix_root: &Path) -> Option<(u64, u64)> {
     let conn = open(nix_root).ok()?;

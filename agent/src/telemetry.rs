@@ -652,6 +652,9 @@ mod tests {
             nix: None,
             started_unix: 0,
             store,
+            samples: None,
+            builds: Vec::new(),
+            nix_root: None,
         };
         for store in [Some("warm"), Some("warm"), Some("pod_local"), None] {
             t.job_finished("arc", 1 << 30, "r", &outcome(store), None);

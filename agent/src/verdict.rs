@@ -23,6 +23,10 @@ pub struct OomFacts<'a> {
     pub killed: Vec<Killed>,
     /// The smallest configured lane with a larger envelope, if any.
     pub bigger_lane: Option<(&'a str, u64)>,
+    /// Nix lanes: the derivations that were building when memory ran out.
+    pub building: Vec<String>,
+    /// Nix lanes: parallel builds the lane allows (`max-jobs`) and the memory one is given.
+    pub parallel: Option<(u32, u64)>,
 }
 
 /// The verdict printed on stderr when the job's cgroup saw an OOM kill.
@@ -45,15 +49,38 @@ pub fn oom_verdict(f: &OomFacts<'_>) -> String {
             format!("the kernel killed {}", names.join(", "))
         }
     };
+    let fewer = match f.parallel {
+        Some((jobs, per)) if jobs > 1 => format!(
+            "lower the build's parallelism (this lane runs up to {jobs} Nix builds at once, {} each: try `--max-jobs {}`; make -j, cargo -j likewise)",
+            Bytes(per),
+            (jobs / 2).max(1)
+        ),
+        Some((_, per)) => format!(
+            "lower the build's own parallelism (Nix builds one derivation at a time here, {} of memory assumed each: try `--cores 1`, make -j1, cargo -j1)",
+            Bytes(per)
+        ),
+        None => "lower the build's parallelism (fewer parallel jobs: nix --max-jobs / --cores, make -j, cargo -j)".to_owned(),
+    };
     let advice = match f.bigger_lane {
         Some((name, bytes)) => format!(
-            "lower the build's parallelism (fewer parallel jobs: nix --max-jobs / --cores, make -j, cargo -j) or run it on the `{name}` lane ({}) with `runs-on: {name}`",
+            "{fewer} or run it on the `{name}` lane ({}) with `runs-on: {name}`",
             Bytes(bytes)
         ),
-        None => "lower the build's parallelism (fewer parallel jobs: nix --max-jobs / --cores, make -j, cargo -j) or split the job; no larger lane is configured".to_owned(),
+        None => format!("{fewer} or split the job; no larger lane is configured"),
+    };
+    let building = match f.building.as_slice() {
+        [] => String::new(),
+        names => format!(
+            " while building {}",
+            names
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     };
     format!(
-        "flywheel: out of memory: this job on lane `{}` reached its memory envelope of {} (peak {peak}); {who}. What to do: {advice}.",
+        "flywheel: out of memory: this job on lane `{}` reached its memory envelope of {} (peak {peak}){building}; {who}. What to do: {advice}.",
         f.lane,
         Bytes(f.envelope_bytes),
     )
@@ -153,6 +180,8 @@ mod tests {
                 name: "cc1plus".into(),
             }],
             bigger_lane: Some(("tinyland-nix-heavy", 64 << 30)),
+            building: vec!["hog".into()],
+            parallel: Some((4, 2 << 30)),
         });
         for frag in [
             "out of memory",
@@ -160,7 +189,8 @@ mod tests {
             "8.0 GiB",
             "peak 8.0 GiB",
             "cc1plus (pid 4242)",
-            "fewer parallel jobs",
+            "while building `hog`",
+            "up to 4 Nix builds at once, 2.0 GiB each: try `--max-jobs 2`",
             "runs-on: tinyland-nix-heavy",
         ] {
             assert!(v.contains(frag), "{frag:?} missing from {v}");
@@ -180,6 +210,8 @@ mod tests {
             },
             killed: vec![],
             bigger_lane: None,
+            building: Vec::new(),
+            parallel: None,
         });
         assert!(
             v.contains("killed 3 processes")

@@ -120,6 +120,8 @@ pub struct State {
     pub registrations: Vec<Registration>,
     /// Results reported by fake listeners: (runner name, result, exit).
     pub completed: Vec<(String, String, i64)>,
+    /// Job summaries the runners uploaded (their steps' `GITHUB_STEP_SUMMARY`), by runner name.
+    pub summaries: HashMap<String, String>,
     /// Most runners alive at once, per label.
     pub max_alive: HashMap<String, usize>,
     pub rate_remaining: u64,
@@ -700,6 +702,9 @@ fn fake_report(s: &mut State, segs: &[&str], body: &[u8]) -> Response {
             let v: Value = serde_json::from_slice(body).unwrap_or_default();
             // An ephemeral runner is removed by GitHub after its job.
             if let Some(r) = s.runners.remove(&id) {
+                if let Some(md) = v["summary"].as_str().filter(|m| !m.is_empty()) {
+                    s.summaries.insert(r.name.clone(), md.to_owned());
+                }
                 s.completed.push((
                     r.name,
                     v["result"].as_str().unwrap_or_default().to_owned(),

@@ -107,11 +107,16 @@ fn run_cancellable(mut cmd: Command) -> Option<i32> {
     }
 }
 
-fn hook(var: &str, env: &BTreeMap<String, String>, cwd: &Path) -> Option<i32> {
+fn hook(var: &str, env: &BTreeMap<String, String>, cwd: &Path, summary: &Path) -> Option<i32> {
     let file = env.get(var).cloned().or_else(|| std::env::var(var).ok())?;
     println!("##[group]Run '{file}'");
+    let _ = std::fs::write(summary, "");
     let mut c = Command::new("bash");
-    c.arg("-e").arg(&file).envs(env).current_dir(cwd);
+    c.arg("-e")
+        .arg(&file)
+        .envs(env)
+        .env("GITHUB_STEP_SUMMARY", summary)
+        .current_dir(cwd);
     let code = run_cancellable(c);
     println!("##[endgroup]");
     Some(code.unwrap_or(1))
@@ -233,7 +238,19 @@ fn main() -> ExitCode {
 
     let mut result = 0;
     let mut cancelled = false;
-    if let Some(code) = hook("ACTIONS_RUNNER_HOOK_JOB_STARTED", &env, &workspace) {
+    // Each step (a hook too) gets a summary file of its own; the runner uploads them after the
+    // step, and GitHub shows them on the run's page.
+    let summaries = [
+        temp.join("summary_started"),
+        temp.join("summary_job"),
+        temp.join("summary_completed"),
+    ];
+    if let Some(code) = hook(
+        "ACTIONS_RUNNER_HOOK_JOB_STARTED",
+        &env,
+        &workspace,
+        &summaries[0],
+    ) {
         if code != 0 {
             println!("##[error]Process completed with exit code {code}.");
             result = code;
@@ -242,11 +259,13 @@ fn main() -> ExitCode {
     if result == 0 && !STOP.load(Ordering::SeqCst) {
         let mut job_env = env.clone();
         job_env.extend(read_env_file(&github_env));
+        let _ = std::fs::write(&summaries[1], "");
         let mut c = Command::new("bash");
         c.arg("-e")
             .arg("-c")
             .arg(job["script"].as_str().unwrap_or("true"))
             .envs(&job_env)
+            .env("GITHUB_STEP_SUMMARY", &summaries[1])
             .current_dir(&workspace);
         match run_cancellable(c) {
             Some(code) => result = code,
@@ -258,7 +277,12 @@ fn main() -> ExitCode {
         let completed_env = temp.join("github_env_completed");
         let _ = std::fs::write(&completed_env, "");
         done_env.insert("GITHUB_ENV".into(), completed_env.display().to_string());
-        let _ = hook("ACTIONS_RUNNER_HOOK_JOB_COMPLETED", &done_env, &workspace);
+        let _ = hook(
+            "ACTIONS_RUNNER_HOOK_JOB_COMPLETED",
+            &done_env,
+            &workspace,
+            &summaries[2],
+        );
     }
     let verdict = if cancelled {
         "cancelled"
@@ -268,10 +292,14 @@ fn main() -> ExitCode {
         "failed"
     };
     println!("Job build completed with result: {verdict}");
+    let summary: String = summaries
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .collect();
     post(
         &server,
         &format!("/_fake/runners/{id}/done"),
-        &format!("{{\"result\":\"{verdict}\",\"exit\":{result}}}"),
+        &serde_json::json!({"result": verdict, "exit": result, "summary": summary}).to_string(),
     );
     for f in files.keys() {
         let _ = std::fs::remove_file(root.join(f));

@@ -1,0 +1,471 @@
+//! What a workflow author sees of a job: a Markdown job summary (`$GITHUB_STEP_SUMMARY`) with
+//! the job's memory over time against its envelope and the Nix builds its daemon ran, the same
+//! as text for a terminal (`exec`), and annotations (`::error` / `::warning`) for the run's
+//! page. Pure: the facts come in, text goes out.
+//!
+//! GitHub renders Mermaid blocks in job summaries; Mermaid refuses a diagram over 50 000
+//! characters, and a step summary is at most 1 MiB. Both charts are pruned to stay well under
+//! that (samples are merged, builds beyond the longest [`MAX_BUILDS`] are left out), and the
+//! summary says when it pruned.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::size::Bytes;
+
+/// At most this many memory samples are kept; more are merged pairwise (the larger wins).
+pub const MAX_SAMPLES: usize = 240;
+/// At most this many builds are drawn: the longest ones.
+pub const MAX_BUILDS: usize = 150;
+/// A Mermaid block stays under this many characters (Mermaid's limit is 50 000).
+pub const MAX_DIAGRAM_CHARS: usize = 40_000;
+
+/// The job's memory over time: one value per `interval`, each the largest seen in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Samples {
+    /// How long one point covers: the sampling tick at first, doubled with every merge.
+    pub interval: Duration,
+    pub bytes: Vec<u64>,
+    /// How often a sample is taken.
+    tick: Duration,
+    /// Samples not yet making a whole point: (largest, count).
+    pending: (u64, u32),
+}
+
+impl Samples {
+    pub fn new(tick: Duration) -> Samples {
+        Samples {
+            interval: tick,
+            bytes: Vec::new(),
+            tick,
+            pending: (0, 0),
+        }
+    }
+
+    /// Add a sample (one per tick); past [`MAX_SAMPLES`] points, merge neighbours and double
+    /// what a point covers, so a job of any length is described in a bounded number of points.
+    pub fn push(&mut self, v: u64) {
+        self.pending = (self.pending.0.max(v), self.pending.1 + 1);
+        let per_point = (self.interval.as_nanos() / self.tick.as_nanos().max(1)).max(1);
+        if u128::from(self.pending.1) < per_point {
+            return;
+        }
+        self.bytes.push(self.pending.0);
+        self.pending = (0, 0);
+        if self.bytes.len() > MAX_SAMPLES {
+            self.bytes = self
+                .bytes
+                .chunks(2)
+                .map(|c| c.iter().copied().max().unwrap_or(0))
+                .collect();
+            self.interval = self.interval.saturating_mul(2);
+        }
+    }
+
+    /// End the series with the cgroup's peak when no sample caught it (a spike between two
+    /// samples, as an OOM often is).
+    pub fn close_with_peak(&mut self, peak: u64) {
+        if self.pending.1 > 0 {
+            self.bytes.push(self.pending.0);
+            self.pending = (0, 0);
+        }
+        if self.bytes.iter().all(|b| *b < peak) {
+            self.bytes.push(peak);
+        }
+    }
+
+    /// The points, with a last partial one for samples not yet making a whole point.
+    pub fn points(&self) -> Vec<u64> {
+        let mut v = self.bytes.clone();
+        if self.pending.1 > 0 {
+            v.push(self.pending.0);
+        }
+        v
+    }
+}
+
+/// One derivation the job's daemon built (or was building).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Build {
+    /// The derivation's name (`hello-2.12`), without hash and `.drv`.
+    pub name: String,
+    /// Seconds since the job started.
+    pub start: f64,
+    pub end: f64,
+    /// No output was registered: it failed, or was killed.
+    pub failed: bool,
+}
+
+/// Everything the summary shows.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub lane: String,
+    pub envelope_bytes: u64,
+    pub peak_bytes: Option<u64>,
+    pub samples: Option<Samples>,
+    pub builds: Vec<Build>,
+    /// The Nix bootstrap line (warm or cold, with its time).
+    pub bootstrap: Option<String>,
+    /// The job's store (a node-local slot, warm or cold).
+    pub store: Option<String>,
+    /// `run` of the job: cold (built), substituted, warm.
+    pub cache: Option<String>,
+    /// Store paths the job added: (built, substituted).
+    pub paths: Option<(u64, u64)>,
+    /// The OOM verdict, when the kernel killed something.
+    pub oom: Option<String>,
+    /// The pids-limit note, when forks were refused.
+    pub pids: Option<String>,
+    pub elapsed: Duration,
+}
+
+/// How a job's run used the store: `cold` (it built), `substituted`, or `warm` (neither).
+pub fn cache_kind(built: u64, substituted: u64) -> &'static str {
+    if built > 0 {
+        "cold"
+    } else if substituted > 0 {
+        "substituted"
+    } else {
+        "warm"
+    }
+}
+
+fn mib(b: u64) -> u64 {
+    b.div_ceil(1 << 20)
+}
+
+/// Mermaid labels: no quotes, colons, semicolons or hashes.
+fn label(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '"' | ':' | ';' | '#' | '\n' | '\r' => ' ',
+            c => c,
+        })
+        .take(60)
+        .collect()
+}
+
+/// The builds that are drawn: the longest [`MAX_BUILDS`] (and every failed one), by start.
+fn drawn(builds: &[Build]) -> Vec<&Build> {
+    let mut v: Vec<&Build> = builds.iter().collect();
+    v.sort_by(|a, b| {
+        (b.failed, b.end - b.start)
+            .partial_cmp(&(a.failed, a.end - a.start))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    v.truncate(MAX_BUILDS);
+    v.sort_by(|a, b| {
+        a.start
+            .partial_cmp(&b.start)
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    v
+}
+
+fn memory_chart(r: &Report, s: &Samples) -> String {
+    let secs = s.interval.as_secs_f64();
+    let points = s.points();
+    let top = mib(r
+        .envelope_bytes
+        .max(points.iter().copied().max().unwrap_or(0)));
+    let mut out = String::new();
+    let _ = writeln!(out, "```mermaid\nxychart-beta");
+    let _ = writeln!(
+        out,
+        "    title \"Memory (MiB) of the job, the largest of every {:.3} s; the line on top is the {} envelope\"",
+        secs,
+        Bytes(r.envelope_bytes)
+    );
+    let end = secs * points.len().max(1) as f64;
+    let _ = writeln!(out, "    x-axis \"seconds\" 0 --> {}", end.ceil() as u64);
+    let _ = writeln!(out, "    y-axis \"MiB\" 0 --> {}", top + top / 20 + 1);
+    let values: Vec<String> = points.iter().map(|b| mib(*b).to_string()).collect();
+    let _ = writeln!(out, "    line [{}]", values.join(", "));
+    let envelope: Vec<String> = points
+        .iter()
+        .map(|_| mib(r.envelope_bytes).to_string())
+        .collect();
+    let _ = writeln!(out, "    line [{}]", envelope.join(", "));
+    out.push_str("```\n");
+    out
+}
+
+fn build_chart(builds: &[&Build]) -> String {
+    let mut out = String::from("```mermaid\ngantt\n    title Nix builds of this job (seconds since the job started)\n    dateFormat x\n    axisFormat %M:%S\n    section builds\n");
+    for (i, b) in builds.iter().enumerate() {
+        let line = format!(
+            "    {} :{}b{i}, {}, {}\n",
+            label(&b.name),
+            if b.failed { "crit, " } else { "done, " },
+            (b.start * 1000.0) as i64,
+            ((b.end.max(b.start + 0.001)) * 1000.0) as i64
+        );
+        if out.len() + line.len() + 4 > MAX_DIAGRAM_CHARS {
+            break;
+        }
+        out.push_str(&line);
+    }
+    out.push_str("```\n");
+    out
+}
+
+/// The job summary, Markdown.
+pub fn markdown(r: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "### flywheel: lane `{}`, memory envelope {}\n",
+        r.lane,
+        Bytes(r.envelope_bytes)
+    );
+    if let Some(v) = &r.oom {
+        let _ = writeln!(out, "> [!CAUTION]\n> {}\n", v.replace('\n', "\n> "));
+    }
+    if let Some(p) = &r.pids {
+        let _ = writeln!(out, "> [!WARNING]\n> {p}\n");
+    }
+    let peak = r.peak_bytes.map_or_else(
+        || "unknown".to_owned(),
+        |p| {
+            format!(
+                "{} ({:.0}% of the envelope)",
+                Bytes(p),
+                p as f64 * 100.0 / r.envelope_bytes.max(1) as f64
+            )
+        },
+    );
+    out.push_str("| | |\n| --- | --- |\n");
+    let _ = writeln!(out, "| peak memory | {peak} |");
+    let _ = writeln!(out, "| job time | {:.1} s |", r.elapsed.as_secs_f64());
+    if let Some(s) = &r.store {
+        let _ = writeln!(out, "| store | {s} |");
+    }
+    if let Some(b) = &r.bootstrap {
+        let _ = writeln!(out, "| nix bootstrap | {b} |");
+    }
+    if let Some(c) = &r.cache {
+        let _ = writeln!(out, "| run | {c} |");
+    }
+    if let Some((built, subst)) = r.paths {
+        let _ = writeln!(out, "| store paths | {built} built, {subst} substituted |");
+    }
+    out.push('\n');
+    if let Some(s) = r.samples.as_ref().filter(|s| !s.bytes.is_empty()) {
+        out.push_str(&memory_chart(r, s));
+        let _ = writeln!(
+            out,
+            "\nMemory: `{}`\n",
+            sparkline(&s.bytes, r.envelope_bytes)
+        );
+    }
+    if !r.builds.is_empty() {
+        let shown = drawn(&r.builds);
+        let chart = build_chart(&shown);
+        let drawn_n = chart.matches(":done, ").count() + chart.matches(":crit, ").count();
+        out.push_str(&chart);
+        if drawn_n < r.builds.len() {
+            let _ = writeln!(
+                out,
+                "\nShowing the {drawn_n} longest of {} builds (GitHub's diagrams have a size limit).",
+                r.builds.len()
+            );
+        }
+        let failed: Vec<&str> = r
+            .builds
+            .iter()
+            .filter(|b| b.failed)
+            .map(|b| b.name.as_str())
+            .collect();
+        if !failed.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nNot finished (failed or killed): {}",
+                failed.join(", ")
+            );
+        }
+    }
+    out
+}
+
+const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+
+/// A one-line chart of memory against the envelope (█ = the envelope).
+pub fn sparkline(bytes: &[u64], envelope: u64) -> String {
+    // At most 60 columns: merge samples (the larger wins).
+    let per = bytes.len().div_ceil(60).max(1);
+    bytes
+        .chunks(per)
+        .map(|c| {
+            let v = c.iter().copied().max().unwrap_or(0);
+            let i = (v as f64 / envelope.max(1) as f64 * 7.0).round() as usize;
+            BARS[i.min(7)]
+        })
+        .collect()
+}
+
+/// The summary for a terminal (`exec`).
+pub fn text(r: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "flywheel: lane {}, envelope {}, peak {} in {:.1} s",
+        r.lane,
+        Bytes(r.envelope_bytes),
+        r.peak_bytes
+            .map_or_else(|| "unknown".to_owned(), |p| Bytes(p).to_string()),
+        r.elapsed.as_secs_f64()
+    );
+    if let Some(s) = r.samples.as_ref().filter(|s| !s.points().is_empty()) {
+        let points = s.points();
+        let _ = writeln!(
+            out,
+            "flywheel: memory {} (of the envelope, every {:.2} s)",
+            sparkline(&points, r.envelope_bytes),
+            s.interval.as_secs_f64() * points.len().div_ceil(60).max(1) as f64
+        );
+    }
+    if let Some((built, subst)) = r.paths {
+        let _ = writeln!(
+            out,
+            "flywheel: store paths: {built} built, {subst} substituted"
+        );
+    }
+    let mut longest: Vec<&Build> = r.builds.iter().collect();
+    longest.sort_by(|a, b| {
+        (b.end - b.start)
+            .partial_cmp(&(a.end - a.start))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    for b in longest.iter().take(5) {
+        let _ = writeln!(
+            out,
+            "flywheel: build {} {:.1} s{}",
+            b.name,
+            b.end - b.start,
+            if b.failed { " (not finished)" } else { "" }
+        );
+    }
+    out
+}
+
+/// An annotation line for the runner (`::error title=…::message`), escaped as the runner's
+/// workflow commands require.
+pub fn annotation(kind: &str, title: &str, message: &str) -> String {
+    let esc = |s: &str, prop: bool| {
+        let mut t = s
+            .replace('%', "%25")
+            .replace('\r', "%0D")
+            .replace('\n', "%0A");
+        if prop {
+            t = t.replace(':', "%3A").replace(',', "%2C");
+        }
+        t
+    };
+    format!(
+        "::{kind} title={}::{}",
+        esc(title, true),
+        esc(message, false)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(samples: usize, builds: usize) -> Report {
+        let mut s = Samples::new(Duration::from_millis(250));
+        for i in 0..samples {
+            s.push((i as u64 % 4096) << 20);
+        }
+        Report {
+            lane: "tinyland-nix".into(),
+            envelope_bytes: 8 << 30,
+            peak_bytes: Some(4 << 30),
+            samples: Some(s),
+            builds: (0..builds)
+                .map(|i| Build {
+                    name: format!("package-number-{i}-1.0"),
+                    start: i as f64,
+                    end: i as f64 + (i % 97) as f64,
+                    failed: i == 7,
+                })
+                .collect(),
+            bootstrap: Some("nix 2.34.0: warm (verified in 0.2 ms)".into()),
+            paths: Some((builds as u64, 3)),
+            elapsed: Duration::from_secs(6 * 3600),
+            ..Report::default()
+        }
+    }
+
+    #[test]
+    fn a_six_hour_job_with_2000_builds_stays_under_githubs_limits() {
+        // Six hours sampled every 250 ms: 86 400 samples.
+        let r = report(86_400, 2000);
+        let s = r.samples.as_ref().expect("samples");
+        assert!(s.points().len() <= MAX_SAMPLES + 1);
+        // 6 hours in at most 240 points: each covers at least 90 s.
+        assert!(s.interval >= Duration::from_secs(90), "{:?}", s.interval);
+        assert!(s.interval <= Duration::from_secs(180), "{:?}", s.interval);
+        let md = markdown(&r);
+        assert!(md.len() < 200_000, "{} bytes", md.len());
+        for block in md.split("```mermaid").skip(1) {
+            let block = block.split("```").next().unwrap_or("");
+            assert!(block.len() < MAX_DIAGRAM_CHARS, "{}", block.len());
+        }
+        assert!(
+            md.contains("Showing the 150 longest of 2000 builds"),
+            "{md}"
+        );
+        // The failed build is always drawn, as critical.
+        assert!(md.contains("package-number-7-1.0 :crit, "), "{md}");
+        assert!(md.contains("xychart-beta") && md.contains("gantt"));
+    }
+
+    #[test]
+    fn the_chart_draws_the_envelope_and_the_oom_is_on_top() {
+        let mut r = report(10, 2);
+        r.oom = Some("flywheel: out of memory: lane tinyland-nix\nthe build hog".into());
+        let md = markdown(&r);
+        assert!(md.starts_with("### flywheel: lane `tinyland-nix`, memory envelope 8.0 GiB"));
+        assert!(md.contains("> [!CAUTION]\n> flywheel: out of memory"));
+        // The envelope is the second line, at 8192 MiB for every sample.
+        assert!(md.contains(&format!("line [{}]", ["8192"; 10].join(", "))));
+        let t = text(&r);
+        assert!(
+            t.contains("flywheel: memory ") && t.contains("peak 4.0 GiB"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn samples_merge_keeping_the_largest() {
+        let mut s = Samples::new(Duration::from_secs(1));
+        for i in 0..=MAX_SAMPLES as u64 {
+            s.push(i);
+        }
+        assert_eq!(s.points().len(), MAX_SAMPLES / 2 + 1);
+        assert_eq!(s.interval, Duration::from_secs(2));
+        assert_eq!(s.points()[0], 1);
+        assert_eq!(s.points().last().copied(), Some(MAX_SAMPLES as u64));
+        // Later samples fill points of the new width: two samples a point.
+        s.push(1000);
+        assert_eq!(
+            s.points().len(),
+            MAX_SAMPLES / 2 + 2,
+            "a partial point shows"
+        );
+        s.push(0);
+        assert_eq!(s.points().last().copied(), Some(1000));
+        s.close_with_peak(5000);
+        assert_eq!(s.points().last().copied(), Some(5000));
+    }
+
+    #[test]
+    fn annotations_are_escaped_like_workflow_commands() {
+        assert_eq!(
+            annotation("error", "OOM: lane a, 8Gi", "line 1\nline 2 100%"),
+            "::error title=OOM%3A lane a%2C 8Gi::line 1%0Aline 2 100%25"
+        );
+        assert_eq!(sparkline(&[0, 4, 8], 8), "▁▅█");
+    }
+}
