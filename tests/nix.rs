@@ -618,7 +618,8 @@ command -v xz >/dev/null && echo "xz is there" || echo "would sudo apt-get insta
     );
     assert!(
         text_log.contains("::error title=Out of memory on lane ")
-            && text_log.contains("while building `hog`"),
+            && text_log.contains("while building `hog`")
+            && text_log.contains("the kernel killed tail (pid "),
         "{text_log}"
     );
     let addr = common::metrics_address(&text_log).expect("the agent logged its metrics address");

@@ -140,7 +140,18 @@ pub struct JobProbe(
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
     std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     std::sync::Arc<std::sync::Mutex<JobFacts>>,
+    std::sync::Arc<std::sync::Mutex<Kills>>,
 );
+
+/// The kernel log watch of a running job and the OOM kills read from it so far (the hook reads
+/// it while the job runs, teardown after: both see every kill).
+#[derive(Debug, Default)]
+pub struct Kills {
+    watch: Option<KmsgWatch>,
+    /// The job cgroup's path suffix in the kernel's records.
+    suffix: String,
+    seen: Vec<Killed>,
+}
 
 /// What the agent records of a running job for its summary.
 #[derive(Debug, Clone, Default)]
@@ -219,6 +230,32 @@ impl JobProbe {
     pub fn peak_bytes(&self) -> Option<u64> {
         self.read_first(&["memory.peak", "memory.max_usage_in_bytes"], None)
     }
+    fn watch_kmsg(&self, w: KmsgWatch, job: &str) {
+        if let Ok(mut k) = self.4.lock() {
+            *k = Kills {
+                watch: Some(w),
+                suffix: format!("/{JOBS_DIR}/{job}"),
+                seen: Vec::new(),
+            };
+        }
+    }
+
+    /// The processes the OOM killer killed in the job so far (from the kernel log).
+    pub fn killed(&self) -> Vec<Killed> {
+        let Ok(mut k) = self.4.lock() else {
+            return Vec::new();
+        };
+        let Kills {
+            watch,
+            suffix,
+            seen,
+        } = &mut *k;
+        if let Some(w) = watch.as_mut() {
+            seen.extend(w.killed(suffix));
+        }
+        seen.clone()
+    }
+
     /// Forks the pids limit refused so far.
     pub fn pids_hits(&self) -> u64 {
         self.read_first(&["pids.events"], Some("max ")).unwrap_or(0)
@@ -679,7 +716,7 @@ async fn run_job_inner(
         pids_max: lane.pids_max,
         oom_group: lane.oom_group,
     };
-    let mut kmsg = KmsgWatch::start();
+    probe.watch_kmsg(KmsgWatch::start(), &job);
     let cg = mgr.create(&job, &limits)?;
     probe.set(Some(cg.procs_files()));
     probe.with_facts(|f| {
@@ -781,7 +818,7 @@ async fn run_job_inner(
     let teardown_time = t_down.elapsed();
 
     let verdict = (stats.oom_kills > 0).then(|| {
-        let mut killed = kmsg.killed(&format!("/{JOBS_DIR}/{job}"));
+        let mut killed = probe.killed();
         if killed.is_empty() && exit == Some(Exit::Signal(libc::SIGKILL)) {
             killed.push(Killed {
                 pid: 0,

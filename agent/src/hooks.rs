@@ -509,7 +509,7 @@ fn job_report(h: &RunnerHooks) -> crate::summary::Report {
                 peak_bytes: peak,
                 pids_max_hits: 0,
             },
-            killed: Vec::new(),
+            killed: h.probe.killed(),
             bigger_lane: h.bigger_lane.as_ref().map(|(n, b)| (n.as_str(), *b)),
             building: builds
                 .iter()
