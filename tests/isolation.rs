@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::rig::{hs256_secret, term, wait_exit, Rig};
+use common::rig::{term, wait_exit, Rig};
 use common::{privileged, stderr, stdout, Fixture};
 
 /// One section of the attacker's record: the lines after `== name` up to the next `==`.
@@ -54,50 +54,11 @@ fn a_hostile_pull_request_cannot_reach_the_trusted_push_job_running_beside_it() 
     if !privileged("isolation-concurrent") {
         return;
     }
-    use base64::Engine;
     let rig = Rig::new(&[("iso", "256Mi", 2)], "5s");
-    let key = rig.dir.path().join("attic-hs256.b64");
-    std::fs::write(
-        &key,
-        base64::engine::general_purpose::STANDARD.encode(hs256_secret()),
-    )
-    .unwrap();
-    let cfg = std::fs::read_to_string(&rig.config).unwrap();
-    std::fs::write(
-        &rig.config,
-        format!(
-            "{cfg}[lane.hints]\nattic_server = \"http://127.0.0.1:9\"\nattic_cache = \"tinyland\"\n\n[attic]\nsigning_key_file = \"{}\"\npublish_repositories = [\"tinyland/flywheel\"]\n",
-            key.display()
-        ),
-    )
-    .unwrap();
+    rig.with_attic("http://127.0.0.1:9", "");
     let shared = common::shared_dir(rig.dir.path());
     let s = shared.display().to_string();
-    rig.gh.with(|st| {
-        for (id, event, head) in [(101, "push", 10), (102, "pull_request", 99)] {
-            st.runs.push(fake_github::FakeRun {
-                repository: "tinyland/flywheel".into(),
-                repository_id: 10,
-                default_branch: "main".into(),
-                id,
-                run_attempt: 1,
-                event: event.into(),
-                head_branch: "main".into(),
-                head_sha: format!("{id:040x}"),
-                head_repository: if head == 10 {
-                    "tinyland/flywheel".into()
-                } else {
-                    "someone/flywheel".into()
-                },
-                head_repository_id: head,
-                jobs: Vec::new(),
-            });
-        }
-        st.branches.insert(
-            ("tinyland/flywheel".into(), "main".into()),
-            vec![format!("{:040x}", 100), format!("{:040x}", 101)],
-        );
-    });
+    rig.push_and_fork_pr_runs();
     let state = rig.dir.path().join("state");
     let work_root = rig.dir.path().join("work/iso");
     let attack = common::attacker();
@@ -470,23 +431,8 @@ fn a_tag_named_like_the_default_branch_is_told_apart_by_githubs_answer() {
     if !privileged("isolation-tag") {
         return;
     }
-    use base64::Engine;
     let rig = Rig::new(&[("tag", "128Mi", 1)], "5s");
-    let key = rig.dir.path().join("attic-hs256.b64");
-    std::fs::write(
-        &key,
-        base64::engine::general_purpose::STANDARD.encode(hs256_secret()),
-    )
-    .unwrap();
-    let cfg = std::fs::read_to_string(&rig.config).unwrap();
-    std::fs::write(
-        &rig.config,
-        format!(
-            "{cfg}[lane.hints]\nattic_server = \"http://127.0.0.1:9\"\nattic_cache = \"tinyland\"\n\n[attic]\nsigning_key_file = \"{}\"\npublish_repositories = [\"tinyland/flywheel\"]\n",
-            key.display()
-        ),
-    )
-    .unwrap();
+    rig.with_attic("http://127.0.0.1:9", "");
     let shared = common::shared_dir(rig.dir.path());
     // A push of the tag `main`: GitHub's run says head_branch "main", like a branch push.
     let tag_commit = "7a9".repeat(13) + "7";

@@ -646,49 +646,10 @@ fn a_push_to_main_gets_a_push_token_a_fork_pr_does_not_and_nothing_remains() {
     if !privileged("credentials") {
         return;
     }
-    use base64::Engine;
     let rig = Rig::new(&[("cred", "128Mi", 1)], "5s");
-    let key = rig.dir.path().join("attic-hs256.b64");
-    std::fs::write(
-        &key,
-        base64::engine::general_purpose::STANDARD.encode(hs256_secret()),
-    )
-    .unwrap();
-    let cfg = std::fs::read_to_string(&rig.config).unwrap();
-    std::fs::write(
-        &rig.config,
-        format!(
-            "{cfg}[lane.hints]\nattic_server = \"http://127.0.0.1:9\"\nattic_cache = \"tinyland\"\n\n[attic]\nsigning_key_file = \"{}\"\npublish_repositories = [\"tinyland/flywheel\"]\ntoken_validity = \"2h\"\n",
-            key.display()
-        ),
-    )
-    .unwrap();
+    rig.with_attic("http://127.0.0.1:9", "token_validity = \"2h\"\n");
     let shared = common::shared_dir(rig.dir.path());
-    rig.gh.with(|s| {
-        for (id, event, head) in [(101, "push", 10), (102, "pull_request", 99)] {
-            s.runs.push(fake_github::FakeRun {
-                repository: "tinyland/flywheel".into(),
-                repository_id: 10,
-                default_branch: "main".into(),
-                id,
-                run_attempt: 1,
-                event: event.into(),
-                head_branch: "main".into(),
-                head_sha: format!("{id:040x}"),
-                head_repository: if head == 10 {
-                    "tinyland/flywheel".into()
-                } else {
-                    "someone/flywheel".into()
-                },
-                head_repository_id: head,
-                jobs: Vec::new(),
-            });
-        }
-        s.branches.insert(
-            ("tinyland/flywheel".into(), "main".into()),
-            vec![format!("{:040x}", 101)],
-        );
-    });
+    rig.push_and_fork_pr_runs();
     let sockets = rig.dir.path().join("state/hook-sockets");
     let mut push = rig.job(0, &format!(
         "cat \"$XDG_CONFIG_HOME/attic/config.toml\" > {s}/a.toml; stat -c %a \"$XDG_CONFIG_HOME/attic/config.toml\" > {s}/a.mode; {agent} hook job-started > {s}/a.replay 2>&1; ls -A {sockets} | wc -l > {s}/a.others",
@@ -834,20 +795,8 @@ fn on_a_private_cache_an_untrusted_job_gets_a_pull_only_token_its_steps_cannot_r
     if !privileged("credentials-private") {
         return;
     }
-    use base64::Engine;
     let rig = Rig::new(&[("priv", "128Mi", 1)], "5s");
-    let key = rig.dir.path().join("attic-hs256.b64");
-    std::fs::write(
-        &key,
-        base64::engine::general_purpose::STANDARD.encode(hs256_secret()),
-    )
-    .unwrap();
-    let cfg = std::fs::read_to_string(&rig.config).unwrap();
-    std::fs::write(
-        &rig.config,
-        format!("{cfg}[lane.hints]\nattic_server = \"http://attic.test:8080\"\nattic_cache = \"tinyland\"\n\n[attic]\nsigning_key_file = \"{}\"\npublic = false\npublish_repositories = [\"tinyland/flywheel\"]\n", key.display()),
-    )
-    .unwrap();
+    rig.with_attic("http://attic.test:8080", "public = false\n");
     let shared = common::shared_dir(rig.dir.path());
     rig.gh.with(|s| {
         s.runs.push(fake_github::FakeRun {

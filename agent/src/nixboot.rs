@@ -738,31 +738,20 @@ pub fn ensure_for_job(
     };
     let (slot_nix, _) = crate::slot::slot_dirs(slot_root, slot);
     std::fs::create_dir_all(&slot_nix).map_err(io(format!("create {}", slot_nix.display())))?;
-    let exe = std::env::current_exe().map_err(io("find the agent's own executable"))?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.args([
-        "nix",
-        "bootstrap",
-        "--lane",
-        &lane.name,
-        "--slot",
-        &slot.to_string(),
-        "--summary-only",
-    ]);
-    if let crate::config::Origin::File(p) = &cfg.origin {
-        cmd.arg("--config").arg(p);
-    }
     let t = Instant::now();
-    let out = cmd.output().map_err(|e| NixError::Command {
-        what: "bootstrapping the slot's store".into(),
-        detail: e.to_string(),
-    })?;
-    if !out.status.success() {
-        return Err(NixError::Command {
-            what: format!("bootstrapping slot {slot}'s store"),
-            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
+    let out = slot_child(
+        cfg,
+        &[
+            "nix",
+            "bootstrap",
+            "--lane",
+            &lane.name,
+            "--slot",
+            &slot.to_string(),
+            "--summary-only",
+        ],
+        &format!("bootstrapping slot {slot}'s store"),
+    )?;
     let summary = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     let cold = !summary.contains(": warm");
     Ok(Report {
@@ -776,6 +765,32 @@ pub fn ensure_for_job(
         },
         relayed: Some(summary),
     })
+}
+
+/// Run the agent itself with `args` (and the config it was given) for work on a slot's store,
+/// which the child mounts at the lane's `nix_store` in a mount namespace of its own.
+fn slot_child(
+    cfg: &crate::config::Config,
+    args: &[&str],
+    what: &str,
+) -> Result<std::process::Output, NixError> {
+    let exe = std::env::current_exe().map_err(io("find the agent's own executable"))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(args);
+    if let crate::config::Origin::File(p) = &cfg.origin {
+        cmd.arg("--config").arg(p);
+    }
+    let out = cmd.output().map_err(|e| NixError::Command {
+        what: what.to_owned(),
+        detail: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(NixError::Command {
+            what: what.to_owned(),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(out)
 }
 
 /// Garbage-collect a node-local slot's store when its filesystem runs low or it is over the
@@ -799,32 +814,21 @@ pub fn gc_slot(
     let Some(want) = crate::store::gc_bytes(free, total, bytes, lane.slot_max_bytes) else {
         return Ok(None);
     };
-    let exe = std::env::current_exe().map_err(io("find the agent's own executable"))?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.args([
-        "nix",
-        "gc",
-        "--lane",
-        &lane.name,
-        "--slot",
-        &slot.to_string(),
-        "--max-freed",
-        &want.to_string(),
-    ]);
-    if let crate::config::Origin::File(p) = &cfg.origin {
-        cmd.arg("--config").arg(p);
-    }
     let t = Instant::now();
-    let out = cmd.output().map_err(|e| NixError::Command {
-        what: "collecting the slot's garbage".into(),
-        detail: e.to_string(),
-    })?;
-    if !out.status.success() {
-        return Err(NixError::Command {
-            what: format!("collecting slot {slot}'s garbage"),
-            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
+    let out = slot_child(
+        cfg,
+        &[
+            "nix",
+            "gc",
+            "--lane",
+            &lane.name,
+            "--slot",
+            &slot.to_string(),
+            "--max-freed",
+            &want.to_string(),
+        ],
+        &format!("collecting slot {slot}'s garbage"),
+    )?;
     let after = crate::store::size(&slot_nix).unwrap_or((0, 0));
     Ok(Some(format!(
         "slot {slot}: garbage-collected in {:.1} s: {paths} → {} paths, {} → {} ({})",

@@ -214,6 +214,59 @@ pub fn wait_exit(rig: &Rig, mut child: Child, timeout: Duration) -> (i32, String
     }
 }
 
+impl Rig {
+    /// Give the rig's lane an Attic cache and the agent the HS256 signing key, publishing for
+    /// `tinyland/flywheel`; `extra` goes into `[attic]`.
+    pub fn with_attic(&self, server: &str, extra: &str) {
+        use base64::Engine;
+        let key = self.dir.path().join("attic-hs256.b64");
+        std::fs::write(
+            &key,
+            base64::engine::general_purpose::STANDARD.encode(hs256_secret()),
+        )
+        .expect("key");
+        let cfg = std::fs::read_to_string(&self.config).expect("config");
+        std::fs::write(
+            &self.config,
+            format!(
+                "{cfg}[lane.hints]\nattic_server = \"{server}\"\nattic_cache = \"tinyland\"\n\n[attic]\nsigning_key_file = \"{}\"\npublish_repositories = [\"tinyland/flywheel\"]\n{extra}",
+                key.display()
+            ),
+        )
+        .expect("config");
+    }
+
+    /// GitHub's side of two runs of `tinyland/flywheel`: 101, a push to main (its commit the
+    /// head of main), and 102, a pull request from a fork.
+    pub fn push_and_fork_pr_runs(&self) {
+        self.gh.with(|s| {
+            for (id, event, head) in [(101, "push", 10), (102, "pull_request", 99)] {
+                s.runs.push(fake_github::FakeRun {
+                    repository: "tinyland/flywheel".into(),
+                    repository_id: 10,
+                    default_branch: "main".into(),
+                    id,
+                    run_attempt: 1,
+                    event: event.into(),
+                    head_branch: "main".into(),
+                    head_sha: format!("{id:040x}"),
+                    head_repository: if head == 10 {
+                        "tinyland/flywheel".into()
+                    } else {
+                        "someone/flywheel".into()
+                    },
+                    head_repository_id: head,
+                    jobs: Vec::new(),
+                });
+            }
+            s.branches.insert(
+                ("tinyland/flywheel".into(), "main".into()),
+                vec![format!("{:040x}", 100), format!("{:040x}", 101)],
+            );
+        });
+    }
+}
+
 /// Register a runner the way ARC's controller does, returning the encoded JIT config.
 pub fn register_directly(gh: &FakeGitHub, label: &str, name: &str) -> String {
     let rt = tokio::runtime::Builder::new_current_thread()
