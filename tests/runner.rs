@@ -582,7 +582,7 @@ fn status_json_shows_the_running_job_with_its_lane_and_envelope() {
         return;
     }
     let rig = Rig::new(&[("st", "192Mi", 1)], "5s");
-    rig.gh.push_job(rig.job(0, "sleep 4"));
+    rig.gh.push_job(rig.job(0, "sleep 10"));
     let agent = rig.start();
     rig.wait("the job is running", Duration::from_secs(30), |s| {
         s.runners.values().any(|r| r.busy)
