@@ -501,7 +501,13 @@ fn a_full_lane_refuses_more_jobs() {
     }
     let f = Fixture::new("busy", "64Mi", "");
     let ready = f.dir.path().join("ready");
-    let hold = format!("touch {}; sleep 3", ready.display());
+    let release = f.dir.path().join("release");
+    // Hold slot 0 until the test says so (a fixed sleep races a slow machine).
+    let hold = format!(
+        "touch {}; for i in $(seq 600); do [ -e {} ] && break; sleep 0.1; done",
+        ready.display(),
+        release.display()
+    );
     let mut a = f
         .exec_cmd(&["--slot", "0"], &["sh", "-c", &hold])
         .spawn()
@@ -520,6 +526,7 @@ fn a_full_lane_refuses_more_jobs() {
     let bad = f.exec(&["--slot", "7"], &["true"]);
     assert_eq!(bad.status.code(), Some(125));
     assert!(stderr(&bad).contains("slot 7 does not exist"));
+    std::fs::write(&release, "").expect("release");
     assert_eq!(a.wait().expect("wait").code(), Some(0));
 }
 

@@ -55,7 +55,11 @@ fn a_hostile_pull_request_cannot_reach_the_trusted_push_job_running_beside_it() 
         return;
     }
     let rig = Rig::new(&[("iso", "256Mi", 2)], "5s");
-    rig.with_attic("http://127.0.0.1:9", "");
+    // The trusted job holds a push token (opted in), the thing worth stealing.
+    rig.with_attic(
+        "http://127.0.0.1:9",
+        "push_token_to_jobs = true\npublish = false\n",
+    );
     let shared = common::shared_dir(rig.dir.path());
     let s = shared.display().to_string();
     rig.push_and_fork_pr_runs();

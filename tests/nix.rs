@@ -755,3 +755,204 @@ command -v xz >/dev/null && echo "xz is there" || echo "would sudo apt-get insta
         "{m}"
     );
 }
+
+#[test]
+fn a_trusted_jobs_builds_are_published_by_the_agent_and_a_pull_requests_are_not() {
+    if !privileged("nix-publish") {
+        return;
+    }
+    use base64::Engine;
+    let attic = fake_attic::FakeAttic::start(&common::rig::hs256_secret(), &["tinyland"]);
+    let gh = fake_github::FakeGitHub::start();
+    common::rig::push_and_fork_pr_runs(&gh);
+    let rig = Rig::new(
+        &format!(
+            "[lane.hints]\nattic_server = \"{}\"\nattic_cache = \"tinyland\"\n",
+            attic.url
+        ),
+        None,
+    );
+    let install = rig.dir.path().join("install");
+    std::fs::create_dir_all(install.join("bin")).unwrap();
+    std::fs::copy(common::fake_listener(), install.join("bin/Runner.Listener")).unwrap();
+    let app_key = rig.dir.path().join("app.pem");
+    std::fs::write(&app_key, fake_github::app_key().0).unwrap();
+    let attic_key = rig.dir.path().join("attic.key");
+    std::fs::write(
+        &attic_key,
+        base64::engine::general_purpose::STANDARD.encode(common::rig::hs256_secret()),
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(&rig.config).unwrap();
+    std::fs::write(
+        &rig.config,
+        format!(
+            "{cfg}\n[metrics]\nlisten = \"\"\n\n[github]\napi_url = \"{}\"\nscope = \"org\"\ntarget = \"tinyland\"\napp_id = \"{}\"\nprivate_key_file = \"{}\"\n\n[runner]\ninstall_dir = \"{}\"\nuser = \"{}\"\nname_prefix = \"publish\"\ndrain_grace = \"5s\"\nbackoff = \"100ms\"\n\n[attic]\nsigning_key_file = \"{}\"\npublish_repositories = [\"tinyland/flywheel\"]\n",
+            gh.url,
+            fake_github::APP_ID,
+            app_key.display(),
+            install.display(),
+            common::runner_pool(),
+            attic_key.display(),
+        ),
+    )
+    .unwrap();
+    let tag = unique("pub").replace('-', "");
+    let shared = common::shared_dir(rig.dir.path());
+    let job = |run: &str, event: &str, git_ref: &str, script: String| {
+        let mut j = fake_github::FakeJob {
+            labels: vec![rig.lane.clone()],
+            script,
+            ..Default::default()
+        };
+        for (k, v) in [
+            ("GITHUB_REPOSITORY", "tinyland/flywheel"),
+            ("GITHUB_RUN_ID", run),
+            ("GITHUB_RUN_ATTEMPT", "1"),
+            ("GITHUB_EVENT_NAME", event),
+            ("GITHUB_REF", git_ref),
+        ] {
+            j.env.insert(k.into(), v.into());
+        }
+        j
+    };
+    // The trusted push: a derivation whose output refers to another locally built one.
+    let push_nix = format!(
+        "let dep = derivation {{ name = \"dep-{tag}\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"echo dependency > $out\" ]; }};\nin derivation {{ name = \"top-{tag}\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; inherit dep; args = [ \"-c\" \"echo $dep > $out\" ]; }}\n"
+    );
+    std::fs::write(shared.join("p.nix"), push_nix).unwrap();
+    std::fs::write(
+        shared.join("q.nix"),
+        format!("derivation {{ name = \"pr-{tag}\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"echo pr > $out\" ]; }}\n"),
+    )
+    .unwrap();
+    let s = shared.display();
+    gh.push_job(job(
+        "101",
+        "push",
+        "refs/heads/main",
+        format!("nix-build {s}/p.nix --no-out-link\ntouch {s}/push-built; for i in $(seq 100); do [ -e {s}/pr-done ] && break; sleep 0.1; done"),
+    ));
+    // A fork's pull request at the same time: builds, and looks for anything to push with.
+    gh.push_job(job(
+        "102",
+        "pull_request",
+        "refs/pull/5/merge",
+        format!(
+            "set +e\nnix-build {s}/q.nix --no-out-link\nfor i in $(seq 100); do [ -e {s}/push-built ] && break; sleep 0.1; done\necho \"token files: $(grep -rls 'eyJ' $HOME {state} 2>/dev/null | wc -l) env: $(env | grep -c 'eyJ')\" > {s}/pr-looked\ntouch {s}/pr-done",
+            state = rig.dir.path().join("state").display()
+        ),
+    ));
+    let log_path = rig.dir.path().join("agent.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut agent = rig
+        .agent(&["run", "--config", rig.config.to_str().unwrap()])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while gh.with(|s| s.completed.len()) < 2 {
+        assert!(
+            t.elapsed().as_secs() < 120,
+            "jobs did not finish: {:?}\n{}",
+            gh.with(|s| s.completed.clone()),
+            std::fs::read_to_string(&log_path).unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let _ = agent.wait();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        std::fs::read_to_string(shared.join("pr-looked"))
+            .unwrap()
+            .contains("token files: 0 env: 0"),
+        "{log}"
+    );
+    assert!(
+        log.contains("the agent publishes what this job builds when it ends")
+            && log.contains("flywheel: published 2 paths ("),
+        "{log}"
+    );
+    let stored = attic.with(|s| s.caches["tinyland"].clone());
+    let find = |name: &str| {
+        stored
+            .values()
+            .find(|p| p.info["store_path"].as_str().unwrap().ends_with(name))
+            .unwrap_or_else(|| panic!("{name} is not in the cache: {:?}\n{log}", stored.keys()))
+            .clone()
+    };
+    let top = find(&format!("top-{tag}"));
+    let dep = find(&format!("dep-{tag}"));
+    assert!(
+        !stored.values().any(|p| p.info["store_path"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("pr-{tag}"))),
+        "the pull request's build was published"
+    );
+    // The narinfo facts, and the NAR byte for byte as `nix-store --dump` writes it.
+    let dep_base = dep.info["store_path"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("/nix/store/")
+        .to_owned();
+    assert_eq!(top.info["references"], serde_json::json!([dep_base]));
+    assert!(
+        top.uploader.contains("tinyland/flywheel:run/101/1:runner/"),
+        "{}",
+        top.uploader
+    );
+    for p in [&top, &dep] {
+        let base = p.info["store_path"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("/nix/store/");
+        let out = Command::new("nix-store")
+            .arg("--dump")
+            .arg(rig.fresh().join("store").join(base))
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        assert_eq!(
+            p.nar, out.stdout,
+            "{base}: the NAR differs from nix-store --dump"
+        );
+        assert_eq!(p.info["nar_size"].as_u64(), Some(out.stdout.len() as u64));
+    }
+    // The publishing tokens never existed where a job could read them.
+    let tokens: Vec<String> = attic.with(|s| {
+        s.tokens_seen
+            .iter()
+            .map(|t| t.trim_start_matches("Bearer ").to_owned())
+            .collect()
+    });
+    assert!(!tokens.is_empty());
+    let mut dirs = vec![rig.dir.path().to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            if meta.is_dir() {
+                dirs.push(p);
+            } else if meta.is_file() {
+                let text =
+                    String::from_utf8_lossy(&std::fs::read(&p).unwrap_or_default()).into_owned();
+                assert!(
+                    !tokens.iter().any(|t| text.contains(t.as_str())),
+                    "a token is in {}",
+                    p.display()
+                );
+            }
+        }
+    }
+    assert!(
+        !tokens.iter().any(|t| log.contains(t.as_str())),
+        "a token is in the log"
+    );
+}

@@ -647,7 +647,10 @@ fn a_push_to_main_gets_a_push_token_a_fork_pr_does_not_and_nothing_remains() {
         return;
     }
     let rig = Rig::new(&[("cred", "128Mi", 1)], "5s");
-    rig.with_attic("http://127.0.0.1:9", "token_validity = \"2h\"\n");
+    rig.with_attic(
+        "http://127.0.0.1:9",
+        "push_token_to_jobs = true\ntoken_validity = \"1h\"\npublish = false\n",
+    );
     let shared = common::shared_dir(rig.dir.path());
     rig.push_and_fork_pr_runs();
     let sockets = rig.dir.path().join("state/hook-sockets");
@@ -733,7 +736,7 @@ fn a_push_to_main_gets_a_push_token_a_fork_pr_does_not_and_nothing_remains() {
     );
     assert_eq!(
         claims["exp"].as_u64().unwrap() - claims["nbf"].as_u64().unwrap(),
-        7200
+        3600
     );
     assert!(
         claims["sub"]

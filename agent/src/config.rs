@@ -240,6 +240,17 @@ pub struct AtticSettings {
     pub trusted_events: Vec<String>,
     /// A token's lifetime: the longest a job of these lanes runs.
     pub token_validity: Duration,
+    /// The agent publishes what a trusted job's daemon built (default on): no job process ever
+    /// holds a push credential.
+    pub publish: bool,
+    /// Also publish what an OOM-killed job finished building (default on: the next attempt is
+    /// faster).
+    pub publish_after_oom: bool,
+    /// Paths signed by these keys are the cache's upstream's: not published.
+    pub upstream_keys: Vec<String>,
+    /// Hand trusted jobs a push token too (default off; for workflows that run `attic push`
+    /// themselves), valid at most 1 hour.
+    pub push_token_to_jobs: bool,
 }
 
 /// Where `/metrics` is served (`run`, ARC mode); `None` turns it off.
@@ -343,6 +354,10 @@ struct RawAttic {
     publish_repositories: Option<Vec<Spanned<String>>>,
     trusted_events: Option<Vec<Spanned<String>>>,
     token_validity: Option<Spanned<String>>,
+    publish: Option<bool>,
+    publish_after_oom: Option<bool>,
+    upstream_keys: Option<Vec<String>>,
+    push_token_to_jobs: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -714,8 +729,19 @@ fn attic_settings(cx: &Ctx<'_>, a: RawAttic) -> Result<AtticSettings, ConfigErro
             if let (Some(v), true) = (&a.token_validity, d > MAX_TOKEN_VALIDITY || d.is_zero()) {
                 return Err(cx.err(v, "attic.token_validity must be between 1s and 6h: a copied token stays valid that long after its job (default 1h)"));
             }
+            if let (Some(p), Some(v)) = (&a.push_token_to_jobs, &a.token_validity) {
+                if *p.get_ref() && d > Duration::from_secs(3600) {
+                    return Err(cx.err(v, "attic.token_validity is at most 1h when push_token_to_jobs is on: a job's copy of a push token stays valid that long"));
+                }
+            }
             d
         },
+        publish: a.publish.unwrap_or(true),
+        publish_after_oom: a.publish_after_oom.unwrap_or(true),
+        upstream_keys: a
+            .upstream_keys
+            .unwrap_or_else(|| vec!["cache.nixos.org-1".to_owned()]),
+        push_token_to_jobs: a.push_token_to_jobs.is_some_and(|p| *p.get_ref()),
     })
 }
 
@@ -1296,6 +1322,7 @@ nix_extra_conf = "fallback = true"
             ("[attic]\ntrusted_events = [\"pull_request_review\"]\n".into(), Some((2, 19)), "never trusted to publish"),
             ("[attic]\ntrusted_events = [\"pull_request_target\"]\n".into(), Some((2, 19)), "never trusted to publish"),
             ("[attic]\ntoken_validity = \"7h\"\n".into(), Some((2, 18)), "between 1s and 6h"),
+            ("[attic]\npush_token_to_jobs = true\ntoken_validity = \"2h\"\n".into(), Some((3, 18)), "at most 1h when push_token_to_jobs is on"),
         ];
         for (src, pos, frag) in cases {
             let e = file(&src).expect_err(&src);

@@ -162,6 +162,8 @@ pub struct JobFacts {
     pub samples: Option<crate::summary::Samples>,
     /// The job's Nix store as the agent sees it (a slot's, or the lane's).
     pub nix_root: Option<PathBuf>,
+    /// Where the job's daemon records the out paths it built.
+    pub built: Option<PathBuf>,
 }
 
 /// How often a job's memory is sampled at first (merged to coarser steps for long jobs).
@@ -401,6 +403,7 @@ impl JobOutcome {
             paths,
             oom: self.verdict.clone(),
             pids: self.pids_note.clone(),
+            published: None,
             elapsed: self.timings.run,
         }
     }
@@ -724,6 +727,7 @@ async fn run_job_inner(
             started_unix: now_unix_f64(),
             samples: None,
             nix_root: spec.nix.as_ref().map(|_| phys_nix.clone()),
+            built: spec.nix.as_ref().map(|n| built_list(n, &job)),
         }
     });
     let sampler = probe.sample();
@@ -1314,6 +1318,11 @@ fn agent_side_failure(fail_r: &OwnedFd) -> bool {
     unsafe { libc::read(fail_r.as_raw_fd(), b.as_mut_ptr().cast(), 1) == 1 }
 }
 
+/// Where a job's daemon records the out paths it built (root-only, hidden from jobs).
+pub fn built_list(nix: &NixJob, job: &str) -> PathBuf {
+    nix.sockets.join(format!("{job}.built"))
+}
+
 /// Start the job's own nix-daemon inside its cgroup (and its slot's mounts), as root, and wait
 /// for its socket. Returns the socket directory.
 fn start_nix_daemon(
@@ -1336,16 +1345,27 @@ fn start_nix_daemon(
     .map_err(io_at("chmod", &nix.sockets))?;
     std::fs::create_dir(&dir).map_err(io_at("create", &dir))?;
     let socket = dir.join("socket");
+    // What this daemon builds, recorded by Nix's post-build hook (run by the daemon after each
+    // successful build): the only paths the agent may publish for this job. A shared store
+    // also holds other jobs' builds.
+    let hook = nix.sockets.join("post-build.sh");
+    workdir::write_atomic(
+        &hook,
+        b"#!/bin/sh\n# Written by flywheel-agent: the job's nix-daemon records what it built.\nprintf '%s\\n' $DRV_PATH $OUT_PATHS >> \"$FLYWHEEL_BUILT\"\n",
+        0o755,
+    )
+    .map_err(io_at("write", &hook))?;
+    let mut conf = format!("post-build-hook = {}", hook.display());
+    if let Some(n) = &nix.netrc {
+        conf.push_str(&format!("\nnetrc-file = {}", n.display()));
+    }
     let mut cmd = std::process::Command::new(&nix.daemon);
     cmd.env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .env("NIX_DAEMON_SOCKET_PATH", &socket)
         .env("NIX_CONF_DIR", &nix.conf_dir)
-        .envs(
-            nix.netrc
-                .as_ref()
-                .map(|n| ("NIX_CONFIG", format!("netrc-file = {}", n.display()))),
-        )
+        .env("NIX_CONFIG", conf)
+        .env("FLYWHEEL_BUILT", built_list(nix, job))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
@@ -1442,6 +1462,7 @@ fn launch(
         });
         let dir = start_nix_daemon(n, cg, &daemon_mounts, job, hold, reaper, job_span)?;
         cleanup.push(dir.clone());
+        cleanup.push(built_list(n, job));
         if let Some(p) = &spec.probe {
             p.set_idle(2);
         }

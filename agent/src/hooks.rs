@@ -117,6 +117,8 @@ pub struct RunnerHooks {
 struct HookState {
     started: bool,
     completed: bool,
+    /// Trust allowed this job to publish: the tokens' subject.
+    publish: Option<String>,
 }
 
 /// Make the root-owned hook scripts the runners' `.env` points at.
@@ -284,12 +286,22 @@ async fn handle(h: &RunnerHooks, state: &Mutex<HookState>, req: HookRequest) -> 
         ));
     }
     match req.op.as_str() {
-        "job-started" => job_started(h, req).await,
-        _ => job_completed(h),
+        "job-started" => {
+            let (resp, grant) = job_started(h, req).await;
+            if let Ok(mut s) = state.lock() {
+                s.publish = grant;
+            }
+            resp
+        }
+        _ => {
+            let grant = state.lock().ok().and_then(|s| s.publish.clone());
+            job_completed(h, grant).await
+        }
     }
 }
 
-async fn job_started(h: &RunnerHooks, req: HookRequest) -> HookResponse {
+/// The job-started answer, and the publishing grant when trust allowed it.
+async fn job_started(h: &RunnerHooks, req: HookRequest) -> (HookResponse, Option<String>) {
     let lane = &h.lane;
     let mut lines = vec![format!(
         "flywheel: lane {}, memory envelope {}",
@@ -362,12 +374,13 @@ async fn job_started(h: &RunnerHooks, req: HookRequest) -> HookResponse {
             decision.line()
         ));
         resp.lines = lines;
-        return resp;
+        return (resp, None);
     };
     let sub = format!(
         "flywheel:{}:run/{}/{}:runner/{}",
         claims.repository, claims.run_id, claims.run_attempt, h.runner_name
     );
+    let mut grant = None;
     let token = |push: bool| -> Result<Option<Secret<String>>, String> {
         match &h.credential {
             AtticCredential::Sign(k) => attic::mint(
@@ -386,26 +399,48 @@ async fn job_started(h: &RunnerHooks, req: HookRequest) -> HookResponse {
         }
     };
     match &decision {
-        Decision::Push { .. } => match token(true) {
-            Ok(Some(t)) => {
-                h.telemetry.attic_token_minted("push");
-                write_netrc(&h.netrc, &attic::netrc(&server, &t));
-                let root = h
-                    .probe
-                    .job_name()
-                    .map(|j| lane.work_root.join(j))
-                    .unwrap_or_default();
-                let xdg = root.join(".flywheel-xdg");
-                resp.attic_config = Some(attic::client_config(&server, &t));
-                resp.xdg_config_home = Some(xdg.display().to_string());
-                lines.push(format!("flywheel: {}", decision.line()));
+        Decision::Push { .. } => {
+            // The daemon reads a private cache with a pull token, as every job's does.
+            if !h.attic.public {
+                if let Ok(Some(t)) = token(false) {
+                    h.telemetry.attic_token_minted("pull");
+                    write_netrc(&h.netrc, &attic::netrc(&server, &t));
+                }
             }
-            Ok(None) => lines.push(format!(
-                "flywheel: {} — but this agent holds no push credential",
-                decision.line()
-            )),
-            Err(e) => lines.push(format!("flywheel: push: denied (cannot mint a token: {e})")),
-        },
+            let mut how = Vec::new();
+            if h.attic.publish && !matches!(h.credential, AtticCredential::None) {
+                grant = Some(sub.clone());
+                how.push("the agent publishes what this job builds when it ends".to_owned());
+            }
+            if h.attic.push_token_to_jobs {
+                match token(true) {
+                    Ok(Some(t)) => {
+                        h.telemetry.attic_token_minted("push");
+                        let root = h
+                            .probe
+                            .job_name()
+                            .map(|j| lane.work_root.join(j))
+                            .unwrap_or_default();
+                        let xdg = root.join(".flywheel-xdg");
+                        resp.attic_config = Some(attic::client_config(&server, &t));
+                        resp.xdg_config_home = Some(xdg.display().to_string());
+                        how.push(format!(
+                            "a push token valid {} is in $XDG_CONFIG_HOME/attic/config.toml",
+                            humanize(h.attic.token_validity)
+                        ));
+                    }
+                    Ok(None) => {}
+                    Err(e) => how.push(format!("no push token for the job: {e}")),
+                }
+            }
+            lines.push(match how.as_slice() {
+                [] => format!(
+                    "flywheel: {} — but this agent holds no push credential or publishing is off",
+                    decision.line()
+                ),
+                _ => format!("flywheel: {}; {}", decision.line(), how.join("; ")),
+            });
+        }
         Decision::ReadOnly { .. } => {
             if !h.attic.public {
                 if let Ok(Some(t)) = token(false) {
@@ -417,7 +452,18 @@ async fn job_started(h: &RunnerHooks, req: HookRequest) -> HookResponse {
         }
     }
     resp.lines = lines;
-    resp
+    (resp, grant)
+}
+
+fn humanize(d: Duration) -> String {
+    let s = d.as_secs();
+    if s % 3600 == 0 {
+        format!("{}h", s / 3600)
+    } else if s % 60 == 0 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
 }
 
 fn write_netrc(path: &Path, content: &Secret<String>) {
@@ -448,8 +494,8 @@ impl Mode0600 for std::fs::OpenOptions {
     }
 }
 
-fn job_completed(h: &RunnerHooks) -> HookResponse {
-    let report = job_report(h);
+async fn job_completed(h: &RunnerHooks, grant: Option<String>) -> HookResponse {
+    let mut report = job_report(h);
     let mut lines = vec![format!(
         "flywheel: peak memory {} of the {} envelope of lane {}",
         report
@@ -478,11 +524,84 @@ fn job_completed(h: &RunnerHooks) -> HookResponse {
             p.trim_start_matches("flywheel: "),
         ));
     }
+    if let Some(sub) = grant {
+        let line = publish(h, &sub, report.oom.is_some()).await;
+        report.published = Some(line.clone());
+        lines.push(format!("flywheel: {line}"));
+    }
     HookResponse {
         ok: true,
         lines,
         summary: Some(crate::summary::markdown(&report)),
         ..HookResponse::default()
+    }
+}
+
+/// Publish what the job's daemon built; the line for its block. Never fails the job.
+async fn publish(h: &RunnerHooks, sub: &str, oom: bool) -> String {
+    let lane = &h.lane.name;
+    let (Some(server), Some(cache)) = (&h.lane.hints.attic_server, &h.lane.hints.attic_cache)
+    else {
+        return "nothing published: the lane has no cache".into();
+    };
+    if oom && !h.attic.publish_after_oom {
+        return "nothing published: the job ran out of memory (attic.publish_after_oom = false)"
+            .into();
+    }
+    let facts = h.probe.facts();
+    let Some(root) = facts.nix_root else {
+        return "nothing published: the job had no Nix store".into();
+    };
+    let auth = match &h.credential {
+        AtticCredential::Sign(k) => crate::publish::Auth::Sign(k.clone()),
+        AtticCredential::Static(t) => crate::publish::Auth::Static(t.clone()),
+        AtticCredential::None => {
+            return "nothing published: this agent holds no push credential".into()
+        }
+    };
+    let built: Vec<String> = facts
+        .built
+        .as_deref()
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .map(|t| t.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    let paths = match crate::publish::to_publish(&root, &built, &h.attic.upstream_keys) {
+        Ok(p) => p,
+        Err(e) => {
+            h.telemetry.publish_failed(lane, e.reason());
+            warn!(runner = %h.runner_name, error = %e, "cannot tell what the job built");
+            return format!("nothing published: {e}");
+        }
+    };
+    if paths.is_empty() {
+        return "nothing published: the job built nothing".into();
+    }
+    let http = match reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => return format!("nothing published: {e}"),
+    };
+    let p = crate::publish::Publisher {
+        http,
+        server: server.clone(),
+        cache: cache.clone(),
+        auth,
+        sub: sub.to_owned(),
+    };
+    match p.publish(&paths, &root).await {
+        Ok(done) => {
+            h.telemetry.published(lane, done.uploaded, done.bytes);
+            let line = crate::publish::line(&done, server, cache);
+            info!(runner = %h.runner_name, "{line}");
+            line
+        }
+        Err(e) => {
+            h.telemetry.publish_failed(lane, e.reason());
+            warn!(runner = %h.runner_name, error = %e, "publishing failed; the job's result is unchanged");
+            format!("nothing published: {e}")
+        }
     }
 }
 
@@ -546,6 +665,7 @@ fn job_report(h: &RunnerHooks) -> crate::summary::Report {
         oom,
         pids: (pids_hits > 0)
             .then(|| crate::verdict::pids_note(&h.lane.name, h.lane.pids_max, pids_hits)),
+        published: None,
         elapsed: Duration::from_secs_f64(elapsed.max(0.0)),
     }
 }
@@ -568,8 +688,13 @@ pub fn run_hook(op: &str) -> i32 {
     let answer = (|| -> Result<HookResponse, String> {
         let mut s = std::os::unix::net::UnixStream::connect(&socket)
             .map_err(|e| format!("cannot reach the agent at {socket:?}: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(60)))
-            .map_err(|e| e.to_string())?;
+        // job-completed waits for the agent to publish what the job built.
+        s.set_read_timeout(Some(Duration::from_secs(if op == "job-completed" {
+            3600
+        } else {
+            60
+        })))
+        .map_err(|e| e.to_string())?;
         let body = serde_json::to_string(&req).map_err(|e| e.to_string())?;
         s.write_all(body.as_bytes())
             .and_then(|()| s.write_all(b"\n"))

@@ -116,6 +116,8 @@ pub struct Report {
     pub oom: Option<String>,
     /// The pids-limit note, when forks were refused.
     pub pids: Option<String>,
+    /// What the agent published of the job's builds (or why nothing).
+    pub published: Option<String>,
     pub elapsed: Duration,
 }
 

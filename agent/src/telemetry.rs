@@ -111,6 +111,9 @@ pub struct Telemetry {
     admission_refusals: Family<LaneLabels, Counter>,
     store_paths: Family<PathLabels, Counter>,
     store_starts: Family<StoreLabels, Counter>,
+    published_paths: Family<LaneLabels, Counter>,
+    published_bytes: Family<LaneLabels, Counter>,
+    publish_failures: Family<StoreLabels, Counter>,
     api_seen: Mutex<BTreeMap<(&'static str, u16), u64>>,
     runners: Mutex<BTreeMap<String, RunnerEntry>>,
     verdicts: Mutex<VecDeque<VerdictEntry>>,
@@ -141,6 +144,25 @@ impl Telemetry {
         let admission_refusals = Family::<LaneLabels, Counter>::default();
         let store_paths = Family::<PathLabels, Counter>::default();
         let store_starts = Family::<StoreLabels, Counter>::default();
+        let published_paths = Family::<LaneLabels, Counter>::default();
+        let published_bytes = Family::<LaneLabels, Counter>::default();
+        let publish_failures = Family::<StoreLabels, Counter>::default();
+        registry.register(
+            "attic_published_paths",
+            "Store paths the agent published to the lane's Attic cache",
+            published_paths.clone(),
+        );
+        registry.register_with_unit(
+            "attic_published",
+            "NAR bytes the agent published to the lane's Attic cache",
+            Unit::Bytes,
+            published_bytes.clone(),
+        );
+        registry.register(
+            "attic_publish_failures",
+            "Publications that failed, by lane and reason (label store: refused, server, token, store)",
+            publish_failures.clone(),
+        );
         registry.register(
             "job_stores",
             "Jobs of slot lanes by the store they started on: warm (a node-local slot with the receipt and paths), cold (an empty slot), pod_local (every slot was busy)",
@@ -226,6 +248,9 @@ impl Telemetry {
             admission_refusals,
             store_paths,
             store_starts,
+            published_paths,
+            published_bytes,
+            publish_failures,
             api_seen: Mutex::default(),
             runners: Mutex::default(),
             verdicts: Mutex::default(),
@@ -305,6 +330,23 @@ impl Telemetry {
     }
 
     /// Record a finished job of `runner`.
+    /// The agent published `paths` paths (`bytes` of NAR) of a job of `lane`.
+    pub fn published(&self, lane: &str, paths: u64, bytes: u64) {
+        let l = LaneLabels { lane: lane.into() };
+        self.published_paths.get_or_create(&l).inc_by(paths);
+        self.published_bytes.get_or_create(&l).inc_by(bytes);
+    }
+
+    /// A publication of a job of `lane` failed.
+    pub fn publish_failed(&self, lane: &str, reason: &str) {
+        self.publish_failures
+            .get_or_create(&StoreLabels {
+                lane: lane.into(),
+                store: reason.into(),
+            })
+            .inc();
+    }
+
     pub fn job_finished(
         &self,
         lane: &str,

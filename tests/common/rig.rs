@@ -236,10 +236,17 @@ impl Rig {
         .expect("config");
     }
 
-    /// GitHub's side of two runs of `tinyland/flywheel`: 101, a push to main (its commit the
-    /// head of main), and 102, a pull request from a fork.
+    /// See [`push_and_fork_pr_runs`].
     pub fn push_and_fork_pr_runs(&self) {
-        self.gh.with(|s| {
+        push_and_fork_pr_runs(&self.gh);
+    }
+}
+
+/// GitHub's side of two runs of `tinyland/flywheel`: 101, a push to main (its commit the head
+/// of main), and 102, a pull request from a fork.
+pub fn push_and_fork_pr_runs(gh: &FakeGitHub) {
+    {
+        gh.with(|s| {
             for (id, event, head) in [(101, "push", 10), (102, "pull_request", 99)] {
                 s.runs.push(fake_github::FakeRun {
                     repository: "tinyland/flywheel".into(),
