@@ -136,6 +136,18 @@ enum AtticCommand {
         #[arg(long)]
         push: bool,
     },
+    /// Publish store paths (and their runtime closure) of a lane's store to its Attic cache, the
+    /// way the agent does after a trusted job: what the cache lacks, streamed, with tokens
+    /// minted per request.
+    Publish {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        lane: String,
+        /// Store paths (`/nix/store/...`).
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -256,6 +268,14 @@ pub fn main() -> ExitCode {
                     push,
                 },
         } => report(mint_token(config, &cache, &sub, &validity, push, &host)),
+        Command::Attic {
+            command:
+                AtticCommand::Publish {
+                    config,
+                    lane,
+                    paths,
+                },
+        } => report(publish(config, &lane, &paths, &host)),
         Command::Status { config, json } => match status(config, json, &host) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -681,6 +701,61 @@ fn mint_token(
     )?;
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{}", token.expose());
+    Ok(())
+}
+
+/// `attic publish`: what the agent does after a trusted job, by hand.
+fn publish(
+    config: Option<PathBuf>,
+    lane: &str,
+    paths: &[String],
+    host: &HostFacts,
+) -> anyhow::Result<()> {
+    use flywheel_agent::publish;
+    let cfg = config::load(config.as_deref(), host)?;
+    let lane = cfg
+        .lane(lane)
+        .with_context(|| format!("no lane {lane:?} in {}", cfg.origin))?;
+    let (Some(server), Some(cache)) = (&lane.hints.attic_server, &lane.hints.attic_cache) else {
+        anyhow::bail!("lane {:?} has no attic_server and attic_cache", lane.name);
+    };
+    let auth = match flywheel_agent::hooks::AtticCredential::load(&cfg.attic)
+        .map_err(|e| anyhow::anyhow!(e))?
+    {
+        flywheel_agent::hooks::AtticCredential::Sign(k) => publish::Auth::Sign(k),
+        flywheel_agent::hooks::AtticCredential::Static(t) => publish::Auth::Static(t),
+        flywheel_agent::hooks::AtticCredential::None => {
+            anyhow::bail!("set attic.signing_key_file (or push_token_file) to publish")
+        }
+    };
+    let found = publish::to_publish(&lane.nix_store, paths, &cfg.attic.upstream_keys)?;
+    let p = publish::Publisher {
+        http: reqwest::Client::new(),
+        server: server.clone(),
+        cache: cache.clone(),
+        auth,
+        sub: format!("flywheel:publish:{}", lane.name),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let done = rt.block_on(p.publish_with_retries(&found, &lane.nix_store))?;
+    let peak_kib = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{} (peak RSS {} KiB)",
+        publish::line(&done, server, cache),
+        peak_kib
+    );
     Ok(())
 }
 

@@ -590,7 +590,7 @@ async fn publish(h: &RunnerHooks, sub: &str, oom: bool) -> String {
         auth,
         sub: sub.to_owned(),
     };
-    match p.publish(&paths, &root).await {
+    match p.publish_with_retries(&paths, &root).await {
         Ok(done) => {
             h.telemetry.published(lane, done.uploaded, done.bytes);
             let line = crate::publish::line(&done, server, cache);

@@ -290,6 +290,27 @@ impl Publisher {
         }
     }
 
+    /// [`Publisher::publish`], again after 1, 2 and 4 s when the server failed (down, slow,
+    /// 5xx); a refusal (401/403) is not retried: it is a configuration problem.
+    pub async fn publish_with_retries(
+        &self,
+        paths: &[PathInfo],
+        nix_root: &Path,
+    ) -> Result<Published, PublishError> {
+        let mut wait = Duration::from_secs(1);
+        let mut tries = 0;
+        loop {
+            match self.publish(paths, nix_root).await {
+                Err(PublishError::Server { .. }) if tries < 3 => {
+                    tries += 1;
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// Upload `paths` (from the store at `nix_root` as the agent sees it) that the cache lacks.
     pub async fn publish(
         &self,
@@ -462,4 +483,126 @@ pub fn line(p: &Published, server: &str, cache: &str) -> String {
         s.push_str(&format!("; skipped {}", p.skipped.join(", ")));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::Digest;
+
+    /// A store with one real path (`<hash>-hello`, a file) in a database with Nix's schema.
+    fn store(root: &Path) -> PathInfo {
+        let base = "0123456789abcdfghijklmnpqrsvwxyz-hello";
+        std::fs::create_dir_all(root.join("store")).expect("mkdir");
+        std::fs::create_dir_all(root.join("var/nix/db")).expect("mkdir");
+        std::fs::write(root.join("store").join(base), "hello\n").expect("write");
+        let mut nar = Vec::new();
+        crate::nar::dump(&root.join("store").join(base), &mut nar).expect("nar");
+        let hash: String = sha2::Sha256::digest(&nar)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let c = rusqlite::Connection::open(root.join("var/nix/db/db.sqlite")).expect("db");
+        c.execute_batch(
+            "CREATE TABLE ValidPaths (id INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL, path TEXT UNIQUE NOT NULL, hash TEXT NOT NULL, registrationTime INTEGER NOT NULL, deriver TEXT, narSize INTEGER, ultimate INTEGER, sigs TEXT, ca TEXT);
+             CREATE TABLE Refs (referrer INTEGER NOT NULL, reference INTEGER NOT NULL, PRIMARY KEY (referrer, reference));",
+        )
+        .expect("schema");
+        c.execute(
+            "INSERT INTO ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate) VALUES (?1, ?2, 1, '/nix/store/0123456789abcdfghijklmnpqrsvwxyz-hello.drv', ?3, 1)",
+            rusqlite::params![format!("/nix/store/{base}"), format!("sha256:{hash}"), nar.len() as i64],
+        )
+        .expect("insert");
+        c.execute(
+            "INSERT INTO ValidPaths (path, hash, registrationTime, narSize, ultimate, sigs) VALUES ('/nix/store/zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-glibc', 'sha256:00', 1, 8, 0, 'cache.nixos.org-1:abc')",
+            [],
+        )
+        .expect("insert");
+        c.execute("INSERT INTO Refs (referrer, reference) VALUES (1, 2)", [])
+            .expect("ref");
+        let paths = to_publish(
+            root,
+            &["/nix/store/0123456789abcdfghijklmnpqrsvwxyz-hello.drv".to_owned()],
+            &["cache.nixos.org-1".to_owned()],
+        )
+        .expect("to publish");
+        assert_eq!(
+            paths.len(),
+            1,
+            "the upstream-signed reference is not published"
+        );
+        assert_eq!(
+            paths[0].references,
+            vec!["zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-glibc"]
+        );
+        paths[0].clone()
+    }
+
+    fn publisher(url: &str, secret: &[u8]) -> Publisher {
+        Publisher {
+            http: reqwest::Client::new(),
+            server: url.to_owned(),
+            cache: "main".into(),
+            auth: Auth::Sign(SigningKey::Hs256(Secret::new(secret.to_vec()))),
+            sub: "test".into(),
+        }
+    }
+
+    #[test]
+    fn uploads_deduplicates_refuses_and_skips_as_attic_says() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        let secret = b"0123456789abcdef0123456789abcdef".to_vec();
+        let attic = fake_attic::FakeAttic::start(&secret, &["main"]);
+        let t = tempfile::tempdir().expect("tempdir");
+        let p = store(t.path());
+        rt.block_on(async {
+            let ok = publisher(&attic.url, &secret);
+            let done = ok.publish(&[p.clone()], t.path()).await.expect("published");
+            assert_eq!((done.uploaded, done.deduplicated), (1, 0));
+            assert_eq!(done.bytes, p.nar_size);
+            // Again: the cache has it.
+            let again = ok.publish(&[p.clone()], t.path()).await.expect("again");
+            assert_eq!((again.uploaded, again.deduplicated), (0, 1));
+            // A token the server does not accept: a configuration problem, named.
+            let wrong = publisher(&attic.url, b"another key, not the server's one");
+            let e = wrong
+                .publish(&[p.clone()], t.path())
+                .await
+                .expect_err("refused");
+            assert!(
+                matches!(e, PublishError::Refused { status: 401, .. }),
+                "{e}"
+            );
+            assert!(e.to_string().contains("\"main\""), "{e}");
+            // A path whose NAR is not what the database says: the server refuses it.
+            let mut lying = p.clone();
+            lying.nar_hash = format!("sha256:{}", "0".repeat(64));
+            lying.path = "/nix/store/1123456789abcdfghijklmnpqrsvwxyz-hello".into();
+            std::fs::copy(
+                t.path().join("store").join(p.base()),
+                t.path().join("store").join(lying.base()),
+            )
+            .expect("copy");
+            let e = ok.publish(&[lying], t.path()).await.expect_err("bad hash");
+            assert!(e.to_string().contains("NarHash mismatch"), "{e}");
+            // A path that vanished is skipped and named.
+            let mut gone = p.clone();
+            gone.path = "/nix/store/2123456789abcdfghijklmnpqrsvwxyz-gone".into();
+            let done = ok.publish(&[gone], t.path()).await.expect("skips");
+            assert_eq!(done.uploaded, 0);
+            assert!(
+                done.skipped[0].contains("-gone (gone)"),
+                "{:?}",
+                done.skipped
+            );
+        });
+        // What the fake stored is byte for byte the NAR.
+        let stored = attic.with(|s| s.caches["main"].clone());
+        let mut nar = Vec::new();
+        crate::nar::dump(&t.path().join("store").join(p.base()), &mut nar).expect("nar");
+        assert_eq!(stored[p.hash_part()].nar, nar);
+    }
 }

@@ -54,6 +54,12 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub lane: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StoreLabels {
     pub lane: String,
     pub store: String,
@@ -113,7 +119,7 @@ pub struct Telemetry {
     store_starts: Family<StoreLabels, Counter>,
     published_paths: Family<LaneLabels, Counter>,
     published_bytes: Family<LaneLabels, Counter>,
-    publish_failures: Family<StoreLabels, Counter>,
+    publish_failures: Family<ReasonLabels, Counter>,
     api_seen: Mutex<BTreeMap<(&'static str, u16), u64>>,
     runners: Mutex<BTreeMap<String, RunnerEntry>>,
     verdicts: Mutex<VecDeque<VerdictEntry>>,
@@ -146,7 +152,7 @@ impl Telemetry {
         let store_starts = Family::<StoreLabels, Counter>::default();
         let published_paths = Family::<LaneLabels, Counter>::default();
         let published_bytes = Family::<LaneLabels, Counter>::default();
-        let publish_failures = Family::<StoreLabels, Counter>::default();
+        let publish_failures = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "attic_published_paths",
             "Store paths the agent published to the lane's Attic cache",
@@ -160,7 +166,7 @@ impl Telemetry {
         );
         registry.register(
             "attic_publish_failures",
-            "Publications that failed, by lane and reason (label store: refused, server, token, store)",
+            "Publications that failed, by lane and reason (refused, server, token, store)",
             publish_failures.clone(),
         );
         registry.register(
@@ -340,9 +346,9 @@ impl Telemetry {
     /// A publication of a job of `lane` failed.
     pub fn publish_failed(&self, lane: &str, reason: &str) {
         self.publish_failures
-            .get_or_create(&StoreLabels {
+            .get_or_create(&ReasonLabels {
                 lane: lane.into(),
-                store: reason.into(),
+                reason: reason.into(),
             })
             .inc();
     }
