@@ -756,11 +756,9 @@ command -v xz >/dev/null && echo "xz is there" || echo "would sudo apt-get insta
     );
 }
 
-#[test]
-fn a_trusted_jobs_builds_are_published_by_the_agent_and_a_pull_requests_are_not() {
-    if !privileged("nix-publish") {
-        return;
-    }
+/// A `run` rig on a Nix lane with the fake GitHub (runs 101, a push to main, and 102, a fork's
+/// pull request) and the fake Attic as the lane's cache, the agent publishing.
+fn publishing_rig() -> (fake_attic::FakeAttic, fake_github::FakeGitHub, Rig) {
     use base64::Engine;
     let attic = fake_attic::FakeAttic::start(&common::rig::hs256_secret(), &["tinyland"]);
     let gh = fake_github::FakeGitHub::start();
@@ -797,24 +795,43 @@ fn a_trusted_jobs_builds_are_published_by_the_agent_and_a_pull_requests_are_not(
         ),
     )
     .unwrap();
+    (attic, gh, rig)
+}
+
+fn publish_job(
+    rig: &Rig,
+    run: &str,
+    event: &str,
+    git_ref: &str,
+    script: String,
+) -> fake_github::FakeJob {
+    let mut j = fake_github::FakeJob {
+        labels: vec![rig.lane.clone()],
+        script,
+        ..Default::default()
+    };
+    for (k, v) in [
+        ("GITHUB_REPOSITORY", "tinyland/flywheel"),
+        ("GITHUB_RUN_ID", run),
+        ("GITHUB_RUN_ATTEMPT", "1"),
+        ("GITHUB_EVENT_NAME", event),
+        ("GITHUB_REF", git_ref),
+    ] {
+        j.env.insert(k.into(), v.into());
+    }
+    j
+}
+
+#[test]
+fn a_trusted_jobs_builds_are_published_by_the_agent_and_a_pull_requests_are_not() {
+    if !privileged("nix-publish") {
+        return;
+    }
+    let (attic, gh, rig) = publishing_rig();
     let tag = unique("pub").replace('-', "");
     let shared = common::shared_dir(rig.dir.path());
     let job = |run: &str, event: &str, git_ref: &str, script: String| {
-        let mut j = fake_github::FakeJob {
-            labels: vec![rig.lane.clone()],
-            script,
-            ..Default::default()
-        };
-        for (k, v) in [
-            ("GITHUB_REPOSITORY", "tinyland/flywheel"),
-            ("GITHUB_RUN_ID", run),
-            ("GITHUB_RUN_ATTEMPT", "1"),
-            ("GITHUB_EVENT_NAME", event),
-            ("GITHUB_REF", git_ref),
-        ] {
-            j.env.insert(k.into(), v.into());
-        }
-        j
+        publish_job(&rig, run, event, git_ref, script)
     };
     // The trusted push: a derivation whose output refers to another locally built one.
     let push_nix = format!(
@@ -954,5 +971,74 @@ fn a_trusted_jobs_builds_are_published_by_the_agent_and_a_pull_requests_are_not(
     assert!(
         !tokens.iter().any(|t| log.contains(t.as_str())),
         "a token is in the log"
+    );
+}
+
+#[test]
+fn a_cancelled_trusted_job_still_publishes_what_it_built() {
+    if !privileged("nix-publish-cancel") {
+        return;
+    }
+    let (attic, gh, rig) = publishing_rig();
+    let tag = unique("cancel").replace('-', "");
+    let shared = common::shared_dir(rig.dir.path());
+    std::fs::write(
+        shared.join("c.nix"),
+        format!("derivation {{ name = \"cancelled-{tag}\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"echo built > $out\" ]; }}\n"),
+    )
+    .unwrap();
+    let s = shared.display();
+    // It builds, then runs until it is cancelled: its completed hook never runs.
+    gh.push_job(publish_job(
+        &rig,
+        "101",
+        "push",
+        "refs/heads/main",
+        format!("nix-build {s}/c.nix --no-out-link && touch {s}/built; sleep 60"),
+    ));
+    let log_path = rig.dir.path().join("agent.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut agent = rig
+        .agent(&["run", "--config", rig.config.to_str().unwrap()])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !shared.join("built").exists() {
+        assert!(
+            t.elapsed().as_secs() < 60,
+            "{}",
+            std::fs::read_to_string(&log_path).unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Two signals: drain, then stop every runner now (the job is cancelled).
+    for _ in 0..2 {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(agent.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let _ = agent.wait();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        !log.contains("job-completed.sh"),
+        "the completed hook must not have run: {log}"
+    );
+    assert!(
+        log.contains("after the job: published 1 paths ("),
+        "the agent published after the listener stopped: {log}"
+    );
+    let stored = attic.with(|s| s.caches["tinyland"].clone());
+    assert!(
+        stored.values().any(|p| p.info["store_path"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("cancelled-{tag}"))),
+        "{:?}",
+        stored.keys()
     );
 }

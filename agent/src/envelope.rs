@@ -1462,7 +1462,10 @@ fn launch(
         });
         let dir = start_nix_daemon(n, cg, &daemon_mounts, job, hold, reaper, job_span)?;
         cleanup.push(dir.clone());
-        cleanup.push(built_list(n, job));
+        if spec.hook.is_none() {
+            // A runner's record outlives its job until the agent has published from it.
+            cleanup.push(built_list(n, job));
+        }
         if let Some(p) = &spec.probe {
             p.set_idle(2);
         }

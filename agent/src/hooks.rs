@@ -119,6 +119,38 @@ struct HookState {
     completed: bool,
     /// Trust allowed this job to publish: the tokens' subject.
     publish: Option<String>,
+    /// The job's builds were published (or publishing was tried) by the completed hook.
+    published: bool,
+}
+
+/// A runner's hook service, running: what the agent still needs of it after the job.
+#[derive(Debug)]
+pub struct Serving {
+    pub task: tokio::task::JoinHandle<()>,
+    hooks: Arc<RunnerHooks>,
+    state: Arc<Mutex<HookState>>,
+}
+
+impl Serving {
+    /// After the listener exited: publish what a trusted job built when its completed hook did
+    /// not (the job was cancelled, or the listener stopped), within `limit`; the line to log.
+    pub async fn publish_leftover(&self, limit: Duration) -> Option<String> {
+        let grant = {
+            let mut s = self.state.lock().ok()?;
+            if s.published {
+                return None;
+            }
+            s.published = true;
+            s.publish.clone()?
+        };
+        match tokio::time::timeout(limit, publish(&self.hooks, &grant, false)).await {
+            Ok(line) => Some(format!("after the job: {line}")),
+            Err(_) => Some(format!(
+                "left unpublished: publishing did not finish within {} s",
+                limit.as_secs()
+            )),
+        }
+    }
 }
 
 /// Make the root-owned hook scripts the runners' `.env` points at.
@@ -161,7 +193,7 @@ const READ_DEADLINE: Duration = Duration::from_secs(5);
 /// `SO_PEERCRED`, looked up in the job's `cgroup.procs`); anyone else is closed before a
 /// byte is read, so a refused caller never uses up the job's one answer. A request is at most
 /// 16 KiB and must arrive within 5 s; at most 4 connections are served at once.
-pub fn serve(dir: &Path, hooks: RunnerHooks) -> std::io::Result<tokio::task::JoinHandle<()>> {
+pub fn serve(dir: &Path, hooks: RunnerHooks) -> std::io::Result<Serving> {
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
     let path = dir.join("socket");
@@ -169,8 +201,9 @@ pub fn serve(dir: &Path, hooks: RunnerHooks) -> std::io::Result<tokio::task::Joi
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
     let state = Arc::new(Mutex::new(HookState::default()));
     let hooks = Arc::new(hooks);
+    let (for_later, state_later) = (hooks.clone(), state.clone());
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    Ok(tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(10);
         // Refusals are logged at 1, 2, 4, 8, … so a flood cannot flood the log too.
         let (mut outsiders, mut excess) = (0u64, 0u64);
@@ -227,7 +260,12 @@ pub fn serve(dir: &Path, hooks: RunnerHooks) -> std::io::Result<tokio::task::Joi
                 .await;
             });
         }
-    }))
+    });
+    Ok(Serving {
+        task,
+        hooks: for_later,
+        state: state_later,
+    })
 }
 
 /// One request line: at most [`MAX_REQUEST`] bytes within [`READ_DEADLINE`].
@@ -294,7 +332,10 @@ async fn handle(h: &RunnerHooks, state: &Mutex<HookState>, req: HookRequest) -> 
             resp
         }
         _ => {
-            let grant = state.lock().ok().and_then(|s| s.publish.clone());
+            let grant = state.lock().ok().and_then(|mut s| {
+                s.published = true;
+                s.publish.clone()
+            });
             job_completed(h, grant).await
         }
     }

@@ -560,11 +560,17 @@ mod tests {
         let p = store(t.path());
         rt.block_on(async {
             let ok = publisher(&attic.url, &secret);
-            let done = ok.publish(std::slice::from_ref(&p), t.path()).await.expect("published");
+            let done = ok
+                .publish(std::slice::from_ref(&p), t.path())
+                .await
+                .expect("published");
             assert_eq!((done.uploaded, done.deduplicated), (1, 0));
             assert_eq!(done.bytes, p.nar_size);
             // Again: the cache has it.
-            let again = ok.publish(std::slice::from_ref(&p), t.path()).await.expect("again");
+            let again = ok
+                .publish(std::slice::from_ref(&p), t.path())
+                .await
+                .expect("again");
             assert_eq!((again.uploaded, again.deduplicated), (0, 1));
             // A token the server does not accept: a configuration problem, named.
             let wrong = publisher(&attic.url, b"another key, not the server's one");

@@ -48,7 +48,8 @@ pub struct RunContext {
 struct Hooks {
     mount: envelope::HookMount,
     netrc: std::path::PathBuf,
-    task: tokio::task::JoinHandle<()>,
+    serving: crate::hooks::Serving,
+    probe: JobProbe,
 }
 
 impl Hooks {
@@ -76,7 +77,7 @@ impl Hooks {
         std::fs::write(&netrc, "").map_err(setup)?;
         std::fs::set_permissions(&netrc, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .map_err(setup)?;
-        let task = crate::hooks::serve(
+        let serving = crate::hooks::serve(
             &dir,
             crate::hooks::RunnerHooks {
                 runner_name: name.to_owned(),
@@ -100,15 +101,25 @@ impl Hooks {
                 all,
             },
             netrc,
-            task,
+            serving,
+            probe: probe.clone(),
         })
     }
 
     /// Stop serving and remove every trace: the socket and the job's netrc.
-    fn finish(self) {
-        self.task.abort();
+    /// After the listener exited: publish what the completed hook could not (a cancelled job),
+    /// within the drain grace, then stop serving and remove every trace: the socket, the job's
+    /// netrc, its daemon's record of what it built.
+    async fn finish(self, grace: Duration, runner: &str) {
+        if let Some(line) = self.serving.publish_leftover(grace).await {
+            info!(runner = %runner, "{line}");
+        }
+        self.serving.task.abort();
         let _ = crate::workdir::remove_tree(&self.mount.dir);
         let _ = std::fs::remove_file(&self.netrc);
+        if let Some(built) = self.probe.facts().built {
+            let _ = std::fs::remove_file(built);
+        }
     }
 }
 
@@ -460,7 +471,7 @@ pub async fn run_arc(
     let hooks = Hooks::start(&ctx, lane, &name, &probe)?;
     let spec = runner_spec(&ctx, lane, jit, &name, probe, &hooks, true);
     let outcome = envelope::run_job(&ctx.cfg, ctx.mgr.as_ref(), spec, stop, &ctx.reaper).await;
-    hooks.finish();
+    hooks.finish(ctx.cfg.runner.drain_grace, &name).await;
     watcher.abort();
     ctx.telemetry.runner_ended(&name);
     match &outcome {
@@ -820,7 +831,7 @@ async fn runner_task(
     };
     let stopped_by_us = stop.graceful.clone();
     let res = envelope::run_job(&ctx.cfg, ctx.mgr.as_ref(), spec, stop, &ctx.reaper).await;
-    hooks.finish();
+    hooks.finish(ctx.cfg.runner.drain_grace, &name).await;
     watch.abort();
     ctx.telemetry.runner_ended(&name);
     match &res {
