@@ -496,6 +496,7 @@ fn the_job_user_cannot_import_unsigned_paths_or_reach_another_jobs_daemon() {
     let theirs: Vec<PathBuf> = std::fs::read_dir(&sockets)
         .unwrap()
         .flatten()
+        .filter(|e| e.path().is_dir())
         .map(|e| e.path().join("socket"))
         .collect();
     assert_eq!(theirs.len(), 1, "{theirs:?}");

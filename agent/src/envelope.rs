@@ -376,6 +376,8 @@ pub struct JobOutcome {
     pub builds: Vec<crate::summary::Build>,
     /// The job's Nix store as the agent sees it (Nix lanes).
     pub nix_root: Option<PathBuf>,
+    /// What the job's daemon built, as its post-build hook recorded it.
+    pub built: Vec<String>,
 }
 
 impl JobOutcome {
@@ -390,7 +392,7 @@ impl JobOutcome {
         let paths = self
             .nix_root
             .as_deref()
-            .and_then(|r| crate::store::paths_since(r, self.started_unix));
+            .and_then(|r| crate::store::job_paths(r, &self.built, self.started_unix));
         crate::summary::Report {
             lane: lane.to_owned(),
             envelope_bytes,
@@ -791,6 +793,7 @@ async fn run_job_inner(
     let run = t_run.elapsed();
     sampler.abort();
     let facts = probe.facts();
+    let built_record = facts.built.as_deref().map(read_built).unwrap_or_default();
     let builds = facts
         .nix_root
         .as_deref()
@@ -883,6 +886,7 @@ async fn run_job_inner(
         samples: facts.samples,
         builds,
         nix_root: facts.nix_root,
+        built: built_record,
     })
 }
 
@@ -1316,6 +1320,13 @@ fn agent_side_failure(fail_r: &OwnedFd) -> bool {
     let mut b = [0u8; 1];
     // SAFETY: reading from the non-blocking pipe we own.
     unsafe { libc::read(fail_r.as_raw_fd(), b.as_mut_ptr().cast(), 1) == 1 }
+}
+
+/// What a job's daemon recorded it built (derivations, out paths).
+pub fn read_built(file: &Path) -> Vec<String> {
+    std::fs::read_to_string(file)
+        .map(|t| t.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default()
 }
 
 /// Where a job's daemon records the out paths it built (root-only, hidden from jobs).

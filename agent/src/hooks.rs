@@ -600,11 +600,10 @@ async fn publish(h: &RunnerHooks, sub: &str, oom: bool) -> String {
             return "nothing published: this agent holds no push credential".into()
         }
     };
-    let built: Vec<String> = facts
+    let built = facts
         .built
         .as_deref()
-        .and_then(|f| std::fs::read_to_string(f).ok())
-        .map(|t| t.split_whitespace().map(str::to_owned).collect())
+        .map(crate::envelope::read_built)
         .unwrap_or_default();
     let paths = match crate::publish::to_publish(&root, &built, &h.attic.upstream_keys) {
         Ok(p) => p,
@@ -655,7 +654,12 @@ fn job_report(h: &RunnerHooks) -> crate::summary::Report {
     let builds = root
         .map(|r| crate::store::builds_since(r, facts.started_unix))
         .unwrap_or_default();
-    let paths = root.and_then(|r| crate::store::paths_since(r, facts.started_unix as u64));
+    let built = facts
+        .built
+        .as_deref()
+        .map(crate::envelope::read_built)
+        .unwrap_or_default();
+    let paths = root.and_then(|r| crate::store::job_paths(r, &built, facts.started_unix as u64));
     let mut samples = facts.samples;
     if let (Some(s), Some(p)) = (samples.as_mut(), peak) {
         s.close_with_peak(p);

@@ -130,7 +130,7 @@ fn record(ctx: &RunContext, lane: &Lane, runner: &str, o: &JobOutcome) {
             Some(sr) => crate::slot::slot_dirs(sr, o.slot).0,
             None => lane.nix_store.clone(),
         };
-        crate::store::paths_since(&root, o.started_unix)
+        crate::store::job_paths(&root, &o.built, o.started_unix)
     });
     ctx.telemetry
         .job_finished(&lane.name, lane.memory_bytes, runner, o, paths.flatten());

@@ -16,21 +16,67 @@ fn open(nix_root: &Path) -> rusqlite::Result<rusqlite::Connection> {
     )
 }
 
-/// Store paths a job's daemon added since `since` (unix seconds): (built, substituted).
+/// Store paths a job's daemon added: (built, substituted). Built: the outputs of what its
+/// post-build hook recorded (`built`: derivations and out paths) — on a shared store other
+/// jobs build in the same seconds. Substituted: paths registered since `since` (unix seconds)
+/// that nobody built here, less the bootstrap's own (the receipt's).
+pub fn job_paths(nix_root: &Path, built: &[String], since: u64) -> Option<(u64, u64)> {
+    let conn = open(nix_root).ok()?;
+    let mut outputs = 0u64;
+    for p in built {
+        let sql = if p.ends_with(".drv") {
+            "SELECT COUNT(*) FROM ValidPaths WHERE deriver = ?1 AND ultimate = 1"
+        } else {
+            "SELECT COUNT(*) FROM ValidPaths WHERE path = ?1 AND ultimate = 1 AND (deriver IS NULL OR deriver NOT IN (SELECT value FROM json_each(?2)))"
+        };
+        let n: i64 = if p.ends_with(".drv") {
+            conn.query_row(sql, [p], |r| r.get(0)).ok()?
+        } else {
+            let drvs = serde_json::to_string(built).ok()?;
+            conn.query_row(sql, [p.as_str(), drvs.as_str()], |r| r.get(0))
+                .ok()?
+        };
+        outputs += u64::try_from(n).unwrap_or(0);
+    }
+    let (_, subst) = paths_since(nix_root, since)?;
+    Some((outputs, subst))
+}
+
+/// Store paths registered since `since` (unix seconds): (built here, substituted). The
+/// bootstrap's own paths (the receipt's) are not a job's, though registered the same second.
 pub fn paths_since(nix_root: &Path, since: u64) -> Option<(u64, u64)> {
     let conn = open(nix_root).ok()?;
-    let count = |sql: &str| {
-        conn.query_row(sql, [i64::try_from(since).unwrap_or(i64::MAX)], |r| {
-            r.get::<_, i64>(0)
-        })
+    let bootstrap: Vec<String> = std::fs::read(crate::nixboot::receipt_path(nix_root))
         .ok()
-    };
-    let built = count("SELECT COUNT(*) FROM ValidPaths WHERE registrationTime >= ?1 AND path NOT LIKE '%.drv' AND ultimate = 1")?;
-    let subst = count("SELECT COUNT(*) FROM ValidPaths WHERE registrationTime >= ?1 AND path NOT LIKE '%.drv' AND (ultimate IS NULL OR ultimate = 0)")?;
-    Some((
-        u64::try_from(built).unwrap_or(0),
-        u64::try_from(subst).unwrap_or(0),
-    ))
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|r| {
+            r["store_paths"].as_array().map(|a| {
+                a.iter()
+                    .filter_map(|p| p.as_str().map(|p| format!("/nix/store/{p}")))
+                    .collect()
+            })
+        })
+        .unwrap_or_default();
+    let mut q = conn
+        .prepare("SELECT path, ultimate FROM ValidPaths WHERE registrationTime >= ?1 AND path NOT LIKE '%.drv'")
+        .ok()?;
+    let rows = q
+        .query_map([i64::try_from(since).unwrap_or(i64::MAX)], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?))
+        })
+        .ok()?;
+    let (mut built, mut subst) = (0, 0);
+    for (path, ultimate) in rows.flatten() {
+        if bootstrap.contains(&path) {
+            continue;
+        }
+        if ultimate == Some(1) {
+            built += 1;
+        } else {
+            subst += 1;
+        }
+    }
+    Some((built, subst))
 }
 
 /// The derivations a store's daemon built (or started building) since `since` (unix seconds,

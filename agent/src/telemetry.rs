@@ -703,6 +703,7 @@ mod tests {
             samples: None,
             builds: Vec::new(),
             nix_root: None,
+            built: Vec::new(),
         };
         for store in [Some("warm"), Some("warm"), Some("pod_local"), None] {
             t.job_finished("arc", 1 << 30, "r", &outcome(store), None);
