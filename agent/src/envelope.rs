@@ -797,7 +797,7 @@ async fn run_job_inner(
     let builds = facts
         .nix_root
         .as_deref()
-        .map(|root| crate::store::builds_since(root, facts.started_unix))
+        .map(|root| crate::store::builds_since(root, facts.started_unix, &built_record))
         .unwrap_or_default();
 
     let t_down = Instant::now();

@@ -651,13 +651,13 @@ fn job_report(h: &RunnerHooks) -> crate::summary::Report {
     let peak = h.probe.peak_bytes();
     let kills = h.probe.oom_kills();
     let root = facts.nix_root.as_deref();
-    let builds = root
-        .map(|r| crate::store::builds_since(r, facts.started_unix))
-        .unwrap_or_default();
     let built = facts
         .built
         .as_deref()
         .map(crate::envelope::read_built)
+        .unwrap_or_default();
+    let builds = root
+        .map(|r| crate::store::builds_since(r, facts.started_unix, &built))
         .unwrap_or_default();
     let paths = root.and_then(|r| crate::store::job_paths(r, &built, facts.started_unix as u64));
     let mut samples = facts.samples;

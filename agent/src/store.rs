@@ -83,7 +83,11 @@ pub fn paths_since(nix_root: &Path, since: u64) -> Option<(u64, u64)> {
 /// fractional), with start and end relative to `since`. Start: the build log's creation (the
 /// daemon creates it when the build starts); end: when the output was registered, or the log's
 /// last write if later; no registered output: failed or killed (end = the log's last write).
-pub fn builds_since(nix_root: &Path, since: f64) -> Vec<crate::summary::Build> {
+///
+/// `built`: the derivations this job's daemon recorded (post-build hook). A finished build not
+/// among them was another job's (a shared store) and is left out; an unfinished one cannot be
+/// told apart and is kept.
+pub fn builds_since(nix_root: &Path, since: f64, built: &[String]) -> Vec<crate::summary::Build> {
     let logs = nix_root.join("var/log/nix/drvs");
     let conn = open(nix_root).ok();
     let mut out = Vec::new();
@@ -123,6 +127,9 @@ pub fn builds_since(nix_root: &Path, since: f64) -> Vec<crate::summary::Build> {
                 .map_or(drv.as_str(), |(_, n)| n)
                 .trim_end_matches(".drv")
                 .to_owned();
+            if registered.is_some() && !built.iter().any(|b| b.ends_with(&drv)) {
+                continue;
+            }
             let start = (created.max(since) - since).max(0.0);
             let end = match registered {
                 Some(t) => (t as f64).max(modified) - since,
