@@ -940,3 +940,35 @@ fn under_kubernetes_logs_are_json_lines_carrying_lane_runner_and_job() {
     }
     assert_eq!(job_lines, 1, "the job's output line: {text}");
 }
+
+#[test]
+fn a_job_that_hits_its_process_limit_gets_a_warning_and_a_summary() {
+    if !privileged("pids-annotation") {
+        return;
+    }
+    let rig = Rig::new(&[("pids", "256Mi", 1)], "5s");
+    // More processes than the lane's pids_max (1024) at once: forks are refused.
+    rig.gh.push_job(rig.job(
+        0,
+        "set +e; for i in $(seq 1200); do sleep 3 & done 2>/dev/null; wait; true",
+    ));
+    let agent = rig.start();
+    rig.wait("the job", Duration::from_secs(60), |s| {
+        !s.completed.is_empty()
+    });
+    term(&agent, nix::sys::signal::Signal::SIGTERM);
+    let (code, log) = wait_exit(&rig, agent, Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("::warning title=Process limit reached on lane ")
+            && log.contains("hit its process limit of 1024"),
+        "{log}"
+    );
+    let summary = rig.gh.with(|s| s.summaries.values().next().cloned());
+    let summary = summary.expect("the runner uploaded the job summary");
+    assert!(
+        summary.contains("> [!WARNING]") && summary.contains("process limit of 1024"),
+        "{summary}"
+    );
+    assert!(summary.contains("xychart-beta"), "{summary}");
+}
