@@ -196,6 +196,47 @@ fn home_and_tmp_are_fresh_for_every_job() {
 }
 
 #[test]
+fn a_job_gets_only_the_base_environment_and_what_its_lane_names() {
+    if !privileged("env-allow-list") {
+        return;
+    }
+    let f = Fixture::new("env", "64Mi", "pass_env = [\"HTTPS_PROXY\"]");
+    let o = f
+        .exec_cmd(
+            &["--user", "nobody"],
+            &["sh", "-c", "env | sort | cut -d= -f1"],
+        )
+        .env("HTTPS_PROXY", "http://proxy.example:3128")
+        .env("AWS_SECRET_ACCESS_KEY", "from-the-pod-spec")
+        .env("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+        .env("LC_ALL", "C.UTF-8")
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let names: Vec<String> = stdout(&o).lines().map(str::to_owned).collect();
+    for want in [
+        "HTTPS_PROXY",
+        "LC_ALL",
+        "PATH",
+        "HOME",
+        "TMPDIR",
+        "FLYWHEEL_LANE",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} missing: {names:?}");
+    }
+    for leaked in [
+        "AWS_SECRET_ACCESS_KEY",
+        "KUBERNETES_SERVICE_HOST",
+        "FLYWHEEL_LOG",
+    ] {
+        assert!(
+            !names.iter().any(|n| n == leaked),
+            "{leaked} reached the job: {names:?}"
+        );
+    }
+}
+
+#[test]
 fn fifty_jobs_leave_no_cgroup_behind() {
     if !privileged("fifty") {
         return;

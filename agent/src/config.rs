@@ -127,6 +127,9 @@ pub struct Lane {
     pub nix_conf: PathBuf,
     /// Why this lane cannot run on this host (embedded defaults only; a file is rejected).
     pub unavailable: Option<String>,
+    /// Variables of the agent's environment its jobs get besides the fixed base (`PATH`,
+    /// `LANG`, `LC_*`, `TZ`, `TERM`), e.g. a proxy.
+    pub pass_env: Vec<String>,
 }
 
 impl Lane {
@@ -439,6 +442,7 @@ struct RawLane {
     oom_group: Option<bool>,
     nix: Option<bool>,
     nix_conf: Option<Spanned<PathBuf>>,
+    pass_env: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     hints: RawHints,
 }
@@ -1117,6 +1121,16 @@ fn validate_lane(
         nix_extra_conf: nonempty(cx, h.nix_extra_conf, "nix_extra_conf")?,
     };
 
+    let mut pass_env = Vec::new();
+    for v in rl.pass_env.unwrap_or_default() {
+        if crate::hints::is_secret_var(v.get_ref()) || v.get_ref().starts_with("XDG_") {
+            return Err(cx.err(
+                &v,
+                format!("lane {name:?}: pass_env may not name {:?}: it is a secret, the agent's own, or set for each job", v.get_ref()),
+            ));
+        }
+        pass_env.push(v.into_inner());
+    }
     let nix = rl.nix.unwrap_or(true);
     let nix_conf = match &rl.nix_conf {
         Some(c) => absolute(cx, c, "nix_conf")?,
@@ -1144,6 +1158,7 @@ fn validate_lane(
         oom_group: rl.oom_group.unwrap_or(false),
         hints,
         unavailable,
+        pass_env,
     })
 }
 
@@ -1322,6 +1337,7 @@ nix_extra_conf = "fallback = true"
             ("[attic]\ntrusted_events = [\"pull_request_review\"]\n".into(), Some((2, 19)), "never trusted to publish"),
             ("[attic]\ntrusted_events = [\"pull_request_target\"]\n".into(), Some((2, 19)), "never trusted to publish"),
             ("[attic]\ntoken_validity = \"7h\"\n".into(), Some((2, 18)), "between 1s and 6h"),
+            (lane("pass_env = [\"TZ\", \"GITHUB_TOKEN\"]\n"), Some((4, 19)), "pass_env may not name \"GITHUB_TOKEN\""),
             ("[attic]\npush_token_to_jobs = true\ntoken_validity = \"2h\"\n".into(), Some((3, 18)), "at most 1h when push_token_to_jobs is on"),
         ];
         for (src, pos, frag) in cases {

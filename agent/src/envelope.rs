@@ -929,19 +929,16 @@ fn cstring(p: &OsStr) -> Result<CString, EnvelopeError> {
         .map_err(|_| EnvelopeError::Spawn(io::Error::other("path contains a NUL byte")))
 }
 
-/// The job's environment: the agent's, minus secrets, old hints and the agent's XDG
-/// directories, plus the user's identity and private HOME, the lane's hints and the job's own
-/// secret variables.
+/// The job's environment: of the agent's only the fixed base and what the lane names
+/// (`hints::passes_to_job`), plus the user's identity and private HOME, the lane's hints and
+/// the job's own secret variables.
 fn job_environment(
     spec: &JobSpec,
     user: Option<&JobUser>,
     home: &Path,
 ) -> Vec<(OsString, OsString)> {
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
-        .filter(|(k, _)| {
-            let k = k.to_string_lossy();
-            !hints::is_secret_var(&k) && !k.starts_with("XDG_")
-        })
+        .filter(|(k, _)| hints::passes_to_job(&k.to_string_lossy(), &spec.lane.pass_env))
         .collect();
     let mut set = |k: &str, v: OsString| {
         env.retain(|(n, _)| n != k);

@@ -74,6 +74,17 @@ pub fn job_env(lane: &Lane, memory_bytes: u64, host_cpus: u32) -> Vec<(String, S
     env
 }
 
+/// Whether a variable of the agent's environment passes into a job's: a fixed base (the search
+/// path, the locale, the time zone, the terminal type) and what the lane names in `pass_env`.
+/// Everything else — secrets, the agent's own settings, whatever a unit or a pod spec adds —
+/// stays out.
+pub fn passes_to_job(name: &str, pass_env: &[String]) -> bool {
+    !is_secret_var(name)
+        && (matches!(name, "PATH" | "LANG" | "LANGUAGE" | "TZ" | "TERM")
+            || name.starts_with("LC_")
+            || pass_env.iter().any(|p| p == name))
+}
+
 /// Names of variables that never pass from the agent's environment into a job's: secrets,
 /// the agent's own hints and Nix store settings (a job gets its own).
 pub fn is_secret_var(name: &str) -> bool {
@@ -97,6 +108,27 @@ pub fn is_secret_var(name: &str) -> bool {
 mod tests {
     use super::*;
     use crate::config::{parse, HostFacts, Origin};
+
+    #[test]
+    fn only_the_base_and_what_the_lane_names_reach_a_job() {
+        let pass = vec!["HTTPS_PROXY".to_owned()];
+        for ok in ["PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "HTTPS_PROXY"] {
+            assert!(passes_to_job(ok, &pass), "{ok}");
+        }
+        for no in [
+            "AWS_SECRET_ACCESS_KEY",
+            "KUBERNETES_SERVICE_HOST",
+            "HTTP_PROXY",
+            "FLYWHEEL_CONFIG",
+            "ACTIONS_RUNNER_INPUT_JITCONFIG",
+            "GITHUB_TOKEN",
+            "NIX_REMOTE",
+            "XDG_CONFIG_HOME",
+        ] {
+            assert!(!passes_to_job(no, &pass), "{no}");
+        }
+        assert!(!passes_to_job("GITHUB_TOKEN", &["GITHUB_TOKEN".to_owned()]));
+    }
 
     fn lane(extra: &str) -> Lane {
         let src = format!("[[lane]]\nname = \"l\"\nmemory = \"8Gi\"\n{extra}");
