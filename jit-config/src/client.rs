@@ -145,6 +145,9 @@ pub struct Client {
     token: Mutex<Option<CachedToken>>,
     installation_id: Mutex<Option<u64>>,
     stats: ApiStats,
+    /// GitHub asked this client to wait (`retry-after`, an exhausted limit, a secondary limit):
+    /// no request of the client leaves before this instant, whichever task sends it.
+    not_before: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 /// The App's signing key; never printed.
@@ -239,6 +242,7 @@ impl Client {
                 ratelimit_remaining: AtomicI64::new(-1),
                 ..ApiStats::default()
             },
+            not_before: std::sync::Mutex::new(None),
             cfg,
         })
     }
@@ -337,6 +341,30 @@ impl Client {
         Ok(inst.id)
     }
 
+    /// Wait until GitHub's last "wait" for this client is over.
+    async fn wait_for_gate(&self, endpoint: &'static str) {
+        let until = self.not_before.lock().ok().and_then(|g| *g);
+        if let Some(t) = until {
+            if t > tokio::time::Instant::now() {
+                warn!(
+                    endpoint,
+                    wait_ms = (t - tokio::time::Instant::now()).as_millis() as u64,
+                    "GitHub asked this client to wait; holding the request"
+                );
+                tokio::time::sleep_until(t).await;
+            }
+        }
+    }
+
+    fn close_gate(&self, wait: Duration) {
+        if let Ok(mut g) = self.not_before.lock() {
+            let t = tokio::time::Instant::now() + wait;
+            if g.is_none_or(|cur| cur < t) {
+                *g = Some(t);
+            }
+        }
+    }
+
     /// One request with GitHub's retry rules. Returns the final answer, whatever its status.
     async fn send(
         &self,
@@ -351,6 +379,7 @@ impl Client {
         let mut last = String::new();
         let mut refreshed_token = false;
         for attempt in 0..policy.max_attempts {
+            self.wait_for_gate(endpoint).await;
             let bearer = match auth {
                 AuthKind::App => self.app_jwt()?,
                 AuthKind::Installation => self.installation_token().await?,
@@ -432,6 +461,10 @@ impl Client {
                         });
                     }
                     last = format!("{status} ({why})");
+                    if matches!(status.as_u16(), 403 | 429) {
+                        // A rate limit binds the client, not this one request.
+                        self.close_gate(wait);
+                    }
                     warn!(
                         endpoint,
                         status = status.as_u16(),

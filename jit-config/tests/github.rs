@@ -193,6 +193,42 @@ async fn retry_after_is_honoured() {
 }
 
 #[tokio::test]
+async fn a_wait_asked_of_one_request_holds_every_request_of_the_client() {
+    let gh = FakeGitHub::start();
+    let c = std::sync::Arc::new(app_client(&gh, org()));
+    c.list_runners(None).await.expect("warm up the token");
+    gh.inject(Injection {
+        endpoint: "generate-jitconfig",
+        status: 429,
+        headers: vec![("retry-after".into(), "2".into())],
+        body: "{\"message\":\"You have exceeded a secondary rate limit\"}".into(),
+        ..Injection::default()
+    });
+    let t = Instant::now();
+    let first = {
+        let c = c.clone();
+        tokio::spawn(async move { c.generate_jitconfig("a", 1, &labels(), "_work").await })
+    };
+    // Another task's request, after GitHub said wait 2 s to the first.
+    while gh.with(|s| s.count("generate-jitconfig")) < 1 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let asked = t.elapsed();
+    c.list_runners(None).await.expect("the other request");
+    let other_sent = gh.with(|s| s.count("list-runners"));
+    assert!(
+        t.elapsed() >= Duration::from_secs(2),
+        "the other request left {:?} after the 429 (asked at {asked:?})",
+        t.elapsed()
+    );
+    assert_eq!(other_sent, 2, "one warm-up, one after the wait");
+    first
+        .await
+        .expect("join")
+        .expect("registered after the wait");
+}
+
+#[tokio::test]
 async fn an_exhausted_primary_limit_waits_until_reset() {
     let gh = FakeGitHub::start();
     let c = app_client(&gh, org());
