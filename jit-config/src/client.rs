@@ -359,7 +359,7 @@ impl Client {
     fn close_gate(&self, wait: Duration) {
         if let Ok(mut g) = self.not_before.lock() {
             let t = tokio::time::Instant::now() + wait;
-            if g.is_none_or(|cur| cur < t) {
+            if !g.is_some_and(|cur| cur >= t) {
                 *g = Some(t);
             }
         }
