@@ -1043,3 +1043,38 @@ fn a_cancelled_trusted_job_still_publishes_what_it_built() {
         stored.keys()
     );
 }
+
+#[test]
+fn two_bootstraps_of_one_store_at_once_install_it_once() {
+    if !privileged("nix-bootstrap-lock") {
+        return;
+    }
+    let rig = Rig::new("", None);
+    let run = || {
+        rig.agent(&["nix", "bootstrap", "--config", rig.config.to_str().unwrap()])
+            .spawn()
+            .unwrap()
+    };
+    let (mut a, mut b) = (run(), run());
+    assert!(a.wait().unwrap().success());
+    assert!(b.wait().unwrap().success());
+    let links: Vec<String> = std::fs::read_dir(rig.fresh().join("var/nix/profiles"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("default-"))
+        .collect();
+    assert_eq!(links, vec!["default-1-link"], "one install, one generation");
+    // Every store path is finished (read-only, root's) and the next check is warm.
+    for e in std::fs::read_dir(rig.fresh().join("store"))
+        .unwrap()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+    {
+        let m = std::fs::symlink_metadata(e.path()).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(m.uid(), 0);
+        assert_eq!(m.mode() & 0o222, 0, "{} is writable", e.path().display());
+    }
+    assert!(stdout(&rig.bootstrap()).contains(": warm"));
+}

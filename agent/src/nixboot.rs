@@ -304,6 +304,24 @@ fn store_drift(plan: &Plan, version: &str) -> Vec<String> {
     why
 }
 
+/// An exclusive lock on a store's bootstrap (`<nix>/var/flywheel-agent/bootstrap.lock`),
+/// released when dropped or when its holder dies.
+fn lock_store(nix_root: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, NixError> {
+    let dir = nix_root.join("var/flywheel-agent");
+    std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
+    let path = dir.join("bootstrap.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io(format!("open {}", path.display())))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| NixError::Io {
+        what: format!("lock {}", path.display()),
+        source: e.into(),
+    })
+}
+
 /// Make the plan true: a warm check first, then (only if needed) verify, unpack, register,
 /// configure.
 pub fn ensure(plan: &Plan, version: &str, system: &str) -> Result<Report, NixError> {
@@ -354,6 +372,25 @@ pub fn ensure(plan: &Plan, version: &str, system: &str) -> Result<Report, NixErr
         });
     }
     timings.verify = t.elapsed();
+
+    // One install into a store at a time (two jobs' setups, two pods on one slot): the second
+    // waits, then finds it warm. Taken after the hash check, so a bad tarball changes nothing.
+    let _lock = lock_store(&plan.nix_root)?;
+    if store_drift(plan, version).is_empty() {
+        let changed = configure(plan)?;
+        let nix_path = read_receipt(&plan.nix_root)
+            .map(|r| plan.nix_root.join("store").join(r.nix_path))
+            .unwrap_or_default();
+        timings.check += t.elapsed();
+        return Ok(Report {
+            cold: false,
+            version: version.to_owned(),
+            nix_path,
+            changed,
+            timings,
+            relayed: None,
+        });
+    }
 
     // unpack into a staging directory on the store's filesystem.
     let t = Instant::now();
@@ -599,8 +636,9 @@ fn install(
         if std::fs::symlink_metadata(&dst).is_ok() {
             continue;
         }
+        // Read-only and root's before it moves in: a path in the store is always finished.
+        canonicalize(&src_store.join(n)).map_err(io(format!("make {n} read-only")))?;
         std::fs::rename(src_store.join(n), &dst).map_err(io(format!("move {n} into the store")))?;
-        canonicalize(&dst).map_err(io(format!("make {n} read-only")))?;
         moved += 1;
     }
     if moved > 0 {
