@@ -631,14 +631,18 @@ mod library {
         };
         std::fs::create_dir_all(&blocker).expect("block");
         let r = mgr.create(&name, &LIMITS);
+        // Whatever the layout: creation fails, and the rollback removed only what it made (the
+        // blocker, someone else's cgroup, is still there).
+        assert!(r.is_err(), "creation must fail");
+        assert!(
+            blocker.is_dir(),
+            "the rollback removed a cgroup it did not create"
+        );
         std::fs::remove_dir(&blocker).expect("unblock");
-        if mgr.layout() != cgroup::Layout::V2 {
-            assert!(r.is_err(), "creation must fail");
-            assert!(
-                mgr.list().expect("list").iter().all(|n| n != &name),
-                "rolled back"
-            );
-        }
+        assert!(
+            mgr.list().expect("list").iter().all(|n| n != &name),
+            "rolled back"
+        );
     }
 
     #[test]
@@ -648,7 +652,16 @@ mod library {
         }
         let mi = std::fs::read_to_string("/proc/self/mountinfo").expect("mi");
         if !mi.contains(" - cgroup cgroup ") || !mi.contains("freezer") {
-            // Pure v2 host (the VM): the v1 freezer is covered on the host run.
+            // A pure v2 kernel has no v1 freezer: not applicable in the VM, whose host run
+            // covers it. Anywhere else under CI a missing freezer is a failure.
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true")
+                    || std::env::var("FLYWHEEL_IN_VM").as_deref() == Ok("1"),
+                "no v1 freezer on this CI host: the pure-v1 teardown went untested"
+            );
+            eprintln!(
+                "SKIP pure_v1_freezer_kill_empties_a_forking_job: no v1 freezer (pure cgroup v2)"
+            );
             return;
         }
         let v1_only: String = mi

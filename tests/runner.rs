@@ -523,15 +523,26 @@ fn as_pid1_the_agent_reaps_orphans_and_exits_with_the_listeners_status() {
         return;
     }
     let rig = arc_rig("5s");
+    let shared = common::shared_dir(rig.dir.path());
+    // Orphans that die at once, re-parented to the agent (PID 1 of the pod): then a marker.
     let mut job = rig.job(
         0,
-        "for i in 1 2 3 4 5 6; do (sleep 0.1 &); done; sleep 2; echo orphans-made",
+        &format!(
+            "for i in 1 2 3 4 5 6; do (sleep 0.1 &); done; sleep 0.5; touch {}/orphaned; sleep 2; echo orphans-made",
+            shared.display()
+        ),
     );
     job.listener_exit = 2;
     rig.gh.push_job(job);
     let jit = register_directly(&rig.gh, &rig.lanes[0], "pid1-a");
     let (child, agent) = start_as_pid1(&rig, &jit);
-    std::thread::sleep(Duration::from_millis(1200));
+    // The orphans existed and died before this look (the marker comes after they exited).
+    let t = Instant::now();
+    while !shared.join("orphaned").exists() {
+        assert!(t.elapsed() < Duration::from_secs(30), "{}", rig.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
     assert!(
         zombie_children(agent).is_empty(),
         "orphans were reaped: {:?}",

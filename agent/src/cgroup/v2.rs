@@ -333,9 +333,30 @@ mod tests {
         assert!(job.is_empty().expect("empty"));
         fs::write(dir.join("cgroup.events"), "populated 1\nfrozen 0\n").expect("w");
         assert!(!job.is_empty().expect("empty"));
+        // No cgroup.kill in the fake: the freezer path freezes, kills each process, thaws. A
+        // process of the fake cgroup proves the kill ran: a child of this test.
+        let mut victim = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn");
+        fs::write(dir.join("cgroup.procs"), format!("{}\n", victim.id())).expect("w");
+        fs::write(dir.join("cgroup.freeze"), "0\n").expect("w");
         job.kill_all().expect("kill");
-        // No cgroup.kill in the fake: the freezer path ran against no processes.
-        assert!(dir.join("cgroup.events").exists());
+        let st = victim.wait().expect("wait");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&st),
+            Some(libc::SIGKILL),
+            "the process listed in cgroup.procs was killed"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.join("cgroup.freeze")).expect("r"),
+            "0",
+            "thawed again after the kill"
+        );
+        assert!(
+            !dir.join("cgroup.kill").exists(),
+            "the fallback, not cgroup.kill"
+        );
     }
 
     #[test]
