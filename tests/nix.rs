@@ -571,24 +571,7 @@ command -v xz >/dev/null && echo "xz is there" || echo "would sudo apt-get insta
     )));
     gh.push_job(job(format!("nix-store -r {subst_path}")));
 
-    let log_path = rig.dir.path().join("agent.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut agent = rig
-        .agent(&["run", "--config", rig.config.to_str().unwrap()])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    while gh.with(|s| s.completed.len()) < 3 {
-        assert!(
-            t.elapsed().as_secs() < 120,
-            "jobs did not finish: {:?}\n{}",
-            gh.with(|s| s.completed.clone()),
-            std::fs::read_to_string(&log_path).unwrap()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let (mut agent, log_path) = run_until_completed(&rig, &gh, 3);
     let text_log = std::fs::read_to_string(&log_path).unwrap();
     assert!(
         text_log.contains(
@@ -757,6 +740,39 @@ command -v xz >/dev/null && echo "xz is there" || echo "would sudo apt-get insta
     );
 }
 
+/// `run` with the rig's config in its private `/nix` namespace, logging to `agent.log`.
+fn start_run(rig: &Rig) -> (std::process::Child, PathBuf) {
+    let log_path = rig.dir.path().join("agent.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let agent = rig
+        .agent(&["run", "--config", rig.config.to_str().unwrap()])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    (agent, log_path)
+}
+
+/// [`start_run`], then wait until the fake GitHub saw `n` jobs completed.
+fn run_until_completed(
+    rig: &Rig,
+    gh: &fake_github::FakeGitHub,
+    n: usize,
+) -> (std::process::Child, PathBuf) {
+    let (agent, log_path) = start_run(rig);
+    let t = std::time::Instant::now();
+    while gh.with(|s| s.completed.len()) < n {
+        assert!(
+            t.elapsed().as_secs() < 120,
+            "jobs did not finish: {:?}\n{}",
+            gh.with(|s| s.completed.clone()),
+            std::fs::read_to_string(&log_path).unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    (agent, log_path)
+}
+
 /// A `run` rig on a Nix lane with the fake GitHub (runs 101, a push to main, and 102, a fork's
 /// pull request) and the fake Attic as the lane's cache, the agent publishing.
 fn publishing_rig() -> (fake_attic::FakeAttic, fake_github::FakeGitHub, Rig) {
@@ -861,24 +877,7 @@ fn a_trusted_jobs_builds_are_published_by_the_agent_and_a_pull_requests_are_not(
             state = rig.dir.path().join("state").display()
         ),
     ));
-    let log_path = rig.dir.path().join("agent.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut agent = rig
-        .agent(&["run", "--config", rig.config.to_str().unwrap()])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    while gh.with(|s| s.completed.len()) < 2 {
-        assert!(
-            t.elapsed().as_secs() < 120,
-            "jobs did not finish: {:?}\n{}",
-            gh.with(|s| s.completed.clone()),
-            std::fs::read_to_string(&log_path).unwrap()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let (mut agent, log_path) = run_until_completed(&rig, &gh, 2);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -997,14 +996,7 @@ fn a_cancelled_trusted_job_still_publishes_what_it_built() {
         "refs/heads/main",
         format!("nix-build {s}/c.nix --no-out-link && touch {s}/built; sleep 60"),
     ));
-    let log_path = rig.dir.path().join("agent.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut agent = rig
-        .agent(&["run", "--config", rig.config.to_str().unwrap()])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let (mut agent, log_path) = start_run(&rig);
     let t = std::time::Instant::now();
     while !shared.join("built").exists() {
         assert!(

@@ -322,6 +322,20 @@ fn lock_store(nix_root: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, NixEr
     })
 }
 
+/// The report of a store found warm (`changed`: configuration written for it).
+fn warm(plan: &Plan, version: &str, changed: Vec<String>, timings: Timings) -> Report {
+    Report {
+        cold: false,
+        version: version.to_owned(),
+        nix_path: read_receipt(&plan.nix_root)
+            .map(|r| plan.nix_root.join("store").join(r.nix_path))
+            .unwrap_or_default(),
+        changed,
+        timings,
+        relayed: None,
+    }
+}
+
 /// Make the plan true: a warm check first, then (only if needed) verify, unpack, register,
 /// configure.
 pub fn ensure(plan: &Plan, version: &str, system: &str) -> Result<Report, NixError> {
@@ -332,32 +346,12 @@ pub fn ensure(plan: &Plan, version: &str, system: &str) -> Result<Report, NixErr
         // A warm store under a fresh configuration (a new pod's /etc/nix): write it, no more.
         let changed = configure(plan)?;
         timings.check = t.elapsed();
-        let nix_path = read_receipt(&plan.nix_root)
-            .map(|r| plan.nix_root.join("store").join(r.nix_path))
-            .unwrap_or_default();
-        return Ok(Report {
-            cold: false,
-            version: version.to_owned(),
-            nix_path,
-            changed,
-            timings,
-            relayed: None,
-        });
+        return Ok(warm(plan, version, changed, timings));
     }
     let reasons: Vec<String> = store_reasons.into_iter().chain(config_reasons).collect();
     timings.check = t.elapsed();
     if reasons.is_empty() {
-        let nix_path = read_receipt(&plan.nix_root)
-            .map(|r| plan.nix_root.join("store").join(r.nix_path))
-            .unwrap_or_default();
-        return Ok(Report {
-            cold: false,
-            version: version.to_owned(),
-            nix_path,
-            changed: Vec::new(),
-            timings,
-            relayed: None,
-        });
+        return Ok(warm(plan, version, Vec::new(), timings));
     }
     tracing::info!(reasons = %reasons.join("; "), "nix bootstrap needed");
 
@@ -378,18 +372,8 @@ pub fn ensure(plan: &Plan, version: &str, system: &str) -> Result<Report, NixErr
     let _lock = lock_store(&plan.nix_root)?;
     if store_drift(plan, version).is_empty() {
         let changed = configure(plan)?;
-        let nix_path = read_receipt(&plan.nix_root)
-            .map(|r| plan.nix_root.join("store").join(r.nix_path))
-            .unwrap_or_default();
         timings.check += t.elapsed();
-        return Ok(Report {
-            cold: false,
-            version: version.to_owned(),
-            nix_path,
-            changed,
-            timings,
-            relayed: None,
-        });
+        return Ok(warm(plan, version, changed, timings));
     }
 
     // unpack into a staging directory on the store's filesystem.
