@@ -811,6 +811,15 @@ async fn run_job_inner(
     .instrument(info_span!("teardown"))
     .await;
     probe.set(None);
+    if let (Err(e), Some(root)) = (&torn, lane.slot_root.as_ref().filter(|_| slot.node_local)) {
+        // Its store and work may still be in use: no other job gets this slot until an
+        // operator has looked (`flywheel-agent status` shows it).
+        slot::mark_unusable(root, slot.index, &e.to_string());
+        warn!(
+            slot = slot.index,
+            "the slot is marked unusable until its leftovers are gone"
+        );
+    }
     let stats = torn?;
     let slot_index = slot.index;
     if slot_dirs.is_some() && spec.nix.is_some() {
@@ -1662,10 +1671,39 @@ async fn teardown(
     let drained = cg.kill_and_drain(DRAIN_TIMEOUT);
     reaper.reap();
     let stats = cg.stats().unwrap_or_default();
+    let errors = remove_after_drain(cg, drained, cleanup);
+    if errors.is_empty() {
+        Ok(stats)
+    } else {
+        Err(EnvelopeError::Teardown(errors.join("; ")))
+    }
+}
+
+/// After the kill: remove the cgroup and the job's directories — only when the cgroup is
+/// empty. With processes left, everything is kept (removing a tree under a live process is
+/// the race the removal is not built for) and the errors say what was kept.
+fn remove_after_drain(
+    cg: &dyn JobCgroup,
+    drained: Result<(), CgroupError>,
+    cleanup: &[PathBuf],
+) -> Vec<String> {
     let mut errors = Vec::new();
     if let Err(e) = drained {
         errors.push(e.to_string());
-    } else if let Err(e) = cg.remove() {
+        let kept: Vec<String> = cleanup
+            .iter()
+            .filter(|d| d.exists())
+            .map(|d| d.display().to_string())
+            .collect();
+        if !kept.is_empty() {
+            errors.push(format!(
+                "kept {} while processes of the job remain; remove them once they are gone",
+                kept.join(", ")
+            ));
+        }
+        return errors;
+    }
+    if let Err(e) = cg.remove() {
         errors.push(e.to_string());
     }
     for dir in cleanup {
@@ -1673,9 +1711,66 @@ async fn teardown(
             errors.push(format!("remove {}: {e}", dir.display()));
         }
     }
-    if errors.is_empty() {
-        Ok(stats)
-    } else {
-        Err(EnvelopeError::Teardown(errors.join("; ")))
+    errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cgroup::{Result as CgResult, Stats};
+
+    /// A job cgroup that cannot be emptied (a process stuck in the kernel).
+    #[derive(Debug)]
+    struct Stuck {
+        removed: std::sync::atomic::AtomicBool,
+    }
+
+    impl JobCgroup for Stuck {
+        fn name(&self) -> &str {
+            "stuck"
+        }
+        fn procs_files(&self) -> Vec<PathBuf> {
+            vec![PathBuf::from("/fake/stuck/cgroup.procs")]
+        }
+        fn pids(&self) -> CgResult<Vec<i32>> {
+            Ok(vec![424242])
+        }
+        fn stats(&self) -> CgResult<Stats> {
+            Ok(Stats::default())
+        }
+        fn kill_all(&self) -> CgResult<()> {
+            Ok(())
+        }
+        fn remove(&self) -> CgResult<()> {
+            self.removed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_cgroup_that_cannot_be_emptied_keeps_the_job_directory() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let dir = t.path().join("job");
+        std::fs::create_dir_all(dir.join("_work")).expect("mkdir");
+        let cg = Stuck {
+            removed: std::sync::atomic::AtomicBool::new(false),
+        };
+        let drained = cg.kill_and_drain(Duration::from_millis(20));
+        assert!(drained.is_err(), "the fake cannot be emptied");
+        let errors = remove_after_drain(&cg, drained, std::slice::from_ref(&dir));
+        assert!(dir.join("_work").is_dir(), "kept under a live process");
+        assert!(!cg.removed.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("kept") && e.contains("job")),
+            "{errors:?}"
+        );
+        // Emptied: both go.
+        let errors = remove_after_drain(&cg, Ok(()), std::slice::from_ref(&dir));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(!dir.exists());
+        assert!(cg.removed.load(std::sync::atomic::Ordering::SeqCst));
     }
 }

@@ -113,6 +113,19 @@ pub fn last_used(slot_root: &Path, i: u32) -> Option<u64> {
         .ok()
 }
 
+/// Mark slot `i` unusable (its job could not be torn down); free slots skip it until the
+/// marker is removed.
+pub fn mark_unusable(slot_root: &Path, i: u32, why: &str) {
+    let _ = std::fs::write(locks_dir(slot_root).join(format!("slot-{i}.unusable")), why);
+}
+
+/// Why slot `i` is unusable, if it is.
+pub fn unusable(slot_root: &Path, i: u32) -> Option<String> {
+    std::fs::read_to_string(locks_dir(slot_root).join(format!("slot-{i}.unusable")))
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
 /// Who holds (or, after a crash, last held) slot `i`: the marker's text.
 pub fn holder(slot_root: &Path, i: u32) -> Option<String> {
     std::fs::read_to_string(locks_dir(slot_root).join(format!("slot-{i}.holder")))
@@ -198,6 +211,13 @@ pub fn acquire(
                 order.sort_by_key(|i| std::cmp::Reverse(last_used(root, *i).unwrap_or(0)));
             }
             for i in order {
+                if lane
+                    .slot_root
+                    .as_deref()
+                    .is_some_and(|r| unusable(r, i).is_some())
+                {
+                    continue;
+                }
                 if let Some(s) = take(i)? {
                     return Ok(s);
                 }
@@ -280,6 +300,14 @@ mod tests {
             .expect("marker");
         let e = acquire(&state, &l, Some(0), true).expect("e");
         assert!(e.dirty, "a slot whose holder died is checked before reuse");
+        // A slot marked unusable is skipped until the marker goes.
+        drop(e);
+        drop(a);
+        mark_unusable(t.path(), 0, "teardown failed");
+        let f = acquire(&state, &l, None, false).expect("f");
+        assert_eq!(f.index, 1);
+        drop(f);
+        std::fs::remove_file(locks_dir(t.path()).join("slot-0.unusable")).expect("rm");
         // The locks are root-only: a job cannot take them.
         let mode = std::fs::metadata(locks_dir(t.path()))
             .expect("locks")

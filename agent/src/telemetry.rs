@@ -584,7 +584,9 @@ fn slot_status(root: &std::path::Path, i: u32) -> SlotStatus {
         paths,
         bytes,
         last_used_unix: crate::slot::last_used(root, i),
-        holder: crate::slot::holder(root, i),
+        holder: crate::slot::unusable(root, i)
+            .map(|why| format!("unusable: {why}"))
+            .or_else(|| crate::slot::holder(root, i)),
     }
 }
 
