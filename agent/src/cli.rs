@@ -498,20 +498,14 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
     })
 }
 
-/// `nix gc`: collect garbage in a slot's store, in a mount namespace where it is the lane's
-/// `nix_store`, directly on the store (no daemon: the caller holds the slot).
-fn nix_gc(
-    config: Option<PathBuf>,
-    lane: &str,
-    slot: u32,
-    max_freed: u64,
-    host: &HostFacts,
-) -> anyhow::Result<()> {
-    use flywheel_agent::nixboot;
-    let cfg = config::load(config.as_deref(), host)?;
-    let lane = cfg
-        .lane(lane)
-        .with_context(|| format!("no lane {lane:?} in {}", cfg.origin))?;
+/// The lane called `name`, or an error naming the config.
+fn lane_named<'a>(cfg: &'a Config, name: &str) -> anyhow::Result<&'a flywheel_agent::config::Lane> {
+    cfg.lane(name)
+        .with_context(|| format!("no lane {name:?} in {}", cfg.origin))
+}
+
+/// Enter a mount namespace where slot `slot`'s store is the lane's `nix_store`.
+fn enter_slot(lane: &flywheel_agent::config::Lane, slot: u32) -> anyhow::Result<()> {
     let root = lane
         .slot_root
         .as_ref()
@@ -523,7 +517,23 @@ fn nix_gc(
         lane.slots
     );
     let (slot_nix, _) = flywheel_agent::slot::slot_dirs(root, slot);
-    nixboot::enter_store_namespace(&slot_nix, &lane.nix_store)?;
+    std::fs::create_dir_all(&slot_nix)?;
+    flywheel_agent::nixboot::enter_store_namespace(&slot_nix, &lane.nix_store)?;
+    Ok(())
+}
+
+/// `nix gc`: collect garbage in a slot's store, in a mount namespace where it is the lane's
+/// `nix_store`, directly on the store (no daemon: the caller holds the slot).
+fn nix_gc(
+    config: Option<PathBuf>,
+    lane: &str,
+    slot: u32,
+    max_freed: u64,
+    host: &HostFacts,
+) -> anyhow::Result<()> {
+    let cfg = config::load(config.as_deref(), host)?;
+    let lane = lane_named(&cfg, lane)?;
+    enter_slot(lane, slot)?;
     let out = std::process::Command::new(
         lane.nix_store
             .join("var/nix/profiles/default/bin/nix-store"),
@@ -597,19 +607,7 @@ fn nix_bootstrap(
         download(&url, &plan.tarball)?;
     }
     if let Some(s) = slot {
-        let root = lane
-            .slot_root
-            .as_ref()
-            .with_context(|| format!("lane {:?} has no slot_root", lane.name))?;
-        anyhow::ensure!(
-            s < lane.slots,
-            "lane {:?} has slots 0..{}",
-            lane.name,
-            lane.slots
-        );
-        let (slot_nix, _) = flywheel_agent::slot::slot_dirs(root, s);
-        std::fs::create_dir_all(&slot_nix)?;
-        nixboot::enter_store_namespace(&slot_nix, &lane.nix_store)?;
+        enter_slot(&lane, s)?;
     }
     let report = nixboot::ensure(&plan, &version, &system)?;
     let mut out = std::io::stdout().lock();
@@ -713,21 +711,14 @@ fn publish(
 ) -> anyhow::Result<()> {
     use flywheel_agent::publish;
     let cfg = config::load(config.as_deref(), host)?;
-    let lane = cfg
-        .lane(lane)
-        .with_context(|| format!("no lane {lane:?} in {}", cfg.origin))?;
+    let lane = lane_named(&cfg, lane)?;
     let (Some(server), Some(cache)) = (&lane.hints.attic_server, &lane.hints.attic_cache) else {
         anyhow::bail!("lane {:?} has no attic_server and attic_cache", lane.name);
     };
-    let auth = match flywheel_agent::hooks::AtticCredential::load(&cfg.attic)
+    let auth = flywheel_agent::hooks::AtticCredential::load(&cfg.attic)
         .map_err(|e| anyhow::anyhow!(e))?
-    {
-        flywheel_agent::hooks::AtticCredential::Sign(k) => publish::Auth::Sign(k),
-        flywheel_agent::hooks::AtticCredential::Static(t) => publish::Auth::Static(t),
-        flywheel_agent::hooks::AtticCredential::None => {
-            anyhow::bail!("set attic.signing_key_file (or push_token_file) to publish")
-        }
-    };
+        .publish_auth()
+        .context("set attic.signing_key_file (or push_token_file) to publish")?;
     let found = publish::to_publish(&lane.nix_store, paths, &cfg.attic.upstream_keys)?;
     let p = publish::Publisher {
         http: reqwest::Client::new(),

@@ -649,10 +649,8 @@ async fn run_job_inner(
     std::fs::create_dir_all(&stage).map_err(io_at("create", &stage))?;
     std::fs::set_permissions(&stage, std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .map_err(io_at("chmod", &stage))?;
-    let exe_dir = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-        .unwrap_or_default();
+    let exe = std::env::current_exe().unwrap_or_default();
+    let exe_dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
     let install_dir = spec.runner.as_ref().map(|r| r.install_dir.clone());
     let mut keep_candidates: Vec<&Path> = vec![
         &spec.work_root,
@@ -699,7 +697,6 @@ async fn run_job_inner(
         )?),
     };
     if let Some(u) = &user {
-        let exe = std::env::current_exe().unwrap_or_default();
         let mut owned: Vec<&Path> = vec![exe.as_path()];
         if let Some(r) = &spec.runner {
             owned.push(&r.install_dir);

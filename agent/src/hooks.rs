@@ -81,6 +81,15 @@ pub enum AtticCredential {
 }
 
 impl AtticCredential {
+    /// How the agent itself pushes with this credential; `None` without one.
+    pub fn publish_auth(&self) -> Option<crate::publish::Auth> {
+        match self {
+            AtticCredential::Sign(k) => Some(crate::publish::Auth::Sign(k.clone())),
+            AtticCredential::Static(t) => Some(crate::publish::Auth::Static(t.clone())),
+            AtticCredential::None => None,
+        }
+    }
+
     pub fn load(a: &AtticSettings) -> Result<AtticCredential, String> {
         if let Some(k) = &a.signing_key_file {
             return SigningKey::load(k)
@@ -593,12 +602,8 @@ async fn publish(h: &RunnerHooks, sub: &str, oom: bool) -> String {
     let Some(root) = facts.nix_root else {
         return "nothing published: the job had no Nix store".into();
     };
-    let auth = match &h.credential {
-        AtticCredential::Sign(k) => crate::publish::Auth::Sign(k.clone()),
-        AtticCredential::Static(t) => crate::publish::Auth::Static(t.clone()),
-        AtticCredential::None => {
-            return "nothing published: this agent holds no push credential".into()
-        }
+    let Some(auth) = h.credential.publish_auth() else {
+        return "nothing published: this agent holds no push credential".into();
     };
     let built = facts
         .built

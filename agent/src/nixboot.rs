@@ -503,19 +503,8 @@ fn canonicalize(path: &Path) -> std::io::Result<()> {
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), NixError> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.flywheel-tmp",
-        path.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ));
-    let mut f = std::fs::File::create(&tmp).map_err(io(format!("write {}", tmp.display())))?;
-    std::io::Write::write_all(&mut f, bytes).map_err(io(format!("write {}", tmp.display())))?;
-    f.sync_all()
-        .map_err(io(format!("sync {}", tmp.display())))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(io("chmod"))?;
-    std::fs::rename(&tmp, path).map_err(io(format!("replace {}", path.display())))?;
-    Ok(())
+    crate::workdir::write_atomic(path, bytes, mode)
+        .map_err(io(format!("replace {}", path.display())))
 }
 
 /// Write the lane's `nix.conf` and the netrc when they are not what the plan says.

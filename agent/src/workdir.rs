@@ -73,9 +73,20 @@ pub fn write_new(path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
 /// Replace `path` with `content` atomically (a temporary file beside it, then a rename), in a
 /// directory only root writes.
 pub fn write_atomic(path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let name = path
+        .file_name()
+        .map(OsStr::to_string_lossy)
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.flywheel-tmp.{}", std::process::id()));
     let _ = fs::remove_file(&tmp);
-    write_new(&tmp, content, mode)?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)?;
+    f.write_all(content)?;
+    f.sync_all()?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
     fs::rename(&tmp, path)
 }
