@@ -1,6 +1,7 @@
 //! The deploy surfaces as artefacts: the systemd unit, the example config, the ARC Helm values
-//! and lane configs, the Containerfile. (The Containerfile cannot be built here: no container
-//! engine, no registry; it is linted with hadolint and checked for what it must contain.)
+//! and lane configs, the Containerfile (linted with hadolint, checked for what it must
+//! contain). Built and run for real: the image in tests/container.rs, the unit under systemd
+//! in tests/sting.rs.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -261,7 +262,11 @@ fn the_containerfile_lints_clean_and_has_what_it_must() {
     let cf = read("Containerfile");
     for must in [
         "ARG RUNNER_VERSION=",
-        "FROM ghcr.io/actions/actions-runner:${RUNNER_VERSION}",
+        // Production's bases are the defaults; tests/container.rs builds with stand-ins.
+        "ARG RUNNER_BASE=ghcr.io/actions/actions-runner:${RUNNER_VERSION}",
+        "FROM ${RUNNER_BASE}",
+        "ARG BUILD_BASE=docker.io/library/rust:${RUST_VERSION}-bookworm",
+        "FROM ${BUILD_BASE} AS build",
         "sha256sum -c",
         "COPY --from=build /out/flywheel-agent /usr/local/bin/flywheel-agent",
         "COPY images/arc/ /etc/flywheel-agent/",
@@ -308,6 +313,14 @@ fn the_containerfile_lints_clean_and_has_what_it_must() {
         "ARG NIX_VERSION={}",
         pin["version"].as_str().unwrap()
     )));
+    // The default release URL is the pinned one.
+    let url = cf
+        .lines()
+        .find_map(|l| l.strip_prefix("ARG NIX_URL="))
+        .expect("ARG NIX_URL")
+        .replace("${NIX_VERSION}", pin["version"].as_str().unwrap())
+        .replace("${NIX_SYSTEM}", "x86_64-linux");
+    assert_eq!(url, pin["systems"]["x86_64-linux"]["url"].as_str().unwrap());
     if !tool("hadolint") {
         return;
     }

@@ -687,3 +687,39 @@ mod library {
         job.remove().expect("remove");
     }
 }
+
+#[test]
+fn a_job_without_nix_runs_when_the_store_path_is_on_overlayfs() {
+    if !privileged("no-nix-overlay") {
+        return;
+    }
+    // As in a container whose /nix is part of the image: the lane's nix_store on overlayfs.
+    let base = common::open_tempdir("flywheel-overlay");
+    for d in ["lower", "upper", "ovl-work", "nix"] {
+        std::fs::create_dir(base.path().join(d)).expect("mkdir");
+    }
+    let nix = base.path().join("nix");
+    let f = Fixture::new("ovl", "64Mi", &format!("nix_store = \"{}\"", nix.display()));
+    let agent = f.exec_cmd(&["--no-nix"], &["sh", "-c", "echo ran-without-nix"]);
+    let args: Vec<String> = std::iter::once(agent.get_program())
+        .chain(agent.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let o = std::process::Command::new("unshare")
+        .args(["-m", "--", "sh", "-c"])
+        .arg(format!(
+            "mount --make-rprivate / && mount -t overlay overlay -o lowerdir={b}/lower,upperdir={b}/upper,workdir={b}/ovl-work {b}/nix && stat -f -c %T {b}/nix && exec \"$@\"",
+            b = base.path().display()
+        ))
+        .arg("sh")
+        .args(&args)
+        .env("FLYWHEEL_LOG", "info")
+        .env("FLYWHEEL_LOG_FORMAT", "text")
+        .output()
+        .expect("unshare");
+    let (out, err) = (stdout(&o), stderr(&o));
+    // The store really was on overlayfs, and the job ran all the same.
+    assert!(out.starts_with("overlayfs"), "{out}\n{err}");
+    assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+    assert!(out.contains("ran-without-nix"), "{out}\n{err}");
+}

@@ -106,10 +106,18 @@ fn sigterm_lets_a_busy_runner_finish_and_removes_idle_ones() {
     if !privileged("run-drain") {
         return;
     }
-    let rig = Rig::new(&[("busy", "128Mi", 1), ("idle", "128Mi", 2)], "20s");
-    rig.gh
-        .push_job(rig.job(0, "sleep 3; echo finished-in-drain"));
-    let agent = rig.start();
+    let rig = Rig::new(&[("busy", "128Mi", 1), ("idle", "128Mi", 2)], "60s");
+    let shared = common::shared_dir(rig.dir.path());
+    // The job ends only once the test says so, after SIGTERM: it is busy during the drain on
+    // any machine.
+    rig.gh.push_job(rig.job(
+        0,
+        &format!(
+            "until [ -e {}/go ]; do sleep 0.05; done; echo finished-in-drain",
+            shared.display()
+        ),
+    ));
+    let mut agent = rig.start();
     rig.wait("the job is running", Duration::from_secs(30), |s| {
         s.runners.values().any(|r| r.busy)
     });
@@ -120,14 +128,16 @@ fn sigterm_lets_a_busy_runner_finish_and_removes_idle_ones() {
             .count()
             == 2
     });
-    let t = Instant::now();
     term(&agent, nix::sys::signal::Signal::SIGTERM);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        agent.try_wait().expect("wait").is_none(),
+        "the drain waits for the busy job: {}",
+        rig.log()
+    );
+    std::fs::write(shared.join("go"), "").expect("go");
     let (code, log) = wait_exit(&rig, agent, Duration::from_secs(30));
     assert_eq!(code, 0, "{log}");
-    assert!(
-        t.elapsed() >= Duration::from_secs(1),
-        "the drain waited for the busy job"
-    );
     rig.gh.with(|s| {
         assert_eq!(s.completed.len(), 1, "{:?}", s.completed);
         assert_eq!(
@@ -337,6 +347,23 @@ fn run_refuses_a_config_without_what_it_needs() {
         .expect("run");
     assert_eq!(o.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown field `private_key_filez`"));
+    // A host whose cgroups cannot hold a job: 78 too, so that systemd does not restart it
+    // every RestartSec.
+    if privileged("run-no-cgroups") {
+        std::fs::write(
+            &rig.config,
+            format!("{cfg}\n[cgroup]\nmount = \"/var/empty\"\n"),
+        )
+        .expect("write");
+        let o = Command::new(AGENT)
+            .args(["run", "--config"])
+            .arg(&rig.config)
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(78), "{err}");
+        assert!(err.contains("this host cannot run jobs"), "{err}");
+    }
     std::fs::write(
         &rig.config,
         cfg.replace(
@@ -592,8 +619,9 @@ fn status_json_shows_the_running_job_with_its_lane_and_envelope() {
     if !privileged("status") {
         return;
     }
-    let rig = Rig::new(&[("st", "192Mi", 1)], "5s");
-    rig.gh.push_job(rig.job(0, "sleep 10"));
+    // The job outlives every check however slow the machine; SIGTERM ends it after 1 s.
+    let rig = Rig::new(&[("st", "192Mi", 1)], "1s");
+    rig.gh.push_job(rig.job(0, "sleep 120"));
     let agent = rig.start();
     rig.wait("the job is running", Duration::from_secs(30), |s| {
         s.runners.values().any(|r| r.busy)
@@ -610,7 +638,7 @@ fn status_json_shows_the_running_job_with_its_lane_and_envelope() {
         let busy = v["lanes"][0]["runners"]
             .as_array()
             .is_some_and(|r| r.iter().any(|x| x["state"] == "busy"));
-        if busy || t.elapsed() > Duration::from_secs(10) {
+        if busy || t.elapsed() > Duration::from_secs(30) {
             break v;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -982,4 +1010,28 @@ fn a_job_that_hits_its_process_limit_gets_a_warning_and_a_summary() {
         "{summary}"
     );
     assert!(summary.contains("xychart-beta"), "{summary}");
+}
+
+#[test]
+fn a_process_the_job_left_behind_does_not_hold_the_runner_up() {
+    if !privileged("run-leftover-process") {
+        return;
+    }
+    let rig = Rig::new(&[("bg", "128Mi", 1)], "5s");
+    // The background `sleep` keeps the listener's stdout open after the job and the listener
+    // have ended: the agent must still tear the runner down and bring up the next one.
+    rig.gh.push_job(rig.job(0, "sleep 317 & echo bg-started"));
+    let agent = rig.start();
+    rig.wait("the job completed", Duration::from_secs(30), |s| {
+        s.completed.len() == 1
+    });
+    rig.wait("the next runner registered", Duration::from_secs(30), |s| {
+        s.registrations.len() >= 2 && !s.runners.is_empty()
+    });
+    assert!(rig.log().contains("bg-started"), "{}", rig.log());
+    let left = common::processes_with("sleep 317");
+    assert!(left.is_empty(), "the job's leftover was killed: {left:?}");
+    term(&agent, nix::sys::signal::Signal::SIGTERM);
+    let (code, log) = wait_exit(&rig, agent, Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
 }

@@ -990,7 +990,10 @@ fn run_inner(
     rt.block_on(async move {
         let reaper = Reaper::start().context("cannot watch child processes")?;
         let shutdown = watch_signals()?;
-        let mgr = cgroup::detect(&cfg.cgroup.mount, cfg.cgroup.parent.as_deref())?;
+        // A host whose cgroups cannot hold a job will not heal by a restart: exit 78, which
+        // the unit's RestartPreventExitStatus honours.
+        let mgr = cgroup::detect(&cfg.cgroup.mount, cfg.cgroup.parent.as_deref())
+            .map_err(|e| ConfigProblem(format!("this host cannot run jobs: {e}")))?;
         let telemetry = std::sync::Arc::new(flywheel_agent::telemetry::Telemetry::new(
             &cfg.lanes,
             if jit.is_some() { "arc" } else { "pool" },

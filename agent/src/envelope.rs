@@ -623,10 +623,16 @@ async fn run_job_inner(
         None => (spec.work_root.clone(), lane.nix_store.clone()),
     };
     let work_scratch = scratch::check(&phys_work_root, lane.min_free_bytes)?;
-    let nix_scratch = scratch::check(&phys_nix, lane.min_free_bytes)?;
+    // The store is scratch only for a job that uses Nix (`exec --no-nix` or a lane without
+    // Nix may sit on a container's overlayfs /nix).
+    let nix_scratch = match &spec.nix {
+        Some(_) => Some(scratch::check(&phys_nix, lane.min_free_bytes)?),
+        None => None,
+    };
     info!(
         work = %work_scratch.inspected.display(), work_fs = %work_scratch.fs,
-        nix = %nix_scratch.inspected.display(), nix_fs = %nix_scratch.fs,
+        nix = %nix_scratch.as_ref().map_or_else(|| "-".into(), |s| s.inspected.display().to_string()),
+        nix_fs = %nix_scratch.as_ref().map_or("-", |s| s.fs.as_str()),
         slot = slot.index, "fast-local scratch ok"
     );
     let nix_report = match &spec.nix {
@@ -753,6 +759,7 @@ async fn run_job_inner(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let mut stopped = false;
+    let mut pumps = Vec::new();
     let (exit, launch_error, code) = match launched {
         Ok(Launched::Running { pid, exit, output }) => {
             let exit = supervise(
@@ -766,9 +773,10 @@ async fn run_job_inner(
             )
             .instrument(info_span!("run", pid))
             .await;
-            for task in output {
-                let _ = task.await;
-            }
+            // The log pumps end when every writer of the pipes is gone, and a process the job
+            // left behind (a step's `cmd &`, the job's nix-daemon) may hold them: they are
+            // awaited after teardown has emptied the cgroup, never before it.
+            pumps = output;
             (Some(exit), None, exit.code())
         }
         Ok(Launched::Failed { code, message }) => (None, Some(message), code),
@@ -807,6 +815,15 @@ async fn run_job_inner(
     )
     .instrument(info_span!("teardown"))
     .await;
+    for mut task in pumps {
+        // A writer outside the job (none is expected) cannot hold the runner up.
+        if tokio::time::timeout(Duration::from_secs(2), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
+    }
     probe.set(None);
     if let (Err(e), Some(root)) = (&torn, lane.slot_root.as_ref().filter(|_| slot.node_local)) {
         // Its store and work may still be in use: no other job gets this slot until an

@@ -42,9 +42,19 @@ pub fn oom_verdict(f: &OomFacts<'_>) -> String {
             f.stats.oom_kills
         ),
         ks => {
+            // The kernel log numbers processes in the host's PID namespace; a job in a pod saw
+            // other numbers, so there the pid is named as the node's.
+            let pid = if in_host_pid_namespace() {
+                "pid"
+            } else {
+                "node pid"
+            };
             let names: Vec<String> = ks
                 .iter()
-                .map(|k| format!("{} (pid {})", k.name, k.pid))
+                .map(|k| match k.pid {
+                    0 => k.name.clone(),
+                    n => format!("{} ({pid} {n})", k.name),
+                })
                 .collect();
             format!("the kernel killed {}", names.join(", "))
         }
@@ -84,6 +94,15 @@ pub fn oom_verdict(f: &OomFacts<'_>) -> String {
         f.lane,
         Bytes(f.envelope_bytes),
     )
+}
+
+/// The initial PID namespace's inode number (the kernel's `PROC_PID_INIT_INO`).
+const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
+
+/// Whether this process sees the host's PID numbers (false inside a container's PID namespace).
+pub fn in_host_pid_namespace() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").map_or(true, |m| m.ino() == PROC_PID_INIT_INO)
 }
 
 /// A note when the pids cap refused forks.

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod nixtar;
+pub mod podman;
 pub mod rig;
 
 use std::path::{Path, PathBuf};

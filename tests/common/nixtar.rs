@@ -73,3 +73,14 @@ pub fn shared_userpool() -> PathBuf {
     std::fs::create_dir_all(&p).unwrap();
     p
 }
+
+/// The `[nix]` section for the test tarball baked into an image at
+/// `/var/lib/flywheel-agent/nix/` (offline: no substituters, no sandbox).
+pub fn image_nix_section() -> String {
+    let t = tarball();
+    format!(
+        "[nix]\ntarball = \"/var/lib/flywheel-agent/nix/{}\"\nversion = \"{VERSION}\"\nsha256 = \"{}\"\nsandbox = false\nsubstituters = []\ntrusted_public_keys = []\n",
+        t.path.file_name().unwrap_or_default().to_string_lossy(),
+        t.sha256
+    )
+}

