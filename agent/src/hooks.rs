@@ -40,6 +40,21 @@ pub struct HookRequest {
     pub git_ref: String,
 }
 
+impl HookRequest {
+    /// What the job claims, for the trust decision (never trusted on its own); the runner's
+    /// name is the agent's.
+    pub fn claims(&self, runner_name: &str) -> Claims {
+        Claims {
+            repository: self.repository.clone(),
+            run_id: self.run_id.parse().unwrap_or(0),
+            run_attempt: self.run_attempt.parse().unwrap_or(0),
+            event_name: self.event_name.clone(),
+            git_ref: self.git_ref.clone(),
+            runner_name: runner_name.to_owned(),
+        }
+    }
+}
+
 /// What the agent answers. `attic_config` is a secret: the hook writes it to a 0600 file.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct HookResponse {
@@ -366,14 +381,7 @@ async fn job_started(h: &RunnerHooks, req: HookRequest) -> (HookResponse, Option
         Some(u) => format!("flywheel: cache {u}"),
         None => "flywheel: cache: none configured for this lane".into(),
     });
-    let claims = Claims {
-        repository: req.repository.clone(),
-        run_id: req.run_id.parse().unwrap_or(0),
-        run_attempt: req.run_attempt.parse().unwrap_or(0),
-        event_name: req.event_name.clone(),
-        git_ref: req.git_ref.clone(),
-        runner_name: h.runner_name.clone(),
-    };
+    let claims = req.claims(&h.runner_name);
     let policy = Policy {
         repositories: h.attic.publish_repositories.clone(),
         trusted_events: h.attic.trusted_events.clone(),

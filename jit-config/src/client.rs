@@ -25,8 +25,12 @@ impl Scope {
     /// `scope` is `org`, `repo` or `enterprise`; `target` the org name, `owner/repo` or the
     /// enterprise slug.
     pub fn parse(scope: &str, target: &str) -> Result<Scope, String> {
+        // A name GitHub allows, and never `.`/`..`: the repository comes from the job, and a
+        // path segment like `..` would ask GitHub about another endpoint.
         let valid = |s: &str| {
             !s.is_empty()
+                && s != "."
+                && s != ".."
                 && s.chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         };
@@ -637,8 +641,12 @@ impl Client {
         repository: &str,
         run_id: u64,
     ) -> Result<crate::RunFacts, GitHubError> {
+        // A name GitHub allows, and never `.`/`..`: the repository comes from the job, and a
+        // path segment like `..` would ask GitHub about another endpoint.
         let valid = |s: &str| {
             !s.is_empty()
+                && s != "."
+                && s != ".."
                 && s.chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         };

@@ -95,3 +95,26 @@ pub enum GitHubError {
     #[error("github configuration: {0}")]
     Config(String),
 }
+
+/// Decode BODY as every GitHub answer the client reads, and a JIT config's files out of a
+/// registration answer: what the fuzz targets (`fuzz/`) feed with arbitrary bytes. Returns how
+/// many decodings succeeded. Not part of the API.
+#[doc(hidden)]
+pub fn decode_github_answers(body: &[u8]) -> usize {
+    fn ok<T: serde::de::DeserializeOwned>(body: &[u8]) -> usize {
+        usize::from(serde_json::from_slice::<T>(body).is_ok())
+    }
+    let mut n = ok::<wire::RunnerList>(body)
+        + ok::<wire::Installation>(body)
+        + ok::<wire::AccessToken>(body)
+        + ok::<wire::ErrorBody>(body)
+        + ok::<wire::WorkflowRun>(body)
+        + ok::<wire::JobList>(body)
+        + ok::<wire::Comparison>(body)
+        + ok::<wire::RepoRef>(body);
+    if let Ok(r) = serde_json::from_slice::<wire::JitConfigResponse>(body) {
+        n += 1;
+        n += usize::from(jitfile::decode_files(&Secret::new(r.encoded_jit_config)).is_ok());
+    }
+    n
+}

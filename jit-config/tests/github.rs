@@ -453,3 +453,27 @@ async fn a_wrong_app_id_is_rejected_by_github() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_repository_claim_that_is_not_owner_slash_repo_never_reaches_github() {
+    let gh = FakeGitHub::start();
+    let c = app_client(&gh, org());
+    for bad in [
+        "../..",
+        "./x",
+        "tinyland/..",
+        "a/b/c",
+        "tinyland",
+        "a b/c",
+        "/x",
+    ] {
+        let e = c.run_facts(bad, 1).await.expect_err(bad);
+        assert!(e.to_string().contains("is not OWNER/REPO"), "{bad}: {e}");
+    }
+    // None of them was sent: the fake saw no run lookup at all.
+    assert!(
+        gh.with(|s| s.calls.iter().all(|c| c.endpoint != "get-run")),
+        "{:?}",
+        gh.with(|s| s.calls.iter().map(|c| c.endpoint).collect::<Vec<_>>())
+    );
+}
