@@ -7,15 +7,7 @@
 # usage: bench/run-steady-state.sh [JOBS]
 set -euo pipefail
 JOBS=${1:-40}
-cd "$(dirname "$0")/.."
-cargo build --release -q -p flywheel-agent -p fake-runner -p fake-github
-T=$PWD/target/release
-TMP=$(mktemp -d /tmp/flywheel-bench-run.XXXXXX)
-chmod 755 "$TMP"
-cleanup() { exec 3>&- 2>/dev/null || true; [ -n "${AGENT_PID:-}" ] && kill "$AGENT_PID" 2>/dev/null; rm -rf "$TMP"; }
-trap cleanup EXIT
-mkdir -p "$TMP/install/bin" "$TMP/install/externals"
-cp "$T/fake-runner-listener" "$TMP/install/bin/Runner.Listener"
+. "$(dirname "$0")/fake-pool.sh" /tmp run
 LANE=bench4
 coproc FAKE { "$T/fake-github-serve" "$TMP/app.pem" "$LANE" "$JOBS" "sleep 0.3"; }
 exec 3>&"${FAKE[1]}"
@@ -25,17 +17,7 @@ cat > "$TMP/agent.toml" <<TOML
 state_dir = "$TMP/state"
 teardown_grace = "300ms"
 reserve = "64Mi"
-[github]
-api_url = "$URL"
-scope = "org"
-target = "tinyland"
-app_id = "Iv1.flywheeltest"
-private_key_file = "$TMP/app.pem"
-[runner]
-install_dir = "$TMP/install"
-user = "nobody"
-name_prefix = "bench"
-drain_grace = "5s"
+$(github_and_runner_toml "$URL" bench)
 [[lane]]
 name = "$LANE"
 memory = "256Mi"

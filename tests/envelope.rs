@@ -723,3 +723,112 @@ fn a_job_without_nix_runs_when_the_store_path_is_on_overlayfs() {
     assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
     assert!(out.contains("ran-without-nix"), "{out}\n{err}");
 }
+
+/// Unmounts its path when dropped (the tests' own mounts, whatever happens).
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        // Already gone when teardown detached it: then umount has nothing to say.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+fn mount(args: &[&str], at: &Path) -> Mounted {
+    let st = std::process::Command::new("mount")
+        .args(args)
+        .arg(at)
+        .status()
+        .expect("mount");
+    assert!(st.success(), "mount {args:?} {}", at.display());
+    Mounted(at.to_path_buf())
+}
+
+#[test]
+fn a_mount_left_in_work_is_detached_and_what_it_shows_is_kept() {
+    if !privileged("mount-in-work") {
+        return;
+    }
+    let f = Fixture::new("mnt", "64Mi", "");
+    let shared = common::shared_dir(f.dir.path());
+    let precious = common::open_tempdir("flywheel-precious");
+    std::fs::write(precious.path().join("keep"), "not the job's").expect("write");
+    let child = f
+        .exec_cmd(
+            &[],
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "mkdir m && pwd > {s}/pwd && until [ -e {s}/go ]; do sleep 0.05; done",
+                    s = shared.display()
+                ),
+            ],
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("exec");
+    let t = Instant::now();
+    while !shared.join("pwd").exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the job did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let pwd = std::fs::read_to_string(shared.join("pwd")).expect("pwd");
+    let m = Path::new(pwd.trim()).join("m");
+    // Something mounted in the job's _work (another filesystem's files seen through it).
+    let guard = mount(&["--bind", precious.path().to_str().unwrap()], &m);
+    assert!(m.join("keep").exists(), "the mount is there");
+    std::fs::write(shared.join("go"), "").expect("go");
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(precious.path().join("keep"))
+            .ok()
+            .as_deref(),
+        Some("not the job's"),
+        "teardown never removes through a mount"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(
+        !mounts.contains(m.to_str().unwrap()),
+        "the mount was detached"
+    );
+    assert!(f.leftover_work().is_empty(), "{:?}", f.leftover_work());
+    drop(guard);
+}
+
+#[test]
+fn a_full_work_filesystem_is_refused_before_the_job_and_a_job_that_fills_it_is_cleaned_up() {
+    if !privileged("full-work") {
+        return;
+    }
+    let f = Fixture::new("full", "64Mi", "");
+    std::fs::create_dir_all(f.work_root()).expect("mkdir");
+    let _guard = mount(&["-t", "tmpfs", "-o", "size=4m", "tmpfs"], &f.work_root());
+    // A job that fills the filesystem fails with its own error; teardown empties it.
+    let o = f.exec(&[], &["sh", "-c", "head -c 16m /dev/zero > big"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(f.leftover_work().is_empty(), "{:?}", f.leftover_work());
+    // Below the lane's min_free (1 MiB): refused before anything runs, with what to do.
+    std::fs::write(f.work_root().join("filler"), vec![0u8; 3584 << 10]).expect("fill");
+    let o = f.exec(&[], &["sh", "-c", "echo ran"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("below the lane's min_free") && !stdout(&o).contains("ran"),
+        "{err}"
+    );
+    std::fs::remove_file(f.work_root().join("filler")).expect("rm");
+    assert!(f.leftover_work().is_empty(), "{:?}", f.leftover_work());
+}

@@ -665,16 +665,25 @@ fn status_json_shows_the_running_job_with_its_lane_and_envelope() {
         "{r}"
     );
     assert!(r["name"].as_str().unwrap().starts_with(&rig.prefix));
-    let text = Command::new(AGENT)
-        .args(["status", "--config"])
-        .arg(&rig.config)
-        .output()
-        .expect("status");
-    assert!(
-        String::from_utf8_lossy(&text.stdout).contains("busy"),
-        "{}",
-        String::from_utf8_lossy(&text.stdout)
-    );
+    // The text form says the same (asked until it does: a failure shows the agent's log).
+    let t = Instant::now();
+    loop {
+        let text = Command::new(AGENT)
+            .args(["status", "--config"])
+            .arg(&rig.config)
+            .output()
+            .expect("status");
+        let text = String::from_utf8_lossy(&text.stdout).into_owned();
+        if text.contains("busy") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{text}\n--- json ---\n{status}\n--- agent log ---\n{}",
+            rig.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     term(&agent, nix::sys::signal::Signal::SIGTERM);
     let (code, log) = wait_exit(&rig, agent, Duration::from_secs(30));
     assert_eq!(code, 0, "{log}");
@@ -1034,4 +1043,114 @@ fn a_process_the_job_left_behind_does_not_hold_the_runner_up() {
     term(&agent, nix::sys::signal::Signal::SIGTERM);
     let (code, log) = wait_exit(&rig, agent, Duration::from_secs(30));
     assert_eq!(code, 0, "{log}");
+}
+
+#[test]
+fn a_listener_that_exits_1_at_once_is_retried_with_backoff_and_leaks_nothing() {
+    if !privileged("run-listener-crash-loop") {
+        return;
+    }
+    let rig = Rig::new(&[("crash", "128Mi", 2)], "5s");
+    // A broken runner installation: every listener exits 1 before it does anything.
+    let listener = rig.dir.path().join("install/bin/Runner.Listener");
+    std::fs::write(
+        &listener,
+        "#!/bin/sh\necho 'listener: broken install' >&2\nexit 1\n",
+    )
+    .expect("write");
+    let mut agent = rig.start();
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(
+        agent.try_wait().expect("wait").is_none(),
+        "the agent stays up: {}",
+        rig.log()
+    );
+    let log = rig.log();
+    // It tried, failed, and backed off: a few registrations in 6 s, not a tight loop.
+    let regs = rig.gh.with(|s| s.registrations.len());
+    eprintln!("{regs} registrations in 6 s");
+    assert!(regs >= 3, "it kept trying: {regs}\n{log}");
+    assert!(
+        regs <= 24,
+        "{regs} registrations in 6 s is a tight loop\n{log}"
+    );
+    assert!(log.contains("backing off"), "the operator is told: {log}");
+    assert!(log.contains("listener: broken install"), "{log}");
+    // Nothing leaks: GitHub holds at most the lane's runners, no job cgroup or root is left
+    // beyond the runners alive now.
+    rig.gh.with(|s| {
+        assert!(s.runners.len() <= 2, "{:?}", s.runners);
+        assert!(s.completed.is_empty(), "{:?}", s.completed);
+    });
+    term(&agent, nix::sys::signal::Signal::SIGTERM);
+    let (code, log) = wait_exit(&rig, agent, Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
+    rig.gh.with(|s| {
+        assert!(
+            s.runners.is_empty(),
+            "deleted on the way out: {:?}",
+            s.runners
+        )
+    });
+    let (cgroups, dirs) = rig.leftovers();
+    assert!(
+        cgroups.is_empty() && dirs.is_empty(),
+        "{cgroups:?} {dirs:?}"
+    );
+}
+
+#[test]
+fn a_slow_github_during_the_drain_does_not_starve_the_watchdog() {
+    if !privileged("drain-slow-github") {
+        return;
+    }
+    let rig = Rig::new(&[("slowgh", "128Mi", 2)], "30s");
+    let sock_path = rig.dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("bind");
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let agent = rig.start_with(&[
+        ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "400000"),
+    ]);
+    rig.wait("both runners registered", Duration::from_secs(30), |s| {
+        s.runners.len() == 2
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // GitHub takes 3 s for each delete of the drain's idle runners.
+    for _ in 0..2 {
+        rig.gh.inject(fake_github::Injection {
+            endpoint: "delete-runner",
+            status: 204,
+            delay_ms: 3000,
+            apply: true,
+            ..fake_github::Injection::default()
+        });
+    }
+    let mut buf = [0u8; 512];
+    while sock.recv(&mut buf).is_ok() {}
+    term(&agent, nix::sys::signal::Signal::SIGTERM);
+    let t = Instant::now();
+    let mut pings = 0;
+    while t.elapsed() < Duration::from_millis(2500) {
+        if let Ok(n) = sock.recv(&mut buf) {
+            pings += usize::from(String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1"));
+        }
+    }
+    // The deletes were in flight the whole time (the drain ends only after them).
+    assert!(
+        rig.gh.with(|s| s.runners.len()) == 2,
+        "the deletes had not answered yet"
+    );
+    assert!(
+        pings >= 3,
+        "the pool loop kept turning while GitHub was slow: {pings} pings in 2.5 s\n{}",
+        rig.log()
+    );
+    let (code, log) = wait_exit(&rig, agent, Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        rig.gh.with(|s| s.runners.is_empty()),
+        "both idle runners deleted"
+    );
 }

@@ -725,7 +725,7 @@ async fn run_job_inner(
         oom_group: lane.oom_group,
     };
     probe.watch_kmsg(KmsgWatch::start(), &job);
-    let cg = mgr.create(&job, &limits)?;
+    let cg: std::sync::Arc<dyn JobCgroup> = mgr.create(&job, &limits)?.into();
     probe.set(Some(cg.procs_files()));
     probe.with_facts(|f| {
         *f = JobFacts {
@@ -782,14 +782,7 @@ async fn run_job_inner(
         Ok(Launched::Failed { code, message }) => (None, Some(message), code),
         Err(e) => {
             // Setup failed after the cgroup existed: tear down, then report the setup error.
-            let _ = teardown(
-                cg.as_ref(),
-                &cleanup,
-                cfg.agent.teardown_grace,
-                &stop,
-                reaper,
-            )
-            .await;
+            let _ = teardown(&cg, &cleanup, cfg.agent.teardown_grace, &stop, reaper).await;
             sampler.abort();
             probe.set(None);
             return Err(e);
@@ -806,15 +799,9 @@ async fn run_job_inner(
         .unwrap_or_default();
 
     let t_down = Instant::now();
-    let torn = teardown(
-        cg.as_ref(),
-        &cleanup,
-        cfg.agent.teardown_grace,
-        &stop,
-        reaper,
-    )
-    .instrument(info_span!("teardown"))
-    .await;
+    let torn = teardown(&cg, &cleanup, cfg.agent.teardown_grace, &stop, reaper)
+        .instrument(info_span!("teardown"))
+        .await;
     for mut task in pumps {
         // A writer outside the job (none is expected) cannot hold the runner up.
         if tokio::time::timeout(Duration::from_secs(2), &mut task)
@@ -1662,7 +1649,7 @@ async fn supervise(
 /// SIGTERM what is left, wait the grace, kill the cgroup, wait until it is empty, read its
 /// counters, remove it and the job's directory.
 async fn teardown(
-    cg: &dyn JobCgroup,
+    cg: &std::sync::Arc<dyn JobCgroup>,
     cleanup: &[PathBuf],
     grace: Duration,
     stop: &Stop,
@@ -1670,7 +1657,7 @@ async fn teardown(
 ) -> Result<Stats, EnvelopeError> {
     reaper.reap();
     if !cg.is_empty()? {
-        signal_all(cg, nix::sys::signal::Signal::SIGTERM);
+        signal_all(cg.as_ref(), nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + grace;
         let mut pause = Duration::from_micros(500);
         while Instant::now() < deadline && !stop.now.is_cancelled() {
@@ -1682,10 +1669,19 @@ async fn teardown(
             pause = (pause * 2).min(Duration::from_millis(50));
         }
     }
-    let drained = cg.kill_and_drain(DRAIN_TIMEOUT);
+    // The kill, the wait for an empty cgroup and the removal of a job's tree (100k files is
+    // seconds) block: they run off the async thread, which keeps serving the other runners,
+    // the hooks, /metrics and the watchdog. Nothing there starts a child process, so the
+    // reaper cannot take a status meant for it.
+    let (cg2, cleanup) = (cg.clone(), cleanup.to_vec());
+    let (stats, errors) = tokio::task::spawn_blocking(move || {
+        let drained = cg2.kill_and_drain(DRAIN_TIMEOUT);
+        let stats = cg2.stats().unwrap_or_default();
+        (stats, remove_after_drain(cg2.as_ref(), drained, &cleanup))
+    })
+    .await
+    .map_err(|e| EnvelopeError::Teardown(format!("the teardown task failed: {e}")))?;
     reaper.reap();
-    let stats = cg.stats().unwrap_or_default();
-    let errors = remove_after_drain(cg, drained, cleanup);
     if errors.is_empty() {
         Ok(stats)
     } else {

@@ -403,32 +403,11 @@ pub async fn reconcile_github(github: &Client, prefix: &str) -> usize {
     n
 }
 
-/// The memory runners may use: the host's, or the agent's own cgroup limit when lower.
-pub fn capacity_bytes(host: &HostFacts) -> u64 {
+/// The memory runners may use: the host's, or the limit of the cgroup the agent makes jobs
+/// under (its service's or pod's) when lower.
+pub fn capacity_bytes(host: &HostFacts, mgr: &dyn CgroupManager) -> u64 {
     host.memory_bytes
-        .min(own_memory_limit().unwrap_or(u64::MAX))
-}
-
-fn own_memory_limit() -> Option<u64> {
-    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let read = |p: String| {
-        std::fs::read_to_string(p)
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .filter(|v| *v < (1 << 60))
-    };
-    if let Some(path) = own.lines().find_map(|l| l.strip_prefix("0::")) {
-        let base = path.strip_suffix("/flywheel-agent").unwrap_or(path);
-        if let Some(v) = read(format!("/sys/fs/cgroup{base}/memory.max")) {
-            return Some(v);
-        }
-    }
-    let mem = own.lines().find_map(|l| {
-        let mut it = l.splitn(3, ':');
-        let (_, c, p) = (it.next()?, it.next()?, it.next()?);
-        c.split(',').any(|x| x == "memory").then(|| p.to_owned())
-    })?;
-    read(format!("/sys/fs/cgroup/memory{mem}/memory.limit_in_bytes"))
+        .min(mgr.base_memory_limit().unwrap_or(u64::MAX))
 }
 
 // ---- ARC mode --------------------------------------------------------------------------------
@@ -497,7 +476,17 @@ struct Handle {
     probe: JobProbe,
     stop: Stop,
     stopping: bool,
+    /// A delete of this idle runner is in flight (draining).
+    deleting: bool,
 }
+
+/// What a drain-time delete of an idle runner came to: the runner task's id, its name, GitHub's
+/// answer.
+type DeleteDone = (
+    tokio::task::Id,
+    String,
+    Result<Deleted, flywheel_jit_config::GitHubError>,
+);
 
 /// How a runner task ended.
 #[derive(Debug)]
@@ -552,7 +541,7 @@ pub async fn run_pool(
     let r = reconcile_github(&github, &prefix).await;
     info!(cgroups = c, dirs = d, runners = r, prefix = %prefix, "startup reconciliation done");
 
-    let capacity = capacity_bytes(&ctx.host);
+    let capacity = capacity_bytes(&ctx.host, ctx.mgr.as_ref());
     let reserve = ctx.cfg.agent.reserve_bytes;
     let mut lanes: Vec<LaneState> = vec![LaneState::default(); ctx.cfg.lanes.len()];
     let mut handles: HashMap<tokio::task::Id, Handle> = HashMap::new();
@@ -560,6 +549,9 @@ pub async fn run_pool(
     let mut draining: Option<Instant> = None;
     let mut ready = ready;
     let mut stopping_all = false;
+    // GitHub calls never sit in this loop: drain-time deletes run here, their answers come back
+    // as events.
+    let mut deletes: JoinSet<DeleteDone> = JoinSet::new();
 
     loop {
         stats.heartbeat.store(
@@ -609,6 +601,7 @@ pub async fn run_pool(
                         probe: JobProbe::default(),
                         stop: Stop::default(),
                         stopping: false,
+                        deleting: false,
                     };
                     let fut = runner_task(
                         ctx.clone(),
@@ -687,8 +680,13 @@ pub async fn run_pool(
             () = shutdown.drain.cancelled(), if draining.is_none() => {
                 draining = Some(Instant::now());
                 info!(runners = handles.len(), grace = ?ctx.cfg.runner.drain_grace, "draining: no new runners; idle runners are removed, busy ones may finish");
-                for h in handles.values_mut() {
-                    drain_one(&github, h).await;
+                for (id, h) in handles.iter_mut() {
+                    drain_one(&github, *id, h, &mut deletes);
+                }
+            }
+            Some(Ok((id, name, answer))) = deletes.join_next(), if !deletes.is_empty() => {
+                if let Some(h) = handles.get_mut(&id) {
+                    drained_one(h, &name, answer);
                 }
             }
             () = tokio::time::sleep_until(deadline.unwrap_or(far).into()), if deadline.is_some() && !stopping_all => {
@@ -716,8 +714,8 @@ pub async fn run_pool(
             () = tokio::time::sleep(Duration::from_millis(250)) => {
                 // Re-check drain candidates: a runner that finished registering while draining.
                 if draining.is_some() && !stopping_all {
-                    for h in handles.values_mut().filter(|h| !h.stopping) {
-                        drain_one(&github, h).await;
+                    for (id, h) in handles.iter_mut().filter(|(_, h)| !h.stopping) {
+                        drain_one(&github, *id, h, &mut deletes);
                     }
                 }
             }
@@ -726,13 +724,35 @@ pub async fn run_pool(
 }
 
 /// While draining: an idle runner is deleted on GitHub (so no job lands on it) and stopped.
-async fn drain_one(github: &Client, h: &mut Handle) {
-    if h.stopping || h.probe.busy() {
+/// The delete runs as a task of `deletes`; [`drained_one`] acts on its answer.
+fn drain_one(
+    github: &Arc<Client>,
+    id: tokio::task::Id,
+    h: &mut Handle,
+    deletes: &mut JoinSet<DeleteDone>,
+) {
+    if h.stopping || h.deleting || h.probe.busy() {
         return;
     }
     let known = h.name.lock().ok().and_then(|g| g.clone());
-    let Some((name, id)) = known else { return };
-    match github.delete_runner(id).await {
+    let Some((name, runner_id)) = known else {
+        return;
+    };
+    h.deleting = true;
+    let github = github.clone();
+    deletes.spawn(async move {
+        let answer = github.delete_runner(runner_id).await;
+        (id, name, answer)
+    });
+}
+
+fn drained_one(
+    h: &mut Handle,
+    name: &str,
+    answer: Result<Deleted, flywheel_jit_config::GitHubError>,
+) {
+    h.deleting = false;
+    match answer {
         Ok(Deleted::Busy) => info!(runner = %name, "busy on GitHub: letting its job finish"),
         Ok(_) => {
             info!(runner = %name, "idle: removed from GitHub and stopped");

@@ -197,6 +197,19 @@ pub trait CgroupManager: Debug + Send + Sync {
     fn open(&self, name: &str) -> Box<dyn JobCgroup>;
     /// The job cgroups that exist now.
     fn list(&self) -> Result<Vec<String>>;
+    /// The memory limit of the cgroup jobs are made under (the agent's service or pod), when
+    /// it has one.
+    fn base_memory_limit(&self) -> Option<u64>;
+}
+
+/// A limit file's value: a number below 2^60 (v1 writes a huge number, v2 `max`, for none).
+pub(crate) fn read_limit(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|v| *v < (1 << 60))
 }
 
 /// One job's cgroup, in every hierarchy it spans.

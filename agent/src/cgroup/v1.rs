@@ -81,6 +81,10 @@ impl CgroupManager for V1 {
         Box::new(self.job(name))
     }
 
+    fn base_memory_limit(&self) -> Option<u64> {
+        super::read_limit(&self.memory.base_dir().join("memory.limit_in_bytes"))
+    }
+
     fn list(&self) -> Result<Vec<String>> {
         let mut all = Vec::new();
         for h in self.hierarchies() {
@@ -221,6 +225,16 @@ mod tests {
             unified: unified.then(|| h("unified", "/")),
         };
         (t, v1)
+    }
+
+    #[test]
+    fn the_base_memory_limit_is_read_from_the_fake_memory_hierarchy() {
+        let (t, v1) = fake(true, false);
+        let file = t.path().join("memory/process_api/x/memory.limit_in_bytes");
+        fs::write(&file, "9223372036854771712\n").expect("w");
+        assert_eq!(v1.base_memory_limit(), None, "v1's 'unlimited'");
+        fs::write(&file, "536870912\n").expect("w");
+        assert_eq!(v1.base_memory_limit(), Some(512 << 20));
     }
 
     #[test]

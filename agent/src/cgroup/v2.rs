@@ -127,6 +127,10 @@ impl CgroupManager for V2 {
     fn list(&self) -> Result<Vec<String>> {
         list_dirs(&self.hierarchy.jobs_dir())
     }
+
+    fn base_memory_limit(&self) -> Option<u64> {
+        super::read_limit(&self.hierarchy.base_dir().join("memory.max"))
+    }
 }
 
 pub(crate) fn list_dirs(dir: &Path) -> Result<Vec<String>> {
@@ -236,6 +240,16 @@ pub(crate) fn kill_tree(dir: &Path, pids: impl Fn() -> Result<Vec<i32>>) -> Resu
 mod tests {
     use super::*;
     use std::fs;
+
+    #[test]
+    fn the_base_memory_limit_is_read_from_the_fake_tree() {
+        let (t, v2) = fake("", "");
+        assert_eq!(v2.base_memory_limit(), None, "no memory.max");
+        fs::write(t.path().join("pod/memory.max"), "max\n").expect("w");
+        assert_eq!(v2.base_memory_limit(), None, "max is no limit");
+        fs::write(t.path().join("pod/memory.max"), "8589934592\n").expect("w");
+        assert_eq!(v2.base_memory_limit(), Some(8 << 30));
+    }
 
     fn fake(base_procs: &str, subtree: &str) -> (tempfile::TempDir, V2) {
         let t = tempfile::tempdir().expect("tempdir");
