@@ -5,9 +5,11 @@
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cargo build --release -q -p flywheel-agent -p fake-runner -p fake-github
 T=$PWD/target/release
+# FLYWHEEL_AGENT: another build of the agent to measure (e.g. the commit before a change).
+AGENT=${FLYWHEEL_AGENT:-$T/flywheel-agent}
 TMP=$(mktemp -d "$1/flywheel-bench-$2.XXXXXX")
 chmod 755 "$TMP"
-cleanup() { exec 3>&- 2>/dev/null || true; [ -n "${AGENT_PID:-}" ] && kill "$AGENT_PID" 2>/dev/null; rm -rf "$TMP"; }
+cleanup() { exec 3>&- 2>/dev/null || true; [ -n "${AGENT_PID:-}" ] && kill "$AGENT_PID" 2>/dev/null; [ -n "${KEEP:-}" ] || rm -rf "$TMP"; }
 trap cleanup EXIT
 for i in 0 1 2 3; do
   id "runner-$i" >/dev/null 2>&1 || useradd --system --user-group --no-create-home \

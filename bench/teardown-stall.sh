@@ -32,7 +32,7 @@ min_free = "1Mi"
 nix = false
 work_root = "$TMP/work"
 TOML
-FLYWHEEL_LOG=info FLYWHEEL_LOG_FORMAT=json "$T/flywheel-agent" run --config "$TMP/agent.toml" > "$TMP/agent.log" 2>&1 &
+FLYWHEEL_LOG=info FLYWHEEL_LOG_FORMAT=json "$AGENT" run --config "$TMP/agent.toml" > "$TMP/agent.log" 2>&1 &
 AGENT_PID=$!
 until curl -s -o /dev/null "http://127.0.0.1:$PORT/metrics"; do sleep 0.05; done
 done_at=
