@@ -1154,3 +1154,45 @@ fn a_slow_github_during_the_drain_does_not_starve_the_watchdog() {
         "both idle runners deleted"
     );
 }
+
+#[test]
+fn a_job_that_prints_bytes_that_are_not_utf8_keeps_its_log() {
+    if !privileged("run-binary-output") {
+        return;
+    }
+    let rig = Rig::new(&[("bin", "128Mi", 1)], "5s");
+    // A build tool's binary output and a 300 kB line, then more lines: the log goes on (the
+    // long line in 64 KiB pieces), the job finishes.
+    rig.gh.push_job(rig.job(
+        0,
+        "printf 'before\\n\\377\\376 binary\\n'; head -c 300000 /dev/zero | tr '\\0' x; echo; sleep 0.3; echo after-binary",
+    ));
+    let agent = rig.start();
+    rig.wait("the job completed", Duration::from_secs(30), |s| {
+        !s.completed.is_empty()
+    });
+    term(&agent, nix::sys::signal::Signal::SIGTERM);
+    let (code, log) = wait_exit(&rig, agent, Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("after-binary") && log.contains("\u{fffd}\u{fffd} binary"),
+        "the lines after the binary ones reached the log: {log}"
+    );
+    let longest = log
+        .lines()
+        .flat_map(|l| l.split(|c| c != 'x').map(str::len))
+        .max()
+        .unwrap_or(0);
+    assert!(
+        longest > 60_000 && longest <= 64 << 10,
+        "the long line was logged in pieces of at most 64 KiB: {longest}"
+    );
+    rig.gh.with(|s| {
+        assert_eq!(
+            s.completed.first().map(|c| c.1.as_str()),
+            Some("succeeded"),
+            "{:?}",
+            s.completed
+        )
+    });
+}
