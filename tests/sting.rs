@@ -50,13 +50,14 @@ fn sting_image() -> String {
     name
 }
 
+/// Fields drop in order: the container goes before the host directories it mounts.
 struct Host {
-    gh: FakeGitHub,
-    dir: tempfile::TempDir,
-    lane: String,
-    prefix: String,
-    shared: PathBuf,
     c: Container,
+    gh: FakeGitHub,
+    /// Holds the config, the shared directory and the "disks" for as long as the host runs.
+    _dir: tempfile::TempDir,
+    lane: String,
+    shared: PathBuf,
 }
 
 impl Host {
@@ -147,9 +148,8 @@ slot_max_size = "2Gi"
         ok(run);
         let host = Host {
             gh,
-            dir,
+            _dir: dir,
             lane,
-            prefix,
             shared,
             c: Container(name),
         };
@@ -306,15 +306,10 @@ until [ -e /shared/a-go ]; do sleep 0.05; done"#,
     });
     let journal = h.journal();
     assert!(journal.contains("built-on-sting"), "{journal}");
+    // The job's /proc/self/cgroup lines, as the journal has them.
     let mem = journal
         .lines()
-        .find_map(|l| l.split_once("cgroup=").map(|(_, r)| r.to_owned()))
-        .into_iter()
-        .chain(
-            journal
-                .lines()
-                .filter_map(|l| l.split_once("cgroup=").map(|(_, r)| r.to_owned())),
-        )
+        .filter_map(|l| l.split_once("cgroup=").map(|(_, r)| r))
         .filter_map(|r| r.split(" stream=").next().map(str::to_owned))
         .collect::<Vec<_>>();
     let memory = mem
@@ -442,8 +437,6 @@ until [ -e /shared/a-go ]; do sleep 0.05; done"#,
     }
     h.ok("systemctl stop flywheel-agent");
     assert_eq!(h.show("ExecMainStatus"), "0", "{}", h.journal());
-    let _ = &h.dir;
-    let _ = &h.prefix;
 }
 
 #[test]
