@@ -17,21 +17,7 @@ AGENT=$PWD/target/release/flywheel-agent
 TMP=$(mktemp -d /var/tmp/flywheel-bench-slot.XXXXXX)
 chmod 755 "$TMP"
 trap 'chmod -R u+w "$TMP" 2>/dev/null; rm -rf "$TMP"' EXIT
-V=2.8.0-bench
-export NIX_CONFIG=$'substituters =\nbuild-users-group =\nsandbox = false'
-cat > "$TMP/nix.nix" <<NIXEOF
-derivation { name = "nix-$V"; system = "x86_64-linux"; builder = "/bin/sh";
-  args = [ "-c" "export PATH=/usr/bin:/bin; mkdir -p \$out/bin; for n in nix nix-store nix-daemon nix-build; do printf '#!/bin/sh\\nexec /usr/bin/%s \"\$@\"\\n' \$n > \$out/bin/\$n; chmod +x \$out/bin/\$n; done" ]; }
-NIXEOF
-OUT=$(nix-build "$TMP/nix.nix" --no-out-link 2>/dev/null)
-TOP=$TMP/nix-$V-x86_64-linux
-mkdir -p "$TOP/store"
-CLOSURE=$(nix-store -qR "$OUT")
-for p in $CLOSURE; do cp -a "$p" "$TOP/store/"; done
-nix-store --dump-db $CLOSURE > "$TOP/.reginfo"
-tar -C "$TMP" -cJf "$TMP/nix.tar.xz" "nix-$V-x86_64-linux"
-SHA=$(sha256sum "$TMP/nix.tar.xz" | cut -d' ' -f1)
-unset NIX_CONFIG
+. bench/nix-tarball.sh "$TMP" nopayload
 # The job's closure: unique per run so the host's store cannot help.
 TAG=$(date +%s%N)
 cat > "$TMP/closure.nix" <<NIXEOF

@@ -3,9 +3,7 @@
 #  - warm: `nix bootstrap` on a store that is already right (goal: median <= 20 ms)
 #  - cold: `nix bootstrap` into an empty /nix, against `tar -xJf` of the same tarball plus
 #    moving the store paths into place and `nix-store --load-db` (goal: <= 1.25x)
-# The tarball is in the official layout, made from real store paths built by the host's Nix:
-# a nix-<version> package of wrappers around the host's programs and a ~20 MiB payload
-# (a copy of /usr/share/perl), so that unpacking and registering have real work to do.
+# The tarball: bench/nix-tarball.sh.
 #
 # usage: bench/nix-bootstrap.sh [COLD_RUNS] [WARM_RUNS]
 set -euo pipefail
@@ -17,23 +15,7 @@ AGENT=$PWD/target/release/flywheel-agent
 TMP=$(mktemp -d /tmp/flywheel-bench-nix.XXXXXX)
 chmod 755 "$TMP"
 trap 'rm -rf "$TMP"' EXIT
-V=2.8.0-bench
-export NIX_CONFIG=$'substituters =\nbuild-users-group =\nsandbox = false'
-cat > "$TMP/nix.nix" <<NIXEOF
-let payload = derivation { name = "bench-payload"; system = "x86_64-linux"; builder = "/bin/sh";
-  args = [ "-c" "/bin/cp -r /usr/share/perl \$out" ]; };
-in derivation { name = "nix-$V"; system = "x86_64-linux"; builder = "/bin/sh"; inherit payload;
-  args = [ "-c" "export PATH=/usr/bin:/bin; mkdir -p \$out/bin; for n in nix nix-store nix-daemon nix-build; do printf '#!/bin/sh\\nexec /usr/bin/%s \"\$@\"\\n' \$n > \$out/bin/\$n; chmod +x \$out/bin/\$n; done; echo \$payload > \$out/payload" ]; }
-NIXEOF
-OUT=$(nix-build "$TMP/nix.nix" --no-out-link 2>/dev/null)
-TOP=$TMP/nix-$V-x86_64-linux
-mkdir -p "$TOP/store"
-CLOSURE=$(nix-store -qR "$OUT")
-for p in $CLOSURE; do cp -a "$p" "$TOP/store/"; done
-nix-store --dump-db $CLOSURE > "$TOP/.reginfo"
-tar -C "$TMP" -cJf "$TMP/nix.tar.xz" "nix-$V-x86_64-linux"
-SHA=$(sha256sum "$TMP/nix.tar.xz" | cut -d' ' -f1)
-unset NIX_CONFIG
+. bench/nix-tarball.sh "$TMP"
 cat > "$TMP/agent.toml" <<TOML
 [agent]
 state_dir = "$TMP/state"

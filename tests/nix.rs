@@ -233,6 +233,62 @@ fn cold_install_then_warm_then_drift_is_repaired() {
 }
 
 #[test]
+fn a_jobs_daemon_that_will_not_start_fails_the_job_at_once_and_leaks_nothing() {
+    if !privileged("nix-daemon-fails") {
+        return;
+    }
+    let rig = Rig::new("", None);
+    let o = rig.bootstrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The store's nix-daemon replaced by one that refuses to start (root may; jobs may not).
+    let daemon = std::fs::canonicalize(rig.fresh().join("var/nix/profiles/default"))
+        .unwrap()
+        .strip_prefix("/nix")
+        .map(|p| rig.fresh().join(p).join("bin/nix-daemon"))
+        .unwrap();
+    let store_dir = daemon.parent().unwrap().to_path_buf();
+    std::fs::set_permissions(
+        &store_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::remove_file(&daemon).unwrap();
+    std::fs::write(
+        &daemon,
+        "#!/bin/sh\necho 'nix-daemon: refusing to start' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&daemon, std::os::unix::fs::PermissionsExt::from_mode(0o555)).unwrap();
+    let t = std::time::Instant::now();
+    let o = rig.exec(None, "echo the-job-ran");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("exited before listening"),
+        "the error says the daemon died: {err}"
+    );
+    assert!(!stdout(&o).contains("the-job-ran"), "the job never ran");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(8),
+        "the daemon's exit ends the wait, not the 10 s timeout: {:?}",
+        t.elapsed()
+    );
+    let work: Vec<_> = std::fs::read_dir(rig.dir.path().join("work"))
+        .unwrap()
+        .collect();
+    assert!(work.is_empty(), "no job directory left: {work:?}");
+    let sockets: Vec<_> = std::fs::read_dir(rig.dir.path().join("state/nix-sockets"))
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        sockets
+            .iter()
+            .all(|n| !n.to_string_lossy().contains(&rig.lane)),
+        "no socket directory left: {sockets:?}"
+    );
+}
+
+#[test]
 fn a_wrong_hash_changes_nothing() {
     if !privileged("nix-hash") {
         return;

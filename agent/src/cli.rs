@@ -455,6 +455,7 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         probe: None,
         nix,
         hook: None,
+        background: flywheel_agent::tasks::Background::new(),
     };
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -464,7 +465,7 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
     rt.block_on(async move {
         let reaper = Reaper::start().context("cannot watch child processes")?;
         let stop = Stop::default();
-        let signals = watch_signals()?;
+        let signals = watch_signals(&spec.background)?;
         let s2 = stop.clone();
         tokio::spawn(async move {
             signals.drain.cancelled().await;
@@ -609,7 +610,7 @@ fn nix_bootstrap(
     if let Some(s) = slot {
         enter_slot(&lane, s)?;
     }
-    let report = nixboot::ensure(&plan, &version, &system)?;
+    let report = nixboot::ensure(&plan, &version, &system, &flywheel_agent::reaper::Unreaped)?;
     let mut out = std::io::stdout().lock();
     if summary_only {
         let _ = writeln!(out, "{}", report.summary());
@@ -816,13 +817,13 @@ fn status(config: Option<PathBuf>, json: bool, host: &HostFacts) -> anyhow::Resu
 }
 
 /// SIGINT/SIGTERM, escalating: the first cancels `drain`, the second `stop`, the third `kill`.
-fn watch_signals() -> anyhow::Result<Shutdown> {
+fn watch_signals(bg: &flywheel_agent::tasks::Background) -> anyhow::Result<Shutdown> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let shutdown = Shutdown::default();
     let s = shutdown.clone();
-    tokio::spawn(async move {
+    bg.spawn_service(async move {
         let mut seen = 0;
         loop {
             tokio::select! {
@@ -989,7 +990,8 @@ fn run_inner(
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
         let reaper = Reaper::start().context("cannot watch child processes")?;
-        let shutdown = watch_signals()?;
+        let background = flywheel_agent::tasks::Background::new();
+        let shutdown = watch_signals(&background)?;
         // A host whose cgroups cannot hold a job will not heal by a restart: exit 78, which
         // the unit's RestartPreventExitStatus honours.
         let mgr = cgroup::detect(&cfg.cgroup.mount, cfg.cgroup.parent.as_deref())
@@ -999,11 +1001,11 @@ fn run_inner(
             if jit.is_some() { "arc" } else { "pool" },
         ));
         if let Some(addr) = cfg.metrics.listen {
-            flywheel_agent::telemetry::serve_metrics(addr, telemetry.clone(), github.clone())
+            flywheel_agent::telemetry::serve_metrics(addr, telemetry.clone(), github.clone(), &background)
                 .await
                 .with_context(|| format!("cannot serve metrics on {addr}: set [metrics] listen to a free address, or \"\" to turn metrics off"))?;
         }
-        flywheel_agent::telemetry::serve_control(flywheel_agent::telemetry::control_socket(&cfg.agent.state_dir), telemetry.clone())
+        flywheel_agent::telemetry::serve_control(flywheel_agent::telemetry::control_socket(&cfg.agent.state_dir), telemetry.clone(), &background)
             .await
             .context("cannot open the control socket")?;
         let ctx = RunContext {
@@ -1015,9 +1017,10 @@ fn run_inner(
             github: github.clone(),
             attic,
             hook_scripts,
+            background: background.clone(),
         };
         let pool_github = if arc_lane.is_some() { None } else { github };
-        match (jit, arc_lane, pool_github) {
+        let result = match (jit, arc_lane, pool_github) {
             (Some(jit), Some(lane), _) => {
                 let outcome = runner::run_arc(ctx, jit, &lane, shutdown).await?;
                 if let Some(v) = &outcome.verdict {
@@ -1032,11 +1035,11 @@ fn run_inner(
             (_, _, Some(github)) => {
                 let stats = std::sync::Arc::new(PoolStats::default());
                 let notifier = flywheel_agent::notify::Notifier::from_env();
-                notifier.spawn_watchdog(stats.heartbeat.clone());
+                notifier.spawn_watchdog(&background, stats.heartbeat.clone());
                 let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
                 {
                     let (n, drain) = (notifier.clone(), shutdown.drain.clone());
-                    tokio::spawn(async move {
+                    background.spawn_service(async move {
                         if ready_rx.await.is_ok() {
                             n.send("READY=1\nSTATUS=runners registered");
                         }
@@ -1063,6 +1066,12 @@ fn run_inner(
                 Ok(0)
             }
             _ => Err(ConfigProblem("nothing to run".into()).into()),
+        };
+        // The servers, the watchers and whatever pump is still reading: ended and awaited.
+        let left = background.close(std::time::Duration::from_secs(5)).await;
+        if left > 0 {
+            tracing::warn!(tasks = left, "background tasks still running 5 s after the stop; leaving them");
         }
+        result
     })
 }

@@ -269,6 +269,9 @@ pub struct AgentSettings {
     pub state_dir: PathBuf,
     /// How long a job's processes get between SIGTERM and the cgroup kill.
     pub teardown_grace: Duration,
+    /// How long a job's whole teardown may take (grace, kill, drain, removal); past it the
+    /// job's leftovers are reported and its slot is marked unusable.
+    pub teardown_deadline: Duration,
     /// How long a job stopped by a signal to the agent gets before the cgroup kill.
     pub stop_grace: Duration,
     /// Memory kept free for the agent itself when admitting runners.
@@ -412,6 +415,7 @@ struct RawRunner {
 struct RawAgent {
     state_dir: Option<PathBuf>,
     teardown_grace: Option<Spanned<String>>,
+    teardown_deadline: Option<Spanned<String>>,
     stop_grace: Option<Spanned<String>>,
     reserve: Option<Spanned<String>>,
 }
@@ -514,12 +518,26 @@ pub fn parse(src: &str, origin: &Origin, host: &HostFacts) -> Result<Config, Con
             .state_dir
             .unwrap_or_else(|| PathBuf::from("/run/flywheel-agent")),
         teardown_grace: duration_or(&cx, raw.agent.teardown_grace.as_ref(), "5s")?,
+        teardown_deadline: duration_or(&cx, raw.agent.teardown_deadline.as_ref(), "60s")?,
         stop_grace: duration_or(&cx, raw.agent.stop_grace.as_ref(), "10s")?,
         reserve_bytes: match &raw.agent.reserve {
             Some(r) => size_of(&cx, "agent.reserve", r)?,
             None => 512 << 20,
         },
     };
+    if agent.teardown_deadline <= agent.teardown_grace {
+        return Err(cx.err_at(
+            raw.agent
+                .teardown_deadline
+                .as_ref()
+                .or(raw.agent.teardown_grace.as_ref())
+                .map(|s| s.span().start),
+            format!(
+                "agent.teardown_deadline ({:?}) must be longer than agent.teardown_grace ({:?}): the deadline holds the grace, the kill and the removal of the job's files",
+                agent.teardown_deadline, agent.teardown_grace
+            ),
+        ));
+    }
     let github = raw.github.map(|g| github_settings(&cx, g)).transpose()?;
     let user_pos = raw.runner.user.as_ref().map(|u| u.span().start);
     let runner = runner_settings(&cx, raw.runner)?;
@@ -1318,6 +1336,7 @@ nix_extra_conf = "fallback = true"
             (lane("[lane.hints]\nbazel_remote_cache = \"\"\n"), Some((5, 22)), "is empty"),
             (lane("slot_root = \"/nix/slots\"\n"), Some((4, 13)), "lies inside"),
             ("[agent]\nteardown_grace = \"5\"\n".into(), Some((2, 18)), "duration"),
+            ("[agent]\nteardown_grace = \"5s\"\nteardown_deadline = \"2s\"\n".into(), Some((3, 21)), "must be longer than agent.teardown_grace"),
             ("[cgroup]\nparent = \"rel\"\n".into(), Some((2, 10)), "absolute path"),
             ("lane = []\n".into(), None, "no [[lane]]"),
             ("[[lane]]\nname = \"a b\"\nmemory = \"1Gi\"\n".into(), Some((2, 8)), "lane name"),

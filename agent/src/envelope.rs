@@ -74,6 +74,8 @@ pub struct JobSpec {
     pub nix: Option<NixJob>,
     /// The runner's hook socket directory and where the job sees it (all others hidden).
     pub hook: Option<HookMount>,
+    /// Where the job's own tasks (log pumps, memory sampler) are spawned.
+    pub background: crate::tasks::Background,
 }
 
 /// A runner's hook socket in its mount namespace.
@@ -132,11 +134,11 @@ impl Default for StopMode {
     }
 }
 
-/// Where a running job's `cgroup.procs` files are, while it runs, and how many processes
-/// the job has when idle (the command, plus its nix-daemon).
+/// A running job's cgroup (every read goes through the [`JobCgroup`] trait), and how many
+/// processes the job has when idle (the command, plus its nix-daemon).
 #[derive(Debug, Clone, Default)]
 pub struct JobProbe(
-    std::sync::Arc<std::sync::Mutex<Option<Vec<PathBuf>>>>,
+    std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<dyn JobCgroup>>>>,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
     std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     std::sync::Arc<std::sync::Mutex<JobFacts>>,
@@ -182,9 +184,9 @@ impl JobProbe {
     }
 
     /// Sample the job's memory every [`SAMPLE_INTERVAL`] until the task is aborted.
-    fn sample(&self) -> tokio::task::JoinHandle<()> {
+    fn sample(&self, bg: &crate::tasks::Background) -> tokio::task::JoinHandle<()> {
         let probe = self.clone();
-        tokio::spawn(async move {
+        bg.spawn(async move {
             let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             loop {
@@ -200,10 +202,13 @@ impl JobProbe {
         })
     }
 
-    fn set(&self, files: Option<Vec<PathBuf>>) {
+    fn set(&self, cg: Option<std::sync::Arc<dyn JobCgroup>>) {
         if let Ok(mut g) = self.0.lock() {
-            *g = files;
+            *g = cg;
         }
+    }
+    fn cgroup(&self) -> Option<std::sync::Arc<dyn JobCgroup>> {
+        self.0.lock().ok()?.clone()
     }
     fn add_note(&self, note: String) {
         if let Ok(mut g) = self.2.lock() {
@@ -214,23 +219,9 @@ impl JobProbe {
     pub fn notes(&self) -> Vec<String> {
         self.2.lock().map(|g| g.clone()).unwrap_or_default()
     }
-    fn read_first<T: std::str::FromStr>(&self, names: &[&str], key: Option<&str>) -> Option<T> {
-        let files = self.0.lock().ok()?.clone()?;
-        files.iter().filter_map(|f| f.parent()).find_map(|d| {
-            names.iter().find_map(|n| {
-                let text = std::fs::read_to_string(d.join(n)).ok()?;
-                match key {
-                    None => text.trim().parse().ok(),
-                    Some(k) => text
-                        .lines()
-                        .find_map(|l| l.strip_prefix(k)?.trim().parse().ok()),
-                }
-            })
-        })
-    }
     /// The job's peak memory so far.
     pub fn peak_bytes(&self) -> Option<u64> {
-        self.read_first(&["memory.peak", "memory.max_usage_in_bytes"], None)
+        self.cgroup()?.stats().ok()?.peak_bytes
     }
     fn watch_kmsg(&self, w: KmsgWatch, job: &str) {
         if let Ok(mut k) = self.4.lock() {
@@ -260,68 +251,39 @@ impl JobProbe {
 
     /// Forks the pids limit refused so far.
     pub fn pids_hits(&self) -> u64 {
-        self.read_first(&["pids.events"], Some("max ")).unwrap_or(0)
+        self.cgroup()
+            .and_then(|cg| cg.stats().ok())
+            .map_or(0, |s| s.pids_max_hits)
     }
 
     /// OOM kills in the job so far.
     pub fn oom_kills(&self) -> u64 {
-        self.read_first(&["memory.events", "memory.oom_control"], Some("oom_kill "))
-            .unwrap_or(0)
+        self.cgroup()
+            .and_then(|cg| cg.stats().ok())
+            .map_or(0, |s| s.oom_kills)
     }
     fn set_idle(&self, n: usize) {
         self.1.store(n, std::sync::atomic::Ordering::Relaxed);
     }
     /// Processes in the job now (0 when it is not running).
     pub fn processes(&self) -> usize {
-        let files = self
-            .0
-            .lock()
-            .map(|g| g.clone())
-            .unwrap_or_default()
-            .unwrap_or_default();
-        let mut pids: Vec<i32> = files
-            .iter()
-            .filter_map(|f| std::fs::read_to_string(f).ok())
-            .flat_map(|s| {
-                s.lines()
-                    .filter_map(|l| l.trim().parse().ok())
-                    .collect::<Vec<i32>>()
-            })
-            .collect();
-        pids.sort_unstable();
-        pids.dedup();
-        pids.len()
+        self.cgroup()
+            .and_then(|cg| cg.pids().ok())
+            .map_or(0, |p| p.len())
     }
     /// Whether process `pid` is in the running job's cgroup.
     pub fn contains(&self, pid: i32) -> bool {
-        let files = self
-            .0
-            .lock()
-            .map(|g| g.clone())
-            .unwrap_or_default()
-            .unwrap_or_default();
-        !files.is_empty()
-            && files.iter().all(|f| {
-                std::fs::read_to_string(f)
-                    .is_ok_and(|s| s.lines().any(|l| l.trim().parse() == Ok(pid)))
-            })
+        self.cgroup().is_some_and(|cg| cg.contains(pid))
     }
 
-    /// The running job's name (its cgroup's directory name).
+    /// The running job's name (its cgroup's name).
     pub fn job_name(&self) -> Option<String> {
-        let files = self.0.lock().ok()?.clone()?;
-        let dir = files.first()?.parent()?;
-        Some(dir.file_name()?.to_string_lossy().into_owned())
+        Some(self.cgroup()?.name().to_owned())
     }
 
-    /// The running job's memory use now (v2 `memory.current`, v1 `memory.usage_in_bytes`).
+    /// The running job's memory use now.
     pub fn memory_current(&self) -> Option<u64> {
-        let files = self.0.lock().ok()?.clone()?;
-        files.iter().filter_map(|f| f.parent()).find_map(|d| {
-            ["memory.current", "memory.usage_in_bytes"]
-                .iter()
-                .find_map(|n| std::fs::read_to_string(d.join(n)).ok()?.trim().parse().ok())
-        })
+        self.cgroup()?.memory_current()
     }
 
     /// A runner is busy when its listener has company beyond its nix-daemon: a worker and the
@@ -597,7 +559,7 @@ async fn run_job_inner(
     let lane = &spec.lane;
     let probe = spec.probe.clone().unwrap_or_default();
     let setup_span = info_span!("setup");
-    let entered = setup_span.enter();
+    let mut entered = setup_span.enter();
 
     let slot = slot::acquire(&cfg.agent.state_dir, lane, spec.slot, spec.slot_fallback)?;
     let job = job_name(&lane.name, slot.index);
@@ -639,7 +601,21 @@ async fn run_job_inner(
         Some(_) => {
             let t = Instant::now();
             let on_slot = slot_dirs.as_ref().map(|_| slot.index);
-            let r = crate::nixboot::ensure_for_job(cfg, lane, on_slot, spec.host_cpus)
+            // The bootstrap unpacks, hashes and runs programs: a blocking thread's work, its
+            // children watched by the reaper. The setup span is left while it runs, so the
+            // runtime's other tasks are not attributed to it.
+            let (cfg2, lane2, cpus, sp) =
+                (cfg.clone(), lane.clone(), spec.host_cpus, reaper.clone());
+            let in_span = tracing::Span::current();
+            drop(entered);
+            let r = tokio::task::spawn_blocking(move || {
+                in_span
+                    .in_scope(|| crate::nixboot::ensure_for_job(&cfg2, &lane2, on_slot, cpus, &sp))
+            })
+            .await;
+            entered = setup_span.enter();
+            let r = r
+                .map_err(|e| EnvelopeError::Nix(format!("the bootstrap's thread failed: {e}")))?
                 .map_err(|e| EnvelopeError::Nix(e.to_string()))?;
             info!(cold = r.cold, "{}", r.summary());
             probe.add_note(r.summary());
@@ -726,7 +702,7 @@ async fn run_job_inner(
     };
     probe.watch_kmsg(KmsgWatch::start(), &job);
     let cg: std::sync::Arc<dyn JobCgroup> = mgr.create(&job, &limits)?.into();
-    probe.set(Some(cg.procs_files()));
+    probe.set(Some(cg.clone()));
     probe.with_facts(|f| {
         *f = JobFacts {
             started_unix: now_unix_f64(),
@@ -735,9 +711,17 @@ async fn run_job_inner(
             built: spec.nix.as_ref().map(|n| built_list(n, &job)),
         }
     });
-    let sampler = probe.sample();
-    // From here on, teardown runs whatever happens.
-    let mut cleanup: Vec<PathBuf> = Vec::new();
+    let sampler = probe.sample(&spec.background);
+    drop(entered);
+    // From here on, teardown runs whatever happens: the guard holds the cgroup, what to remove
+    // after it and the slot, and tears them down itself if this future ends early.
+    let (slot_index, slot_node_local, lock_fd) = (slot.index, slot.node_local, slot.lock_fd());
+    let mut guard = JobGuard {
+        cg: cg.clone(),
+        cleanup: Vec::new(),
+        slot: Some(slot),
+        armed: true,
+    };
     let launched = launch(
         &spec,
         user.as_ref(),
@@ -746,13 +730,14 @@ async fn run_job_inner(
         binds,
         &job,
         (uid, gid),
-        slot.lock_fd(),
-        &mut cleanup,
+        lock_fd,
+        &mut guard.cleanup,
         reaper,
         &span,
-    );
+    )
+    .instrument(setup_span.clone())
+    .await;
     let setup = t0.elapsed();
-    drop(entered);
 
     let t_run = Instant::now();
     let started_unix = std::time::SystemTime::now()
@@ -782,9 +767,10 @@ async fn run_job_inner(
         Ok(Launched::Failed { code, message }) => (None, Some(message), code),
         Err(e) => {
             // Setup failed after the cgroup existed: tear down, then report the setup error.
-            let _ = teardown(&cg, &cleanup, cfg.agent.teardown_grace, &stop, reaper).await;
+            let torn = teardown(&mut guard, cfg, &stop, reaper).await;
             sampler.abort();
             probe.set(None);
+            keep_slot_if_torn_badly(&torn, lane, slot_index, slot_node_local);
             return Err(e);
         }
     };
@@ -799,7 +785,7 @@ async fn run_job_inner(
         .unwrap_or_default();
 
     let t_down = Instant::now();
-    let torn = teardown(&cg, &cleanup, cfg.agent.teardown_grace, &stop, reaper)
+    let torn = teardown(&mut guard, cfg, &stop, reaper)
         .instrument(info_span!("teardown"))
         .await;
     for mut task in pumps {
@@ -812,26 +798,23 @@ async fn run_job_inner(
         }
     }
     probe.set(None);
-    if let (Err(e), Some(root)) = (&torn, lane.slot_root.as_ref().filter(|_| slot.node_local)) {
-        // Its store and work may still be in use: no other job gets this slot until an
-        // operator has looked (`flywheel-agent status` shows it).
-        slot::mark_unusable(root, slot.index, &e.to_string());
-        warn!(
-            slot = slot.index,
-            "the slot is marked unusable until its leftovers are gone"
-        );
-    }
+    keep_slot_if_torn_badly(&torn, lane, slot_index, slot_node_local);
     let stats = torn?;
-    let slot_index = slot.index;
     if slot_dirs.is_some() && spec.nix.is_some() {
         // Still holding the slot, its job gone: nothing live uses the store.
-        match crate::nixboot::gc_slot(cfg, lane, slot_index) {
-            Ok(Some(done)) => info!("{done}"),
-            Ok(None) => {}
-            Err(e) => warn!(error = %e, "cannot collect the slot's garbage; its disk may fill"),
+        let (cfg2, lane2, sp) = (cfg.clone(), lane.clone(), reaper.clone());
+        let gc = tokio::task::spawn_blocking(move || {
+            crate::nixboot::gc_slot(&cfg2, &lane2, slot_index, &sp)
+        })
+        .await;
+        match gc {
+            Ok(Ok(Some(done))) => info!("{done}"),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => warn!(error = %e, "cannot collect the slot's garbage; its disk may fill"),
+            Err(e) => warn!(error = %e, "the slot's garbage collection failed; its disk may fill"),
         }
     }
-    drop(slot);
+    drop(guard);
     let teardown_time = t_down.elapsed();
 
     let verdict = (stats.oom_kills > 0).then(|| {
@@ -1039,8 +1022,9 @@ fn log_lines(
     fd: OwnedFd,
     stream: &'static str,
     span: tracing::Span,
+    bg: &crate::tasks::Background,
 ) -> io::Result<tokio::task::JoinHandle<()>> {
-    log_lines_at(fd, stream, tracing::Level::INFO, span)
+    log_lines_at(fd, stream, tracing::Level::INFO, span, bg)
 }
 
 fn log_lines_at(
@@ -1048,12 +1032,13 @@ fn log_lines_at(
     stream: &'static str,
     level: tracing::Level,
     span: tracing::Span,
+    bg: &crate::tasks::Background,
 ) -> io::Result<tokio::task::JoinHandle<()>> {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt};
     /// A line longer than this is logged in pieces: a job's output never grows the agent.
     const MAX_LINE: u64 = 64 << 10;
     let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?;
-    Ok(tokio::spawn(
+    Ok(bg.spawn(
         async move {
             // Bytes, not text: a job may print anything (a build tool's binary output), and the
             // pipe must be read to its end whatever comes, or the writer dies of EPIPE.
@@ -1368,7 +1353,8 @@ pub fn built_list(nix: &NixJob, job: &str) -> PathBuf {
 
 /// Start the job's own nix-daemon inside its cgroup (and its slot's mounts), as root, and wait
 /// for its socket. Returns the socket directory.
-fn start_nix_daemon(
+#[allow(clippy::too_many_arguments)]
+async fn start_nix_daemon(
     nix: &NixJob,
     cg: &dyn JobCgroup,
     slot_mounts: &[Mount],
@@ -1376,6 +1362,8 @@ fn start_nix_daemon(
     hold: Option<i32>,
     reaper: &Reaper,
     job_span: &tracing::Span,
+    bg: &crate::tasks::Background,
+    cleanup: &mut Vec<PathBuf>,
 ) -> Result<PathBuf, EnvelopeError> {
     let dir = nix
         .sockets
@@ -1387,6 +1375,8 @@ fn start_nix_daemon(
     )
     .map_err(io_at("chmod", &nix.sockets))?;
     std::fs::create_dir(&dir).map_err(io_at("create", &dir))?;
+    // Removed with the job, whatever happens next (a daemon that will not start included).
+    cleanup.push(dir.clone());
     let socket = dir.join("socket");
     // What this daemon builds, recorded by Nix's post-build hook (run by the daemon after each
     // successful build): the only paths the agent may publish for this job. A shared store
@@ -1441,27 +1431,36 @@ fn start_nix_daemon(
     ] {
         if let Some(fd) = out {
             // The daemon logs each connection; keep those lines at debug level.
-            let _ = log_lines_at(fd, stream, tracing::Level::DEBUG, job_span.clone());
+            let _ = log_lines_at(fd, stream, tracing::Level::DEBUG, job_span.clone(), bg);
         }
     }
     drop(child);
-    let t = Instant::now();
-    while !socket.exists() {
-        if exit.try_recv().is_ok() {
+    // Readiness, not polling: inotify says when the socket is bound; the reaper says when the
+    // daemon died instead.
+    let waited = crate::ready::appears(&socket, Duration::from_secs(10), &mut exit).await;
+    match waited {
+        Ok(()) => {}
+        Err(crate::ready::Appear::Gone) => {
             return Err(EnvelopeError::Io {
                 what: "the job's nix-daemon exited before listening",
                 path: nix.daemon.clone(),
                 source: io::Error::other("see the agent log"),
-            });
+            })
         }
-        if t.elapsed() > Duration::from_secs(10) {
+        Err(crate::ready::Appear::TimedOut) => {
             return Err(EnvelopeError::Io {
                 what: "the job's nix-daemon did not listen within 10 s",
                 path: socket,
                 source: io::Error::from(io::ErrorKind::TimedOut),
-            });
+            })
         }
-        std::thread::sleep(Duration::from_millis(2));
+        Err(crate::ready::Appear::Io(e)) => {
+            return Err(EnvelopeError::Io {
+                what: "watch for the job's nix-daemon's socket",
+                path: dir,
+                source: e,
+            })
+        }
     }
     info!(pid, socket = %socket.display(), "the job's nix-daemon is listening");
     Ok(dir)
@@ -1469,7 +1468,7 @@ fn start_nix_daemon(
 
 /// Create the job's directory and start the command inside the cgroup.
 #[allow(clippy::too_many_arguments)]
-fn launch(
+async fn launch(
     spec: &JobSpec,
     user: Option<&JobUser>,
     cg: &dyn JobCgroup,
@@ -1503,8 +1502,18 @@ fn launch(
             dst: n.userpool_seen.clone(),
             readonly: false,
         });
-        let dir = start_nix_daemon(n, cg, &daemon_mounts, job, hold, reaper, job_span)?;
-        cleanup.push(dir.clone());
+        let dir = start_nix_daemon(
+            n,
+            cg,
+            &daemon_mounts,
+            job,
+            hold,
+            reaper,
+            job_span,
+            &spec.background,
+            cleanup,
+        )
+        .await?;
         if spec.hook.is_none() {
             // A runner's record outlives its job until the agent has published from it.
             cleanup.push(built_list(n, job));
@@ -1580,14 +1589,24 @@ fn launch(
             let mut output = Vec::new();
             if let Some(out) = child.stdout.take() {
                 output.push(
-                    log_lines(OwnedFd::from(out), "stdout", job_span.clone())
-                        .map_err(EnvelopeError::Spawn)?,
+                    log_lines(
+                        OwnedFd::from(out),
+                        "stdout",
+                        job_span.clone(),
+                        &spec.background,
+                    )
+                    .map_err(EnvelopeError::Spawn)?,
                 );
             }
             if let Some(err) = child.stderr.take() {
                 output.push(
-                    log_lines(OwnedFd::from(err), "stderr", job_span.clone())
-                        .map_err(EnvelopeError::Spawn)?,
+                    log_lines(
+                        OwnedFd::from(err),
+                        "stderr",
+                        job_span.clone(),
+                        &spec.background,
+                    )
+                    .map_err(EnvelopeError::Spawn)?,
                 );
             }
             // The child is reaped by the Reaper, never by std.
@@ -1671,21 +1690,79 @@ async fn supervise(
     }
 }
 
-/// SIGTERM what is left, wait the grace, kill the cgroup, wait until it is empty, read its
-/// counters, remove it and the job's directory.
+/// A job from the moment its cgroup exists: the cgroup, what to remove after it, the slot.
+/// [`teardown`] finishes it in the documented order within `agent.teardown_deadline`;
+/// dropped unfinished (a panic, a cancelled future, an early return), it tears the job down on
+/// a thread of its own and releases the slot only after that.
+struct JobGuard {
+    cg: std::sync::Arc<dyn JobCgroup>,
+    cleanup: Vec<PathBuf>,
+    slot: Option<slot::Slot>,
+    armed: bool,
+}
+
+impl Drop for JobGuard {
+    fn drop(&mut self) {
+        let slot = self.slot.take();
+        if !self.armed {
+            return;
+        }
+        let (cg, cleanup) = (self.cg.clone(), std::mem::take(&mut self.cleanup));
+        warn!(
+            job = cg.name(),
+            "the job ended without its teardown (a panic or a cancelled task); tearing it down now"
+        );
+        let spawned = std::thread::Builder::new()
+            .name("flywheel-teardown".into())
+            .spawn(move || {
+                let drained = cg.kill_and_drain(DRAIN_TIMEOUT);
+                let errors = remove_after_drain(cg.as_ref(), drained, &cleanup);
+                if !errors.is_empty() {
+                    tracing::error!(job = cg.name(), errors = %errors.join("; "), "the job's late teardown left things behind");
+                }
+                drop(slot);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the job's late teardown; its cgroup and directory are left for the next start's reconciliation");
+        }
+    }
+}
+
+/// A teardown that failed leaves a node-local slot's store and work possibly in use: no other
+/// job gets the slot until an operator has looked (`flywheel-agent status` shows it).
+fn keep_slot_if_torn_badly<T>(
+    torn: &Result<T, EnvelopeError>,
+    lane: &Lane,
+    index: u32,
+    node_local: bool,
+) {
+    if let (Err(e), Some(root)) = (torn, lane.slot_root.as_ref().filter(|_| node_local)) {
+        slot::mark_unusable(root, index, &e.to_string());
+        warn!(
+            slot = index,
+            "the slot is marked unusable until its leftovers are gone"
+        );
+    }
+}
+
+/// Tear a job down in the documented order — SIGTERM and the grace, the cgroup kill, the wait
+/// until it is empty, the counters, `rmdir`, the job's directories — all within
+/// `agent.teardown_deadline` from now.
 async fn teardown(
-    cg: &std::sync::Arc<dyn JobCgroup>,
-    cleanup: &[PathBuf],
-    grace: Duration,
+    guard: &mut JobGuard,
+    cfg: &Config,
     stop: &Stop,
     reaper: &Reaper,
 ) -> Result<Stats, EnvelopeError> {
+    let start = Instant::now();
+    let deadline = start + cfg.agent.teardown_deadline;
+    let cg = guard.cg.clone();
     reaper.reap();
     if !cg.is_empty()? {
         signal_all(cg.as_ref(), nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + grace;
+        let grace_end = start + cfg.agent.teardown_grace.min(cfg.agent.teardown_deadline);
         let mut pause = Duration::from_micros(500);
-        while Instant::now() < deadline && !stop.now.is_cancelled() {
+        while Instant::now() < grace_end && !stop.now.is_cancelled() {
             reaper.reap();
             if cg.is_empty()? {
                 break;
@@ -1697,15 +1774,27 @@ async fn teardown(
     // The kill, the wait for an empty cgroup and the removal of a job's tree (100k files is
     // seconds) block: they run off the async thread, which keeps serving the other runners,
     // the hooks, /metrics and the watchdog. Nothing there starts a child process, so the
-    // reaper cannot take a status meant for it.
-    let (cg2, cleanup) = (cg.clone(), cleanup.to_vec());
-    let (stats, errors) = tokio::task::spawn_blocking(move || {
-        let drained = cg2.kill_and_drain(DRAIN_TIMEOUT);
+    // reaper cannot take a status meant for it. From here the blocking task owns the
+    // teardown: the guard is disarmed.
+    let left = deadline.saturating_duration_since(Instant::now());
+    let (cg2, cleanup) = (cg.clone(), std::mem::take(&mut guard.cleanup));
+    guard.armed = false;
+    let task = tokio::task::spawn_blocking(move || {
+        let drained = cg2.kill_and_drain(DRAIN_TIMEOUT.min(left));
         let stats = cg2.stats().unwrap_or_default();
         (stats, remove_after_drain(cg2.as_ref(), drained, &cleanup))
-    })
-    .await
-    .map_err(|e| EnvelopeError::Teardown(format!("the teardown task failed: {e}")))?;
+    });
+    let (stats, errors) = match tokio::time::timeout(left, task).await {
+        Ok(done) => {
+            done.map_err(|e| EnvelopeError::Teardown(format!("the teardown task failed: {e}")))?
+        }
+        Err(_) => {
+            return Err(EnvelopeError::Teardown(format!(
+                "the job's teardown did not finish within agent.teardown_deadline ({:?}): its files are still being removed in the background",
+                cfg.agent.teardown_deadline
+            )))
+        }
+    };
     reaper.reap();
     if errors.is_empty() {
         Ok(stats)
@@ -1772,6 +1861,9 @@ mod tests {
         }
         fn stats(&self) -> CgResult<Stats> {
             Ok(Stats::default())
+        }
+        fn memory_current(&self) -> Option<u64> {
+            None
         }
         fn kill_all(&self) -> CgResult<()> {
             Ok(())

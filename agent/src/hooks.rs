@@ -217,7 +217,11 @@ const READ_DEADLINE: Duration = Duration::from_secs(5);
 /// `SO_PEERCRED`, looked up in the job's `cgroup.procs`); anyone else is closed before a
 /// byte is read, so a refused caller never uses up the job's one answer. A request is at most
 /// 16 KiB and must arrive within 5 s; at most 4 connections are served at once.
-pub fn serve(dir: &Path, hooks: RunnerHooks) -> std::io::Result<Serving> {
+pub fn serve(
+    dir: &Path,
+    hooks: RunnerHooks,
+    bg: &crate::tasks::Background,
+) -> std::io::Result<Serving> {
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
     let path = dir.join("socket");
@@ -227,7 +231,8 @@ pub fn serve(dir: &Path, hooks: RunnerHooks) -> std::io::Result<Serving> {
     let hooks = Arc::new(hooks);
     let (for_later, state_later) = (hooks.clone(), state.clone());
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let task = tokio::spawn(async move {
+    let conns = bg.clone();
+    let task = bg.spawn_service(async move {
         let mut backoff = Duration::from_millis(10);
         // Refusals are logged at 1, 2, 4, 8, … so a flood cannot flood the log too.
         let (mut outsiders, mut excess) = (0u64, 0u64);
@@ -269,7 +274,7 @@ pub fn serve(dir: &Path, hooks: RunnerHooks) -> std::io::Result<Serving> {
                 continue;
             };
             let (hooks, state) = (hooks.clone(), state.clone());
-            tokio::spawn(async move {
+            conns.spawn(async move {
                 let _permit = permit;
                 let (r, mut w) = stream.into_split();
                 let answer = match read_request(r).await {

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{Lane, NixSettings};
 use crate::hints;
+use crate::reaper::Spawner;
 
 /// The manifest in `images/nix-pin.toml`, compiled in.
 pub const PIN_TOML: &str = include_str!("../../images/nix-pin.toml");
@@ -338,7 +339,12 @@ fn warm(plan: &Plan, version: &str, changed: Vec<String>, timings: Timings) -> R
 
 /// Make the plan true: a warm check first, then (only if needed) verify, unpack, register,
 /// configure.
-pub fn ensure(plan: &Plan, version: &str, system: &str) -> Result<Report, NixError> {
+pub fn ensure(
+    plan: &Plan,
+    version: &str,
+    system: &str,
+    sp: &dyn Spawner,
+) -> Result<Report, NixError> {
     let t = Instant::now();
     let (store_reasons, config_reasons) = drift(plan, version);
     let mut timings = Timings::default();
@@ -385,7 +391,7 @@ pub fn ensure(plan: &Plan, version: &str, system: &str) -> Result<Report, NixErr
         .join(format!(".flywheel-staging-{}", std::process::id()));
     let _ = crate::workdir::remove_tree(&staging);
     std::fs::create_dir(&staging).map_err(io("create the staging directory"))?;
-    let result = install(plan, version, system, &staging, &mut timings, t);
+    let result = install(plan, version, system, &staging, &mut timings, t, sp);
     let _ = crate::workdir::remove_tree(&staging);
     let (nix_path, changed) = result?;
     Ok(Report {
@@ -398,12 +404,22 @@ pub fn ensure(plan: &Plan, version: &str, system: &str) -> Result<Report, NixErr
     })
 }
 
-fn run(cmd: &mut std::process::Command, what: &str, stdin: Option<&Path>) -> Result<(), NixError> {
-    if let Some(p) = stdin {
-        let f = std::fs::File::open(p).map_err(io(format!("open {}", p.display())))?;
-        cmd.stdin(f);
+fn run(
+    sp: &dyn Spawner,
+    cmd: &mut std::process::Command,
+    what: &str,
+    stdin: Option<&Path>,
+) -> Result<(), NixError> {
+    match stdin {
+        Some(p) => {
+            let f = std::fs::File::open(p).map_err(io(format!("open {}", p.display())))?;
+            cmd.stdin(f);
+        }
+        None => {
+            cmd.stdin(std::process::Stdio::null());
+        }
     }
-    let out = cmd.output().map_err(|e| NixError::Command {
+    let out = sp.output(cmd).map_err(|e| NixError::Command {
         what: what.into(),
         detail: e.to_string(),
     })?;
@@ -422,7 +438,7 @@ fn run(cmd: &mut std::process::Command, what: &str, stdin: Option<&Path>) -> Res
 
 /// Build users as the official multi-user installer makes them: group `nixbld`, users
 /// `nixbld1`..`nixbld32`. Returns whether anything was created.
-fn ensure_build_users() -> Result<bool, NixError> {
+fn ensure_build_users(sp: &dyn Spawner) -> Result<bool, NixError> {
     let mut created = false;
     if nix::unistd::Group::from_name("nixbld")
         .ok()
@@ -430,6 +446,7 @@ fn ensure_build_users() -> Result<bool, NixError> {
         .is_none()
     {
         let made = run(
+            sp,
             std::process::Command::new("groupadd").args(["--system", "nixbld"]),
             "groupadd nixbld",
             None,
@@ -452,6 +469,7 @@ fn ensure_build_users() -> Result<bool, NixError> {
             continue;
         }
         let made = run(
+            sp,
             std::process::Command::new("useradd").args([
                 "--system",
                 "--no-create-home",
@@ -528,8 +546,10 @@ fn install(
     staging: &Path,
     timings: &mut Timings,
     t_unpack: Instant,
+    sp: &dyn Spawner,
 ) -> Result<(PathBuf, Vec<String>), NixError> {
     run(
+        sp,
         std::process::Command::new("tar")
             .args(["--no-same-owner", "-xJf"])
             .arg(&plan.tarball)
@@ -584,7 +604,7 @@ fn install(
         std::fs::create_dir_all(&store).map_err(io("create the store"))?;
         changed.push("created the store".to_owned());
     }
-    if ensure_build_users()? {
+    if ensure_build_users(sp)? {
         changed.push("created the nixbld build users".to_owned());
     }
     let nixbld = nix::unistd::Group::from_name("nixbld").ok().flatten();
@@ -619,6 +639,7 @@ fn install(
     }
     let nix_path = store.join(&nix_name);
     run(
+        sp,
         std::process::Command::new(nix_path.join("bin/nix-store"))
             .arg("--load-db")
             .env_remove("NIX_REMOTE"),
@@ -742,15 +763,17 @@ pub fn ensure_for_job(
     lane: &Lane,
     slot: Option<u32>,
     host_cpus: u32,
+    sp: &dyn Spawner,
 ) -> Result<Report, NixError> {
     let (plan, version, system) = plan_for(cfg, lane, host_cpus)?;
     let (Some(slot_root), Some(slot)) = (&lane.slot_root, slot) else {
-        return ensure(&plan, &version, &system);
+        return ensure(&plan, &version, &system, sp);
     };
     let (slot_nix, _) = crate::slot::slot_dirs(slot_root, slot);
     std::fs::create_dir_all(&slot_nix).map_err(io(format!("create {}", slot_nix.display())))?;
     let t = Instant::now();
     let out = slot_child(
+        sp,
         cfg,
         &[
             "nix",
@@ -781,6 +804,7 @@ pub fn ensure_for_job(
 /// Run the agent itself with `args` (and the config it was given) for work on a slot's store,
 /// which the child mounts at the lane's `nix_store` in a mount namespace of its own.
 fn slot_child(
+    sp: &dyn Spawner,
     cfg: &crate::config::Config,
     args: &[&str],
     what: &str,
@@ -791,7 +815,8 @@ fn slot_child(
     if let crate::config::Origin::File(p) = &cfg.origin {
         cmd.arg("--config").arg(p);
     }
-    let out = cmd.output().map_err(|e| NixError::Command {
+    cmd.stdin(std::process::Stdio::null());
+    let out = sp.output(&mut cmd).map_err(|e| NixError::Command {
         what: what.to_owned(),
         detail: e.to_string(),
     })?;
@@ -811,6 +836,7 @@ pub fn gc_slot(
     cfg: &crate::config::Config,
     lane: &Lane,
     slot: u32,
+    sp: &dyn Spawner,
 ) -> Result<Option<String>, NixError> {
     let Some(slot_root) = &lane.slot_root else {
         return Ok(None);
@@ -827,6 +853,7 @@ pub fn gc_slot(
     };
     let t = Instant::now();
     let out = slot_child(
+        sp,
         cfg,
         &[
             "nix",

@@ -44,7 +44,7 @@ impl Notifier {
 
     /// Ping `WATCHDOG=1` every half of `WATCHDOG_USEC` as long as `heartbeat` (unix ms, set by
     /// the pool loop) is fresher than the watchdog interval: a hung loop stops the pings.
-    pub fn spawn_watchdog(&self, heartbeat: Arc<AtomicU64>) {
+    pub fn spawn_watchdog(&self, bg: &crate::tasks::Background, heartbeat: Arc<AtomicU64>) {
         let Some(usec) = std::env::var("WATCHDOG_USEC")
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
@@ -56,7 +56,7 @@ impl Notifier {
         }
         let interval = Duration::from_micros(usec);
         let me = self.clone();
-        tokio::spawn(async move {
+        bg.spawn_service(async move {
             loop {
                 tokio::time::sleep(interval / 2).await;
                 let age = now_ms().saturating_sub(heartbeat.load(Ordering::Relaxed));

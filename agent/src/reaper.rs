@@ -4,7 +4,9 @@
 //! waiter.
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, Read};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -26,6 +28,37 @@ impl Exit {
             Exit::Code(c) => c,
             Exit::Signal(s) => 128 + s,
         }
+    }
+
+    /// As the standard library reports a wait status.
+    pub fn status(self) -> ExitStatus {
+        match self {
+            Exit::Code(c) => ExitStatus::from_raw((c & 0xff) << 8),
+            Exit::Signal(s) => ExitStatus::from_raw(s & 0x7f),
+        }
+    }
+}
+
+/// Runs a helper program to completion (the Nix bootstrap's `nix-store`, `useradd`, the
+/// agent's own slot child). Blocking: callers run on a blocking thread.
+pub trait Spawner: Send + Sync {
+    fn output(&self, cmd: &mut Command) -> io::Result<Output>;
+}
+
+impl Spawner for Reaper {
+    fn output(&self, cmd: &mut Command) -> io::Result<Output> {
+        self.output_blocking(cmd)
+    }
+}
+
+/// For a process with no reaper (a one-shot command such as `nix bootstrap`): the standard
+/// library waits for its own child.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Unreaped;
+
+impl Spawner for Unreaped {
+    fn output(&self, cmd: &mut Command) -> io::Result<Output> {
+        cmd.output()
     }
 }
 
@@ -102,6 +135,40 @@ impl Reaper {
                 }
             }
         }
+    }
+
+    /// Run `cmd` to completion and collect its output, as `Command::output` does, with the
+    /// child watched by the reaper (which reaps every child with `waitpid(-1)`, so a plain
+    /// `output()` could lose its status to it). Standard input is what the caller set
+    /// (inherited otherwise). Blocking: call it on a blocking thread (`spawn_blocking`),
+    /// never on the runtime's thread, which must stay free to reap.
+    pub fn output_blocking(&self, cmd: &mut Command) -> io::Result<Output> {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let (_, mut child, exited) = self.spawn(|| {
+            let c = cmd.spawn()?;
+            Ok((i32::try_from(c.id()).unwrap_or(i32::MAX), c))
+        })?;
+        let err = child.stderr.take();
+        let err_reader = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut e) = err {
+                let _ = e.read_to_end(&mut v);
+            }
+            v
+        });
+        let mut stdout = Vec::new();
+        if let Some(mut o) = child.stdout.take() {
+            let _ = o.read_to_end(&mut stdout);
+        }
+        let stderr = err_reader.join().unwrap_or_default();
+        let exit = exited
+            .blocking_recv()
+            .map_err(|_| io::Error::other("the reaper stopped before the child exited"))?;
+        Ok(Output {
+            status: exit.status(),
+            stdout,
+            stderr,
+        })
     }
 
     /// Orphans reaped so far (processes nobody waited for).

@@ -42,6 +42,8 @@ pub struct RunContext {
     pub attic: crate::hooks::AtticCredential,
     /// The root-owned hook scripts (job-started, job-completed).
     pub hook_scripts: (std::path::PathBuf, std::path::PathBuf),
+    /// Every background task of the agent (hook servers, log pumps, watchers).
+    pub background: crate::tasks::Background,
 }
 
 /// A runner's hook service: its socket directory, its job's netrc, the serving task.
@@ -92,6 +94,7 @@ impl Hooks {
                 credential: ctx.attic.clone(),
                 telemetry: ctx.telemetry.clone(),
             },
+            &ctx.background,
         )
         .map_err(setup)?;
         Ok(Hooks {
@@ -261,6 +264,7 @@ fn runner_spec(
         probe: Some(probe),
         nix,
         hook: Some(hooks.mount.clone()),
+        background: ctx.background.clone(),
     }
 }
 
@@ -432,7 +436,7 @@ pub async fn run_arc(
     let stop = Stop::default();
     let watcher = {
         let (probe, stop, grace) = (probe.clone(), stop.clone(), ctx.cfg.runner.drain_grace);
-        tokio::spawn(async move {
+        ctx.background.spawn(async move {
             shutdown.drain.cancelled().await;
             if probe.busy() {
                 info!(grace = ?grace, "draining: the runner is busy; letting its job finish");
@@ -839,7 +843,7 @@ async fn runner_task(
     // Launch latency: from the JIT config in hand to the listener's process started.
     let watch = {
         let (probe, stats) = (probe.clone(), stats.clone());
-        tokio::spawn(async move {
+        ctx.background.spawn(async move {
             while probe.processes() == 0 {
                 tokio::time::sleep(Duration::from_micros(500)).await;
             }

@@ -605,6 +605,7 @@ pub async fn serve_metrics(
     addr: std::net::SocketAddr,
     t: Arc<Telemetry>,
     github: Option<Arc<flywheel_jit_config::Client>>,
+    bg: &crate::tasks::Background,
 ) -> std::io::Result<std::net::SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
@@ -626,8 +627,12 @@ pub async fn serve_metrics(
             }
         }),
     );
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+    let done = bg.done();
+    bg.spawn_service(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(done.cancelled_owned())
+            .await
+        {
             tracing::error!(error = %e, "the metrics server stopped");
         }
     });
@@ -640,7 +645,11 @@ pub fn control_socket(state_dir: &Path) -> PathBuf {
     state_dir.join("control.sock")
 }
 
-pub async fn serve_control(path: PathBuf, t: Arc<Telemetry>) -> std::io::Result<()> {
+pub async fn serve_control(
+    path: PathBuf,
+    t: Arc<Telemetry>,
+    bg: &crate::tasks::Background,
+) -> std::io::Result<()> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -648,13 +657,14 @@ pub async fn serve_control(path: PathBuf, t: Arc<Telemetry>) -> std::io::Result<
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    tokio::spawn(async move {
+    let conns = bg.clone();
+    bg.spawn_service(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
             let t = t.clone();
-            tokio::spawn(async move {
+            conns.spawn(async move {
                 let (r, mut w) = stream.into_split();
                 let mut line = String::new();
                 let _ = tokio::io::BufReader::new(r).read_line(&mut line).await;

@@ -236,10 +236,32 @@ pub trait JobCgroup: Debug + Send + Sync {
         Ok(self.pids()?.is_empty())
     }
 
+    /// Whether process `pid` is in the job, in every hierarchy the job spans (a hook's peer
+    /// check).
+    fn contains(&self, pid: i32) -> bool {
+        let files = self.procs_files();
+        !files.is_empty()
+            && files
+                .iter()
+                .all(|f| std::fs::read_to_string(f).is_ok_and(|s| parse_pids(&s).contains(&pid)))
+    }
+
+    /// The job's memory use now (v2 `memory.current`, v1 `memory.usage_in_bytes`).
+    fn memory_current(&self) -> Option<u64>;
+
+    /// A v2 `cgroup.events` of the job: the kernel marks it modified when the job's
+    /// `populated` flag changes, so teardown waits on it instead of sleeping.
+    fn events_file(&self) -> Option<PathBuf> {
+        None
+    }
+
     /// Kill everything and wait until the job is empty.
     fn kill_and_drain(&self, timeout: Duration) -> Result<()> {
         let start = Instant::now();
         let mut pause = Duration::from_micros(200);
+        let events = self
+            .events_file()
+            .and_then(|f| crate::ready::EventsWatch::new(&f).ok());
         loop {
             if self.is_empty()? {
                 return Ok(());
@@ -254,8 +276,15 @@ pub trait JobCgroup: Debug + Send + Sync {
                     waited: start.elapsed(),
                 });
             }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(20));
+            match &events {
+                // Woken when the job empties; the bound only re-sends the kill to a job that
+                // forks faster than it dies.
+                Some(w) => w.wait(Duration::from_millis(50)),
+                None => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+            }
         }
     }
 

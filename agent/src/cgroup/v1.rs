@@ -183,6 +183,21 @@ impl JobCgroup for V1Job {
         })
     }
 
+    fn memory_current(&self) -> Option<u64> {
+        read_optional(&self.memory.join("memory.usage_in_bytes"))
+            .ok()??
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    fn events_file(&self) -> Option<PathBuf> {
+        self.unified
+            .as_ref()
+            .map(|u| u.join("cgroup.events"))
+            .filter(|f| f.exists())
+    }
+
     fn kill_all(&self) -> Result<()> {
         if let Some(u) = &self.unified {
             let kill = u.join("cgroup.kill");
@@ -235,6 +250,28 @@ mod tests {
         assert_eq!(v1.base_memory_limit(), None, "v1's 'unlimited'");
         fs::write(&file, "536870912\n").expect("w");
         assert_eq!(v1.base_memory_limit(), Some(512 << 20));
+    }
+
+    #[test]
+    fn memory_now_and_membership_read_every_hierarchy_of_the_job() {
+        let (t, v1) = fake(true, false);
+        let mem = t.path().join("memory/process_api/x/flywheel-jobs/j");
+        let pids = t.path().join("pids/flywheel-jobs/j");
+        let uni = t.path().join("unified/flywheel-jobs/j");
+        for d in [&mem, &pids, &uni] {
+            fs::create_dir_all(d).expect("mkdir");
+            fs::write(d.join("cgroup.procs"), "10\n").expect("w");
+        }
+        let job = v1.open("j");
+        fs::write(mem.join("memory.usage_in_bytes"), "4096\n").expect("w");
+        assert_eq!(job.memory_current(), Some(4096));
+        assert!(job.contains(10));
+        // A process in only some of the job's hierarchies is not the job's.
+        fs::write(mem.join("cgroup.procs"), "10\n11\n").expect("w");
+        assert!(!job.contains(11));
+        assert_eq!(job.events_file(), None, "no cgroup.events in the fake yet");
+        fs::write(uni.join("cgroup.events"), "populated 1\n").expect("w");
+        assert_eq!(job.events_file(), Some(uni.join("cgroup.events")));
     }
 
     #[test]

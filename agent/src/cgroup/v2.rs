@@ -216,6 +216,18 @@ impl JobCgroup for V2Job {
         kill_tree(&self.dir, || self.pids())
     }
 
+    fn memory_current(&self) -> Option<u64> {
+        read_optional(&self.dir.join("memory.current"))
+            .ok()??
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    fn events_file(&self) -> Option<PathBuf> {
+        Some(self.dir.join("cgroup.events"))
+    }
+
     fn remove(&self) -> Result<()> {
         rmdir(&self.dir)
     }
@@ -311,6 +323,21 @@ mod tests {
         let (t, v2) = fake("1\n", "memory pids\n");
         v2.prepare().expect("prepare");
         assert!(!t.path().join("pod/flywheel-agent").exists());
+    }
+
+    #[test]
+    fn memory_now_membership_and_the_events_file_come_from_the_job_dir() {
+        let (t, v2) = fake("", "memory pids");
+        let dir = t.path().join("pod/flywheel-jobs/j");
+        fs::create_dir_all(&dir).expect("mkdir");
+        let job = v2.open("j");
+        assert_eq!(job.memory_current(), None, "no file, no figure");
+        fs::write(dir.join("memory.current"), "12345678\n").expect("w");
+        fs::write(dir.join("cgroup.procs"), "10\n20\n").expect("w");
+        assert_eq!(job.memory_current(), Some(12_345_678));
+        assert!(job.contains(20));
+        assert!(!job.contains(30));
+        assert_eq!(job.events_file(), Some(dir.join("cgroup.events")));
     }
 
     #[test]

@@ -1,0 +1,30 @@
+# Sourced by the Nix benches: builds the test Nix tarball in $1 ($1/nix.tar.xz) and sets V (its
+# version), OUT, CLOSURE, TOP and SHA. The tarball is in the official layout, made from real
+# store paths built by the host's Nix: a nix-<version> package of wrappers around the host's
+# programs and a ~20 MiB payload (a copy of /usr/share/perl), so that unpacking and
+# registering have real work to do; with `nopayload` as $2, the wrappers only.
+TMP=$1
+V=2.8.0-bench
+export NIX_CONFIG=$'substituters =\nbuild-users-group =\nsandbox = false'
+if [ "${2:-payload}" = payload ]; then
+cat > "$TMP/nix.nix" <<NIXEOF
+let payload = derivation { name = "bench-payload"; system = "x86_64-linux"; builder = "/bin/sh";
+  args = [ "-c" "/bin/cp -r /usr/share/perl \$out" ]; };
+in derivation { name = "nix-$V"; system = "x86_64-linux"; builder = "/bin/sh"; inherit payload;
+  args = [ "-c" "export PATH=/usr/bin:/bin; mkdir -p \$out/bin; for n in nix nix-store nix-daemon nix-build; do printf '#!/bin/sh\\nexec /usr/bin/%s \"\$@\"\\n' \$n > \$out/bin/\$n; chmod +x \$out/bin/\$n; done; echo \$payload > \$out/payload" ]; }
+NIXEOF
+else
+cat > "$TMP/nix.nix" <<NIXEOF
+derivation { name = "nix-$V"; system = "x86_64-linux"; builder = "/bin/sh";
+  args = [ "-c" "export PATH=/usr/bin:/bin; mkdir -p \$out/bin; for n in nix nix-store nix-daemon nix-build; do printf '#!/bin/sh\\nexec /usr/bin/%s \"\$@\"\\n' \$n > \$out/bin/\$n; chmod +x \$out/bin/\$n; done" ]; }
+NIXEOF
+fi
+OUT=$(nix-build "$TMP/nix.nix" --no-out-link 2>/dev/null)
+TOP=$TMP/nix-$V-x86_64-linux
+mkdir -p "$TOP/store"
+CLOSURE=$(nix-store -qR "$OUT")
+for p in $CLOSURE; do cp -a "$p" "$TOP/store/"; done
+nix-store --dump-db $CLOSURE > "$TOP/.reginfo"
+tar -C "$TMP" -cJf "$TMP/nix.tar.xz" "nix-$V-x86_64-linux"
+SHA=$(sha256sum "$TMP/nix.tar.xz" | cut -d' ' -f1)
+unset NIX_CONFIG
