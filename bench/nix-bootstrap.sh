@@ -11,7 +11,7 @@ COLD=${1:-5}
 WARM=${2:-50}
 cd "$(dirname "$0")/.."
 cargo build --release -q -p flywheel-agent
-AGENT=$PWD/target/release/flywheel-agent
+AGENT=${FLYWHEEL_AGENT:-$PWD/target/release/flywheel-agent}  # FLYWHEEL_AGENT: another build to measure
 TMP=$(mktemp -d /tmp/flywheel-bench-nix.XXXXXX)
 chmod 755 "$TMP"
 trap 'rm -rf "$TMP"' EXIT

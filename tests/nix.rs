@@ -230,6 +230,26 @@ fn cold_install_then_warm_then_drift_is_repaired() {
     );
     assert!(dep.exists());
     assert!(stdout(&rig.bootstrap()).contains(": warm"));
+
+    // A store path left writable (an install that stopped between moving it in and making it
+    // read-only, or a write to the store) is finished on the next run, not skipped.
+    std::fs::set_permissions(
+        &nix_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::os::unix::fs::chown(&nix_path, Some(65534), None).unwrap();
+    let o = rig.bootstrap();
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert!(
+        out.contains("1 store paths are not read-only and root's")
+            && out.contains("made 1 store paths read-only and root's"),
+        "{out}"
+    );
+    let meta = std::fs::metadata(&nix_path).expect("meta");
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o555));
+    assert!(stdout(&rig.bootstrap()).contains(": warm"));
 }
 
 #[test]
@@ -301,7 +321,7 @@ fn a_wrong_hash_changes_nothing() {
     assert!(!o.status.success());
     let err = stderr(&o);
     assert!(
-        err.contains("refusing to unpack") && err.contains(&tarball().sha256),
+        err.contains("refusing to install") && err.contains(&tarball().sha256),
         "{err}"
     );
     assert_eq!(

@@ -690,6 +690,102 @@ fn status_json_shows_the_running_job_with_its_lane_and_envelope() {
 }
 
 #[test]
+fn github_faults_during_the_trust_lookup_are_retried_and_a_lookup_that_fails_closes_the_cache() {
+    if !privileged("trust-faults") {
+        return;
+    }
+    let rig = Rig::new(&[("tfault", "128Mi", 1)], "5s");
+    rig.with_attic(
+        "http://127.0.0.1:9",
+        "push_token_to_jobs = true\ntoken_validity = \"1h\"\npublish = false\n",
+    );
+    rig.push_and_fork_pr_runs();
+    let push_job = |tag: &str| {
+        let mut j = rig.job(0, &format!("echo trust-{tag} ran"));
+        j.env.insert("GITHUB_RUN_ID".into(), "101".into());
+        j.env.insert("GITHUB_EVENT_NAME".into(), "push".into());
+        j.env.insert("GITHUB_REF".into(), "refs/heads/main".into());
+        j
+    };
+    // The first push job's lookup meets a 5xx, then a rate limit, then an answer.
+    rig.gh.inject(Injection {
+        endpoint: "get-run",
+        status: 502,
+        ..Injection::default()
+    });
+    rig.gh.inject(Injection {
+        endpoint: "get-run",
+        status: 429,
+        headers: vec![("retry-after".into(), "1".into())],
+        ..Injection::default()
+    });
+    rig.gh.push_job(push_job("a"));
+    // The second job is handed to the next runner at its registration; it starts 3 s later,
+    // after this test has put the next fault in place.
+    let mut b = push_job("b");
+    b.delay_ms = 3000;
+    rig.gh.push_job(b);
+    let agent = rig.start();
+    rig.wait("the first job", Duration::from_secs(60), |s| {
+        !s.completed.is_empty()
+    });
+    rig.gh.with(|s| {
+        assert!(s.injections.is_empty(), "both faults were met");
+        assert!(
+            s.calls
+                .iter()
+                .filter(|c| c.endpoint == "get-run")
+                .map(|c| c.status)
+                .collect::<Vec<_>>()
+                .starts_with(&[502, 429, 200]),
+            "{:?}",
+            s.calls
+        );
+    });
+    // The second's lookup fails for good (GitHub refuses): the job runs, read-only.
+    rig.gh.inject(Injection {
+        endpoint: "get-run",
+        status: 404,
+        body: "{\"message\": \"Not Found\"}".into(),
+        ..Injection::default()
+    });
+    rig.wait("the second job", Duration::from_secs(60), |s| {
+        s.completed.len() >= 2
+    });
+    term(&agent, nix::sys::signal::Signal::SIGTERM);
+    let (code, log) = wait_exit(&rig, agent, Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("trust-a ran") && log.contains("trust-b ran"),
+        "{log}"
+    );
+    let verdicts: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("trust decided"))
+        .collect();
+    assert_eq!(verdicts.len(), 2, "{verdicts:?}");
+    assert!(
+        verdicts[0].contains("push: allowed (push to main of tinyland/flywheel)"),
+        "the faults were retried through: {verdicts:?}"
+    );
+    assert!(
+        verdicts[1].contains("push: denied") && verdicts[1].contains("GitHub could not be asked"),
+        "a failed lookup is a denial: {verdicts:?}"
+    );
+    assert!(
+        log.contains("::warning title=Not published to the cache"),
+        "the run's page says why: {log}"
+    );
+    rig.gh.with(|s| {
+        assert!(
+            s.completed.iter().all(|(_, r, _)| r == "succeeded"),
+            "{:?}",
+            s.completed
+        );
+    });
+}
+
+#[test]
 fn a_push_to_main_gets_a_push_token_a_fork_pr_does_not_and_nothing_remains() {
     if !privileged("credentials") {
         return;

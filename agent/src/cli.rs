@@ -437,7 +437,7 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         .as_deref()
         .map(|u| JobUser::lookup(u, &cfg.runner.groups).map(envelope::UserChoice::Named))
         .transpose()?;
-    let nix = (lane.nix && !req.no_nix).then(|| flywheel_agent::nixboot::nix_job(&cfg, &lane));
+    let nix = (lane.nix && !req.no_nix).then(|| flywheel_agent::envelope::nix_job(&cfg, &lane));
     let (lane_name, summary_file) = (lane.name.clone(), req.summary.clone());
     let spec = JobSpec {
         lane,

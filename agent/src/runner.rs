@@ -238,7 +238,7 @@ fn runner_spec(
         hooks.mount.seen.join("socket").display().to_string(),
     ));
     let nix = lane.nix.then(|| {
-        let mut n = crate::nixboot::nix_job(&ctx.cfg, lane);
+        let mut n = crate::envelope::nix_job(&ctx.cfg, lane);
         n.netrc = Some(hooks.netrc.clone());
         n
     });
@@ -451,14 +451,36 @@ pub async fn run_arc(
             stop.now.cancel();
         })
     };
-    let hooks = Hooks::start(&ctx, lane, &name, &probe)?;
-    let spec = runner_spec(&ctx, lane, jit, &name, probe, &hooks, true);
-    let outcome = envelope::run_job(&ctx.cfg, ctx.mgr.as_ref(), spec, stop, &ctx.reaper).await;
-    hooks.finish(ctx.cfg.runner.drain_grace, &name).await;
+    let outcome = run_runner(&ctx, lane, &name, jit, probe, stop, true).await;
     watcher.abort();
-    ctx.telemetry.runner_ended(&name);
+    outcome
+}
+
+/// One registered runner's life, the same in the pool and under ARC: its hook service, its
+/// listener run as a job of the lane, the hooks' last work, the runner's record. The caller
+/// registered it (or ARC did) and deletes its registration when that is due.
+async fn run_runner(
+    ctx: &RunContext,
+    lane: &Lane,
+    name: &str,
+    jit: Secret<String>,
+    probe: JobProbe,
+    stop: Stop,
+    arc: bool,
+) -> Result<JobOutcome, RunError> {
+    let hooks = match Hooks::start(ctx, lane, name, &probe) {
+        Ok(h) => h,
+        Err(e) => {
+            ctx.telemetry.runner_ended(name);
+            return Err(e);
+        }
+    };
+    let spec = runner_spec(ctx, lane, jit, name, probe, &hooks, arc);
+    let outcome = envelope::run_job(&ctx.cfg, ctx.mgr.as_ref(), spec, stop, &ctx.reaper).await;
+    hooks.finish(ctx.cfg.runner.drain_grace, name).await;
+    ctx.telemetry.runner_ended(name);
     match &outcome {
-        Ok(o) => record(&ctx, lane, &name, o),
+        Ok(o) => record(ctx, lane, name, o),
         Err(_) => ctx.telemetry.infrastructure_failure(&lane.name),
     }
     Ok(outcome?)
@@ -828,18 +850,6 @@ async fn runner_task(
         return End::Drained;
     }
     info!(runner = %name, id, "registered; starting its listener");
-    let hooks = match Hooks::start(&ctx, lane, &name, &probe) {
-        Ok(h) => h,
-        Err(e) => {
-            let _ = github.delete_runner(id).await;
-            ctx.telemetry.runner_ended(&name);
-            return End::AgentFailed {
-                name,
-                error: e.to_string(),
-            };
-        }
-    };
-    let spec = runner_spec(&ctx, lane, jit.encoded, &name, probe.clone(), &hooks, false);
     // Launch latency: from the JIT config in hand to the listener's process started.
     let watch = {
         let (probe, stats) = (probe.clone(), stats.clone());
@@ -854,14 +864,8 @@ async fn runner_task(
         })
     };
     let stopped_by_us = stop.graceful.clone();
-    let res = envelope::run_job(&ctx.cfg, ctx.mgr.as_ref(), spec, stop, &ctx.reaper).await;
-    hooks.finish(ctx.cfg.runner.drain_grace, &name).await;
+    let res = run_runner(&ctx, lane, &name, jit.encoded, probe, stop, false).await;
     watch.abort();
-    ctx.telemetry.runner_ended(&name);
-    match &res {
-        Ok(o) => record(&ctx, lane, &name, o),
-        Err(_) => ctx.telemetry.infrastructure_failure(&lane.name),
-    }
     match res {
         Ok(outcome) => {
             // An ephemeral runner that ran its job is removed by GitHub; anything else may

@@ -1,0 +1,149 @@
+//! A job's own nix-daemon, inside the job's cgroup, and the record of what it built.
+
+use super::*;
+
+/// What a job's daemon recorded it built (derivations, out paths).
+pub fn read_built(file: &Path) -> Vec<String> {
+    std::fs::read_to_string(file)
+        .map(|t| t.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+/// Where a job's daemon records the out paths it built (root-only, hidden from jobs).
+pub fn built_list(nix: &NixJob, job: &str) -> PathBuf {
+    nix.sockets.join(format!("{job}.built"))
+}
+
+/// Start the job's own nix-daemon inside its cgroup (and its slot's mounts), as root, and wait
+/// for its socket. Returns the socket directory.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn start_nix_daemon(
+    nix: &NixJob,
+    cg: &dyn JobCgroup,
+    slot_mounts: &[Mount],
+    job: &str,
+    hold: Option<i32>,
+    reaper: &Reaper,
+    job_span: &tracing::Span,
+    bg: &crate::tasks::Background,
+    cleanup: &mut Vec<PathBuf>,
+) -> Result<PathBuf, EnvelopeError> {
+    let dir = nix
+        .sockets
+        .join(format!("{job}.{:016x}", fastrand::u64(..)));
+    std::fs::create_dir_all(&nix.sockets).map_err(io_at("create", &nix.sockets))?;
+    std::fs::set_permissions(
+        &nix.sockets,
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .map_err(io_at("chmod", &nix.sockets))?;
+    std::fs::create_dir(&dir).map_err(io_at("create", &dir))?;
+    // Removed with the job, whatever happens next (a daemon that will not start included).
+    cleanup.push(dir.clone());
+    let socket = dir.join("socket");
+    // What this daemon builds, recorded by Nix's post-build hook (run by the daemon after each
+    // successful build): the only paths the agent may publish for this job. A shared store
+    // also holds other jobs' builds.
+    let hook = nix.sockets.join("post-build.sh");
+    workdir::write_atomic(
+        &hook,
+        b"#!/bin/sh\n# Written by flywheel-agent: the job's nix-daemon records what it built.\nprintf '%s\\n' $DRV_PATH $OUT_PATHS >> \"$FLYWHEEL_BUILT\"\n",
+        0o755,
+    )
+    .map_err(io_at("write", &hook))?;
+    let mut conf = format!("post-build-hook = {}", hook.display());
+    if let Some(n) = &nix.netrc {
+        conf.push_str(&format!("\nnetrc-file = {}", n.display()));
+    }
+    let mut cmd = std::process::Command::new(&nix.daemon);
+    cmd.env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("NIX_DAEMON_SOCKET_PATH", &socket)
+        .env("NIX_CONF_DIR", &nix.conf_dir)
+        .env("NIX_CONFIG", conf)
+        .env("FLYWHEEL_BUILT", built_list(nix, job))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let (fail_r, fail_w) = fail_pipe()?;
+    let mut setup = ChildSetup::new(cg, slot_mounts, None, Path::new("/"), false)?;
+    // The daemon holds the slot as long as it lives: a job orphaned by a killed agent keeps
+    // its slot, and no other job gets the store while it runs.
+    setup.inherit = hold;
+    setup.install(&mut cmd, fail_w.as_raw_fd());
+    let spawned = reaper.spawn(|| {
+        let child = cmd.spawn()?;
+        let pid = i32::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))?;
+        Ok((pid, child))
+    });
+    drop(cmd);
+    let (pid, mut child, mut exit) = spawned.map_err(|e| {
+        if agent_side_failure(&fail_r) {
+            EnvelopeError::Spawn(e)
+        } else {
+            EnvelopeError::Io {
+                what: "start the job's nix-daemon",
+                path: nix.daemon.clone(),
+                source: e,
+            }
+        }
+    })?;
+    for (out, stream) in [
+        (child.stdout.take().map(OwnedFd::from), "nix-daemon"),
+        (child.stderr.take().map(OwnedFd::from), "nix-daemon"),
+    ] {
+        if let Some(fd) = out {
+            // The daemon logs each connection; keep those lines at debug level.
+            let _ = log_lines_at(fd, stream, tracing::Level::DEBUG, job_span.clone(), bg);
+        }
+    }
+    drop(child);
+    // Readiness, not polling: inotify says when the socket is bound; the reaper says when the
+    // daemon died instead.
+    let waited = crate::ready::appears(&socket, Duration::from_secs(10), &mut exit).await;
+    match waited {
+        Ok(()) => {}
+        Err(crate::ready::Appear::Gone) => {
+            return Err(EnvelopeError::Io {
+                what: "the job's nix-daemon exited before listening",
+                path: nix.daemon.clone(),
+                source: io::Error::other("see the agent log"),
+            })
+        }
+        Err(crate::ready::Appear::TimedOut) => {
+            return Err(EnvelopeError::Io {
+                what: "the job's nix-daemon did not listen within 10 s",
+                path: socket,
+                source: io::Error::from(io::ErrorKind::TimedOut),
+            })
+        }
+        Err(crate::ready::Appear::Io(e)) => {
+            return Err(EnvelopeError::Io {
+                what: "watch for the job's nix-daemon's socket",
+                path: dir,
+                source: e,
+            })
+        }
+    }
+    info!(pid, socket = %socket.display(), "the job's nix-daemon is listening");
+    Ok(dir)
+}
+
+/// The per-job daemon settings of a lane.
+pub fn nix_job(cfg: &Config, lane: &Lane) -> NixJob {
+    NixJob {
+        daemon: lane
+            .nix_store
+            .join("var/nix/profiles/default/bin/nix-daemon"),
+        conf_dir: lane
+            .nix_conf
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("/etc/nix")),
+        sockets: cfg.agent.state_dir.join("nix-sockets"),
+        socket_seen: lane.nix_store.join("var/nix/daemon-socket"),
+        userpool: cfg.nix.userpool.clone(),
+        userpool_seen: lane.nix_store.join("var/nix/userpool"),
+        netrc: None,
+    }
+}

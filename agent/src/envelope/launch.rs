@@ -1,0 +1,200 @@
+//! Launch: the job's directory, its nix-daemon, its mounts, its first process.
+
+use super::*;
+
+pub(super) enum Launched {
+    Running {
+        pid: i32,
+        exit: oneshot::Receiver<Exit>,
+        output: Vec<tokio::task::JoinHandle<()>>,
+    },
+    Failed {
+        code: i32,
+        message: String,
+    },
+}
+
+/// What a job's launch is given by the phases.
+pub(super) struct LaunchArgs<'a> {
+    pub spec: &'a JobSpec,
+    pub user: Option<&'a JobUser>,
+    pub cg: &'a dyn JobCgroup,
+    /// The work root as the agent sees it (a slot's, or the lane's).
+    pub phys_work_root: &'a Path,
+    pub mounts: Vec<Mount>,
+    pub job: &'a str,
+    /// The job's uid and gid.
+    pub ids: (u32, u32),
+    /// A descriptor the job's daemon keeps (the slot's lock).
+    pub hold: Option<i32>,
+    pub span: &'a tracing::Span,
+}
+
+/// Create the job's directory and start the command inside the cgroup.
+pub(super) async fn launch(
+    args: LaunchArgs<'_>,
+    cleanup: &mut Vec<PathBuf>,
+    reaper: &Reaper,
+) -> Result<Launched, EnvelopeError> {
+    let LaunchArgs {
+        spec,
+        user,
+        cg,
+        phys_work_root,
+        mut mounts,
+        job,
+        ids: (uid, gid),
+        hold,
+        span: job_span,
+    } = args;
+    let job_dir = workdir::create(phys_work_root, job, uid, gid)
+        .map_err(io_at("create the job's directory under", phys_work_root))?;
+    cleanup.push(job_dir.clone());
+    let root_seen = spec.work_root.join(job);
+    let mut cwd_path = root_seen.join(workdir::WORK);
+    let mut command = spec.command.clone();
+    if let Some(n) = &spec.nix {
+        // The daemon runs as root with the host's /tmp and /proc: only the job's own mounts.
+        let mut daemon_mounts: Vec<Mount> = mounts
+            .iter()
+            .filter(|m| matches!(m, Mount::Bind { .. } | Mount::Hide { .. }))
+            .cloned()
+            .collect();
+        for d in [&n.userpool, &n.userpool_seen] {
+            std::fs::create_dir_all(d).map_err(io_at("create", d))?;
+        }
+        daemon_mounts.push(Mount::Bind {
+            src: n.userpool.clone(),
+            dst: n.userpool_seen.clone(),
+            readonly: false,
+        });
+        let dir = start_nix_daemon(
+            n,
+            cg,
+            &daemon_mounts,
+            job,
+            hold,
+            reaper,
+            job_span,
+            &spec.background,
+            cleanup,
+        )
+        .await?;
+        if spec.hook.is_none() {
+            // A runner's record outlives its job until the agent has published from it.
+            cleanup.push(built_list(n, job));
+        }
+        if let Some(p) = &spec.probe {
+            p.set_idle(2);
+        }
+        mounts.push(Mount::Bind {
+            src: dir,
+            dst: n.socket_seen.clone(),
+            readonly: false,
+        });
+        mounts.push(Mount::Hide {
+            dst: n.sockets.clone(),
+        });
+    }
+    if let Some(h) = &spec.hook {
+        std::fs::create_dir_all(&h.seen).map_err(io_at("create", &h.seen))?;
+        mounts.push(Mount::Bind {
+            src: h.dir.clone(),
+            dst: h.seen.clone(),
+            readonly: false,
+        });
+        mounts.push(Mount::Hide { dst: h.all.clone() });
+    }
+    if let Some(r) = &spec.runner {
+        for (src, point) in prepare_runner_root(&job_dir, r)? {
+            let rel = point.strip_prefix(&job_dir).unwrap_or(&point).to_path_buf();
+            mounts.push(Mount::Bind {
+                src,
+                dst: root_seen.join(rel),
+                readonly: true,
+            });
+        }
+        cwd_path = root_seen.clone();
+        if let Some(first) = command.first_mut() {
+            if Path::new(first).is_relative() {
+                *first = root_seen.join(&first).into_os_string();
+            }
+        }
+    }
+    // Everything root writes into the job's directory is written; now it becomes the user's.
+    workdir::hand_over(&job_dir, uid, gid)
+        .map_err(io_at("hand the job's directory over to its user", &job_dir))?;
+    mounts.push(Mount::Proc);
+    let home = root_seen.join(workdir::HOME);
+
+    let Some(program) = command.first().cloned() else {
+        return Ok(Launched::Failed {
+            code: 127,
+            message: "no command given".into(),
+        });
+    };
+    let mut cmd = std::process::Command::new(&program);
+    cmd.args(&command[1..])
+        .env_clear()
+        .envs(job_environment(spec, user, &home));
+    if spec.log_output.is_some() {
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+    }
+    let (fail_r, fail_w) = fail_pipe()?;
+    ChildSetup::new(cg, &mounts, user, &cwd_path, true)?.install(&mut cmd, fail_w.as_raw_fd());
+    let spawned = reaper.spawn(|| {
+        let child = cmd.spawn()?;
+        let pid = i32::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))?;
+        Ok((pid, child))
+    });
+    drop(cmd);
+    match spawned {
+        Ok((pid, mut child, exit)) => {
+            let mut output = Vec::new();
+            if let Some(out) = child.stdout.take() {
+                output.push(
+                    log_lines(
+                        OwnedFd::from(out),
+                        "stdout",
+                        job_span.clone(),
+                        &spec.background,
+                    )
+                    .map_err(EnvelopeError::Spawn)?,
+                );
+            }
+            if let Some(err) = child.stderr.take() {
+                output.push(
+                    log_lines(
+                        OwnedFd::from(err),
+                        "stderr",
+                        job_span.clone(),
+                        &spec.background,
+                    )
+                    .map_err(EnvelopeError::Spawn)?,
+                );
+            }
+            // The child is reaped by the Reaper, never by std.
+            drop(child);
+            Ok(Launched::Running { pid, exit, output })
+        }
+        Err(e) => {
+            if agent_side_failure(&fail_r) {
+                return Err(EnvelopeError::Spawn(e));
+            }
+            drop(fail_w);
+            let name = program.to_string_lossy();
+            Ok(match e.kind() {
+                io::ErrorKind::NotFound => Launched::Failed {
+                    code: 127,
+                    message: format!("command not found: {name}"),
+                },
+                _ => Launched::Failed {
+                    code: 126,
+                    message: format!("command cannot be executed: {name}: {e}"),
+                },
+            })
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! The job envelope: run one command as one job of a lane.
+//!
+//! `phases.rs` is the only place that orders a job's phases: **setup** (slot, fast-local
+//! check, Nix bootstrap, cgroup, fresh `_work`), **run** (the command joins its cgroup before
+//! it executes; signals to the agent stop it), **teardown** (SIGTERM with a grace, kill the
+//! whole cgroup, wait until empty, remove the cgroup and `_work`, release the slot), which a
+//! guard runs whatever happened before it. The mechanisms are beside it: `spawn` (fork and
+//! exec, all the `unsafe`), `launch`, `mounts`, `env`, `root`, `daemon`, `pumps`, `probe`.
+//! This module holds the types they share.
+
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use flywheel_jit_config::Secret;
+use nix::sys::signal::Signal;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::cgroup::{CgroupError, CgroupManager, JobCgroup, Limits, Stats, JOBS_DIR};
+use crate::config::{Config, Lane};
+use crate::hints;
+use crate::reaper::{Exit, Reaper};
+use crate::scratch::{self, ScratchError};
+use crate::slot::{self, SlotError};
+use crate::verdict::{self, Killed, KmsgWatch, OomFacts};
+use crate::workdir;
+
+mod daemon;
+mod env;
+mod launch;
+mod mounts;
+mod phases;
+mod probe;
+mod pumps;
+mod root;
+mod spawn;
+
+use daemon::start_nix_daemon;
+pub use daemon::{built_list, nix_job, read_built};
+use env::job_environment;
+use launch::{launch, LaunchArgs, Launched};
+use mounts::{tmp_keep, Mount, TMP};
+pub use phases::run_job;
+pub use probe::{JobFacts, JobProbe, Kills, SAMPLE_INTERVAL};
+use pumps::{log_lines, log_lines_at};
+use root::prepare_runner_root;
+use spawn::{agent_side_failure, fail_pipe, ChildSetup, Op};
+
+/// How long teardown waits for a killed job's cgroup to empty before giving up.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub use crate::jobuser::{JobUser, UserError};
+
+/// Who a job runs as.
+#[derive(Debug, Clone)]
+pub enum UserChoice {
+    /// This user (`exec --user`).
+    Named(JobUser),
+    /// The user of the job's runner slot (`runner.user` with `{n}`, see
+    /// [`Config::slot_user`]), so jobs that run at once never share a uid.
+    Slot,
+}
+
+/// One job to run.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub lane: Lane,
+    pub memory_bytes: u64,
+    /// The work root the job sees (the lane's, or `--work-root`).
+    pub work_root: PathBuf,
+    /// `None`: the job runs as the agent's own user.
+    pub user: Option<UserChoice>,
+    pub slot: Option<u32>,
+    /// ARC mode: when every node-local slot of the lane is busy, run on the pod-local store
+    /// instead of failing.
+    pub slot_fallback: bool,
+    /// The command; for a runner job a relative program is resolved in the runner root.
+    pub command: Vec<OsString>,
+    pub host_cpus: u32,
+    /// Set for a GitHub runner: the job directory becomes the runner root.
+    pub runner: Option<RunnerRoot>,
+    /// Variables only this job's first process gets (the JIT config); never logged.
+    pub secret_env: Vec<(String, Secret<String>)>,
+    /// Send the command's output to the agent's log, with this runner name, instead of
+    /// inheriting the agent's stdout and stderr.
+    pub log_output: Option<String>,
+    /// How a graceful stop is asked for.
+    pub stop_mode: StopMode,
+    /// Filled with the job's cgroup while it runs, for callers that ask whether it is busy.
+    pub probe: Option<JobProbe>,
+    /// Give the job a nix-daemon of its own, inside its cgroup.
+    pub nix: Option<NixJob>,
+    /// The runner's hook socket directory and where the job sees it (all others hidden).
+    pub hook: Option<HookMount>,
+    /// Where the job's own tasks (log pumps, memory sampler) are spawned.
+    pub background: crate::tasks::Background,
+}
+
+/// A runner's hook socket in its mount namespace.
+#[derive(Debug, Clone)]
+pub struct HookMount {
+    pub dir: PathBuf,
+    pub seen: PathBuf,
+    pub all: PathBuf,
+}
+
+/// A job's own nix-daemon: started inside the job's cgroup (so its builds count against the
+/// envelope and die at teardown), listening on a socket only this job can reach.
+#[derive(Debug, Clone)]
+pub struct NixJob {
+    /// The nix-daemon binary.
+    pub daemon: PathBuf,
+    /// `NIX_CONF_DIR` of the daemon: the directory of the lane's `nix.conf`.
+    pub conf_dir: PathBuf,
+    /// Holds every job's socket directory; hidden (an empty tmpfs) inside jobs.
+    pub sockets: PathBuf,
+    /// Where the job finds its daemon's socket directory (`<nix>/var/nix/daemon-socket`,
+    /// which also hides any host daemon's socket).
+    pub socket_seen: PathBuf,
+    /// The shared build-user pool, and where the daemon sees it.
+    pub userpool: PathBuf,
+    pub userpool_seen: PathBuf,
+    /// A root-only netrc of this job's cache credentials (read by its daemon only).
+    pub netrc: Option<PathBuf>,
+}
+
+/// The runner root: `<work_root>/<job>/`, owned by the job's user. The installation's
+/// directories (`bin`, `externals`) are bind-mounted into it read-only in the job's mount
+/// namespace, so the listener finds its root from its own path without copying anything, and
+/// cannot change its binaries.
+#[derive(Debug, Clone)]
+pub struct RunnerRoot {
+    pub install_dir: PathBuf,
+    /// Lines of the runner's `.env` (`KEY=VALUE`, no quoting).
+    pub dotenv: Vec<(String, String)>,
+}
+
+/// A graceful stop: `signal` to the command itself (a runner listener cancels its job on
+/// SIGINT) or to every process of the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopMode {
+    pub signal: Signal,
+    pub whole_job: bool,
+}
+
+impl Default for StopMode {
+    fn default() -> Self {
+        StopMode {
+            signal: Signal::SIGTERM,
+            whole_job: true,
+        }
+    }
+}
+
+/// How the agent's owner stops a running job: `graceful` sends SIGTERM and waits the stop
+/// grace; `now` kills the cgroup at once.
+#[derive(Debug, Clone, Default)]
+pub struct Stop {
+    pub graceful: CancellationToken,
+    pub now: CancellationToken,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timings {
+    pub setup: Duration,
+    pub run: Duration,
+    pub teardown: Duration,
+}
+
+/// What became of a job.
+#[derive(Debug, Clone)]
+pub struct JobOutcome {
+    pub job: String,
+    pub slot: u32,
+    /// The exit status to report: the command's own, 126/127 when it could not be started.
+    pub code: i32,
+    pub exit: Option<Exit>,
+    pub stats: Stats,
+    /// The OOM verdict, when the kernel OOM-killed anything in the job.
+    pub verdict: Option<String>,
+    /// A note when the pids cap refused forks.
+    pub pids_note: Option<String>,
+    /// Why the command could not be started (code 126 or 127).
+    pub launch_error: Option<String>,
+    /// The job was stopped by a signal to the agent.
+    pub stopped: bool,
+    pub timings: Timings,
+    /// Whether Nix was warm or cold, and the bootstrap's own time (never part of `run`).
+    pub nix: Option<NixSummary>,
+    /// Unix seconds when the command started (for the store paths it added).
+    pub started_unix: u64,
+    /// On a slot lane, the store the job started on: `warm`, `cold` or `pod_local`.
+    pub store: Option<&'static str>,
+    /// The job's memory over time.
+    pub samples: Option<crate::summary::Samples>,
+    /// The derivations its daemon built (Nix lanes).
+    pub builds: Vec<crate::summary::Build>,
+    /// The job's Nix store as the agent sees it (Nix lanes).
+    pub nix_root: Option<PathBuf>,
+    /// What the job's daemon built, as its post-build hook recorded it.
+    pub built: Vec<String>,
+}
+
+impl JobOutcome {
+    /// The job's summary: memory over time, builds, bootstrap, verdicts.
+    pub fn report(&self, lane: &str, envelope_bytes: u64) -> crate::summary::Report {
+        let mut samples = self.samples.clone();
+        // A spike between two samples (an OOM is often one) still shows: the peak closes the
+        // chart.
+        if let (Some(s), Some(peak)) = (samples.as_mut(), self.stats.peak_bytes) {
+            s.close_with_peak(peak);
+        }
+        let paths = self
+            .nix_root
+            .as_deref()
+            .and_then(|r| crate::store::job_paths(r, &self.built, self.started_unix));
+        crate::summary::Report {
+            lane: lane.to_owned(),
+            envelope_bytes,
+            peak_bytes: self.stats.peak_bytes,
+            samples,
+            builds: self.builds.clone(),
+            bootstrap: self.nix.as_ref().map(|n| n.text.clone()),
+            store: None,
+            cache: paths.map(|(built, subst)| crate::summary::cache_kind(built, subst).to_owned()),
+            paths,
+            oom: self.verdict.clone(),
+            pids: self.pids_note.clone(),
+            published: None,
+            elapsed: self.timings.run,
+        }
+    }
+}
+
+/// The Nix bootstrap of a job, reported apart from the job.
+#[derive(Debug, Clone)]
+pub struct NixSummary {
+    pub cold: bool,
+    pub elapsed: Duration,
+    pub text: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error(transparent)]
+    User(#[from] UserError),
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+    #[error("fast-local check failed: {0}")]
+    Scratch(#[from] ScratchError),
+    #[error("job cgroup: {0}")]
+    Cgroup(#[from] CgroupError),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("could not start the job: {0}")]
+    Spawn(io::Error),
+    #[error("teardown failed: {0}")]
+    Teardown(String),
+    #[error("nix: {0}")]
+    Nix(String),
+}
+
+fn io_at<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> EnvelopeError + 'a {
+    move |source| EnvelopeError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A job name unique on this host: lane, slot, pid and time.
+fn job_name(lane: &str, slot: u32) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{lane}.s{slot}.{}.{:x}",
+        std::process::id(),
+        nanos & 0xffff_ffff_ffff
+    )
+}
+
+/// The smallest lane with a larger envelope than `lane`'s, to suggest after an OOM.
+pub fn bigger_lane<'a>(cfg: &'a Config, lane: &str, memory_bytes: u64) -> Option<(&'a str, u64)> {
+    cfg.lanes
+        .iter()
+        .filter(|l| l.name != lane && l.memory_bytes > memory_bytes && l.unavailable.is_none())
+        .min_by_key(|l| l.memory_bytes)
+        .map(|l| (l.name.as_str(), l.memory_bytes))
+}
+
+fn now_unix_f64() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+fn command_name(cmd: &[OsString]) -> String {
+    cmd.first()
+        .map(|c| {
+            Path::new(c)
+                .file_name()
+                .unwrap_or(c)
+                .to_string_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default()
+}
+
+/// One mount operation in the forked child. Async-signal-safe: system calls only.
+///
+/// # Safety
+/// Call only in a child between fork and exec, inside its own mount namespace.
+unsafe fn child_mount(op: &Op) -> bool {
+    let null = std::ptr::null();
+    // SAFETY: (for each call) NUL-terminated strings made before the fork, or null.
+    unsafe {
+        match op {
+            Op::Bind { src, dst, readonly } => {
+                libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    null,
+                    libc::MS_BIND | libc::MS_REC,
+                    null.cast(),
+                ) == 0
+                    && (!readonly
+                        || libc::mount(
+                            null,
+                            dst.as_ptr(),
+                            null,
+                            libc::MS_BIND
+                                | libc::MS_REMOUNT
+                                | libc::MS_RDONLY
+                                | libc::MS_NOSUID
+                                | libc::MS_NODEV,
+                            null.cast(),
+                        ) == 0)
+            }
+            Op::Tmpfs { dst, opts } => {
+                libc::mount(
+                    c"tmpfs".as_ptr(),
+                    dst.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV,
+                    opts.as_ptr().cast(),
+                ) == 0
+            }
+            Op::Mkdir { path } => {
+                libc::mkdir(path.as_ptr(), 0o755) == 0 || *libc::__errno_location() == libc::EEXIST
+            }
+            Op::Move { src, dst } => {
+                libc::mount(src.as_ptr(), dst.as_ptr(), null, libc::MS_MOVE, null.cast()) == 0
+            }
+            // A /proc of its own: processes of other users (other jobs, the agent, daemons)
+            // are invisible, not just unreadable.
+            Op::Proc => {
+                libc::mount(
+                    c"proc".as_ptr(),
+                    c"/proc".as_ptr(),
+                    c"proc".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    c"hidepid=invisible".as_ptr().cast(),
+                ) == 0
+            }
+        }
+    }
+}

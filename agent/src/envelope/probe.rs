@@ -1,0 +1,163 @@
+//! A running job as others see it: its cgroup (every read through the `JobCgroup` trait),
+//! its setup notes, the facts for its summary and the OOM kills in the kernel log.
+
+use super::*;
+
+/// A running job's cgroup (every read goes through the [`JobCgroup`] trait), and how many
+/// processes the job has when idle (the command, plus its nix-daemon).
+#[derive(Debug, Clone, Default)]
+pub struct JobProbe(
+    std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<dyn JobCgroup>>>>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    std::sync::Arc<std::sync::Mutex<JobFacts>>,
+    std::sync::Arc<std::sync::Mutex<Kills>>,
+);
+
+/// The kernel log watch of a running job and the OOM kills read from it so far (the hook reads
+/// it while the job runs, teardown after: both see every kill).
+#[derive(Debug, Default)]
+pub struct Kills {
+    watch: Option<KmsgWatch>,
+    /// The job cgroup's path suffix in the kernel's records.
+    suffix: String,
+    seen: Vec<Killed>,
+}
+
+/// What the agent records of a running job for its summary.
+#[derive(Debug, Clone, Default)]
+pub struct JobFacts {
+    /// Unix seconds (fractional) when the job's cgroup was made.
+    pub started_unix: f64,
+    /// Memory over time, sampled from the job's cgroup.
+    pub samples: Option<crate::summary::Samples>,
+    /// The job's Nix store as the agent sees it (a slot's, or the lane's).
+    pub nix_root: Option<PathBuf>,
+    /// Where the job's daemon records the out paths it built.
+    pub built: Option<PathBuf>,
+}
+
+/// How often a job's memory is sampled at first (merged to coarser steps for long jobs).
+pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
+
+impl JobProbe {
+    /// The facts recorded so far.
+    pub fn facts(&self) -> JobFacts {
+        self.3.lock().map(|f| f.clone()).unwrap_or_default()
+    }
+
+    pub(super) fn with_facts(&self, f: impl FnOnce(&mut JobFacts)) {
+        if let Ok(mut g) = self.3.lock() {
+            f(&mut g);
+        }
+    }
+
+    /// Sample the job's memory every [`SAMPLE_INTERVAL`] until the task is aborted.
+    pub(super) fn sample(&self, bg: &crate::tasks::Background) -> tokio::task::JoinHandle<()> {
+        let probe = self.clone();
+        bg.spawn(async move {
+            let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tick.tick().await;
+                if let Some(v) = probe.memory_current() {
+                    probe.with_facts(|f| {
+                        f.samples
+                            .get_or_insert_with(|| crate::summary::Samples::new(SAMPLE_INTERVAL))
+                            .push(v);
+                    });
+                }
+            }
+        })
+    }
+
+    pub(super) fn set(&self, cg: Option<std::sync::Arc<dyn JobCgroup>>) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = cg;
+        }
+    }
+    pub(super) fn cgroup(&self) -> Option<std::sync::Arc<dyn JobCgroup>> {
+        self.0.lock().ok()?.clone()
+    }
+    pub(super) fn add_note(&self, note: String) {
+        if let Ok(mut g) = self.2.lock() {
+            g.push(note);
+        }
+    }
+    /// The job's setup lines (its store, the Nix bootstrap warm or cold), once set up.
+    pub fn notes(&self) -> Vec<String> {
+        self.2.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+    /// The job's peak memory so far.
+    pub fn peak_bytes(&self) -> Option<u64> {
+        self.cgroup()?.stats().ok()?.peak_bytes
+    }
+    pub(super) fn watch_kmsg(&self, w: KmsgWatch, job: &str) {
+        if let Ok(mut k) = self.4.lock() {
+            *k = Kills {
+                watch: Some(w),
+                suffix: format!("/{JOBS_DIR}/{job}"),
+                seen: Vec::new(),
+            };
+        }
+    }
+
+    /// The processes the OOM killer killed in the job so far (from the kernel log).
+    pub fn killed(&self) -> Vec<Killed> {
+        let Ok(mut k) = self.4.lock() else {
+            return Vec::new();
+        };
+        let Kills {
+            watch,
+            suffix,
+            seen,
+        } = &mut *k;
+        if let Some(w) = watch.as_mut() {
+            seen.extend(w.killed(suffix));
+        }
+        seen.clone()
+    }
+
+    /// Forks the pids limit refused so far.
+    pub fn pids_hits(&self) -> u64 {
+        self.cgroup()
+            .and_then(|cg| cg.stats().ok())
+            .map_or(0, |s| s.pids_max_hits)
+    }
+
+    /// OOM kills in the job so far.
+    pub fn oom_kills(&self) -> u64 {
+        self.cgroup()
+            .and_then(|cg| cg.stats().ok())
+            .map_or(0, |s| s.oom_kills)
+    }
+    pub(super) fn set_idle(&self, n: usize) {
+        self.1.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+    /// Processes in the job now (0 when it is not running).
+    pub fn processes(&self) -> usize {
+        self.cgroup()
+            .and_then(|cg| cg.pids().ok())
+            .map_or(0, |p| p.len())
+    }
+    /// Whether process `pid` is in the running job's cgroup.
+    pub fn contains(&self, pid: i32) -> bool {
+        self.cgroup().is_some_and(|cg| cg.contains(pid))
+    }
+
+    /// The running job's name (its cgroup's name).
+    pub fn job_name(&self) -> Option<String> {
+        Some(self.cgroup()?.name().to_owned())
+    }
+
+    /// The running job's memory use now.
+    pub fn memory_current(&self) -> Option<u64> {
+        self.cgroup()?.memory_current()
+    }
+
+    /// A runner is busy when its listener has company beyond its nix-daemon: a worker and the
+    /// job's processes.
+    pub fn busy(&self) -> bool {
+        self.processes() > self.1.load(std::sync::atomic::Ordering::Relaxed).max(1)
+    }
+}

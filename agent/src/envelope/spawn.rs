@@ -1,0 +1,213 @@
+//! Fork and exec: everything a child does between the two (join the cgroup, mounts, drop
+//! to the job's user, `no_new_privs`) prepared before the fork. All of the envelope's
+//! `unsafe` code is here.
+
+use super::*;
+
+pub(super) fn cstring(p: &OsStr) -> Result<CString, EnvelopeError> {
+    CString::new(p.as_bytes())
+        .map_err(|_| EnvelopeError::Spawn(io::Error::other("path contains a NUL byte")))
+}
+
+/// One mount-namespace operation of a child, with its strings made before the fork.
+pub(super) enum Op {
+    Bind {
+        src: CString,
+        dst: CString,
+        readonly: bool,
+    },
+    Tmpfs {
+        dst: CString,
+        opts: &'static CStr,
+    },
+    Mkdir {
+        path: CString,
+    },
+    Move {
+        src: CString,
+        dst: CString,
+    },
+    Proc,
+}
+
+/// What a child does between fork and exec, prepared before the fork.
+pub(super) struct ChildSetup {
+    procs: Vec<OwnedFd>,
+    ops: Vec<Op>,
+    ids: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
+    cwd: CString,
+    no_new_privs: bool,
+    /// A descriptor the child keeps across exec (the slot's lock, for the job's daemon).
+    pub(super) inherit: Option<i32>,
+}
+
+impl ChildSetup {
+    pub(super) fn new(
+        cg: &dyn JobCgroup,
+        mounts: &[Mount],
+        user: Option<&JobUser>,
+        cwd: &Path,
+        no_new_privs: bool,
+    ) -> Result<ChildSetup, EnvelopeError> {
+        let mut procs = Vec::new();
+        for f in cg.procs_files() {
+            let fd = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&f)
+                .map_err(io_at("open", &f))?;
+            procs.push(OwnedFd::from(fd));
+        }
+        let c = |p: &Path| cstring(p.as_os_str());
+        let mut ops = Vec::with_capacity(mounts.len());
+        for mount in mounts {
+            match mount {
+                Mount::Bind { src, dst, readonly } => ops.push(Op::Bind {
+                    src: c(src)?,
+                    dst: c(dst)?,
+                    readonly: *readonly,
+                }),
+                Mount::Hide { dst } => ops.push(Op::Tmpfs {
+                    dst: c(dst)?,
+                    opts: c"mode=0755,size=64k",
+                }),
+                Mount::PrivateTmp { stage, keep } => {
+                    ops.push(Op::Tmpfs {
+                        dst: c(stage)?,
+                        opts: c"mode=1777",
+                    });
+                    for k in keep {
+                        let rel = k.strip_prefix(TMP).unwrap_or(k);
+                        let mut at = stage.clone();
+                        for part in rel.components() {
+                            at.push(part);
+                            ops.push(Op::Mkdir { path: c(&at)? });
+                        }
+                        ops.push(Op::Bind {
+                            src: c(k)?,
+                            dst: c(&at)?,
+                            readonly: false,
+                        });
+                    }
+                    ops.push(Op::Move {
+                        src: c(stage)?,
+                        dst: c(Path::new(TMP))?,
+                    });
+                }
+                Mount::Proc => ops.push(Op::Proc),
+            }
+        }
+        let ids = user.map(|u| {
+            (
+                u.uid as libc::uid_t,
+                u.gid as libc::gid_t,
+                u.groups
+                    .iter()
+                    .map(|g| *g as libc::gid_t)
+                    .collect::<Vec<_>>(),
+            )
+        });
+        Ok(ChildSetup {
+            procs,
+            ops,
+            ids,
+            cwd: cstring(cwd.as_os_str())?,
+            no_new_privs,
+            inherit: None,
+        })
+    }
+
+    /// Install the pre-exec hook: join the cgroup, enter a private mount namespace with the
+    /// mounts, drop to the user, forbid new privileges, change directory. Failures write a
+    /// byte to `fail_fd`.
+    pub(super) fn install(self, cmd: &mut std::process::Command, fail_fd: i32) {
+        let ChildSetup {
+            procs,
+            ops,
+            ids,
+            cwd,
+            no_new_privs,
+            inherit,
+        } = self;
+        // Runs in the forked child before exec: only async-signal-safe system calls on data
+        // prepared before the fork; it allocates nothing.
+        let hook = move || {
+            let fail = || {
+                let err = io::Error::last_os_error();
+                // SAFETY: writing one byte to a pipe we own.
+                unsafe { libc::write(fail_fd, b"x".as_ptr().cast(), 1) };
+                Err(err)
+            };
+            for fd in &procs {
+                // SAFETY: "0" moves the calling process into this cgroup.
+                if unsafe { libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) } != 1 {
+                    return fail();
+                }
+            }
+            if !ops.is_empty() {
+                // SAFETY: plain system calls with NUL-terminated strings made before the fork.
+                unsafe {
+                    if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                        return fail();
+                    }
+                    if libc::mount(
+                        std::ptr::null(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) != 0
+                    {
+                        return fail();
+                    }
+                    for op in &ops {
+                        if !child_mount(op) {
+                            return fail();
+                        }
+                    }
+                }
+            }
+            if let Some((uid, gid, groups)) = &ids {
+                // SAFETY: dropping privileges: groups, then gid, then uid.
+                unsafe {
+                    if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                        || libc::setgid(*gid) != 0
+                        || libc::setuid(*uid) != 0
+                    {
+                        return fail();
+                    }
+                }
+            }
+            // SAFETY: prctl with constant arguments; inherited by every descendant, irrevocable.
+            if no_new_privs && unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+                return fail();
+            }
+            if let Some(fd) = inherit {
+                // SAFETY: fcntl on a descriptor the parent keeps open across the fork.
+                if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+                    return fail();
+                }
+            }
+            // SAFETY: chdir with a NUL-terminated path.
+            if unsafe { libc::chdir(cwd.as_ptr()) } != 0 {
+                return fail();
+            }
+            Ok(())
+        };
+        // SAFETY: `hook` obeys the rules for code between fork and exec (see above).
+        unsafe {
+            cmd.pre_exec(hook);
+        }
+    }
+}
+
+/// A pipe whose write end the pre-exec hook uses to tell agent-side failures from exec errors.
+pub(super) fn fail_pipe() -> Result<(OwnedFd, OwnedFd), EnvelopeError> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+        .map_err(|e| EnvelopeError::Spawn(e.into()))
+}
+
+pub(super) fn agent_side_failure(fail_r: &OwnedFd) -> bool {
+    let mut b = [0u8; 1];
+    // SAFETY: reading from the non-blocking pipe we own.
+    unsafe { libc::read(fail_r.as_raw_fd(), b.as_mut_ptr().cast(), 1) == 1 }
+}
