@@ -288,6 +288,10 @@ pub struct CgroupSettings {
     pub parent: Option<String>,
 }
 
+/// The longest `agent.state_dir`: `<state_dir>/hook-sockets/<16 hex>/socket` must fit in a
+/// socket address (107 bytes and a NUL).
+pub const MAX_STATE_DIR: usize = 107 - "/hook-sockets/0123456789abcdef/socket".len();
+
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -413,7 +417,7 @@ struct RawRunner {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAgent {
-    state_dir: Option<PathBuf>,
+    state_dir: Option<Spanned<PathBuf>>,
     teardown_grace: Option<Spanned<String>>,
     teardown_deadline: Option<Spanned<String>>,
     stop_grace: Option<Spanned<String>>,
@@ -512,11 +516,21 @@ pub fn parse(src: &str, origin: &Origin, host: &HostFacts) -> Result<Config, Con
         cx.err_at(Some(e.span().map_or(0, |s| s.start)), msg)
     })?;
 
+    let state_dir_at = raw.agent.state_dir.as_ref().map(|s| s.span().start);
+    let state_dir = raw
+        .agent
+        .state_dir
+        .map(Spanned::into_inner)
+        .unwrap_or_else(|| PathBuf::from("/run/flywheel-agent"));
+    let len = state_dir.as_os_str().len();
+    if len > MAX_STATE_DIR {
+        return Err(cx.err_at(
+            state_dir_at,
+            format!("agent.state_dir is {len} bytes long, and the sockets the agent makes under it (`<state_dir>/hook-sockets/<16 hex>/socket`) must fit in 107: choose a path of at most {MAX_STATE_DIR} bytes"),
+        ));
+    }
     let agent = AgentSettings {
-        state_dir: raw
-            .agent
-            .state_dir
-            .unwrap_or_else(|| PathBuf::from("/run/flywheel-agent")),
+        state_dir,
         teardown_grace: duration_or(&cx, raw.agent.teardown_grace.as_ref(), "5s")?,
         teardown_deadline: duration_or(&cx, raw.agent.teardown_deadline.as_ref(), "60s")?,
         stop_grace: duration_or(&cx, raw.agent.stop_grace.as_ref(), "10s")?,
@@ -1337,6 +1351,7 @@ nix_extra_conf = "fallback = true"
             (lane("slot_root = \"/nix/slots\"\n"), Some((4, 13)), "lies inside"),
             ("[agent]\nteardown_grace = \"5\"\n".into(), Some((2, 18)), "duration"),
             ("[agent]\nteardown_grace = \"5s\"\nteardown_deadline = \"2s\"\n".into(), Some((3, 21)), "must be longer than agent.teardown_grace"),
+            (format!("[agent]\nstate_dir = \"/{}\"\n", "s".repeat(80)), Some((2, 13)), "must fit in 107"),
             ("[cgroup]\nparent = \"rel\"\n".into(), Some((2, 10)), "absolute path"),
             ("lane = []\n".into(), None, "no [[lane]]"),
             ("[[lane]]\nname = \"a b\"\nmemory = \"1Gi\"\n".into(), Some((2, 8)), "lane name"),

@@ -63,7 +63,10 @@ impl Hooks {
     ) -> Result<Hooks, RunError> {
         let state = &ctx.cfg.agent.state_dir;
         let all = crate::hooks::sockets_dir(state);
-        let dir = all.join(format!("{name}.{:016x}", fastrand::u64(..)));
+        // A short name of its own: a socket's path must fit in 108 bytes whatever the runner
+        // is called (the runner's name is in the agent's log beside it).
+        let dir = all.join(format!("{:016x}", fastrand::u64(..)));
+        tracing::debug!(runner = %name, socket = %dir.join("socket").display(), "the runner's hook socket");
         let netrc_dir = state.join("netrc");
         let setup = |e: std::io::Error| RunError::Setup(format!("runner hooks: {e}"));
         std::fs::create_dir_all(&all).map_err(setup)?;

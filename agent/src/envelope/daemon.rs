@@ -28,9 +28,7 @@ pub(super) async fn start_nix_daemon(
     bg: &crate::tasks::Background,
     cleanup: &mut Vec<PathBuf>,
 ) -> Result<PathBuf, EnvelopeError> {
-    let dir = nix
-        .sockets
-        .join(format!("{job}.{:016x}", fastrand::u64(..)));
+    let dir = nix.sockets.join(format!("{:016x}", fastrand::u64(..)));
     std::fs::create_dir_all(&nix.sockets).map_err(io_at("create", &nix.sockets))?;
     std::fs::set_permissions(
         &nix.sockets,
