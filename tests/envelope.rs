@@ -584,6 +584,41 @@ mod library {
     };
 
     #[test]
+    fn the_kernel_wakes_the_waits_when_a_job_empties() {
+        if !privileged("cgroup-events") {
+            return;
+        }
+        let mgr = cgroup::detect(Path::new("/sys/fs/cgroup"), None).expect("detect");
+        let job = mgr.create(&unique("events"), &LIMITS).expect("create");
+        let file = job
+            .events_file()
+            .expect("a cgroup.events on v2 and hybrid hosts");
+        let blocking = flywheel_agent::ready::EventsWatch::new(&file).expect("watch");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        let mut events = rt
+            .block_on(async { flywheel_agent::ready::Events::new(&file) })
+            .expect("async watch");
+        let mut child = common::spawn_in(job.as_ref(), "sleep 300");
+        assert!(!job.is_empty().expect("empty?"), "the job runs");
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+        // Both waits end on the kernel's word, long before their 10 s bounds.
+        let t = Instant::now();
+        blocking.wait(Duration::from_secs(10));
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), events.changed())
+                .await
+                .expect("woken, not timed out")
+        });
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(job.is_empty().expect("empty?"));
+        job.remove().expect("rmdir");
+    }
+
+    #[test]
     fn failed_creation_rolls_back() {
         if !privileged("rollback") {
             return;

@@ -67,6 +67,8 @@ impl Spawner for Unreaped {
 pub struct Reaper {
     waiters: Arc<Mutex<HashMap<i32, oneshot::Sender<Exit>>>>,
     reaped_orphans: Arc<std::sync::atomic::AtomicU64>,
+    /// Woken whenever something was reaped (a job's last process, for its teardown).
+    reaped: Arc<tokio::sync::Notify>,
 }
 
 impl Reaper {
@@ -81,6 +83,7 @@ impl Reaper {
         let reaper = Reaper {
             waiters: Arc::default(),
             reaped_orphans: Arc::default(),
+            reaped: Arc::default(),
         };
         let r = reaper.clone();
         tokio::spawn(async move {
@@ -121,7 +124,12 @@ impl Reaper {
             let (pid, exit) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => (pid, Exit::Code(code)),
                 Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, Exit::Signal(sig as i32)),
-                Ok(WaitStatus::StillAlive) | Err(_) => return n,
+                Ok(WaitStatus::StillAlive) | Err(_) => {
+                    if n > 0 {
+                        self.reaped.notify_waiters();
+                    }
+                    return n;
+                }
                 Ok(_) => continue,
             };
             n += 1;
@@ -169,6 +177,12 @@ impl Reaper {
             stdout,
             stderr,
         })
+    }
+
+    /// Notified whenever a reap took something (create the `Notified` before looking, so that
+    /// nothing reaped in between is missed).
+    pub fn on_reap(&self) -> Arc<tokio::sync::Notify> {
+        self.reaped.clone()
     }
 
     /// Orphans reaped so far (processes nobody waited for).

@@ -20,6 +20,29 @@ pub struct Rig {
     pub prefix: String,
     pub config: PathBuf,
     pub lanes: Vec<String>,
+    /// Agents started by this rig: killed when the rig goes (a failed test included), so none
+    /// outlives its test.
+    started: std::cell::RefCell<Vec<u32>>,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let config = self.config.display().to_string();
+        for pid in self.started.borrow().iter() {
+            // Only if that pid is still this rig's agent (not reaped and reused).
+            let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&config))
+                .unwrap_or(false);
+            if ours {
+                if let Ok(pid) = i32::try_from(*pid) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
 }
 
 impl Rig {
@@ -85,6 +108,7 @@ backoff = "100ms"
             prefix,
             config,
             lanes: names,
+            started: std::cell::RefCell::default(),
         }
     }
 
@@ -103,7 +127,7 @@ backoff = "100ms"
             .append(true)
             .open(self.log_path())
             .expect("log");
-        Command::new(AGENT)
+        let child = Command::new(AGENT)
             .args(["run", "--config"])
             .arg(&self.config)
             .envs(env.iter().copied())
@@ -113,7 +137,9 @@ backoff = "100ms"
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
-            .expect("start agent")
+            .expect("start agent");
+        self.started.borrow_mut().push(child.id());
+        child
     }
 
     pub fn log(&self) -> String {

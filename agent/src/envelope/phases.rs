@@ -67,6 +67,8 @@ pub(super) fn store_note(
 pub(super) trait Processes: Sync {
     /// Reap exited children now (teardown does, so a zombie does not hold the cgroup up).
     fn reap(&self);
+    /// Woken whenever an exited child was reaped, if there is a reaper to say so.
+    fn on_reap(&self) -> Option<std::sync::Arc<tokio::sync::Notify>>;
     /// What runs helper programs on a blocking thread (the Nix bootstrap, a slot's gc).
     fn spawner(&self) -> std::sync::Arc<dyn Spawner>;
     /// Create the job's directory (recorded in `cleanup` as soon as it exists) and start its
@@ -84,6 +86,9 @@ pub(super) struct Reaped<'a>(pub &'a Reaper);
 impl Processes for Reaped<'_> {
     fn reap(&self) {
         self.0.reap();
+    }
+    fn on_reap(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        Some(self.0.on_reap())
     }
     fn spawner(&self) -> std::sync::Arc<dyn Spawner> {
         std::sync::Arc::new(self.0.clone())
@@ -587,14 +592,39 @@ pub(super) async fn teardown<P: Processes>(
     if !cg.is_empty()? {
         signal_all(cg.as_ref(), nix::sys::signal::Signal::SIGTERM);
         let grace_end = start + cfg.agent.teardown_grace.min(cfg.agent.teardown_deadline);
+        // Woken when the reaper reaps one of the job's processes (the last one's exit is what
+        // empties it) and when the kernel says it is empty (`cgroup.events`: it covers
+        // processes the agent does not reap, but the kernel sends it at most every 20 ms);
+        // without either (pure v1 in the fakes), a look every few milliseconds.
+        let mut events = cg
+            .events_file()
+            .and_then(|f| crate::ready::Events::new(&f).ok());
+        let on_reap = procs.on_reap();
         let mut pause = Duration::from_micros(500);
         while Instant::now() < grace_end && !stop.now.is_cancelled() {
+            let reaped = on_reap.as_ref().map(|n| n.notified());
             procs.reap();
             if cg.is_empty()? {
                 break;
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(50));
+            let until = tokio::time::Instant::from_std(grace_end);
+            match (events.as_mut(), reaped) {
+                (Some(ev), Some(reaped)) => {
+                    tokio::select! {
+                        () = ev.changed() => {}
+                        () = reaped => {}
+                        () = tokio::time::sleep_until(until) => {}
+                        () = stop.now.cancelled() => {}
+                    }
+                }
+                _ => {
+                    tokio::time::sleep(
+                        pause.min(grace_end.saturating_duration_since(Instant::now())),
+                    )
+                    .await;
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+            }
         }
     }
     // The kill, the wait for an empty cgroup and the removal of a job's tree (100k files is
@@ -846,6 +876,9 @@ mod tests {
 
     impl Processes for FakeProcesses {
         fn reap(&self) {}
+        fn on_reap(&self) -> Option<Arc<tokio::sync::Notify>> {
+            None
+        }
         fn spawner(&self) -> Arc<dyn Spawner> {
             Arc::new(crate::reaper::Unreaped)
         }
