@@ -88,7 +88,11 @@ fn two_lanes_stay_at_target_across_many_jobs_through_faults() {
         // job; deletions only for the idle runners removed by the drain and the 409 recovery.
         let finished = s.completed.len();
         let deletes = s.count("delete-runner");
-        assert!(deletes <= 3 + 1, "deletes {deletes}: finished runners are not deleted again");
+        assert!(
+            deletes <= 3 + 1,
+            "deletes {deletes}: finished runners are not deleted again\ncalls: {:?}\n{log}",
+            s.calls.iter().map(|c| (c.endpoint, c.status)).collect::<Vec<_>>()
+        );
         eprintln!(
             "figures: registrations={} completed={finished} generate-jitconfig calls={} (incl. injected faults) delete calls={deletes} total calls={}",
             s.registrations.len(),

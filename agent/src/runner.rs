@@ -844,13 +844,17 @@ async fn runner_task(
     stats
         .registered
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    if let Ok(mut g) = slot.lock() {
-        *g = Some((name.clone(), id));
-    }
     if drain.is_cancelled() {
+        // Registered as the drain began: deleted here, and never published in the slot, so
+        // the drain does not delete it a second time (GitHub would answer 404).
         let _ = github.delete_runner(id).await;
         ctx.telemetry.runner_ended(&name);
         return End::Drained;
+    }
+    // No await between the look at the drain and this: the pool loop sees either no name
+    // (and leaves the runner to this task) or the name (and deletes it itself).
+    if let Ok(mut g) = slot.lock() {
+        *g = Some((name.clone(), id));
     }
     info!(runner = %name, id, "registered; starting its listener");
     // Launch latency: from the JIT config in hand to the listener's process started.
