@@ -666,8 +666,8 @@ async fn publish(h: &RunnerHooks, sub: &str, oom: bool) -> String {
 /// The job's summary as far as it got: memory so far, the builds of its daemon, the verdicts.
 fn job_report(h: &RunnerHooks) -> crate::summary::Report {
     let facts = h.probe.facts();
-    let peak = h.probe.peak_bytes();
-    let kills = h.probe.oom_kills();
+    let stats = h.probe.stats();
+    let (peak, kills) = (stats.peak_bytes, stats.oom_kills);
     let root = facts.nix_root.as_deref();
     let built = facts
         .built
@@ -706,7 +706,7 @@ fn job_report(h: &RunnerHooks) -> crate::summary::Report {
             }),
         })
     });
-    let pids_hits = h.probe.pids_hits();
+    let pids_hits = stats.pids_max_hits;
     let notes = h.probe.notes();
     let elapsed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

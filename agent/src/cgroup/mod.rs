@@ -202,14 +202,15 @@ pub trait CgroupManager: Debug + Send + Sync {
     fn base_memory_limit(&self) -> Option<u64>;
 }
 
+/// A file holding one number (`memory.current`, `memory.usage_in_bytes`); `None` when it is
+/// absent or holds something else.
+pub(crate) fn read_number(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
 /// A limit file's value: a number below 2^60 (v1 writes a huge number, v2 `max`, for none).
 pub(crate) fn read_limit(path: &Path) -> Option<u64> {
-    std::fs::read_to_string(path)
-        .ok()?
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .filter(|v| *v < (1 << 60))
+    read_number(path).filter(|v| *v < (1 << 60))
 }
 
 /// One job's cgroup, in every hierarchy it spans.

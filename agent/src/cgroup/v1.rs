@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use super::v2::list_dirs;
 use super::{
-    keyed, mkdir, mkdir_if_missing, parse_pids, read_optional, rmdir, signal_pids, write,
-    CgroupError, CgroupManager, Hierarchy, JobCgroup, Layout, Limits, Result, Stats,
+    keyed, mkdir, mkdir_if_missing, parse_pids, read_number, read_optional, rmdir, signal_pids,
+    write, CgroupError, CgroupManager, Hierarchy, JobCgroup, Layout, Limits, Result, Stats,
 };
 
 /// A cgroup v1 (or hybrid) host.
@@ -184,11 +184,7 @@ impl JobCgroup for V1Job {
     }
 
     fn memory_current(&self) -> Option<u64> {
-        read_optional(&self.memory.join("memory.usage_in_bytes"))
-            .ok()??
-            .trim()
-            .parse()
-            .ok()
+        read_number(&self.memory.join("memory.usage_in_bytes"))
     }
 
     fn events_file(&self) -> Option<PathBuf> {

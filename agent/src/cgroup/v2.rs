@@ -3,8 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use super::{
-    io_err, keyed, mkdir, mkdir_if_missing, parse_pids, read, read_optional, rmdir, write,
-    CgroupError, CgroupManager, Hierarchy, JobCgroup, Layout, Limits, Result, Stats, AGENT_LEAF,
+    io_err, keyed, mkdir, mkdir_if_missing, parse_pids, read, read_number, read_optional, rmdir,
+    write, CgroupError, CgroupManager, Hierarchy, JobCgroup, Layout, Limits, Result, Stats,
+    AGENT_LEAF,
 };
 
 const CONTROLLERS: [&str; 2] = ["memory", "pids"];
@@ -217,11 +218,7 @@ impl JobCgroup for V2Job {
     }
 
     fn memory_current(&self) -> Option<u64> {
-        read_optional(&self.dir.join("memory.current"))
-            .ok()??
-            .trim()
-            .parse()
-            .ok()
+        read_number(&self.dir.join("memory.current"))
     }
 
     fn events_file(&self) -> Option<PathBuf> {

@@ -88,9 +88,12 @@ impl JobProbe {
     pub fn notes(&self) -> Vec<String> {
         self.2.lock().map(|g| g.clone()).unwrap_or_default()
     }
-    /// The job's peak memory so far.
-    pub fn peak_bytes(&self) -> Option<u64> {
-        self.cgroup()?.stats().ok()?.peak_bytes
+    /// The job's counters so far (OOM kills, peak, forks refused), read once; zeros when it is
+    /// not running.
+    pub fn stats(&self) -> Stats {
+        self.cgroup()
+            .and_then(|cg| cg.stats().ok())
+            .unwrap_or_default()
     }
     pub(super) fn watch_kmsg(&self, w: KmsgWatch, job: &str) {
         if let Ok(mut k) = self.4.lock() {
@@ -118,19 +121,6 @@ impl JobProbe {
         seen.clone()
     }
 
-    /// Forks the pids limit refused so far.
-    pub fn pids_hits(&self) -> u64 {
-        self.cgroup()
-            .and_then(|cg| cg.stats().ok())
-            .map_or(0, |s| s.pids_max_hits)
-    }
-
-    /// OOM kills in the job so far.
-    pub fn oom_kills(&self) -> u64 {
-        self.cgroup()
-            .and_then(|cg| cg.stats().ok())
-            .map_or(0, |s| s.oom_kills)
-    }
     pub(super) fn set_idle(&self, n: usize) {
         self.1.store(n, std::sync::atomic::Ordering::Relaxed);
     }

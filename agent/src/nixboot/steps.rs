@@ -181,6 +181,8 @@ pub(super) fn ensure_build_users(sp: &dyn Spawner) -> Result<bool, NixError> {
 }
 
 /// Make a store path root-owned and read-only, as Nix does (files 0444/0555, dirs 0555).
+/// Path-based, following nothing but what it is given: only for trees no one but root can
+/// write (the staging directory), never for a path in the store.
 pub(super) fn canonicalize(path: &Path) -> std::io::Result<()> {
     let m = std::fs::symlink_metadata(path)?;
     if m.file_type().is_symlink() {
@@ -272,31 +274,33 @@ pub(super) fn install(
     ] {
         std::fs::create_dir_all(plan.nix_root.join(d)).map_err(io(format!("create {d}")))?;
     }
-    let (mut moved, mut finished_now) = (0, 0);
+    let (mut moved, mut replaced) = (0, 0);
     for n in &names {
         let dst = store.join(n);
         match std::fs::symlink_metadata(&dst) {
             Ok(m) if finished(&m) => continue,
             Ok(_) => {
                 // In the store but not read-only and root's (another agent's install stopped
-                // half-way, or someone wrote to it): finished now, never skipped.
-                canonicalize(&dst).map_err(io(format!("make {n} read-only")))?;
-                finished_now += 1;
-                continue;
+                // half-way, or someone wrote to it): never skipped. Its content cannot be
+                // trusted, and changing its modes in place as root would follow any link its
+                // owner made; it is moved out (a rename follows nothing) into the staging
+                // directory, which is removed by descriptors, and the verified copy moves in.
+                std::fs::rename(&dst, staging.join(format!(".replaced-{n}")))
+                    .map_err(io(format!("move the unfinished {n} out of the store")))?;
+                replaced += 1;
             }
-            Err(_) => {}
+            Err(_) => moved += 1,
         }
         // Read-only and root's before it moves in: a path that moves in is finished.
         canonicalize(&src_store.join(n)).map_err(io(format!("make {n} read-only")))?;
         std::fs::rename(src_store.join(n), &dst).map_err(io(format!("move {n} into the store")))?;
-        moved += 1;
     }
     if moved > 0 {
         changed.push(format!("installed {moved} store paths"));
     }
-    if finished_now > 0 {
+    if replaced > 0 {
         changed.push(format!(
-            "made {finished_now} store paths read-only and root's"
+            "made {replaced} store paths read-only and root's (replaced by the tarball's)"
         ));
     }
     let nix_path = store.join(&nix_name);
