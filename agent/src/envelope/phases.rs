@@ -1057,26 +1057,26 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let ended = rt.block_on(async {
-            tokio::time::timeout(
-                Duration::from_millis(300),
-                run_job_inner(
-                    &r.cfg,
-                    &mgr,
-                    spec(&r.cfg),
-                    Stop::default(),
-                    &procs,
-                    tracing::Span::none(),
-                ),
-            )
-            .await
+        rt.block_on(async {
+            let job = run_job_inner(
+                &r.cfg,
+                &mgr,
+                spec(&r.cfg),
+                Stop::default(),
+                &procs,
+                tracing::Span::none(),
+            );
+            tokio::pin!(job);
+            // Looked at while the job's future still exists: its guard tears down only once
+            // the future is dropped (at the end of this block), on a thread of its own.
+            let ended = tokio::time::timeout(Duration::from_millis(300), &mut job).await;
+            assert!(ended.is_err(), "the job was still running when dropped");
+            assert_eq!(
+                events(&r),
+                ["create cgroup", "launch"],
+                "running, not torn down"
+            );
         });
-        assert!(ended.is_err(), "the job was still running when dropped");
-        assert_eq!(
-            events(&r),
-            ["create cgroup", "launch"],
-            "running, not torn down"
-        );
         let t = Instant::now();
         while !events(&r).iter().any(|e| e.starts_with("rmdir")) {
             assert!(t.elapsed() < Duration::from_secs(5), "{:?}", events(&r));
