@@ -573,8 +573,8 @@ fn the_job_user_cannot_import_unsigned_paths_or_reach_another_jobs_daemon() {
     let theirs: Vec<PathBuf> = std::fs::read_dir(&sockets)
         .unwrap()
         .flatten()
-        .filter(|e| e.path().is_dir())
         .map(|e| e.path().join("socket"))
+        .filter(|p| p.exists())
         .collect();
     assert_eq!(theirs.len(), 1, "{theirs:?}");
     let probe = format!(
@@ -937,6 +937,13 @@ fn a_trusted_jobs_builds_are_published_by_the_agent_and_a_pull_requests_are_not(
         format!("derivation {{ name = \"pr-{tag}\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"echo pr > $out\" ]; }}\n"),
     )
     .unwrap();
+    // The pull request's build that never finishes, with a name meant for the trusted job's
+    // summary: on a shared store its log sits beside the trusted job's.
+    std::fs::write(
+        shared.join("f.nix"),
+        format!("derivation {{ name = \"neighbour-fails-rotate-tokens-{tag}\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"echo failing; exit 1\" ]; }}\n"),
+    )
+    .unwrap();
     let s = shared.display();
     gh.push_job(job(
         "101",
@@ -950,7 +957,7 @@ fn a_trusted_jobs_builds_are_published_by_the_agent_and_a_pull_requests_are_not(
         "pull_request",
         "refs/pull/5/merge",
         format!(
-            "set +e\nnix-build {s}/q.nix --no-out-link\nfor i in $(seq 100); do [ -e {s}/push-built ] && break; sleep 0.1; done\necho \"token files: $(grep -rls 'eyJ' $HOME {state} 2>/dev/null | wc -l) env: $(env | grep -c 'eyJ')\" > {s}/pr-looked\ntouch {s}/pr-done",
+            "set +e\nnix-build {s}/q.nix --no-out-link\nnix-build {s}/f.nix --no-out-link && exit 9\ntouch {s}/pr-failed\nfor i in $(seq 100); do [ -e {s}/push-built ] && break; sleep 0.1; done\necho \"token files: $(grep -rls 'eyJ' $HOME {state} 2>/dev/null | wc -l) env: $(env | grep -c 'eyJ')\" > {s}/pr-looked\ntouch {s}/pr-done",
             state = rig.dir.path().join("state").display()
         ),
     ));
@@ -1019,6 +1026,68 @@ fn a_trusted_jobs_builds_are_published_by_the_agent_and_a_pull_requests_are_not(
         );
         assert_eq!(p.info["nar_size"].as_u64(), Some(out.stdout.len() as u64));
     }
+    // The trusted job's summary shows its own builds and nothing of the pull request's,
+    // whose failed build ran on the same store while the trusted job was running.
+    assert!(
+        shared.join("pr-failed").exists(),
+        "the neighbour's build did not run: {log}"
+    );
+    let summaries: Vec<String> = gh.with(|s| s.summaries.values().cloned().collect());
+    let trusted = summaries
+        .iter()
+        .find(|m| m.contains(&format!("top-{tag}")))
+        .unwrap_or_else(|| panic!("no summary shows the trusted job's builds: {summaries:?}"));
+    assert!(trusted.contains(&format!("dep-{tag}")), "{trusted}");
+    assert!(
+        !trusted.contains("neighbour-fails") && !trusted.contains(&format!("pr-{tag}")),
+        "the trusted job's summary shows the pull request's builds: {trusted}"
+    );
+    // A real Nix client substitutes what was published into a fresh store, verifying the
+    // cache's signature, and builds on top of it.
+    let fresh = rig.dir.path().join("substituter-store");
+    let ontop = shared.join("ontop.nix");
+    std::fs::write(
+        &ontop,
+        format!(
+            "derivation {{ name = \"ontop-{tag}\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"read x < ${{builtins.storePath {top}}}; echo on top of $x > $out\" ]; }}\n",
+            top = top.info["store_path"].as_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let nix_opts = |c: &mut Command| {
+        c.env_remove("NIX_REMOTE")
+            .arg("--store")
+            .arg(format!("local?root={}", fresh.display()))
+            .args(["--option", "substituters"])
+            .arg(format!("{}/tinyland", attic.url))
+            .args(["--option", "trusted-public-keys"])
+            .arg(attic.public_key("tinyland"))
+            .args(["--option", "narinfo-cache-negative-ttl", "0"])
+            .args(["--option", "sandbox", "true"])
+            .args(["--option", "sandbox-paths", "/bin/sh=/bin/busybox"]);
+    };
+    let mut realise = Command::new("nix-store");
+    nix_opts(&mut realise);
+    let out = realise
+        .args(["--realise", top.info["store_path"].as_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "a fresh store cannot substitute the published path: {}",
+        stderr(&out)
+    );
+    let mut build = Command::new("nix-build");
+    nix_opts(&mut build);
+    let out = build.arg(&ontop).arg("--no-out-link").output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let built = stdout(&out).trim().to_owned();
+    let text = std::fs::read_to_string(fresh.join(built.trim_start_matches('/'))).unwrap();
+    assert_eq!(
+        text.trim(),
+        format!("on top of {}", dep.info["store_path"].as_str().unwrap()),
+        "built on the substituted closure"
+    );
     // The publishing tokens never existed where a job could read them.
     let tokens: Vec<String> = attic.with(|s| {
         s.tokens_seen

@@ -456,6 +456,7 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         nix,
         hook: None,
         background: flywheel_agent::tasks::Background::new(),
+        before_release: None,
     };
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -727,12 +728,13 @@ fn publish(
         cache: cache.clone(),
         auth,
         sub: format!("flywheel:publish:{}", lane.name),
+        limits: publish::Limits::default(),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let done = rt.block_on(p.publish_with_retries(&found, &lane.nix_store))?;
+    let done = rt.block_on(p.publish(&found, &lane.nix_store))?;
     let peak_kib = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -748,6 +750,12 @@ fn publish(
         publish::line(&done, server, cache),
         peak_kib
     );
+    if !done.failed.is_empty() {
+        anyhow::bail!(
+            "{} of the paths were not published (named above); the others were",
+            done.failed.len()
+        );
+    }
     Ok(())
 }
 

@@ -164,6 +164,10 @@ pub struct NixSettings {
     pub userpool: PathBuf,
 }
 
+/// cache.nixos.org's public key (its `trusted-public-keys` entry).
+pub const CACHE_NIXOS_ORG_KEY: &str =
+    "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+
 impl Default for NixSettings {
     fn default() -> Self {
         NixSettings {
@@ -172,9 +176,7 @@ impl Default for NixSettings {
             version: None,
             netrc_file: PathBuf::from("/etc/nix/netrc"),
             substituters: vec!["https://cache.nixos.org".into()],
-            trusted_public_keys: vec![
-                "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=".into(),
-            ],
+            trusted_public_keys: vec![CACHE_NIXOS_ORG_KEY.into()],
             sandbox: true,
             userpool: PathBuf::from("/nix/var/nix/userpool"),
         }
@@ -249,8 +251,9 @@ pub struct AtticSettings {
     /// Also publish what an OOM-killed job finished building (default on: the next attempt is
     /// faster).
     pub publish_after_oom: bool,
-    /// Paths signed by these keys are the cache's upstream's: not published.
-    pub upstream_keys: Vec<String>,
+    /// Paths with a signature that verifies under one of these keys (`name:base64`, as in
+    /// `trusted-public-keys`) are the cache's upstream's: not published.
+    pub upstream_keys: Vec<crate::narinfo::PublicKey>,
     /// Hand trusted jobs a push token too (default off; for workflows that run `attic push`
     /// themselves), valid at most 1 hour.
     pub push_token_to_jobs: bool,
@@ -366,7 +369,7 @@ struct RawAttic {
     token_validity: Option<Spanned<String>>,
     publish: Option<bool>,
     publish_after_oom: Option<bool>,
-    upstream_keys: Option<Vec<String>>,
+    upstream_keys: Option<Vec<Spanned<String>>>,
     push_token_to_jobs: Option<Spanned<bool>>,
 }
 
@@ -774,9 +777,17 @@ fn attic_settings(cx: &Ctx<'_>, a: RawAttic) -> Result<AtticSettings, ConfigErro
         },
         publish: a.publish.unwrap_or(true),
         publish_after_oom: a.publish_after_oom.unwrap_or(true),
-        upstream_keys: a
-            .upstream_keys
-            .unwrap_or_else(|| vec!["cache.nixos.org-1".to_owned()]),
+        upstream_keys: match a.upstream_keys {
+            None => vec![crate::narinfo::PublicKey::parse(CACHE_NIXOS_ORG_KEY)
+                .map_err(|e| cx.err_at(None, e))?],
+            Some(keys) => keys
+                .iter()
+                .map(|k| {
+                    crate::narinfo::PublicKey::parse(k.get_ref())
+                        .map_err(|e| cx.err(k, format!("attic.upstream_keys: {e}")))
+                })
+                .collect::<Result<_, _>>()?,
+        },
         push_token_to_jobs: a.push_token_to_jobs.is_some_and(|p| *p.get_ref()),
     })
 }
@@ -1370,6 +1381,8 @@ nix_extra_conf = "fallback = true"
             ("[attic]\ntrusted_events = [\"workflow_run\"]\n".into(), Some((2, 19)), "never trusted to publish"),
             ("[attic]\ntrusted_events = [\"pull_request_review\"]\n".into(), Some((2, 19)), "never trusted to publish"),
             ("[attic]\ntrusted_events = [\"pull_request_target\"]\n".into(), Some((2, 19)), "never trusted to publish"),
+            ("[attic]\nupstream_keys = [\"cache.nixos.org-1\"]\n".into(), Some((2, 18)), "is a key name, not a public key"),
+            ("[attic]\nupstream_keys = [\"k:AAAA\"]\n".into(), Some((2, 18)), "is 32 bytes"),
             ("[attic]\ntoken_validity = \"7h\"\n".into(), Some((2, 18)), "between 1s and 6h"),
             (lane("pass_env = [\"TZ\", \"GITHUB_TOKEN\"]\n"), Some((4, 19)), "pass_env may not name \"GITHUB_TOKEN\""),
             ("[attic]\npush_token_to_jobs = true\ntoken_validity = \"2h\"\n".into(), Some((3, 18)), "at most 1h when push_token_to_jobs is on"),

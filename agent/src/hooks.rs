@@ -156,9 +156,28 @@ pub struct Serving {
 }
 
 impl Serving {
-    /// After the listener exited: publish what a trusted job built when its completed hook did
-    /// not (the job was cancelled, or the listener stopped), within `limit`; the line to log.
-    pub async fn publish_leftover(&self, limit: Duration) -> Option<String> {
+    /// What publishes, after the listener exited, what a trusted job built when its completed
+    /// hook did not (the job was cancelled, or the listener stopped), within `limit`: run by
+    /// the envelope before the slot's store is collected or the slot handed on.
+    pub fn leftover(&self, limit: Duration) -> Arc<Leftover> {
+        Arc::new(Leftover {
+            hooks: self.hooks.clone(),
+            state: self.state.clone(),
+            limit,
+        })
+    }
+}
+
+/// See [`Serving::leftover`].
+#[derive(Debug)]
+pub struct Leftover {
+    hooks: Arc<RunnerHooks>,
+    state: Arc<Mutex<HookState>>,
+    limit: Duration,
+}
+
+impl Leftover {
+    async fn publish(&self) -> Option<String> {
         let grant = {
             let mut s = self.state.lock().ok()?;
             if s.published {
@@ -167,13 +186,21 @@ impl Serving {
             s.published = true;
             s.publish.clone()?
         };
-        match tokio::time::timeout(limit, publish(&self.hooks, &grant, false)).await {
+        match tokio::time::timeout(self.limit, publish(&self.hooks, &grant, false)).await {
             Ok(line) => Some(format!("after the job: {line}")),
             Err(_) => Some(format!(
                 "left unpublished: publishing did not finish within {} s",
-                limit.as_secs()
+                self.limit.as_secs()
             )),
         }
+    }
+}
+
+impl crate::envelope::BeforeRelease for Leftover {
+    fn run(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send + '_>> {
+        Box::pin(self.publish())
     }
 }
 
@@ -623,7 +650,13 @@ async fn publish(h: &RunnerHooks, sub: &str, oom: bool) -> String {
         .as_deref()
         .map(crate::envelope::read_built)
         .unwrap_or_default();
-    let paths = match crate::publish::to_publish(&root, &built, &h.attic.upstream_keys) {
+    let (root2, upstream) = (root.clone(), h.attic.upstream_keys.clone());
+    // The closure walk reads the store's database: on a blocking thread.
+    let selected =
+        tokio::task::spawn_blocking(move || crate::publish::to_publish(&root2, &built, &upstream))
+            .await
+            .unwrap_or_else(|e| Err(crate::publish::PublishError::Store(e.to_string())));
+    let paths = match selected {
         Ok(p) => p,
         Err(e) => {
             h.telemetry.publish_failed(lane, e.reason());
@@ -631,7 +664,7 @@ async fn publish(h: &RunnerHooks, sub: &str, oom: bool) -> String {
             return format!("nothing published: {e}");
         }
     };
-    if paths.is_empty() {
+    if paths.paths.is_empty() && paths.unusable.is_empty() {
         return "nothing published: the job built nothing".into();
     }
     let http = match reqwest::Client::builder()
@@ -647,10 +680,14 @@ async fn publish(h: &RunnerHooks, sub: &str, oom: bool) -> String {
         cache: cache.clone(),
         auth,
         sub: sub.to_owned(),
+        limits: crate::publish::Limits::default(),
     };
-    match p.publish_with_retries(&paths, &root).await {
+    match p.publish(&paths, &root).await {
         Ok(done) => {
             h.telemetry.published(lane, done.uploaded, done.bytes);
+            for _ in &done.failed {
+                h.telemetry.publish_failed(lane, "path");
+            }
             let line = crate::publish::line(&done, server, cache);
             info!(runner = %h.runner_name, "{line}");
             line
@@ -674,9 +711,10 @@ fn job_report(h: &RunnerHooks) -> crate::summary::Report {
         .as_deref()
         .map(crate::envelope::read_built)
         .unwrap_or_default();
-    let builds = root
-        .map(|r| crate::store::builds_since(r, facts.started_unix, &built))
-        .unwrap_or_default();
+    let builds = match (root, facts.build_logs.as_deref()) {
+        (Some(r), Some(logs)) => crate::store::builds_since(r, logs, facts.started_unix, &built),
+        _ => Vec::new(),
+    };
     let paths = root.and_then(|r| crate::store::job_paths(r, &built, facts.started_unix as u64));
     let mut samples = facts.samples;
     if let (Some(s), Some(p)) = (samples.as_mut(), peak) {

@@ -1,16 +1,23 @@
 //! Nix's archive format (NAR): the bytes `nix-store --dump PATH` writes, produced from a store
 //! path on disk into any writer, a piece at a time, so a path of any size is streamed with a
-//! bounded buffer. Never follows a symlink (it is archived as one).
+//! bounded buffer. Never follows a symlink (it is archived as one), never opens anything but a
+//! regular file or a directory, and reaches every entry by its parent's descriptor.
 //!
 //! Format: every string is a little-endian u64 length, the bytes, and zero padding to a multiple
 //! of 8. `nix-archive-1`, then a node: `(` `type` `regular` [`executable` ``] `contents` <bytes>
 //! `)`, or `(` `type` `symlink` `target` <target> `)`, or `(` `type` `directory` then for each
 //! entry in byte order `entry` `(` `name` <name> `node` <node> `)`, then `)`.
 
+use std::ffi::{CStr, CString, OsStr};
 use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+
+use nix::fcntl::OFlag;
+use nix::sys::stat::{FileStat, Mode, SFlag};
+
+use crate::workdir::{open_dir_at, stat_at};
 
 fn pad(w: &mut impl Write, len: u64) -> io::Result<()> {
     let rem = (len % 8) as usize;
@@ -26,60 +33,125 @@ fn string(w: &mut impl Write, s: &[u8]) -> io::Result<()> {
     pad(w, s.len() as u64)
 }
 
-/// Write the NAR of `path` into `w`.
+/// Write the NAR of `path` into `w`. Every entry below `path` is reached through its parent
+/// directory's descriptor with `O_NOFOLLOW` and checked to be the entry that was listed: a
+/// symlink swapped in is never followed (the path fails), a FIFO or device is never opened
+/// for reading (`O_NONBLOCK`, and anything but a file, directory or symlink fails the path).
 pub fn dump(path: &Path, w: &mut impl Write) -> io::Result<()> {
-    string(w, b"nix-archive-1")?;
-    node(path, w)
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::other(format!("{} names no entry", path.display())))?;
+    let dir = open_dir_at(None, parent.as_os_str())?;
+    dump_at(dir.as_fd(), name, w)
 }
 
-fn node(path: &Path, w: &mut impl Write) -> io::Result<()> {
-    let meta = std::fs::symlink_metadata(path)?;
+/// Write the NAR of the entry `name` in the directory `dir` into `w`.
+pub fn dump_at(dir: BorrowedFd<'_>, name: &OsStr, w: &mut impl Write) -> io::Result<()> {
+    string(w, b"nix-archive-1")?;
+    let name = CString::new(name.as_bytes()).map_err(io::Error::other)?;
+    node(dir, &name, w)
+}
+
+fn kind(st: &FileStat) -> SFlag {
+    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT
+}
+
+/// Open `name` in `dir` without following a symlink or blocking on a FIFO, and check that it
+/// is still the entry `st` describes.
+fn open_same(dir: BorrowedFd<'_>, name: &CStr, st: &FileStat, flags: OFlag) -> io::Result<OwnedFd> {
+    let fd = nix::fcntl::openat(
+        Some(dir.as_raw_fd()),
+        name,
+        flags
+            | OFlag::O_RDONLY
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_CLOEXEC
+            | OFlag::O_NOCTTY,
+        Mode::empty(),
+    )
+    .map_err(|e| changed(name, e.into()))?;
+    // SAFETY: openat returned a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let now = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(io::Error::from)?;
+    if (now.st_dev, now.st_ino, kind(&now)) != (st.st_dev, st.st_ino, kind(st)) {
+        return Err(changed(
+            name,
+            io::Error::other("another entry took its place"),
+        ));
+    }
+    Ok(fd)
+}
+
+fn changed(name: &CStr, e: io::Error) -> io::Error {
+    io::Error::other(format!(
+        "{} changed while it was archived: {e}",
+        name.to_string_lossy()
+    ))
+}
+
+fn node(dir: BorrowedFd<'_>, name: &CStr, w: &mut impl Write) -> io::Result<()> {
+    let st = stat_at(dir, name)?;
     string(w, b"(")?;
-    let ft = meta.file_type();
-    if ft.is_symlink() {
+    let k = kind(&st);
+    if k == SFlag::S_IFLNK {
         string(w, b"type")?;
         string(w, b"symlink")?;
         string(w, b"target")?;
-        string(w, std::fs::read_link(path)?.as_os_str().as_bytes())?;
-    } else if ft.is_file() {
+        let target =
+            nix::fcntl::readlinkat(Some(dir.as_raw_fd()), name).map_err(io::Error::from)?;
+        string(w, target.as_bytes())?;
+    } else if k == SFlag::S_IFREG {
+        let fd = open_same(dir, name, &st, OFlag::empty())?;
         string(w, b"type")?;
         string(w, b"regular")?;
-        if meta.permissions().mode() & 0o100 != 0 {
+        if st.st_mode & 0o100 != 0 {
             string(w, b"executable")?;
             string(w, b"")?;
         }
         string(w, b"contents")?;
-        let len = meta.len();
+        let len = u64::try_from(st.st_size).unwrap_or(0);
         w.write_all(&len.to_le_bytes())?;
-        let mut f = std::fs::File::open(path)?;
+        let mut f = std::fs::File::from(fd);
         let copied = io::copy(&mut (&mut f).take(len), w)?;
         if copied != len {
-            return Err(io::Error::other(format!(
-                "{} changed while it was archived",
-                path.display()
-            )));
+            return Err(changed(name, io::Error::other("it shrank")));
         }
         pad(w, len)?;
-    } else if ft.is_dir() {
+    } else if k == SFlag::S_IFDIR {
+        let fd = open_same(dir, name, &st, OFlag::O_DIRECTORY)?;
         string(w, b"type")?;
         string(w, b"directory")?;
-        let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(path)?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<io::Result<_>>()?;
+        let listing = nix::dir::Dir::openat(
+            Some(fd.as_raw_fd()),
+            ".",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io::Error::from)?;
+        let mut names: Vec<CString> = Vec::new();
+        for entry in listing.into_iter() {
+            let entry = entry.map_err(io::Error::from)?;
+            let n = entry.file_name();
+            if n != c"." && n != c".." {
+                names.push(n.to_owned());
+            }
+        }
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-        for name in names {
+        for n in names {
             string(w, b"entry")?;
             string(w, b"(")?;
             string(w, b"name")?;
-            string(w, name.as_bytes())?;
+            string(w, n.as_bytes())?;
             string(w, b"node")?;
-            node(&path.join(&name), w)?;
+            node(fd.as_fd(), &n, w)?;
             string(w, b")")?;
         }
     } else {
         return Err(io::Error::other(format!(
             "{} is neither a file, a directory nor a symlink",
-            path.display()
+            name.to_string_lossy()
         )));
     }
     string(w, b")")
@@ -88,6 +160,74 @@ fn node(path: &Path, w: &mut impl Write) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_fifo_fails_the_path_at_once_instead_of_blocking() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let p = t.path().join("out");
+        std::fs::create_dir(&p).expect("mkdir");
+        nix::unistd::mkfifo(&p.join("pipe"), Mode::from_bits_truncate(0o644)).expect("mkfifo");
+        let started = std::time::Instant::now();
+        let e = dump(&p, &mut Vec::new()).expect_err("a fifo is not archived");
+        assert!(e.to_string().contains("pipe is neither a file"), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    }
+
+    /// A job that can write the tree while the agent archives it swaps a directory for a
+    /// symlink to a file outside: the archive must never hold the outside file's bytes.
+    #[test]
+    fn a_directory_swapped_for_a_symlink_while_archived_is_never_followed() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let outside = t.path().join("outside");
+        std::fs::create_dir(&outside).expect("mkdir");
+        let secret = format!("outside-secret-{}", std::process::id());
+        std::fs::write(outside.join("f"), &secret).expect("write");
+        let p = t.path().join("out");
+        std::fs::create_dir_all(p.join("sub")).expect("mkdir");
+        std::fs::write(p.join("sub/f"), "inside").expect("write");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swaps = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let racer = {
+            let (p, outside, stop, swaps) =
+                (p.clone(), outside.clone(), stop.clone(), swaps.clone());
+            std::thread::spawn(move || {
+                let (real, link, tmp) = (p.join("sub"), p.join("link"), p.join("real"));
+                std::os::unix::fs::symlink(&outside, &link).expect("symlink");
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // sub: directory -> symlink -> directory, each by an atomic rename.
+                    std::fs::rename(&real, &tmp).expect("rename");
+                    std::fs::rename(&link, &real).expect("rename");
+                    std::fs::rename(&real, &link).expect("rename");
+                    std::fs::rename(&tmp, &real).expect("rename");
+                    swaps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        };
+        let (mut archived, mut refused, mut saw_link) = (0, 0, 0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while std::time::Instant::now() < deadline {
+            let mut out = Vec::new();
+            match dump(&p, &mut out) {
+                Ok(()) => archived += 1,
+                Err(_) => refused += 1,
+            }
+            let text = String::from_utf8_lossy(&out);
+            assert!(!text.contains(&secret), "the archive followed the symlink");
+            if text.contains(outside.to_str().expect("utf-8")) {
+                saw_link += 1;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        racer.join().expect("racer");
+        // The race ran: the tree changed under the archiver many times.
+        assert!(swaps.load(std::sync::atomic::Ordering::Relaxed) > 100);
+        assert!(archived + refused > 100, "{archived} {refused}");
+        assert!(
+            saw_link + refused > 0,
+            "the swap was never seen: {archived} archived"
+        );
+    }
 
     #[test]
     fn a_tree_archives_to_the_known_bytes() {

@@ -7,14 +7,26 @@
 //! `X-Attic-Nar-Info-Preamble-Size`) and its NAR streamed from the job's store as the body.
 //! Each request carries a token minted for it alone: push on the one cache, expiring minutes
 //! later, held in memory only.
+//!
+//! What is sent is what the agent computed or verified, in the form Nix writes it: the NAR
+//! from the store (by descriptors, see `nar`), its hash and size checked against the store's
+//! database before the upload is allowed to complete, references as base names, a content
+//! address only when it computes to the path; never the database's deriver or signature
+//! strings (anyone who can talk to a daemon can add those). A path counts as the upstream's
+//! only when one of its signatures verifies under `attic.upstream_keys`.
 
-use std::path::{Path, PathBuf};
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flywheel_jit_config::Secret;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::attic::{self, SigningKey, TokenRequest};
+use crate::narinfo::{self, PublicKey};
 
 /// How long a publishing token is valid: minted per request, unused after it.
 const TOKEN_VALIDITY: Duration = Duration::from_secs(300);
@@ -22,6 +34,10 @@ const TOKEN_VALIDITY: Duration = Duration::from_secs(300);
 const HEADER_LIMIT: usize = 4096;
 /// NAR bytes in flight between the archiver and the upload.
 const CHUNK: usize = 64 * 1024;
+/// Tries of a request the server failed (down, slow, 5xx, 429): the first and three more.
+const TRIES: u32 = 4;
+/// Failures named in a job's line; the rest are counted.
+const NAMED_FAILURES: usize = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -47,18 +63,17 @@ impl PublishError {
     }
 }
 
-/// A store path to publish, from the job's store database.
+/// A store path to publish: what the agent read from the job's store database and checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathInfo {
-    /// `/nix/store/<hash>-<name>`.
+    /// `/nix/store/<hash>-<name>`, a name Nix accepts.
     pub path: String,
-    /// `sha256:<64 hex>`.
-    pub nar_hash: String,
+    /// The database's NAR hash; the streamed NAR must match it.
+    pub nar_hash: [u8; 32],
     pub nar_size: u64,
-    /// Base names (`<hash>-<name>`).
+    /// Full store paths.
     pub references: Vec<String>,
-    pub deriver: Option<String>,
-    pub sigs: Vec<String>,
+    /// The database's content address, only when it computes to `path`.
     pub ca: Option<String>,
 }
 
@@ -69,16 +84,40 @@ impl PathInfo {
     pub fn hash_part(&self) -> &str {
         self.base().split('-').next().unwrap_or("")
     }
+    fn reference_names(&self) -> Vec<&str> {
+        self.references
+            .iter()
+            .map(|r| r.rsplit('/').next().unwrap_or(r))
+            .collect()
+    }
+}
+
+/// A path that was not published, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failed {
+    pub path: String,
+    pub reason: String,
+}
+
+/// What a job's publication is made of.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    pub paths: Vec<PathInfo>,
+    /// Paths left out because a signature verified under an upstream key (their closures
+    /// too: the upstream cache has those).
+    pub upstream: u64,
+    /// Paths the database describes in a form no client would accept.
+    pub unusable: Vec<Failed>,
 }
 
 /// The paths to publish for a job: the out paths its daemon built (`built`, as the daemon's
 /// post-build hook recorded them — on a shared store other jobs build too) and their runtime
-/// closure, less paths signed by an upstream key.
+/// closure, less paths whose signature verifies under an upstream key.
 pub fn to_publish(
     nix_root: &Path,
     built: &[String],
-    upstream_keys: &[String],
-) -> Result<Vec<PathInfo>, PublishError> {
+    upstream: &[PublicKey],
+) -> Result<Selection, PublishError> {
     let db = nix_root.join("var/nix/db/db.sqlite");
     let conn =
         rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
@@ -105,78 +144,79 @@ pub fn to_publish(
             todo.push(id);
         }
     }
-    let mut refs = conn
-        .prepare("SELECT reference FROM Refs WHERE referrer = ?1")
-        .map_err(err)?;
     let mut info = conn
-        .prepare("SELECT path, hash, narSize, deriver, sigs, ca FROM ValidPaths WHERE id = ?1")
+        .prepare("SELECT path, hash, narSize, sigs, ca FROM ValidPaths WHERE id = ?1")
         .map_err(err)?;
-    let mut names = conn
-        .prepare("SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.reference WHERE r.referrer = ?1")
+    let mut refs = conn
+        .prepare("SELECT v.id, v.path FROM Refs r JOIN ValidPaths v ON v.id = r.reference WHERE r.referrer = ?1")
         .map_err(err)?;
     let mut seen = std::collections::BTreeSet::new();
-    let mut out = Vec::new();
+    let mut sel = Selection::default();
     while let Some(id) = todo.pop() {
         if !seen.insert(id) {
             continue;
         }
-        let (path, hash, size, deriver, sigs, ca): (
-            String,
-            String,
-            Option<i64>,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-        ) = info
+        type Row = (String, String, Option<i64>, Option<String>, Option<String>);
+        let (path, hash, size, sigs, ca): Row = info
             .query_row([id], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
             })
             .map_err(err)?;
-        let sigs: Vec<String> = sigs
-            .unwrap_or_default()
-            .split_whitespace()
-            .map(str::to_owned)
-            .collect();
-        if sigs.iter().any(|s| {
-            upstream_keys
-                .iter()
-                .any(|k| s.starts_with(&format!("{k}:")))
-        }) {
-            // The upstream cache has it, and so has every client of this cache.
+        let mut references: Vec<String> = Vec::new();
+        let mut below: Vec<i64> = Vec::new();
+        for row in refs
+            .query_map([id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+            .map_err(err)?
+        {
+            let (rid, rpath) = row.map_err(err)?;
+            below.push(rid);
+            references.push(rpath);
+        }
+        references.sort();
+        let unusable = |reason: String| Failed {
+            path: path.clone(),
+            reason,
+        };
+        let (Some(nar_hash), Some(nar_size)) = (
+            narinfo::parse_sha256(&hash),
+            size.and_then(|s| u64::try_from(s).ok()).filter(|s| *s > 0),
+        ) else {
+            sel.unusable.push(unusable(format!(
+                "the store database gives no usable NAR hash and size ({hash:?}, {size:?})"
+            )));
+            continue;
+        };
+        if narinfo::base_name(&path).is_none()
+            || references.iter().any(|r| narinfo::base_name(r).is_none())
+        {
+            sel.unusable.push(unusable(
+                "a name Nix does not accept as a store path".into(),
+            ));
             continue;
         }
-        let references: Vec<String> = names
-            .query_map([id], |r| r.get::<_, String>(0))
-            .map_err(err)?
-            .filter_map(Result::ok)
-            .map(|p| p.rsplit('/').next().unwrap_or(&p).to_owned())
-            .collect();
-        for r in refs
-            .query_map([id], |r| r.get::<_, i64>(0))
-            .map_err(err)?
-            .flatten()
-        {
-            todo.push(r);
+        let sigs = sigs.unwrap_or_default();
+        let sigs: Vec<&str> = sigs.split_whitespace().collect();
+        let fingerprint = narinfo::fingerprint(&path, &nar_hash, nar_size, &references);
+        if narinfo::verified_by(upstream, &fingerprint, &sigs).is_some() {
+            // The upstream cache signed it, and has its closure: every client of this cache
+            // trusts that cache.
+            sel.upstream += 1;
+            continue;
         }
-        out.push(PathInfo {
+        todo.extend(below);
+        let ca = ca
+            .filter(|c| !c.is_empty())
+            .filter(|c| narinfo::ca_matches(c, &path, &references));
+        sel.paths.push(PathInfo {
             path,
-            nar_hash: hash,
-            nar_size: u64::try_from(size.unwrap_or(0)).unwrap_or(0),
+            nar_hash,
+            nar_size,
             references,
-            deriver,
-            sigs,
             ca,
         });
     }
-    out.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(out)
+    sel.paths.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(sel)
 }
 
 /// What a publication did.
@@ -188,9 +228,11 @@ pub struct Published {
     pub bytes: u64,
     /// Paths the cache already had (before, or deduplicated on upload).
     pub deduplicated: u64,
+    /// Paths left to the upstream cache (a signature verified).
+    pub upstream: u64,
     pub elapsed: Duration,
-    /// Paths that vanished or could not be read: named, skipped.
-    pub skipped: Vec<String>,
+    /// Paths not published, each with its reason; the others went up.
+    pub failed: Vec<Failed>,
 }
 
 #[derive(Debug, Serialize)]
@@ -204,17 +246,19 @@ struct MissingResponse {
     missing_paths: Vec<String>,
 }
 
+/// Attic's upload info, with only what the agent computed or verified: no deriver, no
+/// signatures (the cache signs with its own key).
 #[derive(Debug, Serialize)]
 struct UploadInfo<'a> {
     cache: &'a str,
     store_path_hash: &'a str,
     store_path: &'a str,
-    references: &'a [String],
+    references: Vec<&'a str>,
     system: Option<&'a str>,
     deriver: Option<&'a str>,
-    sigs: &'a [String],
+    sigs: [&'a str; 0],
     ca: Option<&'a str>,
-    nar_hash: &'a str,
+    nar_hash: String,
     nar_size: u64,
 }
 
@@ -232,6 +276,32 @@ pub enum Auth {
     Static(Secret<String>),
 }
 
+/// How long publishing may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The wait before the first retry of a failed request; doubled for each retry.
+    pub backoff: Duration,
+    /// Every upload's deadline is this plus one second per `min_rate` bytes of its NAR.
+    pub deadline: Duration,
+    pub min_rate: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            backoff: Duration::from_secs(1),
+            deadline: Duration::from_secs(60),
+            min_rate: 1 << 20,
+        }
+    }
+}
+
+impl Limits {
+    fn upload_deadline(&self, nar_size: u64) -> Duration {
+        self.deadline + Duration::from_secs(nar_size / self.min_rate.max(1))
+    }
+}
+
 /// Who publishes where.
 #[derive(Debug, Clone)]
 pub struct Publisher {
@@ -242,10 +312,22 @@ pub struct Publisher {
     pub auth: Auth,
     /// Recorded in the tokens as the uploader.
     pub sub: String,
+    pub limits: Limits,
+}
+
+/// Why one request failed.
+#[derive(Debug)]
+enum Failure {
+    /// 401/403: a configuration problem; nothing more is tried.
+    Refused(PublishError),
+    /// The server failed (unreachable, slow, 5xx, 429): tried again.
+    Transient(String),
+    /// This path cannot be published (the store's copy, or the server's 4xx about it).
+    Path(String),
 }
 
 impl Publisher {
-    fn token(&self) -> Result<Secret<String>, PublishError> {
+    fn token(&self) -> Result<Secret<String>, Failure> {
         match &self.auth {
             Auth::Static(t) => Ok(t.clone()),
             Auth::Sign(key) => attic::mint(
@@ -257,7 +339,7 @@ impl Publisher {
                     push: true,
                 },
             )
-            .map_err(|e| PublishError::Token(e.to_string())),
+            .map_err(|e| Failure::Refused(PublishError::Token(e.to_string()))),
         }
     }
 
@@ -265,67 +347,59 @@ impl Publisher {
         format!("{}{path}", self.server.trim_end_matches('/'))
     }
 
-    fn server_err(&self, detail: impl Into<String>) -> PublishError {
-        PublishError::Server {
-            server: self.server.clone(),
-            detail: detail.into(),
-        }
-    }
-
-    async fn check(&self, r: reqwest::Response) -> Result<reqwest::Response, PublishError> {
+    /// A response's status as a failure, with a bounded excerpt of its body.
+    async fn check(&self, r: reqwest::Response) -> Result<reqwest::Response, Failure> {
         let status = r.status().as_u16();
-        match status {
-            200..=299 => Ok(r),
-            401 | 403 => Err(PublishError::Refused {
+        if (200..300).contains(&status) {
+            return Ok(r);
+        }
+        if status == 401 || status == 403 {
+            return Err(Failure::Refused(PublishError::Refused {
                 cache: self.cache.clone(),
                 status,
-            }),
-            _ => {
-                let body = r.text().await.unwrap_or_default();
-                Err(self.server_err(format!(
-                    "answered {status}: {}",
-                    body.chars().take(300).collect::<String>()
-                )))
-            }
+            }));
         }
+        let body = r.text().await.unwrap_or_default();
+        let detail = format!(
+            "answered {status}: {}",
+            body.chars()
+                .filter(|c| !c.is_control())
+                .take(300)
+                .collect::<String>()
+        );
+        Err(if status >= 500 || status == 429 {
+            Failure::Transient(detail)
+        } else {
+            Failure::Path(detail)
+        })
     }
 
-    /// [`Publisher::publish`], again after 1, 2 and 4 s when the server failed (down, slow,
-    /// 5xx); a refusal (401/403) is not retried: it is a configuration problem.
-    pub async fn publish_with_retries(
-        &self,
-        paths: &[PathInfo],
-        nix_root: &Path,
-    ) -> Result<Published, PublishError> {
-        let mut wait = Duration::from_secs(1);
-        let mut tries = 0;
-        loop {
-            match self.publish(paths, nix_root).await {
-                Err(PublishError::Server { .. }) if tries < 3 => {
-                    tries += 1;
+    /// `attempt` until it succeeds, fails for good, or failed [`TRIES`] times (waiting
+    /// `limits.backoff`, doubled each time).
+    async fn retrying<T, F, Fut>(&self, mut attempt: F) -> Result<T, Failure>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Failure>>,
+    {
+        let mut wait = self.limits.backoff;
+        for _ in 1..TRIES {
+            match attempt().await {
+                Err(Failure::Transient(_)) => {
                     tokio::time::sleep(wait).await;
                     wait *= 2;
                 }
                 r => return r,
             }
         }
+        attempt().await
     }
 
-    /// Upload `paths` (from the store at `nix_root` as the agent sees it) that the cache lacks.
-    pub async fn publish(
-        &self,
-        paths: &[PathInfo],
-        nix_root: &Path,
-    ) -> Result<Published, PublishError> {
-        let t = Instant::now();
-        let mut done = Published::default();
-        if paths.is_empty() {
-            return Ok(done);
-        }
+    async fn missing(&self, paths: &[PathInfo]) -> Result<Vec<String>, Failure> {
         let token = self.token()?;
         let r = self
             .http
             .post(self.url("/_api/v1/get-missing-paths"))
+            .timeout(self.limits.deadline)
             .bearer_auth(token.expose())
             .json(&MissingRequest {
                 cache: &self.cache,
@@ -333,75 +407,109 @@ impl Publisher {
             })
             .send()
             .await
-            .map_err(|e| self.server_err(e.without_url().to_string()))?;
-        let missing: MissingResponse = self
+            .map_err(|e| Failure::Transient(e.without_url().to_string()))?;
+        let answer: MissingResponse = self
             .check(r)
             .await?
             .json()
             .await
-            .map_err(|e| self.server_err(format!("get-missing-paths: {e}")))?;
-        done.deduplicated = (paths.len() - missing.missing_paths.len().min(paths.len())) as u64;
-        for p in paths
-            .iter()
-            .filter(|p| missing.missing_paths.iter().any(|m| m == p.hash_part()))
-        {
-            let on_disk = nix_root.join("store").join(p.base());
-            if std::fs::symlink_metadata(&on_disk).is_err() {
-                done.skipped.push(format!("{} (gone)", p.path));
+            .map_err(|e| Failure::Transient(format!("get-missing-paths: {e}")))?;
+        Ok(answer.missing_paths)
+    }
+
+    /// Upload what `sel` holds (from the store at `nix_root` as the agent sees it) that the
+    /// cache lacks. A path that fails is named with its reason and the others still go up;
+    /// only a refused credential or a server that never answers `get-missing-paths` fails the
+    /// whole publication.
+    pub async fn publish(
+        &self,
+        sel: &Selection,
+        nix_root: &Path,
+    ) -> Result<Published, PublishError> {
+        let t = Instant::now();
+        let mut done = Published {
+            upstream: sel.upstream,
+            failed: sel.unusable.clone(),
+            ..Published::default()
+        };
+        if sel.paths.is_empty() {
+            return Ok(done);
+        }
+        let missing = match self.retrying(|| self.missing(&sel.paths)).await {
+            Ok(m) => m,
+            Err(Failure::Refused(e)) => return Err(e),
+            Err(Failure::Transient(d) | Failure::Path(d)) => {
+                return Err(PublishError::Server {
+                    server: self.server.clone(),
+                    detail: d,
+                })
+            }
+        };
+        let store = crate::workdir::open_dir_at(None, nix_root.join("store").as_os_str())
+            .map(Arc::new)
+            .map_err(|e| PublishError::Store(format!("{}: {e}", nix_root.display())))?;
+        for p in &sel.paths {
+            if !missing.iter().any(|m| m == p.hash_part()) {
+                done.deduplicated += 1;
                 continue;
             }
-            match self.upload(p, on_disk).await {
+            match self.retrying(|| self.upload(p, store.clone())).await {
                 Ok(true) => {
                     done.uploaded += 1;
                     done.bytes += p.nar_size;
                 }
                 Ok(false) => done.deduplicated += 1,
-                Err(UploadError::Publish(e)) => return Err(e),
-                Err(UploadError::Dump(e)) => done.skipped.push(format!("{} ({e})", p.path)),
+                Err(Failure::Refused(e)) => return Err(e),
+                Err(Failure::Transient(reason) | Failure::Path(reason)) => {
+                    done.failed.push(Failed {
+                        path: p.path.clone(),
+                        reason,
+                    })
+                }
             }
         }
         done.elapsed = t.elapsed();
         Ok(done)
     }
 
-    /// Upload one path; `Ok(false)` when Attic deduplicated it.
-    async fn upload(&self, p: &PathInfo, on_disk: PathBuf) -> Result<bool, UploadError> {
+    /// Upload one path within its deadline; `Ok(false)` when Attic deduplicated it.
+    async fn upload(&self, p: &PathInfo, store: Arc<OwnedFd>) -> Result<bool, Failure> {
         let info = serde_json::to_vec(&UploadInfo {
             cache: &self.cache,
             store_path_hash: p.hash_part(),
             store_path: &p.path,
-            references: &p.references,
+            references: p.reference_names(),
             system: None,
-            deriver: p.deriver.as_deref(),
-            sigs: &p.sigs,
-            ca: p.ca.as_deref().filter(|c| !c.is_empty()),
-            nar_hash: &p.nar_hash,
+            deriver: None,
+            sigs: [],
+            ca: p.ca.as_deref(),
+            nar_hash: format!("sha256:{}", narinfo::hex(&p.nar_hash)),
             nar_size: p.nar_size,
         })
-        .map_err(|e| UploadError::Publish(self.server_err(e.to_string())))?;
+        .map_err(|e| Failure::Path(e.to_string()))?;
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(4);
         let preamble = (info.len() > HEADER_LIMIT).then(|| info.clone());
+        let (name, want) = (p.base().to_owned(), (p.nar_hash, p.nar_size));
         // The NAR is produced by a blocking thread into a bounded channel: a path of any size
-        // is streamed with at most a few chunks in memory.
+        // is streamed with at most a few chunks in memory, and the last one is held back until
+        // the whole NAR hashed to what the database says.
         let dumper = tokio::task::spawn_blocking(move || {
-            let mut w = ChannelWriter {
-                tx,
-                buf: Vec::with_capacity(CHUNK),
-            };
-            if let Some(pre) = preamble {
-                w.buf.extend_from_slice(&pre);
-            }
-            let r = crate::nar::dump(&on_disk, &mut w).and_then(|()| w.flush_chunk());
+            let mut w = NarSender::new(tx, preamble.unwrap_or_default());
+            let r = crate::nar::dump_at(store.as_fd(), OsStr::new(&name), &mut w)
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => "gone from the store".to_owned(),
+                    _ => e.to_string(),
+                })
+                .and_then(|()| w.finish(want));
             if let Err(e) = &r {
-                let _ =
-                    w.tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+                let _ = w.tx.blocking_send(Err(std::io::Error::other(e.clone())));
             }
             r
         });
         let stream = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|chunk| (chunk, rx))
         });
-        let token = self.token().map_err(UploadError::Publish)?;
+        let token = self.token()?;
         let mut req = self
             .http
             .put(self.url("/_api/v1/upload-path"))
@@ -415,51 +523,97 @@ impl Publisher {
                 String::from_utf8_lossy(&info).into_owned(),
             )
         };
-        let sent = req.body(reqwest::Body::wrap_stream(stream)).send().await;
-        let dumped = dumper.await.map_err(|e| UploadError::Dump(e.to_string()))?;
-        if let Err(e) = dumped {
-            return Err(UploadError::Dump(e.to_string()));
-        }
-        let r =
-            sent.map_err(|e| UploadError::Publish(self.server_err(e.without_url().to_string())))?;
-        let r = self.check(r).await.map_err(UploadError::Publish)?;
+        let deadline = self.limits.upload_deadline(p.nar_size);
+        let sent = tokio::time::timeout(
+            deadline,
+            req.body(reqwest::Body::wrap_stream(stream)).send(),
+        )
+        .await;
+        // The request is over (answered, failed or timed out): the archiver ends too.
+        let dumped = dumper
+            .await
+            .map_err(|e| Failure::Path(format!("archiving failed: {e}")))?;
+        dumped.map_err(Failure::Path)?;
+        let r = match sent {
+            Err(_) => {
+                return Err(Failure::Transient(format!(
+                    "no answer within {} s",
+                    deadline.as_secs()
+                )))
+            }
+            Ok(r) => r.map_err(|e| Failure::Transient(e.without_url().to_string()))?,
+        };
+        let r = self.check(r).await?;
         let answer: UploadResponse = r
             .json()
             .await
-            .map_err(|e| UploadError::Publish(self.server_err(format!("upload-path: {e}"))))?;
+            .map_err(|e| Failure::Transient(format!("upload-path: {e}")))?;
         Ok(answer.kind != "Deduplicated")
     }
 }
 
-#[derive(Debug)]
-enum UploadError {
-    Publish(PublishError),
-    /// The path could not be archived (vanished, unreadable): skipped, named.
-    Dump(String),
-}
-
-struct ChannelWriter {
+/// The upload's body, from the archiver: chunks into a bounded channel, every NAR byte hashed,
+/// the last chunk sent only once the NAR is known to be what the database says.
+struct NarSender {
     tx: tokio::sync::mpsc::Sender<std::io::Result<Vec<u8>>>,
     buf: Vec<u8>,
+    held: Option<Vec<u8>>,
+    hash: Sha256,
+    size: u64,
 }
 
-impl ChannelWriter {
-    fn flush_chunk(&mut self) -> std::io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
+impl NarSender {
+    fn new(tx: tokio::sync::mpsc::Sender<std::io::Result<Vec<u8>>>, preamble: Vec<u8>) -> Self {
+        let mut buf = preamble;
+        buf.reserve(CHUNK);
+        NarSender {
+            tx,
+            buf,
+            held: None,
+            hash: Sha256::new(),
+            size: 0,
         }
-        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+    }
+
+    fn send(&self, chunk: Vec<u8>) -> std::io::Result<()> {
         self.tx
             .blocking_send(Ok(chunk))
             .map_err(|_| std::io::Error::other("the upload stopped"))
     }
+
+    /// Send what is held back if the NAR is the database's.
+    fn finish(&mut self, (hash, size): ([u8; 32], u64)) -> Result<(), String> {
+        let got: [u8; 32] = std::mem::take(&mut self.hash).finalize().into();
+        if (got, self.size) != (hash, size) {
+            return Err(format!(
+                "the store's copy is not what its database says (NAR sha256:{}, {} bytes; the database says sha256:{}, {} bytes): not uploaded",
+                narinfo::hex(&got),
+                self.size,
+                narinfo::hex(&hash),
+                size
+            ));
+        }
+        for chunk in [self.held.take(), Some(std::mem::take(&mut self.buf))]
+            .into_iter()
+            .flatten()
+            .filter(|c| !c.is_empty())
+        {
+            self.send(chunk).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
 }
 
-impl std::io::Write for ChannelWriter {
+impl std::io::Write for NarSender {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.hash.update(data);
+        self.size += data.len() as u64;
         self.buf.extend_from_slice(data);
         if self.buf.len() >= CHUNK {
-            self.flush_chunk()?;
+            let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+            if let Some(previous) = self.held.replace(chunk) {
+                self.send(previous)?;
+            }
         }
         Ok(data.len())
     }
@@ -468,19 +622,41 @@ impl std::io::Write for ChannelWriter {
     }
 }
 
-/// One line for the job's "Complete runner" block.
+/// One line for the job's "Complete runner" block; failures named (a few, bounded).
 pub fn line(p: &Published, server: &str, cache: &str) -> String {
     let mut s = format!(
-        "published {} paths ({}, {} deduplicated) to {}/{} in {:.1} s",
+        "published {} paths ({}, {} deduplicated",
         p.uploaded,
         crate::size::Bytes(p.bytes),
         p.deduplicated,
+    );
+    if p.upstream > 0 {
+        s.push_str(&format!(", {} left to the upstream cache", p.upstream));
+    }
+    s.push_str(&format!(
+        ") to {}/{} in {:.1} s",
         server.trim_end_matches('/'),
         cache,
         p.elapsed.as_secs_f64()
-    );
-    if !p.skipped.is_empty() {
-        s.push_str(&format!("; skipped {}", p.skipped.join(", ")));
+    ));
+    if !p.failed.is_empty() {
+        let named: Vec<String> = p
+            .failed
+            .iter()
+            .take(NAMED_FAILURES)
+            .map(|f| {
+                let reason: String = f.reason.chars().take(200).collect();
+                format!("{} ({reason})", f.path)
+            })
+            .collect();
+        s.push_str(&format!(
+            "; {} not published: {}",
+            p.failed.len(),
+            named.join(", ")
+        ));
+        if p.failed.len() > NAMED_FAILURES {
+            s.push_str(&format!(" and {} more", p.failed.len() - NAMED_FAILURES));
+        }
     }
     s
 }
@@ -488,54 +664,120 @@ pub fn line(p: &Published, server: &str, cache: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sha2::Digest;
 
-    /// A store with one real path (`<hash>-hello`, a file) in a database with Nix's schema.
-    fn store(root: &Path) -> PathInfo {
-        let base = "0123456789abcdfghijklmnpqrsvwxyz-hello";
-        std::fs::create_dir_all(root.join("store")).expect("mkdir");
-        std::fs::create_dir_all(root.join("var/nix/db")).expect("mkdir");
-        std::fs::write(root.join("store").join(base), "hello\n").expect("write");
-        let mut nar = Vec::new();
-        crate::nar::dump(&root.join("store").join(base), &mut nar).expect("nar");
-        let hash: String = sha2::Sha256::digest(&nar)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        let c = rusqlite::Connection::open(root.join("var/nix/db/db.sqlite")).expect("db");
-        c.execute_batch(
-            "CREATE TABLE ValidPaths (id INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL, path TEXT UNIQUE NOT NULL, hash TEXT NOT NULL, registrationTime INTEGER NOT NULL, deriver TEXT, narSize INTEGER, ultimate INTEGER, sigs TEXT, ca TEXT);
-             CREATE TABLE Refs (referrer INTEGER NOT NULL, reference INTEGER NOT NULL, PRIMARY KEY (referrer, reference));",
+    const DRV: &str = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-top.drv";
+
+    /// A store in a tempdir with Nix's schema: paths with real contents and NAR hashes.
+    struct Store {
+        dir: tempfile::TempDir,
+        db: rusqlite::Connection,
+    }
+
+    impl Store {
+        fn new() -> Store {
+            let dir = tempfile::tempdir().expect("tempdir");
+            std::fs::create_dir_all(dir.path().join("store")).expect("mkdir");
+            std::fs::create_dir_all(dir.path().join("var/nix/db")).expect("mkdir");
+            let db =
+                rusqlite::Connection::open(dir.path().join("var/nix/db/db.sqlite")).expect("db");
+            db.execute_batch(
+                "CREATE TABLE ValidPaths (id INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL, path TEXT UNIQUE NOT NULL, hash TEXT NOT NULL, registrationTime INTEGER NOT NULL, deriver TEXT, narSize INTEGER, ultimate INTEGER, sigs TEXT, ca TEXT);
+                 CREATE TABLE Refs (referrer INTEGER NOT NULL, reference INTEGER NOT NULL, PRIMARY KEY (referrer, reference));",
+            )
+            .expect("schema");
+            Store { dir, db }
+        }
+
+        fn root(&self) -> &Path {
+            self.dir.path()
+        }
+
+        /// Add `<hash>-<name>` holding `content`, built by `DRV` when `ultimate`.
+        fn add(
+            &self,
+            hash: char,
+            name: &str,
+            content: &str,
+            refs: &[i64],
+            sigs: &str,
+        ) -> (i64, String) {
+            let base = format!("{}-{name}", hash.to_string().repeat(32));
+            let on_disk = self.root().join("store").join(&base);
+            std::fs::write(&on_disk, content).expect("write");
+            let mut nar = Vec::new();
+            crate::nar::dump(&on_disk, &mut nar).expect("nar");
+            let path = format!("/nix/store/{base}");
+            self.db
+                .execute(
+                    "INSERT INTO ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs) VALUES (?1, ?2, 1, ?3, ?4, 1, ?5)",
+                    rusqlite::params![
+                        path,
+                        format!("sha256:{}", narinfo::hex(&Sha256::digest(&nar))),
+                        DRV,
+                        nar.len() as i64,
+                        sigs
+                    ],
+                )
+                .expect("insert");
+            let id = self.db.last_insert_rowid();
+            for r in refs {
+                self.db
+                    .execute(
+                        "INSERT INTO Refs (referrer, reference) VALUES (?1, ?2)",
+                        [id, *r],
+                    )
+                    .expect("ref");
+            }
+            (id, path)
+        }
+
+        /// The fingerprint of a path as the database describes it.
+        fn fingerprint(&self, id: i64) -> String {
+            let (path, hash, size): (String, String, i64) = self
+                .db
+                .query_row(
+                    "SELECT path, hash, narSize FROM ValidPaths WHERE id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .expect("row");
+            let mut refs: Vec<String> = self
+                .db
+                .prepare("SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.reference WHERE r.referrer = ?1")
+                .expect("sql")
+                .query_map([id], |r| r.get(0))
+                .expect("refs")
+                .map(|r| r.expect("ref"))
+                .collect();
+            refs.sort();
+            narinfo::fingerprint(
+                &path,
+                &narinfo::parse_sha256(&hash).expect("hash"),
+                size as u64,
+                &refs,
+            )
+        }
+    }
+
+    /// An upstream cache's key pair (`name`, seed 7s).
+    fn upstream(name: &str) -> (ring::signature::Ed25519KeyPair, PublicKey) {
+        use base64::Engine;
+        let kp = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[7; 32]).expect("seed");
+        let pk = ring::signature::KeyPair::public_key(&kp).as_ref().to_vec();
+        let key = PublicKey::parse(&format!(
+            "{name}:{}",
+            base64::engine::general_purpose::STANDARD.encode(pk)
+        ))
+        .expect("key");
+        (kp, key)
+    }
+
+    fn sign(kp: &ring::signature::Ed25519KeyPair, name: &str, fingerprint: &str) -> String {
+        use base64::Engine;
+        format!(
+            "{name}:{}",
+            base64::engine::general_purpose::STANDARD.encode(kp.sign(fingerprint.as_bytes()))
         )
-        .expect("schema");
-        c.execute(
-            "INSERT INTO ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate) VALUES (?1, ?2, 1, '/nix/store/0123456789abcdfghijklmnpqrsvwxyz-hello.drv', ?3, 1)",
-            rusqlite::params![format!("/nix/store/{base}"), format!("sha256:{hash}"), nar.len() as i64],
-        )
-        .expect("insert");
-        c.execute(
-            "INSERT INTO ValidPaths (path, hash, registrationTime, narSize, ultimate, sigs) VALUES ('/nix/store/zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-glibc', 'sha256:00', 1, 8, 0, 'cache.nixos.org-1:abc')",
-            [],
-        )
-        .expect("insert");
-        c.execute("INSERT INTO Refs (referrer, reference) VALUES (1, 2)", [])
-            .expect("ref");
-        let paths = to_publish(
-            root,
-            &["/nix/store/0123456789abcdfghijklmnpqrsvwxyz-hello.drv".to_owned()],
-            &["cache.nixos.org-1".to_owned()],
-        )
-        .expect("to publish");
-        assert_eq!(
-            paths.len(),
-            1,
-            "the upstream-signed reference is not published"
-        );
-        assert_eq!(
-            paths[0].references,
-            vec!["zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-glibc"]
-        );
-        paths[0].clone()
     }
 
     fn publisher(url: &str, secret: &[u8]) -> Publisher {
@@ -545,70 +787,258 @@ mod tests {
             cache: "main".into(),
             auth: Auth::Sign(SigningKey::Hs256(Secret::new(secret.to_vec()))),
             sub: "test".into(),
+            limits: Limits {
+                backoff: Duration::from_millis(10),
+                deadline: Duration::from_millis(500),
+                min_rate: 1 << 20,
+            },
         }
     }
 
-    #[test]
-    fn uploads_deduplicates_refuses_and_skips_as_attic_says() {
-        let rt = tokio::runtime::Builder::new_current_thread()
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .expect("rt");
-        let secret = b"0123456789abcdef0123456789abcdef".to_vec();
-        let attic = fake_attic::FakeAttic::start(&secret, &["main"]);
-        let t = tempfile::tempdir().expect("tempdir");
-        let p = store(t.path());
-        rt.block_on(async {
-            let ok = publisher(&attic.url, &secret);
-            let done = ok
-                .publish(std::slice::from_ref(&p), t.path())
-                .await
-                .expect("published");
-            assert_eq!((done.uploaded, done.deduplicated), (1, 0));
-            assert_eq!(done.bytes, p.nar_size);
-            // Again: the cache has it.
-            let again = ok
-                .publish(std::slice::from_ref(&p), t.path())
-                .await
-                .expect("again");
-            assert_eq!((again.uploaded, again.deduplicated), (0, 1));
-            // A token the server does not accept: a configuration problem, named.
-            let wrong = publisher(&attic.url, b"another key, not the server's one");
-            let e = wrong
-                .publish(std::slice::from_ref(&p), t.path())
-                .await
-                .expect_err("refused");
-            assert!(
-                matches!(e, PublishError::Refused { status: 401, .. }),
-                "{e}"
-            );
-            assert!(e.to_string().contains("\"main\""), "{e}");
-            // A path whose NAR is not what the database says: the server refuses it.
-            let mut lying = p.clone();
-            lying.nar_hash = format!("sha256:{}", "0".repeat(64));
-            lying.path = "/nix/store/1123456789abcdfghijklmnpqrsvwxyz-hello".into();
-            std::fs::copy(
-                t.path().join("store").join(p.base()),
-                t.path().join("store").join(lying.base()),
+            .expect("rt")
+    }
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    /// A signature named like the upstream's is attacker input (a client can add signatures
+    /// to any path): only one that verifies leaves a path, and its closure, to the upstream.
+    #[test]
+    fn only_a_signature_that_verifies_leaves_a_path_to_the_upstream() {
+        let st = Store::new();
+        let (kp, key) = upstream("cache.nixos.org-1");
+        let (below, below_path) = st.add('b', "below", "below\n", &[], "");
+        let (claimed, claimed_path) = st.add('c', "claimed", "claimed\n", &[below], "");
+        // Named like the upstream's key, signed by another (the attacker's own key), plus a
+        // string with a DEL byte: neither verifies.
+        let (attacker, _) = {
+            let kp = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[9; 32]).expect("seed");
+            (kp, ())
+        };
+        let forged = sign(&attacker, "cache.nixos.org-1", &st.fingerprint(claimed));
+        st.db
+            .execute(
+                "UPDATE ValidPaths SET sigs = ?1 WHERE id = ?2",
+                rusqlite::params![format!("{forged} cache.nixos.org-1:a\u{7f}b"), claimed],
             )
-            .expect("copy");
-            let e = ok.publish(&[lying], t.path()).await.expect_err("bad hash");
-            assert!(e.to_string().contains("NarHash mismatch"), "{e}");
-            // A path that vanished is skipped and named.
-            let mut gone = p.clone();
-            gone.path = "/nix/store/2123456789abcdfghijklmnpqrsvwxyz-gone".into();
-            let done = ok.publish(&[gone], t.path()).await.expect("skips");
-            assert_eq!(done.uploaded, 0);
+            .expect("sigs");
+        let (genuine, genuine_path) = st.add('g', "glibc", "glibc\n", &[], "");
+        let real = sign(&kp, "cache.nixos.org-1", &st.fingerprint(genuine));
+        st.db
+            .execute(
+                "UPDATE ValidPaths SET sigs = ?1 WHERE id = ?2",
+                rusqlite::params![real, genuine],
+            )
+            .expect("sigs");
+        let (_, top) = st.add('x', "top", "top\n", &[claimed, genuine], "");
+        let sel =
+            to_publish(st.root(), &[DRV.to_owned()], std::slice::from_ref(&key)).expect("select");
+        let chosen: Vec<&str> = sel.paths.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(sel.upstream, 1, "{chosen:?}");
+        assert!(!chosen.contains(&genuine_path.as_str()), "{chosen:?}");
+        for p in [&top, &claimed_path, &below_path] {
             assert!(
-                done.skipped[0].contains("-gone (gone)"),
-                "{:?}",
-                done.skipped
+                chosen.contains(&p.as_str()),
+                "{p} is missing from {chosen:?}"
             );
+        }
+        let t = sel.paths.iter().find(|p| p.path == top).expect("top");
+        assert_eq!(t.references, {
+            let mut r = vec![claimed_path.clone(), genuine_path.clone()];
+            r.sort();
+            r
         });
-        // What the fake stored is byte for byte the NAR.
+    }
+
+    /// What goes up is what Nix's narinfo parser accepts: the strict fake would refuse a
+    /// full-path deriver or a signature string; the agent sends neither.
+    #[test]
+    fn uploads_carry_only_what_the_agent_computed_and_attic_signs_them() {
+        let st = Store::new();
+        let (dep, dep_path) = st.add('d', "dep", "dep\n", &[], "x:\u{7f}");
+        let (_, top) = st.add('x', "top", "top\n", &[dep], "cache.nixos.org-1:AAAA");
+        let attic = fake_attic::FakeAttic::start(SECRET, &["main"]);
+        let sel = to_publish(st.root(), &[DRV.to_owned()], &[]).expect("select");
+        let done = rt()
+            .block_on(publisher(&attic.url, SECRET).publish(&sel, st.root()))
+            .expect("published");
+        assert_eq!(
+            (done.uploaded, done.deduplicated),
+            (2, 0),
+            "{:?}",
+            done.failed
+        );
+        assert!(done.failed.is_empty(), "{:?}", done.failed);
         let stored = attic.with(|s| s.caches["main"].clone());
+        let t = stored
+            .values()
+            .find(|s| s.info["store_path"] == top.as_str())
+            .expect("top");
+        assert_eq!(t.info["deriver"], serde_json::Value::Null);
+        assert_eq!(t.info["sigs"], serde_json::json!([]));
+        assert_eq!(
+            t.info["references"],
+            serde_json::json!([dep_path.trim_start_matches("/nix/store/")])
+        );
         let mut nar = Vec::new();
-        crate::nar::dump(&t.path().join("store").join(p.base()), &mut nar).expect("nar");
-        assert_eq!(stored[p.hash_part()].nar, nar);
+        crate::nar::dump(
+            &st.root()
+                .join("store")
+                .join(top.trim_start_matches("/nix/store/")),
+            &mut nar,
+        )
+        .expect("nar");
+        assert_eq!(t.nar, nar);
+        // Again: the cache has both.
+        let again = rt()
+            .block_on(publisher(&attic.url, SECRET).publish(&sel, st.root()))
+            .expect("again");
+        assert_eq!((again.uploaded, again.deduplicated), (0, 2));
+        // A token the server does not accept: a configuration problem, named.
+        let e = rt()
+            .block_on(
+                publisher(&attic.url, b"another key, not the server's one")
+                    .publish(&sel, st.root()),
+            )
+            .expect_err("refused");
+        assert!(
+            matches!(e, PublishError::Refused { status: 401, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("\"main\""), "{e}");
+    }
+
+    /// One path that cannot go up is named with its reason; the others still go up.
+    #[test]
+    fn a_failing_path_is_named_and_the_others_go_up() {
+        let st = Store::new();
+        let (_, good) = st.add('a', "good", "good\n", &[], "");
+        // Its file changed after it was registered: the NAR is not the database's.
+        let (_, changed) = st.add('b', "changed", "registered\n", &[], "");
+        std::fs::write(
+            st.root()
+                .join("store")
+                .join(changed.trim_start_matches("/nix/store/")),
+            "swapped!!!\n",
+        )
+        .expect("write");
+        // A FIFO where a file was: never opened for reading, never blocks.
+        let (_, fifo) = st.add('c', "fifo", "x\n", &[], "");
+        let fifo_disk = st
+            .root()
+            .join("store")
+            .join(fifo.trim_start_matches("/nix/store/"));
+        std::fs::remove_file(&fifo_disk).expect("rm");
+        nix::unistd::mkfifo(&fifo_disk, nix::sys::stat::Mode::from_bits_truncate(0o644))
+            .expect("fifo");
+        // Gone from the store.
+        let (_, gone) = st.add('d', "gone", "gone\n", &[], "");
+        std::fs::remove_file(
+            st.root()
+                .join("store")
+                .join(gone.trim_start_matches("/nix/store/")),
+        )
+        .expect("rm");
+        // The server fails this one every time (bounded retries).
+        let (_, flaky) = st.add('f', "flaky", "flaky\n", &[], "");
+        let attic = fake_attic::FakeAttic::start(SECRET, &["main"]);
+        attic.with(|s| s.fail_uploads_of = Some("-flaky".into()));
+        let sel = to_publish(st.root(), &[DRV.to_owned()], &[]).expect("select");
+        assert_eq!(sel.paths.len(), 5);
+        let started = Instant::now();
+        let done = rt()
+            .block_on(publisher(&attic.url, SECRET).publish(&sel, st.root()))
+            .expect("published");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!(done.uploaded, 1, "{:?}", done.failed);
+        let reason = |p: &str| {
+            done.failed
+                .iter()
+                .find(|f| f.path == p)
+                .map(|f| f.reason.clone())
+                .unwrap_or_else(|| panic!("{p} not among {:?}", done.failed))
+        };
+        assert!(
+            reason(&changed).contains("not what its database says"),
+            "{}",
+            reason(&changed)
+        );
+        assert!(
+            reason(&fifo).contains("neither a file"),
+            "{}",
+            reason(&fifo)
+        );
+        assert!(
+            reason(&gone).contains("gone from the store"),
+            "{}",
+            reason(&gone)
+        );
+        assert!(
+            reason(&flaky).contains("answered 500"),
+            "{}",
+            reason(&flaky)
+        );
+        // The flaky path was tried TRIES times, the changed one never completed an upload.
+        let (calls, stored) = attic.with(|s| (s.calls.clone(), s.caches["main"].clone()));
+        assert_eq!(
+            calls.iter().filter(|c| c.2 == 500).count(),
+            TRIES as usize,
+            "{calls:?}"
+        );
+        assert_eq!(stored.len(), 1);
+        assert!(stored
+            .values()
+            .all(|s| s.info["store_path"] == good.as_str()));
+        let line = line(&done, &attic.url, "main");
+        assert!(line.contains("4 not published"), "{line}");
+    }
+
+    /// A server that never answers an upload does not hold the publication forever.
+    #[test]
+    fn every_upload_has_a_deadline() {
+        let st = Store::new();
+        st.add('a', "slow", "slow\n", &[], "");
+        let attic = fake_attic::FakeAttic::start(SECRET, &["main"]);
+        attic.with(|s| s.stall_uploads = true);
+        let sel = to_publish(st.root(), &[DRV.to_owned()], &[]).expect("select");
+        let started = Instant::now();
+        let done = rt()
+            .block_on(publisher(&attic.url, SECRET).publish(&sel, st.root()))
+            .expect("published");
+        // Four tries of 0.5 s and the waits between them.
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(done.uploaded, 0);
+        assert!(
+            done.failed[0].reason.contains("no answer within"),
+            "{:?}",
+            done.failed
+        );
+    }
+
+    /// Many failures: the line stays short and says how many were left out.
+    #[test]
+    fn the_line_names_a_few_failures_and_counts_the_rest() {
+        let p = Published {
+            failed: (0..40)
+                .map(|i| Failed {
+                    path: format!("/nix/store/{i:032}-x"),
+                    reason: "r".repeat(1000),
+                })
+                .collect(),
+            ..Published::default()
+        };
+        let l = line(&p, "http://a", "c");
+        assert!(
+            l.contains("40 not published") && l.ends_with("and 35 more"),
+            "{l}"
+        );
+        assert!(l.len() < 2000, "{}", l.len());
     }
 }

@@ -112,19 +112,19 @@ impl Hooks {
         })
     }
 
-    /// Stop serving and remove every trace: the socket and the job's netrc.
-    /// After the listener exited: publish what the completed hook could not (a cancelled job),
-    /// within the drain grace, then stop serving and remove every trace: the socket, the job's
-    /// netrc, its daemon's record of what it built.
-    async fn finish(self, grace: Duration, runner: &str) {
-        if let Some(line) = self.serving.publish_leftover(grace).await {
-            info!(runner = %runner, "{line}");
-        }
+    /// After the job (whose envelope published what the completed hook could not, before it
+    /// released the slot): stop serving and remove every trace: the socket, the job's netrc,
+    /// its daemon's record of what it built and its build logs.
+    fn finish(self) {
         self.serving.task.abort();
         let _ = crate::workdir::remove_tree(&self.mount.dir);
         let _ = std::fs::remove_file(&self.netrc);
-        if let Some(built) = self.probe.facts().built {
+        let facts = self.probe.facts();
+        if let Some(built) = facts.built {
             let _ = std::fs::remove_file(built);
+        }
+        if let Some(logs) = facts.build_logs {
+            let _ = crate::workdir::remove_tree(&logs);
         }
     }
 }
@@ -268,6 +268,7 @@ fn runner_spec(
         nix,
         hook: Some(hooks.mount.clone()),
         background: ctx.background.clone(),
+        before_release: Some(hooks.serving.leftover(ctx.cfg.runner.drain_grace)),
     }
 }
 
@@ -480,7 +481,7 @@ async fn run_runner(
     };
     let spec = runner_spec(ctx, lane, jit, name, probe, &hooks, arc);
     let outcome = envelope::run_job(&ctx.cfg, ctx.mgr.as_ref(), spec, stop, &ctx.reaper).await;
-    hooks.finish(ctx.cfg.runner.drain_grace, name).await;
+    hooks.finish();
     ctx.telemetry.runner_ended(name);
     match &outcome {
         Ok(o) => record(ctx, lane, name, o),

@@ -79,16 +79,21 @@ pub fn paths_since(nix_root: &Path, since: u64) -> Option<(u64, u64)> {
     Some((built, subst))
 }
 
-/// The derivations a store's daemon built (or started building) since `since` (unix seconds,
-/// fractional), with start and end relative to `since`. Start: the build log's creation (the
+/// The derivations a job's daemon built (or started building) since `since` (unix seconds,
+/// fractional), with start and end relative to `since`, from the daemon's own build log
+/// directory `logs` (its `NIX_LOG_DIR`: nothing of a neighbour's is there). Start: the build log's creation (the
 /// daemon creates it when the build starts); end: when the output was registered, or the log's
 /// last write if later; no registered output: failed or killed (end = the log's last write).
 ///
-/// `built`: the derivations this job's daemon recorded (post-build hook). A finished build not
-/// among them was another job's (a shared store) and is left out; an unfinished one cannot be
-/// told apart and is kept.
-pub fn builds_since(nix_root: &Path, since: f64, built: &[String]) -> Vec<crate::summary::Build> {
-    let logs = nix_root.join("var/log/nix/drvs");
+/// `built`: the derivations this job's daemon recorded (post-build hook). A build it started
+/// whose output another daemon registered first (a shared store) is left out.
+pub fn builds_since(
+    nix_root: &Path,
+    logs: &Path,
+    since: f64,
+    built: &[String],
+) -> Vec<crate::summary::Build> {
+    let logs = logs.join("drvs");
     let conn = open(nix_root).ok();
     let mut out = Vec::new();
     let secs = |t: std::io::Result<std::time::SystemTime>| {

@@ -122,6 +122,32 @@ pub struct Report {
 }
 
 /// How a job's run used the store: `cold` (it built), `substituted`, or `warm` (neither).
+/// Names joined with ", ": at most `max` of them, each cut to `width` characters, then
+/// "and N more". A list that names can never make long (derivation names are the job's, and
+/// a neighbour's on a shared store would be an outsider's).
+pub fn bounded_list<S: AsRef<str>>(names: &[S], max: usize, width: usize) -> String {
+    let mut out: Vec<String> = names
+        .iter()
+        .take(max)
+        .map(|n| {
+            let n = n.as_ref();
+            match n.char_indices().nth(width) {
+                Some((i, _)) => format!("{}…", &n[..i]),
+                None => n.to_owned(),
+            }
+        })
+        .collect();
+    if names.len() > max {
+        out.push(format!("and {} more", names.len() - max));
+    }
+    out.join(", ")
+}
+
+/// At most this many names in one list of a summary or an annotation.
+pub const LIST_MAX: usize = 10;
+/// At most this many characters of one name there.
+pub const NAME_MAX: usize = 80;
+
 pub fn cache_kind(built: u64, substituted: u64) -> &'static str {
     if built > 0 {
         "cold"
@@ -282,7 +308,7 @@ pub fn markdown(r: &Report) -> String {
             let _ = writeln!(
                 out,
                 "\nNot finished (failed or killed): {}",
-                failed.join(", ")
+                bounded_list(&failed, LIST_MAX, NAME_MAX)
             );
         }
     }
@@ -397,6 +423,32 @@ mod tests {
             elapsed: Duration::from_secs(6 * 3600),
             ..Report::default()
         }
+    }
+
+    /// 300 unfinished builds with 200-character names (on a shared store, a neighbour could
+    /// choose them): the list stays short and says how many it left out.
+    #[test]
+    fn the_unfinished_list_is_bounded_in_count_and_bytes() {
+        let mut r = report(4, 0);
+        r.builds = (0..300)
+            .map(|i| Build {
+                name: format!("{i:03}-rotate-ATTIC-tokens-now-{}", "x".repeat(170)),
+                start: 0.0,
+                end: 1.0,
+                failed: true,
+            })
+            .collect();
+        let md = markdown(&r);
+        let line = md
+            .lines()
+            .find(|l| l.starts_with("Not finished"))
+            .expect("the line");
+        assert!(line.len() < 1200, "{} bytes: {line}", line.len());
+        assert!(line.ends_with(", and 290 more"), "{line}");
+        assert_eq!(line.matches("rotate-ATTIC").count(), LIST_MAX);
+        assert!(md.len() < 40_000, "{} bytes", md.len());
+        assert_eq!(bounded_list(&["a", "bcd"], 5, 2), "a, bc…");
+        assert_eq!(bounded_list::<&str>(&[], 5, 2), "");
     }
 
     #[test]

@@ -56,7 +56,14 @@ pub fn oom_verdict(f: &OomFacts<'_>) -> String {
                     n => format!("{} ({pid} {n})", k.name),
                 })
                 .collect();
-            format!("the kernel killed {}", names.join(", "))
+            format!(
+                "the kernel killed {}",
+                crate::summary::bounded_list(
+                    &names,
+                    crate::summary::LIST_MAX,
+                    crate::summary::NAME_MAX
+                )
+            )
         }
     };
     let fewer = match f.parallel {
@@ -80,14 +87,21 @@ pub fn oom_verdict(f: &OomFacts<'_>) -> String {
     };
     let building = match f.building.as_slice() {
         [] => String::new(),
-        names => format!(
-            " while building {}",
-            names
+        names => {
+            let quoted: Vec<String> = names
                 .iter()
-                .map(|n| format!("`{n}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+                .map(|n| {
+                    format!(
+                        "`{}`",
+                        crate::summary::bounded_list(&[n], 1, crate::summary::NAME_MAX)
+                    )
+                })
+                .collect();
+            format!(
+                " while building {}",
+                crate::summary::bounded_list(&quoted, crate::summary::LIST_MAX, usize::MAX)
+            )
+        }
     };
     format!(
         "flywheel: out of memory: this job on lane `{}` reached its memory envelope of {} (peak {peak}){building}; {who}. What to do: {advice}.",
@@ -215,6 +229,34 @@ mod tests {
             assert!(v.contains(frag), "{frag:?} missing from {v}");
         }
         assert!(!v.contains("lost communication"));
+    }
+
+    #[test]
+    fn a_verdict_names_a_bounded_number_of_builds_and_victims() {
+        let v = oom_verdict(&OomFacts {
+            lane: "tinyland-nix",
+            envelope_bytes: 8 << 30,
+            stats: Stats {
+                oom_kills: 300,
+                peak_bytes: Some(8 << 30),
+                pids_max_hits: 0,
+            },
+            killed: (0..300)
+                .map(|i| Killed {
+                    pid: i,
+                    name: format!("victim{i}"),
+                })
+                .collect(),
+            bigger_lane: None,
+            building: (0..300)
+                .map(|i| format!("{i}-{}", "y".repeat(200)))
+                .collect(),
+            parallel: None,
+        });
+        assert!(v.len() < 3000, "{} bytes: {v}", v.len());
+        assert!(v.contains(", and 290 more;"), "{v}");
+        assert_eq!(v.matches("victim").count(), 10, "{v}");
+        assert_eq!(v.matches("-yyy").count(), 10, "{v}");
     }
 
     #[test]

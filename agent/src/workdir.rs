@@ -107,7 +107,7 @@ fn mounts_below(path: &Path) -> Vec<PathBuf> {
     v
 }
 
-fn open_dir_at(dir: Option<BorrowedFd<'_>>, name: &OsStr) -> io::Result<OwnedFd> {
+pub(crate) fn open_dir_at(dir: Option<BorrowedFd<'_>>, name: &OsStr) -> io::Result<OwnedFd> {
     let fd = nix::fcntl::openat(
         dir.map(|d| d.as_raw_fd()),
         name,
@@ -119,7 +119,7 @@ fn open_dir_at(dir: Option<BorrowedFd<'_>>, name: &OsStr) -> io::Result<OwnedFd>
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn stat_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<FileStat> {
+pub(crate) fn stat_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<FileStat> {
     nix::sys::stat::fstatat(Some(dir.as_raw_fd()), name, AtFlags::AT_SYMLINK_NOFOLLOW)
         .map_err(io::Error::from)
 }

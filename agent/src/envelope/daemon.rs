@@ -1,6 +1,7 @@
 //! A job's own nix-daemon, inside the job's cgroup, and the record of what it built.
 
 use super::*;
+use std::os::unix::fs::DirBuilderExt;
 
 /// What a job's daemon recorded it built (derivations, out paths).
 pub fn read_built(file: &Path) -> Vec<String> {
@@ -12,6 +13,12 @@ pub fn read_built(file: &Path) -> Vec<String> {
 /// Where a job's daemon records the out paths it built (root-only, hidden from jobs).
 pub fn built_list(nix: &NixJob, job: &str) -> PathBuf {
     nix.sockets.join(format!("{job}.built"))
+}
+
+/// Where a job's daemon writes its build logs (`NIX_LOG_DIR`, root-only, the job's alone): every
+/// log in it is a build of this job's daemon, finished or not, never a neighbour's.
+pub fn build_logs(nix: &NixJob, job: &str) -> PathBuf {
+    nix.sockets.join(format!("{job}.logs"))
 }
 
 /// Start the job's own nix-daemon inside its cgroup (and its slot's mounts), as root, and wait
@@ -53,6 +60,11 @@ pub(super) async fn start_nix_daemon(
     if let Some(n) = &nix.netrc {
         conf.push_str(&format!("\nnetrc-file = {}", n.display()));
     }
+    let logs = build_logs(nix, job);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&logs)
+        .map_err(io_at("create", &logs))?;
     let mut cmd = std::process::Command::new(&nix.daemon);
     cmd.env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
@@ -60,6 +72,7 @@ pub(super) async fn start_nix_daemon(
         .env("NIX_CONF_DIR", &nix.conf_dir)
         .env("NIX_CONFIG", conf)
         .env("FLYWHEEL_BUILT", built_list(nix, job))
+        .env("NIX_LOG_DIR", &logs)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());

@@ -68,6 +68,12 @@ pub(super) async fn launch(
             dst: n.userpool_seen.clone(),
             readonly: false,
         });
+        if spec.hook.is_none() {
+            // A runner's record and logs outlive its job until the agent has published from
+            // them and reported; an exec job's go with it (a daemon that never started too).
+            cleanup.push(built_list(n, job));
+            cleanup.push(build_logs(n, job));
+        }
         let dir = start_nix_daemon(
             n,
             cg,
@@ -80,10 +86,6 @@ pub(super) async fn launch(
             cleanup,
         )
         .await?;
-        if spec.hook.is_none() {
-            // A runner's record outlives its job until the agent has published from it.
-            cleanup.push(built_list(n, job));
-        }
         if let Some(p) = &spec.probe {
             p.set_idle(2);
         }

@@ -42,7 +42,7 @@ mod root;
 mod spawn;
 
 use daemon::start_nix_daemon;
-pub use daemon::{built_list, nix_job, read_built};
+pub use daemon::{build_logs, built_list, nix_job, read_built};
 use env::job_environment;
 use launch::{launch, LaunchArgs, Launched};
 use mounts::{tmp_keep, Mount, TMP};
@@ -100,6 +100,18 @@ pub struct JobSpec {
     pub hook: Option<HookMount>,
     /// Where the job's own tasks (log pumps, memory sampler) are spawned.
     pub background: crate::tasks::Background,
+    /// Run once the job's processes are gone, before its slot's store is collected and the
+    /// slot handed on.
+    pub before_release: Option<std::sync::Arc<dyn BeforeRelease>>,
+}
+
+/// Work on a job's store that must be done after its processes are gone but before its
+/// outputs can be collected or its slot handed to the next job (a runner's: publishing what a
+/// cancelled trusted job built). Returns a line for the log.
+pub trait BeforeRelease: Send + Sync + std::fmt::Debug {
+    fn run(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send + '_>>;
 }
 
 /// A runner's hook socket in its mount namespace.

@@ -283,6 +283,7 @@ pub(super) async fn run_job_inner<P: Processes>(
             samples: None,
             nix_root: spec.nix.as_ref().map(|_| phys_nix.clone()),
             built: spec.nix.as_ref().map(|n| built_list(n, &job)),
+            build_logs: spec.nix.as_ref().map(|n| build_logs(n, &job)),
         }
     });
     let sampler = probe.sample(&spec.background);
@@ -355,14 +356,16 @@ pub(super) async fn run_job_inner<P: Processes>(
     let facts = probe.facts();
     let built_record = facts.built.as_deref().map(read_built).unwrap_or_default();
     // The store's database is read on a blocking thread.
-    let builds = match facts.nix_root.clone() {
-        Some(root) => {
+    let builds = match (facts.nix_root.clone(), facts.build_logs.clone()) {
+        (Some(root), Some(logs)) => {
             let (since, record) = (facts.started_unix, built_record.clone());
-            tokio::task::spawn_blocking(move || crate::store::builds_since(&root, since, &record))
-                .await
-                .unwrap_or_default()
+            tokio::task::spawn_blocking(move || {
+                crate::store::builds_since(&root, &logs, since, &record)
+            })
+            .await
+            .unwrap_or_default()
         }
-        None => Vec::new(),
+        _ => Vec::new(),
     };
 
     let t_down = Instant::now();
@@ -381,6 +384,12 @@ pub(super) async fn run_job_inner<P: Processes>(
     probe.set(None);
     keep_slot_if_torn_badly(&torn, lane, slot_index, slot_node_local);
     let stats = torn?;
+    if let Some(before) = &spec.before_release {
+        // The job is gone and the slot still ours: nothing can collect its outputs yet.
+        if let Some(line) = before.run().instrument(info_span!("before_release")).await {
+            info!("{line}");
+        }
+    }
     if slot_dirs.is_some() && spec.nix.is_some() {
         // Still holding the slot, its job gone: nothing live uses the store.
         let (cfg2, lane2, sp) = (cfg.clone(), lane.clone(), procs.spawner());
@@ -956,10 +965,20 @@ mod tests {
             nix: None,
             hook: None,
             background: crate::tasks::Background::new(),
+            before_release: None,
         }
     }
 
     fn run(r: &Rig, stuck: bool, script: Script) -> Result<JobOutcome, EnvelopeError> {
+        run_spec(r, stuck, script, spec(&r.cfg))
+    }
+
+    fn run_spec(
+        r: &Rig,
+        stuck: bool,
+        script: Script,
+        sp: JobSpec,
+    ) -> Result<JobOutcome, EnvelopeError> {
         let mgr = FakeManager {
             log: r.log.clone(),
             stuck,
@@ -977,7 +996,7 @@ mod tests {
         rt.block_on(run_job_inner(
             &r.cfg,
             &mgr,
-            spec(&r.cfg),
+            sp,
             Stop::default(),
             &procs,
             tracing::Span::none(),
@@ -1017,6 +1036,44 @@ mod tests {
             0,
             "directory removed last"
         );
+    }
+
+    #[derive(Debug)]
+    struct Publishes(Log, PathBuf, Lane);
+
+    impl BeforeRelease for Publishes {
+        fn run(
+            &self,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send + '_>>
+        {
+            Box::pin(async move {
+                let held = slot::acquire(&self.1, &self.2, Some(0), false).is_err();
+                note(&self.0, format!("before release (slot held: {held})"));
+                Some("published".into())
+            })
+        }
+    }
+
+    /// A runner's leftover publication runs once the job is torn down (nothing of it still
+    /// writes the store) and before the slot is collected or handed on: the last step of the
+    /// envelope.
+    #[test]
+    fn work_before_release_runs_after_teardown_while_the_slot_is_still_held() {
+        let r = rig();
+        let mut sp = spec(&r.cfg);
+        let lane = r.cfg.lanes[0].clone();
+        sp.before_release = Some(Arc::new(Publishes(
+            r.log.clone(),
+            r.cfg.agent.state_dir.clone(),
+            lane.clone(),
+        )));
+        run_spec(&r, false, Script::Exits(0), sp).unwrap();
+        let mut want = FULL_ORDER.to_vec();
+        want.push("before release (slot held: true)");
+        assert_eq!(events(&r), want);
+        // And the slot was given back after it: the next job gets it.
+        let again = slot::acquire(&r.cfg.agent.state_dir, &lane, Some(0), false);
+        assert!(again.is_ok(), "{again:?}");
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct JobFacts {
     pub nix_root: Option<PathBuf>,
     /// Where the job's daemon records the out paths it built.
     pub built: Option<PathBuf>,
+    /// The job's daemon's own build log directory.
+    pub build_logs: Option<PathBuf>,
 }
 
 /// How often a job's memory is sampled at first (merged to coarser steps for long jobs).

@@ -14,6 +14,17 @@
 //!   must be base names; the store path must match its hash part. → `{"kind": "Uploaded" |
 //!   "Deduplicated", "file_size", "frac_deduplicated"}`. Errors are `{"code", "error",
 //!   "message"}`.
+//! - Every field that ends up in a narinfo is parsed as Nix's `nar-info.cc` parses it (Nix
+//!   2.8 and 2.34 alike): `store_path`, each reference and the deriver must be store path base
+//!   names (`<32 base-32 chars>-<name>`, name characters `[A-Za-z0-9+-._?=]`, not starting
+//!   with `.`, at most 211); a deriver of `unknown-deriver` or none is none; `ca` must be a
+//!   content address (`text:sha256:…`, `fixed:[r:]<algo>:…`); a signature must be
+//!   `name:base64`. What Nix would refuse is refused here with 400, so a test can never pass
+//!   on a narinfo a real client cannot use.
+//! - Reads, as a public cache serves them: `GET /<cache>/nix-cache-info`,
+//!   `/<cache>/<hash>.narinfo` (signed, as Attic signs, by the cache's own ed25519 key named
+//!   after the cache: [`FakeAttic::public_key`]) and `/<cache>/nar/<hash>.nar`
+//!   (`Compression: none`), so a real Nix client substitutes from it.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)]
 
 use std::collections::BTreeMap;
@@ -49,6 +60,12 @@ pub struct State {
     pub max_chunk: usize,
     /// Drop NAR bytes after hashing them (benchmarks of large paths); `Stored::nar` stays empty.
     pub discard_nars: bool,
+    /// Never answer an upload (a server that hangs): tests of the agent's deadline.
+    pub stall_uploads: bool,
+    /// Answer uploads of store paths whose name contains this with a 500.
+    pub fail_uploads_of: Option<String>,
+    /// The seed of the caches' signing key.
+    pub seed: [u8; 32],
 }
 
 #[derive(Debug)]
@@ -66,6 +83,7 @@ impl FakeAttic {
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let state = Arc::new(Mutex::new(State {
             secret: secret.to_vec(),
+            seed: Sha256::digest(secret).into(),
             caches: caches
                 .iter()
                 .map(|c| ((*c).to_owned(), BTreeMap::new()))
@@ -100,6 +118,21 @@ impl FakeAttic {
     pub fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
         f(&mut self.state.lock().expect("state"))
     }
+
+    /// The public key that signs `cache`'s narinfos, as `trusted-public-keys` takes it.
+    pub fn public_key(&self, cache: &str) -> String {
+        use base64::Engine;
+        let kp = keypair(&self.with(|s| s.seed));
+        format!(
+            "{cache}:{}",
+            base64::engine::general_purpose::STANDARD
+                .encode(ring::signature::KeyPair::public_key(&kp))
+        )
+    }
+}
+
+fn keypair(seed: &[u8; 32]) -> ring::signature::Ed25519KeyPair {
+    ring::signature::Ed25519KeyPair::from_seed_unchecked(seed).expect("ed25519 seed")
 }
 
 fn error(status: u16, code: &str, message: &str) -> Response {
@@ -175,6 +208,181 @@ fn nix32(hash: &[u8]) -> String {
         .collect()
 }
 
+fn nix32_decode(s: &str, size: usize) -> Option<Vec<u8>> {
+    if s.len() != (size * 8 - 1) / 5 + 1 {
+        return None;
+    }
+    let mut out = vec![0u8; size];
+    for (n, c) in s.bytes().rev().enumerate() {
+        let d = NIX32.iter().position(|x| *x == c)? as u16;
+        let (i, j) = (n * 5 / 8, n * 5 % 8);
+        out[i] |= (d << j) as u8;
+        let carry = d >> (8 - j);
+        match out.get_mut(i + 1) {
+            Some(x) => *x |= carry as u8,
+            None if carry != 0 => return None,
+            None => {}
+        }
+    }
+    Some(out)
+}
+
+/// Nix's `StorePath(baseName)`: what `References:` and `Deriver:` entries must be.
+fn store_path_name_ok(base: &str) -> bool {
+    let (Some(hash), Some(rest)) = (base.get(..32), base.get(32..)) else {
+        return false;
+    };
+    let Some(name) = rest.strip_prefix('-') else {
+        return false;
+    };
+    hash.bytes().all(|c| NIX32.contains(&c))
+        && !name.is_empty()
+        && name.len() <= 211
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c))
+}
+
+/// Nix's `parseContentAddress`.
+fn ca_ok(ca: &str) -> bool {
+    let hash_ok = |algo: &str, h: &str| {
+        let size = match algo {
+            "md5" => 16,
+            "sha1" => 20,
+            "sha256" => 32,
+            "sha512" => 64,
+            _ => return false,
+        };
+        (h.len() == size * 2 && h.bytes().all(|c| c.is_ascii_hexdigit()))
+            || nix32_decode(h, size).is_some()
+    };
+    if let Some(h) = ca.strip_prefix("text:sha256:") {
+        return hash_ok("sha256", h);
+    }
+    let Some(rest) = ca.strip_prefix("fixed:") else {
+        return false;
+    };
+    let rest = rest.strip_prefix("r:").unwrap_or(rest);
+    rest.split_once(':').is_some_and(|(a, h)| hash_ok(a, h))
+}
+
+/// What Nix's narinfo parser would refuse in this upload info, if anything.
+fn narinfo_fields_refused(info: &Value) -> Option<String> {
+    let store_path = info["store_path"].as_str().unwrap_or_default();
+    match store_path.strip_prefix("/nix/store/") {
+        Some(b) if store_path_name_ok(b) => {}
+        _ => {
+            return Some(format!(
+                "store_path {store_path:?} is not a store path Nix accepts"
+            ))
+        }
+    }
+    let Some(refs) = info["references"].as_array() else {
+        return Some("references must be a list".into());
+    };
+    for r in refs {
+        if !r.as_str().is_some_and(store_path_name_ok) {
+            return Some(format!(
+                "reference {r} is not a store path base name (<hash>-<name>): Nix's narinfo parser refuses it"
+            ));
+        }
+    }
+    match &info["deriver"] {
+        Value::Null => {}
+        Value::String(d) if d == "unknown-deriver" || store_path_name_ok(d) => {}
+        d => {
+            return Some(format!(
+                "deriver {d} is not a store path base name: Nix's narinfo parser refuses it (\"illegal base-32 character\")"
+            ))
+        }
+    }
+    match &info["ca"] {
+        Value::Null => {}
+        Value::String(c) if ca_ok(c) => {}
+        c => return Some(format!("ca {c} is not a content address")),
+    }
+    let sigs_ok = info["sigs"].as_array().is_some_and(|a| {
+        a.iter().all(|s| {
+            s.as_str().is_some_and(|s| {
+                s.split_once(':').is_some_and(|(n, b)| {
+                    !n.is_empty()
+                        && n.bytes().all(|c| c.is_ascii_graphic())
+                        && base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b)
+                            .is_ok()
+                })
+            })
+        })
+    });
+    if !sigs_ok {
+        return Some("sigs must be a list of name:base64 signatures".into());
+    }
+    None
+}
+
+/// The narinfo of a stored path, as Attic serves it (signed with the cache's key).
+fn narinfo(cache: &str, stored: &Stored, seed: &[u8; 32]) -> String {
+    let i = &stored.info;
+    let path = i["store_path"].as_str().unwrap_or_default();
+    let hash_part = i["store_path_hash"].as_str().unwrap_or_default();
+    let digest: [u8; 32] = Sha256::digest(&stored.nar).into();
+    let nar_hash = format!("sha256:{}", nix32(&digest));
+    let size = stored.nar.len();
+    let refs: Vec<&str> = i["references"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let full: Vec<String> = refs.iter().map(|r| format!("/nix/store/{r}")).collect();
+    let fingerprint = format!("1;{path};{nar_hash};{size};{}", full.join(","));
+    let sig = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        keypair(seed).sign(fingerprint.as_bytes()),
+    );
+    let mut text = format!(
+        "StorePath: {path}\nURL: nar/{hash_part}.nar\nCompression: none\nFileHash: {nar_hash}\nFileSize: {size}\nNarHash: {nar_hash}\nNarSize: {size}\nReferences: {}\n",
+        refs.join(" ")
+    );
+    if let Some(d) = i["deriver"].as_str() {
+        text.push_str(&format!("Deriver: {d}\n"));
+    }
+    if let Some(c) = i["ca"].as_str() {
+        text.push_str(&format!("CA: {c}\n"));
+    }
+    text.push_str(&format!("Sig: {cache}:{sig}\n"));
+    text
+}
+
+/// `GET /<cache>/…`: what a Nix client reads.
+fn read(state: &Arc<Mutex<State>>, path: &str) -> Response {
+    let s = state.lock().expect("state");
+    let Some((cache, rest)) = path.trim_start_matches('/').split_once('/') else {
+        return error(404, "NotFound", "no such endpoint");
+    };
+    let Some(c) = s.caches.get(cache) else {
+        return error(404, "NoSuchCache", "no such cache");
+    };
+    let text = |t: String| ([("content-type", "text/x-nix-narinfo")], t).into_response();
+    if rest == "nix-cache-info" {
+        return text("StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 41\n".into());
+    }
+    if let Some(hash) = rest.strip_suffix(".narinfo") {
+        return match c.get(hash) {
+            Some(stored) => text(narinfo(cache, stored, &s.seed)),
+            None => error(404, "NoSuchObject", "no such path"),
+        };
+    }
+    if let Some(hash) = rest
+        .strip_prefix("nar/")
+        .and_then(|r| r.strip_suffix(".nar"))
+    {
+        return match c.get(hash) {
+            Some(stored) => stored.nar.clone().into_response(),
+            None => error(404, "NoSuchObject", "no such NAR"),
+        };
+    }
+    error(404, "NotFound", "no such endpoint")
+}
+
 async fn handle(
     AxState(state): AxState<Arc<Mutex<State>>>,
     method: Method,
@@ -186,6 +394,7 @@ async fn handle(
     let resp = match (method.as_str(), path.as_str()) {
         ("POST", "/_api/v1/get-missing-paths") => missing(&state, &headers, body).await,
         ("PUT", "/_api/v1/upload-path") => upload(&state, &headers, body).await,
+        ("GET" | "HEAD", p) if !p.starts_with("/_api/") => read(&state, p),
         _ => error(404, "NotFound", "no such endpoint"),
     };
     let mut s = state.lock().expect("state");
@@ -277,16 +486,18 @@ async fn upload(state: &Arc<Mutex<State>>, headers: &HeaderMap, body: Body) -> R
             "store_path does not match store_path_hash",
         );
     }
-    let refs_ok = info["references"].as_array().is_some_and(|a| {
-        a.iter()
-            .all(|r| r.as_str().is_some_and(|r| !r.contains('/') && r.len() > 33))
-    });
-    if !refs_ok {
-        return error(
-            400,
-            "BadRequest",
-            "references must be base names (<hash>-<name>)",
-        );
+    if let Some(why) = narinfo_fields_refused(&info) {
+        return error(400, "BadRequest", &why);
+    }
+    let (stall, fail) = {
+        let s = state.lock().expect("state");
+        (s.stall_uploads, s.fail_uploads_of.clone())
+    };
+    if stall {
+        std::future::pending::<()>().await;
+    }
+    if fail.is_some_and(|f| store_path.contains(&f)) {
+        return error(500, "InternalServerError", "storage backend failed");
     }
     // Stream and hash the NAR.
     let discard = state.lock().expect("state").discard_nars;
