@@ -573,8 +573,8 @@ fn the_job_user_cannot_import_unsigned_paths_or_reach_another_jobs_daemon() {
     let theirs: Vec<PathBuf> = std::fs::read_dir(&sockets)
         .unwrap()
         .flatten()
+        .filter(|e| e.path().is_dir())
         .map(|e| e.path().join("socket"))
-        .filter(|p| p.exists())
         .collect();
     assert_eq!(theirs.len(), 1, "{theirs:?}");
     let probe = format!(
@@ -949,7 +949,7 @@ fn a_trusted_jobs_builds_are_published_by_the_agent_and_a_pull_requests_are_not(
         "101",
         "push",
         "refs/heads/main",
-        format!("nix-build {s}/p.nix --no-out-link\ntouch {s}/push-built; for i in $(seq 100); do [ -e {s}/pr-done ] && break; sleep 0.1; done"),
+        format!("nix-build {s}/p.nix --no-out-link\nnix-store -l $(nix-instantiate {s}/p.nix) > /dev/null && touch {s}/push-read-log\ntouch {s}/push-built; for i in $(seq 100); do [ -e {s}/pr-done ] && break; sleep 0.1; done"),
     ));
     // A fork's pull request at the same time: builds, and looks for anything to push with.
     gh.push_job(job(
@@ -957,7 +957,7 @@ fn a_trusted_jobs_builds_are_published_by_the_agent_and_a_pull_requests_are_not(
         "pull_request",
         "refs/pull/5/merge",
         format!(
-            "set +e\nnix-build {s}/q.nix --no-out-link\nnix-build {s}/f.nix --no-out-link && exit 9\ntouch {s}/pr-failed\nfor i in $(seq 100); do [ -e {s}/push-built ] && break; sleep 0.1; done\necho \"token files: $(grep -rls 'eyJ' $HOME {state} 2>/dev/null | wc -l) env: $(env | grep -c 'eyJ')\" > {s}/pr-looked\ntouch {s}/pr-done",
+            "set +e\nnix-build {s}/q.nix --no-out-link\nnix-build {s}/f.nix --no-out-link && exit 9\ntouch {s}/pr-failed\nfor i in $(seq 100); do [ -e {s}/push-built ] && break; sleep 0.1; done\nnix-store -l $(nix-instantiate {s}/p.nix) > /dev/null 2>&1 && touch {s}/pr-read-log\necho \"token files: $(grep -rls 'eyJ' $HOME {state} 2>/dev/null | wc -l) env: $(env | grep -c 'eyJ')\" > {s}/pr-looked\ntouch {s}/pr-done",
             state = rig.dir.path().join("state").display()
         ),
     ));
@@ -1032,6 +1032,9 @@ fn a_trusted_jobs_builds_are_published_by_the_agent_and_a_pull_requests_are_not(
         shared.join("pr-failed").exists(),
         "the neighbour's build did not run: {log}"
     );
+    // `nix log` in a job reads its own daemon's logs, and no neighbour's.
+    assert!(shared.join("push-read-log").exists(), "{log}");
+    assert!(!shared.join("pr-read-log").exists(), "{log}");
     let summaries: Vec<String> = gh.with(|s| s.summaries.values().cloned().collect());
     let trusted = summaries
         .iter()

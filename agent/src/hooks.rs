@@ -145,6 +145,8 @@ struct HookState {
     publish: Option<String>,
     /// The job's builds were published (or publishing was tried) by the completed hook.
     published: bool,
+    /// Held while the completed hook publishes: what comes after the job waits for it.
+    publishing: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A runner's hook service, running: what the agent still needs of it after the job.
@@ -157,13 +159,16 @@ pub struct Serving {
 
 impl Serving {
     /// What publishes, after the listener exited, what a trusted job built when its completed
-    /// hook did not (the job was cancelled, or the listener stopped), within `limit`: run by
-    /// the envelope before the slot's store is collected or the slot handed on.
-    pub fn leftover(&self, limit: Duration) -> Arc<Leftover> {
+    /// hook did not (the job was cancelled, or the listener stopped), or waits for the
+    /// completed hook's publication still under way: run by the envelope before the slot's
+    /// store is collected or the slot handed on. Within `limit`, or, once the agent is
+    /// stopping (`stop`), within what is left of the job's teardown deadline.
+    pub fn leftover(&self, limit: Duration, stop: crate::envelope::Stop) -> Arc<Leftover> {
         Arc::new(Leftover {
             hooks: self.hooks.clone(),
             state: self.state.clone(),
             limit,
+            stop,
         })
     }
 }
@@ -174,23 +179,45 @@ pub struct Leftover {
     hooks: Arc<RunnerHooks>,
     state: Arc<Mutex<HookState>>,
     limit: Duration,
+    stop: crate::envelope::Stop,
 }
 
 impl Leftover {
-    async fn publish(&self) -> Option<String> {
-        let grant = {
+    async fn publish(&self, after: crate::envelope::Released) -> Option<String> {
+        let limit = if self.stop.now.is_cancelled() || self.stop.graceful.is_cancelled() {
+            self.limit.min(after.left)
+        } else {
+            self.limit
+        };
+        let (grant, busy) = {
             let mut s = self.state.lock().ok()?;
-            if s.published {
+            let grant = if s.published {
+                None
+            } else {
+                s.published = true;
+                Some(s.publish.clone())
+            };
+            (grant, s.publishing.clone())
+        };
+        let Some(grant) = grant else {
+            // The completed hook answered, or is still publishing: wait for it.
+            if busy.try_lock().is_ok() {
                 return None;
             }
-            s.published = true;
-            s.publish.clone()?
+            return Some(match tokio::time::timeout(limit, busy.lock()).await {
+                Ok(_) => "after the job: the completed hook's publication finished".into(),
+                Err(_) => format!(
+                    "left unpublished: the completed hook's publication did not finish within {} s",
+                    limit.as_secs()
+                ),
+            });
         };
-        match tokio::time::timeout(self.limit, publish(&self.hooks, &grant, false)).await {
+        let sub = grant?;
+        match tokio::time::timeout(limit, publish(&self.hooks, &sub, after.oom)).await {
             Ok(line) => Some(format!("after the job: {line}")),
             Err(_) => Some(format!(
                 "left unpublished: publishing did not finish within {} s",
-                self.limit.as_secs()
+                limit.as_secs()
             )),
         }
     }
@@ -199,8 +226,9 @@ impl Leftover {
 impl crate::envelope::BeforeRelease for Leftover {
     fn run(
         &self,
+        after: crate::envelope::Released,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send + '_>> {
-        Box::pin(self.publish())
+        Box::pin(self.publish(after))
     }
 }
 
@@ -388,6 +416,13 @@ async fn handle(h: &RunnerHooks, state: &Mutex<HookState>, req: HookRequest) -> 
             resp
         }
         _ => {
+            // Held until the answer is ready, taken before `published` is set: the envelope's
+            // work after the job sees either "not published" or a publication it can await.
+            let busy = match state.lock() {
+                Ok(s) => s.publishing.clone(),
+                Err(_) => return refuse("internal error".into()),
+            };
+            let _publishing = busy.lock_owned().await;
             let grant = state.lock().ok().and_then(|mut s| {
                 s.published = true;
                 s.publish.clone()

@@ -46,11 +46,55 @@ pub fn dump(path: &Path, w: &mut impl Write) -> io::Result<()> {
     dump_at(dir.as_fd(), name, w)
 }
 
-/// Write the NAR of the entry `name` in the directory `dir` into `w`.
+/// Write the NAR of the entry `name` in the directory `dir` into `w`. Directories are walked
+/// with a stack of their descriptors (at most [`MAX_DEPTH`] deep), not by recursion.
 pub fn dump_at(dir: BorrowedFd<'_>, name: &OsStr, w: &mut impl Write) -> io::Result<()> {
     string(w, b"nix-archive-1")?;
     let name = CString::new(name.as_bytes()).map_err(io::Error::other)?;
-    node(dir, &name, w)
+    let mut stack: Vec<Listing> = Vec::new();
+    if let Some(d) = node(dir, &name, w)? {
+        stack.push(d);
+    }
+    while let Some(top) = stack.last_mut() {
+        match top.names.next() {
+            Some(n) => {
+                string(w, b"entry")?;
+                string(w, b"(")?;
+                string(w, b"name")?;
+                string(w, n.as_bytes())?;
+                string(w, b"node")?;
+                match node(top.fd.as_fd(), &n, w)? {
+                    Some(_) if stack.len() >= MAX_DEPTH => {
+                        return Err(io::Error::other(format!(
+                            "{} is more than {MAX_DEPTH} directories deep",
+                            n.to_string_lossy()
+                        )))
+                    }
+                    Some(d) => stack.push(d),
+                    // The entry's node is complete: close the entry.
+                    None => string(w, b")")?,
+                }
+            }
+            None => {
+                stack.pop();
+                // Close the directory's node, and the entry it was in.
+                string(w, b")")?;
+                if !stack.is_empty() {
+                    string(w, b")")?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Directories deeper than this fail the path (one descriptor a level).
+const MAX_DEPTH: usize = 512;
+
+/// A directory being archived: its descriptor and the names still to write, in byte order.
+struct Listing {
+    fd: OwnedFd,
+    names: std::vec::IntoIter<CString>,
 }
 
 fn kind(st: &FileStat) -> SFlag {
@@ -91,7 +135,9 @@ fn changed(name: &CStr, e: io::Error) -> io::Error {
     ))
 }
 
-fn node(dir: BorrowedFd<'_>, name: &CStr, w: &mut impl Write) -> io::Result<()> {
+/// Write the node of `name` in `dir`: a symlink or a regular file whole; a directory's
+/// opening, returned as a [`Listing`] for the caller to walk and close.
+fn node(dir: BorrowedFd<'_>, name: &CStr, w: &mut impl Write) -> io::Result<Option<Listing>> {
     let st = stat_at(dir, name)?;
     string(w, b"(")?;
     let k = kind(&st);
@@ -139,28 +185,37 @@ fn node(dir: BorrowedFd<'_>, name: &CStr, w: &mut impl Write) -> io::Result<()> 
             }
         }
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-        for n in names {
-            string(w, b"entry")?;
-            string(w, b"(")?;
-            string(w, b"name")?;
-            string(w, n.as_bytes())?;
-            string(w, b"node")?;
-            node(fd.as_fd(), &n, w)?;
-            string(w, b")")?;
-        }
+        return Ok(Some(Listing {
+            fd,
+            names: names.into_iter(),
+        }));
     } else {
         return Err(io::Error::other(format!(
             "{} is neither a file, a directory nor a symlink",
             name.to_string_lossy()
         )));
     }
-    string(w, b")")
+    string(w, b")")?;
+    Ok(None)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_tree_deeper_than_the_bound_fails_instead_of_exhausting_the_stack() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let p = t.path().join("out");
+        let mut d = p.clone();
+        for _ in 0..=MAX_DEPTH + 1 {
+            d.push("d");
+        }
+        std::fs::create_dir_all(&d).expect("mkdir");
+        let e = dump(&p, &mut std::io::sink()).expect_err("too deep");
+        assert!(e.to_string().contains("directories deep"), "{e}");
+    }
 
     #[test]
     fn a_fifo_fails_the_path_at_once_instead_of_blocking() {

@@ -57,7 +57,7 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 fn hex_decode(s: &str, size: usize) -> Option<Vec<u8>> {
-    if s.len() != size * 2 || !s.is_ascii() {
+    if s.len() != size * 2 || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
         return None;
     }
     (0..size)
@@ -77,7 +77,9 @@ pub fn parse_sha256(s: &str) -> Option<[u8; 32]> {
     v.try_into().ok()
 }
 
-/// Whether Nix's `StorePath` accepts `base` (`<hash>-<name>`, no directory).
+/// Whether Nix's `StorePath` accepts `base` (`<hash>-<name>`, no directory). A name may start
+/// with `.` (Nix 2.8 makes such paths, e.g. `builtins.toFile ".envrc"`), but not be `.` or
+/// `..` or start with `.-` or `..-` (current Nix refuses those).
 pub fn valid_base_name(base: &str) -> bool {
     let Some((hash, name)) = base.split_at_checked(32) else {
         return false;
@@ -88,7 +90,10 @@ pub fn valid_base_name(base: &str) -> bool {
     hash.bytes().all(|c| NIX32.contains(&c))
         && !name.is_empty()
         && name.len() <= MAX_NAME
-        && !name.starts_with('.')
+        && name != "."
+        && name != ".."
+        && !name.starts_with(".-")
+        && !name.starts_with("..-")
         && name
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c))
@@ -176,10 +181,20 @@ impl std::fmt::Display for PublicKey {
     }
 }
 
+/// Signatures tried per key and path: anyone may attach signatures to a path, so a flood of
+/// them named like a trusted key costs at most this many verifications.
+const SIGS_PER_KEY: usize = 16;
+
 /// The first of `keys` under which one of `sigs` verifies for `fingerprint`.
 pub fn verified_by<'k>(keys: &'k [PublicKey], fingerprint: &str, sigs: &[&str]) -> Option<&'k str> {
     keys.iter()
-        .find(|k| sigs.iter().any(|s| k.verifies(fingerprint, s)))
+        .find(|k| {
+            let prefix = format!("{}:", k.name);
+            sigs.iter()
+                .filter(|s| s.starts_with(&prefix))
+                .take(SIGS_PER_KEY)
+                .any(|s| k.verifies(fingerprint, s))
+        })
         .map(|k| k.name.as_str())
 }
 
@@ -306,7 +321,8 @@ mod tests {
             "iq2y8ir06q55hpkigdv1mb4ggyv2ham4",
             "iq2y8ir06q55hpkigdv1mb4ggyv2ham4-",
             "eq2y8ir06q55hpkigdv1mb4ggyv2ham4-x",
-            "iq2y8ir06q55hpkigdv1mb4ggyv2ham4-.hidden",
+            "iq2y8ir06q55hpkigdv1mb4ggyv2ham4-..",
+            "iq2y8ir06q55hpkigdv1mb4ggyv2ham4-.-x",
             "iq2y8ir06q55hpkigdv1mb4ggyv2ham4-a b",
             "iq2y8ir06q55hpkigdv1mb4ggyv2ham4-a\u{7f}",
         ] {
@@ -351,6 +367,17 @@ mod tests {
             key.to_string(),
             "test-1:96TLtxV8uPU7ogy55aMW4jNSwM01JBOVGc73jBEiYTY="
         );
+        // Two references: Nix signs them sorted (as store paths sort, by their bytes).
+        let t3 = "/nix/store/24s49bzil10fakmc9lv1wg04sd5ka0l7-t3.txt";
+        let b = "/nix/store/ly6g1qv655sgb0afmyb23i3xia410h4i-b.txt".to_owned();
+        let h3 =
+            parse_sha256("sha256:ab009df5add8efdf9a4ad6b359437c3bcb3e8a24be669e29def98b122d4243b2")
+                .expect("hash");
+        let sig3 = "test-1:Hte6b/KUYv0wMBeTl1caDJ4iXvAMBbw/T9cSKYhLM4zRETqj2/WNraaxH0EhiE0euW4SL6dXn9SJivsnki8dBA==";
+        let mut refs = vec![A.to_owned(), b];
+        assert!(!key.verifies(&fingerprint(t3, &h3, 216, &refs), sig3));
+        refs.sort();
+        assert!(key.verifies(&fingerprint(t3, &h3, 216, &refs), sig3));
         for bad in ["cache.nixos.org-1", ":AAAA", "k:not base64!", "k:AAAA"] {
             assert!(PublicKey::parse(bad).is_err(), "{bad}");
         }

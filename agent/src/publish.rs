@@ -38,6 +38,23 @@ const CHUNK: usize = 64 * 1024;
 const TRIES: u32 = 4;
 /// Failures named in a job's line; the rest are counted.
 const NAMED_FAILURES: usize = 5;
+/// The most of an error answer's body the agent reads.
+const ERROR_BODY: usize = 4096;
+/// The most of a successful answer's body (a small JSON object) the agent reads.
+const ANSWER_BODY: usize = 64 * 1024;
+
+/// At most `limit` bytes of a response's body.
+async fn bounded_body(mut r: reqwest::Response, limit: usize) -> Result<Vec<u8>, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = r.chunk().await? {
+        let room = limit.saturating_sub(body.len());
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= limit {
+            break;
+        }
+    }
+    Ok(body)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -215,8 +232,51 @@ pub fn to_publish(
             ca,
         });
     }
-    sel.paths.sort_by(|a, b| a.path.cmp(&b.path));
+    sel.paths = dependencies_first(sel.paths);
     Ok(sel)
+}
+
+/// `paths` ordered so that every path comes after the paths it refers to (as `nix copy`
+/// uploads), ties by name: a cache that an interrupted publication left behind never holds a
+/// path without its references.
+fn dependencies_first(mut paths: Vec<PathInfo>) -> Vec<PathInfo> {
+    paths.sort_by(|a, b| a.path.cmp(&b.path));
+    let index: std::collections::HashMap<String, usize> = paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.path.clone(), i))
+        .collect();
+    let mut state = vec![0u8; paths.len()]; // 0 new, 1 on the stack, 2 placed
+    let mut order = Vec::with_capacity(paths.len());
+    for root in 0..paths.len() {
+        // An explicit stack of (path, next reference to look at): closures can be deep.
+        let mut stack = vec![(root, 0usize)];
+        while let Some((i, next)) = stack.pop() {
+            if next == 0 {
+                if state[i] != 0 {
+                    continue;
+                }
+                state[i] = 1;
+            }
+            let deps = &paths[i].references;
+            match deps[next.min(deps.len())..]
+                .iter()
+                .position(|r| index.get(r).is_some_and(|&j| state[j] == 0))
+            {
+                Some(k) => {
+                    let j = index[&deps[next + k]];
+                    stack.push((i, next + k + 1));
+                    stack.push((j, 0));
+                }
+                None => {
+                    state[i] = 2;
+                    order.push(i);
+                }
+            }
+        }
+    }
+    let mut slots: Vec<Option<PathInfo>> = paths.into_iter().map(Some).collect();
+    order.into_iter().filter_map(|i| slots[i].take()).collect()
 }
 
 /// What a publication did.
@@ -359,10 +419,11 @@ impl Publisher {
                 status,
             }));
         }
-        let body = r.text().await.unwrap_or_default();
+        let body = bounded_body(r, ERROR_BODY).await.unwrap_or_default();
         let detail = format!(
             "answered {status}: {}",
-            body.chars()
+            String::from_utf8_lossy(&body)
+                .chars()
                 .filter(|c| !c.is_control())
                 .take(300)
                 .collect::<String>()
@@ -408,11 +469,10 @@ impl Publisher {
             .send()
             .await
             .map_err(|e| Failure::Transient(e.without_url().to_string()))?;
-        let answer: MissingResponse = self
-            .check(r)
-            .await?
-            .json()
+        let body = bounded_body(self.check(r).await?, 16 << 20)
             .await
+            .map_err(|e| Failure::Transient(format!("get-missing-paths: {}", e.without_url())))?;
+        let answer: MissingResponse = serde_json::from_slice(&body)
             .map_err(|e| Failure::Transient(format!("get-missing-paths: {e}")))?;
         Ok(answer.missing_paths)
     }
@@ -445,11 +505,23 @@ impl Publisher {
                 })
             }
         };
+        let missing: std::collections::HashSet<String> = missing.into_iter().collect();
         let store = crate::workdir::open_dir_at(None, nix_root.join("store").as_os_str())
             .map(Arc::new)
             .map_err(|e| PublishError::Store(format!("{}: {e}", nix_root.display())))?;
+        // Paths that did not go up: what refers to them does not go up either.
+        let mut not_up: std::collections::HashSet<String> =
+            sel.unusable.iter().map(|f| f.path.clone()).collect();
         for p in &sel.paths {
-            if !missing.iter().any(|m| m == p.hash_part()) {
+            if let Some(r) = p.references.iter().find(|r| not_up.contains(*r)) {
+                not_up.insert(p.path.clone());
+                done.failed.push(Failed {
+                    path: p.path.clone(),
+                    reason: format!("it refers to {r}, which was not published"),
+                });
+                continue;
+            }
+            if !missing.contains(p.hash_part()) {
                 done.deduplicated += 1;
                 continue;
             }
@@ -461,6 +533,7 @@ impl Publisher {
                 Ok(false) => done.deduplicated += 1,
                 Err(Failure::Refused(e)) => return Err(e),
                 Err(Failure::Transient(reason) | Failure::Path(reason)) => {
+                    not_up.insert(p.path.clone());
                     done.failed.push(Failed {
                         path: p.path.clone(),
                         reason,
@@ -490,19 +563,25 @@ impl Publisher {
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(4);
         let preamble = (info.len() > HEADER_LIMIT).then(|| info.clone());
         let (name, want) = (p.base().to_owned(), (p.nar_hash, p.nar_size));
+        let deadline = self.limits.upload_deadline(p.nar_size);
+        let handle = tokio::runtime::Handle::current();
         // The NAR is produced by a blocking thread into a bounded channel: a path of any size
         // is streamed with at most a few chunks in memory, and the last one is held back until
-        // the whole NAR hashed to what the database says.
+        // the whole NAR hashed to what the database says. A chunk nobody takes within the
+        // deadline ends the archiver too.
         let dumper = tokio::task::spawn_blocking(move || {
-            let mut w = NarSender::new(tx, preamble.unwrap_or_default());
-            let r = crate::nar::dump_at(store.as_fd(), OsStr::new(&name), &mut w)
-                .map_err(|e| match e.kind() {
-                    std::io::ErrorKind::NotFound => "gone from the store".to_owned(),
-                    _ => e.to_string(),
-                })
-                .and_then(|()| w.finish(want));
-            if let Err(e) = &r {
-                let _ = w.tx.blocking_send(Err(std::io::Error::other(e.clone())));
+            let mut w = NarSender::new(tx, preamble.unwrap_or_default(), handle, deadline);
+            let dumped = crate::nar::dump_at(store.as_fd(), OsStr::new(&name), &mut w);
+            let r = match dumped {
+                Err(_) if w.stopped => Err(Archive::Stopped),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    Err(Archive::Store("gone from the store".to_owned()))
+                }
+                Err(e) => Err(Archive::Store(e.to_string())),
+                Ok(()) => w.finish(want),
+            };
+            if let Err(Archive::Store(e)) = &r {
+                let _ = w.tx.try_send(Err(std::io::Error::other(e.clone())));
             }
             r
         });
@@ -523,33 +602,53 @@ impl Publisher {
                 String::from_utf8_lossy(&info).into_owned(),
             )
         };
-        let deadline = self.limits.upload_deadline(p.nar_size);
-        let sent = tokio::time::timeout(
-            deadline,
-            req.body(reqwest::Body::wrap_stream(stream)).send(),
-        )
-        .await;
-        // The request is over (answered, failed or timed out): the archiver ends too.
-        let dumped = dumper
-            .await
-            .map_err(|e| Failure::Path(format!("archiving failed: {e}")))?;
-        dumped.map_err(Failure::Path)?;
-        let r = match sent {
-            Err(_) => {
-                return Err(Failure::Transient(format!(
-                    "no answer within {} s",
-                    deadline.as_secs()
-                )))
-            }
-            Ok(r) => r.map_err(|e| Failure::Transient(e.without_url().to_string()))?,
+        // One deadline for the whole exchange: sending, the answer and its body.
+        let exchange = async {
+            let r = req
+                .body(reqwest::Body::wrap_stream(stream))
+                .send()
+                .await
+                .map_err(|e| Failure::Transient(e.without_url().to_string()))?;
+            let body = bounded_body(self.check(r).await?, ANSWER_BODY)
+                .await
+                .map_err(|e| Failure::Transient(format!("upload-path: {}", e.without_url())))?;
+            serde_json::from_slice::<UploadResponse>(&body)
+                .map_err(|e| Failure::Transient(format!("upload-path: {e}")))
         };
-        let r = self.check(r).await?;
-        let answer: UploadResponse = r
-            .json()
-            .await
-            .map_err(|e| Failure::Transient(format!("upload-path: {e}")))?;
-        Ok(answer.kind != "Deduplicated")
+        let answered = tokio::time::timeout(deadline, exchange).await;
+        // The request is over and its body dropped: the archiver ends at once (or within the
+        // deadline if something still holds the body).
+        let archived = match tokio::time::timeout(deadline, dumper).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(Archive::Store(format!("archiving failed: {e}"))),
+            Err(_) => Err(Archive::Stopped),
+        };
+        // What the store's copy says first (it is this path's fault, and is not retried), then
+        // what the server said.
+        if let Err(Archive::Store(reason)) = archived {
+            return Err(Failure::Path(reason));
+        }
+        match answered {
+            Err(_) => Err(Failure::Transient(format!(
+                "no answer within {} s",
+                deadline.as_secs_f64().ceil()
+            ))),
+            Ok(Err(f)) => Err(f),
+            Ok(Ok(_)) if archived.is_err() => Err(Failure::Transient(
+                "the server answered before the whole NAR was sent".into(),
+            )),
+            Ok(Ok(answer)) => Ok(answer.kind != "Deduplicated"),
+        }
     }
+}
+
+/// Why the archiver stopped.
+#[derive(Debug)]
+enum Archive {
+    /// The request ended first (answered, failed or timed out): its outcome says why.
+    Stopped,
+    /// The store's copy: gone, changed, not archivable, not what the database says.
+    Store(String),
 }
 
 /// The upload's body, from the archiver: chunks into a bounded channel, every NAR byte hashed,
@@ -560,10 +659,20 @@ struct NarSender {
     held: Option<Vec<u8>>,
     hash: Sha256,
     size: u64,
+    handle: tokio::runtime::Handle,
+    /// How long one chunk may wait to be taken.
+    patience: Duration,
+    /// The request stopped taking chunks.
+    stopped: bool,
 }
 
 impl NarSender {
-    fn new(tx: tokio::sync::mpsc::Sender<std::io::Result<Vec<u8>>>, preamble: Vec<u8>) -> Self {
+    fn new(
+        tx: tokio::sync::mpsc::Sender<std::io::Result<Vec<u8>>>,
+        preamble: Vec<u8>,
+        handle: tokio::runtime::Handle,
+        patience: Duration,
+    ) -> Self {
         let mut buf = preamble;
         buf.reserve(CHUNK);
         NarSender {
@@ -572,33 +681,41 @@ impl NarSender {
             held: None,
             hash: Sha256::new(),
             size: 0,
+            handle,
+            patience,
+            stopped: false,
         }
     }
 
-    fn send(&self, chunk: Vec<u8>) -> std::io::Result<()> {
-        self.tx
-            .blocking_send(Ok(chunk))
-            .map_err(|_| std::io::Error::other("the upload stopped"))
+    fn send(&mut self, chunk: Vec<u8>) -> std::io::Result<()> {
+        let sent = self
+            .handle
+            .block_on(self.tx.send_timeout(Ok(chunk), self.patience));
+        if sent.is_err() {
+            self.stopped = true;
+            return Err(std::io::Error::other("the upload stopped"));
+        }
+        Ok(())
     }
 
     /// Send what is held back if the NAR is the database's.
-    fn finish(&mut self, (hash, size): ([u8; 32], u64)) -> Result<(), String> {
+    fn finish(&mut self, (hash, size): ([u8; 32], u64)) -> Result<(), Archive> {
         let got: [u8; 32] = std::mem::take(&mut self.hash).finalize().into();
         if (got, self.size) != (hash, size) {
-            return Err(format!(
+            return Err(Archive::Store(format!(
                 "the store's copy is not what its database says (NAR sha256:{}, {} bytes; the database says sha256:{}, {} bytes): not uploaded",
                 narinfo::hex(&got),
                 self.size,
                 narinfo::hex(&hash),
                 size
-            ));
+            )));
         }
         for chunk in [self.held.take(), Some(std::mem::take(&mut self.buf))]
             .into_iter()
             .flatten()
             .filter(|c| !c.is_empty())
         {
-            self.send(chunk).map_err(|e| e.to_string())?;
+            self.send(chunk).map_err(|_| Archive::Stopped)?;
         }
         Ok(())
     }
@@ -645,8 +762,10 @@ pub fn line(p: &Published, server: &str, cache: &str) -> String {
             .iter()
             .take(NAMED_FAILURES)
             .map(|f| {
-                let reason: String = f.reason.chars().take(200).collect();
-                format!("{} ({reason})", f.path)
+                let clean = |t: &str, n: usize| -> String {
+                    t.chars().filter(|c| !c.is_control()).take(n).collect()
+                };
+                format!("{} ({})", clean(&f.path, 300), clean(&f.reason, 200))
             })
             .collect();
         s.push_str(&format!(
@@ -789,7 +908,7 @@ mod tests {
             sub: "test".into(),
             limits: Limits {
                 backoff: Duration::from_millis(10),
-                deadline: Duration::from_millis(500),
+                deadline: Duration::from_secs(5),
                 min_rate: 1 << 20,
             },
         }
@@ -916,15 +1035,17 @@ mod tests {
     fn a_failing_path_is_named_and_the_others_go_up() {
         let st = Store::new();
         let (_, good) = st.add('a', "good", "good\n", &[], "");
-        // Its file changed after it was registered: the NAR is not the database's.
-        let (_, changed) = st.add('b', "changed", "registered\n", &[], "");
+        // Its file changed after it was registered (same size, 4 chunks): the NAR is not the
+        // database's. What refers to it does not go up either.
+        let (changed_id, changed) = st.add('b', "changed", &"r".repeat(4 * CHUNK), &[], "");
         std::fs::write(
             st.root()
                 .join("store")
                 .join(changed.trim_start_matches("/nix/store/")),
-            "swapped!!!\n",
+            "s".repeat(4 * CHUNK),
         )
         .expect("write");
+        let (_, above) = st.add('h', "above", "above\n", &[changed_id], "");
         // A FIFO where a file was: never opened for reading, never blocks.
         let (_, fifo) = st.add('c', "fifo", "x\n", &[], "");
         let fifo_disk = st
@@ -947,7 +1068,7 @@ mod tests {
         let attic = fake_attic::FakeAttic::start(SECRET, &["main"]);
         attic.with(|s| s.fail_uploads_of = Some("-flaky".into()));
         let sel = to_publish(st.root(), &[DRV.to_owned()], &[]).expect("select");
-        assert_eq!(sel.paths.len(), 5);
+        assert_eq!(sel.paths.len(), 6);
         let started = Instant::now();
         let done = rt()
             .block_on(publisher(&attic.url, SECRET).publish(&sel, st.root()))
@@ -977,12 +1098,20 @@ mod tests {
             reason(&gone)
         );
         assert!(
+            reason(&above).contains("which was not published"),
+            "{}",
+            reason(&above)
+        );
+        assert!(
             reason(&flaky).contains("answered 500"),
             "{}",
             reason(&flaky)
         );
         // The flaky path was tried TRIES times, the changed one never completed an upload.
-        let (calls, stored) = attic.with(|s| (s.calls.clone(), s.caches["main"].clone()));
+        let (calls, stored, bad) =
+            attic.with(|s| (s.calls.clone(), s.caches["main"].clone(), s.bad_bodies));
+        // The changed NAR never reached the server whole.
+        assert_eq!(bad, 0);
         assert_eq!(
             calls.iter().filter(|c| c.2 == 500).count(),
             TRIES as usize,
@@ -993,20 +1122,25 @@ mod tests {
             .values()
             .all(|s| s.info["store_path"] == good.as_str()));
         let line = line(&done, &attic.url, "main");
-        assert!(line.contains("4 not published"), "{line}");
+        assert!(line.contains("5 not published"), "{line}");
     }
 
     /// A server that never answers an upload does not hold the publication forever.
     #[test]
     fn every_upload_has_a_deadline() {
         let st = Store::new();
-        st.add('a', "slow", "slow\n", &[], "");
+        // Larger than what the channel and the socket buffers hold: the archiver is stuck
+        // sending when the deadline comes.
+        st.add('a', "slow", &"x".repeat(16 << 20), &[], "");
         let attic = fake_attic::FakeAttic::start(SECRET, &["main"]);
         attic.with(|s| s.stall_uploads = true);
         let sel = to_publish(st.root(), &[DRV.to_owned()], &[]).expect("select");
+        let mut p = publisher(&attic.url, SECRET);
+        p.limits.deadline = Duration::from_millis(500);
+        p.limits.min_rate = u64::MAX;
         let started = Instant::now();
         let done = rt()
-            .block_on(publisher(&attic.url, SECRET).publish(&sel, st.root()))
+            .block_on(p.publish(&sel, st.root()))
             .expect("published");
         // Four tries of 0.5 s and the waits between them.
         assert!(
@@ -1022,6 +1156,22 @@ mod tests {
         );
     }
 
+    /// Paths go up after what they refer to, whatever their names.
+    #[test]
+    fn dependencies_go_up_first() {
+        let st = Store::new();
+        let (z, z_path) = st.add('z', "zlib", "z\n", &[], "");
+        let (m, m_path) = st.add('m', "mid", "m\n", &[z], "");
+        let (_, a_path) = st.add('a', "app", "a\n", &[m, z], "");
+        let attic = fake_attic::FakeAttic::start(SECRET, &["main"]);
+        let sel = to_publish(st.root(), &[DRV.to_owned()], &[]).expect("select");
+        let order: Vec<&str> = sel.paths.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(order, [z_path.as_str(), m_path.as_str(), a_path.as_str()]);
+        rt().block_on(publisher(&attic.url, SECRET).publish(&sel, st.root()))
+            .expect("published");
+        assert_eq!(attic.with(|s| s.uploads.clone()), [z_path, m_path, a_path]);
+    }
+
     /// Many failures: the line stays short and says how many were left out.
     #[test]
     fn the_line_names_a_few_failures_and_counts_the_rest() {
@@ -1029,7 +1179,7 @@ mod tests {
             failed: (0..40)
                 .map(|i| Failed {
                     path: format!("/nix/store/{i:032}-x"),
-                    reason: "r".repeat(1000),
+                    reason: format!("{}\n::error::injected", "r".repeat(1000)),
                 })
                 .collect(),
             ..Published::default()
@@ -1040,5 +1190,6 @@ mod tests {
             "{l}"
         );
         assert!(l.len() < 2000, "{}", l.len());
+        assert!(!l.contains('\n'), "{l}");
     }
 }

@@ -268,7 +268,7 @@ fn runner_spec(
         nix,
         hook: Some(hooks.mount.clone()),
         background: ctx.background.clone(),
-        before_release: Some(hooks.serving.leftover(ctx.cfg.runner.drain_grace)),
+        before_release: None,
     }
 }
 
@@ -357,6 +357,7 @@ pub fn reconcile_local(cfg: &Config, mgr: &dyn CgroupManager) -> (usize, usize) 
         let mut roots = vec![
             lane.work_root.clone(),
             cfg.agent.state_dir.join("nix-sockets"),
+            cfg.agent.state_dir.join("nix-logs"),
         ];
         if let Some(sr) = &lane.slot_root {
             roots.extend((0..lane.max_runners).map(|i| crate::slot::slot_dirs(sr, i).1));
@@ -479,7 +480,12 @@ async fn run_runner(
             return Err(e);
         }
     };
-    let spec = runner_spec(ctx, lane, jit, name, probe, &hooks, arc);
+    let mut spec = runner_spec(ctx, lane, jit, name, probe, &hooks, arc);
+    spec.before_release = Some(
+        hooks
+            .serving
+            .leftover(ctx.cfg.runner.drain_grace, stop.clone()),
+    );
     let outcome = envelope::run_job(&ctx.cfg, ctx.mgr.as_ref(), spec, stop, &ctx.reaper).await;
     hooks.finish();
     ctx.telemetry.runner_ended(name);

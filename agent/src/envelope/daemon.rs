@@ -1,7 +1,7 @@
 //! A job's own nix-daemon, inside the job's cgroup, and the record of what it built.
 
 use super::*;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 
 /// What a job's daemon recorded it built (derivations, out paths).
 pub fn read_built(file: &Path) -> Vec<String> {
@@ -15,10 +15,11 @@ pub fn built_list(nix: &NixJob, job: &str) -> PathBuf {
     nix.sockets.join(format!("{job}.built"))
 }
 
-/// Where a job's daemon writes its build logs (`NIX_LOG_DIR`, root-only, the job's alone): every
-/// log in it is a build of this job's daemon, finished or not, never a neighbour's.
+/// Where a job's daemon writes its build logs (`NIX_LOG_DIR`, the job's alone): every log in
+/// it is a build of this job's daemon, finished or not, never a neighbour's. Under a root-only
+/// directory; the job reads it (`nix log`) where it is bound into its namespace.
 pub fn build_logs(nix: &NixJob, job: &str) -> PathBuf {
-    nix.sockets.join(format!("{job}.logs"))
+    nix.logs.join(job)
 }
 
 /// Start the job's own nix-daemon inside its cgroup (and its slot's mounts), as root, and wait
@@ -63,6 +64,13 @@ pub(super) async fn start_nix_daemon(
     let logs = build_logs(nix, job);
     std::fs::DirBuilder::new()
         .mode(0o700)
+        .recursive(true)
+        .create(&nix.logs)
+        .map_err(io_at("create", &nix.logs))?;
+    std::fs::set_permissions(&nix.logs, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_at("chmod", &nix.logs))?;
+    std::fs::DirBuilder::new()
+        .mode(0o755)
         .create(&logs)
         .map_err(io_at("create", &logs))?;
     let mut cmd = std::process::Command::new(&nix.daemon);
@@ -152,6 +160,7 @@ pub fn nix_job(cfg: &Config, lane: &Lane) -> NixJob {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("/etc/nix")),
         sockets: cfg.agent.state_dir.join("nix-sockets"),
+        logs: cfg.agent.state_dir.join("nix-logs"),
         socket_seen: lane.nix_store.join("var/nix/daemon-socket"),
         userpool: cfg.nix.userpool.clone(),
         userpool_seen: lane.nix_store.join("var/nix/userpool"),

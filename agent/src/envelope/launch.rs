@@ -21,6 +21,8 @@ pub(super) struct LaunchArgs<'a> {
     pub cg: &'a dyn JobCgroup,
     /// The work root as the agent sees it (a slot's, or the lane's).
     pub phys_work_root: &'a Path,
+    /// The job's Nix store as the agent sees it (a slot's, or the lane's).
+    pub phys_nix: &'a Path,
     pub mounts: Vec<Mount>,
     pub job: &'a str,
     /// The job's uid and gid.
@@ -41,6 +43,7 @@ pub(super) async fn launch(
         user,
         cg,
         phys_work_root,
+        phys_nix,
         mut mounts,
         job,
         ids: (uid, gid),
@@ -93,6 +96,14 @@ pub(super) async fn launch(
             src: dir,
             dst: n.socket_seen.clone(),
             readonly: false,
+        });
+        // `nix log` in the job reads its own daemon's logs, and no neighbour's.
+        let logs_seen = phys_nix.join("var/log/nix");
+        std::fs::create_dir_all(&logs_seen).map_err(io_at("create", &logs_seen))?;
+        mounts.push(Mount::Bind {
+            src: build_logs(n, job),
+            dst: spec.lane.nix_store.join("var/log/nix"),
+            readonly: true,
         });
         mounts.push(Mount::Hide {
             dst: n.sockets.clone(),

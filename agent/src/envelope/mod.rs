@@ -111,7 +111,17 @@ pub struct JobSpec {
 pub trait BeforeRelease: Send + Sync + std::fmt::Debug {
     fn run(
         &self,
+        after: Released,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send + '_>>;
+}
+
+/// What [`BeforeRelease`] is told of the job.
+#[derive(Debug, Clone, Copy)]
+pub struct Released {
+    /// What is left of the job's teardown deadline.
+    pub left: Duration,
+    /// The kernel OOM-killed something in the job.
+    pub oom: bool,
 }
 
 /// A runner's hook socket in its mount namespace.
@@ -132,6 +142,9 @@ pub struct NixJob {
     pub conf_dir: PathBuf,
     /// Holds every job's socket directory; hidden (an empty tmpfs) inside jobs.
     pub sockets: PathBuf,
+    /// Holds every job's build log directory (root-only); a job sees only its own, read-only,
+    /// at `<nix_store>/var/log/nix`.
+    pub logs: PathBuf,
     /// Where the job finds its daemon's socket directory (`<nix>/var/nix/daemon-socket`,
     /// which also hides any host daemon's socket).
     pub socket_seen: PathBuf,

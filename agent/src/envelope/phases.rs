@@ -304,6 +304,7 @@ pub(super) async fn run_job_inner<P: Processes>(
                 user: user.as_ref(),
                 cg: cg.as_ref(),
                 phys_work_root: &phys_work_root,
+                phys_nix: &phys_nix,
                 mounts: binds,
                 job: &job,
                 ids: (uid, gid),
@@ -383,13 +384,26 @@ pub(super) async fn run_job_inner<P: Processes>(
     }
     probe.set(None);
     keep_slot_if_torn_badly(&torn, lane, slot_index, slot_node_local);
-    let stats = torn?;
+    // The job is gone (or what is left of it is kept) and the slot still ours: nothing can
+    // collect its outputs yet. What the job's store still needs is done now, even after a
+    // teardown that failed (what is published is checked against the database byte by byte).
+    let mut before_release_time = Duration::ZERO;
     if let Some(before) = &spec.before_release {
-        // The job is gone and the slot still ours: nothing can collect its outputs yet.
-        if let Some(line) = before.run().instrument(info_span!("before_release")).await {
+        let t = Instant::now();
+        let after = Released {
+            left: cfg.agent.teardown_deadline.saturating_sub(t_down.elapsed()),
+            oom: torn.as_ref().is_ok_and(|s| s.oom_kills > 0),
+        };
+        if let Some(line) = before
+            .run(after)
+            .instrument(info_span!("before_release"))
+            .await
+        {
             info!("{line}");
         }
+        before_release_time = t.elapsed();
     }
+    let stats = torn?;
     if slot_dirs.is_some() && spec.nix.is_some() {
         // Still holding the slot, its job gone: nothing live uses the store.
         let (cfg2, lane2, sp) = (cfg.clone(), lane.clone(), procs.spawner());
@@ -405,7 +419,8 @@ pub(super) async fn run_job_inner<P: Processes>(
         }
     }
     drop(guard);
-    let teardown_time = t_down.elapsed();
+    // Publishing is not teardown: the teardown figure stays the kernel's and the store's.
+    let teardown_time = t_down.elapsed().saturating_sub(before_release_time);
 
     let verdict = (stats.oom_kills > 0).then(|| {
         let mut killed = probe.killed();
@@ -1044,6 +1059,7 @@ mod tests {
     impl BeforeRelease for Publishes {
         fn run(
             &self,
+            _after: Released,
         ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send + '_>>
         {
             Box::pin(async move {

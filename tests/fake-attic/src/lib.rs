@@ -16,8 +16,8 @@
 //!   "message"}`.
 //! - Every field that ends up in a narinfo is parsed as Nix's `nar-info.cc` parses it (Nix
 //!   2.8 and 2.34 alike): `store_path`, each reference and the deriver must be store path base
-//!   names (`<32 base-32 chars>-<name>`, name characters `[A-Za-z0-9+-._?=]`, not starting
-//!   with `.`, at most 211); a deriver of `unknown-deriver` or none is none; `ca` must be a
+//!   names (`<32 base-32 chars>-<name>`, name characters `[A-Za-z0-9+-._?=]`, at most 211,
+//!   not `.` or `..` nor starting with `.-` or `..-`); a deriver of `unknown-deriver` or none is none; `ca` must be a
 //!   content address (`text:sha256:…`, `fixed:[r:]<algo>:…`); a signature must be
 //!   `name:base64`. What Nix would refuse is refused here with 400, so a test can never pass
 //!   on a narinfo a real client cannot use.
@@ -66,6 +66,10 @@ pub struct State {
     pub fail_uploads_of: Option<String>,
     /// The seed of the caches' signing key.
     pub seed: [u8; 32],
+    /// Store paths stored, in the order their uploads completed.
+    pub uploads: Vec<String>,
+    /// Uploads whose whole body arrived with a NAR that is not what their info said.
+    pub bad_bodies: u32,
 }
 
 #[derive(Debug)]
@@ -238,7 +242,10 @@ fn store_path_name_ok(base: &str) -> bool {
     hash.bytes().all(|c| NIX32.contains(&c))
         && !name.is_empty()
         && name.len() <= 211
-        && !name.starts_with('.')
+        && name != "."
+        && name != ".."
+        && !name.starts_with(".-")
+        && !name.starts_with("..-")
         && name
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c))
@@ -523,6 +530,7 @@ async fn upload(state: &Arc<Mutex<State>>, headers: &HeaderMap, body: Body) -> R
     let want = info["nar_hash"].as_str().unwrap_or_default();
     let ok_hash = want == format!("sha256:{hex}") || want == format!("sha256:{}", nix32(&digest));
     if !ok_hash {
+        state.lock().expect("state").bad_bodies += 1;
         return error(
             400,
             "BadRequest",
@@ -546,11 +554,13 @@ async fn upload(state: &Arc<Mutex<State>>, headers: &HeaderMap, body: Body) -> R
     } else {
         "Uploaded"
     };
+    let stored_path = store_path.to_owned();
     c.entry(hash_part).or_insert(Stored {
         info: info.clone(),
         nar,
         uploader: sub,
     });
+    s.uploads.push(stored_path);
     axum::Json(json!({"kind": kind, "file_size": size, "frac_deduplicated": if kind == "Deduplicated" { 1.0 } else { 0.0 }}))
         .into_response()
 }
