@@ -32,7 +32,7 @@ in derivation { name = "bench-top-$TAG"; system = "x86_64-linux"; builder = "/bi
   args = [ "-c" "/usr/bin/head -c ${HALF}M /dev/urandom > \$out; echo \$dep >> \$out" ]; }
 NIXEOF
 export NIX_CONFIG=$'substituters =\nsandbox = false'
-TOP=$(nix-build "$TMP/closure.nix" --no-out-link 2>/dev/null)
+TOP=$(nix-build "$TMP/closure.nix" --no-out-link 2>"$TMP/build.log") || { cat "$TMP/build.log" >&2; exit 1; }
 unset NIX_CONFIG
 PATHS=$(nix-store -qR "$TOP")
 cat > "$TMP/agent.toml" <<TOML
