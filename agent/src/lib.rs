@@ -9,6 +9,7 @@ pub mod hints;
 pub mod hooks;
 pub mod jobuser;
 pub mod nar;
+pub mod netns;
 pub mod nixboot;
 pub mod notify;
 pub mod publish;
