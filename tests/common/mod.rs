@@ -2,6 +2,7 @@
 //! agent binary, and the rule for privileged tests (skip only with a reason, never in CI).
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod nixtar;
 pub mod podman;
 pub mod rig;
