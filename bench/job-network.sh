@@ -19,6 +19,7 @@ if [ -z "${AGENT:-}" ]; then
   AGENT=$PWD/target/release/flywheel-agent
 fi
 TMP=$(mktemp -d /var/lib/flywheel-bench.XXXXXX)
+chmod 0755 "$TMP"   # the job (nobody) walks to its work root
 NS=fwbench-$$
 LINK=fwbench$$
 cleanup() {

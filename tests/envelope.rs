@@ -228,6 +228,7 @@ fn dev_shm_var_tmp_run_lock_and_ipc_are_the_jobs_own_and_gone_with_it() {
             &format!(
                 r#"echo one > /dev/shm/j1 && echo one > /var/tmp/j1 && mkfifo /dev/shm/fifo && ln -s /etc/shadow /var/tmp/predictable
 [ -d /run/lock ] && echo one > /run/lock/j1
+[ -d /dev/mqueue ] && touch /dev/mqueue/q1 && echo mq-made
 command -v ipcmk >/dev/null && ipcmk -M 4096 >/dev/null && echo ipc-made
 dd if=/dev/zero of=/dev/shm/big bs=1M count=64 2>/dev/null
 echo "own: $(cat /dev/shm/j1) $(cat /var/tmp/j1) $(stat -f -c %T /dev/shm)"
@@ -254,11 +255,11 @@ cat /dev/shm/{planted} /var/tmp/{planted} 2>&1"#
         &[
             "sh",
             "-c",
-            "ls -A /dev/shm /var/tmp; [ -d /run/lock ] && ls -A /run/lock; command -v ipcs >/dev/null && echo \"segments: $(ipcs -m | grep -c '^0x')\"",
+            "ls -A /dev/shm /var/tmp; [ -d /run/lock ] && ls -A /run/lock; [ -d /dev/mqueue ] && ls -A /dev/mqueue; command -v ipcs >/dev/null && echo \"segments: $(ipcs -m | grep -c '^0x')\"",
         ],
     );
     let out2 = stdout(&second);
-    for left in ["j1", "fifo", "big", "predictable", "fwt-planted"] {
+    for left in ["j1", "q1", "fifo", "big", "predictable", "fwt-planted"] {
         assert!(!out2.contains(left), "the next job sees {left}: {out2}");
     }
     if out1.contains("ipc-made") {
@@ -268,7 +269,17 @@ cat /dev/shm/{planted} /var/tmp/{planted} 2>&1"#
         );
     }
     // Nothing reached the host's directories either.
-    assert!(!Path::new("/dev/shm/j1").exists() && !Path::new("/var/tmp/j1").exists());
+    for p in [
+        "/dev/shm/j1",
+        "/var/tmp/j1",
+        "/run/lock/j1",
+        "/dev/mqueue/q1",
+    ] {
+        assert!(!Path::new(p).exists(), "{p} is on the host");
+    }
+    if Path::new("/dev/mqueue").is_dir() {
+        assert!(out1.contains("mq-made"), "{out1}");
+    }
     assert!(f.leftover_work().is_empty(), "{:?}", f.leftover_work());
 }
 

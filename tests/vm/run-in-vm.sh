@@ -103,7 +103,8 @@ mount -t devtmpfs devtmpfs /dev
 # /tmp and /run stay on the (writable) initramfs root: a tmpfs there would hide binaries of a
 # checkout that lives under /tmp.
 chmod 1777 /tmp /var/tmp
-mkdir -p /dev/shm /run/lock && mount -t tmpfs -o mode=1777 tmpfs /dev/shm && chmod 1777 /run/lock
+mkdir -p /dev/shm /run/lock /dev/mqueue && mount -t tmpfs -o mode=1777 tmpfs /dev/shm && chmod 1777 /run/lock
+mount -t mqueue mqueue /dev/mqueue
 chmod 0755 /run
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 insmod /overlay.ko 2>/dev/null

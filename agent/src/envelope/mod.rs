@@ -45,7 +45,7 @@ use daemon::start_nix_daemon;
 pub use daemon::{built_list, nix_job, read_built};
 use env::job_environment;
 use launch::{launch, LaunchArgs, Launched};
-use mounts::{tmp_keep, Mount, RUN_LOCK, SHM, TMP, VAR_TMP};
+use mounts::{tmp_keep, Mount, MQUEUE, RUN_LOCK, SHM, TMP, VAR_TMP};
 pub use phases::run_job;
 pub use probe::{JobFacts, JobProbe, Kills, SAMPLE_INTERVAL};
 use pumps::{log_lines, log_lines_at};
@@ -368,6 +368,16 @@ unsafe fn child_mount(op: &Op) -> bool {
             }
             Op::Move { src, dst } => {
                 libc::mount(src.as_ptr(), dst.as_ptr(), null, libc::MS_MOVE, null.cast()) == 0
+            }
+            // The job's IPC namespace's queues (made after its `unshare`).
+            Op::Mqueue => {
+                libc::mount(
+                    c"mqueue".as_ptr(),
+                    c"/dev/mqueue".as_ptr(),
+                    c"mqueue".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    null.cast(),
+                ) == 0
             }
             // A /proc of its own: processes of other users (other jobs, the agent, daemons)
             // are invisible, not just unreadable.

@@ -24,6 +24,9 @@ pub(super) enum Mount {
     /// A private tmpfs of at most `size` bytes on `dst` (`/dev/shm`, `/run/lock`): its pages
     /// are charged to the job's memory cgroup, and it is gone with the job's mount namespace.
     Scratch { dst: PathBuf, size: u64 },
+    /// The job's own POSIX message queues on `/dev/mqueue` (systemd mounts the host's there,
+    /// world-writable): a fresh `mqueue` mount shows the job's IPC namespace.
+    Mqueue,
     /// A `/proc` of its own with `hidepid=invisible`: the job sees only its user's processes.
     Proc,
 }
@@ -34,6 +37,7 @@ pub(super) const TMP: &str = "/tmp";
 pub(super) const VAR_TMP: &str = "/var/tmp";
 pub(super) const SHM: &str = "/dev/shm";
 pub(super) const RUN_LOCK: &str = "/run/lock";
+pub(super) const MQUEUE: &str = "/dev/mqueue";
 
 /// The agent's own paths under `under` (`/tmp`, `/var/tmp`; only in odd setups and tests)
 /// that a job's mounts or exec need: they are bound back into its private one. Outermost

@@ -244,6 +244,9 @@ pub(super) async fn run_job_inner<P: Processes>(
             });
         }
     }
+    if Path::new(MQUEUE).is_dir() {
+        binds.push(Mount::Mqueue);
+    }
     if let Some((nix, work)) = &slot_dirs {
         for dir in [nix, work, &lane.nix_store, &spec.work_root] {
             std::fs::create_dir_all(dir).map_err(io_at("create", dir))?;

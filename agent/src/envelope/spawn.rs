@@ -28,6 +28,7 @@ pub(super) enum Op {
         dst: CString,
     },
     Proc,
+    Mqueue,
 }
 
 /// What a child does between fork and exec, prepared before the fork.
@@ -112,6 +113,7 @@ impl ChildSetup {
                     });
                 }
                 Mount::Proc => ops.push(Op::Proc),
+                Mount::Mqueue => ops.push(Op::Mqueue),
             }
         }
         let ids = user.map(|u| {
