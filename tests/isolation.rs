@@ -703,3 +703,50 @@ fn a_pull_request_job_reaches_the_internet_but_nothing_of_the_host_or_the_job_be
     let (code, alog) = wait_exit(&rig, agent, Duration::from_secs(30));
     assert_eq!(code, 0, "{alog}");
 }
+
+#[test]
+fn a_runner_in_a_network_of_its_own_is_answered_by_its_hook_socket_and_reaches_out() {
+    if !privileged("isolation-runner-network") {
+        return;
+    }
+    let net = common::netns::Internet::new();
+    let rig = Rig::new(&[("netr", "128Mi", 1)], "5s");
+    let cfg = std::fs::read_to_string(&rig.config).unwrap();
+    std::fs::write(
+        &rig.config,
+        cfg.replace(
+            "network = \"host\"",
+            &format!("network = \"isolated\"\ndns = [\"{}\"]", net.remote),
+        ),
+    )
+    .unwrap();
+    let shared = common::shared_dir(rig.dir.path());
+    let s = shared.display();
+    let a = common::attacker();
+    let a = a.display();
+    // The listener itself cannot tell the fake GitHub (on the test's loopback) that it is busy
+    // or done: the job's network is its own. Its hooks still reach the agent (a Unix socket).
+    rig.gh.push_job(rig.job(
+        0,
+        &format!(
+            "{a} source {server} > {s}/addr; {a} connect {server} > {s}/remote; {a} connect 127.0.0.1:9 >> {s}/remote; touch {s}/done",
+            server = net.server()
+        ),
+    ));
+    let agent = rig.start();
+    wait_for(&shared.join("done"), &rig, 60);
+    term(&agent, nix::sys::signal::Signal::SIGTERM);
+    let (code, log) = wait_exit(&rig, agent, Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
+    let addr = std::fs::read_to_string(shared.join("addr")).unwrap();
+    assert!(addr.starts_with("10.213."), "{addr}");
+    let remote = std::fs::read_to_string(shared.join("remote")).unwrap();
+    assert!(remote.contains("got remote-ok"), "{remote}");
+    assert!(remote.contains("refused or unreachable"), "{remote}");
+    // The job-started hook was answered through the job's own namespace.
+    assert!(log.contains("flywheel: lane "), "{log}");
+    assert!(
+        log.contains("the job's network namespace is linked"),
+        "{log}"
+    );
+}
