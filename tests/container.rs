@@ -70,6 +70,7 @@ nix_store = "/nix"
 slot_root = "/var/lib/flywheel/slots/{lane}"
 slots = 2
 slot_max_size = "2Gi"
+network = "host"
 "#,
                 nix = nixtar::image_nix_section(),
             ),

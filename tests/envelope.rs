@@ -196,6 +196,94 @@ fn home_and_tmp_are_fresh_for_every_job() {
 }
 
 #[test]
+fn dev_shm_var_tmp_run_lock_and_ipc_are_the_jobs_own_and_gone_with_it() {
+    if !privileged("isolation-scratch") {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let f = Fixture::new("scratch", "128Mi", "");
+    // What an earlier job left on the host under the old envelope (a file, at a predictable
+    // name): any process outside a job reads it, here as nobody.
+    let planted = format!("fwt-planted-{}", std::process::id());
+    for d in ["/dev/shm", "/var/tmp"] {
+        let p = Path::new(d).join(&planted);
+        std::fs::write(&p, "an earlier job's leftover").unwrap();
+        let o = std::process::Command::new("cat")
+            .arg(&p)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        assert_eq!(
+            stdout(&o),
+            "an earlier job's leftover",
+            "outside a job it is there"
+        );
+    }
+    let first = f.exec(
+        &["--user", "nobody"],
+        &[
+            "sh",
+            "-c",
+            &format!(
+                r#"echo one > /dev/shm/j1 && echo one > /var/tmp/j1 && mkfifo /dev/shm/fifo && ln -s /etc/shadow /var/tmp/predictable
+[ -d /run/lock ] && echo one > /run/lock/j1
+[ -d /dev/mqueue ] && touch /dev/mqueue/q1 && echo mq-made
+command -v ipcmk >/dev/null && ipcmk -M 4096 >/dev/null && echo ipc-made
+dd if=/dev/zero of=/dev/shm/big bs=1M count=64 2>/dev/null
+echo "own: $(cat /dev/shm/j1) $(cat /var/tmp/j1) $(stat -f -c %T /dev/shm)"
+cat /dev/shm/{planted} /var/tmp/{planted} 2>&1"#
+            ),
+        ],
+    );
+    let _ = std::fs::remove_file(Path::new("/dev/shm").join(&planted));
+    let _ = std::fs::remove_file(Path::new("/var/tmp").join(&planted));
+    let out1 = stdout(&first);
+    assert_eq!(first.status.code(), Some(1), "{out1}{}", stderr(&first));
+    // The job ran and saw its own files, not the host's leftovers.
+    assert!(out1.contains("own: one one tmpfs"), "{out1}");
+    assert_eq!(out1.matches("No such file").count(), 2, "{out1}");
+    // /dev/shm's pages are the job's memory: its cgroup's peak holds the 64 MiB written there.
+    let peak: u64 = stderr(&first)
+        .split("peak_bytes=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    assert!(peak >= 64 << 20, "peak {peak}: {}", stderr(&first));
+    let second = f.exec(
+        &["--user", "nobody"],
+        &[
+            "sh",
+            "-c",
+            "ls -A /dev/shm /var/tmp; [ -d /run/lock ] && ls -A /run/lock; [ -d /dev/mqueue ] && ls -A /dev/mqueue; command -v ipcs >/dev/null && echo \"segments: $(ipcs -m | grep -c '^0x')\"",
+        ],
+    );
+    let out2 = stdout(&second);
+    for left in ["j1", "q1", "fifo", "big", "predictable", "fwt-planted"] {
+        assert!(!out2.contains(left), "the next job sees {left}: {out2}");
+    }
+    if out1.contains("ipc-made") {
+        assert!(
+            out2.contains("segments: 0"),
+            "the next job sees the segment: {out2}"
+        );
+    }
+    // Nothing reached the host's directories either.
+    for p in [
+        "/dev/shm/j1",
+        "/var/tmp/j1",
+        "/run/lock/j1",
+        "/dev/mqueue/q1",
+    ] {
+        assert!(!Path::new(p).exists(), "{p} is on the host");
+    }
+    if Path::new("/dev/mqueue").is_dir() {
+        assert!(out1.contains("mq-made"), "{out1}");
+    }
+    assert!(f.leftover_work().is_empty(), "{:?}", f.leftover_work());
+}
+
+#[test]
 fn a_job_gets_only_the_base_environment_and_what_its_lane_names() {
     if !privileged("env-allow-list") {
         return;

@@ -492,3 +492,261 @@ fn a_tag_named_like_the_default_branch_is_told_apart_by_githubs_answer() {
         "xdg=none"
     );
 }
+
+/// One run of the network attack: a trusted job serving on its loopback and on every address,
+/// and beside it a hostile job trying to reach that, the agent's `/metrics`, a service on the
+/// host's loopback and a link-local address; both try the "internet". Returns the attacker's
+/// record, what the trusted job reached, and the job links the agent logged.
+fn network_attack(
+    network: &str,
+    net: &common::netns::Internet,
+    metrics: &str,
+    host_service: &str,
+) -> (String, String, Vec<String>) {
+    let isolated = network == "isolated";
+    let lane_extra = if isolated {
+        // The test's DNS server: the host's resolver is not the test's to send queries to.
+        format!("network = \"isolated\"\ndns = [\"{}\"]", net.remote)
+    } else {
+        "network = \"host\"".to_owned()
+    };
+    let f = Fixture::new("net", "128Mi", &lane_extra);
+    let shared = common::shared_dir(f.dir.path());
+    let s = shared.display();
+    let a = common::attacker();
+    let a = a.display();
+    let pool = common::runner_pool();
+    let (trusted_user, hostile_user) = (pool.replace("{n}", "10"), pool.replace("{n}", "11"));
+    let by_name = |what: &str| {
+        if isolated {
+            format!(
+                "echo '== {what} by name'; {a} connect {}:{}",
+                common::netns::NAME,
+                common::netns::PORT
+            )
+        } else {
+            // With the host's network the name would go to the host's resolver: not tried.
+            "true".to_owned()
+        }
+    };
+    let trusted = format!(
+        r#"{a} serve 127.0.0.1:47001 trusted-loopback & P1=$!
+{a} serve 0.0.0.0:47002 trusted-any & P2=$!
+{a} source {server} > {s}/trusted.addr
+{{ echo '== remote by address'; {a} connect {server}; {by_name}; }} > {s}/trusted.out 2>&1
+sleep 0.3; touch {s}/trusted.ready
+for i in $(seq 300); do [ -e {s}/attacked ] && break; sleep 0.1; done
+kill $P1 $P2"#,
+        server = net.server(),
+        by_name = by_name("remote"),
+    );
+    let hostile = format!(
+        r#"for i in $(seq 300); do [ -e {s}/trusted.ready ] && break; sleep 0.1; done
+T=$(cat {s}/trusted.addr)
+{{
+echo "hostile job at $({a} source {server}) attacks $T while it runs: $(test -e {s}/trusted.ready && echo yes)"
+echo '== trusted loopback'; {a} connect 127.0.0.1:47001
+echo "== trusted on the host's address"; {a} connect {host}:47002
+echo '== trusted on its own address'; {a} connect $T:47002
+echo '== agent metrics'; {a} connect {metrics}
+echo "== host loopback service"; {a} connect {host_service}
+echo '== link-local'; {a} connect {link_local}:{port}
+echo '== remote by address'; {a} connect {server}
+{by_name}
+echo '== end'
+}} > {s}/attack.log 2>&1
+touch {s}/attacked"#,
+        server = net.server(),
+        host = net.host,
+        link_local = net.link_local,
+        port = common::netns::PORT,
+        by_name = by_name("remote"),
+    );
+    let mut t = f
+        .exec_cmd(&["--user", &trusted_user], &["sh", "-c", &trusted])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let h = f
+        .exec(&["--user", &hostile_user], &["sh", "-c", &hostile])
+        .clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while t.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the trusted job did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let t = t.wait_with_output().unwrap();
+    assert_eq!(h.status.code(), Some(0), "{}", stderr(&h));
+    assert_eq!(t.status.code(), Some(0), "{}", stderr(&t));
+    let links = [stderr(&t), stderr(&h)]
+        .iter()
+        .filter_map(|l| {
+            let i = l.find("link=")? + "link=".len();
+            Some(l[i..].split_whitespace().next()?.to_owned())
+        })
+        .collect();
+    (
+        std::fs::read_to_string(shared.join("attack.log")).unwrap(),
+        std::fs::read_to_string(shared.join("trusted.out")).unwrap(),
+        links,
+    )
+}
+
+#[test]
+fn a_pull_request_job_reaches_the_internet_but_nothing_of_the_host_or_the_job_beside_it() {
+    if !privileged("isolation-network") {
+        return;
+    }
+    let net = common::netns::Internet::new();
+    // A service on the host's loopback (a local cache's admin port, a test database).
+    let svc = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host_service = svc.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        for mut c in svc.incoming().flatten() {
+            let _ = writeln!(c, "host-loopback-secret");
+        }
+    });
+    // The agent's /metrics (a `run` agent of its own, on the host's loopback).
+    let rig = Rig::new(&[("metrics", "128Mi", 1)], "5s");
+    let agent = rig.start();
+    let t0 = Instant::now();
+    let metrics = loop {
+        if let Some(a) = common::metrics_address(&rig.log()) {
+            break a;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "{}", rig.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let attacks = [
+        ("trusted loopback", "trusted-loopback"),
+        ("trusted on the host's address", "trusted-any"),
+        ("trusted on its own address", "trusted-any"),
+        ("agent metrics", "HTTP/1.0 200"),
+        ("host loopback service", "host-loopback-secret"),
+        ("link-local", "remote-ok"),
+    ];
+
+    // Today's behaviour (the host's network): every attack works.
+    let (log, trusted, _) = network_attack("host", &net, &metrics, &host_service);
+    assert!(log.contains("while it runs: yes"), "{log}");
+    for (what, answer) in attacks {
+        assert!(
+            section(&log, what).contains(&format!("got {answer}")),
+            "with network = \"host\" the attack on {what} works:\n{log}"
+        );
+    }
+    assert!(section(&trusted, "remote by address").contains("got remote-ok"));
+
+    // A network namespace per job: every attack fails; the internet is still there.
+    let (log, trusted, links) = network_attack("isolated", &net, &metrics, &host_service);
+    assert!(log.contains("while it runs: yes"), "{log}");
+    assert!(
+        log.lines()
+            .next()
+            .unwrap()
+            .contains("hostile job at 10.213."),
+        "the hostile job sends from its own address: {log}"
+    );
+    for (what, _) in attacks {
+        assert!(
+            section(&log, what).contains("refused or unreachable"),
+            "{what}:\n{log}"
+        );
+    }
+    for (who, record) in [("hostile", &log), ("trusted", &trusted)] {
+        for what in ["remote by address", "remote by name"] {
+            assert!(
+                section(record, what).contains("got remote-ok"),
+                "the {who} job reaches the internet ({what}):\n{record}"
+            );
+        }
+    }
+    eprintln!("with a network namespace per job:\n{log}{trusted}");
+    // Each job's veth pair went with its namespace.
+    assert_eq!(links.len(), 2, "{links:?}");
+    let t = Instant::now();
+    for link in &links {
+        while Path::new(&format!("/sys/class/net/{link}")).exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "{link} outlived its job"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // A lane that allows the link-local range (a cloud's metadata service) reaches it.
+    let f = Fixture::new(
+        "meta",
+        "128Mi",
+        &format!(
+            "network = \"isolated\"\nallow_metadata = true\ndns = [\"{}\"]",
+            net.remote
+        ),
+    );
+    let o = f.exec(
+        &["--user", &common::runner_pool().replace("{n}", "12")],
+        &[
+            &common::attacker().display().to_string(),
+            "connect",
+            &format!("{}:{}", net.link_local, common::netns::PORT),
+        ],
+    );
+    assert!(
+        stdout(&o).contains("got remote-ok"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    term(&agent, nix::sys::signal::Signal::SIGTERM);
+    let (code, alog) = wait_exit(&rig, agent, Duration::from_secs(30));
+    assert_eq!(code, 0, "{alog}");
+}
+
+#[test]
+fn a_runner_in_a_network_of_its_own_is_answered_by_its_hook_socket_and_reaches_out() {
+    if !privileged("isolation-runner-network") {
+        return;
+    }
+    let net = common::netns::Internet::new();
+    let rig = Rig::new(&[("netr", "128Mi", 1)], "5s");
+    let cfg = std::fs::read_to_string(&rig.config).unwrap();
+    std::fs::write(
+        &rig.config,
+        cfg.replace(
+            "network = \"host\"",
+            &format!("network = \"isolated\"\ndns = [\"{}\"]", net.remote),
+        ),
+    )
+    .unwrap();
+    let shared = common::shared_dir(rig.dir.path());
+    let s = shared.display();
+    let a = common::attacker();
+    let a = a.display();
+    // The listener itself cannot tell the fake GitHub (on the test's loopback) that it is busy
+    // or done: the job's network is its own. Its hooks still reach the agent (a Unix socket).
+    rig.gh.push_job(rig.job(
+        0,
+        &format!(
+            "{a} source {server} > {s}/addr; {a} connect {server} > {s}/remote; {a} connect 127.0.0.1:9 >> {s}/remote; touch {s}/done",
+            server = net.server()
+        ),
+    ));
+    let agent = rig.start();
+    wait_for(&shared.join("done"), &rig, 60);
+    term(&agent, nix::sys::signal::Signal::SIGTERM);
+    let (code, log) = wait_exit(&rig, agent, Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
+    let addr = std::fs::read_to_string(shared.join("addr")).unwrap();
+    assert!(addr.starts_with("10.213."), "{addr}");
+    let remote = std::fs::read_to_string(shared.join("remote")).unwrap();
+    assert!(remote.contains("got remote-ok"), "{remote}");
+    assert!(remote.contains("refused or unreachable"), "{remote}");
+    // The job-started hook was answered through the job's own namespace.
+    assert!(log.contains("flywheel: lane "), "{log}");
+    assert!(
+        log.contains("the job's network namespace is linked"),
+        "{log}"
+    );
+}

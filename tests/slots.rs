@@ -115,6 +115,7 @@ pids_max = 1024
 min_free = "1Mi"
 work_root = "{work}"
 nix_conf = "{conf}"
+network = "host"
 {extra}
 "#,
                 state = p("state"),

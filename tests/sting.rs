@@ -113,6 +113,7 @@ nix_store = "/nix"
 slot_root = "/var/lib/flywheel/fast/{lane}"
 slots = 2
 slot_max_size = "2Gi"
+network = "host"
 "#,
                 url = gh.url,
                 nix = nixtar::image_nix_section(),

@@ -130,6 +130,22 @@ pub struct Lane {
     /// Variables of the agent's environment its jobs get besides the fixed base (`PATH`,
     /// `LANG`, `LC_*`, `TZ`, `TERM`), e.g. a proxy.
     pub pass_env: Vec<String>,
+    /// The network its jobs (and their nix-daemons) get.
+    pub network: Network,
+}
+
+/// A lane's network: `isolated` (the default: a network namespace per job, egress through
+/// the host's NAT, nothing on the host or in other jobs reachable) or `host` (the host's
+/// network namespace, shared with every other job and the agent).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum Network {
+    Isolated {
+        /// Link-local addresses (`169.254.0.0/16`, a cloud's metadata service) are reachable.
+        allow_metadata: bool,
+        /// The job's nameservers; the host's (not on its loopback) when empty.
+        dns: Vec<std::net::Ipv4Addr>,
+    },
+    Host,
 }
 
 impl Lane {
@@ -454,6 +470,9 @@ struct RawLane {
     nix: Option<bool>,
     nix_conf: Option<Spanned<PathBuf>>,
     pass_env: Option<Vec<Spanned<String>>>,
+    network: Option<Spanned<String>>,
+    allow_metadata: Option<Spanned<bool>>,
+    dns: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     hints: RawHints,
 }
@@ -1174,6 +1193,7 @@ fn validate_lane(
         }
         pass_env.push(v.into_inner());
     }
+    let network = lane_network(cx, &name, rl.network, rl.allow_metadata, rl.dns)?;
     let nix = rl.nix.unwrap_or(true);
     let nix_conf = match &rl.nix_conf {
         Some(c) => absolute(cx, c, "nix_conf")?,
@@ -1202,6 +1222,46 @@ fn validate_lane(
         hints,
         unavailable,
         pass_env,
+        network,
+    })
+}
+
+fn lane_network(
+    cx: &Ctx<'_>,
+    name: &str,
+    mode: Option<Spanned<String>>,
+    allow_metadata: Option<Spanned<bool>>,
+    dns: Option<Vec<Spanned<String>>>,
+) -> Result<Network, ConfigError> {
+    match mode.as_ref().map(|m| m.get_ref().as_str()) {
+        None | Some("isolated") => {}
+        Some("host") => {
+            if let Some(a) = &allow_metadata {
+                return Err(cx.err(a, format!("lane {name:?}: allow_metadata needs network = \"isolated\": with network = \"host\" a job reaches everything the host reaches")));
+            }
+            if let Some(d) = dns.as_ref().and_then(|d| d.first()) {
+                return Err(cx.err(d, format!("lane {name:?}: dns needs network = \"isolated\": with network = \"host\" a job uses the host's resolver")));
+            }
+            return Ok(Network::Host);
+        }
+        Some(other) => {
+            let m = mode.as_ref().map(|m| m.span().start);
+            return Err(cx.err_at(m, format!("lane {name:?}: network {other:?} is not a network: use \"isolated\" (a network namespace per job, the default) or \"host\" (the host's network, shared with other jobs and the agent)")));
+        }
+    }
+    let mut servers = Vec::new();
+    for d in dns.unwrap_or_default() {
+        let ip: std::net::Ipv4Addr = d.get_ref().parse().map_err(|_| {
+            cx.err(&d, format!("lane {name:?}: dns {:?} is not an IPv4 address: a job's network has IPv4 only (e.g. \"192.0.2.53\")", d.get_ref()))
+        })?;
+        if ip.is_loopback() || ip.is_unspecified() {
+            return Err(cx.err(&d, format!("lane {name:?}: dns {ip} is the job's own loopback in its network namespace, where no resolver runs: name a resolver the host reaches")));
+        }
+        servers.push(ip);
+    }
+    Ok(Network::Isolated {
+        allow_metadata: allow_metadata.is_some_and(|a| *a.get_ref()),
+        dns: servers,
     })
 }
 
@@ -1318,6 +1378,23 @@ nix_extra_conf = "fallback = true"
         assert_eq!(l.hints.attic_cache.as_deref(), Some("main"));
         assert_eq!(c.agent.teardown_grace, Duration::from_millis(250));
         assert_eq!(c.cgroup.parent.as_deref(), Some("/flywheel.slice"));
+        assert_eq!(
+            l.network,
+            Network::Isolated {
+                allow_metadata: false,
+                dns: Vec::new()
+            },
+            "a network namespace per job unless the lane says otherwise"
+        );
+        let n = file("[[lane]]\nname = \"a\"\nmemory = \"1Gi\"\nallow_metadata = true\ndns = [\"192.0.2.53\"]\n[[lane]]\nname = \"b\"\nmemory = \"1Gi\"\nnetwork = \"host\"\n").expect("parses");
+        assert_eq!(
+            n.lanes[0].network,
+            Network::Isolated {
+                allow_metadata: true,
+                dns: vec![std::net::Ipv4Addr::new(192, 0, 2, 53)]
+            }
+        );
+        assert_eq!(n.lanes[1].network, Network::Host);
     }
 
     #[test]
@@ -1359,6 +1436,11 @@ nix_extra_conf = "fallback = true"
             (lane("[lane.hints]\nattic_server = \"attic.example\"\n"), Some((5, 16)), "http:// or https://"),
             (lane("[lane.hints]\nattic_public_key = \"nocolon\"\n"), Some((5, 20)), "NAME:BASE64"),
             (lane("[lane.hints]\nbazel_remote_cache = \"\"\n"), Some((5, 22)), "is empty"),
+            (lane("network = \"none\"\n"), Some((4, 11)), "network \"none\" is not a network"),
+            (lane("network = \"host\"\nallow_metadata = true\n"), Some((5, 18)), "allow_metadata needs network = \"isolated\""),
+            (lane("network = \"host\"\ndns = [\"192.0.2.53\"]\n"), Some((5, 8)), "dns needs network"),
+            (lane("dns = [\"192.0.2.53\", \"resolver\"]\n"), Some((4, 22)), "is not an IPv4 address"),
+            (lane("dns = [\"127.0.0.53\"]\n"), Some((4, 8)), "the job's own loopback"),
             (lane("slot_root = \"/nix/slots\"\n"), Some((4, 13)), "lies inside"),
             ("[agent]\nteardown_grace = \"5\"\n".into(), Some((2, 18)), "duration"),
             ("[agent]\nteardown_grace = \"5s\"\nteardown_deadline = \"2s\"\n".into(), Some((3, 21)), "must be longer than agent.teardown_grace"),

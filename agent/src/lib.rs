@@ -10,6 +10,7 @@ pub mod hooks;
 pub mod jobuser;
 pub mod nar;
 pub mod narinfo;
+pub mod netns;
 pub mod nixboot;
 pub mod notify;
 pub mod publish;

@@ -24,18 +24,21 @@ use nix::unistd::UnlinkatFlags;
 pub const WORK: &str = "_work";
 /// The job's private HOME inside its job directory.
 pub const HOME: &str = "home";
+/// What the job sees as `/var/tmp`, inside its job directory (on disk, like `_work`).
+pub const VAR_TMP: &str = "var-tmp";
 
 /// Directories deeper than this are moved up to the top of the tree before they are removed,
 /// so removal holds a bounded number of descriptors however deep a job nests.
 const MAX_OPEN_DEPTH: usize = 128;
 
-/// Create `<root>/<job>` (root's, mode 0700) with `_work` and `home` (the user's, mode 0700).
+/// Create `<root>/<job>` (root's, mode 0700) with `_work`, `home` and `var-tmp` (the user's,
+/// mode 0700).
 /// The caller writes what root writes there, then calls [`hand_over`].
 pub fn create(root: &Path, job: &str, uid: u32, gid: u32) -> io::Result<PathBuf> {
     fs::create_dir_all(root)?;
     let job_dir = root.join(job);
     fs::DirBuilder::new().mode(0o700).create(&job_dir)?;
-    let made = [WORK, HOME].iter().try_for_each(|d| {
+    let made = [WORK, HOME, VAR_TMP].iter().try_for_each(|d| {
         let p = job_dir.join(d);
         fs::DirBuilder::new().mode(0o700).create(&p)?;
         std::os::unix::fs::chown(&p, Some(uid), Some(gid))

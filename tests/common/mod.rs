@@ -2,6 +2,7 @@
 //! agent binary, and the rule for privileged tests (skip only with a reason, never in CI).
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod nixtar;
 pub mod podman;
 pub mod rig;
@@ -34,12 +35,23 @@ pub fn privileged(test: &str) -> bool {
     }
 }
 
-/// Where tests keep what their jobs must see: not under `/tmp`, which every job gets privately
-/// (a fresh tmpfs), so a job would not see a test's directory there.
+/// Where tests keep what their jobs must see: not under `/tmp` or `/var/tmp`, which every job
+/// gets privately, so a job would not see a test's directory there.
 pub fn test_base() -> PathBuf {
-    let base = PathBuf::from("/var/tmp");
-    std::fs::create_dir_all(&base).expect("mkdir /var/tmp");
+    let base = PathBuf::from("/var/lib/flywheel-tests");
+    std::fs::create_dir_all(&base).expect("mkdir /var/lib/flywheel-tests");
     base
+}
+
+/// The lane setting of the tests' jobs unless a test says otherwise: the host's network (the
+/// fakes listen on the test's loopback, and tests/vm's kernel has no nf_tables); the network
+/// tests give their lanes `network = "isolated"`.
+pub fn network_line(lane_extra: &str) -> &'static str {
+    if lane_extra.contains("network =") {
+        ""
+    } else {
+        "network = \"host\""
+    }
 }
 
 /// A temporary directory the job user (`nobody`) can traverse (mode 0755), outside `/tmp`.
@@ -112,9 +124,11 @@ pids_max = 512
 min_free = "1Mi"
 work_root = "{work}"
 nix = false
+{network}
 {lane_extra}
 {tail}
 "#,
+            network = network_line(lane_extra),
             state = dir.path().join("state").display(),
             work = dir.path().join("work").display(),
         );

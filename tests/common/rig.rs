@@ -95,7 +95,7 @@ backoff = "100ms"
         for (suffix, memory, max) in lanes {
             let name = format!("{prefix}-{suffix}");
             text.push_str(&format!(
-                "\n[[lane]]\nname = \"{name}\"\nlabels = [\"{name}\"]\nmemory = \"{memory}\"\nmax_runners = {max}\npids_max = 1024\nmin_free = \"1Mi\"\nnix = false\nwork_root = \"{}\"\n",
+                "\n[[lane]]\nname = \"{name}\"\nlabels = [\"{name}\"]\nmemory = \"{memory}\"\nmax_runners = {max}\npids_max = 1024\nmin_free = \"1Mi\"\nnix = false\nnetwork = \"host\"\nwork_root = \"{}\"\n",
                 dir.path().join("work").join(suffix).display()
             ));
             names.push(name);

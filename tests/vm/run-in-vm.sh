@@ -75,7 +75,7 @@ copy "$bin"
 agent="$(dirname "$bin")/../flywheel-agent"
 [ -x "$agent" ] && copy "$(readlink -f "$agent")"
 # Host programs the tests run inside jobs (GNU behaviour, same as on the host).
-for p in sh dash bash tail sleep setsid env id cat grep wc cut ls touch mkdir chmod pwd true stat test rm; do
+for p in sh dash bash tail sleep setsid env id cat grep wc cut ls touch mkdir chmod pwd true stat test rm dd mkfifo ln ipcmk ipcs; do
   path=$(command -v "$p" 2>/dev/null) || continue
   copy "$path"
 done
@@ -103,6 +103,8 @@ mount -t devtmpfs devtmpfs /dev
 # /tmp and /run stay on the (writable) initramfs root: a tmpfs there would hide binaries of a
 # checkout that lives under /tmp.
 chmod 1777 /tmp /var/tmp
+mkdir -p /dev/shm /run/lock /dev/mqueue && mount -t tmpfs -o mode=1777 tmpfs /dev/shm && chmod 1777 /run/lock
+mount -t mqueue mqueue /dev/mqueue
 chmod 0755 /run
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 insmod /overlay.ko 2>/dev/null

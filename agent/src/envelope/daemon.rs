@@ -35,6 +35,7 @@ pub(super) async fn start_nix_daemon(
     job_span: &tracing::Span,
     bg: &crate::tasks::Background,
     cleanup: &mut Vec<PathBuf>,
+    netns: Option<i32>,
 ) -> Result<PathBuf, EnvelopeError> {
     let dir = nix.sockets.join(format!("{:016x}", fastrand::u64(..)));
     std::fs::create_dir_all(&nix.sockets).map_err(io_at("create", &nix.sockets))?;
@@ -89,6 +90,8 @@ pub(super) async fn start_nix_daemon(
     // The daemon holds the slot as long as it lives: a job orphaned by a killed agent keeps
     // its slot, and no other job gets the store while it runs.
     setup.inherit = hold;
+    // Its builds and substitutions use the job's network, never the host's loopback.
+    setup.netns = netns;
     setup.install(&mut cmd, fail_w.as_raw_fd());
     let spawned = reaper.spawn(|| {
         let child = cmd.spawn()?;

@@ -1,6 +1,8 @@
 //! Launch: the job's directory, its nix-daemon, its mounts, its first process.
 
 use super::*;
+use crate::config::Network;
+use crate::netns::{JobNet, NetError};
 
 pub(super) enum Launched {
     Running {
@@ -53,6 +55,7 @@ pub(super) async fn launch(
     let job_dir = workdir::create(phys_work_root, job, uid, gid)
         .map_err(io_at("create the job's directory under", phys_work_root))?;
     cleanup.push(job_dir.clone());
+    let net = job_network(spec, &job_dir, &mut mounts, reaper).await?;
     let root_seen = spec.work_root.join(job);
     let mut cwd_path = root_seen.join(workdir::WORK);
     let mut command = spec.command.clone();
@@ -87,6 +90,7 @@ pub(super) async fn launch(
             job_span,
             &spec.background,
             cleanup,
+            net.as_ref().map(JobNet::fd),
         )
         .await?;
         if let Some(p) = &spec.probe {
@@ -156,13 +160,17 @@ pub(super) async fn launch(
             .stderr(std::process::Stdio::piped());
     }
     let (fail_r, fail_w) = fail_pipe()?;
-    ChildSetup::new(cg, &mounts, user, &cwd_path, true)?.install(&mut cmd, fail_w.as_raw_fd());
+    let mut setup = ChildSetup::new(cg, &mounts, user, &cwd_path, true)?;
+    setup.netns = net.as_ref().map(JobNet::fd);
+    setup.install(&mut cmd, fail_w.as_raw_fd());
     let spawned = reaper.spawn(|| {
         let child = cmd.spawn()?;
         let pid = i32::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))?;
         Ok((pid, child))
     });
     drop(cmd);
+    // The job's processes hold its network namespace from here: it goes with the last of them.
+    drop(net);
     match spawned {
         Ok((pid, mut child, exit)) => {
             let mut output = Vec::new();
@@ -211,3 +219,48 @@ pub(super) async fn launch(
         }
     }
 }
+
+/// A lane with `network = "isolated"`: the job's own network namespace (made and linked before
+/// its daemon starts), and the `resolv.conf` it sees there (root's, in the job directory,
+/// bound read-only over `/etc/resolv.conf`).
+async fn job_network(
+    spec: &JobSpec,
+    job_dir: &Path,
+    mounts: &mut Vec<Mount>,
+    reaper: &Reaper,
+) -> Result<Option<JobNet>, EnvelopeError> {
+    let Network::Isolated {
+        allow_metadata,
+        dns,
+    } = &spec.lane.network
+    else {
+        return Ok(None);
+    };
+    let t = Instant::now();
+    let (reaper, allow_metadata, dns) = (reaper.clone(), *allow_metadata, dns.clone());
+    let (net, resolv, made) = tokio::task::spawn_blocking(move || {
+        crate::netns::ensure_host(&reaper)?;
+        let resolv = crate::netns::host_resolv(&dns)?;
+        let t = Instant::now();
+        Ok::<_, NetError>((JobNet::create(allow_metadata)?, resolv, t.elapsed()))
+    })
+    .await
+    .map_err(|e| EnvelopeError::Spawn(io::Error::other(e)))??;
+    let file = job_dir.join(RESOLV);
+    workdir::write_new(&file, resolv.as_bytes(), 0o644).map_err(io_at("write", &file))?;
+    mounts.push(Mount::Bind {
+        src: file,
+        dst: PathBuf::from("/etc/resolv.conf"),
+        readonly: true,
+    });
+    info!(
+        link = %net.link, address = %net.addr, gateway = %net.gateway,
+        net_ms = ms(t.elapsed()),
+        netns_ms = ms(made),
+        "the job's network namespace is linked"
+    );
+    Ok(Some(net))
+}
+
+/// The job's `resolv.conf`, in its job directory.
+const RESOLV: &str = ".resolv.conf";

@@ -8,7 +8,7 @@
 //! exec, all the `unsafe`), `launch`, `mounts`, `env`, `root`, `daemon`, `pumps`, `probe`.
 //! This module holds the types they share.
 
-use std::ffi::{CStr, CString, OsStr, OsString};
+use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -45,7 +45,7 @@ use daemon::start_nix_daemon;
 pub use daemon::{build_logs, built_list, nix_job, read_built};
 use env::job_environment;
 use launch::{launch, LaunchArgs, Launched};
-use mounts::{tmp_keep, Mount, TMP};
+use mounts::{tmp_keep, Mount, MQUEUE, RUN_LOCK, SHM, TMP, VAR_TMP};
 pub use phases::run_job;
 pub use probe::{JobFacts, JobProbe, Kills, SAMPLE_INTERVAL};
 use pumps::{log_lines, log_lines_at};
@@ -294,6 +294,8 @@ pub enum EnvelopeError {
     Teardown(String),
     #[error("nix: {0}")]
     Nix(String),
+    #[error(transparent)]
+    Net(#[from] crate::netns::NetError),
 }
 
 fn io_at<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> EnvelopeError + 'a {
@@ -391,6 +393,16 @@ unsafe fn child_mount(op: &Op) -> bool {
             }
             Op::Move { src, dst } => {
                 libc::mount(src.as_ptr(), dst.as_ptr(), null, libc::MS_MOVE, null.cast()) == 0
+            }
+            // The job's IPC namespace's queues (made after its `unshare`).
+            Op::Mqueue => {
+                libc::mount(
+                    c"mqueue".as_ptr(),
+                    c"/dev/mqueue".as_ptr(),
+                    c"mqueue".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    null.cast(),
+                ) == 0
             }
             // A /proc of its own: processes of other users (other jobs, the agent, daemons)
             // are invisible, not just unreadable.

@@ -220,10 +220,33 @@ pub(super) async fn run_job_inner<P: Processes>(
     for d in [&phys_work_root, &spec.work_root] {
         std::fs::create_dir_all(d).map_err(io_at("create", d))?;
     }
-    let mut binds = vec![Mount::PrivateTmp {
-        stage,
-        keep: tmp_keep(&keep_candidates),
-    }];
+    // Nothing a job writes outside its job directory is seen by the next one: private /tmp,
+    // /var/tmp (in the job directory), /dev/shm and /run/lock (tmpfs charged to its cgroup).
+    let mut binds = vec![
+        Mount::PrivateTmp {
+            stage: stage.clone(),
+            keep: tmp_keep(&keep_candidates, TMP),
+            at: PathBuf::from(TMP),
+            src: None,
+        },
+        Mount::PrivateTmp {
+            stage,
+            keep: tmp_keep(&keep_candidates, VAR_TMP),
+            at: PathBuf::from(VAR_TMP),
+            src: Some(phys_work_root.join(&job).join(workdir::VAR_TMP)),
+        },
+    ];
+    for (dst, size) in [(SHM, spec.memory_bytes), (RUN_LOCK, 1 << 20)] {
+        if Path::new(dst).is_dir() {
+            binds.push(Mount::Scratch {
+                dst: PathBuf::from(dst),
+                size,
+            });
+        }
+    }
+    if Path::new(MQUEUE).is_dir() {
+        binds.push(Mount::Mqueue);
+    }
     if let Some((nix, work)) = &slot_dirs {
         for dir in [nix, work, &lane.nix_store, &spec.work_root] {
             std::fs::create_dir_all(dir).map_err(io_at("create", dir))?;

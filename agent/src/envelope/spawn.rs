@@ -18,7 +18,7 @@ pub(super) enum Op {
     },
     Tmpfs {
         dst: CString,
-        opts: &'static CStr,
+        opts: CString,
     },
     Mkdir {
         path: CString,
@@ -28,6 +28,7 @@ pub(super) enum Op {
         dst: CString,
     },
     Proc,
+    Mqueue,
 }
 
 /// What a child does between fork and exec, prepared before the fork.
@@ -39,6 +40,8 @@ pub(super) struct ChildSetup {
     no_new_privs: bool,
     /// A descriptor the child keeps across exec (the slot's lock, for the job's daemon).
     pub(super) inherit: Option<i32>,
+    /// The job's network namespace, joined before anything else.
+    pub(super) netns: Option<i32>,
 }
 
 impl ChildSetup {
@@ -68,15 +71,31 @@ impl ChildSetup {
                 }),
                 Mount::Hide { dst } => ops.push(Op::Tmpfs {
                     dst: c(dst)?,
-                    opts: c"mode=0755,size=64k",
+                    opts: c"mode=0755,size=64k".to_owned(),
                 }),
-                Mount::PrivateTmp { stage, keep } => {
-                    ops.push(Op::Tmpfs {
-                        dst: c(stage)?,
-                        opts: c"mode=1777",
+                Mount::Scratch { dst, size } => ops.push(Op::Tmpfs {
+                    dst: c(dst)?,
+                    opts: cstring(OsStr::new(&format!("mode=1777,size={size}")))?,
+                }),
+                Mount::PrivateTmp {
+                    stage,
+                    keep,
+                    at,
+                    src,
+                } => {
+                    ops.push(match src {
+                        None => Op::Tmpfs {
+                            dst: c(stage)?,
+                            opts: c"mode=1777".to_owned(),
+                        },
+                        Some(src) => Op::Bind {
+                            src: c(src)?,
+                            dst: c(stage)?,
+                            readonly: false,
+                        },
                     });
                     for k in keep {
-                        let rel = k.strip_prefix(TMP).unwrap_or(k);
+                        let rel = k.strip_prefix(at).unwrap_or(k);
                         let mut at = stage.clone();
                         for part in rel.components() {
                             at.push(part);
@@ -90,10 +109,11 @@ impl ChildSetup {
                     }
                     ops.push(Op::Move {
                         src: c(stage)?,
-                        dst: c(Path::new(TMP))?,
+                        dst: c(at)?,
                     });
                 }
                 Mount::Proc => ops.push(Op::Proc),
+                Mount::Mqueue => ops.push(Op::Mqueue),
             }
         }
         let ids = user.map(|u| {
@@ -113,11 +133,12 @@ impl ChildSetup {
             cwd: cstring(cwd.as_os_str())?,
             no_new_privs,
             inherit: None,
+            netns: None,
         })
     }
 
-    /// Install the pre-exec hook: join the cgroup, enter a private mount namespace with the
-    /// mounts, drop to the user, forbid new privileges, change directory. Failures write a
+    /// Install the pre-exec hook: join the cgroup and the job's network namespace, enter a
+    /// private mount and IPC namespace with the mounts, drop to the user, forbid new privileges, change directory. Failures write a
     /// byte to `fail_fd`.
     pub(super) fn install(self, cmd: &mut std::process::Command, fail_fd: i32) {
         let ChildSetup {
@@ -127,6 +148,7 @@ impl ChildSetup {
             cwd,
             no_new_privs,
             inherit,
+            netns,
         } = self;
         // Runs in the forked child before exec: only async-signal-safe system calls on data
         // prepared before the fork; it allocates nothing.
@@ -143,10 +165,19 @@ impl ChildSetup {
                     return fail();
                 }
             }
+            if let Some(fd) = netns {
+                // SAFETY: setns(2) into the job's network namespace, a descriptor the parent
+                // keeps open across the fork.
+                if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                    return fail();
+                }
+            }
             if !ops.is_empty() {
                 // SAFETY: plain system calls with NUL-terminated strings made before the fork.
+                // The job's own IPC namespace: no System V segment, semaphore or POSIX queue
+                // shared with another job, and none outliving it.
                 unsafe {
-                    if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                    if libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC) != 0 {
                         return fail();
                     }
                     if libc::mount(

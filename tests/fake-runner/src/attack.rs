@@ -110,6 +110,53 @@ fn idle(socket: &str, n: usize, secs: u64) {
     );
 }
 
+/// Serve `text` on `addr` (TCP) to every connection, until killed.
+fn serve(addr: &str, text: &str) {
+    let l = match std::net::TcpListener::bind(addr) {
+        Ok(l) => l,
+        Err(e) => return println!("serve {addr}: bind: {e}"),
+    };
+    println!("serve {addr}: listening");
+    for mut c in l.incoming().flatten() {
+        let _ = writeln!(c, "{text}");
+    }
+}
+
+/// Connect to `target` (`HOST:PORT`, the host a name or an address) within 2 s and print the
+/// first line it sends: `connect TARGET: got LINE`, or why not.
+fn connect(target: &str) {
+    use std::net::ToSocketAddrs;
+    let addr = match target.to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(a)) => a,
+        Ok(None) => return println!("connect {target}: resolve: no address"),
+        Err(e) => return println!("connect {target}: resolve: {e}"),
+    };
+    match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        Err(e) => println!("connect {target} ({addr}): refused or unreachable: {e}"),
+        Ok(mut s) => {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            // An HTTP server (the agent's /metrics) answers a request; the tests' line servers
+            // ignore it.
+            let _ = s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+            let mut line = String::new();
+            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(&mut s), &mut line);
+            println!("connect {target} ({addr}): got {}", line.trim());
+        }
+    }
+}
+
+/// The address this process sends from towards `addr` (a UDP socket's route; nothing is sent).
+fn source(addr: &str) {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").and_then(|s| {
+        s.connect(addr)?;
+        s.local_addr()
+    });
+    match s {
+        Ok(a) => println!("{}", a.ip()),
+        Err(e) => println!("source {addr}: {e}"),
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
@@ -122,9 +169,12 @@ fn main() -> ExitCode {
             arg(3).parse().unwrap_or(1),
             arg(4).parse().unwrap_or(1),
         ),
+        "serve" => serve(&arg(2), &arg(3)),
+        "connect" => connect(&arg(2)),
+        "source" => source(&arg(2)),
         _ => {
             eprintln!(
-                "usage: fw-attack ptrace PID | hook SOCKET | flood SOCKET MIB | idle SOCKET N SECS"
+                "usage: fw-attack ptrace PID | hook SOCKET | flood SOCKET MIB | idle SOCKET N SECS | serve ADDR TEXT | connect HOST:PORT | source ADDR:PORT"
             );
             return ExitCode::from(64);
         }
