@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 
 use common::{privileged, stderr, stdout, unique, AGENT};
 
-use common::nixtar::{sh, shared_userpool, tarball, VERSION};
+use common::nixtar::{sh, shared_userpool, tarball, ACKNOWLEDGED, VERSION};
 
 struct Rig {
     dir: tempfile::TempDir,
@@ -45,6 +45,7 @@ teardown_grace = "300ms"
 tarball = "{tarball}"
 sha256 = "{sha}"
 version = "{VERSION}"
+{ACKNOWLEDGED}
 netrc_file = "{netrc}"
 sandbox = false
 substituters = []
@@ -250,6 +251,60 @@ fn cold_install_then_warm_then_drift_is_repaired() {
     let meta = std::fs::metadata(&nix_path).expect("meta");
     assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o555));
     assert!(stdout(&rig.bootstrap()).contains(": warm"));
+}
+
+#[test]
+fn a_nix_with_an_unacknowledged_advisory_runs_no_jobs_daemon_and_an_acknowledged_one_is_said() {
+    if !privileged("nix-advisory") {
+        return;
+    }
+    let rig = Rig::new("", None);
+    assert!(rig.bootstrap().status.success());
+    let acknowledged = std::fs::read_to_string(&rig.config).unwrap();
+    // The host's Nix 2.8 with no advisory acknowledged: the job never starts.
+    std::fs::write(&rig.config, acknowledged.replace(ACKNOWLEDGED, "")).unwrap();
+    let o = rig.exec(None, "echo the-job-ran");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains(&format!("nix {VERSION} is affected by CVE-2026-39860"))
+            && err.contains("fixed in 2.34.5, 2.33.4, 2.32.7, 2.31.4, 2.30.4, 2.29.3, 2.28.6")
+            && err.contains("acknowledged_advisories = [\"CVE-2026-39860\"]"),
+        "the error names the advisory, its fixed releases and the way out: {err}"
+    );
+    assert!(!stdout(&o).contains("the-job-ran"), "the job never ran");
+    assert!(
+        !err.contains("the job's nix-daemon is listening"),
+        "no daemon was started: {err}"
+    );
+    // One of the two acknowledged is not enough.
+    std::fs::write(
+        &rig.config,
+        acknowledged.replace(
+            ACKNOWLEDGED,
+            "acknowledged_advisories = [\"CVE-2026-39860\"]",
+        ),
+    )
+    .unwrap();
+    let o = rig.exec(None, "echo the-job-ran");
+    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("is affected by CVE-2024-27297"),
+        "{}",
+        stderr(&o)
+    );
+    // Both acknowledged: the job runs, and its log says with what.
+    std::fs::write(&rig.config, &acknowledged).unwrap();
+    let o = rig.exec(None, "echo the-job-ran");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(stdout(&o).contains("the-job-ran"));
+    for id in ["CVE-2026-39860", "CVE-2024-27297"] {
+        assert!(
+            err.contains(&format!("runs with an acknowledged advisory: {id}")),
+            "the job's log says it runs with {id} acknowledged: {err}"
+        );
+    }
 }
 
 #[test]
