@@ -75,6 +75,14 @@ nix_conf = "{conf}"
         Rig { dir, lane, config }
     }
 
+    /// A rig whose store is bootstrapped.
+    fn bootstrapped() -> Rig {
+        let rig = Rig::new("", None);
+        let o = rig.bootstrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        rig
+    }
+
     fn fresh(&self) -> PathBuf {
         self.dir.path().join("fresh-nix")
     }
@@ -114,6 +122,13 @@ nix_conf = "{conf}"
     }
 
     fn exec_with(&self, user: Option<&str>, extra: &[&str], script: &str) -> Output {
+        self.exec_command(user, extra, script)
+            .output()
+            .expect("run")
+    }
+
+    /// The `exec` of SCRIPT as USER, not yet started.
+    fn exec_command(&self, user: Option<&str>, extra: &[&str], script: &str) -> Command {
         let mut args = vec![
             "exec",
             "--lane",
@@ -126,7 +141,7 @@ nix_conf = "{conf}"
         }
         args.extend(extra);
         args.extend(["--", "sh", "-c", script]);
-        self.agent(&args).output().expect("run")
+        self.agent(&args)
     }
 }
 
@@ -258,8 +273,7 @@ fn a_nix_with_an_unacknowledged_advisory_runs_no_jobs_daemon_and_an_acknowledged
     if !privileged("nix-advisory") {
         return;
     }
-    let rig = Rig::new("", None);
-    assert!(rig.bootstrap().status.success());
+    let rig = Rig::bootstrapped();
     let acknowledged = std::fs::read_to_string(&rig.config).unwrap();
     // The host's Nix 2.8 with no advisory acknowledged: the job never starts.
     std::fs::write(&rig.config, acknowledged.replace(ACKNOWLEDGED, "")).unwrap();
@@ -604,19 +618,11 @@ fn the_job_user_cannot_import_unsigned_paths_or_reach_another_jobs_daemon() {
     let shared = common::shared_dir(rig.dir.path());
     let ready = shared.join("ready");
     let mut first = rig
-        .agent(&[
-            "exec",
-            "--lane",
-            &rig.lane,
-            "--config",
-            rig.config.to_str().unwrap(),
-            "--user",
-            "nobody",
-            "--",
-            "sh",
-            "-c",
+        .exec_command(
+            Some("nobody"),
+            &[],
             &format!("touch {}; sleep 4", ready.display()),
-        ])
+        )
         .spawn()
         .unwrap();
     let t = std::time::Instant::now();
@@ -642,6 +648,233 @@ fn the_job_user_cannot_import_unsigned_paths_or_reach_another_jobs_daemon() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(out, "0\nhidden\n", "another job's daemon is out of reach");
     let _ = first.wait();
+}
+
+/// A log file a child's stdout and stderr both append to.
+fn log_file(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap()
+}
+
+/// Wait until `path` exists (a job's marker, a socket).
+fn wait_for(path: &Path, what: &str) {
+    let t = std::time::Instant::now();
+    while !path.exists() {
+        assert!(t.elapsed().as_secs() < 30, "{what} never appeared");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The hijack of issue 22, with `sandbox = false`: the attacker job's non-sandboxed builder runs
+/// in its daemon's mount namespace, opens another daemon's socket directory with `O_PATH`, and
+/// passes the descriptor over an abstract socket to the job, which connects through
+/// `/proc/self/fd/N/socket` and has that daemon build its derivation.
+#[test]
+fn a_descriptor_passed_by_a_builder_does_not_reach_another_jobs_daemon() {
+    if !privileged("nix-socket-hijack") {
+        return;
+    }
+    let rig = Rig::bootstrapped();
+    common::runner_pool();
+    let (trusted_user, attacker_user) = ("fwt-14", "fwt-15");
+    let shared = common::shared_dir(rig.dir.path());
+    // The attacker's tool, where builders and jobs can run it.
+    let tool = rig.dir.path().join("fw-attack");
+    std::fs::copy(common::attacker(), &tool).unwrap();
+    std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let sockets = rig.dir.path().join("state/nix-sockets");
+    let tag = unique("hijack");
+    // As a packaged host has it (systemd/flywheel-agent.tmpfiles.conf: `state_dir` 0755), so
+    // that the builder can walk to `nix-sockets` (0711) as it could in production.
+    std::fs::create_dir_all(rig.dir.path().join("state")).unwrap();
+    std::fs::set_permissions(
+        rig.dir.path().join("state"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+
+    // The trusted job: it uses its daemon once (so that its log shows whom the daemon
+    // accepted), then waits until the test is done.
+    let (ready, stop) = (shared.join("ready"), shared.join("stop"));
+    let trusted_log = rig.dir.path().join("trusted.log");
+    let mut trusted = rig
+        .exec_command(
+            Some(trusted_user),
+            &[],
+            &format!(
+                "nix-store -q --references {} >/dev/null && touch {}; i=0; while [ ! -e {} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done",
+                tarball().nix_out,
+                ready.display(),
+                stop.display()
+            ),
+        )
+        .env("FLYWHEEL_LOG", "debug")
+        .stdout(log_file(&trusted_log))
+        .stderr(log_file(&trusted_log))
+        .spawn()
+        .unwrap();
+    wait_for(&ready, "the trusted job");
+    // Socket directories have 16 hex digits for a name (`<job>.logs` are build logs).
+    let theirs: Vec<PathBuf> = std::fs::read_dir(&sockets)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir() && !e.file_name().to_string_lossy().contains('.'))
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(theirs.len(), 1, "{theirs:?}");
+    let target = theirs[0].clone();
+    let meta = std::fs::metadata(&target).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(meta.mode() & 0o7777, 0o700, "the socket directory is 0700");
+    assert_eq!(
+        meta.uid(),
+        nix::unistd::User::from_name(trusted_user)
+            .unwrap()
+            .unwrap()
+            .uid
+            .as_raw(),
+        "the socket directory is the trusted job user's"
+    );
+
+    // The attack, as the attacker job runs it against DIR; VICTIM is what it makes the
+    // other daemon build.
+    let attack = |dir: &Path, n: &str| -> (String, PathBuf) {
+        let victim = rig.dir.path().join(format!("victim-{n}.nix"));
+        let passer = rig.dir.path().join(format!("passer-{n}.nix"));
+        let victim_name = format!("victim-{tag}-{n}");
+        std::fs::write(&victim, format!("derivation {{ name = \"{victim_name}\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"echo planted-by-the-attacker > $out\" ]; }}")).unwrap();
+        std::fs::write(&passer, format!("derivation {{ name = \"passer-{tag}-{n}\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"{} passfd {} {tag}-{n} > $out 2>&1\" ]; }}", tool.display(), dir.display())).unwrap();
+        for f in [&victim, &passer] {
+            std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                .unwrap();
+        }
+        let o = rig.exec(
+            Some(attacker_user),
+            &format!(
+                "{tool} recvfd {tag}-{n} \"$(command -v nix-build)\" --no-out-link {victim} 2>&1 & \
+                 cat \"$(nix-build --no-out-link {passer})\"; wait",
+                tool = tool.display(),
+                victim = victim.display(),
+                passer = passer.display(),
+            ),
+        );
+        let built = std::fs::read_dir(rig.fresh().join("store"))
+            .unwrap()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().ends_with(&victim_name))
+            .map(|e| e.path())
+            .unwrap_or_default();
+        (format!("{}{}", stdout(&o), stderr(&o)), built)
+    };
+
+    // 1. Against the old layout (directory 0755, socket 0666, every user allowed), a daemon the
+    // test runs beside the agent's on the same store: the attack drives it.
+    let decoy = sockets.join(format!("old-layout-{tag}"));
+    std::fs::create_dir(&decoy).unwrap();
+    std::fs::set_permissions(&decoy, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let decoy_log = rig.dir.path().join("decoy.log");
+    let mut old = Command::new("unshare")
+        .args([
+            "-m",
+            "--",
+            "sh",
+            "-c",
+            "mount --make-rprivate / && mount --bind \"$0\" /nix && exec /usr/bin/nix-daemon",
+        ])
+        .arg(rig.fresh())
+        .env("NIX_DAEMON_SOCKET_PATH", decoy.join("socket"))
+        .env("NIX_CONF_DIR", rig.dir.path().join("etc-nix"))
+        .env("NIX_CONFIG", "allowed-users = *")
+        .stdout(log_file(&decoy_log))
+        .stderr(log_file(&decoy_log))
+        .spawn()
+        .unwrap();
+    wait_for(&decoy.join("socket"), "the old-layout daemon's socket");
+    let (out, built) = attack(&decoy, "old");
+    let _ = old.kill();
+    let _ = old.wait();
+    assert!(
+        out.contains(&format!("passfd {}: sent", decoy.display()))
+            && out.contains("connect: connected"),
+        "the builder passed the descriptor and the job connected through it: {out}"
+    );
+    assert!(
+        built.is_file(),
+        "the old-layout daemon built the attacker's derivation: {out}"
+    );
+    let decoy_said = std::fs::read_to_string(&decoy_log).unwrap();
+    assert!(
+        decoy_said.contains(&format!("user {attacker_user}")),
+        "the old-layout daemon accepted the attacker: {decoy_said}"
+    );
+
+    // 2. Against the trusted job's daemon: the descriptor arrives, the walk through it is refused.
+    let (out, built) = attack(&target, "new");
+    assert!(
+        out.contains(&format!("passfd {}: sent", target.display()))
+            && out.contains(&format!("got {}", target.display())),
+        "the builder opened the trusted job's socket directory and passed it: {out}"
+    );
+    assert!(
+        out.contains("connect: Permission denied"),
+        "the job cannot connect through the descriptor: {out}"
+    );
+    assert_eq!(
+        built,
+        PathBuf::new(),
+        "nothing was built for the attacker: {out}"
+    );
+
+    // The trusted daemon logs every connection it accepts or refuses (at debug level): it
+    // accepted its job's user, and never saw the attacker.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let said = std::fs::read_to_string(&trusted_log).unwrap();
+    assert!(
+        said.contains("accepted connection from pid")
+            && said.contains(&format!("user {trusted_user}")),
+        "the trusted daemon's log shows the connections it accepted: {said}"
+    );
+    assert!(
+        !said.contains(attacker_user),
+        "the trusted daemon never saw the attacker's connection: {said}"
+    );
+
+    // 3. A second line: were the directory open, the daemon would still refuse the attacker.
+    std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (out, built) = attack(&target, "open");
+    assert!(
+        out.contains("connect: connected"),
+        "the walk was allowed this time: {out}"
+    );
+    assert!(
+        out.contains("cannot open connection to remote store"),
+        "the attacker's client was cut off: {out}"
+    );
+    assert_eq!(
+        built,
+        PathBuf::new(),
+        "nothing was built for the attacker: {out}"
+    );
+
+    std::fs::write(&stop, "").unwrap();
+    let st = trusted.wait().unwrap();
+    let said = std::fs::read_to_string(&trusted_log).unwrap();
+    assert!(st.success(), "{said}");
+    assert!(
+        said.contains(&format!(
+            "user '{attacker_user}' is not allowed to connect to the Nix daemon"
+        )),
+        "the daemon refused the user other than its job's: {said}"
+    );
+    assert!(
+        !said
+            .lines()
+            .any(|l| l.contains("accepted connection") && l.contains(attacker_user)),
+        "the trusted daemon accepted no one but its job's user: {said}"
+    );
 }
 
 /// Sum of the samples of `name` whose label set contains every fragment.

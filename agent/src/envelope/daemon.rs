@@ -1,7 +1,8 @@
 //! A job's own nix-daemon, inside the job's cgroup, and the record of what it built.
 
-use super::*;
 use std::os::unix::fs::DirBuilderExt;
+
+use super::*;
 
 /// What a job's daemon recorded it built (derivations, out paths).
 pub fn read_built(file: &Path) -> Vec<String> {
@@ -22,10 +23,12 @@ pub fn build_logs(nix: &NixJob, job: &str) -> PathBuf {
 }
 
 /// Start the job's own nix-daemon inside its cgroup (and its slot's mounts), as root, and wait
-/// for its socket. Returns the socket directory.
+/// for its socket. Returns the socket directory: the job user's, mode 0700, and the daemon
+/// accepts only that user (and root). `owner` is the job's user (None: the job runs as root).
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn start_nix_daemon(
     nix: &NixJob,
+    owner: Option<&JobUser>,
     cg: &dyn JobCgroup,
     slot_mounts: &[Mount],
     job: &str,
@@ -42,7 +45,14 @@ pub(super) async fn start_nix_daemon(
         std::os::unix::fs::PermissionsExt::from_mode(0o711),
     )
     .map_err(io_at("chmod", &nix.sockets))?;
-    std::fs::create_dir(&dir).map_err(io_at("create", &dir))?;
+    // Root's and 0700 while the daemon binds its socket (it chmods the socket by name: nobody
+    // else may have a way in meanwhile); the job user's once it listens. Another job's user
+    // cannot pass through it, whatever descriptor of it a builder hands them (`O_PATH` opens
+    // need no permission on the directory itself; walking through it does).
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(io_at("create", &dir))?;
     // Removed with the job, whatever happens next (a daemon that will not start included).
     cleanup.push(dir.clone());
     let socket = dir.join("socket");
@@ -56,7 +66,13 @@ pub(super) async fn start_nix_daemon(
         0o755,
     )
     .map_err(io_at("write", &hook))?;
-    let mut conf = format!("post-build-hook = {}", hook.display());
+    // Only the job's user may talk to its daemon (root is a trusted user, always allowed):
+    // a connection that reached the socket by another route is refused by the daemon too.
+    let mut conf = format!(
+        "post-build-hook = {}\nallowed-users = {}",
+        hook.display(),
+        owner.map_or("root", |u| u.name.as_str())
+    );
     if let Some(n) = &nix.netrc {
         conf.push_str(&format!("\nnetrc-file = {}", n.display()));
     }
@@ -135,6 +151,13 @@ pub(super) async fn start_nix_daemon(
                 source: e,
             })
         }
+    }
+    if let Some(u) = owner {
+        // Root made the directory in root's `nix-sockets` a moment ago: the name is ours.
+        std::os::unix::fs::chown(&dir, Some(u.uid), Some(u.gid)).map_err(io_at(
+            "hand the daemon's socket directory to the job's user",
+            &dir,
+        ))?;
     }
     info!(pid, socket = %socket.display(), "the job's nix-daemon is listening");
     Ok(dir)

@@ -76,6 +76,7 @@ pub(super) async fn launch(
         }
         let dir = start_nix_daemon(
             n,
+            user,
             cg,
             &daemon_mounts,
             job,
