@@ -877,6 +877,176 @@ fn a_descriptor_passed_by_a_builder_does_not_reach_another_jobs_daemon() {
     );
 }
 
+/// The pid in a job's "the job's nix-daemon is listening pid=N" log line.
+fn daemon_pid(log: &Path) -> String {
+    let t = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(pid) = text
+            .lines()
+            .filter(|l| l.contains("the job's nix-daemon is listening"))
+            .find_map(|l| l.split("pid=").nth(1)?.split(' ').next().map(str::to_owned))
+        {
+            return pid;
+        }
+        assert!(t.elapsed().as_secs() < 30, "no daemon pid in {text}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A daemon escape, as code that took over a job's nix-daemon would try it: enter the
+/// daemon's namespaces with its capabilities and write outside the job. First against a root
+/// process of the host (what the daemon was before: root in the host's mount namespace), then
+/// against a job's daemon.
+#[test]
+fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
+    if !privileged("nix-daemon-escape") {
+        return;
+    }
+    let rig = Rig::bootstrapped();
+    common::runner_pool();
+    let shared = common::shared_dir(rig.dir.path());
+    let tag = unique("escape");
+    // Two jobs: the neighbour, whose directory and socket the escape goes for, and the
+    // compromised one, whose daemon it runs as.
+    let mut jobs = Vec::new();
+    for (user, name) in [("fwt-12", "neighbour"), ("fwt-13", "compromised")] {
+        let log = rig.dir.path().join(format!("{name}.log"));
+        let ready = shared.join(format!("{name}-ready"));
+        let child = rig
+            .exec_command(
+                Some(user),
+                &[],
+                &format!(
+                    "touch {} _work-sentinel 2>/dev/null; touch {}; i=0; while [ ! -e {} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done",
+                    shared.join(format!("{name}-cwd")).display(),
+                    ready.display(),
+                    shared.join("stop").display()
+                ),
+            )
+            .stdout(log_file(&log))
+            .stderr(log_file(&log))
+            .spawn()
+            .unwrap();
+        wait_for(&ready, name);
+        jobs.push((child, log));
+    }
+    let neighbour_uid = nix::unistd::User::from_name("fwt-12")
+        .unwrap()
+        .unwrap()
+        .uid
+        .as_raw();
+    use std::os::unix::fs::MetadataExt;
+    let owned_by = |dir: &Path| -> PathBuf {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.is_dir() && std::fs::metadata(p).unwrap().uid() == neighbour_uid)
+            .unwrap_or_else(|| panic!("no directory of the neighbour in {}", dir.display()))
+    };
+    let neighbour_work = owned_by(&rig.dir.path().join("work")).join("_work");
+    let neighbour_sockets = owned_by(&rig.dir.path().join("state/nix-sockets"));
+    assert!(neighbour_work.is_dir() && neighbour_sockets.is_dir());
+    let sentinel = PathBuf::from(format!("/etc/flywheel-sentinel-{tag}"));
+    std::fs::write(&sentinel, "original\n").unwrap();
+    let targets = |n: &str| -> Vec<PathBuf> {
+        vec![
+            sentinel.clone(),
+            PathBuf::from(format!("/etc/flywheel-new-{tag}-{n}")),
+            rig.dir.path().join(format!("state/escape-{n}")),
+            neighbour_sockets.join(format!("escape-{n}")),
+            neighbour_work.join(format!("escape-{n}")),
+            // Out through a root process of the host (this test: pid 1 of a container
+            // host may hold capabilities the test lacks).
+            PathBuf::from(format!(
+                "/proc/{}/root{}",
+                std::process::id(),
+                sentinel.display()
+            )),
+        ]
+    };
+    let escape = |pid: &str, paths: &[PathBuf]| -> String {
+        let o = Command::new(common::attacker())
+            .arg("escape")
+            .arg(pid)
+            .args(paths)
+            .output()
+            .unwrap();
+        stdout(&o)
+    };
+
+    // 1. As root in the host's namespaces with a root process's capabilities: every write lands.
+    let mut host = Command::new("sleep").arg("30").spawn().unwrap();
+    let out = escape(&host.id().to_string(), &targets("host"));
+    let _ = host.kill();
+    let _ = host.wait();
+    assert!(out.contains("entered its namespaces"), "{out}");
+    for t in targets("host") {
+        assert!(
+            out.contains(&format!("write {}: ok", t.display())),
+            "a process like the old daemon writes {}: {out}",
+            t.display()
+        );
+    }
+    for t in targets("host").iter().skip(1).take(4) {
+        std::fs::remove_file(t).unwrap();
+    }
+    std::fs::write(&sentinel, "original\n").unwrap();
+
+    // 2. As the compromised job's daemon: nothing outside the job is written.
+    let pid = daemon_pid(&jobs[1].1);
+    let daemon_tmp = rig.dir.path().join("state/nix-tmp");
+    let mut paths = targets("daemon");
+    // The control: the daemon's own /tmp is writable, and it is the job's private one.
+    paths.push(PathBuf::from(format!("/tmp/escape-{tag}")));
+    let out = escape(&pid, &paths);
+    eprintln!("{out}");
+    assert!(
+        out.contains("entered its namespaces"),
+        "the escape ran: {out}"
+    );
+    assert!(
+        out.contains(&format!("write /tmp/escape-{tag}: ok")),
+        "the daemon's own /tmp is writable: {out}"
+    );
+    let landed: Vec<PathBuf> = std::fs::read_dir(&daemon_tmp)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join(format!("escape-{tag}")))
+        .filter(|p| p.exists())
+        .collect();
+    assert_eq!(
+        landed.len(),
+        1,
+        "it landed in the job's private /tmp: {out}"
+    );
+    for t in targets("daemon") {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("write {}: ", t.display())))
+            .unwrap_or_default();
+        assert!(
+            !line.is_empty() && !line.ends_with(": ok"),
+            "the daemon cannot write {}: {out}",
+            t.display()
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&sentinel).unwrap(), "original\n");
+    for t in targets("daemon").iter().skip(1).take(4) {
+        assert!(!t.exists(), "{} was not created", t.display());
+    }
+    let _ = std::fs::remove_file(&sentinel);
+    std::fs::write(shared.join("stop"), "").unwrap();
+    for (mut child, log) in jobs {
+        assert!(
+            child.wait().unwrap().success(),
+            "{}",
+            std::fs::read_to_string(log).unwrap()
+        );
+    }
+}
+
 /// Sum of the samples of `name` whose label set contains every fragment.
 fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()

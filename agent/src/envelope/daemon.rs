@@ -1,6 +1,6 @@
 //! A job's own nix-daemon, inside the job's cgroup, and the record of what it built.
 
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 
 use super::*;
 
@@ -76,28 +76,76 @@ pub(super) async fn start_nix_daemon(
     if let Some(n) = &nix.netrc {
         conf.push_str(&format!("\nnetrc-file = {}", n.display()));
     }
+    // The daemon's `/tmp` (build directories, its caches): root's, the job's alone, gone with it.
+    let tmps = nix.sockets.with_file_name("nix-tmp");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(&tmps)
+        .map_err(io_at("create", &tmps))?;
+    let tmp = tmps.join(format!("{:016x}", fastrand::u64(..)));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&tmp)
+        .map_err(io_at("create", &tmp))?;
+    cleanup.push(tmp.clone());
     let logs = build_logs(nix, job);
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&logs)
         .map_err(io_at("create", &logs))?;
+    // The record exists before the daemon starts: it is one of the daemon's writable mounts.
+    let built = built_list(nix, job);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&built)
+        .map_err(io_at("create", &built))?;
+    let writable = [
+        confine::Writable {
+            src: nix.store_seen.clone(),
+            dst: nix.store_seen.clone(),
+        },
+        confine::Writable {
+            src: dir.clone(),
+            dst: dir.clone(),
+        },
+        confine::Writable {
+            src: built.clone(),
+            dst: built.clone(),
+        },
+        confine::Writable {
+            src: logs.clone(),
+            dst: logs.clone(),
+        },
+        confine::Writable {
+            src: tmp,
+            dst: PathBuf::from(TMP),
+        },
+    ];
     let mut cmd = std::process::Command::new(&nix.daemon);
     cmd.env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        // Root's home is read-only to the daemon: Nix's caches go to its private /tmp.
+        .env("XDG_CACHE_HOME", "/tmp/.cache")
         .env("NIX_DAEMON_SOCKET_PATH", &socket)
         .env("NIX_CONF_DIR", &nix.conf_dir)
         .env("NIX_CONFIG", conf)
-        .env("FLYWHEEL_BUILT", built_list(nix, job))
+        .env("FLYWHEEL_BUILT", &built)
         .env("NIX_LOG_DIR", &logs)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let (fail_r, fail_w) = fail_pipe()?;
-    let mut setup = ChildSetup::new(cg, slot_mounts, None, Path::new("/"), false)?;
+    // `no_new_privs` too: the daemon runs no setuid program, and nothing it starts may gain
+    // what its bounding set lost.
+    let mut setup = ChildSetup::new(cg, slot_mounts, None, Path::new("/"), true)?;
     // The daemon holds the slot as long as it lives: a job orphaned by a killed agent keeps
     // its slot, and no other job gets the store while it runs.
     setup.inherit = hold;
     setup.install(&mut cmd, fail_w.as_raw_fd());
+    confine::Confinement::new(&writable)?.install(&mut cmd, fail_w.as_raw_fd());
     let spawned = reaper.spawn(|| {
         let child = cmd.spawn()?;
         let pid = i32::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))?;
@@ -178,6 +226,7 @@ pub fn nix_job(cfg: &Config, lane: &Lane) -> NixJob {
         socket_seen: lane.nix_store.join("var/nix/daemon-socket"),
         userpool: cfg.nix.userpool.clone(),
         userpool_seen: lane.nix_store.join("var/nix/userpool"),
+        store_seen: lane.nix_store.clone(),
         netrc: None,
     }
 }

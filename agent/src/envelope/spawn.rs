@@ -1,6 +1,6 @@
 //! Fork and exec: everything a child does between the two (join the cgroup, mounts, drop
 //! to the job's user, `no_new_privs`) prepared before the fork. All of the envelope's
-//! `unsafe` code is here.
+//! `unsafe` code is here and in `confine.rs` (the job's daemon's confinement).
 
 use super::*;
 
@@ -146,17 +146,7 @@ impl ChildSetup {
             if !ops.is_empty() {
                 // SAFETY: plain system calls with NUL-terminated strings made before the fork.
                 unsafe {
-                    if libc::unshare(libc::CLONE_NEWNS) != 0 {
-                        return fail();
-                    }
-                    if libc::mount(
-                        std::ptr::null(),
-                        c"/".as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_REC | libc::MS_PRIVATE,
-                        std::ptr::null(),
-                    ) != 0
-                    {
+                    if !private_mount_namespace() {
                         return fail();
                     }
                     for op in &ops {
@@ -197,6 +187,22 @@ impl ChildSetup {
         unsafe {
             cmd.pre_exec(hook);
         }
+    }
+}
+
+/// Between fork and exec: a mount namespace of the calling process's own, nothing in it
+/// propagating back. False (errno set) when either step failed.
+pub(super) fn private_mount_namespace() -> bool {
+    // SAFETY: plain system calls with constant arguments.
+    unsafe {
+        libc::unshare(libc::CLONE_NEWNS) == 0
+            && libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) == 0
     }
 }
 

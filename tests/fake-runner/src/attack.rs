@@ -12,6 +12,10 @@
 //! - `recvfd NAME CMD…`: what the job does: take a descriptor from the abstract socket NAME,
 //!   try to connect to `/proc/self/fd/N/socket`, then run CMD with
 //!   `NIX_REMOTE=unix:///proc/self/fd/N/socket` and the descriptor inherited.
+//! - `escape PID PATH…` (run as root): what code that took over process PID (a job's
+//!   nix-daemon) could do: enter its namespaces, take its capabilities (bounding set and
+//!   effective set, nothing more), then try to write each PATH (print `write PATH: ok` or
+//!   the error).
 #![allow(clippy::print_stdout)]
 
 use std::io::{Read, Write};
@@ -250,6 +254,94 @@ fn recvfd(name: &str, cmd: &[String]) -> ExitCode {
     ExitCode::from(1)
 }
 
+/// A capability set from `/proc/PID/status` (`CapBnd:`, `CapEff:`), hex.
+fn cap_set(status: &str, key: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0)
+}
+
+fn escape(pid: &str, paths: &[String]) -> ExitCode {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let (bnd, eff) = (cap_set(&status, "CapBnd:"), cap_set(&status, "CapEff:"));
+    let mut nss = Vec::new();
+    for ns in ["cgroup", "ipc", "uts", "net", "pid", "mnt"] {
+        match std::fs::File::open(format!("/proc/{pid}/ns/{ns}")) {
+            Ok(f) => nss.push((ns, f)),
+            Err(e) => {
+                println!("escape {pid}: open ns/{ns}: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    use std::os::fd::AsRawFd;
+    for (ns, f) in &nss {
+        // SAFETY: setns(2) on a namespace descriptor we hold.
+        if unsafe { libc::setns(f.as_raw_fd(), 0) } != 0 {
+            println!(
+                "escape {pid}: setns {ns}: {}",
+                std::io::Error::last_os_error()
+            );
+            return ExitCode::from(1);
+        }
+    }
+    let _ = std::env::set_current_dir("/");
+    for cap in 0..64 {
+        if bnd & (1 << cap) == 0 {
+            // SAFETY: prctl with integer arguments; EINVAL for caps the kernel lacks.
+            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        }
+    }
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let header = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let data = [
+        Data {
+            effective: eff as u32,
+            permitted: eff as u32,
+            inheritable: 0,
+        },
+        Data {
+            effective: (eff >> 32) as u32,
+            permitted: (eff >> 32) as u32,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: capset(2) with a version-3 header and two data structs.
+    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
+        println!("escape {pid}: capset: {}", std::io::Error::last_os_error());
+        return ExitCode::from(1);
+    }
+    println!("escape {pid}: entered its namespaces with CapBnd={bnd:016x} CapEff={eff:016x}");
+    for p in paths {
+        let r = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(p)
+            .and_then(|mut f| f.write_all(b"escaped\n"));
+        match r {
+            Ok(()) => println!("write {p}: ok"),
+            Err(e) => println!("write {p}: {e}"),
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
@@ -264,9 +356,10 @@ fn main() -> ExitCode {
         ),
         "passfd" => passfd(&arg(2), &arg(3)),
         "recvfd" => return recvfd(&arg(2), args.get(3..).unwrap_or_default()),
+        "escape" => return escape(&arg(2), args.get(3..).unwrap_or_default()),
         _ => {
             eprintln!(
-                "usage: fw-attack ptrace PID | hook SOCKET | flood SOCKET MIB | idle SOCKET N SECS | passfd DIR NAME | recvfd NAME CMD…"
+                "usage: fw-attack ptrace PID | hook SOCKET | flood SOCKET MIB | idle SOCKET N SECS | passfd DIR NAME | recvfd NAME CMD… | escape PID PATH…"
             );
             return ExitCode::from(64);
         }
