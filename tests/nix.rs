@@ -1047,6 +1047,40 @@ fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
     }
 }
 
+#[test]
+fn a_jobs_per_user_profiles_and_gc_roots_go_with_the_job() {
+    if !privileged("nix-per-user") {
+        return;
+    }
+    let rig = Rig::bootstrapped();
+    common::runner_pool();
+    let user = "fwt-11";
+    // The daemon makes the user's per-user directories at its first connection; the user can
+    // leave things there (a profile generation, a root keeping a path alive).
+    let o = rig.exec(
+        Some(user),
+        &format!(
+            "nix-store -q --references {} >/dev/null && for k in profiles gcroots; do d=/nix/var/nix/$k/per-user/{user}; ls -d $d && ln -s {} $d/planted && echo planted $k; done",
+            tarball().nix_out,
+            tarball().nix_out
+        ),
+    );
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    assert!(
+        out.contains("planted profiles") && out.contains("planted gcroots"),
+        "the job wrote into its per-user directories: {out}"
+    );
+    for k in ["profiles", "gcroots"] {
+        let d = rig.fresh().join(format!("var/nix/{k}/per-user/{user}"));
+        assert!(!d.exists(), "{} outlived the job", d.display());
+        assert!(
+            rig.fresh().join(format!("var/nix/{k}/per-user")).is_dir(),
+            "only the user's own directory went"
+        );
+    }
+}
+
 /// Sum of the samples of `name` whose label set contains every fragment.
 fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()

@@ -21,6 +21,8 @@ pub(super) struct LaunchArgs<'a> {
     pub cg: &'a dyn JobCgroup,
     /// The work root as the agent sees it (a slot's, or the lane's).
     pub phys_work_root: &'a Path,
+    /// The store root as the agent sees it (a slot's, or the lane's).
+    pub phys_nix: &'a Path,
     pub mounts: Vec<Mount>,
     pub job: &'a str,
     /// The job's uid and gid.
@@ -41,6 +43,7 @@ pub(super) async fn launch(
         user,
         cg,
         phys_work_root,
+        phys_nix,
         mut mounts,
         job,
         ids: (uid, gid),
@@ -73,6 +76,20 @@ pub(super) async fn launch(
             // them and reported; an exec job's go with it (a daemon that never started too).
             cleanup.push(built_list(n, job));
             cleanup.push(build_logs(n, job));
+        }
+        if let Some(u) = user {
+            // Nix 2.8's daemon gives the user `var/nix/{profiles,gcroots}/per-user/<user>`
+            // (the user's own, in a store every later job of this user reuses, a trusted one
+            // included): gone with the job, like its HOME.
+            for kind in ["profiles", "gcroots"] {
+                cleanup.push(
+                    phys_nix
+                        .join("var/nix")
+                        .join(kind)
+                        .join("per-user")
+                        .join(&u.name),
+                );
+            }
         }
         let dir = start_nix_daemon(
             n,

@@ -310,6 +310,7 @@ pub(super) async fn run_job_inner<P: Processes>(
                 user: user.as_ref(),
                 cg: cg.as_ref(),
                 phys_work_root: &phys_work_root,
+                phys_nix: &phys_nix,
                 mounts: binds,
                 job: &job,
                 ids: (uid, gid),
