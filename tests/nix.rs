@@ -1081,6 +1081,55 @@ fn a_jobs_per_user_profiles_and_gc_roots_go_with_the_job() {
     }
 }
 
+/// Nix's sandbox (mount, pid and user namespaces, a `/proc` of its own, `pivot_root`) works
+/// inside the confined daemon: a read-only mount namespace, no `CAP_SYS_PTRACE`, … (production
+/// runs with `sandbox = true`; the other tests run without it because their builders use the
+/// host's dynamically linked `/bin/sh`; busybox is static).
+#[test]
+fn a_sandboxed_build_runs_under_the_confined_daemon() {
+    if !privileged("nix-sandbox") {
+        return;
+    }
+    let rig = Rig::new("", None);
+    let text = std::fs::read_to_string(&rig.config).unwrap();
+    std::fs::write(
+        &rig.config,
+        text.replace("sandbox = false", "sandbox = true"),
+    )
+    .unwrap();
+    assert!(rig.bootstrap().status.success());
+    let expr = rig.dir.path().join("sandboxed.nix");
+    std::fs::write(
+        &expr,
+        format!(
+            "derivation {{ name = \"{}\"; system = \"x86_64-linux\"; builder = \"/bin/busybox\"; args = [ \"sh\" \"-c\" \"mount > $out; ls /proc/1/ >> $out; echo built-in-the-sandbox >> $out\" ]; }}",
+            unique("sandboxed")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&expr, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    // As root, a trusted Nix user: it may name the sandbox's extra path.
+    let o = rig.exec(
+        None,
+        &format!(
+            "cat \"$(nix-build --option sandbox-paths /bin/busybox {} --no-out-link)\"",
+            expr.display()
+        ),
+    );
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    assert!(out.contains("built-in-the-sandbox"), "{out}");
+    // It was the sandbox: a root of its own with its own /proc.
+    assert!(
+        out.lines().any(|l| l.contains(" on /proc type proc")),
+        "the sandbox mounted its own /proc: {out}"
+    );
+    assert!(
+        !out.contains(&rig.dir.path().display().to_string()),
+        "the host's paths are not in the sandbox: {out}"
+    );
+}
+
 /// Sum of the samples of `name` whose label set contains every fragment.
 fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()
