@@ -1130,6 +1130,107 @@ fn a_sandboxed_build_runs_under_the_confined_daemon() {
     );
 }
 
+/// An untrusted job (`exec --untrusted`) builds, adds a content-addressed path, signs paths
+/// and so writes its daemon's layer; a trusted job on the same store afterwards finds none of
+/// it, and the store below never changed.
+#[test]
+fn an_untrusted_jobs_store_writes_are_a_layer_thrown_away_at_teardown() {
+    if !privileged("nix-throwaway-layer") {
+        return;
+    }
+    let rig = Rig::bootstrapped();
+    let shared = common::shared_dir(rig.dir.path());
+    let tag = unique("layer");
+    let expr = rig.dir.path().join("x.nix");
+    std::fs::write(&expr, format!("derivation {{ name = \"x-{tag}\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"echo built-by-the-pr > $out\" ]; }}")).unwrap();
+    let file = rig.dir.path().join(format!("ca-{tag}"));
+    std::fs::write(&file, format!("content-addressed {tag}\n")).unwrap();
+    for f in [&expr, &file] {
+        std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    }
+    let db = rig.fresh().join("var/nix/db/db.sqlite");
+    let db_before = std::fs::read(&db).unwrap();
+    let store_before = std::fs::read_dir(rig.fresh().join("store"))
+        .unwrap()
+        .count();
+    let nix_out = &tarball().nix_out;
+    let o = rig.exec_with(
+        Some("nobody"),
+        &["--untrusted"],
+        &format!(
+            "X=$(nix-build --no-out-link {expr}) && nix-store --check-validity $X && echo valid-in-the-job $X; \
+             CA=$(nix-store --add {file}) && echo added $CA; \
+             nix-store --generate-binary-cache-key pr-1 /tmp/sk /tmp/pk; \
+             nix --extra-experimental-features nix-command store sign --key-file /tmp/sk $X {nix_out} && echo signed || echo signing-refused; \
+             nix --extra-experimental-features nix-command path-info --sigs {nix_out}; \
+             echo $X $CA > {paths}",
+            expr = expr.display(),
+            file = file.display(),
+            paths = shared.join("paths").display(),
+        ),
+    );
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    assert!(
+        out.contains("valid-in-the-job /nix/store/"),
+        "the job built X in its layer: {out}"
+    );
+    assert!(
+        out.contains("added /nix/store/"),
+        "the job added a path: {out}"
+    );
+    eprintln!("untrusted job: {out}");
+    let paths = std::fs::read_to_string(shared.join("paths")).unwrap();
+    let paths: Vec<&str> = paths.split_whitespace().collect();
+    assert_eq!(paths.len(), 2, "{paths:?}");
+
+    // Gone with the job: its layer, and nothing of it below.
+    let layers: Vec<_> = std::fs::read_dir(rig.dir.path().join("work"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".layer"))
+        .collect();
+    assert!(layers.is_empty(), "the layer was removed: {layers:?}");
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        db_before,
+        "the store's database never changed"
+    );
+    assert_eq!(
+        std::fs::read_dir(rig.fresh().join("store"))
+            .unwrap()
+            .count(),
+        store_before,
+        "no path was added to the store"
+    );
+
+    // A trusted job on the same store: none of it is there, valid or not; no signature stuck.
+    let o = rig.exec(
+        None,
+        &format!(
+            "for p in {} {}; do nix-store --check-validity $p 2>/dev/null && echo valid $p || echo invalid $p; test -e $p && echo exists $p; done; \
+             nix --extra-experimental-features nix-command path-info --sigs {nix_out}",
+            paths[0], paths[1]
+        ),
+    );
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    for p in &paths {
+        assert!(
+            out.contains(&format!("invalid {p}")),
+            "{p} is not valid: {out}"
+        );
+        assert!(
+            !out.contains(&format!("exists {p}")),
+            "{p} is not there: {out}"
+        );
+    }
+    assert!(
+        !out.contains("pr-1:"),
+        "no signature of the job's key: {out}"
+    );
+}
+
 /// Sum of the samples of `name` whose label set contains every fragment.
 fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()

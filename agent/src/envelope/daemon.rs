@@ -227,6 +227,7 @@ pub fn nix_job(cfg: &Config, lane: &Lane) -> NixJob {
         userpool: cfg.nix.userpool.clone(),
         userpool_seen: lane.nix_store.join("var/nix/userpool"),
         store_seen: lane.nix_store.clone(),
+        throwaway: false,
         netrc: None,
     }
 }
