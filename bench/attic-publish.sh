@@ -16,7 +16,8 @@ cd "$(dirname "$0")/.."
 command -v curl >/dev/null || { echo "curl is missing: apt-get install curl" >&2; exit 1; }
 cargo build --release -q -p flywheel-agent -p fake-attic
 T=$PWD/target/release
-TMP=$(mktemp -d /var/tmp/flywheel-bench-attic.XXXXXX)
+mkdir -p /var/lib/flywheel-bench
+TMP=$(mktemp -d /var/lib/flywheel-bench/flywheel-bench-attic.XXXXXX)
 cleanup() { exec 3>&- 2>/dev/null || true; rm -rf "$TMP"; }
 trap cleanup EXIT
 head -c 48 /dev/urandom | base64 -w0 > "$TMP/attic.key"

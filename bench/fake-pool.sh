@@ -7,6 +7,7 @@ cargo build --release -q -p flywheel-agent -p fake-runner -p fake-github
 T=$PWD/target/release
 # FLYWHEEL_AGENT: another build of the agent to measure (e.g. the commit before a change).
 AGENT=${FLYWHEEL_AGENT:-$T/flywheel-agent}
+mkdir -p "$1"
 TMP=$(mktemp -d "$1/flywheel-bench-$2.XXXXXX")
 chmod 755 "$TMP"
 cleanup() { exec 3>&- 2>/dev/null || true; [ -n "${AGENT_PID:-}" ] && kill "$AGENT_PID" 2>/dev/null; [ -n "${KEEP:-}" ] || rm -rf "$TMP"; }

@@ -14,7 +14,7 @@ set -euo pipefail
 ROUNDS=${1:-3}
 FILES=${2:-100000}
 QUICK=${3:-60}
-. "$(dirname "$0")/fake-pool.sh" /var/tmp stall
+. "$(dirname "$0")/fake-pool.sh" /var/lib/flywheel-bench stall
 . bench/nix-tarball.sh "$TMP"
 : > "$TMP/lat"; : > "$TMP/hook"; : > "$TMP/summary"
 round() {
@@ -38,6 +38,8 @@ listen = "127.0.0.1:$port"
 tarball = "$TMP/nix.tar.xz"
 sha256 = "$SHA"
 version = "$V"
+# Debian's Nix 2.8 (the bench tarball's programs) predates both advisories' fixes.
+acknowledged_advisories = ["CVE-2026-39860", "CVE-2024-27297"]
 netrc_file = "$R/etc/netrc"
 $(TMP=$R github_and_runner_toml "$url" "stall$r")
 [[lane]]

@@ -9,7 +9,8 @@ SECS=${1:-20}
 cd "$(dirname "$0")/.."
 cargo build --release -q -p flywheel-agent
 AGENT=$PWD/target/release/flywheel-agent
-TMP=$(mktemp -d /var/tmp/flywheel-bench-sample.XXXXXX)
+mkdir -p /var/lib/flywheel-bench
+TMP=$(mktemp -d /var/lib/flywheel-bench/flywheel-bench-sample.XXXXXX)
 trap 'rm -rf "$TMP"' EXIT
 cat > "$TMP/agent.toml" <<TOML
 [agent]

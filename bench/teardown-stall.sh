@@ -8,7 +8,7 @@
 # usage: bench/teardown-stall.sh [FILES]      (root; real cgroups; creates runner-0..3 if missing)
 set -euo pipefail
 FILES=${1:-100000}
-. "$(dirname "$0")/fake-pool.sh" /var/tmp stall
+. "$(dirname "$0")/fake-pool.sh" /var/lib/flywheel-bench stall
 LANE=stall4
 coproc FAKE { "$T/fake-github-serve" "$TMP/app.pem" "$LANE" 1 \
   "mkdir many && cd many && seq 1 $FILES | xargs touch && echo made-$FILES-files"; }

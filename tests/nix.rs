@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 
 use common::{privileged, stderr, stdout, unique, AGENT};
 
-use common::nixtar::{sh, shared_userpool, tarball, VERSION};
+use common::nixtar::{sh, shared_userpool, tarball, ACKNOWLEDGED, VERSION};
 
 struct Rig {
     dir: tempfile::TempDir,
@@ -45,6 +45,7 @@ teardown_grace = "300ms"
 tarball = "{tarball}"
 sha256 = "{sha}"
 version = "{VERSION}"
+{ACKNOWLEDGED}
 netrc_file = "{netrc}"
 sandbox = false
 substituters = []
@@ -74,6 +75,14 @@ nix_conf = "{conf}"
         )
         .expect("config");
         Rig { dir, lane, config }
+    }
+
+    /// A rig whose store is bootstrapped.
+    fn bootstrapped() -> Rig {
+        let rig = Rig::new("", None);
+        let o = rig.bootstrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        rig
     }
 
     fn fresh(&self) -> PathBuf {
@@ -115,6 +124,13 @@ nix_conf = "{conf}"
     }
 
     fn exec_with(&self, user: Option<&str>, extra: &[&str], script: &str) -> Output {
+        self.exec_command(user, extra, script)
+            .output()
+            .expect("run")
+    }
+
+    /// The `exec` of SCRIPT as USER, not yet started.
+    fn exec_command(&self, user: Option<&str>, extra: &[&str], script: &str) -> Command {
         let mut args = vec![
             "exec",
             "--lane",
@@ -127,7 +143,7 @@ nix_conf = "{conf}"
         }
         args.extend(extra);
         args.extend(["--", "sh", "-c", script]);
-        self.agent(&args).output().expect("run")
+        self.agent(&args)
     }
 }
 
@@ -252,6 +268,59 @@ fn cold_install_then_warm_then_drift_is_repaired() {
     let meta = std::fs::metadata(&nix_path).expect("meta");
     assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o555));
     assert!(stdout(&rig.bootstrap()).contains(": warm"));
+}
+
+#[test]
+fn a_nix_with_an_unacknowledged_advisory_runs_no_jobs_daemon_and_an_acknowledged_one_is_said() {
+    if !privileged("nix-advisory") {
+        return;
+    }
+    let rig = Rig::bootstrapped();
+    let acknowledged = std::fs::read_to_string(&rig.config).unwrap();
+    // The host's Nix 2.8 with no advisory acknowledged: the job never starts.
+    std::fs::write(&rig.config, acknowledged.replace(ACKNOWLEDGED, "")).unwrap();
+    let o = rig.exec(None, "echo the-job-ran");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains(&format!("nix {VERSION} is affected by CVE-2026-39860"))
+            && err.contains("fixed in 2.34.5, 2.33.4, 2.32.7, 2.31.4, 2.30.4, 2.29.3, 2.28.6")
+            && err.contains("acknowledged_advisories = [\"CVE-2026-39860\"]"),
+        "the error names the advisory, its fixed releases and the way out: {err}"
+    );
+    assert!(!stdout(&o).contains("the-job-ran"), "the job never ran");
+    assert!(
+        !err.contains("the job's nix-daemon is listening"),
+        "no daemon was started: {err}"
+    );
+    // One of the two acknowledged is not enough.
+    std::fs::write(
+        &rig.config,
+        acknowledged.replace(
+            ACKNOWLEDGED,
+            "acknowledged_advisories = [\"CVE-2026-39860\"]",
+        ),
+    )
+    .unwrap();
+    let o = rig.exec(None, "echo the-job-ran");
+    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("is affected by CVE-2024-27297"),
+        "{}",
+        stderr(&o)
+    );
+    // Both acknowledged: the job runs, and its log says with what.
+    std::fs::write(&rig.config, &acknowledged).unwrap();
+    let o = rig.exec(None, "echo the-job-ran");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(stdout(&o).contains("the-job-ran"));
+    for id in ["CVE-2026-39860", "CVE-2024-27297"] {
+        assert!(
+            err.contains(&format!("runs with an acknowledged advisory: {id}")),
+            "the job's log says it runs with {id} acknowledged: {err}"
+        );
+    }
 }
 
 #[test]
@@ -605,19 +674,11 @@ fn the_job_user_cannot_import_unsigned_paths_or_reach_another_jobs_daemon() {
     let shared = common::shared_dir(rig.dir.path());
     let ready = shared.join("ready");
     let mut first = rig
-        .agent(&[
-            "exec",
-            "--lane",
-            &rig.lane,
-            "--config",
-            rig.config.to_str().unwrap(),
-            "--user",
-            "nobody",
-            "--",
-            "sh",
-            "-c",
+        .exec_command(
+            Some("nobody"),
+            &[],
             &format!("touch {}; sleep 4", ready.display()),
-        ])
+        )
         .spawn()
         .unwrap();
     let t = std::time::Instant::now();
@@ -643,6 +704,587 @@ fn the_job_user_cannot_import_unsigned_paths_or_reach_another_jobs_daemon() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(out, "0\nhidden\n", "another job's daemon is out of reach");
     let _ = first.wait();
+}
+
+/// A log file a child's stdout and stderr both append to.
+fn log_file(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap()
+}
+
+/// Wait until `path` exists (a job's marker, a socket).
+fn wait_for(path: &Path, what: &str) {
+    let t = std::time::Instant::now();
+    while !path.exists() {
+        assert!(t.elapsed().as_secs() < 30, "{what} never appeared");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The hijack of issue 22, with `sandbox = false`: the attacker job's non-sandboxed builder runs
+/// in its daemon's mount namespace, opens another daemon's socket directory with `O_PATH`, and
+/// passes the descriptor over an abstract socket to the job, which connects through
+/// `/proc/self/fd/N/socket` and has that daemon build its derivation.
+#[test]
+fn a_descriptor_passed_by_a_builder_does_not_reach_another_jobs_daemon() {
+    if !privileged("nix-socket-hijack") {
+        return;
+    }
+    let rig = Rig::bootstrapped();
+    common::runner_pool();
+    let (trusted_user, attacker_user) = ("fwt-14", "fwt-15");
+    let shared = common::shared_dir(rig.dir.path());
+    // The attacker's tool, where builders and jobs can run it.
+    let tool = rig.dir.path().join("fw-attack");
+    std::fs::copy(common::attacker(), &tool).unwrap();
+    std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let sockets = rig.dir.path().join("state/nix-sockets");
+    let tag = unique("hijack");
+    // As a packaged host has it (systemd/flywheel-agent.tmpfiles.conf: `state_dir` 0755), so
+    // that the builder can walk to `nix-sockets` (0711) as it could in production.
+    std::fs::create_dir_all(rig.dir.path().join("state")).unwrap();
+    std::fs::set_permissions(
+        rig.dir.path().join("state"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+
+    // The trusted job: it uses its daemon once (so that its log shows whom the daemon
+    // accepted), then waits until the test is done.
+    let (ready, stop) = (shared.join("ready"), shared.join("stop"));
+    let trusted_log = rig.dir.path().join("trusted.log");
+    let mut trusted = rig
+        .exec_command(
+            Some(trusted_user),
+            &[],
+            &format!(
+                "nix-store -q --references {} >/dev/null && touch {}; i=0; while [ ! -e {} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done",
+                tarball().nix_out,
+                ready.display(),
+                stop.display()
+            ),
+        )
+        .env("FLYWHEEL_LOG", "debug")
+        .stdout(log_file(&trusted_log))
+        .stderr(log_file(&trusted_log))
+        .spawn()
+        .unwrap();
+    wait_for(&ready, "the trusted job");
+    // Socket directories have 16 hex digits for a name (`<job>.logs` are build logs).
+    let theirs: Vec<PathBuf> = std::fs::read_dir(&sockets)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir() && !e.file_name().to_string_lossy().contains('.'))
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(theirs.len(), 1, "{theirs:?}");
+    let target = theirs[0].clone();
+    let meta = std::fs::metadata(&target).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(meta.mode() & 0o7777, 0o700, "the socket directory is 0700");
+    assert_eq!(
+        meta.uid(),
+        nix::unistd::User::from_name(trusted_user)
+            .unwrap()
+            .unwrap()
+            .uid
+            .as_raw(),
+        "the socket directory is the trusted job user's"
+    );
+
+    // The attack, as the attacker job runs it against DIR; VICTIM is what it makes the
+    // other daemon build.
+    let attack = |dir: &Path, n: &str| -> (String, PathBuf) {
+        let victim = rig.dir.path().join(format!("victim-{n}.nix"));
+        let passer = rig.dir.path().join(format!("passer-{n}.nix"));
+        let victim_name = format!("victim-{tag}-{n}");
+        std::fs::write(&victim, format!("derivation {{ name = \"{victim_name}\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"echo planted-by-the-attacker > $out\" ]; }}")).unwrap();
+        std::fs::write(&passer, format!("derivation {{ name = \"passer-{tag}-{n}\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"{} passfd {} {tag}-{n} > $out 2>&1\" ]; }}", tool.display(), dir.display())).unwrap();
+        for f in [&victim, &passer] {
+            std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                .unwrap();
+        }
+        let o = rig.exec(
+            Some(attacker_user),
+            &format!(
+                "{tool} recvfd {tag}-{n} \"$(command -v nix-build)\" --no-out-link {victim} 2>&1 & \
+                 cat \"$(nix-build --no-out-link {passer})\"; wait",
+                tool = tool.display(),
+                victim = victim.display(),
+                passer = passer.display(),
+            ),
+        );
+        let built = std::fs::read_dir(rig.fresh().join("store"))
+            .unwrap()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().ends_with(&victim_name))
+            .map(|e| e.path())
+            .unwrap_or_default();
+        (format!("{}{}", stdout(&o), stderr(&o)), built)
+    };
+
+    // 1. Against the old layout (directory 0755, socket 0666, every user allowed), a daemon the
+    // test runs beside the agent's on the same store: the attack drives it.
+    let decoy = sockets.join(format!("old-layout-{tag}"));
+    std::fs::create_dir(&decoy).unwrap();
+    std::fs::set_permissions(&decoy, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let decoy_log = rig.dir.path().join("decoy.log");
+    let mut old = Command::new("unshare")
+        .args([
+            "-m",
+            "--",
+            "sh",
+            "-c",
+            "mount --make-rprivate / && mount --bind \"$0\" /nix && exec /usr/bin/nix-daemon",
+        ])
+        .arg(rig.fresh())
+        .env("NIX_DAEMON_SOCKET_PATH", decoy.join("socket"))
+        .env("NIX_CONF_DIR", rig.dir.path().join("etc-nix"))
+        .env("NIX_CONFIG", "allowed-users = *")
+        .stdout(log_file(&decoy_log))
+        .stderr(log_file(&decoy_log))
+        .spawn()
+        .unwrap();
+    wait_for(&decoy.join("socket"), "the old-layout daemon's socket");
+    let (out, built) = attack(&decoy, "old");
+    let _ = old.kill();
+    let _ = old.wait();
+    assert!(
+        out.contains(&format!("passfd {}: sent", decoy.display()))
+            && out.contains("connect: connected"),
+        "the builder passed the descriptor and the job connected through it: {out}"
+    );
+    assert!(
+        built.is_file(),
+        "the old-layout daemon built the attacker's derivation: {out}"
+    );
+    let decoy_said = std::fs::read_to_string(&decoy_log).unwrap();
+    assert!(
+        decoy_said.contains(&format!("user {attacker_user}")),
+        "the old-layout daemon accepted the attacker: {decoy_said}"
+    );
+
+    // 2. Against the trusted job's daemon: the descriptor arrives, the walk through it is refused.
+    let (out, built) = attack(&target, "new");
+    assert!(
+        out.contains(&format!("passfd {}: sent", target.display()))
+            && out.contains(&format!("got {}", target.display())),
+        "the builder opened the trusted job's socket directory and passed it: {out}"
+    );
+    assert!(
+        out.contains("connect: Permission denied"),
+        "the job cannot connect through the descriptor: {out}"
+    );
+    assert_eq!(
+        built,
+        PathBuf::new(),
+        "nothing was built for the attacker: {out}"
+    );
+
+    // The trusted daemon logs every connection it accepts or refuses (at debug level): it
+    // accepted its job's user, and never saw the attacker.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let said = std::fs::read_to_string(&trusted_log).unwrap();
+    assert!(
+        said.contains("accepted connection from pid")
+            && said.contains(&format!("user {trusted_user}")),
+        "the trusted daemon's log shows the connections it accepted: {said}"
+    );
+    assert!(
+        !said.contains(attacker_user),
+        "the trusted daemon never saw the attacker's connection: {said}"
+    );
+
+    // 3. A second line: were the directory open, the daemon would still refuse the attacker.
+    std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (out, built) = attack(&target, "open");
+    assert!(
+        out.contains("connect: connected"),
+        "the walk was allowed this time: {out}"
+    );
+    assert!(
+        out.contains("cannot open connection to remote store"),
+        "the attacker's client was cut off: {out}"
+    );
+    assert_eq!(
+        built,
+        PathBuf::new(),
+        "nothing was built for the attacker: {out}"
+    );
+
+    std::fs::write(&stop, "").unwrap();
+    let st = trusted.wait().unwrap();
+    let said = std::fs::read_to_string(&trusted_log).unwrap();
+    assert!(st.success(), "{said}");
+    assert!(
+        said.contains(&format!(
+            "user '{attacker_user}' is not allowed to connect to the Nix daemon"
+        )),
+        "the daemon refused the user other than its job's: {said}"
+    );
+    assert!(
+        !said
+            .lines()
+            .any(|l| l.contains("accepted connection") && l.contains(attacker_user)),
+        "the trusted daemon accepted no one but its job's user: {said}"
+    );
+}
+
+/// The pid in a job's "the job's nix-daemon is listening pid=N" log line.
+fn daemon_pid(log: &Path) -> String {
+    let t = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(pid) = text
+            .lines()
+            .filter(|l| l.contains("the job's nix-daemon is listening"))
+            .find_map(|l| l.split("pid=").nth(1)?.split(' ').next().map(str::to_owned))
+        {
+            return pid;
+        }
+        assert!(t.elapsed().as_secs() < 30, "no daemon pid in {text}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A daemon escape, as code that took over a job's nix-daemon would try it: enter the
+/// daemon's namespaces with its capabilities and write outside the job. First against a root
+/// process of the host (what the daemon was before: root in the host's mount namespace), then
+/// against a job's daemon.
+#[test]
+fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
+    if !privileged("nix-daemon-escape") {
+        return;
+    }
+    let rig = Rig::bootstrapped();
+    common::runner_pool();
+    let shared = common::shared_dir(rig.dir.path());
+    let tag = unique("escape");
+    // Two jobs: the neighbour, whose directory and socket the escape goes for, and the
+    // compromised one, whose daemon it runs as.
+    let mut jobs = Vec::new();
+    for (user, name) in [("fwt-12", "neighbour"), ("fwt-13", "compromised")] {
+        let log = rig.dir.path().join(format!("{name}.log"));
+        let ready = shared.join(format!("{name}-ready"));
+        let child = rig
+            .exec_command(
+                Some(user),
+                &[],
+                &format!(
+                    "touch {} _work-sentinel 2>/dev/null; touch {}; i=0; while [ ! -e {} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done",
+                    shared.join(format!("{name}-cwd")).display(),
+                    ready.display(),
+                    shared.join("stop").display()
+                ),
+            )
+            .stdout(log_file(&log))
+            .stderr(log_file(&log))
+            .spawn()
+            .unwrap();
+        wait_for(&ready, name);
+        jobs.push((child, log));
+    }
+    let neighbour_uid = nix::unistd::User::from_name("fwt-12")
+        .unwrap()
+        .unwrap()
+        .uid
+        .as_raw();
+    use std::os::unix::fs::MetadataExt;
+    let owned_by = |dir: &Path| -> PathBuf {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.is_dir() && std::fs::metadata(p).unwrap().uid() == neighbour_uid)
+            .unwrap_or_else(|| panic!("no directory of the neighbour in {}", dir.display()))
+    };
+    let neighbour_work = owned_by(&rig.dir.path().join("work")).join("_work");
+    let neighbour_sockets = owned_by(&rig.dir.path().join("state/nix-sockets"));
+    assert!(neighbour_work.is_dir() && neighbour_sockets.is_dir());
+    let sentinel = PathBuf::from(format!("/etc/flywheel-sentinel-{tag}"));
+    std::fs::write(&sentinel, "original\n").unwrap();
+    let targets = |n: &str| -> Vec<PathBuf> {
+        vec![
+            sentinel.clone(),
+            PathBuf::from(format!("/etc/flywheel-new-{tag}-{n}")),
+            rig.dir.path().join(format!("state/escape-{n}")),
+            neighbour_sockets.join(format!("escape-{n}")),
+            neighbour_work.join(format!("escape-{n}")),
+            // Out through a root process of the host (this test: pid 1 of a container
+            // host may hold capabilities the test lacks).
+            PathBuf::from(format!(
+                "/proc/{}/root{}",
+                std::process::id(),
+                sentinel.display()
+            )),
+        ]
+    };
+    let escape = |pid: &str, paths: &[PathBuf]| -> String {
+        let o = Command::new(common::attacker())
+            .arg("escape")
+            .arg(pid)
+            .args(paths)
+            .output()
+            .unwrap();
+        stdout(&o)
+    };
+
+    // 1. As root in the host's namespaces with a root process's capabilities: every write lands.
+    let mut host = Command::new("sleep").arg("30").spawn().unwrap();
+    let out = escape(&host.id().to_string(), &targets("host"));
+    let _ = host.kill();
+    let _ = host.wait();
+    assert!(out.contains("entered its namespaces"), "{out}");
+    for t in targets("host") {
+        assert!(
+            out.contains(&format!("write {}: ok", t.display())),
+            "a process like the old daemon writes {}: {out}",
+            t.display()
+        );
+    }
+    for t in targets("host").iter().skip(1).take(4) {
+        std::fs::remove_file(t).unwrap();
+    }
+    std::fs::write(&sentinel, "original\n").unwrap();
+
+    // 2. As the compromised job's daemon: nothing outside the job is written.
+    let pid = daemon_pid(&jobs[1].1);
+    let daemon_tmp = rig.dir.path().join("state/nix-tmp");
+    let mut paths = targets("daemon");
+    // The control: the daemon's own /tmp is writable, and it is the job's private one.
+    paths.push(PathBuf::from(format!("/tmp/escape-{tag}")));
+    let out = escape(&pid, &paths);
+    eprintln!("{out}");
+    assert!(
+        out.contains("entered its namespaces"),
+        "the escape ran: {out}"
+    );
+    assert!(
+        out.contains(&format!("write /tmp/escape-{tag}: ok")),
+        "the daemon's own /tmp is writable: {out}"
+    );
+    let landed: Vec<PathBuf> = std::fs::read_dir(&daemon_tmp)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join(format!("escape-{tag}")))
+        .filter(|p| p.exists())
+        .collect();
+    assert_eq!(
+        landed.len(),
+        1,
+        "it landed in the job's private /tmp: {out}"
+    );
+    for t in targets("daemon") {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("write {}: ", t.display())))
+            .unwrap_or_default();
+        assert!(
+            !line.is_empty() && !line.ends_with(": ok"),
+            "the daemon cannot write {}: {out}",
+            t.display()
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&sentinel).unwrap(), "original\n");
+    for t in targets("daemon").iter().skip(1).take(4) {
+        assert!(!t.exists(), "{} was not created", t.display());
+    }
+    let _ = std::fs::remove_file(&sentinel);
+    std::fs::write(shared.join("stop"), "").unwrap();
+    for (mut child, log) in jobs {
+        assert!(
+            child.wait().unwrap().success(),
+            "{}",
+            std::fs::read_to_string(log).unwrap()
+        );
+    }
+}
+
+#[test]
+fn a_jobs_per_user_profiles_and_gc_roots_go_with_the_job() {
+    if !privileged("nix-per-user") {
+        return;
+    }
+    let rig = Rig::bootstrapped();
+    common::runner_pool();
+    let user = "fwt-11";
+    // The daemon makes the user's per-user directories at its first connection; the user can
+    // leave things there (a profile generation, a root keeping a path alive).
+    let o = rig.exec(
+        Some(user),
+        &format!(
+            "nix-store -q --references {} >/dev/null && for k in profiles gcroots; do d=/nix/var/nix/$k/per-user/{user}; ls -d $d && ln -s {} $d/planted && echo planted $k; done",
+            tarball().nix_out,
+            tarball().nix_out
+        ),
+    );
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    assert!(
+        out.contains("planted profiles") && out.contains("planted gcroots"),
+        "the job wrote into its per-user directories: {out}"
+    );
+    for k in ["profiles", "gcroots"] {
+        let d = rig.fresh().join(format!("var/nix/{k}/per-user/{user}"));
+        assert!(!d.exists(), "{} outlived the job", d.display());
+        assert!(
+            rig.fresh().join(format!("var/nix/{k}/per-user")).is_dir(),
+            "only the user's own directory went"
+        );
+    }
+}
+
+/// Nix's sandbox (mount, pid and user namespaces, a `/proc` of its own, `pivot_root`) works
+/// inside the confined daemon: a read-only mount namespace, no `CAP_SYS_PTRACE`, … (production
+/// runs with `sandbox = true`; the other tests run without it because their builders use the
+/// host's dynamically linked `/bin/sh`; busybox is static).
+#[test]
+fn a_sandboxed_build_runs_under_the_confined_daemon() {
+    if !privileged("nix-sandbox") {
+        return;
+    }
+    let rig = Rig::new("", None);
+    let text = std::fs::read_to_string(&rig.config).unwrap();
+    std::fs::write(
+        &rig.config,
+        text.replace("sandbox = false", "sandbox = true"),
+    )
+    .unwrap();
+    assert!(rig.bootstrap().status.success());
+    let expr = rig.dir.path().join("sandboxed.nix");
+    std::fs::write(
+        &expr,
+        format!(
+            "derivation {{ name = \"{}\"; system = \"x86_64-linux\"; builder = \"/bin/busybox\"; args = [ \"sh\" \"-c\" \"mount > $out; ls /proc/1/ >> $out; echo built-in-the-sandbox >> $out\" ]; }}",
+            unique("sandboxed")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&expr, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    // As root, a trusted Nix user: it may name the sandbox's extra path.
+    let o = rig.exec(
+        None,
+        &format!(
+            "cat \"$(nix-build --option sandbox-paths /bin/busybox {} --no-out-link)\"",
+            expr.display()
+        ),
+    );
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    assert!(out.contains("built-in-the-sandbox"), "{out}");
+    // It was the sandbox: a root of its own with its own /proc.
+    assert!(
+        out.lines().any(|l| l.contains(" on /proc type proc")),
+        "the sandbox mounted its own /proc: {out}"
+    );
+    assert!(
+        !out.contains(&rig.dir.path().display().to_string()),
+        "the host's paths are not in the sandbox: {out}"
+    );
+}
+
+/// An untrusted job (`exec --untrusted`) builds, adds a content-addressed path, signs paths
+/// and so writes its daemon's layer; a trusted job on the same store afterwards finds none of
+/// it, and the store below never changed.
+#[test]
+fn an_untrusted_jobs_store_writes_are_a_layer_thrown_away_at_teardown() {
+    if !privileged("nix-throwaway-layer") {
+        return;
+    }
+    let rig = Rig::bootstrapped();
+    let shared = common::shared_dir(rig.dir.path());
+    let tag = unique("layer");
+    let expr = rig.dir.path().join("x.nix");
+    std::fs::write(&expr, format!("derivation {{ name = \"x-{tag}\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"echo built-by-the-pr > $out\" ]; }}")).unwrap();
+    let file = rig.dir.path().join(format!("ca-{tag}"));
+    std::fs::write(&file, format!("content-addressed {tag}\n")).unwrap();
+    for f in [&expr, &file] {
+        std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    }
+    let db = rig.fresh().join("var/nix/db/db.sqlite");
+    let db_before = std::fs::read(&db).unwrap();
+    let store_before = std::fs::read_dir(rig.fresh().join("store"))
+        .unwrap()
+        .count();
+    let nix_out = &tarball().nix_out;
+    let o = rig.exec_with(
+        Some("nobody"),
+        &["--untrusted"],
+        &format!(
+            "X=$(nix-build --no-out-link {expr}) && nix-store --check-validity $X && echo valid-in-the-job $X; \
+             CA=$(nix-store --add {file}) && echo added $CA; \
+             nix-store --generate-binary-cache-key pr-1 /tmp/sk /tmp/pk; \
+             nix --extra-experimental-features nix-command store sign --key-file /tmp/sk $X {nix_out} && echo signed || echo signing-refused; \
+             nix --extra-experimental-features nix-command path-info --sigs {nix_out}; \
+             echo $X $CA > {paths}",
+            expr = expr.display(),
+            file = file.display(),
+            paths = shared.join("paths").display(),
+        ),
+    );
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    assert!(
+        out.contains("valid-in-the-job /nix/store/"),
+        "the job built X in its layer: {out}"
+    );
+    assert!(
+        out.contains("added /nix/store/"),
+        "the job added a path: {out}"
+    );
+    eprintln!("untrusted job: {out}");
+    let paths = std::fs::read_to_string(shared.join("paths")).unwrap();
+    let paths: Vec<&str> = paths.split_whitespace().collect();
+    assert_eq!(paths.len(), 2, "{paths:?}");
+
+    // Gone with the job: its layer, and nothing of it below.
+    let layers: Vec<_> = std::fs::read_dir(rig.dir.path().join("work"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".layer"))
+        .collect();
+    assert!(layers.is_empty(), "the layer was removed: {layers:?}");
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        db_before,
+        "the store's database never changed"
+    );
+    assert_eq!(
+        std::fs::read_dir(rig.fresh().join("store"))
+            .unwrap()
+            .count(),
+        store_before,
+        "no path was added to the store"
+    );
+
+    // A trusted job on the same store: none of it is there, valid or not; no signature stuck.
+    let o = rig.exec(
+        None,
+        &format!(
+            "for p in {} {}; do nix-store --check-validity $p 2>/dev/null && echo valid $p || echo invalid $p; test -e $p && echo exists $p; done; \
+             nix --extra-experimental-features nix-command path-info --sigs {nix_out}",
+            paths[0], paths[1]
+        ),
+    );
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    for p in &paths {
+        assert!(
+            out.contains(&format!("invalid {p}")),
+            "{p} is not valid: {out}"
+        );
+        assert!(
+            !out.contains(&format!("exists {p}")),
+            "{p} is not there: {out}"
+        );
+    }
+    assert!(
+        !out.contains("pr-1:"),
+        "no signature of the job's key: {out}"
+    );
 }
 
 /// Sum of the samples of `name` whose label set contains every fragment.

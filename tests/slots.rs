@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::nixtar::{shared_userpool, tarball, VERSION};
+use common::nixtar::{shared_userpool, tarball, ACKNOWLEDGED, VERSION};
 use common::rig::register_directly;
 use common::{fake_listener, privileged, unique, AGENT};
 use fake_github::{FakeGitHub, FakeJob};
@@ -98,6 +98,7 @@ drain_grace = "5s"
 tarball = "{tarball}"
 sha256 = "{sha}"
 version = "{VERSION}"
+{ACKNOWLEDGED}
 netrc_file = "{netrc}"
 sandbox = false
 substituters = []

@@ -110,6 +110,10 @@ enum Command {
         /// Run without Nix even when the lane has it (no bootstrap, no per-job nix-daemon).
         #[arg(long)]
         no_nix: bool,
+        /// Treat the job as untrusted: its nix-daemon writes a throwaway layer over the
+        /// store (discarded at teardown) instead of the store.
+        #[arg(long)]
+        untrusted: bool,
         /// Also write the job summary (Markdown, as in GitHub's job summary) to this file.
         #[arg(long)]
         summary: Option<PathBuf>,
@@ -322,6 +326,7 @@ pub fn main() -> ExitCode {
             user,
             slot,
             no_nix,
+            untrusted,
             summary,
             command,
         } => {
@@ -334,6 +339,7 @@ pub fn main() -> ExitCode {
                 user,
                 slot,
                 no_nix,
+                untrusted,
                 command,
             };
             match exec(req, &host) {
@@ -399,6 +405,7 @@ struct ExecRequest {
     user: Option<String>,
     slot: Option<u32>,
     no_nix: bool,
+    untrusted: bool,
     summary: Option<PathBuf>,
     command: Vec<OsString>,
 }
@@ -437,7 +444,12 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         .as_deref()
         .map(|u| JobUser::lookup(u, &cfg.runner.groups).map(envelope::UserChoice::Named))
         .transpose()?;
-    let nix = (lane.nix && !req.no_nix).then(|| flywheel_agent::envelope::nix_job(&cfg, &lane));
+    // `exec` is root's command on the host: its job is trusted (writes the store) unless it
+    // says `--untrusted`.
+    let nix = (lane.nix && !req.no_nix).then(|| envelope::NixJob {
+        throwaway: req.untrusted,
+        ..flywheel_agent::envelope::nix_job(&cfg, &lane)
+    });
     let (lane_name, summary_file) = (lane.name.clone(), req.summary.clone());
     let spec = JobSpec {
         lane,

@@ -178,6 +178,9 @@ pub struct NixSettings {
     /// `<nix_store>/var/nix/userpool`), so that daemons of different stores (slots) never pick
     /// the same `nixbld` user and kill each other's builds.
     pub userpool: PathBuf,
+    /// Advisories (`nixboot::advisory`) the operator accepts for the installed Nix: a job's
+    /// daemon starts on an affected release only when each advisory that affects it is here.
+    pub acknowledged_advisories: Vec<String>,
 }
 
 /// cache.nixos.org's public key (its `trusted-public-keys` entry).
@@ -195,6 +198,7 @@ impl Default for NixSettings {
             trusted_public_keys: vec![CACHE_NIXOS_ORG_KEY.into()],
             sandbox: true,
             userpool: PathBuf::from("/nix/var/nix/userpool"),
+            acknowledged_advisories: Vec::new(),
         }
     }
 }
@@ -406,6 +410,7 @@ struct RawNix {
     trusted_public_keys: Option<Vec<String>>,
     sandbox: Option<bool>,
     userpool: Option<Spanned<PathBuf>>,
+    acknowledged_advisories: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -832,6 +837,24 @@ fn nix_settings(cx: &Ctx<'_>, n: RawNix) -> Result<NixSettings, ConfigError> {
             "nix.sha256 and nix.version go together: set both to pin another release, or neither",
         ));
     }
+    let mut acknowledged = Vec::new();
+    for a in n.acknowledged_advisories.iter().flatten() {
+        if !crate::nixboot::advisory::known(a.get_ref()) {
+            let ids: Vec<&str> = crate::nixboot::advisory::ADVISORIES
+                .iter()
+                .map(|a| a.id)
+                .collect();
+            return Err(cx.err(
+                a,
+                format!(
+                    "nix.acknowledged_advisories: {:?} is not an advisory the agent knows ({}): name one of those, exactly",
+                    a.get_ref(),
+                    ids.join(", ")
+                ),
+            ));
+        }
+        acknowledged.push(a.get_ref().clone());
+    }
     Ok(NixSettings {
         tarball: n
             .tarball
@@ -851,6 +874,7 @@ fn nix_settings(cx: &Ctx<'_>, n: RawNix) -> Result<NixSettings, ConfigError> {
             Some(u) => absolute(cx, u, "nix.userpool")?,
             None => d.userpool,
         },
+        acknowledged_advisories: acknowledged,
     })
 }
 
@@ -1446,6 +1470,7 @@ nix_extra_conf = "fallback = true"
             ("[agent]\nteardown_grace = \"5s\"\nteardown_deadline = \"2s\"\n".into(), Some((3, 21)), "must be longer than agent.teardown_grace"),
             (format!("[agent]\nstate_dir = \"/{}\"\n", "s".repeat(80)), Some((2, 13)), "must fit in 107"),
             ("[cgroup]\nparent = \"rel\"\n".into(), Some((2, 10)), "absolute path"),
+            ("[nix]\nacknowledged_advisories = [\"CVE-2024-27297\", \"CVE-2099-1\"]\n".into(), Some((2, 46)), "\"CVE-2099-1\" is not an advisory the agent knows (CVE-2026-39860, CVE-2024-27297)"),
             ("lane = []\n".into(), None, "no [[lane]]"),
             ("[[lane]]\nname = \"a b\"\nmemory = \"1Gi\"\n".into(), Some((2, 8)), "lane name"),
             // Isolation: one user per concurrent job, no group that grants root.

@@ -343,10 +343,12 @@ pub fn reconcile_local(cfg: &Config, mgr: &dyn CgroupManager) -> (usize, usize) 
         }
         Err(e) => warn!(error = %e, "cannot list job cgroups"),
     }
-    // Sockets and netrc files of runners of an earlier run: no runner is alive yet.
+    // Sockets and netrc files of runners of an earlier run, and its daemons' private `/tmp`s:
+    // no runner is alive yet.
     for d in [
         crate::hooks::sockets_dir(&cfg.agent.state_dir),
         cfg.agent.state_dir.join("netrc"),
+        cfg.agent.state_dir.join("nix-tmp"),
     ] {
         for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
             let _ = crate::workdir::remove_tree(&e.path());

@@ -7,6 +7,10 @@ use std::sync::OnceLock;
 
 pub const VERSION: &str = "2.8.0-flywheel";
 
+/// The advisories the host's Nix 2.8 is affected by, acknowledged in every test config that
+/// runs it (`nixboot::advisory`): the tests need a daemon, and 2.8 predates both fixes.
+pub const ACKNOWLEDGED: &str = "acknowledged_advisories = [\"CVE-2026-39860\", \"CVE-2024-27297\"]";
+
 /// A release tarball in the official layout, made from real store paths built by the host's
 /// Nix: a `nix-<VERSION>` package whose programs are the host's, and a dependency.
 pub struct Tarball {
@@ -79,7 +83,7 @@ pub fn shared_userpool() -> PathBuf {
 pub fn image_nix_section() -> String {
     let t = tarball();
     format!(
-        "[nix]\ntarball = \"/var/lib/flywheel-agent/nix/{}\"\nversion = \"{VERSION}\"\nsha256 = \"{}\"\nsandbox = false\nsubstituters = []\ntrusted_public_keys = []\n",
+        "[nix]\ntarball = \"/var/lib/flywheel-agent/nix/{}\"\nversion = \"{VERSION}\"\n{ACKNOWLEDGED}\nsha256 = \"{}\"\nsandbox = false\nsubstituters = []\ntrusted_public_keys = []\n",
         t.path.file_name().unwrap_or_default().to_string_lossy(),
         t.sha256
     )

@@ -1,7 +1,8 @@
 //! A job's own nix-daemon, inside the job's cgroup, and the record of what it built.
 
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+
 use super::*;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 
 /// What a job's daemon recorded it built (derivations, out paths).
 pub fn read_built(file: &Path) -> Vec<String> {
@@ -23,10 +24,12 @@ pub fn build_logs(nix: &NixJob, job: &str) -> PathBuf {
 }
 
 /// Start the job's own nix-daemon inside its cgroup (and its slot's mounts), as root, and wait
-/// for its socket. Returns the socket directory.
+/// for its socket. Returns the socket directory: the job user's, mode 0700, and the daemon
+/// accepts only that user (and root). `owner` is the job's user (None: the job runs as root).
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn start_nix_daemon(
     nix: &NixJob,
+    owner: Option<&JobUser>,
     cg: &dyn JobCgroup,
     slot_mounts: &[Mount],
     job: &str,
@@ -44,7 +47,14 @@ pub(super) async fn start_nix_daemon(
         std::os::unix::fs::PermissionsExt::from_mode(0o711),
     )
     .map_err(io_at("chmod", &nix.sockets))?;
-    std::fs::create_dir(&dir).map_err(io_at("create", &dir))?;
+    // Root's and 0700 while the daemon binds its socket (it chmods the socket by name: nobody
+    // else may have a way in meanwhile); the job user's once it listens. Another job's user
+    // cannot pass through it, whatever descriptor of it a builder hands them (`O_PATH` opens
+    // need no permission on the directory itself; walking through it does).
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(io_at("create", &dir))?;
     // Removed with the job, whatever happens next (a daemon that will not start included).
     cleanup.push(dir.clone());
     let socket = dir.join("socket");
@@ -58,10 +68,29 @@ pub(super) async fn start_nix_daemon(
         0o755,
     )
     .map_err(io_at("write", &hook))?;
-    let mut conf = format!("post-build-hook = {}", hook.display());
+    // Only the job's user may talk to its daemon (root is a trusted user, always allowed):
+    // a connection that reached the socket by another route is refused by the daemon too.
+    let mut conf = format!(
+        "post-build-hook = {}\nallowed-users = {}",
+        hook.display(),
+        owner.map_or("root", |u| u.name.as_str())
+    );
     if let Some(n) = &nix.netrc {
         conf.push_str(&format!("\nnetrc-file = {}", n.display()));
     }
+    // The daemon's `/tmp` (build directories, its caches): root's, the job's alone, gone with it.
+    let tmps = nix.sockets.with_file_name("nix-tmp");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(&tmps)
+        .map_err(io_at("create", &tmps))?;
+    let tmp = tmps.join(format!("{:016x}", fastrand::u64(..)));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&tmp)
+        .map_err(io_at("create", &tmp))?;
+    cleanup.push(tmp.clone());
     let logs = build_logs(nix, job);
     std::fs::DirBuilder::new()
         .mode(0o700)
@@ -74,25 +103,60 @@ pub(super) async fn start_nix_daemon(
         .mode(0o755)
         .create(&logs)
         .map_err(io_at("create", &logs))?;
+    // The record exists before the daemon starts: it is one of the daemon's writable mounts.
+    let built = built_list(nix, job);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&built)
+        .map_err(io_at("create", &built))?;
+    let writable = [
+        confine::Writable {
+            src: nix.store_seen.clone(),
+            dst: nix.store_seen.clone(),
+        },
+        confine::Writable {
+            src: dir.clone(),
+            dst: dir.clone(),
+        },
+        confine::Writable {
+            src: built.clone(),
+            dst: built.clone(),
+        },
+        confine::Writable {
+            src: logs.clone(),
+            dst: logs.clone(),
+        },
+        confine::Writable {
+            src: tmp,
+            dst: PathBuf::from(TMP),
+        },
+    ];
     let mut cmd = std::process::Command::new(&nix.daemon);
     cmd.env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        // Root's home is read-only to the daemon: Nix's caches go to its private /tmp.
+        .env("XDG_CACHE_HOME", "/tmp/.cache")
         .env("NIX_DAEMON_SOCKET_PATH", &socket)
         .env("NIX_CONF_DIR", &nix.conf_dir)
         .env("NIX_CONFIG", conf)
-        .env("FLYWHEEL_BUILT", built_list(nix, job))
+        .env("FLYWHEEL_BUILT", &built)
         .env("NIX_LOG_DIR", &logs)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let (fail_r, fail_w) = fail_pipe()?;
-    let mut setup = ChildSetup::new(cg, slot_mounts, None, Path::new("/"), false)?;
+    // `no_new_privs` too: the daemon runs no setuid program, and nothing it starts may gain
+    // what its bounding set lost.
+    let mut setup = ChildSetup::new(cg, slot_mounts, None, Path::new("/"), true)?;
     // The daemon holds the slot as long as it lives: a job orphaned by a killed agent keeps
     // its slot, and no other job gets the store while it runs.
     setup.inherit = hold;
     // Its builds and substitutions use the job's network, never the host's loopback.
     setup.netns = netns;
     setup.install(&mut cmd, fail_w.as_raw_fd());
+    confine::Confinement::new(&writable)?.install(&mut cmd, fail_w.as_raw_fd());
     let spawned = reaper.spawn(|| {
         let child = cmd.spawn()?;
         let pid = i32::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))?;
@@ -147,6 +211,13 @@ pub(super) async fn start_nix_daemon(
             })
         }
     }
+    if let Some(u) = owner {
+        // Root made the directory in root's `nix-sockets` a moment ago: the name is ours.
+        std::os::unix::fs::chown(&dir, Some(u.uid), Some(u.gid)).map_err(io_at(
+            "hand the daemon's socket directory to the job's user",
+            &dir,
+        ))?;
+    }
     info!(pid, socket = %socket.display(), "the job's nix-daemon is listening");
     Ok(dir)
 }
@@ -167,6 +238,8 @@ pub fn nix_job(cfg: &Config, lane: &Lane) -> NixJob {
         socket_seen: lane.nix_store.join("var/nix/daemon-socket"),
         userpool: cfg.nix.userpool.clone(),
         userpool_seen: lane.nix_store.join("var/nix/userpool"),
+        store_seen: lane.nix_store.clone(),
+        throwaway: false,
         netrc: None,
     }
 }

@@ -60,7 +60,16 @@ pub(super) async fn launch(
     let mut cwd_path = root_seen.join(workdir::WORK);
     let mut command = spec.command.clone();
     if let Some(n) = &spec.nix {
-        // The daemon runs as root with the host's /tmp and /proc: only the job's own mounts.
+        if n.throwaway {
+            let merged = throwaway_layer(phys_nix, phys_work_root, job, cleanup)?;
+            mounts.push(Mount::Bind {
+                src: merged,
+                dst: n.store_seen.clone(),
+                readonly: false,
+            });
+        }
+        // The daemon gets the job's own mounts (not its /tmp or /proc: `confine.rs` gives it a
+        // private /tmp, and it keeps the host's /proc).
         let mut daemon_mounts: Vec<Mount> = mounts
             .iter()
             .filter(|m| matches!(m, Mount::Bind { .. } | Mount::Hide { .. }))
@@ -80,8 +89,23 @@ pub(super) async fn launch(
             cleanup.push(built_list(n, job));
             cleanup.push(build_logs(n, job));
         }
+        if let Some(u) = user {
+            // Nix 2.8's daemon gives the user `var/nix/{profiles,gcroots}/per-user/<user>`
+            // (the user's own, in a store every later job of this user reuses, a trusted one
+            // included): gone with the job, like its HOME.
+            for kind in ["profiles", "gcroots"] {
+                cleanup.push(
+                    phys_nix
+                        .join("var/nix")
+                        .join(kind)
+                        .join("per-user")
+                        .join(&u.name),
+                );
+            }
+        }
         let dir = start_nix_daemon(
             n,
+            user,
             cg,
             &daemon_mounts,
             job,
@@ -264,3 +288,51 @@ async fn job_network(
 
 /// The job's `resolv.conf`, in its job directory.
 const RESOLV: &str = ".resolv.conf";
+
+/// A layer of the job's own over the store at `phys_nix` (kernel overlayfs: lower = the store,
+/// read-only; upper and work = `<work root>/<job>.layer`, root's 0700, on the work root's
+/// fast-local filesystem), mounted in the agent's namespace and bound at the store in the job's
+/// and its daemon's. Returns the merged directory. Removed at teardown (`remove_tree` detaches
+/// the mount first): whatever the daemon wrote there — builds, added paths, signatures, the
+/// database — is gone, and the store below never changed.
+fn throwaway_layer(
+    phys_nix: &Path,
+    phys_work_root: &Path,
+    job: &str,
+    cleanup: &mut Vec<PathBuf>,
+) -> Result<PathBuf, EnvelopeError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let layer = phys_work_root.join(format!("{job}.layer"));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&layer)
+        .map_err(io_at("create", &layer))?;
+    cleanup.push(layer.clone());
+    let (upper, work, merged) = (
+        layer.join("upper"),
+        layer.join("work"),
+        layer.join("merged"),
+    );
+    for d in [&upper, &work, &merged] {
+        std::fs::create_dir(d).map_err(io_at("create", d))?;
+    }
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        phys_nix.display(),
+        upper.display(),
+        work.display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        &merged,
+        Some("overlay"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        Some(opts.as_str()),
+    )
+    .map_err(|e| EnvelopeError::Io {
+        what: "mount the job's throwaway store layer (kernel overlayfs)",
+        path: merged.clone(),
+        source: e.into(),
+    })?;
+    Ok(merged)
+}

@@ -31,6 +31,7 @@ use crate::slot::{self, SlotError};
 use crate::verdict::{self, Killed, KmsgWatch, OomFacts};
 use crate::workdir;
 
+mod confine;
 mod daemon;
 mod env;
 mod launch;
@@ -151,6 +152,12 @@ pub struct NixJob {
     /// The shared build-user pool, and where the daemon sees it.
     pub userpool: PathBuf,
     pub userpool_seen: PathBuf,
+    /// The store root as the job and its daemon see it (`nix_store`, `/nix`): the one
+    /// place besides its socket directory, record and `/tmp` the daemon may write.
+    pub store_seen: PathBuf,
+    /// The daemon writes a layer of the job's own over the store (kernel overlayfs, lower =
+    /// the store read-only), discarded at teardown: for a job not trusted to publish.
+    pub throwaway: bool,
     /// A root-only netrc of this job's cache credentials (read by its daemon only).
     pub netrc: Option<PathBuf>,
 }

@@ -193,6 +193,12 @@ pub(super) async fn run_job_inner<P: Processes>(
                 .map_err(|e| EnvelopeError::Nix(e.to_string()))?;
             info!(cold = r.cold, "{}", r.summary());
             probe.add_note(r.summary());
+            // Every job's daemon starts before its trust is known (a runner's job says what
+            // it is at job-started): screened as an untrusted job's.
+            for line in screen_advisories(&r.version, &cfg.nix.acknowledged_advisories)? {
+                warn!("{line}");
+                probe.add_note(line);
+            }
             Some(NixSummary {
                 cold: r.cold,
                 elapsed: t.elapsed(),
@@ -509,6 +515,14 @@ pub(super) async fn run_job_inner<P: Processes>(
         nix_root: facts.nix_root,
         built: built_record,
     })
+}
+
+/// The advisories (`nixboot::advisory`) that affect the installed Nix: an error for one not
+/// acknowledged, a line for the setup block for each acknowledged one.
+fn screen_advisories(version: &str, acknowledged: &[String]) -> Result<Vec<String>, EnvelopeError> {
+    let pin = crate::nixboot::pin().map_or_else(|_| "unknown".to_owned(), |p| p.version);
+    crate::nixboot::advisory::screen(version, acknowledged, &pin)
+        .map_err(|e| EnvelopeError::Nix(e.to_string()))
 }
 
 pub(super) fn signal_all(cg: &dyn JobCgroup, sig: nix::sys::signal::Signal) {

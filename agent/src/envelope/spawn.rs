@@ -1,6 +1,6 @@
 //! Fork and exec: everything a child does between the two (join the cgroup, mounts, drop
 //! to the job's user, `no_new_privs`) prepared before the fork. All of the envelope's
-//! `unsafe` code is here.
+//! `unsafe` code is here and in `confine.rs` (the job's daemon's confinement).
 
 use super::*;
 
@@ -177,17 +177,7 @@ impl ChildSetup {
                 // The job's own IPC namespace: no System V segment, semaphore or POSIX queue
                 // shared with another job, and none outliving it.
                 unsafe {
-                    if libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC) != 0 {
-                        return fail();
-                    }
-                    if libc::mount(
-                        std::ptr::null(),
-                        c"/".as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_REC | libc::MS_PRIVATE,
-                        std::ptr::null(),
-                    ) != 0
-                    {
+                    if !private_mount_namespace(libc::CLONE_NEWIPC) {
                         return fail();
                     }
                     for op in &ops {
@@ -228,6 +218,22 @@ impl ChildSetup {
         unsafe {
             cmd.pre_exec(hook);
         }
+    }
+}
+
+/// Between fork and exec: a mount namespace of the calling process's own, nothing in it
+/// propagating back. False (errno set) when either step failed.
+pub(super) fn private_mount_namespace(also: libc::c_int) -> bool {
+    // SAFETY: plain system calls with constant arguments.
+    unsafe {
+        libc::unshare(libc::CLONE_NEWNS | also) == 0
+            && libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) == 0
     }
 }
 

@@ -21,6 +21,7 @@ use crate::config::{Lane, NixSettings};
 use crate::hints;
 use crate::reaper::Spawner;
 
+pub mod advisory;
 mod conf;
 mod pin;
 mod receipt;

@@ -7,6 +7,15 @@
 //! - `flood SOCKET MIB`: send MIB MiB without a newline; print how much the agent took.
 //! - `idle SOCKET N SECS`: open N connections, hold them SECS seconds; print how many opened
 //!   and how many the agent closed meanwhile.
+//! - `passfd DIR NAME`: what a non-sandboxed builder does: open DIR (another job's daemon
+//!   socket directory) with `O_PATH` and send the descriptor over the abstract socket NAME.
+//! - `recvfd NAME CMD…`: what the job does: take a descriptor from the abstract socket NAME,
+//!   try to connect to `/proc/self/fd/N/socket`, then run CMD with
+//!   `NIX_REMOTE=unix:///proc/self/fd/N/socket` and the descriptor inherited.
+//! - `escape PID PATH…` (run as root): what code that took over process PID (a job's
+//!   nix-daemon) could do: enter its namespaces, take its capabilities (bounding set and
+//!   effective set, nothing more), then try to write each PATH (print `write PATH: ok` or
+//!   the error).
 #![allow(clippy::print_stdout)]
 
 use std::io::{Read, Write};
@@ -157,6 +166,229 @@ fn source(addr: &str) {
     }
 }
 
+fn abstract_addr(name: &str) -> std::io::Result<std::os::unix::net::SocketAddr> {
+    use std::os::linux::net::SocketAddrExt;
+    std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+}
+
+/// The buffers of a one-byte message with room for one descriptor.
+fn one_byte(byte: &mut [u8; 1]) -> (libc::iovec, Vec<u8>) {
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
+    (
+        libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        },
+        vec![0u8; space],
+    )
+}
+
+/// A message header over `one_byte`'s buffers (which must outlive its use).
+fn one_fd_msg(iov: &mut libc::iovec, control: &mut [u8]) -> libc::msghdr {
+    // SAFETY: a zeroed msghdr is valid; the caller keeps the buffers alive.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len();
+    msg
+}
+
+fn passfd(dir: &str, name: &str) {
+    let Ok(path) = std::ffi::CString::new(dir) else {
+        println!("passfd {dir}: bad path");
+        return;
+    };
+    // SAFETY: open(2) with a NUL-terminated path.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_DIRECTORY) };
+    if fd < 0 {
+        println!("passfd {dir}: open: {}", std::io::Error::last_os_error());
+        return;
+    }
+    let t = Instant::now();
+    let stream = loop {
+        match abstract_addr(name).and_then(|a| UnixStream::connect_addr(&a)) {
+            Ok(s) => break s,
+            Err(e) if t.elapsed() > Duration::from_secs(20) => {
+                println!("passfd {dir}: connect @{name}: {e}");
+                return;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    use std::os::fd::AsRawFd;
+    let mut byte = [b'x'];
+    let (mut iov, mut control) = one_byte(&mut byte);
+    let msg = one_fd_msg(&mut iov, &mut control);
+    // SAFETY: the control buffer holds one cmsg with one descriptor (CMSG_SPACE above).
+    let sent = unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<i32>(), fd);
+        libc::sendmsg(stream.as_raw_fd(), &msg, 0)
+    };
+    if sent == 1 {
+        println!("passfd {dir}: sent");
+    } else {
+        println!("passfd {dir}: sendmsg: {}", std::io::Error::last_os_error());
+    }
+}
+
+fn recvfd(name: &str, cmd: &[String]) -> ExitCode {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let listener =
+        match abstract_addr(name).and_then(|a| std::os::unix::net::UnixListener::bind_addr(&a)) {
+            Ok(l) => l,
+            Err(e) => {
+                println!("recvfd @{name}: bind: {e}");
+                return ExitCode::from(1);
+            }
+        };
+    // Not forever: a builder that could not open the directory never connects.
+    let _ = listener.set_nonblocking(true);
+    let t = Instant::now();
+    let stream = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(_) if t.elapsed() > Duration::from_secs(30) => {
+                println!("recvfd @{name}: no descriptor came within 30 s");
+                return ExitCode::from(1);
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    let _ = stream.set_nonblocking(false);
+    let mut byte = [0u8; 1];
+    let (mut iov, mut control) = one_byte(&mut byte);
+    let mut msg = one_fd_msg(&mut iov, &mut control);
+    // SAFETY: recvmsg into the buffers above; the cmsg is read only if the kernel filled one.
+    let fd = unsafe {
+        if libc::recvmsg(stream.as_raw_fd(), &mut msg, 0) != 1 {
+            println!(
+                "recvfd @{name}: recvmsg: {}",
+                std::io::Error::last_os_error()
+            );
+            return ExitCode::from(1);
+        }
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        if c.is_null() || (*c).cmsg_type != libc::SCM_RIGHTS {
+            println!("recvfd @{name}: no descriptor came");
+            return ExitCode::from(1);
+        }
+        std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<i32>())
+    };
+    let seen = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap_or_default();
+    let socket = format!("/proc/self/fd/{fd}/socket");
+    match UnixStream::connect(&socket) {
+        Ok(_) => println!("recvfd @{name}: got {}; connect: connected", seen.display()),
+        Err(e) => println!("recvfd @{name}: got {}; connect: {e}", seen.display()),
+    }
+    let _ = std::io::stdout().flush();
+    let Some((program, args)) = cmd.split_first() else {
+        return ExitCode::SUCCESS;
+    };
+    // SAFETY: clearing FD_CLOEXEC on a descriptor we own, so that CMD inherits it.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+    let e = std::process::Command::new(program)
+        .args(args)
+        .env("NIX_REMOTE", format!("unix://{socket}"))
+        .exec();
+    println!("recvfd @{name}: exec {program}: {e}");
+    ExitCode::from(1)
+}
+
+/// A capability set from `/proc/PID/status` (`CapBnd:`, `CapEff:`), hex.
+fn cap_set(status: &str, key: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0)
+}
+
+fn escape(pid: &str, paths: &[String]) -> ExitCode {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let (bnd, eff) = (cap_set(&status, "CapBnd:"), cap_set(&status, "CapEff:"));
+    let mut nss = Vec::new();
+    for ns in ["cgroup", "ipc", "uts", "net", "pid", "mnt"] {
+        match std::fs::File::open(format!("/proc/{pid}/ns/{ns}")) {
+            Ok(f) => nss.push((ns, f)),
+            Err(e) => {
+                println!("escape {pid}: open ns/{ns}: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    use std::os::fd::AsRawFd;
+    for (ns, f) in &nss {
+        // SAFETY: setns(2) on a namespace descriptor we hold.
+        if unsafe { libc::setns(f.as_raw_fd(), 0) } != 0 {
+            println!(
+                "escape {pid}: setns {ns}: {}",
+                std::io::Error::last_os_error()
+            );
+            return ExitCode::from(1);
+        }
+    }
+    let _ = std::env::set_current_dir("/");
+    for cap in 0..64 {
+        if bnd & (1 << cap) == 0 {
+            // SAFETY: prctl with integer arguments; EINVAL for caps the kernel lacks.
+            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        }
+    }
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let header = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let data = [
+        Data {
+            effective: eff as u32,
+            permitted: eff as u32,
+            inheritable: 0,
+        },
+        Data {
+            effective: (eff >> 32) as u32,
+            permitted: (eff >> 32) as u32,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: capset(2) with a version-3 header and two data structs.
+    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
+        println!("escape {pid}: capset: {}", std::io::Error::last_os_error());
+        return ExitCode::from(1);
+    }
+    println!("escape {pid}: entered its namespaces with CapBnd={bnd:016x} CapEff={eff:016x}");
+    for p in paths {
+        let r = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(p)
+            .and_then(|mut f| f.write_all(b"escaped\n"));
+        match r {
+            Ok(()) => println!("write {p}: ok"),
+            Err(e) => println!("write {p}: {e}"),
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
@@ -172,9 +404,12 @@ fn main() -> ExitCode {
         "serve" => serve(&arg(2), &arg(3)),
         "connect" => connect(&arg(2)),
         "source" => source(&arg(2)),
+        "passfd" => passfd(&arg(2), &arg(3)),
+        "recvfd" => return recvfd(&arg(2), args.get(3..).unwrap_or_default()),
+        "escape" => return escape(&arg(2), args.get(3..).unwrap_or_default()),
         _ => {
             eprintln!(
-                "usage: fw-attack ptrace PID | hook SOCKET | flood SOCKET MIB | idle SOCKET N SECS | serve ADDR TEXT | connect HOST:PORT | source ADDR:PORT"
+                "usage: fw-attack ptrace PID | hook SOCKET | flood SOCKET MIB | idle SOCKET N SECS | serve ADDR TEXT | connect HOST:PORT | source ADDR:PORT | passfd DIR NAME | recvfd NAME CMD… | escape PID PATH…"
             );
             return ExitCode::from(64);
         }
