@@ -108,8 +108,6 @@ pub struct Report {
     pub bootstrap: Option<String>,
     /// The job's store (a node-local slot, warm or cold).
     pub store: Option<String>,
-    /// `run` of the job: cold (built), substituted, warm.
-    pub cache: Option<String>,
     /// Store paths the job added: (built, substituted).
     pub paths: Option<(u64, u64)>,
     /// The OOM verdict, when the kernel killed something.
@@ -119,9 +117,11 @@ pub struct Report {
     /// What the agent published of the job's builds (or why nothing).
     pub published: Option<String>,
     pub elapsed: Duration,
+    /// The command's exit status (`128 + signal` for a signal), when the agent knows it: `exec`
+    /// does; a runner's completed hook runs before the job's result exists.
+    pub exit_code: Option<i32>,
 }
 
-/// How a job's run used the store: `cold` (it built), `substituted`, or `warm` (neither).
 /// Names joined with ", ": at most `max` of them, each cut to `width` characters, then
 /// "and N more". A list that names can never make long (derivation names are the job's, and
 /// a neighbour's on a shared store would be an outsider's).
@@ -147,16 +147,6 @@ pub fn bounded_list<S: AsRef<str>>(names: &[S], max: usize, width: usize) -> Str
 pub const LIST_MAX: usize = 10;
 /// At most this many characters of one name there.
 pub const NAME_MAX: usize = 80;
-
-pub fn cache_kind(built: u64, substituted: u64) -> &'static str {
-    if built > 0 {
-        "cold"
-    } else if substituted > 0 {
-        "substituted"
-    } else {
-        "warm"
-    }
-}
 
 fn mib(b: u64) -> u64 {
     b.div_ceil(1 << 20)
@@ -237,47 +227,131 @@ fn build_chart(builds: &[&Build]) -> String {
     out
 }
 
-/// The job summary, Markdown.
+/// How the job's memory went, in a word: what the verdict line starts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fit {
+    /// The kernel OOM-killed something in the job.
+    OutOfMemory,
+    /// The peak came within [`CLOSE_PERCENT`] of the envelope.
+    Close,
+    Fits,
+    /// The kernel did not report a peak.
+    Unknown,
+}
+
+/// A peak at or above this share of the envelope is "close".
+pub const CLOSE_PERCENT: f64 = 90.0;
+
+impl Report {
+    pub fn fit(&self) -> Fit {
+        match (self.oom.is_some(), self.peak_bytes) {
+            (true, _) => Fit::OutOfMemory,
+            (false, None) => Fit::Unknown,
+            (false, Some(p)) if percent(p, self.envelope_bytes) >= CLOSE_PERCENT => Fit::Close,
+            (false, Some(_)) => Fit::Fits,
+        }
+    }
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    part as f64 * 100.0 / whole.max(1) as f64
+}
+
+/// A duration as a person reads it: `1.4 s`, `3 min 12 s`, `2 h 05 min`.
+pub fn human_duration(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 60.0 {
+        format!("{s:.1} s")
+    } else if s < 3600.0 {
+        format!("{} min {:02} s", (s / 60.0) as u64, (s % 60.0) as u64)
+    } else {
+        format!(
+            "{} h {:02} min",
+            (s / 3600.0) as u64,
+            ((s % 3600.0) / 60.0) as u64
+        )
+    }
+}
+
+/// An exit status as a person reads it: `exit status 2`, `killed by signal 9 (exit status 137)`.
+pub fn exit_words(code: i32) -> String {
+    if (129..=192).contains(&code) {
+        format!("killed by signal {} (exit status {code})", code - 128)
+    } else {
+        format!("exit status {code}")
+    }
+}
+
+/// The verdict: whether the job fit its envelope and how close it came, then its exit status
+/// (when known) and its duration. The same words start the Markdown summary, `exec`'s output
+/// and the runner hook's log line.
+pub fn verdict(r: &Report) -> String {
+    let env = Bytes(r.envelope_bytes);
+    let peak = |p: u64| {
+        format!(
+            "peak {} of the {env} envelope ({:.0}%)",
+            Bytes(p),
+            percent(p, r.envelope_bytes)
+        )
+    };
+    let head = match (r.fit(), r.peak_bytes) {
+        (Fit::OutOfMemory, Some(p)) => format!("out of memory: {}", peak(p)),
+        (Fit::OutOfMemory, None) => format!("out of memory in the {env} envelope"),
+        (Fit::Close, Some(p)) => format!("fits, barely: {}", peak(p)),
+        (Fit::Fits, Some(p)) => format!("fits: {}", peak(p)),
+        (_, _) => format!("peak memory unknown (the kernel reports none here); envelope {env}"),
+    };
+    let mut out = head;
+    if let Some(c) = r.exit_code {
+        let _ = write!(out, ", {}", exit_words(c));
+    }
+    let _ = write!(out, ", {} on lane `{}`", human_duration(r.elapsed), r.lane);
+    out
+}
+
+/// What the job's Nix did to its store, in words: what it built and what it substituted.
+fn store_work(built: u64, substituted: u64) -> String {
+    let paths = |n: u64| {
+        if n == 1 {
+            "1 store path".to_owned()
+        } else {
+            format!("{n} store paths")
+        }
+    };
+    match (built, substituted) {
+        (0, 0) => "nothing built or substituted: everything was already in the store".to_owned(),
+        (0, s) => format!("nothing built; {} substituted from caches", paths(s)),
+        (b, 0) => format!("{} built here, nothing substituted", paths(b)),
+        (b, s) => format!("{} built here, {s} substituted from caches", paths(b)),
+    }
+}
+
+/// The job summary, Markdown: the verdict first, the verdicts' details, the charts, then the
+/// setup facts folded away.
 pub fn markdown(r: &Report) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "### flywheel: lane `{}`, memory envelope {}\n",
-        r.lane,
-        Bytes(r.envelope_bytes)
-    );
+    let icon = match r.fit() {
+        Fit::OutOfMemory => "❌",
+        Fit::Close => "⚠️",
+        Fit::Fits => "✅",
+        Fit::Unknown => "❔",
+    };
+    let v = verdict(r);
+    let mut chars = v.chars();
+    let capital: String = chars
+        .next()
+        .map(|c| c.to_uppercase().collect::<String>())
+        .unwrap_or_default();
+    let _ = writeln!(out, "### {icon} {capital}{}\n", chars.as_str());
+    if let Some((built, subst)) = r.paths {
+        let _ = writeln!(out, "Nix: {}.\n", store_work(built, subst));
+    }
     if let Some(v) = &r.oom {
         let _ = writeln!(out, "> [!CAUTION]\n> {}\n", v.replace('\n', "\n> "));
     }
     if let Some(p) = &r.pids {
         let _ = writeln!(out, "> [!WARNING]\n> {p}\n");
     }
-    let peak = r.peak_bytes.map_or_else(
-        || "unknown".to_owned(),
-        |p| {
-            format!(
-                "{} ({:.0}% of the envelope)",
-                Bytes(p),
-                p as f64 * 100.0 / r.envelope_bytes.max(1) as f64
-            )
-        },
-    );
-    out.push_str("| | |\n| --- | --- |\n");
-    let _ = writeln!(out, "| peak memory | {peak} |");
-    let _ = writeln!(out, "| job time | {:.1} s |", r.elapsed.as_secs_f64());
-    if let Some(s) = &r.store {
-        let _ = writeln!(out, "| store | {s} |");
-    }
-    if let Some(b) = &r.bootstrap {
-        let _ = writeln!(out, "| nix bootstrap | {b} |");
-    }
-    if let Some(c) = &r.cache {
-        let _ = writeln!(out, "| run | {c} |");
-    }
-    if let Some((built, subst)) = r.paths {
-        let _ = writeln!(out, "| store paths | {built} built, {subst} substituted |");
-    }
-    out.push('\n');
     if let Some(s) = r.samples.as_ref().filter(|s| !s.bytes.is_empty()) {
         out.push_str(&memory_chart(r, s));
         let _ = writeln!(
@@ -312,6 +386,23 @@ pub fn markdown(r: &Report) -> String {
             );
         }
     }
+    let mut setup = Vec::new();
+    if let Some(b) = &r.bootstrap {
+        setup.push(format!("- Nix bootstrap: {b}"));
+    }
+    if let Some(s) = &r.store {
+        setup.push(format!("- Store: {s}"));
+    }
+    if let Some(p) = &r.published {
+        setup.push(format!("- Published: {p}"));
+    }
+    if !setup.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n<details><summary>Setup: Nix bootstrap, store, publishing</summary>\n\n{}\n\n</details>",
+            setup.join("\n")
+        );
+    }
     out
 }
 
@@ -331,18 +422,11 @@ pub fn sparkline(bytes: &[u64], envelope: u64) -> String {
         .collect()
 }
 
-/// The summary for a terminal (`exec`).
+/// The summary for a terminal (`exec`): the verdict first, then memory over time, the store's
+/// work and the longest builds.
 pub fn text(r: &Report) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "flywheel: lane {}, envelope {}, peak {} in {:.1} s",
-        r.lane,
-        Bytes(r.envelope_bytes),
-        r.peak_bytes
-            .map_or_else(|| "unknown".to_owned(), |p| Bytes(p).to_string()),
-        r.elapsed.as_secs_f64()
-    );
+    let _ = writeln!(out, "flywheel: {}", verdict(r));
     if let Some(s) = r.samples.as_ref().filter(|s| !s.points().is_empty()) {
         let points = s.points();
         let _ = writeln!(
@@ -353,10 +437,7 @@ pub fn text(r: &Report) -> String {
         );
     }
     if let Some((built, subst)) = r.paths {
-        let _ = writeln!(
-            out,
-            "flywheel: store paths: {built} built, {subst} substituted"
-        );
+        let _ = writeln!(out, "flywheel: nix: {}", store_work(built, subst));
     }
     let mut longest: Vec<&Build> = r.builds.iter().collect();
     longest.sort_by(|a, b| {
@@ -394,6 +475,32 @@ pub fn annotation(kind: &str, title: &str, message: &str) -> String {
         esc(title, true),
         esc(message, false)
     )
+}
+
+/// The annotations a job's summary makes on the run's page: an `::error` for an OOM, a
+/// `::warning` for a process-limit hit. The runner's completed hook and `exec` in a workflow
+/// step print the same.
+pub fn annotations(r: &Report) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(v) = &r.oom {
+        out.push(annotation(
+            "error",
+            &format!(
+                "Out of memory on lane {} ({} envelope)",
+                r.lane,
+                Bytes(r.envelope_bytes)
+            ),
+            v.trim_start_matches("flywheel: "),
+        ));
+    }
+    if let Some(p) = &r.pids {
+        out.push(annotation(
+            "warning",
+            &format!("Process limit reached on lane {}", r.lane),
+            p.trim_start_matches("flywheel: "),
+        ));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -480,7 +587,12 @@ mod tests {
         let mut r = report(10, 2);
         r.oom = Some("flywheel: out of memory: lane tinyland-nix\nthe build hog".into());
         let md = markdown(&r);
-        assert!(md.starts_with("### flywheel: lane `tinyland-nix`, memory envelope 8.0 GiB"));
+        assert!(
+            md.starts_with("### ❌ Out of memory: peak 4.0 GiB of the 8.0 GiB envelope (50%), 6 h 00 min on lane `tinyland-nix`\n"),
+            "{md}"
+        );
+        assert!(!md.contains("| |"), "no empty header row: {md}");
+        assert!(md.contains("<details><summary>Setup"), "{md}");
         assert!(md.contains("> [!CAUTION]\n> flywheel: out of memory"));
         // The envelope is the second line, at 8192 MiB for every sample.
         assert!(md.contains(&format!("line [{}]", ["8192"; 10].join(", "))));
@@ -489,6 +601,34 @@ mod tests {
             t.contains("flywheel: memory ") && t.contains("peak 4.0 GiB"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn the_verdict_states_fit_exit_status_and_duration() {
+        let mut r = report(4, 0);
+        r.exit_code = Some(2);
+        r.elapsed = Duration::from_millis(1400);
+        assert_eq!(
+            verdict(&r),
+            "fits: peak 4.0 GiB of the 8.0 GiB envelope (50%), exit status 2, 1.4 s on lane `tinyland-nix`"
+        );
+        r.peak_bytes = Some(15 << 29);
+        r.exit_code = Some(137);
+        r.elapsed = Duration::from_secs(192);
+        assert_eq!(
+            verdict(&r),
+            "fits, barely: peak 7.5 GiB of the 8.0 GiB envelope (94%), killed by signal 9 (exit status 137), 3 min 12 s on lane `tinyland-nix`"
+        );
+        assert!(text(&r).starts_with("flywheel: fits, barely: "));
+        assert!(markdown(&r).starts_with("### ⚠️ Fits, barely: "));
+        assert!(annotations(&r).is_empty());
+        r.oom = Some("flywheel: out of memory: x".into());
+        assert_eq!(
+            annotations(&r),
+            ["::error title=Out of memory on lane tinyland-nix (8.0 GiB envelope)::out of memory: x"]
+        );
+        r.paths = Some((0, 0));
+        assert!(text(&r).contains("flywheel: nix: nothing built or substituted"));
     }
 
     #[test]
