@@ -15,8 +15,9 @@ use crate::size::Bytes;
 
 /// At most this many memory samples are kept; more are merged pairwise (the larger wins).
 pub const MAX_SAMPLES: usize = 240;
-/// At most this many builds are drawn: the longest ones.
-pub const MAX_BUILDS: usize = 150;
+/// At most this many builds are drawn (a screenful): the failed and the longest ones; the
+/// rest are listed in a table.
+pub const MAX_BUILDS: usize = 30;
 /// A Mermaid block stays under this many characters (Mermaid's limit is 50 000).
 pub const MAX_DIAGRAM_CHARS: usize = 40_000;
 
@@ -180,22 +181,53 @@ fn drawn(builds: &[Build]) -> Vec<&Build> {
     v
 }
 
+/// Series colours that read on GitHub's light and dark pages: the job's line in blue, the
+/// envelope in red (Mermaid's default palette draws a first line almost white on white).
+pub const JOB_COLOUR: &str = "#1f6feb";
+pub const ENVELOPE_COLOUR: &str = "#d1242f";
+
+/// The time axis of a chart: seconds for jobs under ten minutes, minutes after.
+fn time_axis(elapsed: f64) -> (&'static str, f64) {
+    if elapsed < 600.0 {
+        ("seconds", 1.0)
+    } else {
+        ("minutes", 60.0)
+    }
+}
+
 fn memory_chart(r: &Report, s: &Samples) -> String {
-    let secs = s.interval.as_secs_f64();
     let points = s.points();
     let top = mib(r
         .envelope_bytes
         .max(points.iter().copied().max().unwrap_or(0)));
     let mut out = String::new();
-    let _ = writeln!(out, "```mermaid\nxychart-beta");
     let _ = writeln!(
         out,
-        "    title \"Memory (MiB) of the job, the largest of every {:.3} s; the line on top is the {} envelope\"",
-        secs,
+        "```mermaid\n---\nconfig:\n  xyChart:\n    width: 900\n    height: 360\n  themeVariables:\n    xyChart:\n      plotColorPalette: \"{JOB_COLOUR}, {ENVELOPE_COLOUR}\"\n---\nxychart-beta"
+    );
+    let _ = writeln!(
+        out,
+        "    title \"Memory (MiB): the job (blue) and its {} envelope (red)\"",
         Bytes(r.envelope_bytes)
     );
-    let end = secs * points.len().max(1) as f64;
-    let _ = writeln!(out, "    x-axis \"seconds\" 0 --> {}", end.ceil() as u64);
+    // The axis ends where the job ended (a last partial point is drawn at the end).
+    let sampled = s.interval.as_secs_f64() * points.len().max(1) as f64;
+    let end = if r.elapsed.is_zero() {
+        sampled
+    } else {
+        r.elapsed.as_secs_f64()
+    };
+    let (unit, per) = time_axis(end);
+    let end = end / per;
+    let end = if end >= 10.0 {
+        format!("{:.0}", end.ceil())
+    } else {
+        format!("{:.1}", (end * 10.0).ceil() / 10.0)
+    };
+    let _ = writeln!(
+        out,
+        "    x-axis \"{unit} since the job started\" 0 --> {end}"
+    );
     let _ = writeln!(out, "    y-axis \"MiB\" 0 --> {}", top + top / 20 + 1);
     let values: Vec<String> = points.iter().map(|b| mib(*b).to_string()).collect();
     let _ = writeln!(out, "    line [{}]", values.join(", "));
@@ -208,15 +240,69 @@ fn memory_chart(r: &Report, s: &Samples) -> String {
     out
 }
 
-fn build_chart(builds: &[&Build]) -> String {
-    let mut out = String::from("```mermaid\ngantt\n    title Nix builds of this job (seconds since the job started)\n    dateFormat x\n    axisFormat %M:%S\n    section builds\n");
+/// A gantt time: a fixed day in mid-January (no time zone changes its clocks then) read and
+/// drawn in the viewer's local time alike, so no offset shifts it (`dateFormat x`, epoch
+/// milliseconds, is drawn in local time: at a half-hour zone a job's first second read
+/// `30:01`).
+fn gantt_time(secs: f64) -> String {
+    let ms = (secs.max(0.0) * 1000.0).round() as u64;
+    let (s, ms) = (ms / 1000, ms % 1000);
+    format!(
+        "2001-01-{:02} {:02}:{:02}:{:02}.{ms:03}",
+        10 + s / 86_400,
+        s % 86_400 / 3600,
+        s % 3600 / 60,
+        s % 60
+    )
+}
+
+/// Ticks every so often that a job's length shows in about eight of them.
+fn tick(elapsed: f64) -> (&'static str, &'static str) {
+    const STEPS: [(f64, &str); 14] = [
+        (1.0, "1second"),
+        (2.0, "2second"),
+        (5.0, "5second"),
+        (10.0, "10second"),
+        (15.0, "15second"),
+        (30.0, "30second"),
+        (60.0, "1minute"),
+        (120.0, "2minute"),
+        (300.0, "5minute"),
+        (600.0, "10minute"),
+        (900.0, "15minute"),
+        (1800.0, "30minute"),
+        (3600.0, "1hour"),
+        (7200.0, "2hour"),
+    ];
+    let step = STEPS
+        .iter()
+        .find(|(s, _)| elapsed / s <= 8.0)
+        .map_or("4hour", |(_, t)| t);
+    let format = if elapsed < 3600.0 { "%M:%S" } else { "%H:%M" };
+    (step, format)
+}
+
+fn build_chart(builds: &[&Build], elapsed: f64) -> String {
+    let end = builds
+        .iter()
+        .map(|b| b.end)
+        .fold(elapsed, f64::max)
+        .max(0.001);
+    let (step, format) = tick(end);
+    let mut out = format!(
+        "```mermaid\ngantt\n    title Nix builds, on the memory chart's time scale\n    dateFormat YYYY-MM-DD HH:mm:ss.SSS\n    axisFormat {format}\n    tickInterval {step}\n    todayMarker off\n    section job\n    whole job :active, job, {}, {}\n    section builds\n",
+        gantt_time(0.0),
+        gantt_time(end)
+    );
     for (i, b) in builds.iter().enumerate() {
+        // A mark first: a derivation named like a Mermaid keyword (`topAxis-1`) stays a task.
         let line = format!(
-            "    {} :{}b{i}, {}, {}\n",
+            "    {} {} :{}b{i}, {}, {}\n",
+            if b.failed { "✗" } else { "✓" },
             label(&b.name),
             if b.failed { "crit, " } else { "done, " },
-            (b.start * 1000.0) as i64,
-            ((b.end.max(b.start + 0.001)) * 1000.0) as i64
+            gantt_time(b.start),
+            gantt_time(b.end.max(b.start + 0.001))
         );
         if out.len() + line.len() + 4 > MAX_DIAGRAM_CHARS {
             break;
@@ -226,6 +312,38 @@ fn build_chart(builds: &[&Build]) -> String {
     out.push_str("```\n");
     out
 }
+
+/// The builds not drawn, as a table (the longest first), bounded.
+fn build_table(rest: &[&Build]) -> String {
+    let mut v: Vec<&&Build> = rest.iter().collect();
+    v.sort_by(|a, b| {
+        (b.end - b.start)
+            .partial_cmp(&(a.end - a.start))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let mut out = format!(
+        "\n<details><summary>The other {} builds</summary>\n\n| build | started | took |\n| --- | --- | --- |\n",
+        rest.len()
+    );
+    for b in v.iter().take(TABLE_MAX) {
+        let name = bounded_list(&[b.name.replace('|', "\\|")], 1, NAME_MAX);
+        let _ = writeln!(
+            out,
+            "| `{name}`{} | {} | {} |",
+            if b.failed { " (not finished)" } else { "" },
+            human_duration(Duration::from_secs_f64(b.start.max(0.0))),
+            human_duration(Duration::from_secs_f64((b.end - b.start).max(0.0)))
+        );
+    }
+    if rest.len() > TABLE_MAX {
+        let _ = writeln!(out, "\nand {} shorter ones.", rest.len() - TABLE_MAX);
+    }
+    out.push_str("\n</details>\n");
+    out
+}
+
+/// At most this many builds in the table of those not drawn.
+pub const TABLE_MAX: usize = 200;
 
 /// How the job's memory went, in a word: what the verdict line starts with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -362,15 +480,21 @@ pub fn markdown(r: &Report) -> String {
     }
     if !r.builds.is_empty() {
         let shown = drawn(&r.builds);
-        let chart = build_chart(&shown);
+        let chart = build_chart(&shown, r.elapsed.as_secs_f64());
         let drawn_n = chart.matches(":done, ").count() + chart.matches(":crit, ").count();
         out.push_str(&chart);
         if drawn_n < r.builds.len() {
             let _ = writeln!(
                 out,
-                "\nShowing the {drawn_n} longest of {} builds (GitHub's diagrams have a size limit).",
+                "\nShowing the {drawn_n} longest (and failed) of {} builds.",
                 r.builds.len()
             );
+            let rest: Vec<&Build> = r
+                .builds
+                .iter()
+                .filter(|b| !shown[..drawn_n].iter().any(|d| std::ptr::eq(*d, *b)))
+                .collect();
+            out.push_str(&build_table(&rest));
         }
         let failed: Vec<&str> = r
             .builds
@@ -574,11 +698,25 @@ mod tests {
             assert!(block.len() < MAX_DIAGRAM_CHARS, "{}", block.len());
         }
         assert!(
-            md.contains("Showing the 150 longest of 2000 builds"),
+            md.contains("Showing the 30 longest (and failed) of 2000 builds."),
             "{md}"
         );
         // The failed build is always drawn, as critical.
-        assert!(md.contains("package-number-7-1.0 :crit, "), "{md}");
+        assert!(md.contains("✗ package-number-7-1.0 :crit, "), "{md}");
+        // The rest in a table, bounded; six hours in hours and minutes on the gantt.
+        assert!(
+            md.contains("<summary>The other 1970 builds</summary>"),
+            "{md}"
+        );
+        assert!(md.contains("and 1770 shorter ones."), "{md}");
+        assert!(
+            md.contains("axisFormat %H:%M\n    tickInterval 1hour"),
+            "{md}"
+        );
+        assert!(
+            md.contains("x-axis \"minutes since the job started\" 0 --> 360\n"),
+            "{md}"
+        );
         assert!(md.contains("xychart-beta") && md.contains("gantt"));
     }
 
@@ -629,6 +767,43 @@ mod tests {
         );
         r.paths = Some((0, 0));
         assert!(text(&r).contains("flywheel: nix: nothing built or substituted"));
+    }
+
+    #[test]
+    fn gantt_times_cannot_shift_with_the_viewers_zone_nor_collide_with_keywords() {
+        assert_eq!(gantt_time(0.0), "2001-01-10 00:00:00.000");
+        assert_eq!(gantt_time(3723.25), "2001-01-10 01:02:03.250");
+        assert_eq!(gantt_time(86_401.0), "2001-01-11 00:00:01.000");
+        let mut r = report(4, 0);
+        r.elapsed = Duration::from_millis(1400);
+        r.builds = vec![Build {
+            name: "topAxis-1".into(),
+            start: 0.2,
+            end: 1.1,
+            failed: false,
+        }];
+        let md = markdown(&r);
+        assert!(
+            md.contains(
+                "    ✓ topAxis-1 :done, b0, 2001-01-10 00:00:00.200, 2001-01-10 00:00:01.100\n"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("tickInterval 1second"), "{md}");
+        assert!(
+            md.contains("whole job :active, job, 2001-01-10 00:00:00.000, 2001-01-10 00:00:01.400"),
+            "{md}"
+        );
+        assert!(
+            md.contains("x-axis \"seconds since the job started\" 0 --> 1.4\n"),
+            "{md}"
+        );
+        assert!(
+            md.contains(&format!(
+                "plotColorPalette: \"{JOB_COLOUR}, {ENVELOPE_COLOUR}\""
+            )),
+            "{md}"
+        );
     }
 
     #[test]
