@@ -755,6 +755,7 @@ fn job_report(h: &RunnerHooks) -> crate::summary::Report {
                     h.lane.memory_per_build_bytes,
                 )
             }),
+            ran_at_once: crate::summary::most_at_once(&builds),
         })
     });
     let pids_hits = stats.pids_max_hits;

@@ -97,6 +97,26 @@ pub struct Build {
     pub failed: bool,
 }
 
+/// The most builds that ran at the same time (0 without builds).
+pub fn most_at_once(builds: &[Build]) -> u32 {
+    // Ends before starts at the same instant: back-to-back builds did not overlap.
+    let mut edges: Vec<(f64, i32)> = builds
+        .iter()
+        .flat_map(|b| [(b.start, 1), (b.end.max(b.start), -1)])
+        .collect();
+    edges.sort_by(|a, b| {
+        (a.0, a.1)
+            .partial_cmp(&(b.0, b.1))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, d) in edges {
+        now += d;
+        most = most.max(now);
+    }
+    u32::try_from(most).unwrap_or(0)
+}
+
 /// Everything the summary shows.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
@@ -804,6 +824,19 @@ mod tests {
             )),
             "{md}"
         );
+    }
+
+    #[test]
+    fn builds_at_once_count_overlaps_only() {
+        let b = |start, end| Build {
+            name: "x".into(),
+            start,
+            end,
+            failed: false,
+        };
+        assert_eq!(most_at_once(&[]), 0);
+        assert_eq!(most_at_once(&[b(0.0, 1.0), b(1.0, 2.0)]), 1);
+        assert_eq!(most_at_once(&[b(0.0, 3.0), b(1.0, 2.0), b(1.5, 4.0)]), 3);
     }
 
     #[test]
