@@ -407,6 +407,24 @@ fn exit_statuses_follow_the_container_convention() {
     let nf = f.exec(&[], &["definitely-not-a-command-xyz"]);
     assert_eq!(nf.status.code(), Some(127));
     assert!(stderr(&nf).contains("command not found"), "{}", stderr(&nf));
+    // A script in the caller's /tmp is not in the job's private one: the error says why.
+    let in_tmp = std::path::PathBuf::from(format!("/tmp/flywheel-codes-{}.sh", std::process::id()));
+    std::fs::write(&in_tmp, "#!/bin/sh\necho hi\n").expect("write");
+    std::fs::set_permissions(&in_tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let tmp = f.exec(&[], &[in_tmp.to_str().expect("utf8")]);
+    let _ = std::fs::remove_file(&in_tmp);
+    assert_eq!(tmp.status.code(), Some(127), "{}", stderr(&tmp));
+    assert!(
+        stderr(&tmp).contains("exists here but not in the job: every job gets a private /tmp"),
+        "{}",
+        stderr(&tmp)
+    );
+    assert!(
+        stderr(&tmp).contains(", exit status 127, "),
+        "{}",
+        stderr(&tmp)
+    );
     let script = f.dir.path().join("noexec.sh");
     std::fs::write(&script, "#!/bin/sh\necho hi\n").expect("write");
     let ne = f.exec(&[], &[script.to_str().expect("utf8")]);

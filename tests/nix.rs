@@ -425,8 +425,11 @@ nix-build hog.nix --no-out-link"#;
     assert_ne!(o.status.code(), Some(0), "{err}");
     // The verdict names the derivation that was building.
     assert!(err.contains("while building `hog`"), "{err}");
-    // The summary: memory up to the envelope, the build marked as not finished.
+    // The summary: the verdict first, memory up to the envelope, the build marked as not
+    // finished.
     let md = std::fs::read_to_string(&summary).unwrap();
+    assert!(md.starts_with("### ❌ Out of memory: peak "), "{md}");
+    assert!(err.contains("flywheel: out of memory: peak "), "{err}");
     let memory_line = md
         .lines()
         .find(|l| l.trim_start().starts_with("line ["))
@@ -1370,9 +1373,9 @@ command -v xz >/dev/null && echo "xz is there" || echo "would sudo apt-get insta
     assert!(oom.contains("xychart-beta"), "{oom}");
     assert!(
         summaries.iter().any(|m| m.contains("local :done, ")
-            && m.contains("| store paths | 1 built")
+            && m.contains("Nix: 1 store path built here")
             && m.contains("xychart-beta")
-            && m.contains("| nix bootstrap | nix 2.8.0-flywheel: warm")),
+            && m.contains("- Nix bootstrap: nix 2.8.0-flywheel: warm")),
         "{summaries:?}"
     );
     assert!(

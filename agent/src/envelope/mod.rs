@@ -260,12 +260,12 @@ impl JobOutcome {
             builds: self.builds.clone(),
             bootstrap: self.nix.as_ref().map(|n| n.text.clone()),
             store: None,
-            cache: paths.map(|(built, subst)| crate::summary::cache_kind(built, subst).to_owned()),
             paths,
             oom: self.verdict.clone(),
             pids: self.pids_note.clone(),
             published: None,
             elapsed: self.timings.run,
+            exit_code: Some(self.code),
         }
     }
 }

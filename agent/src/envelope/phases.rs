@@ -477,6 +477,7 @@ pub(super) async fn run_job_inner<P: Processes>(
                     lane.memory_per_build_bytes,
                 )
             }),
+            ran_at_once: crate::summary::most_at_once(&builds),
         })
     });
     let pids_note = (stats.pids_max_hits > 0)
