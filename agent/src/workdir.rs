@@ -205,7 +205,7 @@ fn empty_tree(top: OwnedFd, dev: u64) -> io::Result<()> {
                 ));
             }
             level.scanned += 1;
-            level.pending = scan(level.fd.as_fd(), dev)?;
+            level.pending = scan(level.fd.as_fd())?;
             if level.pending.is_empty() {
                 // Empty: remove it from its parent.
                 let Some(done) = stack.pop() else {
@@ -279,7 +279,7 @@ fn empty_tree(top: OwnedFd, dev: u64) -> io::Result<()> {
 }
 
 /// Unlink every non-directory in `dir`; return the names of its subdirectories.
-fn scan(dir: BorrowedFd<'_>, dev: u64) -> io::Result<Vec<CString>> {
+fn scan(dir: BorrowedFd<'_>) -> io::Result<Vec<CString>> {
     let mut subdirs = Vec::new();
     let listing = nix::dir::Dir::openat(
         Some(dir.as_raw_fd()),
@@ -294,21 +294,27 @@ fn scan(dir: BorrowedFd<'_>, dev: u64) -> io::Result<Vec<CString>> {
         if name == c"." || name == c".." {
             continue;
         }
-        let st = match stat_at(dir, name) {
-            Ok(st) => st,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
+        // The entry's own type tells files from directories without a stat per entry; only a
+        // filesystem that does not fill it in (DT_UNKNOWN) costs one. A directory's device is
+        // checked when it is opened (`empty_tree`), never through a path.
+        let dir_entry = match entry.file_type() {
+            Some(nix::dir::Type::Directory) => true,
+            Some(_) => false,
+            None => match stat_at(dir, name) {
+                Ok(st) => is_dir(&st),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            },
         };
-        if is_dir(&st) {
-            if st.st_dev != dev {
-                return Err(io::Error::other(format!(
-                    "{} is another filesystem that could not be unmounted; refusing to delete across it",
-                    name.to_string_lossy()
-                )));
-            }
+        if dir_entry {
             subdirs.push(name.to_owned());
-        } else {
-            unlink_entry(dir, name)?;
+            continue;
+        }
+        match nix::unistd::unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+            // Swapped for a directory since it was listed: visited like one.
+            Err(nix::errno::Errno::EISDIR) => subdirs.push(name.to_owned()),
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(subdirs)
