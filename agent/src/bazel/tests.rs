@@ -89,6 +89,15 @@ fn settings(upstream: &str) -> BazelSettings {
 
 /// An endpoint on the host's loopback (the namespace part is `tests/bazel.rs`'s).
 fn endpoint_for(up: &str, write: Option<&str>, trusted: bool) -> (Arc<JobCache>, String) {
+    endpoint_with(up, write, trusted, None)
+}
+
+fn endpoint_with(
+    up: &str,
+    write: Option<&str>,
+    trusted: bool,
+    telemetry: Option<Arc<crate::telemetry::Telemetry>>,
+) -> (Arc<JobCache>, String) {
     let u = Arc::new(Upstream {
         lane: "l".into(),
         settings: settings(up),
@@ -99,7 +108,7 @@ fn endpoint_for(up: &str, write: Option<&str>, trusted: bool) -> (Arc<JobCache>,
         read: None,
         write: write.map(|w| Secret::new(w.to_owned())),
     });
-    let c = JobCache::new(u, None);
+    let c = JobCache::new(u, telemetry);
     if trusted {
         c.allow_writes();
     }
@@ -230,6 +239,53 @@ async fn every_way_the_upstream_fails_is_a_miss_or_a_dropped_write_and_is_counte
     assert_eq!(get(&ep, &cas).await.0, 404);
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
     assert_eq!(c.tally().upstream_failures, 1);
+    drop(slow);
+}
+
+#[tokio::test]
+async fn writes_are_dropped_until_job_started_allows_them_and_metrics_name_each_failure() {
+    let t = Arc::new(crate::telemetry::Telemetry::new(&[], "pool"));
+    let (up, store) = upstream(Mode::Good).await;
+    let (c, ep) = endpoint_with(&up, Some(WRITER), false, Some(t.clone()));
+    let (a, b) = (b"before".to_vec(), b"after".to_vec());
+    assert_eq!(put(&ep, &format!("/cas/{}", sha(&a)), a.clone()).await, 200);
+    c.allow_writes();
+    assert_eq!(put(&ep, &format!("/cas/{}", sha(&b)), b.clone()).await, 200);
+    let keys: Vec<String> = store.lock().unwrap().blobs.keys().cloned().collect();
+    assert_eq!(keys, vec![format!("/cas/{}", sha(&b))]);
+    assert_eq!(get(&ep, &format!("/cas/{}", sha(&b))).await.0, 200);
+    // Each way an upstream fails, by name.
+    for (mode, label) in [(Mode::ServerError, "5xx"), (Mode::Denied, "denied")] {
+        let (up, _) = upstream(mode).await;
+        let (_c, ep) = endpoint_with(&up, Some(WRITER), true, Some(t.clone()));
+        assert_eq!(
+            get(&ep, &format!("/cas/{}", sha(&a))).await.0,
+            404,
+            "{label}"
+        );
+    }
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let (_c, ep) = endpoint_with(&down, Some(WRITER), true, Some(t.clone()));
+    assert_eq!(get(&ep, &format!("/cas/{}", sha(&a))).await.0, 404);
+    let slow = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let slow_url = format!("http://{}", slow.local_addr().unwrap());
+    let (_c, ep) = endpoint_with(&slow_url, Some(WRITER), true, Some(t.clone()));
+    assert_eq!(get(&ep, &format!("/cas/{}", sha(&a))).await.0, 404);
+    let m = t.encode();
+    for line in [
+        "flywheel_bazel_cache_writes_total{lane=\"l\",result=\"dropped\"} 1",
+        "flywheel_bazel_cache_writes_total{lane=\"l\",result=\"forwarded\"} 1",
+        "flywheel_bazel_cache_reads_total{lane=\"l\",result=\"hit\"} 1",
+        "flywheel_bazel_cache_bytes_total{lane=\"l\",result=\"written\"} 5",
+        "flywheel_bazel_cache_upstream_failures_total{lane=\"l\",result=\"5xx\"} 1",
+        "flywheel_bazel_cache_upstream_failures_total{lane=\"l\",result=\"denied\"} 1",
+        "flywheel_bazel_cache_upstream_failures_total{lane=\"l\",result=\"down\"} 1",
+        "flywheel_bazel_cache_upstream_failures_total{lane=\"l\",result=\"slow\"} 1",
+    ] {
+        assert!(m.contains(line), "{line}\n{m}");
+    }
     drop(slow);
 }
 
