@@ -318,3 +318,75 @@ fn bazel_settings_are_checked_before_anything_runs() {
         assert!(!e.contains("writer:pw"), "{e}");
     }
 }
+
+#[test]
+fn through_real_nginx_a_trusted_jobs_blob_lands_only_under_its_own_hash_and_an_untrusted_jobs_never(
+) {
+    if !privileged("bazel-blob-names") || !bz::tools("bazel-blob-names") {
+        return;
+    }
+    let net = common::netns::Internet::new();
+    let dir = common::open_tempdir("flywheel-bazel-blobs");
+    let nginx = Nginx::start(&dir.path().join("nginx"), Some(&net.ns), net.remote);
+    let cred = bz::credential_file(dir.path(), &nginx);
+    let shared = common::shared_dir(dir.path());
+    let s = shared.display();
+    let f = Fixture::with_tail(
+        "bzb",
+        "256Mi",
+        &format!("network = \"isolated\"\ndns = [\"{}\"]", net.remote),
+        &format!(
+            "[lane.bazel]\nupstream = \"{}\"\nwrite_credential_file = \"{}\"\n",
+            nginx.url(bz::CACHE),
+            cred.display()
+        ),
+    );
+    let user = common::runner_pool().replace("{n}", "13");
+    let (good, forged, untrusted) = (
+        "a blob under its own name\n",
+        "a blob under the name of another\n",
+        "a blob of an untrusted job\n",
+    );
+    let put = |body: &str, name: &str, out: &str| {
+        format!(
+            "printf '{}' > $HOME/b && curl -s -o /dev/null -w '%{{http_code}}\\n' -X PUT --data-binary @$HOME/b $BAZEL_REMOTE_CACHE/cas/{name} >> {s}/{out}",
+            body.replace('\n', "\\n")
+        )
+    };
+    let trusted = format!(
+        "{}; {}",
+        put(good, &bz::sha256_hex(good.as_bytes()), "trusted"),
+        put(
+            forged,
+            &bz::sha256_hex(good.as_bytes()).replace('a', "b"),
+            "trusted"
+        ),
+    );
+    let o = f.exec(&["--user", &user], &["sh", "-c", &trusted]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = f.exec(
+        &["--user", &user, "--untrusted"],
+        &[
+            "sh",
+            "-c",
+            &put(
+                untrusted,
+                &bz::sha256_hex(untrusted.as_bytes()),
+                "untrusted",
+            ),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // The writes were made and answered: the good one and the untrusted one 200, the forged 400.
+    assert_eq!(read(&shared.join("trusted")), "200\n400\n");
+    assert_eq!(read(&shared.join("untrusted")), "200\n");
+    assert!(
+        stderr(&o).contains("1 writes dropped (not a trusted job)"),
+        "{}",
+        stderr(&o)
+    );
+    // Upstream: only the good blob, under its own name, with its bytes.
+    let cas = nginx.entries("cas");
+    assert_eq!(cas, vec![bz::sha256_hex(good.as_bytes())]);
+    assert_eq!(read(&nginx.root.join("cas").join(&cas[0])), good);
+}
