@@ -14,29 +14,10 @@ use std::time::{Duration, Instant};
 use common::rig::{term, wait_exit, Rig};
 use common::{privileged, stderr, stdout, Fixture};
 
-/// One section of the attacker's record: the lines after `== name` up to the next `==`.
-fn section<'a>(log: &'a str, name: &str) -> &'a str {
-    let start = log
-        .find(&format!("== {name}\n"))
-        .unwrap_or_else(|| panic!("the attacker never tried {name:?}:\n{log}"));
-    let rest = &log[start + name.len() + 4..];
-    if rest.starts_with("== ") {
-        return "";
-    }
-    &rest[..rest.find("\n== ").map_or(rest.len(), |i| i + 1)]
-}
+use common::section;
 
 fn wait_for(path: &Path, rig: &Rig, secs: u64) {
-    let t = Instant::now();
-    while !path.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(secs),
-            "timed out waiting for {}\n{}",
-            path.display(),
-            rig.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_for_file(path, secs, || rig.log());
 }
 
 /// The agent's peak resident memory (VmHWM), in KiB.

@@ -16,6 +16,9 @@
 #   iperf3                                bench/job-network.sh's throughput
 #   chromium fonts-dejavu-core nodejs     the job summaries' Mermaid drawn in a real browser
 #   (npm when nodejs lacks it)            (tests/render.rs), with mermaid from npm, pinned
+#   bazel-bootstrap nginx-light           the Bazel cache tests' real client and cache server
+#   libnginx-mod-http-echo apache2-utils  (tests/bazel.rs): a slow upstream (echo_sleep), the
+#   curl                                  writer's htpasswd, a pull request's direct attempts
 #
 # And net.ipv4.ip_forward=1, which jobs with network = "isolated" need (docs/operating-sting.md).
 set -euo pipefail
@@ -27,6 +30,7 @@ packages=(
   podman buildah runc mmdebstrap uidmap systemd-container
   nftables iproute2 dnsmasq-base iperf3
   chromium fonts-dejavu-core nodejs
+  bazel-bootstrap nginx-light libnginx-mod-http-echo apache2-utils curl
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -450,6 +450,19 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         throwaway: req.untrusted,
         ..flywheel_agent::envelope::nix_job(&cfg, &lane)
     });
+    // Its Bazel cache endpoint writes upstream like its store: unless `--untrusted`.
+    config::check_bazel_credentials(&cfg, &lane)?;
+    let bazel = match &lane.bazel {
+        Some(b) => {
+            let up = flywheel_agent::bazel::Upstream::new(&lane.name, b)?;
+            let cache = flywheel_agent::bazel::JobCache::new(up, None);
+            if !req.untrusted {
+                cache.allow_writes();
+            }
+            Some(cache)
+        }
+        None => None,
+    };
     let (lane_name, summary_file) = (lane.name.clone(), req.summary.clone());
     let command = req.command.clone();
     let spec = JobSpec {
@@ -470,6 +483,7 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         hook: None,
         background: flywheel_agent::tasks::Background::new(),
         before_release: None,
+        bazel: bazel.clone(),
     };
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -508,6 +522,10 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         // "Does my build fit?": the same summary a runner job gets, for the terminal.
         let report = outcome.report(&lane_name, memory_bytes);
         eprint!("{}", flywheel_agent::summary::text(&report));
+        let bazel = bazel.map(|b| b.tally());
+        if let Some(t) = &bazel {
+            eprintln!("flywheel: {}", flywheel_agent::summary::bazel_line(t));
+        }
         // In a workflow step, the same annotations the runner's completed hook writes.
         if std::env::var_os("GITHUB_ACTIONS").is_some_and(|v| v == "true") {
             let mut out = std::io::stdout().lock();
@@ -516,7 +534,11 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
             }
         }
         if let Some(path) = &summary_file {
-            std::fs::write(path, flywheel_agent::summary::markdown(&report))
+            let mut md = flywheel_agent::summary::markdown(&report);
+            if let Some(t) = &bazel {
+                md.push_str(&flywheel_agent::summary::bazel_section(t));
+            }
+            std::fs::write(path, md)
                 .with_context(|| format!("cannot write the summary to {}", path.display()))?;
         }
         Ok(outcome.code)
@@ -1030,6 +1052,8 @@ fn run_inner(
     raise_fd_limit();
     let attic = flywheel_agent::hooks::AtticCredential::load(&cfg.attic)
         .map_err(|e| ConfigProblem(format!("{}: {e}", cfg.origin)))?;
+    let bazel = flywheel_agent::bazel::upstreams(&cfg.lanes)
+        .map_err(|e| ConfigProblem(format!("{}: {e}", cfg.origin)))?;
     let hook_scripts = flywheel_agent::hooks::write_hook_scripts(&cfg.agent.state_dir)
         .context("cannot write the runner hook scripts")?;
 
@@ -1065,6 +1089,7 @@ fn run_inner(
             telemetry,
             github: github.clone(),
             attic,
+            bazel,
             hook_scripts,
             background: background.clone(),
         };

@@ -132,6 +132,8 @@ pub struct Lane {
     pub pass_env: Vec<String>,
     /// The network its jobs (and their nix-daemons) get.
     pub network: Network,
+    /// The lane's Bazel remote cache, served to each job through an endpoint of its own.
+    pub bazel: Option<crate::bazel::BazelSettings>,
 }
 
 /// A lane's network: `isolated` (the default: a network namespace per job, egress through
@@ -480,6 +482,7 @@ struct RawLane {
     dns: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     hints: RawHints,
+    bazel: Option<Spanned<crate::bazel::conf::RawBazel>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -991,6 +994,34 @@ pub fn check_host(cfg: &Config) -> Result<(), ConfigError> {
             }
         }
     }
+    for lane in &cfg.lanes {
+        check_bazel_credentials(cfg, lane)?;
+    }
+    Ok(())
+}
+
+/// The credential files of a lane's `[lane.bazel]`: each a regular file of root's, mode 0600,
+/// one line `user:password`. Read and dropped; nothing changes.
+pub fn check_bazel_credentials(cfg: &Config, lane: &Lane) -> Result<(), ConfigError> {
+    let Some(b) = &lane.bazel else {
+        return Ok(());
+    };
+    for (file, at, key) in [
+        (&b.read_credential_file, b.read_at, "read_credential_file"),
+        (
+            &b.write_credential_file,
+            b.write_at,
+            "write_credential_file",
+        ),
+    ] {
+        if let Some(f) = file {
+            crate::bazel::read_credential(f).map_err(|e| ConfigError {
+                origin: cfg.origin.to_string(),
+                position: at,
+                message: format!("lane {:?}: bazel.{key}: {e}", lane.name),
+            })?;
+        }
+    }
     Ok(())
 }
 fn duration_or(
@@ -1178,6 +1209,7 @@ fn validate_lane(
     };
 
     let h = rl.hints;
+    let h_bazel_at = h.bazel_remote_cache.as_ref().map(|b| b.span().start);
     if let Some(s) = &h.attic_server {
         let v = s.get_ref();
         if !(v.starts_with("http://") || v.starts_with("https://")) {
@@ -1218,6 +1250,22 @@ fn validate_lane(
         pass_env.push(v.into_inner());
     }
     let network = lane_network(cx, &name, rl.network, rl.allow_metadata, rl.dns)?;
+    let bazel = match rl.bazel {
+        None => None,
+        Some(b) => {
+            let at = b.span().start;
+            if let Some(h) = &h_bazel_at {
+                return Err(cx.err_at(Some(*h), format!("lane {name:?}: hints.bazel_remote_cache and [lane.bazel] both name a Bazel cache: remove hints.bazel_remote_cache (with [lane.bazel] each job's BAZEL_REMOTE_CACHE is its own endpoint)")));
+            }
+            let isolated = matches!(network, Network::Isolated { .. });
+            Some(
+                crate::bazel::conf::check(&name, b.into_inner(), Some(at), isolated, &|o| {
+                    line_col(cx.src, o)
+                })
+                .map_err(|e| cx.err_at(e.at, e.message))?,
+            )
+        }
+    };
     let nix = rl.nix.unwrap_or(true);
     let nix_conf = match &rl.nix_conf {
         Some(c) => absolute(cx, c, "nix_conf")?,
@@ -1247,6 +1295,7 @@ fn validate_lane(
         unavailable,
         pass_env,
         network,
+        bazel,
     })
 }
 

@@ -64,7 +64,10 @@ pub fn job_env(lane: &Lane, memory_bytes: u64, host_cpus: u32) -> Vec<(String, S
     if let Some(c) = &lane.hints.attic_cache {
         env.push(("ATTIC_CACHE".to_owned(), c.clone()));
     }
-    if let Some(b) = &lane.hints.bazel_remote_cache {
+    if let Some(b) = &lane.bazel {
+        // The job's own endpoint, in its own network namespace (see `bazel`).
+        env.push(("BAZEL_REMOTE_CACHE".to_owned(), crate::bazel::endpoint(b)));
+    } else if let Some(b) = &lane.hints.bazel_remote_cache {
         env.push(("BAZEL_REMOTE_CACHE".to_owned(), b.clone()));
     }
     env.push((

@@ -135,6 +135,8 @@ pub struct RunnerHooks {
     pub attic: AtticSettings,
     pub credential: AtticCredential,
     pub telemetry: Arc<Telemetry>,
+    /// The job's Bazel cache endpoint: its writes go upstream once trust allows.
+    pub bazel: Option<Arc<crate::bazel::JobCache>>,
 }
 
 #[derive(Debug, Default)]
@@ -486,6 +488,13 @@ async fn job_started(h: &RunnerHooks, req: HookRequest) -> (HookResponse, Option
         ));
     }
     info!(runner = %h.runner_name, repository = %claims.repository, run = claims.run_id, decision = %decision.line(), "trust decided");
+    if let Some(b) = &h.bazel {
+        // The same decision as for publishing to Attic: only a trusted job writes.
+        if matches!(decision, Decision::Push { .. }) {
+            b.allow_writes();
+        }
+        lines.push(b.started_line());
+    }
     let mut resp = HookResponse {
         ok: true,
         ..HookResponse::default()
@@ -632,10 +641,16 @@ async fn job_completed(h: &RunnerHooks, grant: Option<String>) -> HookResponse {
         report.published = Some(line.clone());
         lines.push(format!("flywheel: {line}"));
     }
+    let mut summary = crate::summary::markdown(&report);
+    if let Some(b) = &h.bazel {
+        let t = b.tally();
+        lines.push(format!("flywheel: {}", crate::summary::bazel_line(&t)));
+        summary.push_str(&crate::summary::bazel_section(&t));
+    }
     HookResponse {
         ok: true,
         lines,
-        summary: Some(crate::summary::markdown(&report)),
+        summary: Some(summary),
         ..HookResponse::default()
     }
 }

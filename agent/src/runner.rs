@@ -40,6 +40,8 @@ pub struct RunContext {
     /// For trust decisions (and, in pool mode, registration).
     pub github: Option<Arc<Client>>,
     pub attic: crate::hooks::AtticCredential,
+    /// Each lane's Bazel upstream (lanes with `[lane.bazel]`), credentials read at start.
+    pub bazel: crate::bazel::Upstreams,
     /// The root-owned hook scripts (job-started, job-completed).
     pub hook_scripts: (std::path::PathBuf, std::path::PathBuf),
     /// Every background task of the agent (hook servers, log pumps, watchers).
@@ -60,6 +62,7 @@ impl Hooks {
         lane: &Lane,
         name: &str,
         probe: &JobProbe,
+        bazel: Option<Arc<crate::bazel::JobCache>>,
     ) -> Result<Hooks, RunError> {
         let state = &ctx.cfg.agent.state_dir;
         let all = crate::hooks::sockets_dir(state);
@@ -96,6 +99,7 @@ impl Hooks {
                 attic: ctx.cfg.attic.clone(),
                 credential: ctx.attic.clone(),
                 telemetry: ctx.telemetry.clone(),
+                bazel,
             },
             &ctx.background,
         )
@@ -269,6 +273,7 @@ fn runner_spec(
         hook: Some(hooks.mount.clone()),
         background: ctx.background.clone(),
         before_release: None,
+        bazel: None,
     }
 }
 
@@ -475,7 +480,12 @@ async fn run_runner(
     stop: Stop,
     arc: bool,
 ) -> Result<JobOutcome, RunError> {
-    let hooks = match Hooks::start(ctx, lane, name, &probe) {
+    // The job's Bazel cache endpoint: read-only until its job-started hook says otherwise.
+    let bazel = ctx
+        .bazel
+        .get(&lane.name)
+        .map(|up| crate::bazel::JobCache::new(up.clone(), Some(ctx.telemetry.clone())));
+    let hooks = match Hooks::start(ctx, lane, name, &probe, bazel.clone()) {
         Ok(h) => h,
         Err(e) => {
             ctx.telemetry.runner_ended(name);
@@ -483,6 +493,7 @@ async fn run_runner(
         }
     };
     let mut spec = runner_spec(ctx, lane, jit, name, probe, &hooks, arc);
+    spec.bazel = bazel;
     spec.before_release = Some(
         hooks
             .serving

@@ -647,6 +647,63 @@ pub fn annotations(r: &Report) -> Vec<String> {
     out
 }
 
+/// The job's Bazel cache in one line: `exec`'s output and the completed hook's log.
+pub fn bazel_line(t: &crate::bazel::Tally) -> String {
+    let mut s = format!(
+        "bazel cache: {} hits, {} misses, {} read, {} written",
+        t.hits,
+        t.misses,
+        Bytes(t.bytes_read),
+        Bytes(t.bytes_written)
+    );
+    if t.writes_dropped > 0 {
+        s.push_str(&format!(
+            ", {} writes dropped{}",
+            t.writes_dropped,
+            if t.trusted {
+                ""
+            } else {
+                " (not a trusted job)"
+            }
+        ));
+    }
+    if t.writes_refused > 0 {
+        s.push_str(&format!(", {} writes refused", t.writes_refused));
+    }
+    if t.upstream_failures > 0 {
+        s.push_str(&format!(
+            ", {} upstream failures (the build went on without the cache)",
+            t.upstream_failures
+        ));
+    }
+    s
+}
+
+/// The job summary's Bazel cache section (Markdown), appended after the rest.
+pub fn bazel_section(t: &crate::bazel::Tally) -> String {
+    let reads = t.hits + t.misses;
+    let rate = if reads == 0 {
+        "no reads".to_owned()
+    } else {
+        format!("{:.0}% hits", percent(t.hits, reads))
+    };
+    let writes = if t.trusted {
+        "writes go to the lane's cache (a trusted job)"
+    } else {
+        "writes are answered and dropped (not a trusted job)"
+    };
+    format!(
+        "\n### Bazel remote cache\n\n{rate}; {writes}.\n\n| hits | misses | read | written | writes dropped | writes refused | upstream failures |\n|---:|---:|---:|---:|---:|---:|---:|\n| {} | {} | {} | {} | {} | {} | {} |\n",
+        t.hits,
+        t.misses,
+        Bytes(t.bytes_read),
+        Bytes(t.bytes_written),
+        t.writes_dropped,
+        t.writes_refused,
+        t.upstream_failures
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -66,6 +66,12 @@ pub struct StoreLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BazelLabels {
+    pub lane: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PathLabels {
     pub lane: String,
     pub source: String,
@@ -81,6 +87,50 @@ fn bytes_histogram() -> Histogram {
 
 fn ratio_histogram() -> Histogram {
     Histogram::new(linear_buckets(0.1, 0.1, 10))
+}
+
+/// The Bazel cache endpoints' counters, by lane.
+#[derive(Debug, Default)]
+struct BazelFamilies {
+    reads: Family<BazelLabels, Counter>,
+    writes: Family<BazelLabels, Counter>,
+    bytes: Family<BazelLabels, Counter>,
+    upstream_failures: Family<BazelLabels, Counter>,
+}
+
+impl BazelFamilies {
+    fn register(registry: &mut Registry) -> BazelFamilies {
+        let f = BazelFamilies::default();
+        registry.register(
+            "bazel_cache_reads",
+            "Reads through jobs' Bazel cache endpoints, by lane and result (hit, miss)",
+            f.reads.clone(),
+        );
+        registry.register(
+            "bazel_cache_writes",
+            "Writes to jobs' Bazel cache endpoints, by lane and result (forwarded: a trusted job's, upstream; dropped: answered, not forwarded; refused: a blob not matching its name, too large or cut off)",
+            f.writes.clone(),
+        );
+        registry.register_with_unit(
+            "bazel_cache",
+            "Bytes through jobs' Bazel cache endpoints, by lane and result (read, written)",
+            Unit::Bytes,
+            f.bytes.clone(),
+        );
+        registry.register(
+            "bazel_cache_upstream_failures",
+            "Bazel upstream failures the jobs' builds went on without, by lane and result (down, slow, 5xx, denied, other)",
+            f.upstream_failures.clone(),
+        );
+        f
+    }
+}
+
+fn bazel_labels(lane: &str, result: &str) -> BazelLabels {
+    BazelLabels {
+        lane: lane.into(),
+        result: result.into(),
+    }
 }
 
 /// A runner the status shows.
@@ -120,6 +170,7 @@ pub struct Telemetry {
     published_paths: Family<LaneLabels, Counter>,
     published_bytes: Family<LaneLabels, Counter>,
     publish_failures: Family<ReasonLabels, Counter>,
+    bazel: BazelFamilies,
     api_seen: Mutex<BTreeMap<(&'static str, u16), u64>>,
     runners: Mutex<BTreeMap<String, RunnerEntry>>,
     verdicts: Mutex<VecDeque<VerdictEntry>>,
@@ -231,6 +282,7 @@ impl Telemetry {
             "Store paths a job's nix-daemon added, by source (built, substituted)",
             store_paths.clone(),
         );
+        let bazel = BazelFamilies::register(&mut registry);
         ratelimit_remaining.set(-1);
         for l in lanes {
             for kind in ["pull", "push"] {
@@ -257,6 +309,7 @@ impl Telemetry {
             published_paths,
             published_bytes,
             publish_failures,
+            bazel,
             api_seen: Mutex::default(),
             runners: Mutex::default(),
             verdicts: Mutex::default(),
@@ -341,6 +394,38 @@ impl Telemetry {
         let l = LaneLabels { lane: lane.into() };
         self.published_paths.get_or_create(&l).inc_by(paths);
         self.published_bytes.get_or_create(&l).inc_by(bytes);
+    }
+
+    /// A read of a job's Bazel cache endpoint: `hit` or `miss`.
+    pub fn bazel_read(&self, lane: &str, result: &str) {
+        self.bazel
+            .reads
+            .get_or_create(&bazel_labels(lane, result))
+            .inc();
+    }
+
+    /// A write to a job's Bazel cache endpoint: `forwarded`, `dropped` or `refused`.
+    pub fn bazel_write(&self, lane: &str, result: &str) {
+        self.bazel
+            .writes
+            .get_or_create(&bazel_labels(lane, result))
+            .inc();
+    }
+
+    /// Bytes through a job's Bazel cache endpoint: `read` or `written`.
+    pub fn bazel_bytes(&self, lane: &str, direction: &str, n: u64) {
+        self.bazel
+            .bytes
+            .get_or_create(&bazel_labels(lane, direction))
+            .inc_by(n);
+    }
+
+    /// The lane's Bazel upstream failed: `down`, `slow`, `5xx`, `denied` or `other`.
+    pub fn bazel_upstream_failure(&self, lane: &str, reason: &str) {
+        self.bazel
+            .upstream_failures
+            .get_or_create(&bazel_labels(lane, reason))
+            .inc();
     }
 
     /// A publication of a job of `lane` failed.

@@ -2,6 +2,7 @@
 //! agent binary, and the rule for privileged tests (skip only with a reason, never in CI).
 #![allow(dead_code)]
 
+pub mod bazel;
 pub mod netns;
 pub mod nixtar;
 pub mod podman;
@@ -269,6 +270,32 @@ fn fake_runner_bins() -> PathBuf {
         profile_dir
     })
     .clone()
+}
+
+/// One section of an attacker's record: the lines after `== name` up to the next `==`.
+pub fn section<'a>(log: &'a str, name: &str) -> &'a str {
+    let start = log
+        .find(&format!("== {name}\n"))
+        .unwrap_or_else(|| panic!("the attacker never tried {name:?}:\n{log}"));
+    let rest = &log[start + name.len() + 4..];
+    if rest.starts_with("== ") {
+        return "";
+    }
+    &rest[..rest.find("\n== ").map_or(rest.len(), |i| i + 1)]
+}
+
+/// Wait for `path` to exist, showing `log()` on a timeout.
+pub fn wait_for_file(path: &Path, secs: u64, log: impl Fn() -> String) {
+    let t = std::time::Instant::now();
+    while !path.exists() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(secs),
+            "timed out waiting for {}\n{}",
+            path.display(),
+            log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// The address `run` serves `/metrics` on, from its log (the rigs listen on port 0).

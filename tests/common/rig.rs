@@ -305,6 +305,28 @@ pub fn push_and_fork_pr_runs(gh: &FakeGitHub) {
     }
 }
 
+/// Make `job` run 101 of [`push_and_fork_pr_runs`]: the push to main.
+pub fn as_push(job: &mut FakeJob) {
+    for (k, v) in [
+        ("GITHUB_RUN_ID", "101"),
+        ("GITHUB_EVENT_NAME", "push"),
+        ("GITHUB_REF", "refs/heads/main"),
+    ] {
+        job.env.insert(k.into(), v.into());
+    }
+}
+
+/// Make `job` run 102 of [`push_and_fork_pr_runs`]: the pull request from a fork.
+pub fn as_fork_pr(job: &mut FakeJob) {
+    for (k, v) in [
+        ("GITHUB_RUN_ID", "102"),
+        ("GITHUB_EVENT_NAME", "pull_request"),
+        ("GITHUB_REF", "refs/pull/5/merge"),
+    ] {
+        job.env.insert(k.into(), v.into());
+    }
+}
+
 /// Register a runner the way ARC's controller does, returning the encoded JIT config.
 pub fn register_directly(gh: &FakeGitHub, label: &str, name: &str) -> String {
     let rt = tokio::runtime::Builder::new_current_thread()

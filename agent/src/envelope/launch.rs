@@ -56,6 +56,17 @@ pub(super) async fn launch(
         .map_err(io_at("create the job's directory under", phys_work_root))?;
     cleanup.push(job_dir.clone());
     let net = job_network(spec, &job_dir, &mut mounts, reaper).await?;
+    if let Some(cache) = &spec.bazel {
+        // Before anything of the job runs: its endpoint is there when its first step is.
+        let Some(n) = &net else {
+            return Err(EnvelopeError::Bazel(crate::bazel::BazelError::Bind(
+                io::Error::other(
+                    "the lane has no network namespace per job (network = \"isolated\")",
+                ),
+            )));
+        };
+        cache.start(n.fd(), &spec.background)?;
+    }
     let root_seen = spec.work_root.join(job);
     let mut cwd_path = root_seen.join(workdir::WORK);
     let mut command = spec.command.clone();

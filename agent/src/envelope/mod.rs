@@ -104,6 +104,8 @@ pub struct JobSpec {
     /// Run once the job's processes are gone, before its slot's store is collected and the
     /// slot handed on.
     pub before_release: Option<std::sync::Arc<dyn BeforeRelease>>,
+    /// The job's Bazel cache endpoint, served in its network namespace while it runs.
+    pub bazel: Option<std::sync::Arc<crate::bazel::JobCache>>,
 }
 
 /// Work on a job's store that must be done after its processes are gone but before its
@@ -297,6 +299,8 @@ pub enum EnvelopeError {
     },
     #[error("could not start the job: {0}")]
     Spawn(io::Error),
+    #[error(transparent)]
+    Bazel(#[from] crate::bazel::BazelError),
     #[error("teardown failed: {0}")]
     Teardown(String),
     #[error("nix: {0}")]

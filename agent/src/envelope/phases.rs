@@ -116,9 +116,16 @@ pub async fn run_job(
         }
         None => info_span!("job", lane = %spec.lane.name, job = tracing::field::Empty),
     };
-    run_job_inner(cfg, mgr, spec, stop, &Reaped(reaper), span.clone())
+    let bazel = spec.bazel.clone();
+    let done = run_job_inner(cfg, mgr, spec, stop, &Reaped(reaper), span.clone())
         .instrument(span)
-        .await
+        .await;
+    // The job's processes are gone: its cache endpoint (and with its socket, the last hold on
+    // the job's network namespace) goes too.
+    if let Some(b) = bazel {
+        b.stop();
+    }
+    done
 }
 
 pub(super) async fn run_job_inner<P: Processes>(
@@ -1019,6 +1026,7 @@ mod tests {
             hook: None,
             background: crate::tasks::Background::new(),
             before_release: None,
+            bazel: None,
         }
     }
 

@@ -1,0 +1,369 @@
+//! The Bazel remote cache as an acceleration layer: every job reads, only trusted jobs write,
+//! enforced by the agent, outside the job.
+//!
+//! Each job of a lane with `[lane.bazel]` gets an HTTP cache endpoint of its own on the
+//! loopback of its own network namespace (`BAZEL_REMOTE_CACHE=http://127.0.0.1:<port>`): the
+//! agent makes the listening socket inside that namespace (on a short-lived thread that joined
+//! it; a socket stays in the namespace it was made in whichever thread uses it) and serves it
+//! from its own runtime, so no other job and nothing on the host can reach it, and the
+//! upstream is reached from the agent's (the host's) network. Reads (`GET`/`HEAD
+//! /ac/<sha256>`, `/cas/<sha256>`) go to the lane's upstream for every job; writes (`PUT`) go
+//! upstream only when the trust decision at job-started allowed the job to publish, with a
+//! write credential only the agent holds, and a CAS blob only when it hashes to its name. An
+//! untrusted job's writes are read, counted and answered `200` without being forwarded.
+//! Whatever the upstream does (down, slow, 5xx, 401), the job's build goes on: a read that
+//! fails is a miss, a write that fails is dropped; both are counted.
+
+pub mod conf;
+mod proxy;
+
+use std::os::fd::RawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use flywheel_jit_config::Secret;
+
+pub use conf::BazelSettings;
+
+/// Why a lane's Bazel cache cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum BazelError {
+    #[error("{path}: {why}")]
+    Credential { path: String, why: String },
+    #[error("cannot listen for the job's bazel cache endpoint in its network namespace: {0}")]
+    Bind(std::io::Error),
+    #[error("cannot make the bazel upstream's http client: {0}")]
+    Client(String),
+}
+
+/// A lane's upstream, with the credentials read once at start.
+#[derive(Debug)]
+pub struct Upstream {
+    pub lane: String,
+    pub settings: BazelSettings,
+    http: reqwest::Client,
+    read: Option<Secret<String>>,
+    write: Option<Secret<String>>,
+}
+
+impl Upstream {
+    /// Read the lane's credentials (each a regular file of root's, mode 0600) and make the
+    /// client.
+    pub fn new(lane: &str, s: &BazelSettings) -> Result<Arc<Upstream>, BazelError> {
+        let read = s
+            .read_credential_file
+            .as_deref()
+            .map(read_credential)
+            .transpose()?;
+        let write = s
+            .write_credential_file
+            .as_deref()
+            .map(read_credential)
+            .transpose()?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(s.timeout)
+            .read_timeout(s.timeout)
+            .pool_max_idle_per_host(32)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| BazelError::Client(e.to_string()))?;
+        Ok(Arc::new(Upstream {
+            lane: lane.to_owned(),
+            settings: s.clone(),
+            http,
+            read,
+            write,
+        }))
+    }
+
+    /// Whether a trusted job's writes can go upstream at all.
+    pub fn can_write(&self) -> bool {
+        self.write.is_some()
+    }
+}
+
+/// Each lane's upstream, by lane name.
+pub type Upstreams = std::collections::HashMap<String, Arc<Upstream>>;
+
+/// The upstreams of every lane with `[lane.bazel]`, their credentials read.
+pub fn upstreams(lanes: &[crate::config::Lane]) -> Result<Upstreams, BazelError> {
+    let mut out = Upstreams::new();
+    for l in lanes {
+        if let Some(b) = &l.bazel {
+            out.insert(l.name.clone(), Upstream::new(&l.name, b)?);
+        }
+    }
+    Ok(out)
+}
+
+/// The hint a job of a lane with `[lane.bazel]` finds in `BAZEL_REMOTE_CACHE`: its own
+/// endpoint, on the loopback of its own network namespace.
+pub fn endpoint(s: &BazelSettings) -> String {
+    format!("http://127.0.0.1:{}", s.port)
+}
+
+/// A credential file: `user:password` on one line, a regular file of root's that no one else
+/// can read or write.
+pub fn read_credential(path: &Path) -> Result<Secret<String>, BazelError> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let err = |why: String| BazelError::Credential {
+        path: path.display().to_string(),
+        why,
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| err(e.to_string()))?;
+    let m = f.metadata().map_err(|e| err(e.to_string()))?;
+    if !m.is_file() || m.uid() != 0 || m.mode() & 0o077 != 0 {
+        return Err(err(format!(
+            "must be a regular file of root's with mode 0600 (it is uid {}, mode {:o}): chown root: and chmod 0600 it",
+            m.uid(),
+            m.mode() & 0o7777
+        )));
+    }
+    let mut text = String::new();
+    f.take(4096)
+        .read_to_string(&mut text)
+        .map_err(|e| err(e.to_string()))?;
+    let text = Secret::new(text);
+    let line = text.expose().trim();
+    match line.split_once(':') {
+        Some((u, _)) if !u.is_empty() && !line.contains('\n') => Ok(Secret::new(line.to_owned())),
+        _ => Err(err(
+            "must hold one line user:password (as for HTTP basic authentication)".into(),
+        )),
+    }
+}
+
+/// What one job's endpoint did.
+#[derive(Debug, Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    writes: AtomicU64,
+    writes_dropped: AtomicU64,
+    writes_refused: AtomicU64,
+    upstream_failures: AtomicU64,
+}
+
+/// What one job's endpoint did, at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Reads the upstream answered with the entry.
+    pub hits: u64,
+    /// Reads it did not have (or could not answer: see `upstream_failures`).
+    pub misses: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// Writes that went upstream.
+    pub writes: u64,
+    /// Writes answered and not forwarded: the job is not trusted, or the upstream failed.
+    pub writes_dropped: u64,
+    /// Writes refused: a blob that does not hash to its name, too large, cut off.
+    pub writes_refused: u64,
+    /// Upstream answers that were not answers: down, slow, 5xx, 401/403.
+    pub upstream_failures: u64,
+    /// The job's writes were allowed to go upstream.
+    pub trusted: bool,
+}
+
+/// The state a job's endpoint shares with its connections.
+#[derive(Debug)]
+struct Shared {
+    upstream: Arc<Upstream>,
+    writes: AtomicBool,
+    counters: Counters,
+    telemetry: Option<Arc<crate::telemetry::Telemetry>>,
+}
+
+/// How an upstream failed, for the count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    Down,
+    Slow,
+    ServerError,
+    Denied,
+    Other,
+}
+
+impl Failure {
+    fn label(self) -> &'static str {
+        match self {
+            Failure::Down => "down",
+            Failure::Slow => "slow",
+            Failure::ServerError => "5xx",
+            Failure::Denied => "denied",
+            Failure::Other => "other",
+        }
+    }
+}
+
+impl Shared {
+    fn add(&self, c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+    fn hit(&self) {
+        self.add(&self.counters.hits, 1);
+        self.metric(|t, l| t.bazel_read(l, "hit"));
+    }
+    fn miss(&self) {
+        self.add(&self.counters.misses, 1);
+        self.metric(|t, l| t.bazel_read(l, "miss"));
+    }
+    fn read_bytes(&self, n: u64) {
+        self.add(&self.counters.bytes_read, n);
+        self.metric(|t, l| t.bazel_bytes(l, "read", n));
+    }
+    fn written(&self, n: u64) {
+        self.add(&self.counters.writes, 1);
+        self.add(&self.counters.bytes_written, n);
+        self.metric(|t, l| {
+            t.bazel_write(l, "forwarded");
+            t.bazel_bytes(l, "written", n);
+        });
+    }
+    fn dropped(&self) {
+        self.add(&self.counters.writes_dropped, 1);
+        self.metric(|t, l| t.bazel_write(l, "dropped"));
+    }
+    fn refused(&self) {
+        self.add(&self.counters.writes_refused, 1);
+        self.metric(|t, l| t.bazel_write(l, "refused"));
+    }
+    fn failed(&self, f: Failure, detail: &str) {
+        self.add(&self.counters.upstream_failures, 1);
+        self.metric(|t, l| t.bazel_upstream_failure(l, f.label()));
+        tracing::debug!(lane = %self.upstream.lane, failure = f.label(), detail, "the bazel upstream failed; the job's build goes on without it");
+    }
+    fn metric(&self, f: impl FnOnce(&crate::telemetry::Telemetry, &str)) {
+        if let Some(t) = &self.telemetry {
+            f(t, &self.upstream.lane);
+        }
+    }
+    fn writes_allowed(&self) -> bool {
+        self.writes.load(Ordering::SeqCst)
+    }
+}
+
+/// One job's cache endpoint: its trust, its counters, its serving task. Read-only until
+/// [`JobCache::allow_writes`]; stops serving when [`JobCache::stop`]ped or dropped.
+#[derive(Debug)]
+pub struct JobCache {
+    shared: Arc<Shared>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl JobCache {
+    pub fn new(
+        upstream: Arc<Upstream>,
+        telemetry: Option<Arc<crate::telemetry::Telemetry>>,
+    ) -> Arc<JobCache> {
+        Arc::new(JobCache {
+            shared: Arc::new(Shared {
+                upstream,
+                writes: AtomicBool::new(false),
+                counters: Counters::default(),
+                telemetry,
+            }),
+            task: Mutex::new(None),
+        })
+    }
+
+    /// The trust decision allowed this job to publish: its writes go upstream (with the
+    /// agent's write credential, when it holds one).
+    pub fn allow_writes(&self) {
+        self.shared.writes.store(true, Ordering::SeqCst);
+    }
+
+    pub fn tally(&self) -> Tally {
+        let c = &self.shared.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Tally {
+            hits: g(&c.hits),
+            misses: g(&c.misses),
+            bytes_read: g(&c.bytes_read),
+            bytes_written: g(&c.bytes_written),
+            writes: g(&c.writes),
+            writes_dropped: g(&c.writes_dropped),
+            writes_refused: g(&c.writes_refused),
+            upstream_failures: g(&c.upstream_failures),
+            trusted: self.shared.writes_allowed(),
+        }
+    }
+
+    /// The line for the job's log at job-started.
+    pub fn started_line(&self) -> String {
+        let s = &self.shared;
+        let hint = endpoint(&s.upstream.settings);
+        match (s.writes_allowed(), s.upstream.can_write()) {
+            (true, true) => format!("flywheel: bazel cache {hint}: reads and writes go to the lane's cache"),
+            (true, false) => format!("flywheel: bazel cache {hint}: reads only (this agent holds no write credential for the lane's cache)"),
+            (false, _) => format!("flywheel: bazel cache {hint}: reads only; this job's writes are answered and dropped (not a trusted job)"),
+        }
+    }
+
+    /// Listen on `127.0.0.1:<port>` inside the network namespace `netns` and serve this job
+    /// from the current runtime until [`JobCache::stop`].
+    pub fn start(&self, netns: RawFd, bg: &crate::tasks::Background) -> Result<(), BazelError> {
+        let listener =
+            bind_in(netns, self.shared.upstream.settings.port).map_err(BazelError::Bind)?;
+        self.serve(listener, bg)
+    }
+
+    /// Serve this job on `listener` until [`JobCache::stop`].
+    pub fn serve(
+        &self,
+        listener: std::net::TcpListener,
+        bg: &crate::tasks::Background,
+    ) -> Result<(), BazelError> {
+        listener.set_nonblocking(true).map_err(BazelError::Bind)?;
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(BazelError::Bind)?;
+        let task = proxy::spawn(listener, self.shared.clone(), bg);
+        if let Ok(mut t) = self.task.lock() {
+            if let Some(old) = t.replace(task) {
+                old.abort();
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop serving: the listening socket and every connection close (the socket held the
+    /// job's network namespace: it goes with it).
+    pub fn stop(&self) {
+        if let Some(t) = self.task.lock().ok().and_then(|mut t| t.take()) {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for JobCache {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A listening socket on `127.0.0.1:port` of the network namespace `netns`, made on a thread
+/// of its own (a network namespace is a thread's; the agent's threads stay in the host's).
+/// The socket stays in that namespace whichever thread accepts on it.
+pub fn bind_in(netns: RawFd, port: u16) -> std::io::Result<std::net::TcpListener> {
+    std::thread::Builder::new()
+        .name("flywheel-bazel".into())
+        .spawn(move || {
+            // SAFETY: setns(2) of this short-lived thread only; `netns` is open for the call.
+            if unsafe { libc::setns(netns, libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port))
+        })?
+        .join()
+        .map_err(|_| std::io::Error::other("the bind thread panicked"))?
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,408 @@
+//! One job's Bazel HTTP cache endpoint: HTTP/1.1 on a listener in the job's network namespace,
+//! reads passed through to the upstream, writes forwarded only for a trusted job.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use sha2::{Digest, Sha256};
+use tracing::warn;
+
+use super::{Failure, Shared};
+
+type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// Connections of one job served at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 64;
+/// Entries up to this size are read whole before they are answered; larger ones stream.
+const WHOLE_BODY: u64 = 256 << 10;
+/// How long a client may take to send a request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serve `listener` for one job until the task is aborted (its connections go with it).
+pub(super) fn spawn(
+    listener: tokio::net::TcpListener,
+    job: Arc<Shared>,
+    bg: &crate::tasks::Background,
+) -> tokio::task::JoinHandle<()> {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    bg.spawn_service(async move {
+        let mut backoff = Duration::from_millis(10);
+        let mut live = tokio::task::JoinSet::new();
+        loop {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let stream = match listener.accept().await {
+                Ok((s, _)) => {
+                    backoff = Duration::from_millis(10);
+                    s
+                }
+                Err(e) => {
+                    warn!(lane = %job.upstream.lane, error = %e, "cannot accept a bazel cache connection");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            while live.try_join_next().is_some() {}
+            let job = job.clone();
+            live.spawn(async move {
+                let _permit = permit;
+                let svc = hyper::service::service_fn(move |req| {
+                    let job = job.clone();
+                    async move { Ok::<_, Infallible>(handle(&job, req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    })
+}
+
+/// `/ac/<sha256>` or `/cas/<sha256>` (lowercase hex): the kind and the hash.
+pub(super) fn key(path: &str) -> Option<(&'static str, &str)> {
+    let (kind, h) = if let Some(h) = path.strip_prefix("/ac/") {
+        ("ac", h)
+    } else {
+        ("cas", path.strip_prefix("/cas/")?)
+    };
+    (h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        .then_some((kind, h))
+}
+
+fn empty() -> Body {
+    Empty::new()
+        .map_err(|e: Infallible| match e {})
+        .boxed_unsync()
+}
+
+fn answer(status: StatusCode) -> Response<Body> {
+    let mut r = Response::new(empty());
+    *r.status_mut() = status;
+    r
+}
+
+async fn handle(job: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let Some((kind, hash)) = key(req.uri().path()) else {
+        return answer(StatusCode::NOT_FOUND);
+    };
+    let hash = hash.to_owned();
+    match *req.method() {
+        Method::GET | Method::HEAD => read(job, req.method().clone(), kind, &hash).await,
+        Method::PUT => write(job, req, kind, &hash).await,
+        _ => answer(StatusCode::METHOD_NOT_ALLOWED),
+    }
+}
+
+fn url(job: &Shared, kind: &str, hash: &str) -> String {
+    format!("{}/{kind}/{hash}", job.upstream.settings.upstream)
+}
+
+fn with_auth(
+    rb: reqwest::RequestBuilder,
+    cred: Option<&flywheel_jit_config::Secret<String>>,
+) -> reqwest::RequestBuilder {
+    match cred.and_then(|c| c.expose().split_once(':')) {
+        Some((u, p)) => rb.basic_auth(u, Some(p)),
+        None => rb,
+    }
+}
+
+fn failure_of_status(s: reqwest::StatusCode) -> Failure {
+    match s.as_u16() {
+        401 | 403 | 407 => Failure::Denied,
+        500..=599 => Failure::ServerError,
+        _ => Failure::Other,
+    }
+}
+
+fn failure_of_error(e: &reqwest::Error) -> Failure {
+    if e.is_timeout() {
+        Failure::Slow
+    } else {
+        Failure::Down
+    }
+}
+
+/// A read: the upstream's body streamed back on a hit; a miss for anything else (a failing
+/// upstream is counted, and the build goes on without the cache).
+async fn read(job: &Arc<Shared>, method: Method, kind: &'static str, hash: &str) -> Response<Body> {
+    let up = &job.upstream;
+    let rb = with_auth(
+        up.http.request(method.clone(), url(job, kind, hash)),
+        up.read.as_ref(),
+    );
+    let resp = match tokio::time::timeout(up.settings.timeout, rb.send()).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            job.failed(failure_of_error(&e), &e.to_string());
+            job.miss();
+            return answer(StatusCode::NOT_FOUND);
+        }
+        Err(_) => {
+            job.failed(Failure::Slow, "no answer in time");
+            job.miss();
+            return answer(StatusCode::NOT_FOUND);
+        }
+    };
+    match resp.status() {
+        reqwest::StatusCode::OK => {}
+        reqwest::StatusCode::NOT_FOUND => {
+            job.miss();
+            return answer(StatusCode::NOT_FOUND);
+        }
+        s => {
+            job.failed(failure_of_status(s), &format!("answered {s} to a read"));
+            job.miss();
+            return answer(StatusCode::NOT_FOUND);
+        }
+    }
+    let len = resp.content_length();
+    if len.is_some_and(|l| l > up.settings.max_blob_bytes) {
+        job.miss();
+        return answer(StatusCode::NOT_FOUND);
+    }
+    let mut r = Response::builder().status(StatusCode::OK);
+    if let Some(l) = len {
+        r = r.header(hyper::header::CONTENT_LENGTH, l);
+    }
+    if method == Method::HEAD {
+        job.hit();
+        return r
+            .body(empty())
+            .unwrap_or_else(|_| answer(StatusCode::NOT_FOUND));
+    }
+    // Most entries are small: read whole, they go back in one write (fewer frames, fewer
+    // system calls); larger ones are streamed.
+    if let Some(l) = len.filter(|l| *l <= WHOLE_BODY) {
+        return match tokio::time::timeout(up.settings.timeout, resp.bytes()).await {
+            Ok(Ok(b)) if b.len() as u64 == l => {
+                job.hit();
+                job.read_bytes(l);
+                r.body(
+                    Full::new(b)
+                        .map_err(|e: Infallible| match e {})
+                        .boxed_unsync(),
+                )
+                .unwrap_or_else(|_| answer(StatusCode::NOT_FOUND))
+            }
+            _ => {
+                // Nothing was answered yet: a miss, and the client builds the action itself.
+                job.failed(Failure::Slow, "the body did not come whole in time");
+                job.miss();
+                answer(StatusCode::NOT_FOUND)
+            }
+        };
+    }
+    job.hit();
+    let counted = job.clone();
+    let stream = resp.bytes_stream().map(move |c| match c {
+        Ok(b) => {
+            counted.read_bytes(b.len() as u64);
+            Ok(Frame::data(b))
+        }
+        Err(e) => Err(std::io::Error::other(e)),
+    });
+    r.body(StreamBody::new(stream).boxed_unsync())
+        .unwrap_or_else(|_| answer(StatusCode::NOT_FOUND))
+}
+
+/// A write. Forwarded only for a trusted job and with the agent's write credential; a CAS
+/// blob only when it hashes to its name (the body is passed on as it arrives, its last piece
+/// held back until the hash is known: a body that does not match never completes upstream).
+/// An untrusted job's write is read to its end, dropped and answered `200`, so its build
+/// carries on as if the cache had taken it.
+async fn write(
+    job: &Arc<Shared>,
+    req: Request<Incoming>,
+    kind: &'static str,
+    hash: &str,
+) -> Response<Body> {
+    let up = &job.upstream;
+    let max = up.settings.max_blob_bytes;
+    let len = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if len.is_some_and(|l| l > max) {
+        job.refused();
+        return answer(StatusCode::PAYLOAD_TOO_LARGE);
+    }
+    if !(job.writes_allowed() && up.can_write()) {
+        let whole = drain(req.into_body(), max, up.settings.timeout).await;
+        job.dropped();
+        return answer(if whole {
+            StatusCode::OK
+        } else {
+            StatusCode::PAYLOAD_TOO_LARGE
+        });
+    }
+    let Some(len) = len else {
+        job.refused();
+        return answer(StatusCode::LENGTH_REQUIRED);
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel::<Result<u64, &'static str>>();
+    let body = checked(
+        req.into_body(),
+        (kind == "cas").then(|| hash.to_owned()),
+        len,
+        up.settings.timeout,
+        tx,
+    );
+    let rb = with_auth(up.http.put(url(job, kind, hash)), up.write.as_ref())
+        .header(reqwest::header::CONTENT_LENGTH, len)
+        .body(reqwest::Body::wrap_stream(body));
+    let sent = tokio::time::timeout(up.settings.timeout * 6, rb.send()).await;
+    let body = match tokio::time::timeout(Duration::from_secs(1), rx).await {
+        Ok(Ok(r)) => r,
+        _ => Err(NOT_READ),
+    };
+    match (body, sent) {
+        (Err(why), _) if why != NOT_READ => {
+            job.refused();
+            warn!(lane = %up.lane, kind, hash, why, "refused a bazel cache write from a trusted job; nothing completed upstream");
+            answer(StatusCode::BAD_REQUEST)
+        }
+        (Ok(n), Ok(Ok(r))) if r.status().is_success() => {
+            job.written(n);
+            answer(StatusCode::OK)
+        }
+        // The upstream failed (before or after reading the body): the build goes on.
+        (_, Ok(Ok(r))) => {
+            job.failed(
+                failure_of_status(r.status()),
+                &format!("answered {} to a write", r.status()),
+            );
+            job.dropped();
+            answer(StatusCode::OK)
+        }
+        (_, Ok(Err(e))) => {
+            job.failed(failure_of_error(&e), &e.to_string());
+            job.dropped();
+            answer(StatusCode::OK)
+        }
+        (_, Err(_)) => {
+            job.failed(Failure::Slow, "no answer to a write in time");
+            job.dropped();
+            answer(StatusCode::OK)
+        }
+    }
+}
+
+/// The body of a trusted write was not read to its end (the upstream failed first).
+const NOT_READ: &str = "the body was not read to its end";
+
+/// Read an untrusted write to its end (at most `max` bytes, no piece later than `timeout`):
+/// true when it ended whole.
+async fn drain(mut body: Incoming, max: u64, timeout: Duration) -> bool {
+    let mut seen = 0u64;
+    loop {
+        match tokio::time::timeout(timeout, body.frame()).await {
+            Ok(Some(Ok(f))) => {
+                seen += f.data_ref().map_or(0, |d| d.len() as u64);
+                if seen > max {
+                    return false;
+                }
+            }
+            Ok(None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+struct Checked {
+    body: Incoming,
+    want: Option<String>,
+    len: u64,
+    seen: u64,
+    timeout: Duration,
+    sha: Sha256,
+    held: Option<Bytes>,
+    done: Option<tokio::sync::oneshot::Sender<Result<u64, &'static str>>>,
+}
+
+impl Checked {
+    fn fail(&mut self, why: &'static str) -> std::io::Error {
+        if let Some(d) = self.done.take() {
+            let _ = d.send(Err(why));
+        }
+        std::io::Error::other(why)
+    }
+}
+
+/// The request body as a stream for the upstream: exactly `len` bytes, hashing to `want`
+/// when given; the last piece is held back until both are known, and an error ends the
+/// stream instead (the upstream then never sees a complete request). The outcome goes to
+/// `done`.
+fn checked(
+    body: Incoming,
+    want: Option<String>,
+    len: u64,
+    timeout: Duration,
+    done: tokio::sync::oneshot::Sender<Result<u64, &'static str>>,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    let st = Checked {
+        body,
+        want,
+        len,
+        seen: 0,
+        timeout,
+        sha: Sha256::new(),
+        held: None,
+        done: Some(done),
+    };
+    futures_util::stream::unfold(st, |mut st| async move {
+        loop {
+            st.done.as_ref()?;
+            match tokio::time::timeout(st.timeout, st.body.frame()).await {
+                Ok(Some(Ok(f))) => {
+                    let Ok(data) = f.into_data() else { continue };
+                    st.seen += data.len() as u64;
+                    if st.seen > st.len {
+                        let e = st.fail("the body is longer than its content-length");
+                        return Some((Err(e), st));
+                    }
+                    st.sha.update(&data);
+                    if let Some(prev) = st.held.replace(data) {
+                        return Some((Ok(prev), st));
+                    }
+                }
+                Ok(Some(Err(_))) | Err(_) => {
+                    let e = st.fail("the body was cut off or stalled");
+                    return Some((Err(e), st));
+                }
+                Ok(None) => {
+                    if st.seen != st.len {
+                        let e = st.fail("the body is shorter than its content-length");
+                        return Some((Err(e), st));
+                    }
+                    if let Some(w) = &st.want {
+                        if hex(&st.sha.clone().finalize()) != *w {
+                            let e = st.fail("the blob does not hash to its name");
+                            return Some((Err(e), st));
+                        }
+                    }
+                    let n = st.seen;
+                    if let Some(d) = st.done.take() {
+                        let _ = d.send(Ok(n));
+                    }
+                    return st.held.take().map(|b| (Ok(b), st));
+                }
+            }
+        }
+    })
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -1,0 +1,438 @@
+//! The endpoint against an upstream that keeps what it is given (PUT behind basic auth, as
+//! the tests' nginx and bazel-remote with `--htpasswd_file` do), and each way an upstream
+//! fails; the configuration's errors; the credential files.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use super::*;
+use crate::config::{parse, HostFacts, Origin};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Good,
+    ServerError,
+    Denied,
+}
+
+#[derive(Debug, Default)]
+struct Store {
+    blobs: HashMap<String, Vec<u8>>,
+    puts: u32,
+}
+
+/// `user:password` the upstream takes for writes (base64 in the header).
+const WRITER: &str = "writer:s3cret-w";
+
+async fn upstream(mode: Mode) -> (String, Arc<Mutex<Store>>) {
+    use axum::http::{HeaderMap, Method, StatusCode, Uri};
+    let store = Arc::new(Mutex::new(Store::default()));
+    let st = store.clone();
+    let app = axum::Router::new().fallback(
+        move |method: Method, uri: Uri, headers: HeaderMap, body: axum::body::Bytes| {
+            let st = st.clone();
+            async move {
+                match mode {
+                    Mode::ServerError => return (StatusCode::SERVICE_UNAVAILABLE, Vec::new()),
+                    Mode::Denied => return (StatusCode::UNAUTHORIZED, Vec::new()),
+                    Mode::Good => {}
+                }
+                let mut s = st.lock().unwrap();
+                match method {
+                    Method::GET => match s.blobs.get(uri.path()) {
+                        Some(b) => (StatusCode::OK, b.clone()),
+                        None => (StatusCode::NOT_FOUND, Vec::new()),
+                    },
+                    Method::PUT => {
+                        use base64::Engine;
+                        let want = format!(
+                            "Basic {}",
+                            base64::engine::general_purpose::STANDARD.encode(WRITER)
+                        );
+                        if headers.get("authorization").and_then(|v| v.to_str().ok())
+                            != Some(want.as_str())
+                        {
+                            return (StatusCode::UNAUTHORIZED, Vec::new());
+                        }
+                        s.puts += 1;
+                        s.blobs.insert(uri.path().to_owned(), body.to_vec());
+                        (StatusCode::CREATED, Vec::new())
+                    }
+                    _ => (StatusCode::METHOD_NOT_ALLOWED, Vec::new()),
+                }
+            }
+        },
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    (format!("http://{addr}"), store)
+}
+
+fn settings(upstream: &str) -> BazelSettings {
+    BazelSettings {
+        upstream: upstream.to_owned(),
+        read_credential_file: None,
+        write_credential_file: None,
+        port: 0,
+        max_blob_bytes: 1 << 20,
+        timeout: Duration::from_millis(400),
+        read_at: None,
+        write_at: None,
+    }
+}
+
+/// An endpoint on the host's loopback (the namespace part is `tests/bazel.rs`'s).
+fn endpoint_for(up: &str, write: Option<&str>, trusted: bool) -> (Arc<JobCache>, String) {
+    endpoint_with(up, write, trusted, None)
+}
+
+fn endpoint_with(
+    up: &str,
+    write: Option<&str>,
+    trusted: bool,
+    telemetry: Option<Arc<crate::telemetry::Telemetry>>,
+) -> (Arc<JobCache>, String) {
+    let u = Arc::new(Upstream {
+        lane: "l".into(),
+        settings: settings(up),
+        http: reqwest::Client::builder()
+            .read_timeout(Duration::from_millis(400))
+            .build()
+            .unwrap(),
+        read: None,
+        write: write.map(|w| Secret::new(w.to_owned())),
+    });
+    let c = JobCache::new(u, telemetry);
+    if trusted {
+        c.allow_writes();
+    }
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    c.serve(l, &crate::tasks::Background::new()).unwrap();
+    (c, format!("http://{addr}"))
+}
+
+fn sha(b: &[u8]) -> String {
+    Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+async fn put(base: &str, path: &str, body: Vec<u8>) -> u16 {
+    reqwest::Client::new()
+        .put(format!("{base}{path}"))
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+async fn get(base: &str, path: &str) -> (u16, Vec<u8>) {
+    let r = reqwest::get(format!("{base}{path}")).await.unwrap();
+    let s = r.status().as_u16();
+    (s, r.bytes().await.unwrap().to_vec())
+}
+
+#[tokio::test]
+async fn an_untrusted_jobs_writes_are_answered_and_never_reach_the_upstream() {
+    let (up, store) = upstream(Mode::Good).await;
+    let (c, ep) = endpoint_for(&up, Some(WRITER), false);
+    let blob = b"pr output".to_vec();
+    let ac = format!("/ac/{}", sha(b"some action"));
+    assert_eq!(
+        put(&ep, &format!("/cas/{}", sha(&blob)), blob.clone()).await,
+        200
+    );
+    assert_eq!(put(&ep, &ac, b"poisoned action result".to_vec()).await, 200);
+    let t = c.tally();
+    assert_eq!((t.writes_dropped, t.writes, t.trusted), (2, 0, false));
+    let s = store.lock().unwrap();
+    assert_eq!(
+        (s.puts, s.blobs.len()),
+        (0, 0),
+        "nothing reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn a_trusted_jobs_writes_go_upstream_with_the_agents_credential_and_are_read_back() {
+    let (up, store) = upstream(Mode::Good).await;
+    let (c, ep) = endpoint_for(&up, Some(WRITER), true);
+    let blob: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let cas = format!("/cas/{}", sha(&blob));
+    let ac = format!("/ac/{}", sha(b"an action"));
+    assert_eq!(put(&ep, &cas, blob.clone()).await, 200);
+    assert_eq!(put(&ep, &ac, b"action result".to_vec()).await, 200);
+    assert_eq!(store.lock().unwrap().blobs.get(&cas), Some(&blob));
+    assert_eq!(get(&ep, &cas).await, (200, blob.clone()));
+    assert_eq!(get(&ep, &ac).await, (200, b"action result".to_vec()));
+    assert_eq!(get(&ep, &format!("/cas/{}", sha(b"absent"))).await.0, 404);
+    let t = c.tally();
+    assert_eq!((t.writes, t.hits, t.misses), (2, 2, 1));
+    assert_eq!(t.bytes_written, blob.len() as u64 + 13);
+    assert_eq!(t.bytes_read, blob.len() as u64 + 13);
+}
+
+#[tokio::test]
+async fn a_blob_that_does_not_hash_to_its_name_never_completes_upstream() {
+    let (up, store) = upstream(Mode::Good).await;
+    let (c, ep) = endpoint_for(&up, Some(WRITER), true);
+    let blob: Vec<u8> = vec![7; 200_000];
+    let name = format!("/cas/{}", sha(b"something else"));
+    // The attack runs: a trusted job's (say, a compromised step's) write under a wrong name.
+    let status = put(&ep, &name, blob).await;
+    assert_eq!(status, 400);
+    assert_eq!(c.tally().writes_refused, 1);
+    let s = store.lock().unwrap();
+    assert!(s.blobs.is_empty(), "the upstream kept {:?}", s.blobs.keys());
+}
+
+#[tokio::test]
+async fn without_a_write_credential_even_a_trusted_jobs_writes_are_dropped() {
+    let (up, store) = upstream(Mode::Good).await;
+    let (c, ep) = endpoint_for(&up, None, true);
+    let blob = b"x".to_vec();
+    assert_eq!(put(&ep, &format!("/cas/{}", sha(&blob)), blob).await, 200);
+    assert_eq!(c.tally().writes_dropped, 1);
+    assert_eq!(store.lock().unwrap().puts, 0);
+}
+
+#[tokio::test]
+async fn every_way_the_upstream_fails_is_a_miss_or_a_dropped_write_and_is_counted() {
+    let blob = b"b".to_vec();
+    let cas = format!("/cas/{}", sha(&blob));
+    // 5xx and 401.
+    for mode in [Mode::ServerError, Mode::Denied] {
+        let (up, _) = upstream(mode).await;
+        let (c, ep) = endpoint_for(&up, Some(WRITER), true);
+        assert_eq!(get(&ep, &cas).await.0, 404, "{mode:?}");
+        assert_eq!(put(&ep, &cas, blob.clone()).await, 200, "{mode:?}");
+        let t = c.tally();
+        assert_eq!(
+            (t.misses, t.writes_dropped, t.upstream_failures),
+            (1, 1, 2),
+            "{mode:?}"
+        );
+    }
+    // Down: nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let (c, ep) = endpoint_for(&down, Some(WRITER), true);
+    assert_eq!(get(&ep, &cas).await.0, 404);
+    assert_eq!(put(&ep, &cas, blob.clone()).await, 200);
+    assert_eq!(c.tally().upstream_failures, 2);
+    // Slow: it accepts and never answers; the endpoint answers within its timeout.
+    let slow = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let slow_url = format!("http://{}", slow.local_addr().unwrap());
+    let (c, ep) = endpoint_for(&slow_url, Some(WRITER), true);
+    let t0 = std::time::Instant::now();
+    assert_eq!(get(&ep, &cas).await.0, 404);
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert_eq!(c.tally().upstream_failures, 1);
+    drop(slow);
+}
+
+#[tokio::test]
+async fn writes_are_dropped_until_job_started_allows_them_and_metrics_name_each_failure() {
+    let t = Arc::new(crate::telemetry::Telemetry::new(&[], "pool"));
+    let (up, store) = upstream(Mode::Good).await;
+    let (c, ep) = endpoint_with(&up, Some(WRITER), false, Some(t.clone()));
+    let (a, b) = (b"before".to_vec(), b"after".to_vec());
+    assert_eq!(put(&ep, &format!("/cas/{}", sha(&a)), a.clone()).await, 200);
+    c.allow_writes();
+    assert_eq!(put(&ep, &format!("/cas/{}", sha(&b)), b.clone()).await, 200);
+    let keys: Vec<String> = store.lock().unwrap().blobs.keys().cloned().collect();
+    assert_eq!(keys, vec![format!("/cas/{}", sha(&b))]);
+    assert_eq!(get(&ep, &format!("/cas/{}", sha(&b))).await.0, 200);
+    // Each way an upstream fails, by name.
+    for (mode, label) in [(Mode::ServerError, "5xx"), (Mode::Denied, "denied")] {
+        let (up, _) = upstream(mode).await;
+        let (_c, ep) = endpoint_with(&up, Some(WRITER), true, Some(t.clone()));
+        assert_eq!(
+            get(&ep, &format!("/cas/{}", sha(&a))).await.0,
+            404,
+            "{label}"
+        );
+    }
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let (_c, ep) = endpoint_with(&down, Some(WRITER), true, Some(t.clone()));
+    assert_eq!(get(&ep, &format!("/cas/{}", sha(&a))).await.0, 404);
+    let slow = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let slow_url = format!("http://{}", slow.local_addr().unwrap());
+    let (_c, ep) = endpoint_with(&slow_url, Some(WRITER), true, Some(t.clone()));
+    assert_eq!(get(&ep, &format!("/cas/{}", sha(&a))).await.0, 404);
+    let m = t.encode();
+    for line in [
+        "flywheel_bazel_cache_writes_total{lane=\"l\",result=\"dropped\"} 1",
+        "flywheel_bazel_cache_writes_total{lane=\"l\",result=\"forwarded\"} 1",
+        "flywheel_bazel_cache_reads_total{lane=\"l\",result=\"hit\"} 1",
+        "flywheel_bazel_cache_bytes_total{lane=\"l\",result=\"written\"} 5",
+        "flywheel_bazel_cache_upstream_failures_total{lane=\"l\",result=\"5xx\"} 1",
+        "flywheel_bazel_cache_upstream_failures_total{lane=\"l\",result=\"denied\"} 1",
+        "flywheel_bazel_cache_upstream_failures_total{lane=\"l\",result=\"down\"} 1",
+        "flywheel_bazel_cache_upstream_failures_total{lane=\"l\",result=\"slow\"} 1",
+    ] {
+        assert!(m.contains(line), "{line}\n{m}");
+    }
+    drop(slow);
+}
+
+#[tokio::test]
+async fn anything_but_ac_and_cas_by_sha256_is_not_found_and_not_forwarded() {
+    let (up, store) = upstream(Mode::Good).await;
+    let (c, ep) = endpoint_for(&up, Some(WRITER), true);
+    for p in [
+        "/",
+        "/ac/../cas/x",
+        "/cas/ABC",
+        "/other/0000",
+        &format!("/cas/{}x", sha(b"")),
+    ] {
+        assert_eq!(get(&ep, p).await.0, 404, "{p}");
+        assert_eq!(put(&ep, p, b"x".to_vec()).await, 404, "{p}");
+    }
+    assert_eq!(store.lock().unwrap().puts, 0);
+    assert_eq!(
+        c.tally(),
+        Tally {
+            trusted: true,
+            ..Tally::default()
+        }
+    );
+}
+
+#[test]
+fn keys_are_ac_or_cas_and_lowercase_sha256() {
+    let h = sha(b"");
+    assert_eq!(proxy::key(&format!("/ac/{h}")), Some(("ac", h.as_str())));
+    assert_eq!(proxy::key(&format!("/cas/{h}")), Some(("cas", h.as_str())));
+    assert_eq!(proxy::key(&format!("/cas/{}", h.to_uppercase())), None);
+    assert_eq!(proxy::key(&format!("/x/cas/{h}")), None);
+    assert_eq!(proxy::key("/cas/"), None);
+}
+
+#[test]
+fn credential_files_must_be_roots_and_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("cred");
+    std::fs::write(&f, "writer:pw\n").unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = read_credential(&f).unwrap_err().to_string();
+    assert!(e.contains("mode 0600") && !e.contains("pw"), "{e}");
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    if nix::unistd::geteuid().is_root() {
+        assert_eq!(read_credential(&f).unwrap().expose(), "writer:pw");
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&f, &link).unwrap();
+        assert!(read_credential(&link).is_err(), "a symlink is not followed");
+        std::os::unix::fs::chown(&f, Some(65534), None).unwrap();
+        assert!(read_credential(&f)
+            .unwrap_err()
+            .to_string()
+            .contains("root's"));
+        std::os::unix::fs::chown(&f, Some(0), None).unwrap();
+    }
+    std::fs::write(&f, "no-colon\n").unwrap();
+    if nix::unistd::geteuid().is_root() {
+        let e = read_credential(&f).unwrap_err().to_string();
+        assert!(
+            e.contains("user:password") && !e.contains("no-colon"),
+            "{e}"
+        );
+    }
+}
+
+const HOST: HostFacts = HostFacts {
+    memory_bytes: 64 << 30,
+    cpus: 8,
+};
+
+fn lane_with(extra: &str) -> Result<crate::config::Config, crate::config::ConfigError> {
+    parse(
+        &format!("[[lane]]\nname = \"b\"\nmemory = \"1Gi\"\n{extra}"),
+        &Origin::File("lanes.toml".into()),
+        &HOST,
+    )
+}
+
+#[test]
+fn bazel_settings_parse_and_the_hint_is_the_jobs_own_endpoint() {
+    let c = lane_with("[lane.bazel]\nupstream = \"http://cache.example:8080/\"\nwrite_credential_file = \"/etc/flywheel/bazel-write\"\nport = 9090\ntimeout = \"3s\"\n").unwrap();
+    let b = c.lanes[0].bazel.clone().unwrap();
+    assert_eq!(b.upstream, "http://cache.example:8080");
+    assert_eq!(b.port, 9090);
+    assert_eq!(b.timeout, Duration::from_secs(3));
+    assert_eq!(b.write_at, Some((6, 25)));
+    let env = crate::hints::job_env(&c.lanes[0], 1 << 30, 2);
+    let hint: Vec<_> = env
+        .iter()
+        .filter(|(k, _)| k == "BAZEL_REMOTE_CACHE")
+        .collect();
+    assert_eq!(
+        hint,
+        vec![&(
+            "BAZEL_REMOTE_CACHE".to_owned(),
+            "http://127.0.0.1:9090".to_owned()
+        )]
+    );
+    // No Bazel cache: no hint.
+    let none = lane_with("").unwrap();
+    assert!(crate::hints::job_env(&none.lanes[0], 1 << 30, 2)
+        .iter()
+        .all(|(k, _)| k != "BAZEL_REMOTE_CACHE"));
+}
+
+#[test]
+fn bad_bazel_settings_are_file_line_col() {
+    for (extra, at, says) in [
+        ("[lane.bazel]\nport = 1\n", "lanes.toml:4:1:", "needs upstream"),
+        ("[lane.bazel]\nupstream = \"ftp://x\"\n", "lanes.toml:5:12:", "http:// or https://"),
+        ("[lane.bazel]\nupstream = \"http://u:p@x\"\n", "lanes.toml:5:12:", "holds a credential"),
+        ("[lane.bazel]\nupstream = \"http://x\"\nprotocol = \"grpc\"\n", "lanes.toml:6:12:", "not served"),
+        ("[lane.bazel]\nupstream = \"http://x\"\nwrite_credential_file = \"w\"\n", "lanes.toml:6:25:", "absolute"),
+        ("[lane.bazel]\nupstream = \"http://x\"\ntimeout = \"1h\"\n", "lanes.toml:6:11:", "600s"),
+        ("[lane.bazel]\nupstream = \"http://x\"\nport = 0\n", "lanes.toml:6:8:", "no port"),
+        ("[lane.bazel]\nupstream = \"http://x\"\nmax_blob_size = \"lots\"\n", "lanes.toml:6:17:", "max_blob_size"),
+        ("[lane.bazel]\nupstream = \"http://x\"\nwrite_token = \"x\"\n", "lanes.toml:6:1:", "unknown field"),
+        ("network = \"host\"\n[lane.bazel]\nupstream = \"http://x\"\n", "lanes.toml:5:1:", "needs network = \"isolated\""),
+        ("[lane.hints]\nbazel_remote_cache = \"grpc://x:1\"\n[lane.bazel]\nupstream = \"http://x\"\n", "lanes.toml:5:22:", "both name a Bazel cache"),
+    ] {
+        let e = lane_with(extra).unwrap_err().to_string();
+        assert!(e.starts_with(at) && e.contains(says), "{extra:?}: {e}");
+    }
+}
+
+#[test]
+fn the_summary_says_what_the_cache_did() {
+    let t = Tally {
+        hits: 3,
+        misses: 1,
+        bytes_read: 2048,
+        writes_dropped: 2,
+        ..Tally::default()
+    };
+    let line = crate::summary::bazel_line(&t);
+    assert!(
+        line.contains("3 hits, 1 misses") && line.contains("2 writes dropped (not a trusted job)"),
+        "{line}"
+    );
+    let md = crate::summary::bazel_section(&t);
+    assert!(
+        md.contains("75% hits; writes are answered and dropped"),
+        "{md}"
+    );
+    assert!(md.contains("| 3 | 1 | 2.0 KiB | 0 B | 2 | 0 | 0 |"), "{md}");
+}
