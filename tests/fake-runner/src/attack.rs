@@ -121,13 +121,56 @@ fn idle(socket: &str, n: usize, secs: u64) {
 
 /// Serve `text` on `addr` (TCP) to every connection, until killed.
 fn serve(addr: &str, text: &str) {
-    let l = match std::net::TcpListener::bind(addr) {
+    let l = match listen_reusing(addr) {
         Ok(l) => l,
         Err(e) => return println!("serve {addr}: bind: {e}"),
     };
     println!("serve {addr}: listening");
     for mut c in l.incoming().flatten() {
         let _ = writeln!(c, "{text}");
+    }
+}
+
+/// A TCP listener on `addr` (IPv4) with SO_REUSEADDR, as servers set it: a connection of a run
+/// before, still in TIME_WAIT on the same port, does not refuse the bind.
+fn listen_reusing(addr: &str) -> std::io::Result<std::net::TcpListener> {
+    use std::os::fd::FromRawFd;
+    let sa: std::net::SocketAddrV4 = addr
+        .parse()
+        .map_err(|e| std::io::Error::other(format!("{addr}: {e}")))?;
+    // SAFETY: plain socket calls on a descriptor this function owns until it is handed over.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let listener = std::net::TcpListener::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: sa.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*sa.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        if libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            std::ptr::addr_of!(one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) != 0
+            || libc::bind(
+                fd,
+                std::ptr::addr_of!(sin).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            ) != 0
+            || libc::listen(fd, 128) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(listener)
     }
 }
 
