@@ -243,6 +243,8 @@ fn runner_spec(
     let nix = lane.nix.then(|| {
         let mut n = crate::envelope::nix_job(&ctx.cfg, lane);
         n.netrc = Some(hooks.netrc.clone());
+        // Its trust is known only at job-started: the store and daemon come then.
+        n.at_job_started = true;
         n
     });
     JobSpec {

@@ -33,6 +33,7 @@ use crate::workdir;
 
 mod confine;
 mod daemon;
+mod deferred;
 mod env;
 mod launch;
 mod mounts;
@@ -41,6 +42,7 @@ mod probe;
 mod pumps;
 mod root;
 mod spawn;
+mod view;
 
 use daemon::start_nix_daemon;
 pub use daemon::{build_logs, built_list, nix_job, read_built};
@@ -158,6 +160,10 @@ pub struct NixJob {
     /// The daemon writes a layer of the job's own over the store (kernel overlayfs, lower =
     /// the store read-only), discarded at teardown: for a job not trusted to publish.
     pub throwaway: bool,
+    /// A runner's job: its store and daemon come at job-started, when its trust is known
+    /// ([`JobProbe::open_store`]): the shared store for a trusted job, a throwaway layer
+    /// (`throwaway` ignored) for any other. Until then the job sees no store at all.
+    pub at_job_started: bool,
     /// A root-only netrc of this job's cache credentials (read by its daemon only).
     pub netrc: Option<PathBuf>,
 }
