@@ -6,7 +6,7 @@
 //! the view and what was named for it.
 
 use super::daemon::DaemonPaths;
-use super::launch::{throwaway_layer, userpool_mount};
+use super::launch::{store_mount, throwaway_layer, userpool_mount};
 use super::view::{
     self, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY,
 };
@@ -57,11 +57,7 @@ impl DeferredStore {
             self.phys_nix.clone()
         } else {
             let merged = throwaway_layer(&self.phys_nix, &self.layer)?;
-            mounts.push(Mount::Bind {
-                src: merged.clone(),
-                dst: n.store_seen.clone(),
-                readonly: false,
-            });
+            store_mount(&mut mounts, merged.clone(), &n.store_seen);
             merged
         };
         mounts.push(userpool_mount(n));

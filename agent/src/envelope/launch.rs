@@ -86,11 +86,7 @@ pub(super) async fn launch(
         } else if n.throwaway {
             cleanup.push(layer.clone());
             let merged = throwaway_layer(phys_nix, &layer)?;
-            mounts.push(Mount::Bind {
-                src: merged,
-                dst: n.store_seen.clone(),
-                readonly: false,
-            });
+            store_mount(&mut mounts, merged, &n.store_seen);
         }
         // The daemon gets the job's own mounts (not its /tmp or /proc: `confine.rs` gives it a
         // private /tmp, and it keeps the host's /proc).
@@ -343,6 +339,23 @@ async fn job_network(
 
 /// The job's `resolv.conf`, in its job directory.
 const RESOLV: &str = ".resolv.conf";
+
+/// Bind `src` at the store's path `seen` in place of a slot's store (before anything hides the
+/// slots, the layer's among them), or first.
+pub(super) fn store_mount(mounts: &mut Vec<Mount>, src: PathBuf, seen: &Path) {
+    let bind = Mount::Bind {
+        src,
+        dst: seen.to_path_buf(),
+        readonly: false,
+    };
+    match mounts
+        .iter()
+        .position(|m| matches!(m, Mount::Bind { dst, .. } if dst == seen))
+    {
+        Some(i) => mounts[i] = bind,
+        None => mounts.insert(0, bind),
+    }
+}
 
 /// The build-user pool where the daemon sees it (after its store's mount).
 pub(super) fn userpool_mount(n: &NixJob) -> Mount {
