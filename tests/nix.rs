@@ -1551,6 +1551,33 @@ fn run_until_completed(
     (agent, log_path)
 }
 
+/// Wait up to 60 s until `done` says so; the agent's log if it never does.
+fn wait_in_log(log_path: &Path, done: impl Fn() -> bool) {
+    let t = std::time::Instant::now();
+    while !done() {
+        assert!(
+            t.elapsed().as_secs() < 60,
+            "{}",
+            std::fs::read_to_string(log_path).unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Two SIGTERMs to `run` (drain, then stop every runner now); its log once it exited.
+fn stop_twice(agent: &mut std::process::Child, log_path: &Path) -> String {
+    for _ in 0..2 {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(agent.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let _ = agent.wait();
+    std::fs::read_to_string(log_path).unwrap()
+}
+
 /// A `run` rig on a Nix lane with the fake GitHub (runs 101, a push to main, and 102, a fork's
 /// pull request) and the fake Attic as the lane's cache, the agent publishing.
 fn publishing_rig() -> (fake_attic::FakeAttic, fake_github::FakeGitHub, Rig) {
@@ -1847,26 +1874,9 @@ fn a_cancelled_trusted_job_still_publishes_what_it_built() {
         format!("nix-build {s}/c.nix --no-out-link && touch {s}/built; sleep 60"),
     ));
     let (mut agent, log_path) = start_run(&rig);
-    let t = std::time::Instant::now();
-    while !shared.join("built").exists() {
-        assert!(
-            t.elapsed().as_secs() < 60,
-            "{}",
-            std::fs::read_to_string(&log_path).unwrap()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_in_log(&log_path, || shared.join("built").exists());
     // Two signals: drain, then stop every runner now (the job is cancelled).
-    for _ in 0..2 {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(agent.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(300));
-    }
-    let _ = agent.wait();
-    let log = std::fs::read_to_string(&log_path).unwrap();
+    let log = stop_twice(&mut agent, &log_path);
     assert!(
         !log.contains("job-completed.sh"),
         "the completed hook must not have run: {log}"
@@ -2136,4 +2146,53 @@ fn a_fork_pull_requests_runner_job_writes_only_a_layer_a_trusted_one_the_shared_
         0,
         "a store view was left"
     );
+}
+
+/// A runner whose listener ends before its job-started hook (here: stopped while it waits
+/// for its job) never gets a store or a daemon, and its teardown leaves nothing: no view, no
+/// layer, no socket or `/tmp` of a daemon, no teardown error.
+#[test]
+fn a_runner_that_ends_before_job_started_gets_no_store_and_leaves_nothing() {
+    if !privileged("nix-runner-no-hook") {
+        return;
+    }
+    let (_attic, gh, rig) = publishing_rig();
+    let mut j = publish_job(&rig, "101", "push", "refs/heads/main", "true".into());
+    j.delay_ms = 60_000;
+    gh.push_job(j);
+    let (mut agent, log_path) = start_run(&rig);
+    let views = rig.dir.path().join("state/nix-views");
+    // Its listener runs (the job's mount namespace holds the view) and waits for its job.
+    wait_in_log(&log_path, || {
+        std::fs::read_dir(&views).map_or(0, |d| d.count()) > 0
+            && std::fs::read_to_string(&log_path)
+                .unwrap()
+                .contains("Listening for Jobs")
+    });
+    let log = stop_twice(&mut agent, &log_path);
+    assert!(
+        !log.contains("job-started.sh") && !log.contains("flywheel: store:"),
+        "{log}"
+    );
+    assert!(!log.contains("the job's nix-daemon is listening"), "{log}");
+    assert!(
+        !log.contains("teardown failed") && !log.contains("left things behind"),
+        "{log}"
+    );
+    for dir in ["state/nix-views", "state/nix-tmp", "state/nix-sockets"] {
+        let left: Vec<_> = std::fs::read_dir(rig.dir.path().join(dir))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n != "post-build.sh")
+            .collect();
+        assert!(left.is_empty(), "{dir}: {left:?}\n{log}");
+    }
+    let layers: Vec<_> = std::fs::read_dir(rig.dir.path().join("work"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(layers.is_empty(), "{layers:?}");
 }
