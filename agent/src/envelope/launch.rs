@@ -80,9 +80,9 @@ pub(super) async fn launch(
         let view = n.sockets.with_file_name("nix-views").join(job);
         if n.at_job_started {
             // The view is unmounted before the layer below it is removed.
-            view::make_point(&view)?;
             cleanup.push(view.clone());
             cleanup.push(layer.clone());
+            view::make_point(&view)?;
         } else if n.throwaway {
             cleanup.push(layer.clone());
             let merged = throwaway_layer(phys_nix, &layer)?;

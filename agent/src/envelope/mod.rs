@@ -243,6 +243,9 @@ pub struct JobOutcome {
     pub nix_root: Option<PathBuf>,
     /// What the job's daemon built, as its post-build hook recorded it.
     pub built: Vec<String>,
+    /// The store paths the job's daemon added (built here, substituted), counted before
+    /// teardown: an untrusted job's store is a layer that is gone after it.
+    pub paths: Option<(u64, u64)>,
 }
 
 impl JobOutcome {
@@ -254,10 +257,7 @@ impl JobOutcome {
         if let (Some(s), Some(peak)) = (samples.as_mut(), self.stats.peak_bytes) {
             s.close_with_peak(peak);
         }
-        let paths = self
-            .nix_root
-            .as_deref()
-            .and_then(|r| crate::store::job_paths(r, &self.built, self.started_unix));
+        let paths = self.paths;
         crate::summary::Report {
             lane: lane.to_owned(),
             envelope_bytes,

@@ -388,16 +388,20 @@ pub(super) async fn run_job_inner<P: Processes>(
     let facts = probe.facts();
     let built_record = facts.built.as_deref().map(read_built).unwrap_or_default();
     // The store's database is read on a blocking thread.
-    let builds = match (facts.nix_root.clone(), facts.build_logs.clone()) {
+    // Read before teardown: an untrusted job's store is its layer, gone after it.
+    let (builds, paths) = match (facts.nix_root.clone(), facts.build_logs.clone()) {
         (Some(root), Some(logs)) => {
             let (since, record) = (facts.started_unix, built_record.clone());
             tokio::task::spawn_blocking(move || {
-                crate::store::builds_since(&root, &logs, since, &record)
+                (
+                    crate::store::builds_since(&root, &logs, since, &record),
+                    crate::store::job_paths(&root, &record, started_unix),
+                )
             })
             .await
             .unwrap_or_default()
         }
-        _ => Vec::new(),
+        _ => (Vec::new(), None),
     };
 
     let t_down = Instant::now();
@@ -517,6 +521,7 @@ pub(super) async fn run_job_inner<P: Processes>(
         builds,
         nix_root: facts.nix_root,
         built: built_record,
+        paths,
     })
 }
 
