@@ -18,7 +18,8 @@ RUNS=${1:-5}
 # Not under /tmp: every job gets a private /tmp and would not see the expressions.
 . "$(dirname "$0")/fake-pool.sh" /var/lib/flywheel-bench untrusted-runner
 . bench/nix-tarball.sh "$TMP" nopayload
-mkdir -p "$TMP/nix" "$TMP/shared"
+mkdir -p "$TMP/nix" "$TMP/shared" "$TMP/state"
+chmod 755 "$TMP/state"  # the runners reach the hook scripts in it
 chmod 755 "$TMP/nix"; chmod 1777 "$TMP/shared"
 TAG=$(date +%s%N)
 warm_closure "$TMP/warm.nix" "$TAG"
@@ -43,6 +44,8 @@ cat > "$TMP/agent.toml" <<TOML
 state_dir = "$TMP/state"
 teardown_grace = "300ms"
 reserve = "64Mi"
+[metrics]
+listen = ""
 $(github_and_runner_toml "$URL" bench)
 [attic]
 publish_repositories = ["tinyland/flywheel"]
@@ -55,6 +58,8 @@ max_runners = 1
 min_free = "1Mi"
 work_root = "$TMP/work"
 nix_conf = "$TMP/etc/nix.conf"
+# The fake GitHub is on the host's loopback, which a job's own network would not reach.
+network = "host"
 TOML
 in_store() {  # run "$@" in a private mount namespace whose /nix is the bench's store
   unshare -m -- sh -c 'mount --make-rprivate / && mount --bind "$0" /nix && shift && exec "$@"' "$TMP/nix" _ "$@"
@@ -62,7 +67,10 @@ in_store() {  # run "$@" in a private mount namespace whose /nix is the bench's 
 in_store "$AGENT" nix bootstrap --config "$TMP/agent.toml" >/dev/null
 in_store "$AGENT" exec --lane bench --config "$TMP/agent.toml" -- nix-build --no-out-link "$TMP/warm.nix" >/dev/null 2>&1
 echo "warm store: $(du -sh "$TMP/nix/store" | cut -f1), db $(du -h "$TMP/nix/var/nix/db/db.sqlite" | cut -f1)"
-FLYWHEEL_LOG=info FLYWHEEL_LOG_FORMAT=text in_store "$AGENT" run --config "$TMP/agent.toml" > "$TMP/agent.log" 2>&1 &
+# Not through in_store: $! is then the agent itself (unshare and sh exec it), which the
+# cleanup stops.
+FLYWHEEL_LOG=info FLYWHEEL_LOG_FORMAT=text unshare -m -- sh -c 'mount --make-rprivate / && mount --bind "$0" /nix && shift && exec "$@"' "$TMP/nix" _ \
+  "$AGENT" run --config "$TMP/agent.toml" > "$TMP/agent.log" 2>&1 &
 AGENT_PID=$!
 : > "$TMP/copied.txt"
 for n in $(seq 0 $((JOBS - 1))); do
