@@ -508,4 +508,23 @@ mod tests {
         assert!(write_new(&t.path().join("planted"), b"x", 0o644).is_err());
         assert_eq!(fs::read_to_string(&target).expect("read"), "root's");
     }
+
+    #[test]
+    fn dirs_at_makes_plain_directories_and_never_goes_through_a_symlink() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let store = t.path().join("store");
+        let elsewhere = t.path().join("elsewhere");
+        fs::create_dir(&store).expect("mkdir");
+        fs::create_dir(&elsewhere).expect("mkdir");
+        // A plain path is made and opened.
+        dirs_at(&store, Path::new("var/nix/userpool")).expect("made");
+        assert!(store.join("var/nix/userpool").is_dir());
+        // `var/log` planted as a symlink (by an earlier job's daemon): refused, nothing made
+        // where it points. The walk refuses a symlink at the last component too.
+        std::os::unix::fs::symlink(&elsewhere, store.join("var/log")).expect("symlink");
+        assert!(dirs_at(&store, Path::new("var/log/nix")).is_err());
+        assert!(dirs_at(&store, Path::new("var/log")).is_err());
+        assert_eq!(fs::read_dir(&elsewhere).expect("read").count(), 0);
+        assert!(dirs_at(&store, Path::new("../x")).is_err());
+    }
 }
