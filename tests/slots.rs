@@ -598,3 +598,36 @@ fn a_fork_prs_pod_reads_the_warm_slot_and_writes_only_its_layer() {
     }
     assert!(log.contains("pushjob: x builds=1"), "{log}");
 }
+
+/// An earlier job's daemon (compromised) left `var/log` in the slot's store as a symlink to a
+/// directory of the host: the next job's setup refuses the store instead of creating or
+/// mounting anything where it points, and once the symlink is gone the slot is used again.
+#[test]
+fn a_symlink_planted_in_a_slots_store_is_never_followed_by_the_agent() {
+    if !privileged("arc-slots-symlink") {
+        return;
+    }
+    let node = Node::new(1);
+    let (code, log) = node.start("").finish();
+    assert_eq!(code, 0, "{log}");
+    let (slot_nix, _) = flywheel_agent::slot::slot_dirs(&node.slot_root(), 0);
+    let target = common::open_tempdir("flywheel-planted");
+    let log_dir = slot_nix.join("var/log");
+    std::fs::rename(&log_dir, slot_nix.join("var/log.moved")).unwrap();
+    std::os::unix::fs::symlink(target.path(), &log_dir).unwrap();
+
+    let (_, log) = node.start("echo job-ran").finish();
+    assert!(log.contains("not a plain directory"), "{log}");
+    assert!(!log.contains("job-ran"), "{log}");
+    assert_eq!(
+        std::fs::read_dir(target.path()).unwrap().count(),
+        0,
+        "something was made where the symlink points"
+    );
+
+    std::fs::remove_file(&log_dir).unwrap();
+    std::fs::rename(slot_nix.join("var/log.moved"), &log_dir).unwrap();
+    let (code, log) = node.start("").finish();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(builds(&log), "nix-build rc=0 builds=0 fetches=0", "{log}");
+}
