@@ -28,3 +28,33 @@ nix-store --dump-db $CLOSURE > "$TOP/.reginfo"
 tar -C "$TMP" -cJf "$TMP/nix.tar.xz" "nix-$V-x86_64-linux"
 SHA=$(sha256sum "$TMP/nix.tar.xz" | cut -d' ' -f1)
 unset NIX_CONFIG
+
+# The [nix] section of a bench's config for this tarball: its netrc in $1, build users' locks in
+# $2.
+nix_toml() {
+  cat <<TOML
+[nix]
+tarball = "$TMP/nix.tar.xz"
+sha256 = "$SHA"
+version = "$V"
+# Debian's Nix 2.8 (the bench tarball's programs) predates both advisories' fixes.
+acknowledged_advisories = ["CVE-2026-39860", "CVE-2024-27297"]
+netrc_file = "$1"
+sandbox = false
+substituters = []
+trusted_public_keys = []
+userpool = "$2"
+TOML
+}
+
+# A closure for the store to have before the jobs (~20 MiB, two paths) in file $1, unique to
+# tag $2 so the host's store cannot help.
+warm_closure() {
+  cat > "$1" <<NIXEOF
+let dep = derivation { name = "bench-warm-dep-$2"; system = "x86_64-linux"; builder = "/bin/sh";
+  args = [ "-c" "/bin/cp -r /usr/share/perl \$out" ]; };
+in derivation { name = "bench-warm-$2"; system = "x86_64-linux"; builder = "/bin/sh"; inherit dep;
+  args = [ "-c" "echo \$dep > \$out" ]; }
+NIXEOF
+  chmod 644 "$1"
+}

@@ -26,17 +26,7 @@ chmod 755 "$TMP/nix"; chmod 1777 "$TMP/shared"
 cat > "$TMP/agent.toml" <<TOML
 [agent]
 state_dir = "$TMP/state"
-[nix]
-tarball = "$TMP/nix.tar.xz"
-sha256 = "$SHA"
-version = "$V"
-# Debian's Nix 2.8 (the bench tarball's programs) predates both advisories' fixes.
-acknowledged_advisories = ["CVE-2026-39860", "CVE-2024-27297"]
-netrc_file = "$TMP/etc/netrc"
-sandbox = false
-substituters = []
-trusted_public_keys = []
-userpool = "$TMP/userpool"
+$(nix_toml "$TMP/etc/netrc" "$TMP/userpool")
 [[lane]]
 name = "bench"
 memory = "2Gi"
@@ -45,13 +35,7 @@ work_root = "$TMP/work"
 nix_conf = "$TMP/etc/nix.conf"
 TOML
 TAG=$(date +%s%N)
-cat > "$TMP/warm.nix" <<NIXEOF
-let dep = derivation { name = "bench-warm-dep-$TAG"; system = "x86_64-linux"; builder = "/bin/sh";
-  args = [ "-c" "/bin/cp -r /usr/share/perl \$out" ]; };
-in derivation { name = "bench-warm-$TAG"; system = "x86_64-linux"; builder = "/bin/sh"; inherit dep;
-  args = [ "-c" "echo \$dep > \$out" ]; }
-NIXEOF
-chmod 644 "$TMP/warm.nix"
+warm_closure "$TMP/warm.nix" "$TAG"
 in_store() {  # run "$@" in a private mount namespace whose /nix is the bench's store
   unshare -m -- sh -c 'mount --make-rprivate / && mount --bind "$0" /nix && shift && exec "$@"' "$TMP/nix" _ "$@"
 }

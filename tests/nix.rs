@@ -1551,6 +1551,33 @@ fn run_until_completed(
     (agent, log_path)
 }
 
+/// Wait up to 60 s until `done` says so; the agent's log if it never does.
+fn wait_in_log(log_path: &Path, done: impl Fn() -> bool) {
+    let t = std::time::Instant::now();
+    while !done() {
+        assert!(
+            t.elapsed().as_secs() < 60,
+            "{}",
+            std::fs::read_to_string(log_path).unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Two SIGTERMs to `run` (drain, then stop every runner now); its log once it exited.
+fn stop_twice(agent: &mut std::process::Child, log_path: &Path) -> String {
+    for _ in 0..2 {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(agent.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let _ = agent.wait();
+    std::fs::read_to_string(log_path).unwrap()
+}
+
 /// A `run` rig on a Nix lane with the fake GitHub (runs 101, a push to main, and 102, a fork's
 /// pull request) and the fake Attic as the lane's cache, the agent publishing.
 fn publishing_rig() -> (fake_attic::FakeAttic, fake_github::FakeGitHub, Rig) {
@@ -1847,26 +1874,9 @@ fn a_cancelled_trusted_job_still_publishes_what_it_built() {
         format!("nix-build {s}/c.nix --no-out-link && touch {s}/built; sleep 60"),
     ));
     let (mut agent, log_path) = start_run(&rig);
-    let t = std::time::Instant::now();
-    while !shared.join("built").exists() {
-        assert!(
-            t.elapsed().as_secs() < 60,
-            "{}",
-            std::fs::read_to_string(&log_path).unwrap()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_in_log(&log_path, || shared.join("built").exists());
     // Two signals: drain, then stop every runner now (the job is cancelled).
-    for _ in 0..2 {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(agent.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(300));
-    }
-    let _ = agent.wait();
-    let log = std::fs::read_to_string(&log_path).unwrap();
+    let log = stop_twice(&mut agent, &log_path);
     assert!(
         !log.contains("job-completed.sh"),
         "the completed hook must not have run: {log}"
@@ -1919,4 +1929,277 @@ fn two_bootstraps_of_one_store_at_once_install_it_once() {
         assert_eq!(m.mode() & 0o222, 0, "{} is writable", e.path().display());
     }
     assert!(stdout(&rig.bootstrap()).contains(": warm"));
+}
+
+/// What a store's database holds of `paths`: (path, signatures) of each valid one.
+fn valid_rows(db: &Path, paths: &[&str]) -> Vec<(String, String)> {
+    let db = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
+    let mut q = db
+        .prepare("SELECT path, coalesce(sigs, '') FROM ValidPaths")
+        .unwrap();
+    q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .filter(|(p, _)| paths.is_empty() || paths.contains(&p.as_str()))
+        .collect()
+}
+
+/// A fork's pull request runs as a runner job (trust decided at job-started from GitHub's
+/// answer) beside a trusted push on one store: it builds X from a payload of its choosing,
+/// adds a content-addressed path and signs paths, all in a layer of its own. Afterwards the
+/// shared store's database has none of it, the trusted job finds X invalid and builds it
+/// itself from the real payload, the agent publishes only that, and a later trusted job finds
+/// the trusted build valid: a trusted runner job still writes the shared warm store.
+#[test]
+fn a_fork_pull_requests_runner_job_writes_only_a_layer_a_trusted_one_the_shared_store() {
+    if !privileged("nix-runner-layer") {
+        return;
+    }
+    let (attic, gh, rig) = publishing_rig();
+    let tag = unique("rlayer").replace('-', "");
+    let shared = common::shared_dir(rig.dir.path());
+    let s = shared.display();
+    let payload = shared.join("payload");
+    std::fs::write(&payload, "evil-from-the-pr\n").unwrap();
+    std::fs::set_permissions(
+        &payload,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    // X's output is whatever the payload says when it is built (`sandbox = false`).
+    std::fs::write(
+        shared.join("x.nix"),
+        format!("derivation {{ name = \"x-{tag}\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"read p < {payload}; echo $p > $out\" ]; }}\n", payload = payload.display()),
+    )
+    .unwrap();
+    let nix_out = &tarball().nix_out;
+    let o = rig.bootstrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let db = rig.fresh().join("var/nix/db/db.sqlite");
+    let sigs_before = valid_rows(&db, &[]);
+    let job = |run: &str, event: &str, git_ref: &str, script: String| {
+        publish_job(&rig, run, event, git_ref, script)
+    };
+    // The attack: everything a job can make its daemon write.
+    gh.push_job(job(
+        "102",
+        "pull_request",
+        "refs/pull/5/merge",
+        format!(
+            "set +e\n\
+             X=$(nix-build {s}/x.nix --no-out-link) && nix-store --check-validity $X && echo \"prjob: valid-in-the-job $X $(cat $X)\"\n\
+             echo content-{tag} > ca-file; CA=$(nix-store --add ca-file) && echo \"prjob: added $CA\"\n\
+             nix-store --generate-binary-cache-key pr-1 $HOME/sk $HOME/pk\n\
+             nix --extra-experimental-features nix-command store sign --key-file $HOME/sk $X {nix_out} && echo prjob: signed || echo prjob: signing-refused\n\
+             echo \"prjob: sigs $(nix --extra-experimental-features nix-command path-info --sigs {nix_out})\"\n\
+             echo $X $CA > {s}/pr-paths\n\
+             touch {s}/pr-done"
+        ),
+    ));
+    // The trusted push, once the pull request is done and the payload is the real one.
+    gh.push_job(job(
+        "101",
+        "push",
+        "refs/heads/main",
+        format!(
+            "for i in $(seq 600); do [ -e {s}/go ] && break; sleep 0.1; done\n\
+             read X CA < {s}/pr-paths\n\
+             for p in $X $CA; do nix-store --check-validity $p 2>/dev/null && echo \"pushjob: valid $p\" || echo \"pushjob: invalid $p\"; done\n\
+             nix-build {s}/x.nix --no-out-link > {s}/push-build.txt 2>&1; echo \"pushjob: built=$(grep -c 'will be built' {s}/push-build.txt) $(cat $X)\"\n\
+             echo \"pushjob: sigs $(nix --extra-experimental-features nix-command path-info --sigs {nix_out})\"\n\
+             touch {s}/push-done"
+        ),
+    ));
+    // A later trusted job on the same store finds the trusted build.
+    gh.push_job(job(
+        "101",
+        "push",
+        "refs/heads/main",
+        format!(
+            "for i in $(seq 600); do [ -e {s}/push-done ] && break; sleep 0.1; done\n\
+             nix-build {s}/x.nix --no-out-link > later.txt 2>&1; echo \"laterjob: built=$(grep -c 'will be built' later.txt) $(cat $(tail -1 later.txt))\""
+        ),
+    ));
+    let (mut agent, log_path) = start_run(&rig);
+    let t = std::time::Instant::now();
+    wait_for(&shared.join("pr-done"), "the pull request's end");
+    std::fs::write(&payload, "good-from-main\n").unwrap();
+    std::fs::write(shared.join("go"), "").unwrap();
+    while gh.with(|s| s.completed.len()) < 3 {
+        assert!(
+            t.elapsed().as_secs() < 180,
+            "{:?}\n{}",
+            gh.with(|s| s.completed.clone()),
+            std::fs::read_to_string(&log_path).unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let _ = agent.wait();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let said = |what: &str| -> String {
+        log.lines()
+            .filter_map(|l| {
+                l.find(what)
+                    .map(|i| l[i..].split(" stream=").next().unwrap_or("").to_owned())
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    eprintln!(
+        "{}\n{}\n{}",
+        said("prjob: "),
+        said("pushjob: "),
+        said("laterjob: ")
+    );
+
+    // Trust was decided at job-started, and each job got the store it was owed.
+    assert!(
+        log.contains("flywheel: store: not trusted to publish")
+            && log.contains("flywheel: store: trusted"),
+        "{log}"
+    );
+    // The attack ran: the pull request built X from its payload, added a path, and saw what
+    // it built in its own store.
+    let paths = std::fs::read_to_string(shared.join("pr-paths")).unwrap();
+    let paths: Vec<&str> = paths.split_whitespace().collect();
+    assert_eq!(paths.len(), 2, "{paths:?}\n{log}");
+    let (x, ca) = (paths[0], paths[1]);
+    assert!(
+        said("prjob: ").contains(&format!("valid-in-the-job {x} evil-from-the-pr")),
+        "{log}"
+    );
+    assert!(said("prjob: ").contains(&format!("added {ca}")), "{log}");
+    // Signing was tried: Nix 2.8's daemon refuses an untrusted user's signatures; a newer one
+    // takes them (into the layer).
+    assert!(
+        said("prjob: ").contains("prjob: signed")
+            || said("prjob: ").contains("prjob: signing-refused"),
+        "{log}"
+    );
+    if said("prjob: ").contains("prjob: signed") {
+        assert!(
+            said("prjob: sigs").contains("pr-1:"),
+            "signed in its own store: {log}"
+        );
+    }
+    // …and it failed: the shared store's database has none of it, no signature of its key.
+    assert!(
+        valid_rows(&db, &[ca]).is_empty(),
+        "the pull request's added path is in the shared store"
+    );
+    let after = valid_rows(&db, &[]);
+    assert!(
+        !after.iter().any(|(_, sig)| sig.contains("pr-1:")),
+        "a signature of the pull request's key is in the shared store"
+    );
+    for (p, sig) in &sigs_before {
+        assert!(after.iter().any(|(q, s)| q == p && s == sig), "{p} changed");
+    }
+    // The trusted job found none of it valid, built X itself from the real payload, and saw
+    // no signature of the pull request's key.
+    let push = said("pushjob: ");
+    assert!(
+        push.contains(&format!("pushjob: invalid {x}")),
+        "{push}\n{log}"
+    );
+    assert!(push.contains(&format!("pushjob: invalid {ca}")), "{push}");
+    assert!(push.contains("pushjob: built=1 good-from-main"), "{push}");
+    assert!(!said("pushjob: sigs").contains("pr-1:"), "{push}");
+    // The agent published the trusted build only: X as main built it, nothing of the PR's.
+    let stored = attic.with(|s| s.caches.get("tinyland").cloned().unwrap_or_default());
+    let uploads = attic.with(|s| s.uploads.clone());
+    let xs: Vec<_> = stored
+        .values()
+        .filter(|p| p.info["store_path"].as_str() == Some(x))
+        .collect();
+    assert_eq!(xs.len(), 1, "X was published once: {uploads:?}\n{log}");
+    assert!(
+        String::from_utf8_lossy(&xs[0].nar).contains("good-from-main"),
+        "the published X is main's"
+    );
+    assert!(
+        !stored.values().any(
+            |p| String::from_utf8_lossy(&p.nar).contains("evil-from-the-pr")
+                || p.info["store_path"].as_str() == Some(ca)
+        ),
+        "something of the pull request's was published: {uploads:?}"
+    );
+    // A trusted job's build landed in the shared store: the later job finds it.
+    assert!(
+        valid_rows(&db, &[x]).len() == 1,
+        "the trusted build is in the shared store"
+    );
+    assert!(
+        said("laterjob: ").contains("laterjob: built=0 good-from-main"),
+        "{}\n{log}",
+        said("laterjob: ")
+    );
+    // Nothing of the layers or views is left.
+    let left: Vec<_> = std::fs::read_dir(rig.dir.path().join("work"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".layer"))
+        .collect();
+    assert!(left.is_empty(), "a layer was left: {left:?}");
+    let views = rig.dir.path().join("state/nix-views");
+    assert_eq!(
+        std::fs::read_dir(&views).map_or(0, |d| d.count()),
+        0,
+        "a store view was left"
+    );
+}
+
+/// A runner whose listener ends before its job-started hook (here: stopped while it waits
+/// for its job) never gets a store or a daemon, and its teardown leaves nothing: no view, no
+/// layer, no socket or `/tmp` of a daemon, no teardown error.
+#[test]
+fn a_runner_that_ends_before_job_started_gets_no_store_and_leaves_nothing() {
+    if !privileged("nix-runner-no-hook") {
+        return;
+    }
+    let (_attic, gh, rig) = publishing_rig();
+    let mut j = publish_job(&rig, "101", "push", "refs/heads/main", "true".into());
+    j.delay_ms = 60_000;
+    gh.push_job(j);
+    let (mut agent, log_path) = start_run(&rig);
+    let views = rig.dir.path().join("state/nix-views");
+    // Its listener runs (the job's mount namespace holds the view) and waits for its job.
+    wait_in_log(&log_path, || {
+        std::fs::read_dir(&views).map_or(0, |d| d.count()) > 0
+            && std::fs::read_to_string(&log_path)
+                .unwrap()
+                .contains("Listening for Jobs")
+    });
+    let log = stop_twice(&mut agent, &log_path);
+    assert!(
+        !log.contains("job-started.sh") && !log.contains("flywheel: store:"),
+        "{log}"
+    );
+    assert!(!log.contains("the job's nix-daemon is listening"), "{log}");
+    assert!(
+        !log.contains("teardown failed") && !log.contains("left things behind"),
+        "{log}"
+    );
+    for dir in ["state/nix-views", "state/nix-tmp", "state/nix-sockets"] {
+        let left: Vec<_> = std::fs::read_dir(rig.dir.path().join(dir))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n != "post-build.sh")
+            .collect();
+        assert!(left.is_empty(), "{dir}: {left:?}\n{log}");
+    }
+    let layers: Vec<_> = std::fs::read_dir(rig.dir.path().join("work"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(layers.is_empty(), "{layers:?}");
 }

@@ -52,9 +52,14 @@ impl Node {
         std::fs::create_dir(dir.path().join("slots")).unwrap();
         common::runner_pool();
         let _ = tarball();
+        // Runs 101 (a push to main, trusted: its builds warm the slot) and 102 (a fork's pull
+        // request, which writes only a throwaway layer).
+        let gh = FakeGitHub::start();
+        common::rig::push_and_fork_pr_runs(&gh);
+        std::fs::write(dir.path().join("app.pem"), fake_github::app_key().0).unwrap();
         Node {
             dir,
-            gh: FakeGitHub::start(),
+            gh,
             lane: unique("arcslot"),
             slots,
             lane_extra: String::new(),
@@ -66,8 +71,19 @@ impl Node {
         self.dir.path().join("slots")
     }
 
-    /// Start a pod whose job runs `script` (after building the test derivation).
+    /// Start a pod whose job, a trusted push to main, runs `script` (after building the test
+    /// derivation).
     fn start(&self, script: &str) -> Pod {
+        self.start_as(("101", "push", "refs/heads/main"), script)
+    }
+
+    /// Start a pod whose job is a fork's pull request.
+    fn start_pr(&self, script: &str) -> Pod {
+        self.start_as(("102", "pull_request", "refs/pull/5/merge"), script)
+    }
+
+    /// Start a pod whose job is of run `run` (id, event, ref) and runs `script`.
+    fn start_as(&self, run: (&str, &str, &str), script: &str) -> Pod {
         let n = self.pods.get();
         self.pods.set(n + 1);
         let pod = self.dir.path().join(format!("pod-{n}"));
@@ -88,6 +104,16 @@ reserve = "64Mi"
 
 [metrics]
 listen = ""
+
+[github]
+api_url = "{api}"
+scope = "org"
+target = "tinyland"
+app_id = "{app_id}"
+private_key_file = "{app_key}"
+
+[attic]
+publish_repositories = ["tinyland/flywheel"]
 
 [runner]
 install_dir = "{install}"
@@ -132,6 +158,9 @@ network = "host"
                 work = p("work"),
                 conf = p("etc-nix/nix.conf"),
                 extra = self.lane_extra,
+                api = self.gh.url,
+                app_id = fake_github::APP_ID,
+                app_key = self.dir.path().join("app.pem").display(),
             ),
         )
         .unwrap();
@@ -140,7 +169,10 @@ network = "host"
             script: format!("{BUILD}{script}"),
             env: [
                 ("GITHUB_REPOSITORY", "tinyland/flywheel"),
-                ("GITHUB_RUN_ID", "1"),
+                ("GITHUB_RUN_ID", run.0),
+                ("GITHUB_RUN_ATTEMPT", "1"),
+                ("GITHUB_EVENT_NAME", run.1),
+                ("GITHUB_REF", run.2),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -383,10 +415,13 @@ fn an_untrusted_job_in_a_slot_leaves_nothing_a_later_job_would_trust() {
     common::nixtar::sh(&format!("nix-store --export {evil} > {}", export.display()));
     std::fs::set_permissions(&export, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
 
-    // The untrusted job: build (through the daemon, sandboxed), import unsigned, write the
-    // store directly, add a content-addressed file.
+    // A trusted job warms the slot first.
+    let (code, log) = node.start("").finish();
+    assert_eq!(code, 0, "{log}");
+    // The untrusted job (a fork's pull request): build (through the daemon, sandboxed), import
+    // unsigned, write the store directly, add a content-addressed file.
     let (code, log) = node
-        .start(&format!(
+        .start_pr(&format!(
             "set +e\necho \"== import\"; nix-store --import < {export} 2>&1\necho \"== direct\"; touch /nix/store/planted 2>&1; mkdir /nix/store/$(basename {evil}) 2>&1\necho \"== add\"; echo x > f; nix-store --add f\necho \"== done\"",
             export = export.display()
         ))
@@ -476,4 +511,123 @@ fn a_slot_over_its_size_cap_is_collected_after_the_job_and_keeps_its_nix() {
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("nix 2.8.0-flywheel: warm"), "{log}");
     assert_eq!(builds(&log), "nix-build rc=0 builds=1 fetches=0", "{log}");
+}
+
+/// A fork's pull request in a warm slot, between two trusted pushes: it reads the warm store
+/// (nothing of it built again), builds X and adds a path in a layer of its own; afterwards the
+/// slot's database has none of it, no layer is left, and the next trusted job finds X invalid
+/// and builds it itself.
+#[test]
+fn a_fork_prs_pod_reads_the_warm_slot_and_writes_only_its_layer() {
+    if !privileged("arc-slots-layer") {
+        return;
+    }
+    let node = Node::new(1);
+    let shared = common::shared_dir(node.dir.path());
+    let tag = unique("slotx").replace('-', "");
+    std::fs::write(
+        shared.join("x.nix"),
+        format!("derivation {{ name = \"x-{tag}\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"echo built-by-the-pr > $out\" ]; }}\n"),
+    )
+    .unwrap();
+    let s = shared.display();
+    let (code, log) = node.start("").finish();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(builds(&log), "nix-build rc=0 builds=1 fetches=0", "{log}");
+
+    let (code, log) = node
+        .start_pr(&format!(
+            "X=$(nix-build {s}/x.nix --no-out-link) && nix-store --check-validity $X && echo \"prjob: built $X\"\n\
+             echo content-{tag} > ca-file; CA=$(nix-store --add ca-file) && echo \"prjob: added $CA\"\n\
+             echo $X $CA > {s}/pr-paths"
+        ))
+        .finish();
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("flywheel: store: not trusted to publish"),
+        "{log}"
+    );
+    // It read the warm slot: what the slot had was neither built nor fetched again.
+    assert_eq!(builds(&log), "nix-build rc=0 builds=0 fetches=0", "{log}");
+    let paths = std::fs::read_to_string(shared.join("pr-paths")).unwrap();
+    let paths: Vec<&str> = paths.split_whitespace().collect();
+    assert_eq!(paths.len(), 2, "{paths:?}\n{log}");
+    assert!(log.contains(&format!("prjob: built {}", paths[0])), "{log}");
+    assert!(log.contains(&format!("prjob: added {}", paths[1])), "{log}");
+    let (slot_nix, slot_work) = flywheel_agent::slot::slot_dirs(&node.slot_root(), 0);
+    let db = rusqlite::Connection::open_with_flags(
+        slot_nix.join("var/nix/db/db.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    for p in &paths {
+        let n: i64 = db
+            .query_row(
+                "SELECT count(*) FROM ValidPaths WHERE path = ?1",
+                [p],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 0, "{p} is in the slot's store");
+        assert!(
+            !slot_nix.join(p.trim_start_matches("/nix/")).exists(),
+            "{p}"
+        );
+    }
+    drop(db);
+    let layers: Vec<_> = std::fs::read_dir(&slot_work)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".layer"))
+        .collect();
+    assert!(layers.is_empty(), "{layers:?}");
+
+    let (code, log) = node
+        .start(&format!(
+            "for p in {x} {ca}; do nix-store --check-validity $p 2>/dev/null && echo \"pushjob: valid $p\" || echo \"pushjob: invalid $p\"; done\n\
+             nix-build {s}/x.nix --no-out-link > x.txt 2>&1; echo \"pushjob: x builds=$(grep -c 'will be built' x.txt)\"",
+            x = paths[0],
+            ca = paths[1]
+        ))
+        .finish();
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("flywheel: store: trusted"), "{log}");
+    assert_eq!(builds(&log), "nix-build rc=0 builds=0 fetches=0", "{log}");
+    for p in &paths {
+        assert!(log.contains(&format!("pushjob: invalid {p}")), "{log}");
+    }
+    assert!(log.contains("pushjob: x builds=1"), "{log}");
+}
+
+/// An earlier job's daemon (compromised) left `var/log` in the slot's store as a symlink to a
+/// directory of the host: the next job's setup refuses the store instead of creating or
+/// mounting anything where it points, and once the symlink is gone the slot is used again.
+#[test]
+fn a_symlink_planted_in_a_slots_store_is_never_followed_by_the_agent() {
+    if !privileged("arc-slots-symlink") {
+        return;
+    }
+    let node = Node::new(1);
+    let (code, log) = node.start("").finish();
+    assert_eq!(code, 0, "{log}");
+    let (slot_nix, _) = flywheel_agent::slot::slot_dirs(&node.slot_root(), 0);
+    let target = common::open_tempdir("flywheel-planted");
+    let log_dir = slot_nix.join("var/log");
+    std::fs::rename(&log_dir, slot_nix.join("var/log.moved")).unwrap();
+    std::os::unix::fs::symlink(target.path(), &log_dir).unwrap();
+
+    let (_, log) = node.start("echo job-ran").finish();
+    assert!(log.contains("not a plain directory"), "{log}");
+    assert!(!log.contains("job-ran"), "{log}");
+    assert_eq!(
+        std::fs::read_dir(target.path()).unwrap().count(),
+        0,
+        "something was made where the symlink points"
+    );
+
+    std::fs::remove_file(&log_dir).unwrap();
+    std::fs::rename(slot_nix.join("var/log.moved"), &log_dir).unwrap();
+    let (code, log) = node.start("").finish();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(builds(&log), "nix-build rc=0 builds=0 fetches=0", "{log}");
 }

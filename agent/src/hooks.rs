@@ -66,6 +66,9 @@ pub struct HookResponse {
     /// The job summary (Markdown) for `$GITHUB_STEP_SUMMARY`.
     #[serde(default)]
     pub summary: Option<String>,
+    /// The hook exits non-zero, which fails the job (its store could not be opened).
+    #[serde(default)]
+    pub fail: bool,
 }
 
 /// A secret on the hook's wire: the one place it is written out (to the job it belongs to).
@@ -488,12 +491,35 @@ async fn job_started(h: &RunnerHooks, req: HookRequest) -> (HookResponse, Option
         ));
     }
     info!(runner = %h.runner_name, repository = %claims.repository, run = claims.run_id, decision = %decision.line(), "trust decided");
+    // One decision for every layer: only a job trusted to publish to Attic writes Bazel's cache
+    // or the shared warm store.
+    let trusted = matches!(decision, Decision::Push { .. });
     if let Some(b) = &h.bazel {
-        // The same decision as for publishing to Attic: only a trusted job writes.
-        if matches!(decision, Decision::Push { .. }) {
+        if trusted {
             b.allow_writes();
         }
         lines.push(b.started_line());
+    }
+    // The job's store and daemon, now that its trust is known: the shared warm store for a job
+    // trusted to publish, a throwaway layer for any other. Before this the job saw no store.
+    match h.probe.open_store(trusted).await {
+        None => {}
+        Some(Ok(line)) => lines.push(format!("flywheel: {line}")),
+        Some(Err(e)) => {
+            warn!(runner = %h.runner_name, error = %e, "the job's store could not be opened; the job fails");
+            lines.push(crate::summary::annotation(
+                "error",
+                &format!("No Nix store for this job on lane {}", lane.name),
+                &e,
+            ));
+            let resp = HookResponse {
+                ok: false,
+                fail: true,
+                lines,
+                ..HookResponse::default()
+            };
+            return (resp, None);
+        }
     }
     let mut resp = HookResponse {
         ok: true,
@@ -801,7 +827,8 @@ fn job_report(h: &RunnerHooks) -> crate::summary::Report {
 }
 
 /// `flywheel-agent hook job-started|job-completed`, run by the runner as the job's user.
-/// Never fails the job: without an answer the job is read-only.
+/// Fails the job only when the agent says so (its store could not be opened): without an
+/// answer the job is read-only (and, on a Nix lane, has no store).
 pub fn run_hook(op: &str) -> i32 {
     use std::io::{BufRead, BufReader, Write};
     let env = |k: &str| std::env::var(k).unwrap_or_default();
@@ -844,6 +871,9 @@ pub fn run_hook(op: &str) -> i32 {
     };
     for l in &resp.lines {
         let _ = writeln!(out, "{l}");
+    }
+    if resp.fail {
+        return 1;
     }
     if let (Some(md), Ok(file)) = (&resp.summary, std::env::var("GITHUB_STEP_SUMMARY")) {
         let written = std::fs::OpenOptions::new()

@@ -135,15 +135,9 @@ impl Hooks {
 
 /// Record a finished runner job in the metrics (with the store paths its daemon added).
 fn record(ctx: &RunContext, lane: &Lane, runner: &str, o: &JobOutcome) {
-    let paths = lane.nix.then(|| {
-        let root = match &lane.slot_root {
-            Some(sr) => crate::slot::slot_dirs(sr, o.slot).0,
-            None => lane.nix_store.clone(),
-        };
-        crate::store::job_paths(&root, &o.built, o.started_unix)
-    });
+    let paths = if lane.nix { o.paths } else { None };
     ctx.telemetry
-        .job_finished(&lane.name, lane.memory_bytes, runner, o, paths.flatten());
+        .job_finished(&lane.name, lane.memory_bytes, runner, o, paths);
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -247,6 +241,8 @@ fn runner_spec(
     let nix = lane.nix.then(|| {
         let mut n = crate::envelope::nix_job(&ctx.cfg, lane);
         n.netrc = Some(hooks.netrc.clone());
+        // Its trust is known only at job-started: the store and daemon come then.
+        n.at_job_started = true;
         n
     });
     JobSpec {

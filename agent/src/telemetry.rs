@@ -801,6 +801,7 @@ mod tests {
             builds: Vec::new(),
             nix_root: None,
             built: Vec::new(),
+            paths: None,
         };
         for store in [Some("warm"), Some("warm"), Some("pod_local"), None] {
             t.job_finished("arc", 1 << 30, "r", &outcome(store), None);

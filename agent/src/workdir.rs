@@ -105,8 +105,9 @@ fn mounts_below(path: &Path) -> Vec<PathBuf> {
         .map(|mp| PathBuf::from(mp.replace("\\040", " ")))
         .filter(|mp| mp.starts_with(path))
         .collect();
+    // Deepest first; a path listed twice has two mounts stacked on it (a job's store view on
+    // its own mount point): both are unmounted.
     v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    v.dedup();
     v
 }
 
@@ -120,6 +121,38 @@ pub(crate) fn open_dir_at(dir: Option<BorrowedFd<'_>>, name: &OsStr) -> io::Resu
     .map_err(io::Error::from)?;
     // SAFETY: openat returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The directory `rel` below `root`, made (mode 0755) where missing, walked one component at
+/// a time by descriptor without following a symlink: a store a job's daemon wrote (a slot's,
+/// or a layer over one) may hold a symlink where the agent expects `var/log/nix`, and root must
+/// neither create nor mount anything where it points. `root` itself is the agent's.
+pub(crate) fn dirs_at(root: &Path, rel: &Path) -> io::Result<OwnedFd> {
+    let mut fd = open_dir_at(None, root.as_os_str())?;
+    for part in rel.components() {
+        let std::path::Component::Normal(name) = part else {
+            return Err(io::Error::other(format!(
+                "{}: only plain names below {}",
+                rel.display(),
+                root.display()
+            )));
+        };
+        match nix::sys::stat::mkdirat(Some(fd.as_raw_fd()), name, Mode::from_bits_truncate(0o755)) {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        fd = open_dir_at(Some(fd.as_fd()), name).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "{} in {} is not a plain directory (a symlink planted by a job's daemon?): {e}",
+                    name.to_string_lossy(),
+                    root.display()
+                ),
+            )
+        })?;
+    }
+    Ok(fd)
 }
 
 pub(crate) fn stat_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<FileStat> {
@@ -151,10 +184,14 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
         return fs::remove_file(path);
     }
     for mp in mounts_below(path) {
-        nix::mount::umount2(
+        match nix::mount::umount2(
             &mp,
             nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW,
-        )
+        ) {
+            // Gone with a mount above it.
+            Err(nix::errno::Errno::EINVAL) => Ok(()),
+            r => r,
+        }
         .map_err(|e| {
             io::Error::other(format!(
                 "unmount {} inside the job's directory: {e}",
@@ -476,5 +513,24 @@ mod tests {
         std::os::unix::fs::symlink(&target, t.path().join("planted")).expect("symlink");
         assert!(write_new(&t.path().join("planted"), b"x", 0o644).is_err());
         assert_eq!(fs::read_to_string(&target).expect("read"), "root's");
+    }
+
+    #[test]
+    fn dirs_at_makes_plain_directories_and_never_goes_through_a_symlink() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let store = t.path().join("store");
+        let elsewhere = t.path().join("elsewhere");
+        fs::create_dir(&store).expect("mkdir");
+        fs::create_dir(&elsewhere).expect("mkdir");
+        // A plain path is made and opened.
+        dirs_at(&store, Path::new("var/nix/userpool")).expect("made");
+        assert!(store.join("var/nix/userpool").is_dir());
+        // `var/log` planted as a symlink (by an earlier job's daemon): refused, nothing made
+        // where it points. The walk refuses a symlink at the last component too.
+        std::os::unix::fs::symlink(&elsewhere, store.join("var/log")).expect("symlink");
+        assert!(dirs_at(&store, Path::new("var/log/nix")).is_err());
+        assert!(dirs_at(&store, Path::new("var/log")).is_err());
+        assert_eq!(fs::read_dir(&elsewhere).expect("read").count(), 0);
+        assert!(dirs_at(&store, Path::new("../x")).is_err());
     }
 }

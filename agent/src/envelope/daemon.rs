@@ -23,6 +23,32 @@ pub fn build_logs(nix: &NixJob, job: &str) -> PathBuf {
     nix.logs.join(job)
 }
 
+/// Where a job's daemon listens (its socket directory) and keeps its private `/tmp`: named
+/// before either exists, so the job's teardown removes them whether or not the daemon ever
+/// started (a runner job's starts at job-started, or never).
+#[derive(Debug, Clone)]
+pub(super) struct DaemonPaths {
+    pub dir: PathBuf,
+    pub tmp: PathBuf,
+}
+
+impl DaemonPaths {
+    pub(super) fn new(nix: &NixJob) -> DaemonPaths {
+        DaemonPaths {
+            dir: nix.sockets.join(format!("{:016x}", fastrand::u64(..))),
+            tmp: nix
+                .sockets
+                .with_file_name("nix-tmp")
+                .join(format!("{:016x}", fastrand::u64(..))),
+        }
+    }
+
+    /// What the job's teardown removes.
+    pub(super) fn cleanup(&self) -> [PathBuf; 2] {
+        [self.dir.clone(), self.tmp.clone()]
+    }
+}
+
 /// Start the job's own nix-daemon inside its cgroup (and its slot's mounts), as root, and wait
 /// for its socket. Returns the socket directory: the job user's, mode 0700, and the daemon
 /// accepts only that user (and root). `owner` is the job's user (None: the job runs as root).
@@ -37,10 +63,10 @@ pub(super) async fn start_nix_daemon(
     reaper: &Reaper,
     job_span: &tracing::Span,
     bg: &crate::tasks::Background,
-    cleanup: &mut Vec<PathBuf>,
+    paths: &DaemonPaths,
     netns: Option<i32>,
 ) -> Result<PathBuf, EnvelopeError> {
-    let dir = nix.sockets.join(format!("{:016x}", fastrand::u64(..)));
+    let dir = paths.dir.clone();
     std::fs::create_dir_all(&nix.sockets).map_err(io_at("create", &nix.sockets))?;
     std::fs::set_permissions(
         &nix.sockets,
@@ -55,8 +81,6 @@ pub(super) async fn start_nix_daemon(
         .mode(0o700)
         .create(&dir)
         .map_err(io_at("create", &dir))?;
-    // Removed with the job, whatever happens next (a daemon that will not start included).
-    cleanup.push(dir.clone());
     let socket = dir.join("socket");
     // What this daemon builds, recorded by Nix's post-build hook (run by the daemon after each
     // successful build): the only paths the agent may publish for this job. A shared store
@@ -79,18 +103,18 @@ pub(super) async fn start_nix_daemon(
         conf.push_str(&format!("\nnetrc-file = {}", n.display()));
     }
     // The daemon's `/tmp` (build directories, its caches): root's, the job's alone, gone with it.
-    let tmps = nix.sockets.with_file_name("nix-tmp");
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .recursive(true)
-        .create(&tmps)
-        .map_err(io_at("create", &tmps))?;
-    let tmp = tmps.join(format!("{:016x}", fastrand::u64(..)));
+    let tmp = paths.tmp.clone();
+    if let Some(tmps) = tmp.parent() {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(tmps)
+            .map_err(io_at("create", tmps))?;
+    }
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&tmp)
         .map_err(io_at("create", &tmp))?;
-    cleanup.push(tmp.clone());
     let logs = build_logs(nix, job);
     std::fs::DirBuilder::new()
         .mode(0o700)
@@ -240,6 +264,7 @@ pub fn nix_job(cfg: &Config, lane: &Lane) -> NixJob {
         userpool_seen: lane.nix_store.join("var/nix/userpool"),
         store_seen: lane.nix_store.clone(),
         throwaway: false,
+        at_job_started: false,
         netrc: None,
     }
 }

@@ -1,5 +1,7 @@
 //! Launch: the job's directory, its nix-daemon, its mounts, its first process.
 
+use super::daemon::DaemonPaths;
+use super::deferred::DeferredStore;
 use super::*;
 use crate::config::Network;
 use crate::netns::{JobNet, NetError};
@@ -70,14 +72,32 @@ pub(super) async fn launch(
     let root_seen = spec.work_root.join(job);
     let mut cwd_path = root_seen.join(workdir::WORK);
     let mut command = spec.command.clone();
+    let mut deferred = None;
     if let Some(n) = &spec.nix {
-        if n.throwaway {
-            let merged = throwaway_layer(phys_nix, phys_work_root, job, cleanup)?;
-            mounts.push(Mount::Bind {
-                src: merged,
-                dst: n.store_seen.clone(),
-                readonly: false,
-            });
+        let paths = DaemonPaths::new(n);
+        // Removed with the job, whatever happens next (a daemon that will not start, or one
+        // that never starts, included).
+        cleanup.extend(paths.cleanup());
+        std::fs::create_dir_all(&n.userpool).map_err(io_at("create", &n.userpool))?;
+        // Hidden in the job's namespace whether or not its daemon has started.
+        std::fs::create_dir_all(&n.sockets).map_err(io_at("create", &n.sockets))?;
+        // Mount points in the store a job's daemon may have written: made by descriptor,
+        // never through a symlink.
+        for seen in [&n.userpool_seen, &n.store_seen.join("var/log/nix")] {
+            let rel = seen.strip_prefix(&n.store_seen).unwrap_or(seen);
+            workdir::dirs_at(phys_nix, rel).map_err(io_at("create", &phys_nix.join(rel)))?;
+        }
+        let layer = layer_dir(phys_work_root, job);
+        let view = n.sockets.with_file_name("nix-views").join(job);
+        if n.at_job_started {
+            // The view is unmounted before the layer below it is removed.
+            cleanup.push(view.clone());
+            cleanup.push(layer.clone());
+            view::make_point(&view)?;
+        } else if n.throwaway {
+            cleanup.push(layer.clone());
+            let merged = throwaway_layer(phys_nix, &layer)?;
+            store_mount(&mut mounts, merged, &n.store_seen);
         }
         // The daemon gets the job's own mounts (not its /tmp or /proc: `confine.rs` gives it a
         // private /tmp, and it keeps the host's /proc).
@@ -86,14 +106,9 @@ pub(super) async fn launch(
             .filter(|m| matches!(m, Mount::Bind { .. } | Mount::Hide { .. }))
             .cloned()
             .collect();
-        for d in [&n.userpool, &n.userpool_seen] {
-            std::fs::create_dir_all(d).map_err(io_at("create", d))?;
+        if !n.at_job_started {
+            daemon_mounts.push(userpool_mount(n));
         }
-        daemon_mounts.push(Mount::Bind {
-            src: n.userpool.clone(),
-            dst: n.userpool_seen.clone(),
-            readonly: false,
-        });
         if spec.hook.is_none() {
             // A runner's record and logs outlive its job until the agent has published from
             // them and reported; an exec job's go with it (a daemon that never started too).
@@ -114,36 +129,63 @@ pub(super) async fn launch(
                 );
             }
         }
-        let dir = start_nix_daemon(
-            n,
-            user,
-            cg,
-            &daemon_mounts,
-            job,
-            hold,
-            reaper,
-            job_span,
-            &spec.background,
-            cleanup,
-            net.as_ref().map(JobNet::fd),
-        )
-        .await?;
-        if let Some(p) = &spec.probe {
-            p.set_idle(2);
+        if n.at_job_started {
+            // The job sees its store only through the view; the daemon gets its store when
+            // the trust decision says which.
+            mounts.retain(|m| !matches!(m, Mount::Bind { dst, .. } if dst == &n.store_seen));
+            mounts.push(Mount::View {
+                src: view.clone(),
+                dst: n.store_seen.clone(),
+            });
+            deferred = Some(DeferredStore {
+                nix: n.clone(),
+                owner: user.cloned(),
+                daemon_mounts,
+                job: job.to_owned(),
+                hold,
+                reaper: reaper.clone(),
+                span: job_span.clone(),
+                bg: spec.background.clone(),
+                netns: net
+                    .as_ref()
+                    .map(JobNet::dup)
+                    .transpose()
+                    .map_err(EnvelopeError::Spawn)?,
+                phys_nix: phys_nix.to_path_buf(),
+                view,
+                layer,
+                paths,
+            });
+        } else {
+            let dir = start_nix_daemon(
+                n,
+                user,
+                cg,
+                &daemon_mounts,
+                job,
+                hold,
+                reaper,
+                job_span,
+                &spec.background,
+                &paths,
+                net.as_ref().map(JobNet::fd),
+            )
+            .await?;
+            if let Some(p) = &spec.probe {
+                p.set_idle(2);
+            }
+            mounts.push(Mount::Bind {
+                src: dir,
+                dst: n.socket_seen.clone(),
+                readonly: false,
+            });
+            // `nix log` in the job reads its own daemon's logs, and no neighbour's.
+            mounts.push(Mount::Bind {
+                src: build_logs(n, job),
+                dst: spec.lane.nix_store.join("var/log/nix"),
+                readonly: true,
+            });
         }
-        mounts.push(Mount::Bind {
-            src: dir,
-            dst: n.socket_seen.clone(),
-            readonly: false,
-        });
-        // `nix log` in the job reads its own daemon's logs, and no neighbour's.
-        let logs_seen = phys_nix.join("var/log/nix");
-        std::fs::create_dir_all(&logs_seen).map_err(io_at("create", &logs_seen))?;
-        mounts.push(Mount::Bind {
-            src: build_logs(n, job),
-            dst: spec.lane.nix_store.join("var/log/nix"),
-            readonly: true,
-        });
         mounts.push(Mount::Hide {
             dst: n.sockets.clone(),
         });
@@ -195,6 +237,15 @@ pub(super) async fn launch(
             .stderr(std::process::Stdio::piped());
     }
     let (fail_r, fail_w) = fail_pipe()?;
+    if let Some(d) = deferred {
+        // Armed before the job's first process exists: its job-started hook finds it.
+        let Some(p) = &spec.probe else {
+            return Err(EnvelopeError::Nix(
+                "a store opened at job-started needs the runner's probe".into(),
+            ));
+        };
+        p.arm_store(d);
+    }
     let mut setup = ChildSetup::new(cg, &mounts, user, &cwd_path, true)?;
     setup.netns = net.as_ref().map(JobNet::fd);
     setup.install(&mut cmd, fail_w.as_raw_fd());
@@ -300,25 +351,50 @@ async fn job_network(
 /// The job's `resolv.conf`, in its job directory.
 const RESOLV: &str = ".resolv.conf";
 
+/// Bind `src` at the store's path `seen` in place of a slot's store (before anything hides the
+/// slots, the layer's among them), or first.
+pub(super) fn store_mount(mounts: &mut Vec<Mount>, src: PathBuf, seen: &Path) {
+    let bind = Mount::Bind {
+        src,
+        dst: seen.to_path_buf(),
+        readonly: false,
+    };
+    match mounts
+        .iter()
+        .position(|m| matches!(m, Mount::Bind { dst, .. } if dst == seen))
+    {
+        Some(i) => mounts[i] = bind,
+        None => mounts.insert(0, bind),
+    }
+}
+
+/// The build-user pool where the daemon sees it (after its store's mount).
+pub(super) fn userpool_mount(n: &NixJob) -> Mount {
+    Mount::Bind {
+        src: n.userpool.clone(),
+        dst: n.userpool_seen.clone(),
+        readonly: false,
+    }
+}
+
+/// Where a job's throwaway layer lives: `<work root>/<job>.layer`, on the work root's
+/// fast-local filesystem.
+pub(super) fn layer_dir(phys_work_root: &Path, job: &str) -> PathBuf {
+    phys_work_root.join(format!("{job}.layer"))
+}
+
 /// A layer of the job's own over the store at `phys_nix` (kernel overlayfs: lower = the store,
-/// read-only; upper and work = `<work root>/<job>.layer`, root's 0700, on the work root's
-/// fast-local filesystem), mounted in the agent's namespace and bound at the store in the job's
-/// and its daemon's. Returns the merged directory. Removed at teardown (`remove_tree` detaches
-/// the mount first): whatever the daemon wrote there — builds, added paths, signatures, the
-/// database — is gone, and the store below never changed.
-fn throwaway_layer(
-    phys_nix: &Path,
-    phys_work_root: &Path,
-    job: &str,
-    cleanup: &mut Vec<PathBuf>,
-) -> Result<PathBuf, EnvelopeError> {
+/// read-only; upper and work in `layer`, root's 0700), mounted in the agent's namespace and
+/// bound at the store in the job's and its daemon's. Returns the merged directory. Removed at
+/// teardown (`remove_tree` detaches the mount first; the caller lists `layer` for it before
+/// calling): whatever the daemon wrote there — builds, added paths, signatures, the database —
+/// is gone, and the store below never changed.
+pub(super) fn throwaway_layer(phys_nix: &Path, layer: &Path) -> Result<PathBuf, EnvelopeError> {
     use std::os::unix::fs::DirBuilderExt;
-    let layer = phys_work_root.join(format!("{job}.layer"));
     std::fs::DirBuilder::new()
         .mode(0o700)
-        .create(&layer)
-        .map_err(io_at("create", &layer))?;
-    cleanup.push(layer.clone());
+        .create(layer)
+        .map_err(io_at("create", layer))?;
     let (upper, work, merged) = (
         layer.join("upper"),
         layer.join("work"),

@@ -33,6 +33,7 @@ use crate::workdir;
 
 mod confine;
 mod daemon;
+mod deferred;
 mod env;
 mod launch;
 mod mounts;
@@ -41,6 +42,7 @@ mod probe;
 mod pumps;
 mod root;
 mod spawn;
+mod view;
 
 use daemon::start_nix_daemon;
 pub use daemon::{build_logs, built_list, nix_job, read_built};
@@ -160,6 +162,10 @@ pub struct NixJob {
     /// The daemon writes a layer of the job's own over the store (kernel overlayfs, lower =
     /// the store read-only), discarded at teardown: for a job not trusted to publish.
     pub throwaway: bool,
+    /// A runner's job: its store and daemon come at job-started, when its trust is known
+    /// ([`JobProbe::open_store`]): the shared store for a trusted job, a throwaway layer
+    /// (`throwaway` ignored) for any other. Until then the job sees no store at all.
+    pub at_job_started: bool,
     /// A root-only netrc of this job's cache credentials (read by its daemon only).
     pub netrc: Option<PathBuf>,
 }
@@ -239,6 +245,9 @@ pub struct JobOutcome {
     pub nix_root: Option<PathBuf>,
     /// What the job's daemon built, as its post-build hook recorded it.
     pub built: Vec<String>,
+    /// The store paths the job's daemon added (built here, substituted), counted before
+    /// teardown: an untrusted job's store is a layer that is gone after it.
+    pub paths: Option<(u64, u64)>,
 }
 
 impl JobOutcome {
@@ -250,10 +259,7 @@ impl JobOutcome {
         if let (Some(s), Some(peak)) = (samples.as_mut(), self.stats.peak_bytes) {
             s.close_with_peak(peak);
         }
-        let paths = self
-            .nix_root
-            .as_deref()
-            .and_then(|r| crate::store::job_paths(r, &self.built, self.started_unix));
+        let paths = self.paths;
         crate::summary::Report {
             lane: lane.to_owned(),
             envelope_bytes,

@@ -29,6 +29,10 @@ pub(super) enum Mount {
     Mqueue,
     /// A `/proc` of its own with `hidepid=invisible`: the job sees only its user's processes.
     Proc,
+    /// The job's store view (`view.rs`): the agent's mount point `src`, held at `dst` as a
+    /// slave of it (made last, after every other mount), so the store the agent mounts there
+    /// at job-started propagates in and nothing propagates back.
+    View { src: PathBuf, dst: PathBuf },
 }
 
 /// `/tmp` and `/var/tmp`, which every job gets privately (a tmpfs, and a directory in its job

@@ -200,8 +200,8 @@ pub(super) async fn run_job_inner<P: Processes>(
                 .map_err(|e| EnvelopeError::Nix(e.to_string()))?;
             info!(cold = r.cold, "{}", r.summary());
             probe.add_note(r.summary());
-            // Every job's daemon starts before its trust is known (a runner's job says what
-            // it is at job-started): screened as an untrusted job's.
+            // A runner job's trust is known only at job-started, after setup, and an exec
+            // job's is the caller's word: every job's daemon is screened as an untrusted one's.
             for line in screen_advisories(&r.version, &cfg.nix.acknowledged_advisories)? {
                 warn!("{line}");
                 probe.add_note(line);
@@ -380,6 +380,7 @@ pub(super) async fn run_job_inner<P: Processes>(
         }
         Ok(Launched::Failed { code, message }) => (None, Some(message), code),
         Err(e) => {
+            probe.close_store().await;
             // Setup failed after the cgroup existed: tear down, then report the setup error.
             let torn = teardown(&mut guard, cfg, &stop, procs).await;
             sampler.abort();
@@ -390,19 +391,24 @@ pub(super) async fn run_job_inner<P: Processes>(
     };
     let run = t_run.elapsed();
     sampler.abort();
+    probe.close_store().await;
     let facts = probe.facts();
     let built_record = facts.built.as_deref().map(read_built).unwrap_or_default();
     // The store's database is read on a blocking thread.
-    let builds = match (facts.nix_root.clone(), facts.build_logs.clone()) {
+    // Read before teardown: an untrusted job's store is its layer, gone after it.
+    let (builds, paths) = match (facts.nix_root.clone(), facts.build_logs.clone()) {
         (Some(root), Some(logs)) => {
             let (since, record) = (facts.started_unix, built_record.clone());
             tokio::task::spawn_blocking(move || {
-                crate::store::builds_since(&root, &logs, since, &record)
+                (
+                    crate::store::builds_since(&root, &logs, since, &record),
+                    crate::store::job_paths(&root, &record, started_unix),
+                )
             })
             .await
             .unwrap_or_default()
         }
-        _ => Vec::new(),
+        _ => (Vec::new(), None),
     };
 
     let t_down = Instant::now();
@@ -522,6 +528,7 @@ pub(super) async fn run_job_inner<P: Processes>(
         builds,
         nix_root: facts.nix_root,
         built: built_record,
+        paths,
     })
 }
 

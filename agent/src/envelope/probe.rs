@@ -12,6 +12,7 @@ pub struct JobProbe(
     std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     std::sync::Arc<std::sync::Mutex<JobFacts>>,
     std::sync::Arc<std::sync::Mutex<Kills>>,
+    std::sync::Arc<tokio::sync::Mutex<Option<super::deferred::DeferredStore>>>,
 );
 
 /// The kernel log watch of a running job and the OOM kills read from it so far (the hook reads
@@ -121,6 +122,39 @@ impl JobProbe {
             seen.extend(w.killed(suffix));
         }
         seen.clone()
+    }
+
+    /// Hold a runner job's store until its job-started hook opens it.
+    pub(super) fn arm_store(&self, store: super::deferred::DeferredStore) {
+        if let Ok(mut g) = self.5.try_lock() {
+            *g = Some(store);
+        }
+    }
+
+    /// Open the job's store at job-started (once): the shared warm store when `trusted`, a
+    /// throwaway layer otherwise, with the job's nix-daemon on it. `None` when the job has no
+    /// store waiting (no Nix, or already opened or closed); `Some(Ok(line))` for its setup
+    /// block.
+    pub async fn open_store(&self, trusted: bool) -> Option<Result<String, String>> {
+        let mut g = self.5.lock().await;
+        let store = g.take()?;
+        let Some(cg) = self.cgroup() else {
+            return Some(Err("the job is gone".into()));
+        };
+        Some(match store.open(cg.as_ref(), trusted).await {
+            Ok(opened) => {
+                self.with_facts(|f| f.nix_root = Some(opened.root));
+                self.set_idle(2);
+                Ok(opened.line)
+            }
+            Err(e) => Err(format!("the job's store could not be opened: {e}")),
+        })
+    }
+
+    /// After the job's command: a store not opened by now never will be (waits for an opening
+    /// under way, whose daemon teardown then kills).
+    pub(super) async fn close_store(&self) {
+        self.5.lock().await.take();
     }
 
     pub(super) fn set_idle(&self, n: usize) {

@@ -1,6 +1,7 @@
 //! Fork and exec: everything a child does between the two (join the cgroup, mounts, drop
 //! to the job's user, `no_new_privs`) prepared before the fork. All of the envelope's
-//! `unsafe` code is here and in `confine.rs` (the job's daemon's confinement).
+//! `unsafe` code is here, in `confine.rs` (the job's daemon's confinement) and in `view.rs`
+//! (a runner job's store view).
 
 use super::*;
 
@@ -42,6 +43,8 @@ pub(super) struct ChildSetup {
     pub(super) inherit: Option<i32>,
     /// The job's network namespace, joined before anything else.
     pub(super) netns: Option<i32>,
+    /// The job's store view: the agent's mount point, and where the job sees it.
+    view: Option<(CString, CString)>,
 }
 
 impl ChildSetup {
@@ -62,6 +65,7 @@ impl ChildSetup {
         }
         let c = |p: &Path| cstring(p.as_os_str());
         let mut ops = Vec::with_capacity(mounts.len());
+        let mut view = None;
         for mount in mounts {
             match mount {
                 Mount::Bind { src, dst, readonly } => ops.push(Op::Bind {
@@ -114,6 +118,7 @@ impl ChildSetup {
                 }
                 Mount::Proc => ops.push(Op::Proc),
                 Mount::Mqueue => ops.push(Op::Mqueue),
+                Mount::View { src, dst } => view = Some((c(src)?, c(dst)?)),
             }
         }
         let ids = user.map(|u| {
@@ -134,6 +139,7 @@ impl ChildSetup {
             no_new_privs,
             inherit: None,
             netns: None,
+            view,
         })
     }
 
@@ -149,6 +155,7 @@ impl ChildSetup {
             no_new_privs,
             inherit,
             netns,
+            view,
         } = self;
         // Runs in the forked child before exec: only async-signal-safe system calls on data
         // prepared before the fork; it allocates nothing.
@@ -172,7 +179,25 @@ impl ChildSetup {
                     return fail();
                 }
             }
-            if !ops.is_empty() {
+            // The store view's copy, taken in the host's namespace (a peer of the agent's mount
+            // point) before this process has a namespace of its own; attached after the other
+            // mounts and made a slave at once.
+            let mut tree = -1;
+            if let Some((src, _)) = &view {
+                // SAFETY: open_tree(2) on a NUL-terminated path made before the fork.
+                tree = unsafe {
+                    libc::syscall(
+                        libc::SYS_open_tree,
+                        libc::AT_FDCWD,
+                        src.as_ptr(),
+                        1 | libc::O_CLOEXEC as libc::c_uint,
+                    )
+                } as i32;
+                if tree < 0 {
+                    return fail();
+                }
+            }
+            if !ops.is_empty() || view.is_some() {
                 // SAFETY: plain system calls with NUL-terminated strings made before the fork.
                 // The job's own IPC namespace: no System V segment, semaphore or POSIX queue
                 // shared with another job, and none outliving it.
@@ -184,6 +209,28 @@ impl ChildSetup {
                         if !child_mount(op) {
                             return fail();
                         }
+                    }
+                    if let Some((_, dst)) = &view {
+                        // MOVE_MOUNT_F_EMPTY_PATH: the detached copy itself.
+                        if libc::syscall(
+                            libc::SYS_move_mount,
+                            tree,
+                            c"".as_ptr(),
+                            libc::AT_FDCWD,
+                            dst.as_ptr(),
+                            0x4 as libc::c_uint,
+                        ) != 0
+                            || libc::mount(
+                                std::ptr::null(),
+                                dst.as_ptr(),
+                                std::ptr::null(),
+                                libc::MS_SLAVE,
+                                std::ptr::null(),
+                            ) != 0
+                        {
+                            return fail();
+                        }
+                        libc::close(tree);
                     }
                 }
             }

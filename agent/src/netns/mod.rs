@@ -101,6 +101,11 @@ impl JobNet {
         self.ns.as_raw_fd()
     }
 
+    /// A descriptor of the namespace of one's own (a daemon started later joins it).
+    pub fn dup(&self) -> std::io::Result<OwnedFd> {
+        self.ns.try_clone()
+    }
+
     /// Make a namespace with its loopback up and a veth pair to the host (on a thread of its
     /// own: a network namespace is a thread's, and the agent's threads stay in the host's).
     pub fn create(allow_metadata: bool) -> Result<JobNet, NetError> {

@@ -203,6 +203,36 @@ pub const APP_ID: &str = "Iv1.flywheeltest";
 pub const INSTALLATION_ID: u64 = 4242;
 
 impl FakeGitHub {
+    /// Two runs of `tinyland/flywheel`: 101, a push to main (its commit the head of main), and
+    /// 102, a pull request from a fork.
+    pub fn push_and_fork_pr_runs(&self) {
+        self.with(|s| {
+            for (id, event, head) in [(101, "push", 10), (102, "pull_request", 99)] {
+                s.runs.push(FakeRun {
+                    repository: "tinyland/flywheel".into(),
+                    repository_id: 10,
+                    default_branch: "main".into(),
+                    id,
+                    run_attempt: 1,
+                    event: event.into(),
+                    head_branch: "main".into(),
+                    head_sha: format!("{id:040x}"),
+                    head_repository: if head == 10 {
+                        "tinyland/flywheel".into()
+                    } else {
+                        "someone/flywheel".into()
+                    },
+                    head_repository_id: head,
+                    jobs: Vec::new(),
+                });
+            }
+            s.branches.insert(
+                ("tinyland/flywheel".into(), "main".into()),
+                vec![format!("{:040x}", 100), format!("{:040x}", 101)],
+            );
+        });
+    }
+
     /// Start on a loopback port in a thread of its own.
     pub fn start() -> FakeGitHub {
         let (_, public) = app_key();
