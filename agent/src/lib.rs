@@ -2,6 +2,7 @@
 //! memory envelope of its lane. See `docs/ARCHITECTURE.md` for the map.
 
 pub mod attic;
+pub mod buildmem;
 pub mod cgroup;
 pub mod config;
 pub mod envelope;

@@ -313,6 +313,9 @@ pub(super) async fn run_job_inner<P: Processes>(
             nix_root: spec.nix.as_ref().map(|_| phys_nix.clone()),
             built: spec.nix.as_ref().map(|n| built_list(n, &job)),
             build_logs: spec.nix.as_ref().map(|n| build_logs(n, &job)),
+            build_memory: std::sync::Arc::new(std::sync::Mutex::new(
+                crate::buildmem::BuildMemory::new(uid),
+            )),
         }
     });
     let sampler = probe.sample(&spec.background);
@@ -386,7 +389,7 @@ pub(super) async fn run_job_inner<P: Processes>(
     let facts = probe.facts();
     let built_record = facts.built.as_deref().map(read_built).unwrap_or_default();
     // The store's database is read on a blocking thread.
-    let builds = match (facts.nix_root.clone(), facts.build_logs.clone()) {
+    let mut builds = match (facts.nix_root.clone(), facts.build_logs.clone()) {
         (Some(root), Some(logs)) => {
             let (since, record) = (facts.started_unix, built_record.clone());
             tokio::task::spawn_blocking(move || {
@@ -397,6 +400,8 @@ pub(super) async fn run_job_inner<P: Processes>(
         }
         _ => Vec::new(),
     };
+    let build_memory = facts.build_memory();
+    crate::summary::attach_memory(&mut builds, &build_memory, facts.started_unix);
 
     let t_down = Instant::now();
     let torn = teardown(&mut guard, cfg, &stop, procs)
@@ -478,6 +483,10 @@ pub(super) async fn run_job_inner<P: Processes>(
                 )
             }),
             ran_at_once: crate::summary::most_at_once(&builds),
+            build_memory: build_memory
+                .iter()
+                .map(|b| (b.name.clone(), b.bytes))
+                .collect(),
         })
     });
     let pids_note = (stats.pids_max_hits > 0)

@@ -1,0 +1,389 @@
+//! Which build used the memory: at every memory sample the job's processes are grouped by the
+//! Nix build they belong to and their resident anonymous memory is summed per build; each
+//! build keeps the largest sum seen.
+//!
+//! A build is known by its processes, not by a cgroup of its own (Nix's `use-cgroups` needs
+//! cgroup v2 and a delegated subtree; Debian's Nix 2.8 has none): the job's daemon runs every
+//! builder inside the job's cgroup as a build user (never root, never the job's user), and a
+//! builder's environment names its derivation (`name`, beside `NIX_BUILD_TOP`). So a process
+//! of a build user belongs to the build its parent belongs to, else to the one its own
+//! environment names (read once, bounded), else to the build its user runs now (two builds at
+//! once never share a build user).
+//!
+//! How exact it is: sampled (a spike between two samples is not seen per build, though the
+//! job's own line catches it), and counting each process's anonymous resident memory
+//! (`RssAnon`): what compilers and linkers allocate. Pages a process shares with its parent
+//! after `fork` count twice until written; file-backed pages (binaries, libraries, mapped
+//! files), the page cache and tmpfs files are charged to the job once and belong to no build.
+//! `RssAnon` is a counter the kernel keeps (a read costs the same whatever the process's
+//! size), where PSS (`smaps_rollup`) walks every page of every process at every sample.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::Arc;
+
+/// At most this many builds are remembered per job (a hostile job's processes can claim any
+/// name in its own environment).
+pub const MAX_TRACKED: usize = 4096;
+/// At most this many bytes of a process's environment are read.
+pub const ENVIRON_MAX: u64 = 256 << 10;
+/// A build's name is cut to this many characters.
+const NAME_CHARS: usize = 200;
+
+/// One process of the job at one sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Proc {
+    pub pid: i32,
+    pub ppid: i32,
+    /// The real uid.
+    pub uid: u32,
+    /// Resident anonymous memory (`RssAnon`), in bytes.
+    pub anon_bytes: u64,
+}
+
+/// `(ppid, real uid, RssAnon bytes)` from a `/proc/<pid>/status` text (a kernel thread or a
+/// zombie has no `RssAnon`: 0).
+pub fn parse_status(text: &str) -> Option<(i32, u32, u64)> {
+    let (mut ppid, mut uid, mut anon) = (None, None, 0);
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        let mut v = v.split_whitespace();
+        match k {
+            "PPid" => ppid = v.next().and_then(|s| s.parse().ok()),
+            "Uid" => uid = v.next().and_then(|s| s.parse().ok()),
+            "RssAnon" => {
+                anon = v
+                    .next()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .map_or(0, |kb| kb.saturating_mul(1024));
+            }
+            _ => {}
+        }
+    }
+    Some((ppid?, uid?, anon))
+}
+
+/// The build a builder's environment names: its `name`, beside the `NIX_BUILD_TOP` Nix sets
+/// for every build; without `name` (structured attributes), the name in an unsandboxed build
+/// directory (`/tmp/nix-build-NAME.drv-0`). None for any other process.
+pub fn build_name(environ: &[u8]) -> Option<String> {
+    let (mut top, mut name) = (None, None);
+    for e in environ.split(|b| *b == 0) {
+        if let Some(v) = e.strip_prefix(b"NIX_BUILD_TOP=") {
+            top = Some(v);
+        } else if let Some(v) = e.strip_prefix(b"name=") {
+            name = Some(v);
+        }
+    }
+    let top = top?;
+    let name = match name {
+        Some(n) if !n.is_empty() => String::from_utf8_lossy(n).into_owned(),
+        _ => {
+            let dir = String::from_utf8_lossy(top.rsplit(|b| *b == b'/').next()?).into_owned();
+            let n = dir.strip_prefix("nix-build-")?;
+            n.rsplit_once(".drv-")?.0.to_owned()
+        }
+    };
+    Some(name.chars().take(NAME_CHARS).collect())
+}
+
+/// What the samples saw of one build.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildUse {
+    pub name: String,
+    /// The largest sum of its processes' memory at one sample.
+    pub bytes: u64,
+    /// When a sample last saw a process of it (Unix seconds): a build killed with nothing in
+    /// its log has no other record of how long it ran.
+    pub last_seen: f64,
+}
+
+/// The memory of a job's builds, sample after sample.
+#[derive(Debug, Clone, Default)]
+pub struct BuildMemory {
+    /// The job's user: its processes (and root's) are never a build's.
+    job_uid: u32,
+    /// Processes seen at the last sample: (uid, the build they belong to).
+    known: HashMap<i32, (u32, Option<Arc<str>>)>,
+    /// Each build's largest sum and when it was last seen.
+    peaks: HashMap<Arc<str>, (u64, f64)>,
+}
+
+impl BuildMemory {
+    pub fn new(job_uid: u32) -> BuildMemory {
+        BuildMemory {
+            job_uid,
+            ..BuildMemory::default()
+        }
+    }
+
+    fn is_build_user(&self, uid: u32) -> bool {
+        uid != 0 && uid != self.job_uid
+    }
+
+    /// One sample at `at` (Unix seconds): attribute `procs` to builds (`environ` reads a
+    /// process's environment and names its build, see [`build_name`]; called once per build
+    /// process whose parent is no build's), and keep each build's largest sum.
+    pub fn observe(
+        &mut self,
+        procs: &[Proc],
+        at: f64,
+        mut environ: impl FnMut(i32) -> Option<String>,
+    ) {
+        let by_pid: HashMap<i32, &Proc> = procs.iter().map(|p| (p.pid, p)).collect();
+        let mut now: HashMap<i32, (u32, Option<Arc<str>>)> = HashMap::with_capacity(procs.len());
+        for p in procs.iter().filter(|p| self.is_build_user(p.uid)) {
+            // The chain of build-user ancestors not yet attributed, this process first.
+            let mut chain = vec![p];
+            let mut found: Option<Arc<str>> = None;
+            while let Some(q) = chain.last().copied() {
+                if let Some((_, b)) = now.get(&q.pid) {
+                    found = b.clone();
+                    chain.pop();
+                    break;
+                }
+                if let Some((_, b)) = self.known.get(&q.pid).filter(|(u, _)| *u == q.uid) {
+                    found = b.clone();
+                    now.insert(q.pid, (q.uid, found.clone()));
+                    chain.pop();
+                    break;
+                }
+                match by_pid.get(&q.ppid) {
+                    Some(parent)
+                        if self.is_build_user(parent.uid)
+                            && chain.len() < 256
+                            && !chain.iter().any(|c| c.pid == parent.pid) =>
+                    {
+                        chain.push(parent)
+                    }
+                    _ => break,
+                }
+            }
+            // From the oldest ancestor down: a process without a build from its parent is
+            // named by its own environment.
+            for q in chain.into_iter().rev() {
+                if found.is_none() {
+                    found = environ(q.pid).map(|n| self.intern(n));
+                }
+                now.insert(q.pid, (q.uid, found.clone()));
+            }
+        }
+        // A build user runs one build at a time: its unnamed processes are that build's.
+        let mut by_uid: HashMap<u32, Arc<str>> = HashMap::new();
+        for (uid, b) in now.values() {
+            if let Some(b) = b {
+                by_uid.entry(*uid).or_insert_with(|| b.clone());
+            }
+        }
+        let mut sums: HashMap<Arc<str>, u64> = HashMap::new();
+        for p in procs {
+            let Some((uid, b)) = now.get(&p.pid) else {
+                continue;
+            };
+            if let Some(b) = b.clone().or_else(|| by_uid.get(uid).cloned()) {
+                *sums.entry(b).or_default() += p.anon_bytes;
+            }
+        }
+        for (b, v) in sums {
+            let len = self.peaks.len();
+            match self.peaks.get_mut(&b) {
+                Some((peak, last)) => {
+                    *peak = (*peak).max(v);
+                    *last = at;
+                }
+                None if len < MAX_TRACKED => {
+                    self.peaks.insert(b, (v, at));
+                }
+                None => {}
+            }
+        }
+        self.known = now;
+    }
+
+    fn intern(&self, name: String) -> Arc<str> {
+        self.peaks
+            .get_key_value(name.as_str())
+            .map_or_else(|| Arc::from(name), |(k, _)| k.clone())
+    }
+
+    /// Each build's largest memory, the largest first.
+    pub fn peaks(&self) -> Vec<BuildUse> {
+        let mut v: Vec<BuildUse> = self
+            .peaks
+            .iter()
+            .map(|(k, (bytes, last_seen))| BuildUse {
+                name: k.to_string(),
+                bytes: *bytes,
+                last_seen: *last_seen,
+            })
+            .collect();
+        v.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.name.cmp(&b.name)));
+        v
+    }
+
+    /// One sample at `at` (Unix seconds) of the processes `pids` from `/proc`.
+    pub fn sample(&mut self, pids: &[i32], at: f64) {
+        let procs: Vec<Proc> = pids
+            .iter()
+            .filter_map(|&pid| {
+                let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                let (ppid, uid, anon_bytes) = parse_status(&text)?;
+                Some(Proc {
+                    pid,
+                    ppid,
+                    uid,
+                    anon_bytes,
+                })
+            })
+            .collect();
+        self.observe(&procs, at, |pid| {
+            let mut buf = Vec::new();
+            std::fs::File::open(format!("/proc/{pid}/environ"))
+                .ok()?
+                .take(ENVIRON_MAX)
+                .read_to_end(&mut buf)
+                .ok()?;
+            build_name(&buf)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JOB: u32 = 1000;
+    const MIB: u64 = 1 << 20;
+
+    fn sums(m: &BuildMemory) -> Vec<(String, u64)> {
+        m.peaks().into_iter().map(|b| (b.name, b.bytes)).collect()
+    }
+
+    fn p(pid: i32, ppid: i32, uid: u32, mib: u64) -> Proc {
+        Proc {
+            pid,
+            ppid,
+            uid,
+            anon_bytes: mib * MIB,
+        }
+    }
+
+    #[test]
+    fn status_and_environ_are_parsed() {
+        let status = "Name:\ttail\nUmask:\t0022\nState:\tR (running)\nTgid:\t42\nPid:\t42\nPPid:\t41\nUid:\t30001\t30001\t30001\t30001\nGid:\t30000\t30000\t30000\t30000\nVmRSS:\t  204800 kB\nRssAnon:\t  204000 kB\nRssFile:\t     800 kB\n";
+        assert_eq!(parse_status(status), Some((41, 30001, 204_000 * 1024)));
+        // A kernel thread: no memory lines.
+        assert_eq!(
+            parse_status("Name:\tkthreadd\nPPid:\t0\nUid:\t0\t0\t0\t0\n"),
+            Some((0, 0, 0))
+        );
+        assert_eq!(parse_status("Name:\tx\n"), None);
+        let env = b"HOME=/homeless-shelter\0NIX_BUILD_TOP=/tmp/nix-build-llvm-18.1.8.drv-0\0name=llvm-18.1.8\0out=/nix/store/abc-llvm-18.1.8\0";
+        assert_eq!(build_name(env).as_deref(), Some("llvm-18.1.8"));
+        // Structured attributes: no `name`; the build directory still names it.
+        assert_eq!(
+            build_name(b"NIX_BUILD_TOP=/tmp/nix-build-boost-1.86.drv-3\0").as_deref(),
+            Some("boost-1.86")
+        );
+        // Sandboxed, structured: nothing names it.
+        assert_eq!(build_name(b"NIX_BUILD_TOP=/build\0"), None);
+        // No `NIX_BUILD_TOP`: not a builder, whatever `name` says.
+        assert_eq!(build_name(b"name=llvm\0PATH=/bin\0"), None);
+    }
+
+    #[test]
+    fn processes_are_grouped_by_build_and_each_build_keeps_its_largest_sum() {
+        let mut m = BuildMemory::new(JOB);
+        let mut reads = Vec::new();
+        // The daemon (root) forked two builders (build users 30001 and 30002); llvm's make ran
+        // two compilers; the job's own shell and nix client are the job user's.
+        let procs = [
+            p(10, 1, JOB, 50),
+            p(11, 10, JOB, 30),
+            p(20, 1, 0, 40),
+            p(21, 20, 30001, 1),
+            p(22, 21, 30001, 2000),
+            p(23, 21, 30001, 3000),
+            p(31, 20, 30002, 2400),
+        ];
+        let names = |pid: i32| match pid {
+            21 => Some("llvm-18.1.8".to_owned()),
+            31 => Some("boost-1.86".to_owned()),
+            _ => None,
+        };
+        m.observe(&procs, 100.0, |pid| {
+            reads.push(pid);
+            names(pid)
+        });
+        assert_eq!(reads, [21, 31], "only the builders' environments are read");
+        assert_eq!(
+            sums(&m),
+            [
+                ("llvm-18.1.8".to_owned(), 5001 * MIB),
+                ("boost-1.86".to_owned(), 2400 * MIB)
+            ]
+        );
+        // Next sample: llvm's compilers ended and a linker (a new process) runs; boost grows.
+        // Known processes are not read again; the peak of llvm stays.
+        reads.clear();
+        let procs = [
+            p(21, 20, 30001, 1),
+            p(24, 21, 30001, 900),
+            p(31, 20, 30002, 2600),
+        ];
+        m.observe(&procs, 100.25, |pid| {
+            reads.push(pid);
+            names(pid)
+        });
+        assert!(reads.is_empty(), "{reads:?}");
+        assert_eq!(
+            sums(&m),
+            [
+                ("llvm-18.1.8".to_owned(), 5001 * MIB),
+                ("boost-1.86".to_owned(), 2600 * MIB)
+            ]
+        );
+        // Only boost runs on: llvm was last seen at the second sample.
+        m.observe(&[p(31, 20, 30002, 100)], 100.5, names);
+        let last: Vec<f64> = m.peaks().iter().map(|b| b.last_seen).collect();
+        assert_eq!(last, [100.25, 100.5]);
+    }
+
+    #[test]
+    fn a_build_user_reused_by_a_later_build_and_orphans_and_cleared_environments() {
+        let mut m = BuildMemory::new(JOB);
+        m.observe(&[p(21, 20, 30001, 100)], 0.0, |_| Some("first".into()));
+        // Build user 30001 runs another build: its builder is a new process, named anew. A
+        // process whose builder already exited (reparented to the agent) and whose environment
+        // names nothing is the build its user runs now; one of another build user that no
+        // process names is nobody's.
+        let procs = [
+            p(40, 20, 30001, 10),
+            p(41, 1, 30001, 70),
+            p(50, 1, 30003, 999),
+        ];
+        m.observe(&procs, 1.0, |pid| (pid == 40).then(|| "second".into()));
+        assert_eq!(
+            sums(&m),
+            [
+                ("first".to_owned(), 100 * MIB),
+                ("second".to_owned(), 80 * MIB)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_loop_in_parents_ends_and_the_number_of_builds_is_bounded() {
+        let mut m = BuildMemory::new(JOB);
+        // pid reuse can make a cycle in one sample's view.
+        m.observe(&[p(5, 6, 30001, 1), p(6, 5, 30001, 1)], 0.0, |_| None);
+        assert!(m.peaks().is_empty());
+        let procs: Vec<Proc> = (0..(MAX_TRACKED as i32 + 10))
+            .map(|i| p(100 + i, 1, 30001, 1))
+            .collect();
+        m.observe(&procs, 0.0, |pid| Some(format!("b{pid}")));
+        assert_eq!(m.peaks().len(), MAX_TRACKED);
+    }
+}
