@@ -6,9 +6,10 @@
 //! cgroup v2 and a delegated subtree; Debian's Nix 2.8 has none): the job's daemon runs every
 //! builder inside the job's cgroup as a build user (never root, never the job's user), and a
 //! builder's environment names its derivation (`name`, beside `NIX_BUILD_TOP`). So a process
-//! of a build user belongs to the build its parent belongs to, else to the one its own
-//! environment names (read once, bounded), else to the build its user runs now (two builds at
-//! once never share a build user).
+//! of a build user belongs to the build its parent belongs to, else to the build its user
+//! runs now (two builds at once never share a build user, and Nix kills a build user's
+//! processes before it builds again), else to the one its own environment names (read once,
+//! bounded in bytes and in reads per sample).
 //!
 //! How exact it is: sampled (a spike between two samples is not seen per build, though the
 //! job's own line catches it), and counting each process's anonymous resident memory
@@ -26,7 +27,10 @@ use std::sync::Arc;
 /// name in its own environment).
 pub const MAX_TRACKED: usize = 4096;
 /// At most this many bytes of a process's environment are read.
-pub const ENVIRON_MAX: u64 = 256 << 10;
+pub const ENVIRON_MAX: u64 = 128 << 10;
+/// At most this many environments are read at one sample (a build can fork many processes
+/// whose parent exits at once).
+pub const ENVIRON_READS: usize = 8;
 /// A build's name is cut to this many characters.
 const NAME_CHARS: usize = 200;
 
@@ -86,7 +90,16 @@ pub fn build_name(environ: &[u8]) -> Option<String> {
             n.rsplit_once(".drv-")?.0.to_owned()
         }
     };
-    Some(name.chars().take(NAME_CHARS).collect())
+    // Nix allows only these in a store path's name; anything else did not come from Nix.
+    Some(
+        name.chars()
+            .map(|c| match c {
+                'a'..='z' | 'A'..='Z' | '0'..='9' | '+' | '-' | '.' | '_' | '?' | '=' => c,
+                _ => '_',
+            })
+            .take(NAME_CHARS)
+            .collect(),
+    )
 }
 
 /// What the samples saw of one build.
@@ -132,42 +145,67 @@ impl BuildMemory {
         at: f64,
         mut environ: impl FnMut(i32) -> Option<String>,
     ) {
-        let by_pid: HashMap<i32, &Proc> = procs.iter().map(|p| (p.pid, p)).collect();
-        let mut now: HashMap<i32, (u32, Option<Arc<str>>)> = HashMap::with_capacity(procs.len());
-        for p in procs.iter().filter(|p| self.is_build_user(p.uid)) {
-            // The chain of build-user ancestors not yet attributed, this process first.
-            let mut chain = vec![p];
-            let mut found: Option<Arc<str>> = None;
-            while let Some(q) = chain.last().copied() {
-                if let Some((_, b)) = now.get(&q.pid) {
-                    found = b.clone();
-                    chain.pop();
-                    break;
+        let builds: Vec<&Proc> = procs.iter().filter(|p| self.is_build_user(p.uid)).collect();
+        let by_pid: HashMap<i32, &Proc> = builds.iter().map(|p| (p.pid, *p)).collect();
+        let mut now: HashMap<i32, (u32, Option<Arc<str>>)> = HashMap::with_capacity(builds.len());
+        // A build user runs one build at a time, and Nix kills every process of a build user
+        // before it builds again: while a process named by a build lives, its user's other
+        // processes are that build's.
+        let mut live: HashMap<u32, Arc<str>> = HashMap::new();
+        for p in &builds {
+            if let Some((_, b)) = self.known.get(&p.pid).filter(|(u, _)| *u == p.uid) {
+                if let Some(b) = b {
+                    live.entry(p.uid).or_insert_with(|| b.clone());
                 }
-                if let Some((_, b)) = self.known.get(&q.pid).filter(|(u, _)| *u == q.uid) {
-                    found = b.clone();
-                    now.insert(q.pid, (q.uid, found.clone()));
+                now.insert(p.pid, (p.uid, b.clone()));
+            }
+        }
+        // New processes whose parent is no build's (a builder, or a process whose builder
+        // exited): their user's live build, else the one their own environment names. At most
+        // ENVIRON_READS environments a sample; the rest wait for the next one.
+        let mut reads = 0;
+        for p in &builds {
+            if now.contains_key(&p.pid) || by_pid.contains_key(&p.ppid) {
+                continue;
+            }
+            let b = match live.get(&p.uid) {
+                Some(b) => Some(b.clone()),
+                None if reads < ENVIRON_READS => {
+                    reads += 1;
+                    environ(p.pid).map(|n| self.intern(n))
+                }
+                None => continue,
+            };
+            if let Some(b) = &b {
+                live.entry(p.uid).or_insert_with(|| b.clone());
+            }
+            now.insert(p.pid, (p.uid, b));
+        }
+        // The rest: their parent's build (the nearest ancestor placed above).
+        for p in &builds {
+            let mut chain = vec![*p];
+            let found = loop {
+                let Some(q) = chain.last().copied() else {
+                    break None;
+                };
+                if let Some((_, b)) = now.get(&q.pid) {
                     chain.pop();
-                    break;
+                    break Some(b.clone());
                 }
                 match by_pid.get(&q.ppid) {
                     Some(parent)
-                        if self.is_build_user(parent.uid)
-                            && chain.len() < 256
-                            && !chain.iter().any(|c| c.pid == parent.pid) =>
+                        if chain.len() < 256 && !chain.iter().any(|c| c.pid == parent.pid) =>
                     {
                         chain.push(parent)
                     }
-                    _ => break,
+                    // A loop (pid reuse) or an ancestor left for the next sample.
+                    _ => break None,
                 }
-            }
-            // From the oldest ancestor down: a process without a build from its parent is
-            // named by its own environment.
-            for q in chain.into_iter().rev() {
-                if found.is_none() {
-                    found = environ(q.pid).map(|n| self.intern(n));
+            };
+            if let Some(b) = found {
+                for q in chain {
+                    now.insert(q.pid, (q.uid, b.clone()));
                 }
-                now.insert(q.pid, (q.uid, found.clone()));
             }
         }
         // A build user runs one build at a time: its unnamed processes are that build's.
@@ -375,15 +413,65 @@ mod tests {
     }
 
     #[test]
+    fn environments_are_read_a_few_at_a_time_and_never_for_a_live_builds_orphans() {
+        let mut m = BuildMemory::new(JOB);
+        let mut reads = 0;
+        // A builder and 50 orphans of its user (a double fork): only the builder is read.
+        let mut procs = vec![p(21, 20, 30001, 1)];
+        procs.extend((0..50).map(|i| p(100 + i, 1, 30001, 1)));
+        m.observe(&procs, 0.0, |pid| {
+            reads += 1;
+            (pid == 21).then(|| "b".into())
+        });
+        assert_eq!((reads, sums(&m)), (1, vec![("b".to_owned(), 51 * MIB)]));
+        // 20 new build users at once: ENVIRON_READS of them now, the rest at the next sample.
+        let procs: Vec<Proc> = (0..20)
+            .map(|i| p(200 + i, 1, 31000 + i as u32, 1))
+            .collect();
+        let mut read = Vec::new();
+        m.observe(&procs, 1.0, |pid| {
+            read.push(pid);
+            Some(format!("u{pid}"))
+        });
+        assert_eq!(read.len(), ENVIRON_READS);
+        for t in [2.0, 3.0] {
+            m.observe(&procs, t, |pid| {
+                read.push(pid);
+                Some(format!("u{pid}"))
+            });
+        }
+        read.sort_unstable();
+        assert_eq!(read, (200..220).collect::<Vec<_>>(), "each read once");
+        assert_eq!(m.peaks().len(), 21);
+        // A name no Nix would make is made harmless.
+        assert_eq!(
+            build_name(b"NIX_BUILD_TOP=/build\0name=x\x1b[2Jy`|z\n\0").as_deref(),
+            Some("x__2Jy__z_")
+        );
+    }
+
+    #[test]
     fn a_loop_in_parents_ends_and_the_number_of_builds_is_bounded() {
         let mut m = BuildMemory::new(JOB);
         // pid reuse can make a cycle in one sample's view.
         m.observe(&[p(5, 6, 30001, 1), p(6, 5, 30001, 1)], 0.0, |_| None);
         assert!(m.peaks().is_empty());
+        // Each process a build user of its own, under one builder that names them all.
+        let mut procs = vec![p(99, 1, 40000, 1)];
+        procs.extend((0..(MAX_TRACKED as i32 + 10)).map(|i| p(100 + i, 99, 50000 + i as u32, 1)));
+        let mut n = 0;
+        m.observe(&procs, 0.0, |_| {
+            n += 1;
+            Some("root".into())
+        });
+        assert_eq!((n, m.peaks().len()), (1, 1));
+        // Builds come and go: every one is remembered up to the bound.
         let procs: Vec<Proc> = (0..(MAX_TRACKED as i32 + 10))
-            .map(|i| p(100 + i, 1, 30001, 1))
+            .map(|i| p(100_000 + i, 1, 60000 + i as u32, 1))
             .collect();
-        m.observe(&procs, 0.0, |pid| Some(format!("b{pid}")));
+        for (t, some) in procs.chunks(ENVIRON_READS).enumerate() {
+            m.observe(some, t as f64, |pid| Some(format!("b{pid}")));
+        }
         assert_eq!(m.peaks().len(), MAX_TRACKED);
     }
 }
