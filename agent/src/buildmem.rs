@@ -122,12 +122,17 @@ pub struct BuildMemory {
     known: HashMap<i32, (u32, Option<Arc<str>>)>,
     /// Each build's largest sum and when it was last seen.
     peaks: HashMap<Arc<str>, (u64, f64)>,
+    /// Every process of the job at the last sample: (parent, uid).
+    seen: HashMap<i32, (i32, u32)>,
+    /// The page size, for `statm`.
+    page: u64,
 }
 
 impl BuildMemory {
     pub fn new(job_uid: u32) -> BuildMemory {
         BuildMemory {
             job_uid,
+            page: page_size(),
             ..BuildMemory::default()
         }
     }
@@ -261,21 +266,48 @@ impl BuildMemory {
         v
     }
 
-    /// One sample at `at` (Unix seconds) of the processes `pids` from `/proc`.
-    pub fn sample(&mut self, pids: &[i32], at: f64) {
-        let procs: Vec<Proc> = pids
-            .iter()
-            .filter_map(|&pid| {
-                let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-                let (ppid, uid, anon_bytes) = parse_status(&text)?;
+    /// One sample at `at` (Unix seconds) of the processes `pids` from `/proc`. A process is
+    /// read whole (`status`: parent, user, memory) when first seen; after that a build user's
+    /// only for its memory (`statm`, through a descriptor kept open: no path walk), the job
+    /// user's never (it cannot become a build user), root's whole again (the daemon's
+    /// children become build users).
+    pub fn sample(&mut self, pids: &[i32], at: f64, open: &mut Handles) {
+        let mut procs = Vec::new();
+        let mut seen = HashMap::with_capacity(pids.len());
+        for &pid in pids {
+            let known = self.seen.get(&pid).copied();
+            if let Some((ppid, uid)) = known.filter(|(_, u)| *u != 0 && !self.is_build_user(*u)) {
+                seen.insert(pid, (ppid, uid));
+                continue;
+            }
+            let again = known.filter(|(_, u)| *u != 0).and_then(|(ppid, uid)| {
+                let anon_bytes = parse_statm(&open.statm(pid)?, self.page)?;
                 Some(Proc {
                     pid,
                     ppid,
                     uid,
                     anon_bytes,
                 })
-            })
-            .collect();
+            });
+            // New, root's, or its descriptor no longer reads (the process is gone and its
+            // pid perhaps another's): read whole.
+            let p = again.or_else(|| {
+                let (ppid, uid, anon_bytes) =
+                    parse_status(&read_small(&format!("/proc/{pid}/status"))?)?;
+                Some(Proc {
+                    pid,
+                    ppid,
+                    uid,
+                    anon_bytes,
+                })
+            });
+            if let Some(p) = p {
+                seen.insert(pid, (p.ppid, p.uid));
+                procs.push(p);
+            }
+        }
+        open.0.retain(|pid, _| seen.contains_key(pid));
+        self.seen = seen;
         self.observe(&procs, at, |pid| {
             let mut buf = Vec::new();
             std::fs::File::open(format!("/proc/{pid}/environ"))
@@ -288,9 +320,74 @@ impl BuildMemory {
     }
 }
 
+/// At most this many `statm` descriptors are kept open per job; a build's processes beyond
+/// them are opened at every sample.
+pub const MAX_HANDLES: usize = 64;
+
+/// The `statm` files of a job's build processes, kept open by the sampler and read again
+/// from offset 0 (a descriptor names one process: a pid reused by another reads nothing).
+/// Dropped with the sampler.
+#[derive(Debug, Default)]
+pub struct Handles(HashMap<i32, std::fs::File>);
+
+impl Handles {
+    fn statm(&mut self, pid: i32) -> Option<String> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 256];
+        if let Some(f) = self.0.get(&pid) {
+            return match f.read_at(&mut buf, 0) {
+                Ok(n) if n > 0 => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                _ => {
+                    self.0.remove(&pid);
+                    None
+                }
+            };
+        }
+        let f = std::fs::File::open(format!("/proc/{pid}/statm")).ok()?;
+        let n = f.read_at(&mut buf, 0).ok().filter(|n| *n > 0)?;
+        if self.0.len() < MAX_HANDLES {
+            self.0.insert(pid, f);
+        }
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    /// How many descriptors are open.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// A small `/proc` file in one read (no `stat` first, as `read_to_string` does).
+fn read_small(path: &str) -> Option<String> {
+    let mut buf = [0u8; 4096];
+    let n = std::fs::File::open(path).ok()?.read(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// Resident anonymous memory from a `/proc/<pid>/statm` text (`size resident shared …` in
+/// pages; `shared` is the file-backed and shmem pages).
+pub fn parse_statm(text: &str, page: u64) -> Option<u64> {
+    let mut f = text.split_whitespace().skip(1);
+    let resident: u64 = f.next()?.parse().ok()?;
+    let shared: u64 = f.next()?.parse().ok()?;
+    Some(resident.saturating_sub(shared).saturating_mul(page))
+}
+
+/// The system's page size.
+fn page_size() -> u64 {
+    // SAFETY: sysconf reads a constant of the system; no memory is passed.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(p).ok().filter(|p| *p > 0).unwrap_or(4096)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const JOB: u32 = 1000;
     const MIB: u64 = 1 << 20;
@@ -448,6 +545,67 @@ mod tests {
             build_name(b"NIX_BUILD_TOP=/build\0name=x\x1b[2Jy`|z\n\0").as_deref(),
             Some("x__2Jy__z_")
         );
+    }
+
+    #[test]
+    fn statm_gives_anonymous_memory() {
+        assert_eq!(
+            parse_statm("5000 3000 1000 10 0 2500 0\n", 4096),
+            Some(2000 * 4096)
+        );
+        assert_eq!(parse_statm("5000\n", 4096), None);
+    }
+
+    /// A process of a build user in this test's own view of `/proc`: a child holding memory
+    /// under a uid that is neither root nor the job's, named by its environment; read whole
+    /// at the first sample (just after it started, before it allocated), by `statm` through
+    /// a descriptor kept open after, closed when it is gone.
+    #[test]
+    fn a_real_process_is_read_from_proc() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "needs root to run a child as another user"
+            );
+            eprintln!("SKIP a_real_process_is_read_from_proc: needs root");
+            return;
+        }
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "x=$(head -c 30000000 /dev/zero | tr '\\0' a); exec sleep 30",
+            ])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("NIX_BUILD_TOP", "/build")
+            .env("name", "held-1.0")
+            .uid(65534)
+            .gid(65534)
+            .spawn()
+            .expect("spawn");
+        let pid = i32::try_from(child.id()).expect("pid");
+        let (mut m, mut open) = (BuildMemory::new(JOB), Handles::default());
+        // The shell builds its 30 MB string, then execs sleep, which holds none of it: the
+        // build's largest sum is the shell's.
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            m.sample(&[pid], 0.0, &mut open);
+            if m.peaks().first().is_some_and(|b| b.bytes > 25 << 20) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(open.len(), 1, "its statm is kept open");
+        let _ = child.kill();
+        let _ = child.wait();
+        // Gone: its descriptor reads nothing and is closed; the pid is no longer the job's.
+        m.sample(&[pid], 1.0, &mut open);
+        assert!(open.is_empty() && m.seen.is_empty());
+        let peaks = m.peaks();
+        assert_eq!(peaks.len(), 1, "{peaks:?}");
+        assert_eq!(peaks[0].name, "held-1.0");
+        assert!(peaks[0].bytes > 25 << 20, "{peaks:?}");
     }
 
     #[test]

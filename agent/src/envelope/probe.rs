@@ -75,11 +75,13 @@ impl JobProbe {
             let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let builds = probe.facts().build_memory;
+            // The build processes' `statm` files, closed when this task ends.
+            let mut open = crate::buildmem::Handles::default();
             loop {
                 tick.tick().await;
                 let Some(cg) = probe.cgroup() else { continue };
                 if let (Ok(pids), Ok(mut b)) = (cg.pids(), builds.lock()) {
-                    b.sample(&pids, now_unix_f64());
+                    b.sample(&pids, now_unix_f64(), &mut open);
                 }
                 let (now, high) = (cg.memory_current(), cg.memory_peak());
                 if let Some(v) = now {
