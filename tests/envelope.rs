@@ -1007,17 +1007,8 @@ fn a_spike_between_samples_is_drawn_where_it_happened() {
     );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let md = std::fs::read_to_string(&summary).unwrap();
-    let line = md
-        .lines()
-        .find(|l| l.trim_start().starts_with("line ["))
-        .unwrap_or_else(|| panic!("no memory chart: {md}"));
-    let points: Vec<u64> = line
-        .trim()
-        .trim_start_matches("line [")
-        .trim_end_matches(']')
-        .split(", ")
-        .map(|v| v.parse().unwrap())
-        .collect();
+    let points = common::memory_points(&md);
+    let line = format!("{points:?}");
     let (at, top) = points
         .iter()
         .copied()

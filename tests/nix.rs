@@ -430,21 +430,11 @@ nix-build hog.nix --no-out-link"#;
     let md = std::fs::read_to_string(&summary).unwrap();
     assert!(md.starts_with("### ❌ Out of memory: peak "), "{md}");
     assert!(err.contains("flywheel: out of memory: peak "), "{err}");
-    let memory_line = md
-        .lines()
-        .find(|l| l.trim_start().starts_with("line ["))
-        .unwrap_or_else(|| panic!("no memory chart: {md}"));
-    let top: u64 = memory_line
-        .trim()
-        .trim_start_matches("line [")
-        .trim_end_matches(']')
-        .split(", ")
-        .map(|v| v.parse::<u64>().unwrap())
-        .max()
-        .unwrap();
+    let points = common::memory_points(&md);
+    let top = points.iter().copied().max().unwrap();
     assert!(
         top >= 240,
-        "the chart reaches the 256 MiB envelope: {memory_line}"
+        "the chart reaches the 256 MiB envelope: {points:?}"
     );
     assert!(
         md.contains("> [!CAUTION]") && md.contains("while building `hog`"),
