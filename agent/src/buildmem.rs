@@ -114,7 +114,7 @@ pub struct BuildUse {
 }
 
 /// The memory of a job's builds, sample after sample.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct BuildMemory {
     /// The job's user: its processes (and root's) are never a build's.
     job_uid: u32,
@@ -128,12 +128,21 @@ pub struct BuildMemory {
     page: u64,
 }
 
+impl Default for BuildMemory {
+    /// A job run as root: every other user's process may be a build's.
+    fn default() -> BuildMemory {
+        BuildMemory::new(0)
+    }
+}
+
 impl BuildMemory {
     pub fn new(job_uid: u32) -> BuildMemory {
         BuildMemory {
             job_uid,
+            known: HashMap::new(),
+            peaks: HashMap::new(),
+            seen: HashMap::new(),
             page: page_size(),
-            ..BuildMemory::default()
         }
     }
 
