@@ -31,8 +31,8 @@ pub const ENVIRON_MAX: u64 = 128 << 10;
 /// At most this many environments are read at one sample (a build can fork many processes
 /// whose parent exits at once).
 pub const ENVIRON_READS: usize = 8;
-/// A build's name is cut to this many characters.
-const NAME_CHARS: usize = 200;
+/// A build's name is cut to this many characters (the longest name Nix allows in a store path).
+const NAME_CHARS: usize = 211;
 
 /// One process of the job at one sample.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -126,8 +126,10 @@ pub struct Build {
 /// names it); a build that did not finish ran at least until a sample last saw it (its log
 /// may have stopped earlier). `started_unix` is the job's start.
 pub fn attach_memory(builds: &mut [Build], seen: &[crate::buildmem::BuildUse], started_unix: f64) {
+    let by_name: std::collections::HashMap<&str, &crate::buildmem::BuildUse> =
+        seen.iter().map(|u| (u.name.as_str(), u)).collect();
     for b in builds {
-        let Some(u) = seen.iter().find(|u| u.name == b.name) else {
+        let Some(u) = by_name.get(b.name.as_str()) else {
             continue;
         };
         b.memory_bytes = Some(u.bytes);
