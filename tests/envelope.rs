@@ -987,3 +987,43 @@ fn a_full_work_filesystem_is_refused_before_the_job_and_a_job_that_fills_it_is_c
     std::fs::remove_file(f.work_root().join("filler")).expect("rm");
     assert!(f.leftover_work().is_empty(), "{:?}", f.leftover_work());
 }
+
+/// A spike between two samples in a job that ends idle: the memory chart draws it in the
+/// interval where it happened (the cgroup's high-water mark rose there), not as a last point.
+#[test]
+fn a_spike_between_samples_is_drawn_where_it_happened() {
+    if !privileged("spike") {
+        return;
+    }
+    let f = Fixture::new("spike", "256Mi", "");
+    let summary = f.dir.path().join("summary.md");
+    let o = f.exec(
+        &["--summary", summary.to_str().unwrap()],
+        &[
+            "sh",
+            "-c",
+            "sleep 1; head -c 50331648 /dev/zero | tail >/dev/null; sleep 1.5",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let md = std::fs::read_to_string(&summary).unwrap();
+    let points = common::memory_points(&md);
+    let line = format!("{points:?}");
+    let (at, top) = points
+        .iter()
+        .copied()
+        .enumerate()
+        .max_by_key(|(_, v)| *v)
+        .unwrap();
+    assert!(top >= 48, "the spike is drawn: {line}\n{}", stderr(&o));
+    // 250 ms points: the spike came after about a second, the job ended 1.5 s later.
+    assert!(
+        (2..points.len() - 3).contains(&at),
+        "the spike at point {at} of {}: {line}",
+        points.len()
+    );
+    assert!(
+        points.last().copied().unwrap() < top / 2,
+        "the job ended idle: {line}"
+    );
+}

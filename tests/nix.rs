@@ -430,28 +430,19 @@ nix-build hog.nix --no-out-link"#;
     let md = std::fs::read_to_string(&summary).unwrap();
     assert!(md.starts_with("### ❌ Out of memory: peak "), "{md}");
     assert!(err.contains("flywheel: out of memory: peak "), "{err}");
-    let memory_line = md
-        .lines()
-        .find(|l| l.trim_start().starts_with("line ["))
-        .unwrap_or_else(|| panic!("no memory chart: {md}"));
-    let top: u64 = memory_line
-        .trim()
-        .trim_start_matches("line [")
-        .trim_end_matches(']')
-        .split(", ")
-        .map(|v| v.parse::<u64>().unwrap())
-        .max()
-        .unwrap();
+    let points = common::memory_points(&md);
+    let top = points.iter().copied().max().unwrap();
     assert!(
         top >= 240,
-        "the chart reaches the 256 MiB envelope: {memory_line}"
+        "the chart reaches the 256 MiB envelope: {points:?}"
     );
     assert!(
         md.contains("> [!CAUTION]") && md.contains("while building `hog`"),
         "{md}"
     );
     assert!(
-        md.contains("hog :crit, "),
+        md.lines()
+            .any(|l| l.trim_start().starts_with("✗ hog") && l.contains(":crit, ")),
         "the timeline marks the killed build: {md}"
     );
     assert!(md.contains("Not finished (failed or killed): hog"), "{md}");
@@ -471,6 +462,91 @@ nix-build hog.nix --no-out-link"#;
     // The next job finds Nix warm, and its bootstrap time is reported apart from the job.
     let o = rig.exec(None, "true");
     assert!(stderr(&o).contains(": warm (verified in"), "{}", stderr(&o));
+}
+
+/// Two builds at once under the job's daemon, one holding 40 MiB, the other growing 16 MiB at
+/// a time until the kernel kills it: the summary and the OOM annotation name the build that
+/// used the memory, with its memory and the other build's, and the advice follows it.
+#[test]
+fn an_oom_names_the_build_that_used_the_memory_and_the_one_beside_it() {
+    if !privileged("nix-oom-by-build") {
+        return;
+    }
+    let rig = Rig::new("", None);
+    // Builders run with no PATH: every tool by its absolute path. The grower stops when its
+    // `tail` is killed; the holder holds its 40 MiB until Nix stops it.
+    let script = r#"cat > two.nix <<'EOF'
+let
+  build = name: cmd: derivation { inherit name; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" cmd ]; };
+in [
+  (build "grower" "while /usr/bin/head -c 16M /dev/zero; do /usr/bin/sleep 0.2; done | /usr/bin/tail >/dev/null")
+  (build "holder" "{ /usr/bin/head -c 40M /dev/zero; /usr/bin/sleep 12; } | /usr/bin/tail >/dev/null")
+]
+EOF
+nix-build two.nix --no-out-link --max-jobs 2"#;
+    let summary = rig.dir.path().join("summary.md");
+    let o = rig
+        .exec_command(
+            Some("nobody"),
+            &["--summary", summary.to_str().unwrap()],
+            script,
+        )
+        .env("GITHUB_ACTIONS", "true")
+        .output()
+        .expect("run");
+    let (err, out) = (stderr(&o), stdout(&o));
+    assert_ne!(o.status.code(), Some(0), "{err}");
+    let md = std::fs::read_to_string(&summary).unwrap();
+    assert!(md.starts_with("### ❌ Out of memory: peak "), "{md}");
+    // The grower was killed, and the gantt labels it with its memory.
+    assert!(md.contains("✗ grower ("), "{md}");
+    // The annotation: the grower first, with its memory, then the holder with less.
+    let annotation = out
+        .lines()
+        .find(|l| l.starts_with("::error title=Out of memory"))
+        .unwrap_or_else(|| panic!("no annotation: {out}\n{err}"));
+    let mib = |after: &str| -> f64 {
+        let rest = annotation
+            .split(after)
+            .nth(1)
+            .unwrap_or_else(|| panic!("{after:?} not in {annotation}"));
+        let figure = rest.split(" MiB").next().unwrap();
+        figure
+            .parse()
+            .unwrap_or_else(|_| panic!("{figure:?} in {annotation}"))
+    };
+    let grower = mib("`grower` used ");
+    let holder = mib("`holder` used ");
+    assert!(
+        annotation.contains(" of the 256.0 MiB envelope while `holder` used "),
+        "{annotation}"
+    );
+    assert!(
+        (36.0..=60.0).contains(&holder),
+        "the holder held 40 MiB: {annotation}"
+    );
+    assert!(
+        grower > 100.0 && grower <= 256.0 && grower > 2.0 * holder,
+        "the grower used the memory: {annotation}"
+    );
+    assert!(
+        annotation.contains("`grower` alone used ")
+            && annotation.contains("2 Nix builds ran at once here"),
+        "the advice follows the build that used the memory: {annotation}"
+    );
+    assert!(err.contains("`grower` used "), "exec says it too: {err}");
+    assert!(
+        err.contains("flywheel: memory by build (sampled): grower "),
+        "{err}"
+    );
+    // The summary's table: the grower first, the holder after it.
+    let table = md
+        .split("**Memory by build**")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no memory table: {md}"));
+    let (g, h) = (table.find("`grower`"), table.find("`holder`"));
+    assert!(g.is_some() && h.is_some() && g < h, "{md}");
+    println!("{md}\n{annotation}");
 }
 
 /// A static file server on loopback for a binary cache directory; returns its URL.
@@ -1367,7 +1443,9 @@ command -v xz >/dev/null && echo "xz is there" || echo "would sudo apt-get insta
         .find(|m| m.contains("[!CAUTION]"))
         .unwrap_or_else(|| panic!("no summary tells of the OOM: {summaries:?}"));
     assert!(
-        oom.contains("hog :crit, ") && oom.contains("while building `hog`"),
+        oom.lines()
+            .any(|l| l.trim_start().starts_with("✗ hog") && l.contains(":crit, "))
+            && oom.contains("while building `hog`"),
         "{oom}"
     );
     assert!(oom.contains("xychart-beta"), "{oom}");

@@ -1,7 +1,7 @@
 //! The job summaries as a workflow author sees them: every Mermaid block the summary can emit
-//! (a short job, an OOM, a two-hour job, 400 builds, a keyword-named build) rendered by the real
-//! Mermaid (npm, pinned by tests/setup.sh) in headless Chromium (Debian's), in a light and a
-//! dark page, at a half-hour time zone. Fails on any parse error and checks the facts a reader
+//! (a short job, an OOM, an OOM with memory by build, a two-hour job, 400 builds, a
+//! keyword-named build) rendered by the real Mermaid (npm, pinned by tests/setup.sh) in
+//! headless Chromium (Debian's), in a light and a dark page, at a half-hour time zone. Fails on any parse error and checks the facts a reader
 //! needs are in the drawn SVG; the screenshots are kept as files (the test prints where).
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -56,6 +56,7 @@ fn report(name_first: &str, builds: usize, secs: f64, oom: bool) -> Report {
                     start,
                     end: (start + secs / 3.0).min(secs),
                     failed: oom && i == 1,
+                    memory_bytes: None,
                 }
             })
             .collect(),
@@ -184,6 +185,20 @@ fn every_summary_chart_renders_with_the_facts_a_reader_needs() {
             "oom",
             report("llvm-18.1.8", 2, 40.0, true),
             vec!["✗ pkg-1-1.0", "00:00", "00:40"],
+        ),
+        (
+            "oom-memory-by-build",
+            {
+                let mut r = report("llvm-18.1.8", 2, 40.0, true);
+                r.builds[0].memory_bytes = Some(380 << 20);
+                r.builds[1].memory_bytes = Some(90 << 20);
+                r
+            },
+            vec![
+                "✓ llvm-18.1.8 (380.0 MiB)",
+                "✗ pkg-1-1.0 (90.0 MiB)",
+                "00:40",
+            ],
         ),
         (
             "two-hours",

@@ -110,6 +110,8 @@ fn oom_is_read_from_memory_events_with_memory_peak() {
     assert!(stats.oom_kills >= 1, "{stats:?}");
     let peak = stats.peak_bytes.expect("memory.peak");
     assert!(peak > 32 << 20 && peak <= 64 << 20, "{peak}");
+    // The sampler's read of the high-water mark alone is the same file.
+    assert_eq!(job.memory_peak(), Some(peak));
     job.destroy(Duration::from_secs(10)).expect("destroy");
 }
 

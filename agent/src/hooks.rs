@@ -765,14 +765,16 @@ fn job_report(h: &RunnerHooks) -> crate::summary::Report {
         .as_deref()
         .map(crate::envelope::read_built)
         .unwrap_or_default();
-    let builds = match (root, facts.build_logs.as_deref()) {
+    let mut builds = match (root, facts.build_logs.as_deref()) {
         (Some(r), Some(logs)) => crate::store::builds_since(r, logs, facts.started_unix, &built),
         _ => Vec::new(),
     };
+    let build_memory = facts.build_memory();
+    crate::summary::attach_memory(&mut builds, &build_memory, facts.started_unix);
     let paths = root.and_then(|r| crate::store::job_paths(r, &built, facts.started_unix as u64));
     let mut samples = facts.samples;
     if let (Some(s), Some(p)) = (samples.as_mut(), peak) {
-        s.close_with_peak(p);
+        s.close(p);
     }
     let oom = (kills > 0).then(|| {
         crate::verdict::oom_verdict(&crate::verdict::OomFacts {
@@ -797,6 +799,10 @@ fn job_report(h: &RunnerHooks) -> crate::summary::Report {
                 )
             }),
             ran_at_once: crate::summary::most_at_once(&builds),
+            build_memory: build_memory
+                .iter()
+                .map(|b| (b.name.clone(), b.bytes))
+                .collect(),
         })
     });
     let pids_hits = stats.pids_max_hits;

@@ -3,6 +3,7 @@
 
 pub mod attic;
 pub mod bazel;
+pub mod buildmem;
 pub mod cgroup;
 pub mod config;
 pub mod envelope;

@@ -145,6 +145,7 @@ pub fn builds_since(
                 start,
                 end: end.max(start),
                 failed: registered.is_none(),
+                memory_bytes: None,
             });
         }
     }

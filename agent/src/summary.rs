@@ -21,7 +21,10 @@ pub const MAX_BUILDS: usize = 30;
 /// A Mermaid block stays under this many characters (Mermaid's limit is 50 000).
 pub const MAX_DIAGRAM_CHARS: usize = 40_000;
 
-/// The job's memory over time: one value per `interval`, each the largest seen in it.
+/// The job's memory over time: one value per `interval`, each the largest seen in it. A
+/// point is the largest sample of its interval and, when the cgroup's high-water mark rose
+/// during the interval, that mark: every new peak is drawn in the interval where it was
+/// reached (between two samples, as an OOM often is), never appended as a point of its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Samples {
     /// How long one point covers: the sampling tick at first, doubled with every merge.
@@ -31,6 +34,8 @@ pub struct Samples {
     tick: Duration,
     /// Samples not yet making a whole point: (largest, count).
     pending: (u64, u32),
+    /// The cgroup's high-water mark at the last sample.
+    high: u64,
 }
 
 impl Samples {
@@ -40,7 +45,23 @@ impl Samples {
             bytes: Vec::new(),
             tick,
             pending: (0, 0),
+            high: 0,
         }
+    }
+
+    /// A sample: the job's memory now and the cgroup's high-water mark so far (v2
+    /// `memory.peak`, v1 `memory.max_usage_in_bytes`; None where the kernel has none). A mark
+    /// above the last one was reached since the last sample, so this sample's interval holds
+    /// it.
+    pub fn record(&mut self, now: u64, high: Option<u64>) {
+        let v = match high {
+            Some(h) if h > self.high => {
+                self.high = h;
+                now.max(h)
+            }
+            _ => now,
+        };
+        self.push(v);
     }
 
     /// Add a sample (one per tick); past [`MAX_SAMPLES`] points, merge neighbours and double
@@ -63,15 +84,17 @@ impl Samples {
         }
     }
 
-    /// End the series with the cgroup's peak when no sample caught it (a spike between two
-    /// samples, as an OOM often is).
-    pub fn close_with_peak(&mut self, peak: u64) {
+    /// End the series at the job's end with the cgroup's peak: a peak above the last sample's
+    /// high-water mark was reached after it, in the last (partial) interval, which then holds
+    /// it.
+    pub fn close(&mut self, peak: u64) {
+        if peak > self.high {
+            self.high = peak;
+            self.pending = (self.pending.0.max(peak), self.pending.1.max(1));
+        }
         if self.pending.1 > 0 {
             self.bytes.push(self.pending.0);
             self.pending = (0, 0);
-        }
-        if self.bytes.iter().all(|b| *b < peak) {
-            self.bytes.push(peak);
         }
     }
 
@@ -95,6 +118,25 @@ pub struct Build {
     pub end: f64,
     /// No output was registered: it failed, or was killed.
     pub failed: bool,
+    /// The most memory its processes used at one sample (see [`crate::buildmem`]).
+    pub memory_bytes: Option<u64>,
+}
+
+/// Each build's largest memory from the job's samples (by name, as the builder's environment
+/// names it); a build that did not finish ran at least until a sample last saw it (its log
+/// may have stopped earlier). `started_unix` is the job's start.
+pub fn attach_memory(builds: &mut [Build], seen: &[crate::buildmem::BuildUse], started_unix: f64) {
+    let by_name: std::collections::HashMap<&str, &crate::buildmem::BuildUse> =
+        seen.iter().map(|u| (u.name.as_str(), u)).collect();
+    for b in builds {
+        let Some(u) = by_name.get(b.name.as_str()) else {
+            continue;
+        };
+        b.memory_bytes = Some(u.bytes);
+        if b.failed {
+            b.end = b.end.max(u.last_seen - started_unix);
+        }
+    }
 }
 
 /// The most builds that ran at the same time (0 without builds).
@@ -317,9 +359,12 @@ fn build_chart(builds: &[&Build], elapsed: f64) -> String {
     for (i, b) in builds.iter().enumerate() {
         // A mark first: a derivation named like a Mermaid keyword (`topAxis-1`) stays a task.
         let line = format!(
-            "    {} {} :{}b{i}, {}, {}\n",
+            "    {} {}{} :{}b{i}, {}, {}\n",
             if b.failed { "✗" } else { "✓" },
             label(&b.name),
+            b.memory_bytes
+                .map(|m| format!(" ({})", Bytes(m)))
+                .unwrap_or_default(),
             if b.failed { "crit, " } else { "done, " },
             gantt_time(b.start),
             gantt_time(b.end.max(b.start + 0.001))
@@ -342,17 +387,19 @@ fn build_table(rest: &[&Build]) -> String {
             .unwrap_or(std::cmp::Ordering::Equal)
     });
     let mut out = format!(
-        "\n<details><summary>The other {} builds</summary>\n\n| build | started | took |\n| --- | --- | --- |\n",
+        "\n<details><summary>The other {} builds</summary>\n\n| build | started | took | memory |\n| --- | --- | --- | ---: |\n",
         rest.len()
     );
     for b in v.iter().take(TABLE_MAX) {
         let name = bounded_list(&[b.name.replace('|', "\\|")], 1, NAME_MAX);
         let _ = writeln!(
             out,
-            "| `{name}`{} | {} | {} |",
+            "| `{name}`{} | {} | {} | {} |",
             if b.failed { " (not finished)" } else { "" },
             human_duration(Duration::from_secs_f64(b.start.max(0.0))),
-            human_duration(Duration::from_secs_f64((b.end - b.start).max(0.0)))
+            human_duration(Duration::from_secs_f64((b.end - b.start).max(0.0))),
+            b.memory_bytes
+                .map_or_else(String::new, |m| Bytes(m).to_string())
         );
     }
     if rest.len() > TABLE_MAX {
@@ -364,6 +411,53 @@ fn build_table(rest: &[&Build]) -> String {
 
 /// At most this many builds in the table of those not drawn.
 pub const TABLE_MAX: usize = 200;
+/// At most this many builds in the table of memory by build.
+pub const MEMORY_TABLE_MAX: usize = 10;
+
+/// The builds whose memory was sampled, the largest first.
+fn by_memory(builds: &[Build]) -> Vec<&Build> {
+    let mut v: Vec<&Build> = builds.iter().filter(|b| b.memory_bytes.is_some()).collect();
+    v.sort_by_key(|b| std::cmp::Reverse(b.memory_bytes));
+    v
+}
+
+/// The builds that used the most memory, as a table (the largest first), and how the figures
+/// were taken.
+fn memory_table(r: &Report) -> String {
+    let v = by_memory(&r.builds);
+    if v.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "\n**Memory by build** (of the {} envelope):\n\n| build | memory | of the envelope | took |\n| --- | ---: | ---: | --- |\n",
+        Bytes(r.envelope_bytes)
+    );
+    for b in v.iter().take(MEMORY_TABLE_MAX) {
+        let m = b.memory_bytes.unwrap_or(0);
+        let name = bounded_list(&[b.name.replace('|', "\\|")], 1, NAME_MAX);
+        let _ = writeln!(
+            out,
+            "| {} `{name}` | {} | {:.0}% | {} |",
+            if b.failed { "✗" } else { "✓" },
+            Bytes(m),
+            percent(m, r.envelope_bytes),
+            human_duration(Duration::from_secs_f64((b.end - b.start).max(0.0)))
+        );
+    }
+    if v.len() > MEMORY_TABLE_MAX {
+        let _ = writeln!(
+            out,
+            "\nand {} builds that used less.",
+            v.len() - MEMORY_TABLE_MAX
+        );
+    }
+    let every = r.samples.as_ref().map_or(0.25, |s| s.tick.as_secs_f64());
+    let _ = writeln!(
+        out,
+        "\nThe most a build's processes held at one sample (every {every:.2} s): their anonymous memory, what compilers and linkers allocate. Files, the page cache and tmpfs are the job's, not a build's; a spike between samples shows in the job's line only."
+    );
+    out
+}
 
 /// How the job's memory went, in a word: what the verdict line starts with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -516,6 +610,7 @@ pub fn markdown(r: &Report) -> String {
                 .collect();
             out.push_str(&build_table(&rest));
         }
+        out.push_str(&memory_table(r));
         let failed: Vec<&str> = r
             .builds
             .iter()
@@ -583,6 +678,18 @@ pub fn text(r: &Report) -> String {
     if let Some((built, subst)) = r.paths {
         let _ = writeln!(out, "flywheel: nix: {}", store_work(built, subst));
     }
+    let biggest = by_memory(&r.builds);
+    if !biggest.is_empty() {
+        let named: Vec<String> = biggest
+            .iter()
+            .map(|b| format!("{} {}", b.name, Bytes(b.memory_bytes.unwrap_or(0))))
+            .collect();
+        let _ = writeln!(
+            out,
+            "flywheel: memory by build (sampled): {}",
+            bounded_list(&named, 3, NAME_MAX)
+        );
+    }
     let mut longest: Vec<&Build> = r.builds.iter().collect();
     longest.sort_by(|a, b| {
         (b.end - b.start)
@@ -592,9 +699,12 @@ pub fn text(r: &Report) -> String {
     for b in longest.iter().take(5) {
         let _ = writeln!(
             out,
-            "flywheel: build {} {:.1} s{}",
+            "flywheel: build {} {:.1} s{}{}",
             b.name,
             b.end - b.start,
+            b.memory_bytes
+                .map(|m| format!(", {}", Bytes(m)))
+                .unwrap_or_default(),
             if b.failed { " (not finished)" } else { "" }
         );
     }
@@ -724,6 +834,7 @@ mod tests {
                     start: i as f64,
                     end: i as f64 + (i % 97) as f64,
                     failed: i == 7,
+                    memory_bytes: None,
                 })
                 .collect(),
             bootstrap: Some("nix 2.34.0: warm (verified in 0.2 ms)".into()),
@@ -744,6 +855,7 @@ mod tests {
                 start: 0.0,
                 end: 1.0,
                 failed: true,
+                memory_bytes: None,
             })
             .collect();
         let md = markdown(&r);
@@ -858,6 +970,7 @@ mod tests {
             start: 0.2,
             end: 1.1,
             failed: false,
+            memory_bytes: None,
         }];
         let md = markdown(&r);
         assert!(
@@ -890,6 +1003,7 @@ mod tests {
             start,
             end,
             failed: false,
+            memory_bytes: None,
         };
         assert_eq!(most_at_once(&[]), 0);
         assert_eq!(most_at_once(&[b(0.0, 1.0), b(1.0, 2.0)]), 1);
@@ -915,8 +1029,80 @@ mod tests {
         );
         s.push(0);
         assert_eq!(s.points().last().copied(), Some(1000));
-        s.close_with_peak(5000);
+        s.close(5000);
         assert_eq!(s.points().last().copied(), Some(5000));
+    }
+
+    #[test]
+    fn a_peak_between_samples_is_drawn_in_the_interval_where_it_rose() {
+        let mut s = Samples::new(Duration::from_secs(1));
+        // The mark rose to 300 between the second and third samples, then fell back.
+        s.record(10, Some(10));
+        s.record(20, Some(20));
+        s.record(30, Some(300));
+        s.record(40, Some(300));
+        // A later spike below the old mark is not seen (the mark did not rise).
+        s.record(50, Some(300));
+        assert_eq!(s.points(), [10, 20, 300, 40, 50]);
+        // The job's end: a peak above the last mark rose in the last, partial interval; no
+        // point is added for a peak already drawn.
+        let mut a = s.clone();
+        a.close(300);
+        assert_eq!(a.points(), [10, 20, 300, 40, 50]);
+        s.close(900);
+        assert_eq!(s.points(), [10, 20, 300, 40, 50, 900]);
+        // Without a mark (a kernel without `memory.peak`), the samples alone.
+        let mut n = Samples::new(Duration::from_secs(1));
+        n.record(7, None);
+        n.record(8, None);
+        assert_eq!(n.points(), [7, 8]);
+    }
+
+    #[test]
+    fn memory_by_build_is_a_table_the_largest_first_and_labels_the_gantt() {
+        let mut r = report(8, 3);
+        r.elapsed = Duration::from_secs(120);
+        let seen = |name: &str, bytes, last_seen| crate::buildmem::BuildUse {
+            name: name.into(),
+            bytes,
+            last_seen,
+        };
+        // Build 1 ends at 2 s by its log, build 2 (not finished) at 4 s, though a sample saw
+        // it at 5.5 s.
+        r.builds[2].failed = true;
+        attach_memory(
+            &mut r.builds,
+            &[
+                seen("package-number-2-1.0", 5 << 30, 1005.5),
+                seen("package-number-1-1.0", 2 << 30, 1009.0),
+            ],
+            1000.0,
+        );
+        assert_eq!(r.builds[0].memory_bytes, None);
+        assert_eq!((r.builds[1].end, r.builds[2].end), (2.0, 5.5));
+        let md = markdown(&r);
+        let table = md
+            .split("**Memory by build** (of the 8.0 GiB envelope):")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no table: {md}"));
+        let big = table.find("| ✗ `package-number-2-1.0` | 5.0 GiB | 62% |");
+        let small = table.find("| ✓ `package-number-1-1.0` | 2.0 GiB | 25% |");
+        assert!(big.is_some() && small.is_some() && big < small, "{md}");
+        assert!(!table.contains("package-number-0-1.0"), "{md}");
+        assert!(table.contains("anonymous memory"), "how exact it is: {md}");
+        assert!(
+            md.contains("    ✗ package-number-2-1.0 (5.0 GiB) :crit, "),
+            "{md}"
+        );
+        let t = text(&r);
+        assert!(
+            t.contains("flywheel: memory by build (sampled): package-number-2-1.0 5.0 GiB, package-number-1-1.0 2.0 GiB\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("flywheel: build package-number-2-1.0 3.5 s, 5.0 GiB (not finished)\n"),
+            "{t}"
+        );
     }
 
     #[test]

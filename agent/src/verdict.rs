@@ -30,6 +30,42 @@ pub struct OomFacts<'a> {
     /// The most of the job's Nix builds that ran at once (0: no builds known): what the
     /// advice is based on, rather than the lane's setting (a job may pass `-j`).
     pub ran_at_once: u32,
+    /// Nix lanes: each build's largest memory (sampled, see [`crate::buildmem`]), the largest
+    /// first.
+    pub build_memory: Vec<(String, u64)>,
+}
+
+/// The share of the envelope one build may use before the advice is about that build alone.
+const ONE_BUILD_SHARE: u64 = 2;
+
+/// Which build used the memory, in words: "`llvm` used 5.1 GiB of the 8.0 GiB envelope
+/// while `boost` used 2.4 GiB" (the largest three).
+fn memory_words(f: &OomFacts<'_>) -> String {
+    let name = |n: &str| {
+        format!(
+            "`{}`",
+            crate::summary::bounded_list(&[n], 1, crate::summary::NAME_MAX)
+        )
+    };
+    let mut it = f.build_memory.iter().filter(|(_, b)| *b > 0).take(3);
+    let Some((first, bytes)) = it.next() else {
+        return String::new();
+    };
+    let others: Vec<String> = it
+        .map(|(n, b)| format!("{} used {}", name(n), Bytes(*b)))
+        .collect();
+    let mut out = format!(
+        "; {} used {} of the {} envelope",
+        name(first),
+        Bytes(*bytes),
+        Bytes(f.envelope_bytes)
+    );
+    if !others.is_empty() {
+        out.push_str(" while ");
+        out.push_str(&others.join(" and "));
+    }
+    out.push_str(" (sampled)");
+    out
 }
 
 /// The verdict printed on stderr when the job's cgroup saw an OOM kill.
@@ -73,7 +109,24 @@ pub fn oom_verdict(f: &OomFacts<'_>) -> String {
         .parallel
         .map(|(jobs, _)| format!(", the lane allows {jobs}"))
         .unwrap_or_default();
+    let biggest = f
+        .build_memory
+        .first()
+        .filter(|(_, b)| b.saturating_mul(ONE_BUILD_SHARE) >= f.envelope_bytes);
     let fewer = match (f.ran_at_once, f.parallel) {
+        (n, _) if biggest.is_some() => {
+            let (name, bytes) = biggest.map_or(("", 0), |(n, b)| (n.as_str(), *b));
+            let beside = if n > 1 {
+                format!("build it with nothing beside it (`--max-jobs 1`: {n} Nix builds ran at once here) and ")
+            } else {
+                String::new()
+            };
+            format!(
+                "`{}` alone used {:.0}% of the envelope: {beside}lower its own parallelism (`--cores 1`, make -j1, cargo -j1)",
+                crate::summary::bounded_list(&[name], 1, crate::summary::NAME_MAX),
+                bytes as f64 * 100.0 / f.envelope_bytes.max(1) as f64
+            )
+        }
         (n, _) if n > 1 => format!(
             "lower the build's parallelism ({n} Nix builds ran at once here{allowed}: try `--max-jobs {}`; make -j, cargo -j likewise)",
             (n / 2).max(1)
@@ -118,9 +171,10 @@ pub fn oom_verdict(f: &OomFacts<'_>) -> String {
         }
     };
     format!(
-        "flywheel: out of memory: this job on lane `{}` reached its memory envelope of {} (peak {peak}){building}; {who}. What to do: {advice}.",
+        "flywheel: out of memory: this job on lane `{}` reached its memory envelope of {} (peak {peak}){building}{}; {who}. What to do: {advice}.",
         f.lane,
         Bytes(f.envelope_bytes),
+        memory_words(f),
     )
 }
 
@@ -230,6 +284,7 @@ mod tests {
             building: vec!["hog".into()],
             parallel: Some((4, 2 << 30)),
             ran_at_once: 0,
+            build_memory: Vec::new(),
         });
         for frag in [
             "out of memory",
@@ -268,6 +323,7 @@ mod tests {
                 .collect(),
             parallel: None,
             ran_at_once: 0,
+            build_memory: Vec::new(),
         });
         assert!(v.len() < 3000, "{} bytes: {v}", v.len());
         assert!(v.contains(", and 290 more;"), "{v}");
@@ -290,6 +346,7 @@ mod tests {
             building: Vec::new(),
             parallel: None,
             ran_at_once: 0,
+            build_memory: Vec::new(),
         });
         assert!(
             v.contains("killed 3 processes")
@@ -299,9 +356,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_advice_follows_the_builds_that_ran_at_once_not_the_lane() {
-        let facts = |ran_at_once| OomFacts {
+    /// One OOM kill in an 8 GiB envelope while `boost` and `llvm` were building.
+    fn two_builds(parallel: (u32, u64), ran_at_once: u32) -> OomFacts<'static> {
+        OomFacts {
             lane: "tinyland-nix",
             envelope_bytes: 8 << 30,
             stats: Stats {
@@ -312,9 +369,15 @@ mod tests {
             killed: vec![],
             bigger_lane: None,
             building: vec!["boost".into(), "llvm".into()],
-            parallel: Some((1, 8 << 30)),
+            parallel: Some(parallel),
             ran_at_once,
-        };
+            build_memory: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_advice_follows_the_builds_that_ran_at_once_not_the_lane() {
+        let facts = |ran_at_once| two_builds((1, 8 << 30), ran_at_once);
         let v = oom_verdict(&facts(3));
         assert!(
             v.contains("3 Nix builds ran at once here, the lane allows 1: try `--max-jobs 1`"),
@@ -326,6 +389,40 @@ mod tests {
         let v = oom_verdict(&facts(0));
         assert!(
             v.contains("Nix builds one derivation at a time here"),
+            "{v}"
+        );
+    }
+
+    #[test]
+    fn the_verdict_names_the_build_that_used_the_memory() {
+        let mut f = OomFacts {
+            build_memory: vec![
+                ("llvm-18.1.8".into(), 5476 << 20),
+                ("boost".into(), 2458 << 20),
+                ("zlib".into(), 1 << 20),
+                ("smallest".into(), 1 << 10),
+            ],
+            ..two_builds((4, 2 << 30), 2)
+        };
+        let v = oom_verdict(&f);
+        assert!(
+            v.contains("; `llvm-18.1.8` used 5.3 GiB of the 8.0 GiB envelope while `boost` used 2.4 GiB and `zlib` used 1.0 MiB (sampled);"),
+            "{v}"
+        );
+        assert!(!v.contains("smallest"), "the largest three only: {v}");
+        assert!(
+            v.contains("`llvm-18.1.8` alone used 67% of the envelope: build it with nothing beside it (`--max-jobs 1`: 2 Nix builds ran at once here) and lower its own parallelism (`--cores 1`"),
+            "{v}"
+        );
+        // Memory spread over builds that ran at once: fewer at once.
+        f.build_memory = vec![("a".into(), 3 << 30), ("b".into(), 3 << 30)];
+        let v = oom_verdict(&f);
+        assert!(
+            v.contains("2 Nix builds ran at once here, the lane allows 4: try `--max-jobs 1`"),
+            "{v}"
+        );
+        assert!(
+            v.contains("`a` used 3.0 GiB of the 8.0 GiB envelope while `b` used 3.0 GiB"),
             "{v}"
         );
     }

@@ -356,3 +356,17 @@ pub fn runner_pool() -> &'static str {
     });
     "fwt-{n}"
 }
+
+/// The job's memory points (MiB) of a job summary's memory chart: its first `line [...]`.
+pub fn memory_points(md: &str) -> Vec<u64> {
+    let line = md
+        .lines()
+        .find(|l| l.trim_start().starts_with("line ["))
+        .unwrap_or_else(|| panic!("no memory chart: {md}"));
+    line.trim()
+        .trim_start_matches("line [")
+        .trim_end_matches(']')
+        .split(", ")
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("{v:?} in {line}")))
+        .collect()
+}

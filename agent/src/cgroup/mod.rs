@@ -250,6 +250,13 @@ pub trait JobCgroup: Debug + Send + Sync {
     /// The job's memory use now (v2 `memory.current`, v1 `memory.usage_in_bytes`).
     fn memory_current(&self) -> Option<u64>;
 
+    /// The job's memory high-water mark so far (v2 `memory.peak`, v1
+    /// `memory.max_usage_in_bytes`): the peak in [`Stats`], read alone. None where the kernel
+    /// keeps none.
+    fn memory_peak(&self) -> Option<u64> {
+        None
+    }
+
     /// A v2 `cgroup.events` of the job: the kernel marks it modified when the job's
     /// `populated` flag changes, so teardown waits on it instead of sleeping.
     fn events_file(&self) -> Option<PathBuf> {

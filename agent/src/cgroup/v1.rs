@@ -187,6 +187,10 @@ impl JobCgroup for V1Job {
         read_number(&self.memory.join("memory.usage_in_bytes"))
     }
 
+    fn memory_peak(&self) -> Option<u64> {
+        read_number(&self.memory.join("memory.max_usage_in_bytes"))
+    }
+
     fn events_file(&self) -> Option<PathBuf> {
         self.unified
             .as_ref()
@@ -328,6 +332,7 @@ mod tests {
         )
         .expect("w");
         fs::write(mem.join("memory.max_usage_in_bytes"), "67108864\n").expect("w");
+        assert_eq!(v1.open("j").memory_peak(), Some(64 << 20));
         let s = v1.open("j").stats().expect("stats");
         assert_eq!(
             s,

@@ -221,6 +221,10 @@ impl JobCgroup for V2Job {
         read_number(&self.dir.join("memory.current"))
     }
 
+    fn memory_peak(&self) -> Option<u64> {
+        read_number(&self.dir.join("memory.peak"))
+    }
+
     fn events_file(&self) -> Option<PathBuf> {
         Some(self.dir.join("cgroup.events"))
     }
@@ -360,6 +364,7 @@ mod tests {
         fs::write(dir.join("pids.events"), "max 7\n").expect("w");
         fs::write(dir.join("cgroup.events"), "populated 0\nfrozen 0\n").expect("w");
         let job = v2.open("j");
+        assert_eq!(job.memory_peak(), Some(64 << 20));
         assert_eq!(
             job.stats().expect("stats"),
             Stats {

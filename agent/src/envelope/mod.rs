@@ -254,10 +254,9 @@ impl JobOutcome {
     /// The job's summary: memory over time, builds, bootstrap, verdicts.
     pub fn report(&self, lane: &str, envelope_bytes: u64) -> crate::summary::Report {
         let mut samples = self.samples.clone();
-        // A spike between two samples (an OOM is often one) still shows: the peak closes the
-        // chart.
+        // A peak after the last sample (an OOM often is one) is the last interval's.
         if let (Some(s), Some(peak)) = (samples.as_mut(), self.stats.peak_bytes) {
-            s.close_with_peak(peak);
+            s.close(peak);
         }
         let paths = self.paths;
         crate::summary::Report {

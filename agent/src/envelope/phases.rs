@@ -320,6 +320,9 @@ pub(super) async fn run_job_inner<P: Processes>(
             nix_root: spec.nix.as_ref().map(|_| phys_nix.clone()),
             built: spec.nix.as_ref().map(|n| built_list(n, &job)),
             build_logs: spec.nix.as_ref().map(|n| build_logs(n, &job)),
+            build_memory: std::sync::Arc::new(std::sync::Mutex::new(
+                crate::buildmem::BuildMemory::new(uid),
+            )),
         }
     });
     let sampler = probe.sample(&spec.background);
@@ -396,7 +399,7 @@ pub(super) async fn run_job_inner<P: Processes>(
     let built_record = facts.built.as_deref().map(read_built).unwrap_or_default();
     // The store's database is read on a blocking thread.
     // Read before teardown: an untrusted job's store is its layer, gone after it.
-    let (builds, paths) = match (facts.nix_root.clone(), facts.build_logs.clone()) {
+    let (mut builds, paths) = match (facts.nix_root.clone(), facts.build_logs.clone()) {
         (Some(root), Some(logs)) => {
             let (since, record) = (facts.started_unix, built_record.clone());
             tokio::task::spawn_blocking(move || {
@@ -410,6 +413,8 @@ pub(super) async fn run_job_inner<P: Processes>(
         }
         _ => (Vec::new(), None),
     };
+    let build_memory = facts.build_memory();
+    crate::summary::attach_memory(&mut builds, &build_memory, facts.started_unix);
 
     let t_down = Instant::now();
     let torn = teardown(&mut guard, cfg, &stop, procs)
@@ -491,6 +496,10 @@ pub(super) async fn run_job_inner<P: Processes>(
                 )
             }),
             ran_at_once: crate::summary::most_at_once(&builds),
+            build_memory: build_memory
+                .iter()
+                .map(|b| (b.name.clone(), b.bytes))
+                .collect(),
         })
     });
     let pids_note = (stats.pids_max_hits > 0)

@@ -38,6 +38,19 @@ pub struct JobFacts {
     pub built: Option<PathBuf>,
     /// The job's daemon's own build log directory.
     pub build_logs: Option<PathBuf>,
+    /// The memory of each of its Nix builds (see [`crate::buildmem`]), updated by the
+    /// sampler.
+    pub build_memory: std::sync::Arc<std::sync::Mutex<crate::buildmem::BuildMemory>>,
+}
+
+impl JobFacts {
+    /// Each Nix build's largest memory so far, the largest first.
+    pub fn build_memory(&self) -> Vec<crate::buildmem::BuildUse> {
+        self.build_memory
+            .lock()
+            .map(|m| m.peaks())
+            .unwrap_or_default()
+    }
 }
 
 /// How often a job's memory is sampled at first (merged to coarser steps for long jobs).
@@ -55,19 +68,28 @@ impl JobProbe {
         }
     }
 
-    /// Sample the job's memory every [`SAMPLE_INTERVAL`] until the task is aborted.
+    /// Sample the job's memory every [`SAMPLE_INTERVAL`] until the task is aborted: the
+    /// cgroup's use and high-water mark, and the memory of each of its Nix builds.
     pub(super) fn sample(&self, bg: &crate::tasks::Background) -> tokio::task::JoinHandle<()> {
         let probe = self.clone();
         bg.spawn(async move {
             let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let builds = probe.facts().build_memory;
+            // The build processes' `statm` files, closed when this task ends.
+            let mut open = crate::buildmem::Handles::default();
             loop {
                 tick.tick().await;
-                if let Some(v) = probe.memory_current() {
+                let Some(cg) = probe.cgroup() else { continue };
+                if let (Ok(pids), Ok(mut b)) = (cg.pids(), builds.lock()) {
+                    b.sample(&pids, now_unix_f64(), &mut open);
+                }
+                let (now, high) = (cg.memory_current(), cg.memory_peak());
+                if let Some(v) = now {
                     probe.with_facts(|f| {
                         f.samples
                             .get_or_insert_with(|| crate::summary::Samples::new(SAMPLE_INTERVAL))
-                            .push(v);
+                            .record(v, high);
                     });
                 }
             }
