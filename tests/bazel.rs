@@ -390,3 +390,66 @@ fn through_real_nginx_a_trusted_jobs_blob_lands_only_under_its_own_hash_and_an_u
     assert_eq!(cas, vec![bz::sha256_hex(good.as_bytes())]);
     assert_eq!(read(&nginx.root.join("cas").join(&cas[0])), good);
 }
+
+#[test]
+fn in_an_arc_pods_own_network_the_endpoint_is_the_pods_and_a_pool_refuses_that_network() {
+    if !privileged("bazel-pod-network") || !bz::tools("bazel-pod-network") {
+        return;
+    }
+    // The "pod": the namespace the upstream runs in stands for a pod's own network, where the
+    // agent (its entrypoint) and its one job run.
+    let net = common::netns::Internet::new();
+    let dir = common::open_tempdir("flywheel-bazel-pod");
+    let nginx = Nginx::start(&dir.path().join("nginx"), Some(&net.ns), net.remote);
+    let cred = bz::credential_file(dir.path(), &nginx);
+    let shared = common::shared_dir(dir.path());
+    let f = Fixture::with_tail(
+        "bzp",
+        "256Mi",
+        "network = \"pod\"",
+        &format!(
+            "[lane.bazel]\nupstream = \"{}\"\nwrite_credential_file = \"{}\"\n",
+            nginx.url(bz::CACHE),
+            cred.display()
+        ),
+    );
+    let user = common::runner_pool().replace("{n}", "14");
+    let blob = "a blob written from a pod\n";
+    let name = bz::sha256_hex(blob.as_bytes());
+    let out = shared.join("pod");
+    let script = format!(
+        "echo $BAZEL_REMOTE_CACHE > {o}; printf 'a blob written from a pod\\n' > $HOME/b && curl -s -o /dev/null -w '%{{http_code}}\\n' -X PUT --data-binary @$HOME/b $BAZEL_REMOTE_CACHE/cas/{name} >> {o}; curl -s -o /dev/null -w '%{{http_code}}\\n' $BAZEL_REMOTE_CACHE/cas/{name} >> {o}",
+        o = out.display()
+    );
+    let c = f.exec_cmd(&["--user", &user], &["sh", "-c", &script]);
+    let mut in_pod = Command::new("nsenter");
+    in_pod
+        .arg(format!("--net=/run/netns/{}", net.ns))
+        .arg(c.get_program())
+        .args(c.get_args());
+    for (k, v) in c.get_envs() {
+        if let Some(v) = v {
+            in_pod.env(k, v);
+        }
+    }
+    let o = in_pod.output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // The job's endpoint was on the pod's loopback: its write went up with the agent's
+    // credential (the job holds none) and its read came back through it.
+    assert_eq!(read(&out), "http://127.0.0.1:8980\n200\n200\n");
+    assert_eq!(nginx.entries("cas"), vec![name.clone()]);
+    assert_eq!(read(&nginx.root.join("cas").join(&name)), blob);
+    // A pool of runners would share that network: `run` refuses it before anything runs.
+    let o = Command::new(common::AGENT)
+        .args(["run", "--config"])
+        .arg(&f.config)
+        .env_remove("ACTIONS_RUNNER_INPUT_JITCONFIG")
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(78), "{e}");
+    assert!(
+        e.contains("network = \"pod\", the network of an ARC runner pod"),
+        "{e}"
+    );
+}

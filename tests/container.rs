@@ -70,7 +70,7 @@ nix_store = "/nix"
 slot_root = "/var/lib/flywheel/slots/{lane}"
 slots = 2
 slot_max_size = "2Gi"
-network = "host"
+network = "pod"
 "#,
                 nix = nixtar::image_nix_section(),
             ),

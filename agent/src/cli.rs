@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use flywheel_agent::cgroup;
-use flywheel_agent::config::{self, Config, HostFacts};
+use flywheel_agent::config::{self, Config, HostFacts, Network};
 use flywheel_agent::envelope::{self, JobSpec, JobUser, Stop, StopMode};
 use flywheel_agent::exit;
 use flywheel_agent::reaper::Reaper;
@@ -1003,6 +1003,16 @@ fn run_inner(
     jit: Option<Secret<String>>,
 ) -> anyhow::Result<i32> {
     let cfg = config::load(config.as_deref(), host)?;
+    if jit.is_none() {
+        // A pool's runners would share one network: `pod` is an ARC pod's, one job each.
+        if let Some(l) = cfg.lanes.iter().find(|l| l.network == Network::Pod) {
+            return Err(ConfigProblem(format!(
+                "{}: lane {:?} has network = \"pod\", the network of an ARC runner pod (one job per pod); `run` keeps a pool of runners here, whose jobs would share it: use network = \"isolated\" (or run the agent as an ARC pod's entrypoint)",
+                cfg.origin, l.name
+            ))
+            .into());
+        }
+    }
     config::check_host(&cfg)?;
     // Every slot's user exists and cannot become root, before anything starts.
     for lane in &cfg.lanes {

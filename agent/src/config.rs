@@ -137,8 +137,10 @@ pub struct Lane {
 }
 
 /// A lane's network: `isolated` (the default: a network namespace per job, egress through
-/// the host's NAT, nothing on the host or in other jobs reachable) or `host` (the host's
-/// network namespace, shared with every other job and the agent).
+/// the host's NAT, nothing on the host or in other jobs reachable), `host` (the host's
+/// network namespace, shared with every other job and the agent) or `pod` (the agent's own
+/// network namespace, which is the job's alone: an ARC runner pod runs one job; `run` with a
+/// pool of runners refuses it).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub enum Network {
     Isolated {
@@ -148,6 +150,14 @@ pub enum Network {
         dns: Vec<std::net::Ipv4Addr>,
     },
     Host,
+    Pod,
+}
+
+impl Network {
+    /// Whether the job's network namespace is its own (no other job shares its loopback).
+    pub fn is_the_jobs_own(&self) -> bool {
+        !matches!(self, Network::Host)
+    }
 }
 
 impl Lane {
@@ -1257,9 +1267,9 @@ fn validate_lane(
             if let Some(h) = &h_bazel_at {
                 return Err(cx.err_at(Some(*h), format!("lane {name:?}: hints.bazel_remote_cache and [lane.bazel] both name a Bazel cache: remove hints.bazel_remote_cache (with [lane.bazel] each job's BAZEL_REMOTE_CACHE is its own endpoint)")));
             }
-            let isolated = matches!(network, Network::Isolated { .. });
+            let own = network.is_the_jobs_own();
             Some(
-                crate::bazel::conf::check(&name, b.into_inner(), Some(at), isolated, &|o| {
+                crate::bazel::conf::check(&name, b.into_inner(), Some(at), own, &|o| {
                     line_col(cx.src, o)
                 })
                 .map_err(|e| cx.err_at(e.at, e.message))?,
@@ -1308,18 +1318,23 @@ fn lane_network(
 ) -> Result<Network, ConfigError> {
     match mode.as_ref().map(|m| m.get_ref().as_str()) {
         None | Some("isolated") => {}
-        Some("host") => {
+        Some(m @ ("host" | "pod")) => {
+            let reaches = if m == "host" { "the host" } else { "the pod" };
             if let Some(a) = &allow_metadata {
-                return Err(cx.err(a, format!("lane {name:?}: allow_metadata needs network = \"isolated\": with network = \"host\" a job reaches everything the host reaches")));
+                return Err(cx.err(a, format!("lane {name:?}: allow_metadata needs network = \"isolated\": with network = {m:?} a job reaches everything {reaches} reaches")));
             }
             if let Some(d) = dns.as_ref().and_then(|d| d.first()) {
-                return Err(cx.err(d, format!("lane {name:?}: dns needs network = \"isolated\": with network = \"host\" a job uses the host's resolver")));
+                return Err(cx.err(d, format!("lane {name:?}: dns needs network = \"isolated\": with network = {m:?} a job uses {reaches}'s resolver")));
             }
-            return Ok(Network::Host);
+            return Ok(if m == "host" {
+                Network::Host
+            } else {
+                Network::Pod
+            });
         }
         Some(other) => {
             let m = mode.as_ref().map(|m| m.span().start);
-            return Err(cx.err_at(m, format!("lane {name:?}: network {other:?} is not a network: use \"isolated\" (a network namespace per job, the default) or \"host\" (the host's network, shared with other jobs and the agent)")));
+            return Err(cx.err_at(m, format!("lane {name:?}: network {other:?} is not a network: use \"isolated\" (a network namespace per job, the default), \"host\" (the host's network, shared with other jobs and the agent) or \"pod\" (an ARC runner pod's own network, one job per pod)")));
         }
     }
     let mut servers = Vec::new();
@@ -1468,6 +1483,11 @@ nix_extra_conf = "fallback = true"
             }
         );
         assert_eq!(n.lanes[1].network, Network::Host);
+        // An ARC pod's own network: a Bazel endpoint on its loopback is its one job's.
+        let p = file("[[lane]]\nname = \"a\"\nmemory = \"1Gi\"\nnetwork = \"pod\"\n[lane.bazel]\nupstream = \"http://cache.example:8080\"\n").expect("parses");
+        assert_eq!(p.lanes[0].network, Network::Pod);
+        assert!(p.lanes[0].network.is_the_jobs_own() && p.lanes[0].bazel.is_some());
+        assert!(!Network::Host.is_the_jobs_own());
     }
 
     #[test]
@@ -1512,6 +1532,8 @@ nix_extra_conf = "fallback = true"
             (lane("network = \"none\"\n"), Some((4, 11)), "network \"none\" is not a network"),
             (lane("network = \"host\"\nallow_metadata = true\n"), Some((5, 18)), "allow_metadata needs network = \"isolated\""),
             (lane("network = \"host\"\ndns = [\"192.0.2.53\"]\n"), Some((5, 8)), "dns needs network"),
+            (lane("network = \"pod\"\nallow_metadata = false\n"), Some((5, 18)), "with network = \"pod\" a job reaches everything the pod reaches"),
+            (lane("network = \"host\"\n[lane.bazel]\nupstream = \"http://cache.example\"\n"), Some((5, 1)), "[lane.bazel] needs network = \"isolated\" (or \"pod\""),
             (lane("dns = [\"192.0.2.53\", \"resolver\"]\n"), Some((4, 22)), "is not an IPv4 address"),
             (lane("dns = [\"127.0.0.53\"]\n"), Some((4, 8)), "the job's own loopback"),
             (lane("slot_root = \"/nix/slots\"\n"), Some((4, 13)), "lies inside"),

@@ -62,14 +62,14 @@ fn bad<T>(s: &Spanned<T>, message: String) -> Bad {
     }
 }
 
-/// Check `[lane.bazel]` of lane `name`; `table` is where the table starts, `isolated` whether
-/// the lane's jobs get a network namespace of their own (the endpoint lives there); `pos`
+/// Check `[lane.bazel]` of lane `name`; `table` is where the table starts, `own_network` whether
+/// each job has a network namespace of its own (`isolated`, or `pod`) (the endpoint lives there); `pos`
 /// turns a byte offset into line and column.
 pub fn check(
     name: &str,
     raw: RawBazel,
     table: Option<usize>,
-    isolated: bool,
+    own_network: bool,
     pos: &dyn Fn(usize) -> (usize, usize),
 ) -> Result<BazelSettings, Bad> {
     let Some(up) = raw.upstream else {
@@ -92,10 +92,10 @@ pub fn check(
             return Err(bad(p, format!("lane {name:?}: bazel.protocol {:?} is not served: use \"http\" (Bazel's /ac and /cas HTTP cache protocol; REAPI over gRPC is not supported yet)", p.get_ref())));
         }
     }
-    if !isolated {
+    if !own_network {
         return Err(Bad {
             at: table,
-            message: format!("lane {name:?}: [lane.bazel] needs network = \"isolated\": each job's cache endpoint is on the loopback of the job's own network namespace, and with network = \"host\" every job could reach every other job's endpoint"),
+            message: format!("lane {name:?}: [lane.bazel] needs network = \"isolated\" (or \"pod\" in an ARC runner pod): each job's cache endpoint is on the loopback of the job's own network namespace, and with network = \"host\" every job could reach every other job's endpoint"),
         });
     }
     let file = |f: Option<Spanned<PathBuf>>, key: &str| -> Result<Option<PathBuf>, Bad> {

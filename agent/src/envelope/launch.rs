@@ -60,14 +60,20 @@ pub(super) async fn launch(
     let net = job_network(spec, &job_dir, &mut mounts, reaper).await?;
     if let Some(cache) = &spec.bazel {
         // Before anything of the job runs: its endpoint is there when its first step is.
-        let Some(n) = &net else {
-            return Err(EnvelopeError::Bazel(crate::bazel::BazelError::Bind(
+        match (&net, &spec.lane.network) {
+            (Some(n), _) => cache.start(n.fd(), &spec.background)?,
+            // An ARC pod's network is its one job's: the endpoint is on the pod's loopback.
+            (None, Network::Pod) => {
+                let own = std::fs::File::open("/proc/self/ns/net")
+                    .map_err(|e| EnvelopeError::Bazel(crate::bazel::BazelError::Bind(e)))?;
+                cache.start(own.as_raw_fd(), &spec.background)?;
+            }
+            (None, _) => return Err(EnvelopeError::Bazel(crate::bazel::BazelError::Bind(
                 io::Error::other(
-                    "the lane has no network namespace per job (network = \"isolated\")",
+                    "the lane has no network namespace per job (network = \"isolated\" or \"pod\")",
                 ),
-            )));
-        };
-        cache.start(n.fd(), &spec.background)?;
+            ))),
+        }
     }
     let root_seen = spec.work_root.join(job);
     let mut cwd_path = root_seen.join(workdir::WORK);
