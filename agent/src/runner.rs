@@ -306,6 +306,8 @@ pub fn default_prefix() -> String {
 
 /// The pid a job name was created by: `<lane>.s<slot>.<pid>.<hex>`.
 fn creator_pid(job: &str) -> Option<i32> {
+    // A job's throwaway store layer beside its directory is `<job>.layer`.
+    let job = job.strip_suffix(".layer").unwrap_or(job);
     let mut it = job.rsplitn(3, '.');
     let _hex = it.next()?;
     it.next()?.parse().ok()
@@ -943,6 +945,12 @@ mod tests {
         assert_eq!(creator_pid("tinyland-nix.s0.1234.4fc9abc44777"), Some(1234));
         assert_eq!(creator_pid("lane.with.dots.s1.99.abc"), Some(99));
         assert_eq!(creator_pid("garbage"), None);
+        assert_eq!(
+            creator_pid("tinyland-nix.s1.311.8b3ba1643a08.layer"),
+            Some(311),
+            "a job's store layer is its job's"
+        );
+        assert_eq!(creator_pid("tinyland-nix.s1.311.8b3ba1643a08.other"), None);
         let p = default_prefix();
         assert!(
             !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
