@@ -806,7 +806,10 @@ fn wait_for(path: &Path, what: &str) {
 /// The hijack of issue 22, with `sandbox = false`: the attacker job's non-sandboxed builder runs
 /// in its daemon's mount namespace, opens another daemon's socket directory with `O_PATH`, and
 /// passes the descriptor over an abstract socket to the job, which connects through
-/// `/proc/self/fd/N/socket` and has that daemon build its derivation.
+/// `/proc/self/fd/N/socket` and has that daemon build its derivation. Now no other job's
+/// socket directory is in a daemon's namespace at all (`state_dir` is hidden there): the
+/// builder's open fails, and the walls behind it are tested with a descriptor the test hands
+/// the job itself.
 #[test]
 fn a_descriptor_passed_by_a_builder_does_not_reach_another_jobs_daemon() {
     if !privileged("nix-socket-hijack") {
@@ -875,8 +878,9 @@ fn a_descriptor_passed_by_a_builder_does_not_reach_another_jobs_daemon() {
     );
 
     // The attack, as the attacker job runs it against DIR; VICTIM is what it makes the
-    // other daemon build.
-    let attack = |dir: &Path, n: &str| -> (String, PathBuf) {
+    // other daemon build. `by_builder`: the descriptor comes from the job's builder, else from
+    // the test (root, in the host's namespace).
+    let attack = |dir: &Path, n: &str, by_builder: bool| -> (String, PathBuf) {
         let victim = rig.dir.path().join(format!("victim-{n}.nix"));
         let passer = rig.dir.path().join(format!("passer-{n}.nix"));
         let victim_name = format!("victim-{tag}-{n}");
@@ -886,28 +890,49 @@ fn a_descriptor_passed_by_a_builder_does_not_reach_another_jobs_daemon() {
             std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o644))
                 .unwrap();
         }
+        let handed = (!by_builder).then(|| {
+            Command::new(&tool)
+                .arg("passfd")
+                .arg(dir)
+                .arg(format!("{tag}-{n}"))
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        });
+        let builder = if by_builder {
+            // A builder that sent nothing leaves nothing to wait for.
+            format!(
+                "out=\"$(nix-build --no-out-link {})\"; cat \"$out\"; grep -q ': sent' \"$out\" || kill $!",
+                passer.display()
+            )
+        } else {
+            "true".to_owned()
+        };
         let o = rig.exec(
             Some(attacker_user),
             &format!(
                 "{tool} recvfd {tag}-{n} \"$(command -v nix-build)\" --no-out-link {victim} 2>&1 & \
-                 cat \"$(nix-build --no-out-link {passer})\"; wait",
+                 {builder}; wait",
                 tool = tool.display(),
                 victim = victim.display(),
-                passer = passer.display(),
             ),
         );
+        let handed = handed
+            .map(|h| stdout(&h.wait_with_output().unwrap()))
+            .unwrap_or_default();
         let built = std::fs::read_dir(rig.fresh().join("store"))
             .unwrap()
             .flatten()
             .find(|e| e.file_name().to_string_lossy().ends_with(&victim_name))
             .map(|e| e.path())
             .unwrap_or_default();
-        (format!("{}{}", stdout(&o), stderr(&o)), built)
+        (format!("{handed}{}{}", stdout(&o), stderr(&o)), built)
     };
 
-    // 1. Against the old layout (directory 0755, socket 0666, every user allowed), a daemon the
-    // test runs beside the agent's on the same store: the attack drives it.
-    let decoy = sockets.join(format!("old-layout-{tag}"));
+    // 1. Against the old layout (directory 0755, socket 0666, every user allowed, visible in
+    // every daemon's namespace), a daemon the test runs beside the agent's on the same store:
+    // the attack drives it.
+    let decoy = rig.dir.path().join(format!("old-layout-{tag}"));
     std::fs::create_dir(&decoy).unwrap();
     std::fs::set_permissions(&decoy, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let decoy_log = rig.dir.path().join("decoy.log");
@@ -928,7 +953,7 @@ fn a_descriptor_passed_by_a_builder_does_not_reach_another_jobs_daemon() {
         .spawn()
         .unwrap();
     wait_for(&decoy.join("socket"), "the old-layout daemon's socket");
-    let (out, built) = attack(&decoy, "old");
+    let (out, built) = attack(&decoy, "old", true);
     let _ = old.kill();
     let _ = old.wait();
     assert!(
@@ -946,12 +971,26 @@ fn a_descriptor_passed_by_a_builder_does_not_reach_another_jobs_daemon() {
         "the old-layout daemon accepted the attacker: {decoy_said}"
     );
 
-    // 2. Against the trusted job's daemon: the descriptor arrives, the walk through it is refused.
-    let (out, built) = attack(&target, "new");
+    // 2. Against the trusted job's daemon: the builder finds no socket directory of another
+    // job; handed one, the job's walk through it is refused.
+    let (out, built) = attack(&target, "hidden", true);
+    assert!(
+        out.contains(&format!(
+            "passfd {}: open: No such file or directory",
+            target.display()
+        )),
+        "the builder does not see the trusted job's socket directory: {out}"
+    );
+    assert_eq!(
+        built,
+        PathBuf::new(),
+        "nothing was built for the attacker: {out}"
+    );
+    let (out, built) = attack(&target, "new", false);
     assert!(
         out.contains(&format!("passfd {}: sent", target.display()))
             && out.contains(&format!("got {}", target.display())),
-        "the builder opened the trusted job's socket directory and passed it: {out}"
+        "the job got a descriptor of the trusted job's socket directory: {out}"
     );
     assert!(
         out.contains("connect: Permission denied"),
@@ -979,7 +1018,7 @@ fn a_descriptor_passed_by_a_builder_does_not_reach_another_jobs_daemon() {
 
     // 3. A second line: were the directory open, the daemon would still refuse the attacker.
     std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let (out, built) = attack(&target, "open");
+    let (out, built) = attack(&target, "open", false);
     assert!(
         out.contains("connect: connected"),
         "the walk was allowed this time: {out}"
@@ -1032,7 +1071,11 @@ fn daemon_pid(log: &Path) -> String {
 /// A daemon escape, as code that took over a job's nix-daemon would try it: enter the
 /// daemon's namespaces with its capabilities and write outside the job. First against a root
 /// process of the host (what the daemon was before: root in the host's mount namespace), then
-/// against a job's daemon.
+/// against a job's daemon. The compromised job is untrusted (its daemon writes a layer), and
+/// it also goes for its neighbour's daemon by the two routes a daemon beside another has: the
+/// neighbour's store written through `/proc/<neighbour daemon>/root` (the same capabilities,
+/// so the kernel allows it in a shared PID namespace), and the neighbour's socket under
+/// `state_dir/nix-sockets` connected to (through a read-only mount it works).
 #[test]
 fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
     if !privileged("nix-daemon-escape") {
@@ -1045,13 +1088,16 @@ fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
     // Two jobs: the neighbour, whose directory and socket the escape goes for, and the
     // compromised one, whose daemon it runs as.
     let mut jobs = Vec::new();
-    for (user, name) in [("fwt-12", "neighbour"), ("fwt-13", "compromised")] {
+    for (user, name, extra) in [
+        ("fwt-12", "neighbour", &[][..]),
+        ("fwt-13", "compromised", &["--untrusted"][..]),
+    ] {
         let log = rig.dir.path().join(format!("{name}.log"));
         let ready = shared.join(format!("{name}-ready"));
         let child = rig
             .exec_command(
                 Some(user),
-                &[],
+                extra,
                 &format!(
                     "touch {} _work-sentinel 2>/dev/null; touch {}; i=0; while [ ! -e {} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done",
                     shared.join(format!("{name}-cwd")).display(),
@@ -1111,9 +1157,23 @@ fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
         stdout(&o)
     };
 
+    // The neighbour's daemon: its store (the shared one, writable to it) through its
+    // `/proc/<pid>/root`, and its socket.
+    let neighbour_daemon = daemon_pid(&jobs[0].1);
+    let via_proc = |n: &str| {
+        PathBuf::from(format!(
+            "/proc/{neighbour_daemon}/root/nix/var/nix/escape-{tag}-{n}"
+        ))
+    };
+    let landed_in_store = |n: &str| rig.fresh().join(format!("var/nix/escape-{tag}-{n}"));
+    let neighbour_socket = format!("connect:{}", neighbour_sockets.join("socket").display());
+    let routes = |n: &str| vec![via_proc(n), PathBuf::from(&neighbour_socket)];
+
     // 1. As root in the host's namespaces with a root process's capabilities: every write lands.
     let mut host = Command::new("sleep").arg("30").spawn().unwrap();
-    let out = escape(&host.id().to_string(), &targets("host"));
+    let mut paths = targets("host");
+    paths.extend(routes("host"));
+    let out = escape(&host.id().to_string(), &paths);
     let _ = host.kill();
     let _ = host.wait();
     assert!(out.contains("entered its namespaces"), "{out}");
@@ -1127,14 +1187,37 @@ fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
     for t in targets("host").iter().skip(1).take(4) {
         std::fs::remove_file(t).unwrap();
     }
+    // Both routes work from a process beside the daemons (the attack runs).
+    assert!(
+        out.contains(&format!("write {}: ok", via_proc("host").display()))
+            && landed_in_store("host").exists(),
+        "a process beside the neighbour's daemon writes its store through /proc: {out}"
+    );
+    std::fs::remove_file(landed_in_store("host")).unwrap();
+    assert!(
+        out.contains(&format!(
+            "connect {}: ok",
+            &neighbour_socket["connect:".len()..]
+        )),
+        "a process beside the neighbour's daemon connects to its socket: {out}"
+    );
     std::fs::write(&sentinel, "original\n").unwrap();
 
     // 2. As the compromised job's daemon: nothing outside the job is written.
     let pid = daemon_pid(&jobs[1].1);
+    // The daemon is the first process of a PID namespace of its own.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("NSpid:") && l.split_whitespace().last() == Some("1")),
+        "{status}"
+    );
     let daemon_tmp = rig.dir.path().join("state/nix-tmp");
     let mut paths = targets("daemon");
     // The control: the daemon's own /tmp is writable, and it is the job's private one.
     paths.push(PathBuf::from(format!("/tmp/escape-{tag}")));
+    paths.extend(routes("daemon"));
     let out = escape(&pid, &paths);
     eprintln!("{out}");
     assert!(
@@ -1171,6 +1254,30 @@ fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
     for t in targets("daemon").iter().skip(1).take(4) {
         assert!(!t.exists(), "{} was not created", t.display());
     }
+    // Neither route reaches the neighbour's daemon from the compromised one's namespaces.
+    let line = |prefix: String| {
+        out.lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let written = line(format!("write {}: ", via_proc("daemon").display()));
+    assert!(
+        !written.is_empty() && !written.ends_with(": ok"),
+        "the daemon cannot write its neighbour's store through /proc: {out}"
+    );
+    assert!(
+        !landed_in_store("daemon").exists(),
+        "the neighbour's store is unchanged: {out}"
+    );
+    let connected = line(format!(
+        "connect {}: ",
+        &neighbour_socket["connect:".len()..]
+    ));
+    assert!(
+        !connected.is_empty() && !connected.ends_with(": ok"),
+        "the daemon cannot connect to its neighbour's socket: {out}"
+    );
     let _ = std::fs::remove_file(&sentinel);
     std::fs::write(shared.join("stop"), "").unwrap();
     for (mut child, log) in jobs {

@@ -446,9 +446,14 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         .transpose()?;
     // `exec` is root's command on the host: its job is trusted (writes the store) unless it
     // says `--untrusted`.
-    let nix = (lane.nix && !req.no_nix).then(|| envelope::NixJob {
-        throwaway: req.untrusted,
-        ..flywheel_agent::envelope::nix_job(&cfg, &lane)
+    let nix = (lane.nix && !req.no_nix).then(|| {
+        let mut n = envelope::NixJob {
+            throwaway: req.untrusted,
+            ..flywheel_agent::envelope::nix_job(&cfg, &lane)
+        };
+        // Hidden from the daemon like every lane's work root (`--work-root` may be another).
+        n.hidden.push(work_root.clone());
+        n
     });
     // Its Bazel cache endpoint writes upstream like its store: unless `--untrusted`.
     config::check_bazel_credentials(&cfg, &lane)?;

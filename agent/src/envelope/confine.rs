@@ -1,12 +1,16 @@
 //! The confinement of a job's nix-daemon, done in the daemon's child between fork and exec
-//! after `spawn`'s setup (cgroup, private mount namespace with the slot's mounts): every mount
-//! of its namespace read-only, except the job's store, its socket directory, its build record
-//! and a private `/tmp`, `/dev/shm` and `/dev/pts`; `/proc` stays writable and whole (Nix's sandbox mounts
-//! a `/proc` of its own, which the kernel allows only beside a fully visible one); and the
+//! after `spawn`'s setup (cgroup, private mount namespace with the slot's mounts): `state_dir`
+//! and every work and slot root covered by an empty tmpfs, with the daemon's own paths under
+//! them (socket directory, build record, log directory, post-build hook, netrc) bound back;
+//! every mount of its namespace read-only, except the job's store, its socket directory, its
+//! build record, its log directory and a private `/tmp`, `/dev/shm` and `/dev/pts`; the
 //! capabilities that lead out of a mount namespace (`open_by_handle_at`, `/proc/<pid>/root` of
 //! a more privileged process, device nodes, kernel modules, raw I/O) dropped from its bounding
-//! set. What it does not stop is said in docs/security.md.
+//! set; and last a PID namespace of its own with a `/proc` of its own (`pidns.rs`), so no
+//! other process — another job's daemon with the same capabilities among them — is there to
+//! follow through `/proc/<pid>/root`. What it does not stop is said in docs/security.md.
 
+use super::pidns;
 use super::spawn::{cstring, private_mount_namespace};
 use super::*;
 use std::ffi::CStr;
@@ -22,6 +26,8 @@ pub(super) struct MountAttr {
 
 const AT_RECURSIVE: libc::c_uint = 0x8000;
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 
 /// Capabilities the daemon never needs and an escape would use (capability(7) numbers):
 /// DAC_READ_SEARCH (open_by_handle_at), LINUX_IMMUTABLE, SYS_MODULE, SYS_RAWIO, SYS_PTRACE
@@ -38,25 +44,106 @@ pub(super) struct Writable {
     pub dst: PathBuf,
 }
 
+/// A path of the daemon's under a hidden root, bound back over the tmpfs that hides it.
+struct Keep {
+    path: CString,
+    /// The directories to make between the hidden root and `path`, outermost first.
+    dirs: Vec<CString>,
+    /// A directory (else a file: its mount point is an empty file).
+    dir: bool,
+}
+
 /// What the daemon's child does, prepared before the fork.
 pub(super) struct Confinement {
     writable: Vec<(CString, CString)>,
+    hidden: Vec<CString>,
+    keep: Vec<Keep>,
+}
+
+/// `paths` without those below another of them (outermost first, sorted).
+fn outermost(mut paths: Vec<PathBuf>) -> Vec<PathBuf> {
+    paths.sort();
+    paths.dedup();
+    let all = paths.clone();
+    paths.retain(|p| !all.iter().any(|q| q != p && p.starts_with(q)));
+    paths
 }
 
 impl Confinement {
-    pub(super) fn new(writable: &[Writable]) -> Result<Confinement, EnvelopeError> {
+    /// `writable`: the daemon's writable mounts; `readable`: what else of it lies under a
+    /// hidden root (its hook, its netrc, its `NIX_CONF_DIR`); `hidden`: the roots its
+    /// namespace covers with an empty tmpfs. A root inside a writable mount (`/tmp`, which the
+    /// daemon gets privately) or missing is already out of its sight.
+    pub(super) fn new(
+        writable: &[Writable],
+        readable: &[PathBuf],
+        hidden: &[PathBuf],
+    ) -> Result<Confinement, EnvelopeError> {
         let c = |p: &Path| cstring(p.as_os_str());
+        let own: Vec<PathBuf> = writable
+            .iter()
+            .map(|w| w.dst.clone())
+            .chain(readable.iter().cloned())
+            .filter(|p| p.exists())
+            .collect();
+        let roots = outermost(
+            hidden
+                .iter()
+                .filter(|h| {
+                    h.is_absolute()
+                        && h.parent().is_some()
+                        && h.is_dir()
+                        && !writable.iter().any(|w| h.starts_with(&w.dst))
+                        && !own.iter().any(|p| h.starts_with(p))
+                })
+                .cloned()
+                .collect(),
+        );
+        let keep = outermost(
+            own.into_iter()
+                .filter(|p| roots.iter().any(|r| p.starts_with(r)))
+                .collect(),
+        )
+        .into_iter()
+        .map(|p| {
+            let root = roots.iter().find(|r| p.starts_with(r));
+            let mut dirs = Vec::new();
+            if let Some((root, rel)) = root.and_then(|r| Some((r, p.strip_prefix(r).ok()?))) {
+                let mut at = root.to_path_buf();
+                let parts: Vec<_> = rel.components().collect();
+                for part in parts.iter().take(parts.len().saturating_sub(1)) {
+                    at.push(part);
+                    dirs.push(c(&at)?);
+                }
+            }
+            Ok(Keep {
+                path: c(&p)?,
+                dirs,
+                dir: p.is_dir(),
+            })
+        })
+        .collect::<Result<_, EnvelopeError>>()?;
         Ok(Confinement {
             writable: writable
                 .iter()
                 .map(|w| Ok((c(&w.src)?, c(&w.dst)?)))
                 .collect::<Result<_, EnvelopeError>>()?,
+            hidden: roots.iter().map(|r| c(r)).collect::<Result<_, _>>()?,
+            keep,
         })
     }
 
     /// Add the pre-exec step (after `ChildSetup::install`'s: in the daemon's own namespace).
+    /// It ends in `pidns::enter`: what execs is the first process of a PID namespace of its
+    /// own, and the process the agent started waits for it.
     pub(super) fn install(self, cmd: &mut std::process::Command, fail_fd: i32) {
-        let Confinement { writable } = self;
+        let Confinement {
+            writable,
+            hidden,
+            keep,
+        } = self;
+        // Made before the fork: the hook allocates nothing.
+        let mut trees = vec![-1; keep.len()];
         let hook = move || {
             let fail = || {
                 let err = io::Error::last_os_error();
@@ -82,6 +169,64 @@ impl Confinement {
                     {
                         return fail();
                     }
+                }
+                // Hide `state_dir` and the work and slot roots (other jobs' socket
+                // directories, records, views, `_work`); bind back the daemon's own paths,
+                // each taken whole (`open_tree`) before its root is covered.
+                for (k, tree) in keep.iter().zip(trees.iter_mut()) {
+                    *tree = libc::syscall(
+                        libc::SYS_open_tree,
+                        libc::AT_FDCWD,
+                        k.path.as_ptr(),
+                        OPEN_TREE_CLONE | AT_RECURSIVE | libc::O_CLOEXEC as libc::c_uint,
+                    ) as i32;
+                    if *tree < 0 {
+                        return fail();
+                    }
+                }
+                for root in &hidden {
+                    if libc::mount(
+                        c"tmpfs".as_ptr(),
+                        root.as_ptr(),
+                        c"tmpfs".as_ptr(),
+                        libc::MS_NOSUID | libc::MS_NODEV,
+                        c"mode=0755,size=64k".as_ptr().cast(),
+                    ) != 0
+                    {
+                        return fail();
+                    }
+                }
+                for (k, tree) in keep.iter().zip(trees.iter()) {
+                    for d in &k.dirs {
+                        if libc::mkdir(d.as_ptr(), 0o755) != 0
+                            && io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST)
+                        {
+                            return fail();
+                        }
+                    }
+                    let point = if k.dir {
+                        libc::mkdir(k.path.as_ptr(), 0o755) == 0
+                    } else {
+                        let fd = libc::open(
+                            k.path.as_ptr(),
+                            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC,
+                            0o600,
+                        );
+                        fd >= 0 && libc::close(fd) == 0
+                    };
+                    if !point
+                        || libc::syscall(
+                            libc::SYS_move_mount,
+                            *tree,
+                            c"".as_ptr(),
+                            libc::AT_FDCWD,
+                            k.path.as_ptr(),
+                            MOVE_MOUNT_F_EMPTY_PATH,
+                        ) != 0
+                    {
+                        return fail();
+                    }
+                    libc::close(*tree);
                 }
                 let ro = MountAttr {
                     attr_set: MOUNT_ATTR_RDONLY,
@@ -154,11 +299,95 @@ impl Confinement {
                     }
                 }
             }
-            Ok(())
+            // The daemon's own PID namespace and `/proc`; only its first process returns.
+            pidns::enter(fail)
         };
         // SAFETY: `hook` makes only system calls on data prepared before the fork.
         unsafe {
             cmd.pre_exec(hook);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_daemons_own_paths_under_a_hidden_root_are_kept_and_nothing_else() {
+        let t = tempfile::tempdir().unwrap();
+        let p = |s: &str| t.path().join(s);
+        for d in [
+            "state/nix-sockets/abc",
+            "state/nix-logs/job",
+            "work",
+            "tmp",
+            "nix",
+        ] {
+            std::fs::create_dir_all(p(d)).unwrap();
+        }
+        for f in [
+            "state/nix-sockets/job.built",
+            "state/nix-sockets/post-build.sh",
+        ] {
+            std::fs::write(p(f), "").unwrap();
+        }
+        let w = |s: &str| Writable {
+            src: p(s),
+            dst: p(s),
+        };
+        let writable = [
+            w("nix"),
+            w("state/nix-sockets/abc"),
+            w("state/nix-sockets/job.built"),
+            w("state/nix-logs/job"),
+            w("tmp"),
+        ];
+        let c = Confinement::new(
+            &writable,
+            &[p("state/nix-sockets/post-build.sh"), p("etc/missing")],
+            // `tmp/state2` is inside the daemon's private /tmp; `gone` does not exist.
+            &[
+                p("state"),
+                p("work"),
+                p("tmp/state2"),
+                p("gone"),
+                p("state/nix-sockets"),
+            ],
+        )
+        .unwrap();
+        let s = |c: &CString| c.to_string_lossy().into_owned();
+        let roots: Vec<String> = c.hidden.iter().map(s).collect();
+        assert_eq!(
+            roots,
+            [p("state"), p("work")].map(|x| x.display().to_string())
+        );
+        let kept: Vec<(String, bool, Vec<String>)> = c
+            .keep
+            .iter()
+            .map(|k| (s(&k.path), k.dir, k.dirs.iter().map(s).collect()))
+            .collect();
+        let d = |x: &str| p(x).display().to_string();
+        assert_eq!(
+            kept,
+            vec![
+                (d("state/nix-logs/job"), true, vec![d("state/nix-logs")]),
+                (
+                    d("state/nix-sockets/abc"),
+                    true,
+                    vec![d("state/nix-sockets")]
+                ),
+                (
+                    d("state/nix-sockets/job.built"),
+                    false,
+                    vec![d("state/nix-sockets")]
+                ),
+                (
+                    d("state/nix-sockets/post-build.sh"),
+                    false,
+                    vec![d("state/nix-sockets")]
+                ),
+            ]
+        );
     }
 }

@@ -180,7 +180,17 @@ pub(super) async fn start_nix_daemon(
     // Its builds and substitutions use the job's network, never the host's loopback.
     setup.netns = netns;
     setup.install(&mut cmd, fail_w.as_raw_fd());
-    confine::Confinement::new(&writable)?.install(&mut cmd, fail_w.as_raw_fd());
+    // What else the daemon reads under a hidden root: its hook, its netrc, its nix.conf.
+    let readable: Vec<PathBuf> = [
+        Some(hook.clone()),
+        nix.netrc.clone(),
+        Some(nix.conf_dir.clone()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    confine::Confinement::new(&writable, &readable, &nix.hidden)?
+        .install(&mut cmd, fail_w.as_raw_fd());
     let spawned = reaper.spawn(|| {
         let child = cmd.spawn()?;
         let pid = i32::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))?;
@@ -242,8 +252,20 @@ pub(super) async fn start_nix_daemon(
             &dir,
         ))?;
     }
-    info!(pid, socket = %socket.display(), "the job's nix-daemon is listening");
+    // The process started is the daemon's init (`pidns.rs`); the daemon is its one child.
+    let daemon = first_child(pid).unwrap_or(pid);
+    info!(pid = daemon, init = pid, socket = %socket.display(), "the job's nix-daemon is listening");
     Ok(dir)
+}
+
+/// The first child of `pid` (`/proc/<pid>/task/<pid>/children`).
+fn first_child(pid: i32) -> Option<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The per-job daemon settings of a lane.
@@ -266,5 +288,12 @@ pub fn nix_job(cfg: &Config, lane: &Lane) -> NixJob {
         throwaway: false,
         at_job_started: false,
         netrc: None,
+        hidden: std::iter::once(cfg.agent.state_dir.clone())
+            .chain(
+                cfg.lanes
+                    .iter()
+                    .flat_map(|l| std::iter::once(l.work_root.clone()).chain(l.slot_root.clone())),
+            )
+            .collect(),
     }
 }

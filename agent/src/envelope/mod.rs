@@ -38,6 +38,7 @@ mod env;
 mod launch;
 mod mounts;
 mod phases;
+mod pidns;
 mod probe;
 mod pumps;
 mod root;
@@ -168,6 +169,10 @@ pub struct NixJob {
     pub at_job_started: bool,
     /// A root-only netrc of this job's cache credentials (read by its daemon only).
     pub netrc: Option<PathBuf>,
+    /// What the daemon's mount namespace covers with an empty tmpfs (`state_dir`, every
+    /// lane's work and slot roots: other jobs' sockets, records, directories), its own paths
+    /// under them bound back (`confine.rs`).
+    pub hidden: Vec<PathBuf>,
 }
 
 /// The runner root: `<work_root>/<job>/`, owned by the job's user. The installation's

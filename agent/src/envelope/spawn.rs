@@ -1,7 +1,7 @@
 //! Fork and exec: everything a child does between the two (join the cgroup, mounts, drop
 //! to the job's user, `no_new_privs`) prepared before the fork. All of the envelope's
-//! `unsafe` code is here, in `confine.rs` (the job's daemon's confinement) and in `view.rs`
-//! (a runner job's store view).
+//! `unsafe` code is here, in `confine.rs` and `pidns.rs` (the job's daemon's confinement)
+//! and in `view.rs` (a runner job's store view).
 
 use super::*;
 

@@ -6,7 +6,7 @@
 //! build logs on it. Every mount is made whole (`open_tree`, `mount_setattr`) before it is
 //! attached (`move_mount`), so its copy in the job's namespace has its flags, and attached on
 //! a directory opened by descriptor without following a symlink ([`crate::workdir::dirs_at`]).
-//! With `spawn.rs` and `confine.rs`, the envelope's `unsafe` code.
+//! With `spawn.rs`, `confine.rs` and `pidns.rs`, the envelope's `unsafe` code.
 
 use std::ffi::CStr;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};

@@ -13,9 +13,10 @@
 //!   try to connect to `/proc/self/fd/N/socket`, then run CMD with
 //!   `NIX_REMOTE=unix:///proc/self/fd/N/socket` and the descriptor inherited.
 //! - `escape PID PATH…` (run as root): what code that took over process PID (a job's
-//!   nix-daemon) could do: enter its namespaces, take its capabilities (bounding set and
+//!   nix-daemon) could do: enter its namespaces (a child forked into its PID namespace does
+//!   the rest, as a process the daemon started would), take its capabilities (bounding set and
 //!   effective set, nothing more), then try to write each PATH (print `write PATH: ok` or
-//!   the error).
+//!   the error), or for `connect:PATH` connect to the Unix socket PATH (`connect PATH: ok`).
 #![allow(clippy::print_stdout)]
 
 use std::io::{Read, Write};
@@ -378,6 +379,19 @@ fn escape(pid: &str, paths: &[String]) -> ExitCode {
         }
     }
     let _ = std::env::set_current_dir("/");
+    let _ = std::io::stdout().flush();
+    // SAFETY: fork(2) in this single-threaded tool; the child runs on, the parent waits.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        println!("escape {pid}: fork: {}", std::io::Error::last_os_error());
+        return ExitCode::from(1);
+    }
+    if child > 0 {
+        let mut status = 0;
+        // SAFETY: waitpid(2) on our own child.
+        unsafe { libc::waitpid(child, &mut status, 0) };
+        return ExitCode::SUCCESS;
+    }
     for cap in 0..64 {
         if bnd & (1 << cap) == 0 {
             // SAFETY: prctl with integer arguments; EINVAL for caps the kernel lacks.
@@ -418,6 +432,13 @@ fn escape(pid: &str, paths: &[String]) -> ExitCode {
     }
     println!("escape {pid}: entered its namespaces with CapBnd={bnd:016x} CapEff={eff:016x}");
     for p in paths {
+        if let Some(socket) = p.strip_prefix("connect:") {
+            match UnixStream::connect(socket) {
+                Ok(_) => println!("connect {socket}: ok"),
+                Err(e) => println!("connect {socket}: {e}"),
+            }
+            continue;
+        }
         let r = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -429,7 +450,9 @@ fn escape(pid: &str, paths: &[String]) -> ExitCode {
             Err(e) => println!("write {p}: {e}"),
         }
     }
-    ExitCode::SUCCESS
+    let _ = std::io::stdout().flush();
+    // SAFETY: the forked child ends here, its output flushed.
+    unsafe { libc::_exit(0) }
 }
 
 fn main() -> ExitCode {
