@@ -1168,15 +1168,26 @@ fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
     let landed_in_store = |n: &str| rig.fresh().join(format!("var/nix/escape-{tag}-{n}"));
     let neighbour_socket = format!("connect:{}", neighbour_sockets.join("socket").display());
     let routes = |n: &str| vec![via_proc(n), PathBuf::from(&neighbour_socket)];
+    // A kernel setting, as a write into `kernel/core_pattern` would be (harmless here: the
+    // NIS domain name, put back).
+    let setting = PathBuf::from("/proc/sys/kernel/domainname");
+    let domain = std::fs::read_to_string(&setting).unwrap();
 
     // 1. As root in the host's namespaces with a root process's capabilities: every write lands.
     let mut host = Command::new("sleep").arg("30").spawn().unwrap();
     let mut paths = targets("host");
     paths.extend(routes("host"));
+    paths.push(setting.clone());
     let out = escape(&host.id().to_string(), &paths);
     let _ = host.kill();
     let _ = host.wait();
     assert!(out.contains("entered its namespaces"), "{out}");
+    let changed = std::fs::read_to_string(&setting).unwrap();
+    std::fs::write(&setting, domain.trim_end()).unwrap();
+    assert!(
+        out.contains(&format!("write {}: ok", setting.display())) && changed == "escaped\n",
+        "a process like the old daemon writes a kernel setting: {out}"
+    );
     for t in targets("host") {
         assert!(
             out.contains(&format!("write {}: ok", t.display())),
@@ -1218,8 +1229,20 @@ fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
     // The control: the daemon's own /tmp is writable, and it is the job's private one.
     paths.push(PathBuf::from(format!("/tmp/escape-{tag}")));
     paths.extend(routes("daemon"));
+    paths.push(setting.clone());
     let out = escape(&pid, &paths);
     eprintln!("{out}");
+    let now = std::fs::read_to_string(&setting).unwrap();
+    if now != domain {
+        std::fs::write(&setting, domain.trim_end()).unwrap();
+    }
+    assert!(
+        out.contains(&format!(
+            "write {}: Read-only file system",
+            setting.display()
+        )) && now == domain,
+        "the daemon cannot write a kernel setting (/proc/sys is read-only to it): {out}"
+    );
     assert!(
         out.contains("entered its namespaces"),
         "the escape ran: {out}"

@@ -51,6 +51,7 @@ pub(super) fn enter(fail: impl Fn() -> io::Result<()>) -> io::Result<()> {
                     libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
                     std::ptr::null(),
                 ) != 0
+                || !read_only_kernel_settings()
             {
                 return fail();
             }
@@ -58,6 +59,73 @@ pub(super) fn enter(fail: impl Fn() -> io::Result<()>) -> io::Result<()> {
         }
         wait_for(daemon)
     }
+}
+
+/// The procfs mount Nix's sandbox needs beside a `/proc` with read-only parts, and what
+/// covers it.
+const SPARE: &std::ffi::CStr = c"/tmp/.flywheel-proc";
+const SPARE_PROC: &std::ffi::CStr = c"/tmp/.flywheel-proc/p";
+
+/// `/proc/sys` and `/proc/sysrq-trigger` read-only for the daemon: it is root in the host's user
+/// namespace, and a write by path through a planted symlink (the class of CVE-2026-39860) into
+/// `kernel/core_pattern` would have the kernel run a program of the builder's as the host's root.
+/// Nix's sandbox mounts a `/proc` of its own in a user namespace, which the kernel allows only
+/// while the namespace holds a procfs mount with nothing locked over it (`mount_too_revealing`):
+/// a spare one is mounted under the daemon's private `/tmp` and covered at once by an empty
+/// tmpfs, so no path reaches it. Only in the namespace's first process, its `/proc` just made.
+unsafe fn read_only_kernel_settings() -> bool {
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    // SAFETY (for the block): system calls on constant NUL-terminated strings.
+    unsafe {
+        for d in [SPARE, SPARE_PROC] {
+            if libc::mkdir(d.as_ptr(), 0o700) != 0
+                && io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST)
+            {
+                return false;
+            }
+        }
+        if libc::mount(
+            c"proc".as_ptr(),
+            SPARE_PROC.as_ptr(),
+            c"proc".as_ptr(),
+            flags,
+            std::ptr::null(),
+        ) != 0
+            || libc::mount(
+                c"tmpfs".as_ptr(),
+                SPARE.as_ptr(),
+                c"tmpfs".as_ptr(),
+                flags,
+                c"mode=0000,size=4k".as_ptr().cast(),
+            ) != 0
+        {
+            return false;
+        }
+        for p in [c"/proc/sys", c"/proc/sysrq-trigger"] {
+            // A kernel without magic SysRq has no trigger.
+            if p != c"/proc/sys" && libc::access(p.as_ptr(), libc::F_OK) != 0 {
+                continue;
+            }
+            if libc::mount(
+                p.as_ptr(),
+                p.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ) != 0
+                || libc::mount(
+                    std::ptr::null(),
+                    p.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | flags,
+                    std::ptr::null(),
+                ) != 0
+            {
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// The init's life: forward the stop signals, wait for the daemon, exit as it did. Only in the
