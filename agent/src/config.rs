@@ -160,6 +160,29 @@ impl Network {
     }
 }
 
+impl Config {
+    /// Files that hold the agent's secrets (the App key or token, Attic's signing key or push
+    /// token, Bazel caches' credentials): hidden from every job's daemon.
+    pub fn secret_files(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = Vec::new();
+        if let Some(g) = &self.github {
+            v.push(match &g.auth {
+                GitHubAuth::App {
+                    private_key_file, ..
+                } => private_key_file.clone(),
+                GitHubAuth::Token { token_file, .. } => token_file.clone(),
+            });
+        }
+        v.extend(self.attic.signing_key_file.iter().cloned());
+        v.extend(self.attic.push_token_file.iter().cloned());
+        for b in self.lanes.iter().filter_map(|l| l.bazel.as_ref()) {
+            v.extend(b.read_credential_file.iter().cloned());
+            v.extend(b.write_credential_file.iter().cloned());
+        }
+        v
+    }
+}
+
 impl Lane {
     /// Runner users this lane needs: one per slot, and on a slot lane one more for a job that
     /// found every node-local slot busy and runs on a pod-local store.

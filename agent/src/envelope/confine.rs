@@ -58,6 +58,9 @@ pub(super) struct Confinement {
     writable: Vec<(CString, CString)>,
     hidden: Vec<CString>,
     keep: Vec<Keep>,
+    /// Files outside the hidden roots the daemon must not read (the agent's secrets): each
+    /// covered by `/dev/null`.
+    covered: Vec<CString>,
 }
 
 /// `paths` without those below another of them (outermost first, sorted).
@@ -123,6 +126,17 @@ impl Confinement {
             })
         })
         .collect::<Result<_, EnvelopeError>>()?;
+        let covered = hidden
+            .iter()
+            .filter(|h| {
+                h.is_absolute()
+                    && h.is_file()
+                    && !roots.iter().any(|r| h.starts_with(r))
+                    && !writable.iter().any(|w| h.starts_with(&w.dst))
+                    && !readable.iter().any(|p| p == *h)
+            })
+            .map(|h| c(h))
+            .collect::<Result<_, _>>()?;
         Ok(Confinement {
             writable: writable
                 .iter()
@@ -130,6 +144,7 @@ impl Confinement {
                 .collect::<Result<_, EnvelopeError>>()?,
             hidden: roots.iter().map(|r| c(r)).collect::<Result<_, _>>()?,
             keep,
+            covered,
         })
     }
 
@@ -141,6 +156,7 @@ impl Confinement {
             writable,
             hidden,
             keep,
+            covered,
         } = self;
         // Made before the fork: the hook allocates nothing.
         let mut trees = vec![-1; keep.len()];
@@ -227,6 +243,18 @@ impl Confinement {
                         return fail();
                     }
                     libc::close(*tree);
+                }
+                for f in &covered {
+                    if libc::mount(
+                        c"/dev/null".as_ptr(),
+                        f.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    ) != 0
+                    {
+                        return fail();
+                    }
                 }
                 let ro = MountAttr {
                     attr_set: MOUNT_ATTR_RDONLY,
@@ -323,12 +351,15 @@ mod tests {
             "work",
             "tmp",
             "nix",
+            "etc",
         ] {
             std::fs::create_dir_all(p(d)).unwrap();
         }
         for f in [
             "state/nix-sockets/job.built",
             "state/nix-sockets/post-build.sh",
+            "state/attic-signing.key",
+            "etc/app.pem",
         ] {
             std::fs::write(p(f), "").unwrap();
         }
@@ -353,10 +384,20 @@ mod tests {
                 p("tmp/state2"),
                 p("gone"),
                 p("state/nix-sockets"),
+                // Secret files: one outside the hidden roots (covered), one inside (hidden
+                // with its root), one that is the daemon's own (kept).
+                p("etc/app.pem"),
+                p("state/attic-signing.key"),
+                p("state/nix-sockets/post-build.sh"),
             ],
         )
         .unwrap();
         let s = |c: &CString| c.to_string_lossy().into_owned();
+        assert_eq!(
+            c.covered.iter().map(s).collect::<Vec<_>>(),
+            vec![p("etc/app.pem").display().to_string()],
+            "a secret outside the hidden roots is covered"
+        );
         let roots: Vec<String> = c.hidden.iter().map(s).collect();
         assert_eq!(
             roots,

@@ -294,6 +294,7 @@ pub fn nix_job(cfg: &Config, lane: &Lane) -> NixJob {
                     .iter()
                     .flat_map(|l| std::iter::once(l.work_root.clone()).chain(l.slot_root.clone())),
             )
+            .chain(cfg.secret_files())
             .collect(),
     }
 }

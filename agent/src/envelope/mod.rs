@@ -171,7 +171,8 @@ pub struct NixJob {
     pub netrc: Option<PathBuf>,
     /// What the daemon's mount namespace covers with an empty tmpfs (`state_dir`, every
     /// lane's work and slot roots: other jobs' sockets, records, directories), its own paths
-    /// under them bound back (`confine.rs`).
+    /// under them bound back (`confine.rs`); and the agent's secret files, each covered by
+    /// `/dev/null` there.
     pub hidden: Vec<PathBuf>,
 }
 
