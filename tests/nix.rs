@@ -2281,3 +2281,139 @@ fn a_runner_that_ends_before_job_started_gets_no_store_and_leaves_nothing() {
         .collect();
     assert!(layers.is_empty(), "{layers:?}");
 }
+
+/// The uids of the running processes whose command line contains `marker`.
+fn uids_running(marker: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
+        })
+        .filter_map(|e| {
+            let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+            let uid = status.lines().find(|l| l.starts_with("Uid:"))?;
+            uid.split_whitespace().nth(1)?.parse().ok()
+        })
+        .collect()
+}
+
+/// With the default build-user pool (`<nix_store>/var/nix/userpool`, in the store an
+/// untrusted job's layer covers), a fork's pull request's daemon and a trusted push's daemon
+/// on the same store take their build users from the one real pool: two builds running at once
+/// run as two different `nixbld` users, and neither is killed by the other's start (Nix kills
+/// a build user's processes before it builds as that user).
+#[test]
+fn an_untrusted_and_a_trusted_jobs_builds_never_share_a_build_user() {
+    if !privileged("nix-runner-userpool") {
+        return;
+    }
+    let (_attic, gh, rig) = publishing_rig();
+    // The default pool: no `userpool` line.
+    let cfg = std::fs::read_to_string(&rig.config).unwrap();
+    let cfg: String = cfg
+        .lines()
+        .filter(|l| !l.starts_with("userpool = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&rig.config, cfg).unwrap();
+    // Rigs of other tests running at once share another pool: keep them off the first build
+    // users, which this rig's daemons take.
+    let _reserved: Vec<std::fs::File> = (1..=3)
+        .map(|i| {
+            let uid = nix::unistd::User::from_name(&format!("nixbld{i}"))
+                .unwrap()
+                .unwrap()
+                .uid;
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(shared_userpool().join(uid.to_string()))
+                .unwrap();
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock(2) on a file we hold.
+            assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+            f
+        })
+        .collect();
+    let tag = unique("upool").replace('-', "");
+    let shared = common::shared_dir(rig.dir.path());
+    let s = shared.display();
+    for who in ["push", "pr"] {
+        std::fs::write(
+            shared.join(format!("{who}.nix")),
+            format!("derivation {{ name = \"u-{who}\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"export PATH=/usr/bin:/bin; echo builder-{tag}-{who}; while [ ! -e {s}/go ]; do sleep 0.1; done; id -u > $out\" ]; }}\n"),
+        )
+        .unwrap();
+    }
+    let o = rig.bootstrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let script = |who: &str| {
+        format!(
+            "nix-build {s}/{who}.nix --no-out-link > out.txt 2>&1 && echo \"{who}job: built uid=$(cat $(tail -1 out.txt))\" || echo \"{who}job: failed $(tail -6 out.txt | tr '\\n' ' ')\""
+        )
+    };
+    gh.push_job(publish_job(
+        &rig,
+        "101",
+        "push",
+        "refs/heads/main",
+        script("push"),
+    ));
+    gh.push_job(publish_job(
+        &rig,
+        "102",
+        "pull_request",
+        "refs/pull/5/merge",
+        script("pr"),
+    ));
+    let (mut agent, log_path) = start_run(&rig);
+    // Both builders running at once, each as the build user its daemon locked.
+    let t = std::time::Instant::now();
+    let (mut push_uids, mut pr_uids) = (Vec::new(), Vec::new());
+    while t.elapsed().as_secs() < 60 {
+        push_uids = uids_running(&format!("builder-{tag}-push"));
+        pr_uids = uids_running(&format!("builder-{tag}-pr"));
+        if !push_uids.is_empty() && !pr_uids.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Still both there a moment later: neither build user was taken over.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let later = (
+        uids_running(&format!("builder-{tag}-push")),
+        uids_running(&format!("builder-{tag}-pr")),
+    );
+    std::fs::write(shared.join("go"), "").unwrap();
+    while gh.with(|s| s.completed.len()) < 2 && t.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let log = stop_twice(&mut agent, &log_path);
+    eprintln!("build users: push {push_uids:?}, pr {pr_uids:?}, a moment later {later:?}");
+    assert!(
+        log.contains("flywheel: store: not trusted to publish")
+            && log.contains("flywheel: store: trusted"),
+        "{log}"
+    );
+    assert!(
+        !push_uids.is_empty() && !pr_uids.is_empty(),
+        "the two builds never ran at once: push {push_uids:?}, pr {pr_uids:?}\n{log}"
+    );
+    assert!(
+        push_uids.iter().all(|u| !pr_uids.contains(u)),
+        "both daemons built as one build user: push {push_uids:?}, pr {pr_uids:?}"
+    );
+    assert!(
+        !later.0.is_empty() && !later.1.is_empty(),
+        "a builder was killed: {later:?}\n{log}"
+    );
+    for who in ["push", "pr"] {
+        assert!(
+            log.contains(&format!("{who}job: built uid=")),
+            "{who}: {log}"
+        );
+    }
+}

@@ -2,6 +2,7 @@
 
 use super::daemon::DaemonPaths;
 use super::deferred::DeferredStore;
+use super::view;
 use super::*;
 use crate::config::Network;
 use crate::netns::{JobNet, NetError};
@@ -78,7 +79,6 @@ pub(super) async fn launch(
         // Removed with the job, whatever happens next (a daemon that will not start, or one
         // that never starts, included).
         cleanup.extend(paths.cleanup());
-        std::fs::create_dir_all(&n.userpool).map_err(io_at("create", &n.userpool))?;
         // Hidden in the job's namespace whether or not its daemon has started.
         std::fs::create_dir_all(&n.sockets).map_err(io_at("create", &n.sockets))?;
         // Mount points in the store a job's daemon may have written: made by descriptor,
@@ -107,7 +107,7 @@ pub(super) async fn launch(
             .cloned()
             .collect();
         if !n.at_job_started {
-            daemon_mounts.push(userpool_mount(n));
+            daemon_mounts.push(userpool_mount(n)?);
         }
         if spec.hook.is_none() {
             // A runner's record and logs outlive its job until the agent has published from
@@ -368,13 +368,28 @@ pub(super) fn store_mount(mounts: &mut Vec<Mount>, src: PathBuf, seen: &Path) {
     }
 }
 
-/// The build-user pool where the daemon sees it (after its store's mount).
-pub(super) fn userpool_mount(n: &NixJob) -> Mount {
-    Mount::Bind {
-        src: n.userpool.clone(),
+/// The build-user pool where the daemon sees it (after its store's mount): the pool's mount
+/// tree copied by descriptor in the agent's namespace, its path walked without following a
+/// symlink, so every daemon on a store locks the same files, the pool's default place below
+/// the store (`<nix_store>/var/nix/userpool`) included: a path bound in the daemon's
+/// namespace after an untrusted job's layer covers the store would resolve to the layer's
+/// copy, and that daemon and a trusted one would take the same build user at once (Nix kills
+/// a build user's processes before it builds as that user).
+pub(super) fn userpool_mount(n: &NixJob) -> Result<Mount, EnvelopeError> {
+    let rel = n.userpool.strip_prefix("/").unwrap_or(&n.userpool);
+    let dir = workdir::dirs_at(Path::new("/"), rel)
+        .map_err(io_at("open without following symlinks", &n.userpool))?;
+    let tree = view::clone_tree(
+        dir.as_raw_fd(),
+        c"",
+        libc::AT_EMPTY_PATH as libc::c_uint,
+        view::MOUNT_ATTR_NOSUID | view::MOUNT_ATTR_NODEV | view::MOUNT_ATTR_NOEXEC,
+    )
+    .map_err(io_at("copy the build-user pool's mount", &n.userpool))?;
+    Ok(Mount::Tree {
+        tree: std::sync::Arc::new(tree),
         dst: n.userpool_seen.clone(),
-        readonly: false,
-    }
+    })
 }
 
 /// Where a job's throwaway layer lives: `<work root>/<job>.layer`, on the work root's
