@@ -91,13 +91,19 @@ nix_conf = "{conf}"
 
     /// The agent with ARGS, in a private mount namespace whose `/nix` is this rig's fresh one.
     fn agent(&self, args: &[&str]) -> Command {
+        self.agent_in("--make-rprivate", args)
+    }
+
+    /// [`Rig::agent`] with `/` and `/nix` made `propagation` (`--make-rshared`: as systemd
+    /// gives a service) in the agent's namespace.
+    fn agent_in(&self, propagation: &str, args: &[&str]) -> Command {
         let mut c = Command::new("unshare");
         c.args([
             "-m",
             "--",
             "sh",
             "-c",
-            "mount --make-rprivate / && mount --bind \"$0\" /nix && exec \"$@\"",
+            &format!("mount {propagation} / && mount --bind \"$0\" /nix && exec \"$@\""),
         ])
         .arg(self.fresh())
         .arg(AGENT)
@@ -2416,4 +2422,87 @@ fn an_untrusted_and_a_trusted_jobs_builds_never_share_a_build_user() {
             "{who}: {log}"
         );
     }
+}
+
+/// With `/` shared in the agent's namespace (systemd's default for a service), two trusted
+/// runner jobs' stores, daemon sockets and build logs stay each in its own job: the copy of
+/// the store the agent attaches on a job's view joins no peer group of the agent's `/nix`, so
+/// nothing mounted on it appears in the agent's namespace or in the job beside it.
+#[test]
+fn with_a_shared_root_a_jobs_store_mounts_reach_neither_the_agent_nor_the_job_beside_it() {
+    if !privileged("nix-runner-shared-root") {
+        return;
+    }
+    let (_attic, gh, rig) = publishing_rig();
+    let shared = common::shared_dir(rig.dir.path());
+    let s = shared.display();
+    let o = rig.bootstrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let script = format!(
+        "touch {s}/opened.$$\n\
+         for i in $(seq 600); do [ $(ls {s} | grep -c '^opened') -ge 2 ] && break; sleep 0.1; done\n\
+         echo \"mounts: socket=$(grep -c ' /nix/var/nix/daemon-socket ' /proc/self/mountinfo) logs=$(grep -c ' /nix/var/log/nix ' /proc/self/mountinfo)\"\n\
+         touch {s}/checked.$$\n\
+         for i in $(seq 600); do [ -e {s}/go ] && break; sleep 0.1; done"
+    );
+    for _ in 0..2 {
+        gh.push_job(publish_job(
+            &rig,
+            "101",
+            "push",
+            "refs/heads/main",
+            script.clone(),
+        ));
+    }
+    let log_path = rig.dir.path().join("agent.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut agent = rig
+        .agent_in(
+            "--make-rshared",
+            &["run", "--config", rig.config.to_str().unwrap()],
+        )
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let checked = || {
+        std::fs::read_dir(&shared)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("checked"))
+            .count()
+            >= 2
+    };
+    wait_in_log(&log_path, checked);
+    // The agent's namespace, with both jobs' stores open: nothing below its `/nix`.
+    let info = std::fs::read_to_string(format!("/proc/{}/mountinfo", agent.id())).unwrap();
+    let mounted: Vec<&str> = info
+        .lines()
+        .filter(|l| l.split(' ').nth(4).is_some_and(|m| m.starts_with("/nix/")))
+        .collect();
+    std::fs::write(shared.join("go"), "").unwrap();
+    let t = std::time::Instant::now();
+    while gh.with(|s| s.completed.len()) < 2 && t.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let log = stop_twice(&mut agent, &log_path);
+    let said: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.find("mounts: ").map(|i| &l[i..]))
+        .map(|l| l.split(" stream=").next().unwrap_or(""))
+        .collect();
+    eprintln!("jobs: {said:?}\nthe agent's mounts below /nix: {mounted:?}");
+    assert_eq!(
+        log.matches("flywheel: store: trusted").count(),
+        2,
+        "both jobs trusted: {log}"
+    );
+    assert!(
+        mounted.is_empty(),
+        "a job's mounts appeared in the agent's namespace: {mounted:#?}"
+    );
+    assert_eq!(
+        said, ["mounts: socket=1 logs=1"; 2],
+        "a job sees another job's socket or logs: {log}"
+    );
 }
