@@ -91,19 +91,20 @@ nix_conf = "{conf}"
 
     /// The agent with ARGS, in a private mount namespace whose `/nix` is this rig's fresh one.
     fn agent(&self, args: &[&str]) -> Command {
-        self.agent_in("--make-rprivate", args)
+        self.agent_in("--make-rprivate", "exec \"$@\"", args)
     }
 
     /// [`Rig::agent`] with `/` and `/nix` made `propagation` (`--make-rshared`: as systemd
-    /// gives a service) in the agent's namespace.
-    fn agent_in(&self, propagation: &str, args: &[&str]) -> Command {
+    /// gives a service) in the agent's namespace, the agent run by the shell line `then`
+    /// (`"$@"` is the agent with ARGS).
+    fn agent_in(&self, propagation: &str, then: &str, args: &[&str]) -> Command {
         let mut c = Command::new("unshare");
         c.args([
             "-m",
             "--",
             "sh",
             "-c",
-            &format!("mount {propagation} / && mount --bind \"$0\" /nix && exec \"$@\""),
+            &format!("mount {propagation} / && mount --bind \"$0\" /nix && {then}"),
         ])
         .arg(self.fresh())
         .arg(AGENT)
@@ -2288,6 +2289,15 @@ fn a_runner_that_ends_before_job_started_gets_no_store_and_leaves_nothing() {
     assert!(layers.is_empty(), "{layers:?}");
 }
 
+/// [`publishing_rig`], bootstrapped, with a directory its jobs and the test share.
+fn bootstrapped_publishing_rig() -> (fake_attic::FakeAttic, fake_github::FakeGitHub, Rig, PathBuf) {
+    let (attic, gh, rig) = publishing_rig();
+    let shared = common::shared_dir(rig.dir.path());
+    let o = rig.bootstrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    (attic, gh, rig, shared)
+}
+
 /// The uids of the running processes whose command line contains `marker`.
 fn uids_running(marker: &str) -> Vec<u32> {
     std::fs::read_dir("/proc")
@@ -2433,11 +2443,8 @@ fn with_a_shared_root_a_jobs_store_mounts_reach_neither_the_agent_nor_the_job_be
     if !privileged("nix-runner-shared-root") {
         return;
     }
-    let (_attic, gh, rig) = publishing_rig();
-    let shared = common::shared_dir(rig.dir.path());
+    let (_attic, gh, rig, shared) = bootstrapped_publishing_rig();
     let s = shared.display();
-    let o = rig.bootstrap();
-    assert!(o.status.success(), "{}", stderr(&o));
     let script = format!(
         "touch {s}/opened.$$\n\
          for i in $(seq 600); do [ $(ls {s} | grep -c '^opened') -ge 2 ] && break; sleep 0.1; done\n\
@@ -2459,6 +2466,7 @@ fn with_a_shared_root_a_jobs_store_mounts_reach_neither_the_agent_nor_the_job_be
     let mut agent = rig
         .agent_in(
             "--make-rshared",
+            "exec \"$@\"",
             &["run", "--config", rig.config.to_str().unwrap()],
         )
         .stdout(log.try_clone().unwrap())
@@ -2505,4 +2513,118 @@ fn with_a_shared_root_a_jobs_store_mounts_reach_neither_the_agent_nor_the_job_be
         said, ["mounts: socket=1 logs=1"; 2],
         "a job sees another job's socket or logs: {log}"
     );
+}
+
+/// The mount points in the mount namespace of `pid` whose path contains `part`.
+fn mounts_of(pid: u32, part: &str) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.contains(part))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// An agent killed while an untrusted runner job's store is open leaves the job's view (the
+/// layer's copy, the socket and logs on it) and its layer mounted in its namespace; the next
+/// start in that namespace unmounts and removes both before it runs anything.
+#[test]
+fn a_killed_agents_store_views_and_layers_are_unmounted_and_removed_at_the_next_start() {
+    if !privileged("nix-runner-views-swept") {
+        return;
+    }
+    let (_attic, gh, rig, shared) = bootstrapped_publishing_rig();
+    let s = shared.display();
+    gh.push_job(publish_job(
+        &rig,
+        "102",
+        "pull_request",
+        "refs/pull/5/merge",
+        format!("touch {s}/opened; sleep 600"),
+    ));
+    let log_path = rig.dir.path().join("agent.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    // One mount namespace for both agents: the first is killed, the second starts in it.
+    let mut holder = rig
+        .agent_in(
+            "--make-rprivate",
+            "\"$@\"; \"$@\"",
+            &["run", "--config", rig.config.to_str().unwrap()],
+        )
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let ns = holder.id();
+    wait_for(&shared.join("opened"), "the pull request's job");
+    let views = rig.dir.path().join("state/nix-views");
+    let work = rig.dir.path().join("work");
+    let (views_s, work_s) = (views.display().to_string(), work.display().to_string());
+    let first = std::fs::read_to_string(format!("/proc/{ns}/task/{ns}/children"))
+        .unwrap()
+        .trim()
+        .parse::<i32>()
+        .unwrap();
+    // The first agent's jobs' (their names carry its pid).
+    let of_first = |m: Vec<String>| -> Vec<String> {
+        m.into_iter()
+            .filter(|p| p.contains(&format!(".{first}.")))
+            .collect()
+    };
+    let before = (
+        of_first(mounts_of(ns, &views_s)),
+        of_first(mounts_of(ns, &work_s)),
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // The second agent reconciled and started its runners.
+    let t = std::time::Instant::now();
+    while gh.with(|s| s.runners.len()) < 3 && t.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let after = (
+        of_first(mounts_of(ns, &views_s)),
+        of_first(mounts_of(ns, &work_s)),
+    );
+    let left_dirs: Vec<_> = [&views, &work]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(&format!(".{first}.")))
+        .collect();
+    let second = std::fs::read_to_string(format!("/proc/{ns}/task/{ns}/children"))
+        .unwrap_or_default()
+        .trim()
+        .parse::<i32>();
+    if let Ok(p) = second {
+        for _ in 0..2 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+    }
+    let _ = holder.wait();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    eprintln!("before: {before:?}\nafter: {after:?}\nleft: {left_dirs:?}");
+    // The premise: the killed agent's namespace held the job's view and layer.
+    assert!(
+        log.contains("flywheel: store: not trusted to publish"),
+        "{log}"
+    );
+    assert!(
+        !before.0.is_empty() && !before.1.is_empty(),
+        "no view or layer mounted before the kill: {before:?}\n{log}"
+    );
+    assert!(
+        after.0.is_empty() && after.1.is_empty(),
+        "left mounted after the next start: {after:?}\n{log}"
+    );
+    assert!(left_dirs.is_empty(), "left behind: {left_dirs:?}\n{log}");
 }

@@ -244,7 +244,7 @@ pub(super) async fn launch(
                 "a store opened at job-started needs the runner's probe".into(),
             ));
         };
-        p.arm_store(d);
+        p.arm_store(d).await?;
     }
     let mut setup = ChildSetup::new(cg, &mounts, user, &cwd_path, true)?;
     setup.netns = net.as_ref().map(JobNet::fd);
