@@ -1605,10 +1605,19 @@ command -v xz >/dev/null && echo "xz is there" || echo "would sudo apt-get insta
 
 /// `run` with the rig's config in its private `/nix` namespace, logging to `agent.log`.
 fn start_run(rig: &Rig) -> (std::process::Child, PathBuf) {
+    start_run_in(rig, "--make-rprivate", "exec \"$@\"")
+}
+
+/// [`start_run`] through [`Rig::agent_in`].
+fn start_run_in(rig: &Rig, propagation: &str, then: &str) -> (std::process::Child, PathBuf) {
     let log_path = rig.dir.path().join("agent.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let agent = rig
-        .agent(&["run", "--config", rig.config.to_str().unwrap()])
+        .agent_in(
+            propagation,
+            then,
+            &["run", "--config", rig.config.to_str().unwrap()],
+        )
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
@@ -2461,18 +2470,7 @@ fn with_a_shared_root_a_jobs_store_mounts_reach_neither_the_agent_nor_the_job_be
             script.clone(),
         ));
     }
-    let log_path = rig.dir.path().join("agent.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut agent = rig
-        .agent_in(
-            "--make-rshared",
-            "exec \"$@\"",
-            &["run", "--config", rig.config.to_str().unwrap()],
-        )
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let (mut agent, log_path) = start_run_in(&rig, "--make-rshared", "exec \"$@\"");
     let checked = || {
         std::fs::read_dir(&shared)
             .unwrap()
@@ -2543,19 +2541,8 @@ fn a_killed_agents_store_views_and_layers_are_unmounted_and_removed_at_the_next_
         "refs/pull/5/merge",
         format!("touch {s}/opened; sleep 600"),
     ));
-    let log_path = rig.dir.path().join("agent.log");
-    let log = std::fs::File::create(&log_path).unwrap();
     // One mount namespace for both agents: the first is killed, the second starts in it.
-    let mut holder = rig
-        .agent_in(
-            "--make-rprivate",
-            "\"$@\"; \"$@\"",
-            &["run", "--config", rig.config.to_str().unwrap()],
-        )
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let (mut holder, log_path) = start_run_in(&rig, "--make-rprivate", "\"$@\"; \"$@\"");
     let ns = holder.id();
     wait_for(&shared.join("opened"), "the pull request's job");
     let views = rig.dir.path().join("state/nix-views");
@@ -2627,4 +2614,37 @@ fn a_killed_agents_store_views_and_layers_are_unmounted_and_removed_at_the_next_
         "left mounted after the next start: {after:?}\n{log}"
     );
     assert!(left_dirs.is_empty(), "left behind: {left_dirs:?}\n{log}");
+}
+
+/// A store with a filesystem mounted below it (a separate `/nix/store`; here a tmpfs on
+/// `var/extra`) cannot be shown through an untrusted job's layer (overlayfs shows the store's
+/// own filesystem only): the job fails at its job-started hook, saying why, and runs no step.
+#[test]
+fn an_untrusted_job_on_a_store_with_mounts_below_it_is_refused_its_layer() {
+    if !privileged("nix-runner-submount") {
+        return;
+    }
+    let (_attic, gh, rig, _shared) = bootstrapped_publishing_rig();
+    gh.push_job(publish_job(
+        &rig,
+        "102",
+        "pull_request",
+        "refs/pull/5/merge",
+        "echo prjob: ran".into(),
+    ));
+    let (mut agent, log_path) = start_run_in(
+        &rig,
+        "--make-rprivate",
+        "mkdir -p /nix/var/extra && mount -t tmpfs tmpfs /nix/var/extra && exec \"$@\"",
+    );
+    let t = std::time::Instant::now();
+    while gh.with(|s| s.completed.len()) < 1 && t.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let log = stop_twice(&mut agent, &log_path);
+    assert!(
+        log.contains("has filesystems mounted below it (/nix/var/extra)"),
+        "{log}"
+    );
+    assert!(!log.contains("prjob: ran"), "{log}");
 }

@@ -406,6 +406,20 @@ pub(super) fn layer_dir(phys_work_root: &Path, job: &str) -> PathBuf {
 /// is gone, and the store below never changed.
 pub(super) fn throwaway_layer(phys_nix: &Path, layer: &Path) -> Result<PathBuf, EnvelopeError> {
     use std::os::unix::fs::DirBuilderExt;
+    // Overlayfs's lower is the store's own filesystem: a store with a filesystem mounted below
+    // it (a separate `/nix/store`) would show the job an empty directory there.
+    let below: Vec<String> = workdir::mounts_below(phys_nix)
+        .into_iter()
+        .filter(|m| m != phys_nix)
+        .map(|m| m.display().to_string())
+        .collect();
+    if !below.is_empty() {
+        return Err(EnvelopeError::Nix(format!(
+            "the store {} has filesystems mounted below it ({}), which an untrusted job's layer (kernel overlayfs) cannot show: keep the lane's nix_store on one filesystem",
+            phys_nix.display(),
+            below.join(", ")
+        )));
+    }
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(layer)
