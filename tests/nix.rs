@@ -2648,3 +2648,62 @@ fn an_untrusted_job_on_a_store_with_mounts_below_it_is_refused_its_layer() {
     );
     assert!(!log.contains("prjob: ran"), "{log}");
 }
+
+/// An untrusted job's layer starts with a snapshot of the store's database (one read
+/// transaction) and the store's WAL and shared-memory files whited out: its daemon never copies
+/// up a database trusted daemons are writing, nor reads their live WAL; it still finds the warm
+/// store's paths valid.
+#[test]
+fn an_untrusted_jobs_layer_starts_with_a_snapshot_of_the_database_not_its_live_wal() {
+    if !privileged("nix-runner-db-snapshot") {
+        return;
+    }
+    use std::os::unix::fs::FileTypeExt;
+    let (_attic, gh, rig, shared) = bootstrapped_publishing_rig();
+    let s = shared.display();
+    let nix_out = &tarball().nix_out;
+    gh.push_job(publish_job(
+        &rig,
+        "102",
+        "pull_request",
+        "refs/pull/5/merge",
+        format!(
+            "touch {s}/opened\n\
+             for i in $(seq 600); do [ -e {s}/go ] && break; sleep 0.1; done\n\
+             nix-store --check-validity {nix_out} && echo prjob: warm-valid"
+        ),
+    ));
+    let (mut agent, log_path) = start_run(&rig);
+    wait_for(&shared.join("opened"), "the pull request's job");
+    let layer = std::fs::read_dir(rig.dir.path().join("work"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".layer"))
+        .expect("the job's layer");
+    let db = layer.join("upper/var/nix/db");
+    let kinds: Vec<(String, bool)> = ["db.sqlite-wal", "db.sqlite-shm"]
+        .iter()
+        .map(|n| {
+            let t = std::fs::symlink_metadata(db.join(n)).map(|m| m.file_type());
+            (n.to_string(), t.is_ok_and(|t| t.is_char_device()))
+        })
+        .collect();
+    // The layer as the agent made it (the job has not talked to its daemon yet).
+    let copy = rig.dir.path().join("snapshot.sqlite");
+    let rows = std::fs::copy(db.join("db.sqlite"), &copy)
+        .map(|_| valid_rows(&copy, &[nix_out]))
+        .unwrap_or_default();
+    std::fs::write(shared.join("go"), "").unwrap();
+    let t = std::time::Instant::now();
+    while gh.with(|s| s.completed.len()) < 1 && t.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let log = stop_twice(&mut agent, &log_path);
+    assert!(log.contains("prjob: warm-valid"), "{log}");
+    assert!(
+        kinds.iter().all(|(_, whiteout)| *whiteout),
+        "the store's WAL files are not whited out in the layer: {kinds:?}"
+    );
+    assert_eq!(rows.len(), 1, "the snapshot lacks the warm store's paths");
+}

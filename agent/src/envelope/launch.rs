@@ -432,6 +432,7 @@ pub(super) fn throwaway_layer(phys_nix: &Path, layer: &Path) -> Result<PathBuf, 
     for d in [&upper, &work, &merged] {
         std::fs::create_dir(d).map_err(io_at("create", d))?;
     }
+    snapshot_db(phys_nix, &upper)?;
     let opts = format!(
         "lowerdir={},upperdir={},workdir={}",
         phys_nix.display(),
@@ -451,4 +452,66 @@ pub(super) fn throwaway_layer(phys_nix: &Path, layer: &Path) -> Result<PathBuf, 
         source: e.into(),
     })?;
     Ok(merged)
+}
+
+/// The store's database in the layer before it is mounted: one consistent snapshot (SQLite's
+/// `VACUUM INTO`, a read transaction: what trusted daemons commit meanwhile is not in it), its
+/// WAL and shared-memory files whited out. Without it the layer's daemon copies up
+/// `db.sqlite`, `-wal` and `-shm` one at a time on its first write while trusted daemons keep
+/// writing them (a torn or mismatched database), and would read a trusted daemon's live WAL
+/// over its own copy. A store without a database yet (not bootstrapped) gets nothing.
+fn snapshot_db(phys_nix: &Path, upper: &Path) -> Result<(), EnvelopeError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let (mut lower, mut up) = (phys_nix.to_path_buf(), upper.to_path_buf());
+    for part in ["var", "nix", "db"] {
+        lower.push(part);
+        up.push(part);
+        let m = match std::fs::symlink_metadata(&lower) {
+            Ok(m) if m.is_dir() => m,
+            Ok(_) => {
+                return Err(EnvelopeError::Nix(format!(
+                    "{} is not a plain directory (a symlink planted by a job's daemon?): repair the store",
+                    lower.display()
+                )))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_at("inspect", &lower)(e)),
+        };
+        std::fs::DirBuilder::new()
+            .mode(m.mode() & 0o7777)
+            .create(&up)
+            .map_err(io_at("create", &up))?;
+        std::os::unix::fs::chown(&up, Some(m.uid()), Some(m.gid())).map_err(io_at("chown", &up))?;
+    }
+    let db = lower.join("db.sqlite");
+    if !db.is_file() {
+        return Ok(());
+    }
+    let copy = up.join("db.sqlite");
+    let snapshot = || -> rusqlite::Result<()> {
+        let conn = rusqlite::Connection::open_with_flags(
+            &db,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.execute("VACUUM INTO ?1", [copy.to_string_lossy()])?;
+        Ok(())
+    };
+    snapshot().map_err(|e| EnvelopeError::Io {
+        what: "snapshot the store's database into the job's layer",
+        path: db.clone(),
+        source: io::Error::other(e),
+    })?;
+    for name in ["db.sqlite-wal", "db.sqlite-shm"] {
+        let w = up.join(name);
+        // An overlayfs whiteout: a character device 0/0 in the upper layer.
+        nix::sys::stat::mknod(
+            &w,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::empty(),
+            0,
+        )
+        .map_err(|e| io_at("white out", &w)(e.into()))?;
+    }
+    Ok(())
 }
