@@ -2568,12 +2568,14 @@ fn a_killed_agents_store_views_and_layers_are_unmounted_and_removed_at_the_next_
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    // The second agent reconciled and started its runners.
-    let t = std::time::Instant::now();
-    while gh.with(|s| s.runners.len()) < 3 && t.elapsed().as_secs() < 60 {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // The second agent reconciled (before it starts any runner).
+    wait_in_log(&log_path, || {
+        std::fs::read_to_string(&log_path)
+            .unwrap()
+            .matches("startup reconciliation done")
+            .count()
+            >= 2
+    });
     let after = (
         of_first(mounts_of(ns, &views_s)),
         of_first(mounts_of(ns, &work_s)),
