@@ -91,13 +91,20 @@ nix_conf = "{conf}"
 
     /// The agent with ARGS, in a private mount namespace whose `/nix` is this rig's fresh one.
     fn agent(&self, args: &[&str]) -> Command {
+        self.agent_in("--make-rprivate", "exec \"$@\"", args)
+    }
+
+    /// [`Rig::agent`] with `/` and `/nix` made `propagation` (`--make-rshared`: as systemd
+    /// gives a service) in the agent's namespace, the agent run by the shell line `then`
+    /// (`"$@"` is the agent with ARGS).
+    fn agent_in(&self, propagation: &str, then: &str, args: &[&str]) -> Command {
         let mut c = Command::new("unshare");
         c.args([
             "-m",
             "--",
             "sh",
             "-c",
-            "mount --make-rprivate / && mount --bind \"$0\" /nix && exec \"$@\"",
+            &format!("mount {propagation} / && mount --bind \"$0\" /nix && {then}"),
         ])
         .arg(self.fresh())
         .arg(AGENT)
@@ -1728,10 +1735,19 @@ command -v xz >/dev/null && echo "xz is there" || echo "would sudo apt-get insta
 
 /// `run` with the rig's config in its private `/nix` namespace, logging to `agent.log`.
 fn start_run(rig: &Rig) -> (std::process::Child, PathBuf) {
+    start_run_in(rig, "--make-rprivate", "exec \"$@\"")
+}
+
+/// [`start_run`] through [`Rig::agent_in`].
+fn start_run_in(rig: &Rig, propagation: &str, then: &str) -> (std::process::Child, PathBuf) {
     let log_path = rig.dir.path().join("agent.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let agent = rig
-        .agent(&["run", "--config", rig.config.to_str().unwrap()])
+        .agent_in(
+            propagation,
+            then,
+            &["run", "--config", rig.config.to_str().unwrap()],
+        )
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
@@ -2410,4 +2426,416 @@ fn a_runner_that_ends_before_job_started_gets_no_store_and_leaves_nothing() {
         .map(|e| e.file_name())
         .collect();
     assert!(layers.is_empty(), "{layers:?}");
+}
+
+/// [`publishing_rig`], bootstrapped, with a directory its jobs and the test share.
+fn bootstrapped_publishing_rig() -> (fake_attic::FakeAttic, fake_github::FakeGitHub, Rig, PathBuf) {
+    let (attic, gh, rig) = publishing_rig();
+    let shared = common::shared_dir(rig.dir.path());
+    let o = rig.bootstrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    (attic, gh, rig, shared)
+}
+
+/// The uids of the running processes whose command line contains `marker`.
+fn uids_running(marker: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
+        })
+        .filter_map(|e| {
+            let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+            let uid = status.lines().find(|l| l.starts_with("Uid:"))?;
+            uid.split_whitespace().nth(1)?.parse().ok()
+        })
+        .collect()
+}
+
+/// With the default build-user pool (`<nix_store>/var/nix/userpool`, in the store an
+/// untrusted job's layer covers), a fork's pull request's daemon and a trusted push's daemon
+/// on the same store take their build users from the one real pool: two builds running at once
+/// run as two different `nixbld` users, and neither is killed by the other's start (Nix kills
+/// a build user's processes before it builds as that user).
+#[test]
+fn an_untrusted_and_a_trusted_jobs_builds_never_share_a_build_user() {
+    if !privileged("nix-runner-userpool") {
+        return;
+    }
+    let (_attic, gh, rig) = publishing_rig();
+    // The default pool: no `userpool` line.
+    let cfg = std::fs::read_to_string(&rig.config).unwrap();
+    let cfg: String = cfg
+        .lines()
+        .filter(|l| !l.starts_with("userpool = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&rig.config, cfg).unwrap();
+    // Rigs of other tests running at once share another pool: keep them off the first build
+    // users, which this rig's daemons take.
+    let _reserved: Vec<std::fs::File> = (1..=3)
+        .map(|i| {
+            let uid = nix::unistd::User::from_name(&format!("nixbld{i}"))
+                .unwrap()
+                .unwrap()
+                .uid;
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(shared_userpool().join(uid.to_string()))
+                .unwrap();
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock(2) on a file we hold.
+            assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+            f
+        })
+        .collect();
+    let tag = unique("upool").replace('-', "");
+    let shared = common::shared_dir(rig.dir.path());
+    let s = shared.display();
+    for who in ["push", "pr"] {
+        std::fs::write(
+            shared.join(format!("{who}.nix")),
+            format!("derivation {{ name = \"u-{who}\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"export PATH=/usr/bin:/bin; echo builder-{tag}-{who}; while [ ! -e {s}/go ]; do sleep 0.1; done; id -u > $out\" ]; }}\n"),
+        )
+        .unwrap();
+    }
+    let o = rig.bootstrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let script = |who: &str| {
+        format!(
+            "nix-build {s}/{who}.nix --no-out-link > out.txt 2>&1 && echo \"{who}job: built uid=$(cat $(tail -1 out.txt))\" || echo \"{who}job: failed $(tail -6 out.txt | tr '\\n' ' ')\""
+        )
+    };
+    gh.push_job(publish_job(
+        &rig,
+        "101",
+        "push",
+        "refs/heads/main",
+        script("push"),
+    ));
+    gh.push_job(publish_job(
+        &rig,
+        "102",
+        "pull_request",
+        "refs/pull/5/merge",
+        script("pr"),
+    ));
+    let (mut agent, log_path) = start_run(&rig);
+    // Both builders running at once, each as the build user its daemon locked.
+    let t = std::time::Instant::now();
+    let (mut push_uids, mut pr_uids) = (Vec::new(), Vec::new());
+    while t.elapsed().as_secs() < 60 {
+        push_uids = uids_running(&format!("builder-{tag}-push"));
+        pr_uids = uids_running(&format!("builder-{tag}-pr"));
+        if !push_uids.is_empty() && !pr_uids.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Still both there a moment later: neither build user was taken over.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let later = (
+        uids_running(&format!("builder-{tag}-push")),
+        uids_running(&format!("builder-{tag}-pr")),
+    );
+    std::fs::write(shared.join("go"), "").unwrap();
+    while gh.with(|s| s.completed.len()) < 2 && t.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let log = stop_twice(&mut agent, &log_path);
+    eprintln!("build users: push {push_uids:?}, pr {pr_uids:?}, a moment later {later:?}");
+    assert!(
+        log.contains("flywheel: store: not trusted to publish")
+            && log.contains("flywheel: store: trusted"),
+        "{log}"
+    );
+    assert!(
+        !push_uids.is_empty() && !pr_uids.is_empty(),
+        "the two builds never ran at once: push {push_uids:?}, pr {pr_uids:?}\n{log}"
+    );
+    assert!(
+        push_uids.iter().all(|u| !pr_uids.contains(u)),
+        "both daemons built as one build user: push {push_uids:?}, pr {pr_uids:?}"
+    );
+    assert!(
+        !later.0.is_empty() && !later.1.is_empty(),
+        "a builder was killed: {later:?}\n{log}"
+    );
+    for who in ["push", "pr"] {
+        assert!(
+            log.contains(&format!("{who}job: built uid=")),
+            "{who}: {log}"
+        );
+    }
+}
+
+/// With `/` shared in the agent's namespace (systemd's default for a service), two trusted
+/// runner jobs' stores, daemon sockets and build logs stay each in its own job: the copy of
+/// the store the agent attaches on a job's view joins no peer group of the agent's `/nix`, so
+/// nothing mounted on it appears in the agent's namespace or in the job beside it.
+#[test]
+fn with_a_shared_root_a_jobs_store_mounts_reach_neither_the_agent_nor_the_job_beside_it() {
+    if !privileged("nix-runner-shared-root") {
+        return;
+    }
+    let (_attic, gh, rig, shared) = bootstrapped_publishing_rig();
+    let s = shared.display();
+    let script = format!(
+        "touch {s}/opened.$$\n\
+         for i in $(seq 600); do [ $(ls {s} | grep -c '^opened') -ge 2 ] && break; sleep 0.1; done\n\
+         echo \"mounts: socket=$(grep -c ' /nix/var/nix/daemon-socket ' /proc/self/mountinfo) logs=$(grep -c ' /nix/var/log/nix ' /proc/self/mountinfo)\"\n\
+         touch {s}/checked.$$\n\
+         for i in $(seq 600); do [ -e {s}/go ] && break; sleep 0.1; done"
+    );
+    for _ in 0..2 {
+        gh.push_job(publish_job(
+            &rig,
+            "101",
+            "push",
+            "refs/heads/main",
+            script.clone(),
+        ));
+    }
+    let (mut agent, log_path) = start_run_in(&rig, "--make-rshared", "exec \"$@\"");
+    let checked = || {
+        std::fs::read_dir(&shared)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("checked"))
+            .count()
+            >= 2
+    };
+    wait_in_log(&log_path, checked);
+    // The agent's namespace, with both jobs' stores open: nothing below its `/nix`.
+    let info = std::fs::read_to_string(format!("/proc/{}/mountinfo", agent.id())).unwrap();
+    let mounted: Vec<&str> = info
+        .lines()
+        .filter(|l| l.split(' ').nth(4).is_some_and(|m| m.starts_with("/nix/")))
+        .collect();
+    std::fs::write(shared.join("go"), "").unwrap();
+    let t = std::time::Instant::now();
+    while gh.with(|s| s.completed.len()) < 2 && t.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let log = stop_twice(&mut agent, &log_path);
+    let said: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.find("mounts: ").map(|i| &l[i..]))
+        .map(|l| l.split(" stream=").next().unwrap_or(""))
+        .collect();
+    eprintln!("jobs: {said:?}\nthe agent's mounts below /nix: {mounted:?}");
+    assert_eq!(
+        log.matches("flywheel: store: trusted").count(),
+        2,
+        "both jobs trusted: {log}"
+    );
+    assert!(
+        mounted.is_empty(),
+        "a job's mounts appeared in the agent's namespace: {mounted:#?}"
+    );
+    assert_eq!(
+        said, ["mounts: socket=1 logs=1"; 2],
+        "a job sees another job's socket or logs: {log}"
+    );
+}
+
+/// The mount points in the mount namespace of `pid` whose path contains `part`.
+fn mounts_of(pid: u32, part: &str) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.contains(part))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// An agent killed while an untrusted runner job's store is open leaves the job's view (the
+/// layer's copy, the socket and logs on it) and its layer mounted in its namespace; the next
+/// start in that namespace unmounts and removes both before it runs anything.
+#[test]
+fn a_killed_agents_store_views_and_layers_are_unmounted_and_removed_at_the_next_start() {
+    if !privileged("nix-runner-views-swept") {
+        return;
+    }
+    let (_attic, gh, rig, shared) = bootstrapped_publishing_rig();
+    let s = shared.display();
+    gh.push_job(publish_job(
+        &rig,
+        "102",
+        "pull_request",
+        "refs/pull/5/merge",
+        format!("touch {s}/opened; sleep 600"),
+    ));
+    // One mount namespace for both agents: the first is killed, the second starts in it.
+    let (mut holder, log_path) = start_run_in(&rig, "--make-rprivate", "\"$@\"; \"$@\"");
+    let ns = holder.id();
+    wait_for(&shared.join("opened"), "the pull request's job");
+    let views = rig.dir.path().join("state/nix-views");
+    let work = rig.dir.path().join("work");
+    let (views_s, work_s) = (views.display().to_string(), work.display().to_string());
+    let first = std::fs::read_to_string(format!("/proc/{ns}/task/{ns}/children"))
+        .unwrap()
+        .trim()
+        .parse::<i32>()
+        .unwrap();
+    // The first agent's jobs' (their names carry its pid).
+    let of_first = |m: Vec<String>| -> Vec<String> {
+        m.into_iter()
+            .filter(|p| p.contains(&format!(".{first}.")))
+            .collect()
+    };
+    let before = (
+        of_first(mounts_of(ns, &views_s)),
+        of_first(mounts_of(ns, &work_s)),
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // The second agent reconciled (before it starts any runner).
+    wait_in_log(&log_path, || {
+        std::fs::read_to_string(&log_path)
+            .unwrap()
+            .matches("startup reconciliation done")
+            .count()
+            >= 2
+    });
+    let after = (
+        of_first(mounts_of(ns, &views_s)),
+        of_first(mounts_of(ns, &work_s)),
+    );
+    let left_dirs: Vec<_> = [&views, &work]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(&format!(".{first}.")))
+        .collect();
+    let second = std::fs::read_to_string(format!("/proc/{ns}/task/{ns}/children"))
+        .unwrap_or_default()
+        .trim()
+        .parse::<i32>();
+    if let Ok(p) = second {
+        for _ in 0..2 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+    }
+    let _ = holder.wait();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    eprintln!("before: {before:?}\nafter: {after:?}\nleft: {left_dirs:?}");
+    // The premise: the killed agent's namespace held the job's view and layer.
+    assert!(
+        log.contains("flywheel: store: not trusted to publish"),
+        "{log}"
+    );
+    assert!(
+        !before.0.is_empty() && !before.1.is_empty(),
+        "no view or layer mounted before the kill: {before:?}\n{log}"
+    );
+    assert!(
+        after.0.is_empty() && after.1.is_empty(),
+        "left mounted after the next start: {after:?}\n{log}"
+    );
+    assert!(left_dirs.is_empty(), "left behind: {left_dirs:?}\n{log}");
+}
+
+/// A store with a filesystem mounted below it (a separate `/nix/store`; here a tmpfs on
+/// `var/extra`) cannot be shown through an untrusted job's layer (overlayfs shows the store's
+/// own filesystem only): the job fails at its job-started hook, saying why, and runs no step.
+#[test]
+fn an_untrusted_job_on_a_store_with_mounts_below_it_is_refused_its_layer() {
+    if !privileged("nix-runner-submount") {
+        return;
+    }
+    let (_attic, gh, rig, _shared) = bootstrapped_publishing_rig();
+    gh.push_job(publish_job(
+        &rig,
+        "102",
+        "pull_request",
+        "refs/pull/5/merge",
+        "echo prjob: ran".into(),
+    ));
+    let (mut agent, log_path) = start_run_in(
+        &rig,
+        "--make-rprivate",
+        "mkdir -p /nix/var/extra && mount -t tmpfs tmpfs /nix/var/extra && exec \"$@\"",
+    );
+    let t = std::time::Instant::now();
+    while gh.with(|s| s.completed.len()) < 1 && t.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let log = stop_twice(&mut agent, &log_path);
+    assert!(
+        log.contains("has filesystems mounted below it (/nix/var/extra)"),
+        "{log}"
+    );
+    assert!(!log.contains("prjob: ran"), "{log}");
+}
+
+/// An untrusted job's layer starts with a snapshot of the store's database (one read
+/// transaction) and the store's WAL and shared-memory files whited out: its daemon never copies
+/// up a database trusted daemons are writing, nor reads their live WAL; it still finds the warm
+/// store's paths valid.
+#[test]
+fn an_untrusted_jobs_layer_starts_with_a_snapshot_of_the_database_not_its_live_wal() {
+    if !privileged("nix-runner-db-snapshot") {
+        return;
+    }
+    use std::os::unix::fs::FileTypeExt;
+    let (_attic, gh, rig, shared) = bootstrapped_publishing_rig();
+    let s = shared.display();
+    let nix_out = &tarball().nix_out;
+    gh.push_job(publish_job(
+        &rig,
+        "102",
+        "pull_request",
+        "refs/pull/5/merge",
+        format!(
+            "touch {s}/opened\n\
+             for i in $(seq 600); do [ -e {s}/go ] && break; sleep 0.1; done\n\
+             nix-store --check-validity {nix_out} && echo prjob: warm-valid"
+        ),
+    ));
+    let (mut agent, log_path) = start_run(&rig);
+    wait_for(&shared.join("opened"), "the pull request's job");
+    let layer = std::fs::read_dir(rig.dir.path().join("work"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".layer"))
+        .expect("the job's layer");
+    let db = layer.join("upper/var/nix/db");
+    let kinds: Vec<(String, bool)> = ["db.sqlite-wal", "db.sqlite-shm"]
+        .iter()
+        .map(|n| {
+            let t = std::fs::symlink_metadata(db.join(n)).map(|m| m.file_type());
+            (n.to_string(), t.is_ok_and(|t| t.is_char_device()))
+        })
+        .collect();
+    // The layer as the agent made it (the job has not talked to its daemon yet).
+    let copy = rig.dir.path().join("snapshot.sqlite");
+    let rows = std::fs::copy(db.join("db.sqlite"), &copy)
+        .map(|_| valid_rows(&copy, &[nix_out]))
+        .unwrap_or_default();
+    std::fs::write(shared.join("go"), "").unwrap();
+    let t = std::time::Instant::now();
+    while gh.with(|s| s.completed.len()) < 1 && t.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let log = stop_twice(&mut agent, &log_path);
+    assert!(log.contains("prjob: warm-valid"), "{log}");
+    assert!(
+        kinds.iter().all(|(_, whiteout)| *whiteout),
+        "the store's WAL files are not whited out in the layer: {kinds:?}"
+    );
+    assert_eq!(rows.len(), 1, "the snapshot lacks the warm store's paths");
 }

@@ -617,6 +617,7 @@ pub fn parse(src: &str, origin: &Origin, host: &HostFacts) -> Result<Config, Con
     }
     let github = raw.github.map(|g| github_settings(&cx, g)).transpose()?;
     let user_pos = raw.runner.user.as_ref().map(|u| u.span().start);
+    let install_pos = raw.runner.install_dir.as_ref().map(|d| d.span().start);
     let runner = runner_settings(&cx, raw.runner)?;
     let nix = nix_settings(&cx, raw.nix)?;
     let attic = attic_settings(&cx, raw.attic)?;
@@ -658,7 +659,7 @@ pub fn parse(src: &str, origin: &Origin, host: &HostFacts) -> Result<Config, Con
                 attic,
                 lanes: defaults.lanes,
             };
-            check_runner_lane(&cx, &cfg, user_pos)?;
+            check_runner_lane(&cx, &cfg, user_pos, install_pos)?;
             return Ok(cfg);
         }
         None => Vec::new(),
@@ -699,7 +700,7 @@ pub fn parse(src: &str, origin: &Origin, host: &HostFacts) -> Result<Config, Con
         attic,
         lanes,
     };
-    check_runner_lane(&cx, &cfg, user_pos)?;
+    check_runner_lane(&cx, &cfg, user_pos, install_pos)?;
     Ok(cfg)
 }
 
@@ -707,7 +708,23 @@ fn check_runner_lane(
     cx: &Ctx<'_>,
     cfg: &Config,
     user_pos: Option<usize>,
+    install_pos: Option<usize>,
 ) -> Result<(), ConfigError> {
+    if let Some(lane) = cfg
+        .lanes
+        .iter()
+        .find(|l| l.nix && cfg.runner.install_dir.starts_with(&l.nix_store))
+    {
+        return Err(cx.err_at(
+            install_pos,
+            format!(
+                "runner.install_dir {} lies in lane {:?}'s nix_store {}, which a runner job sees empty until its job-started hook has run: install the runner outside it",
+                cfg.runner.install_dir.display(),
+                lane.name,
+                lane.nix_store.display()
+            ),
+        ));
+    }
     if let Some(l) = &cfg.runner.lane {
         if cfg.lane(l).is_none() {
             return Err(cx.err_at(None, format!("runner.lane {l:?} is not a configured lane")));
@@ -1029,6 +1046,34 @@ pub fn check_host(cfg: &Config) -> Result<(), ConfigError> {
     }
     for lane in &cfg.lanes {
         check_bazel_credentials(cfg, lane)?;
+    }
+    check_outside_stores(cfg, std::env::current_exe().ok().as_deref())
+}
+
+/// A runner job's store (its lane's `nix_store`) is an empty mount point until its
+/// job-started hook has run, and the hook is `/bin/sh` running the agent's binary: neither may
+/// live in a Nix lane's store (as on NixOS), or every runner job fails at its hook.
+fn check_outside_stores(cfg: &Config, exe: Option<&Path>) -> Result<(), ConfigError> {
+    let real = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    for lane in cfg.lanes.iter().filter(|l| l.nix) {
+        let store = real(&lane.nix_store);
+        for (what, path) in [
+            ("the agent's binary", exe.map(real)),
+            ("/bin/sh", Some(real(Path::new("/bin/sh")))),
+        ] {
+            if let Some(p) = path.filter(|p| p.starts_with(&store)) {
+                return Err(ConfigError {
+                    origin: cfg.origin.to_string(),
+                    position: None,
+                    message: format!(
+                        "lane {:?}: {what} ({}) lies in its nix_store {}, which a runner job sees empty until its job-started hook (/bin/sh running the agent's binary) has run: install it outside the store, or give the lane a store of its own (nix_store)",
+                        lane.name,
+                        p.display(),
+                        lane.nix_store.display()
+                    ),
+                });
+            }
+        }
     }
     Ok(())
 }
@@ -1406,6 +1451,20 @@ mod tests {
         memory_bytes: 24 << 30,
         cpus: 2,
     };
+
+    #[test]
+    fn a_runner_or_an_agent_inside_a_nix_lanes_store_is_refused() {
+        let e = file("[runner]\ninstall_dir = \"/nix/actions-runner\"\n\n[[lane]]\nname = \"n\"\nmemory = \"1Gi\"\n")
+            .expect_err("refused");
+        assert_eq!(e.position, Some((2, 15)), "{e}");
+        assert!(e.message.contains("runner.install_dir"), "{e}");
+        let cfg = file("[[lane]]\nname = \"n\"\nmemory = \"1Gi\"\nnix_store = \"/opt/store\"\n")
+            .expect("parses");
+        let e = check_outside_stores(&cfg, Some(Path::new("/opt/store/abc-flywheel/bin/agent")))
+            .expect_err("refused");
+        assert!(e.message.contains("the agent's binary"), "{e}");
+        check_outside_stores(&cfg, Some(Path::new("/usr/bin/flywheel-agent"))).expect("outside");
+    }
 
     fn file(src: &str) -> Result<Config, ConfigError> {
         parse(src, &Origin::File(PathBuf::from("lanes.toml")), &HOST)

@@ -359,7 +359,10 @@ pub fn reconcile_local(cfg: &Config, mgr: &dyn CgroupManager) -> (usize, usize) 
     }
     let mut dirs = 0;
     for lane in &cfg.lanes {
+        // Store views first (an earlier run's job's view may hold its layer's overlay or a
+        // writable copy of the shared store), then the work roots with the layers.
         let mut roots = vec![
+            cfg.agent.state_dir.join("nix-views"),
             lane.work_root.clone(),
             cfg.agent.state_dir.join("nix-sockets"),
             cfg.agent.state_dir.join("nix-logs"),
@@ -373,6 +376,7 @@ pub fn reconcile_local(cfg: &Config, mgr: &dyn CgroupManager) -> (usize, usize) 
             };
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
+                // A job's throwaway layer (`<job>.layer`) is its job's (`creator_pid`).
                 if ours(&name) {
                     match workdir::remove_tree(&e.path()) {
                         Ok(()) => {

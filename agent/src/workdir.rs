@@ -95,7 +95,7 @@ pub fn write_atomic(path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
 }
 
 /// Mount points at or below `path`, deepest first.
-fn mounts_below(path: &Path) -> Vec<PathBuf> {
+pub(crate) fn mounts_below(path: &Path) -> Vec<PathBuf> {
     let Ok(mi) = fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
     };

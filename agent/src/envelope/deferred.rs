@@ -60,7 +60,7 @@ impl DeferredStore {
             store_mount(&mut mounts, merged.clone(), &n.store_seen);
             merged
         };
-        mounts.push(userpool_mount(n));
+        mounts.push(userpool_mount(n)?);
         let dir = start_nix_daemon(
             n,
             self.owner.as_ref(),

@@ -2,6 +2,7 @@
 
 use super::daemon::DaemonPaths;
 use super::deferred::DeferredStore;
+use super::view;
 use super::*;
 use crate::config::Network;
 use crate::netns::{JobNet, NetError};
@@ -84,7 +85,6 @@ pub(super) async fn launch(
         // Removed with the job, whatever happens next (a daemon that will not start, or one
         // that never starts, included).
         cleanup.extend(paths.cleanup());
-        std::fs::create_dir_all(&n.userpool).map_err(io_at("create", &n.userpool))?;
         // Hidden in the job's namespace whether or not its daemon has started.
         std::fs::create_dir_all(&n.sockets).map_err(io_at("create", &n.sockets))?;
         // Mount points in the store a job's daemon may have written: made by descriptor,
@@ -113,7 +113,7 @@ pub(super) async fn launch(
             .cloned()
             .collect();
         if !n.at_job_started {
-            daemon_mounts.push(userpool_mount(n));
+            daemon_mounts.push(userpool_mount(n)?);
         }
         if spec.hook.is_none() {
             // A runner's record and logs outlive its job until the agent has published from
@@ -250,7 +250,7 @@ pub(super) async fn launch(
                 "a store opened at job-started needs the runner's probe".into(),
             ));
         };
-        p.arm_store(d);
+        p.arm_store(d).await?;
     }
     let mut setup = ChildSetup::new(cg, &mounts, user, &cwd_path, true)?;
     setup.netns = net.as_ref().map(JobNet::fd);
@@ -374,13 +374,28 @@ pub(super) fn store_mount(mounts: &mut Vec<Mount>, src: PathBuf, seen: &Path) {
     }
 }
 
-/// The build-user pool where the daemon sees it (after its store's mount).
-pub(super) fn userpool_mount(n: &NixJob) -> Mount {
-    Mount::Bind {
-        src: n.userpool.clone(),
+/// The build-user pool where the daemon sees it (after its store's mount): the pool's mount
+/// tree copied by descriptor in the agent's namespace, its path walked without following a
+/// symlink, so every daemon on a store locks the same files, the pool's default place below
+/// the store (`<nix_store>/var/nix/userpool`) included: a path bound in the daemon's
+/// namespace after an untrusted job's layer covers the store would resolve to the layer's
+/// copy, and that daemon and a trusted one would take the same build user at once (Nix kills
+/// a build user's processes before it builds as that user).
+pub(super) fn userpool_mount(n: &NixJob) -> Result<Mount, EnvelopeError> {
+    let rel = n.userpool.strip_prefix("/").unwrap_or(&n.userpool);
+    let dir = workdir::dirs_at(Path::new("/"), rel)
+        .map_err(io_at("open without following symlinks", &n.userpool))?;
+    let tree = view::clone_tree(
+        dir.as_raw_fd(),
+        c"",
+        libc::AT_EMPTY_PATH as libc::c_uint,
+        view::MOUNT_ATTR_NOSUID | view::MOUNT_ATTR_NODEV | view::MOUNT_ATTR_NOEXEC,
+    )
+    .map_err(io_at("copy the build-user pool's mount", &n.userpool))?;
+    Ok(Mount::Tree {
+        tree: std::sync::Arc::new(tree),
         dst: n.userpool_seen.clone(),
-        readonly: false,
-    }
+    })
 }
 
 /// Where a job's throwaway layer lives: `<work root>/<job>.layer`, on the work root's
@@ -397,6 +412,20 @@ pub(super) fn layer_dir(phys_work_root: &Path, job: &str) -> PathBuf {
 /// is gone, and the store below never changed.
 pub(super) fn throwaway_layer(phys_nix: &Path, layer: &Path) -> Result<PathBuf, EnvelopeError> {
     use std::os::unix::fs::DirBuilderExt;
+    // Overlayfs's lower is the store's own filesystem: a store with a filesystem mounted below
+    // it (a separate `/nix/store`) would show the job an empty directory there.
+    let below: Vec<String> = workdir::mounts_below(phys_nix)
+        .into_iter()
+        .filter(|m| m != phys_nix)
+        .map(|m| m.display().to_string())
+        .collect();
+    if !below.is_empty() {
+        return Err(EnvelopeError::Nix(format!(
+            "the store {} has filesystems mounted below it ({}), which an untrusted job's layer (kernel overlayfs) cannot show: keep the lane's nix_store on one filesystem",
+            phys_nix.display(),
+            below.join(", ")
+        )));
+    }
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(layer)
@@ -409,6 +438,7 @@ pub(super) fn throwaway_layer(phys_nix: &Path, layer: &Path) -> Result<PathBuf, 
     for d in [&upper, &work, &merged] {
         std::fs::create_dir(d).map_err(io_at("create", d))?;
     }
+    snapshot_db(phys_nix, &upper)?;
     let opts = format!(
         "lowerdir={},upperdir={},workdir={}",
         phys_nix.display(),
@@ -428,4 +458,66 @@ pub(super) fn throwaway_layer(phys_nix: &Path, layer: &Path) -> Result<PathBuf, 
         source: e.into(),
     })?;
     Ok(merged)
+}
+
+/// The store's database in the layer before it is mounted: one consistent snapshot (SQLite's
+/// `VACUUM INTO`, a read transaction: what trusted daemons commit meanwhile is not in it), its
+/// WAL and shared-memory files whited out. Without it the layer's daemon copies up
+/// `db.sqlite`, `-wal` and `-shm` one at a time on its first write while trusted daemons keep
+/// writing them (a torn or mismatched database), and would read a trusted daemon's live WAL
+/// over its own copy. A store without a database yet (not bootstrapped) gets nothing.
+fn snapshot_db(phys_nix: &Path, upper: &Path) -> Result<(), EnvelopeError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let (mut lower, mut up) = (phys_nix.to_path_buf(), upper.to_path_buf());
+    for part in ["var", "nix", "db"] {
+        lower.push(part);
+        up.push(part);
+        let m = match std::fs::symlink_metadata(&lower) {
+            Ok(m) if m.is_dir() => m,
+            Ok(_) => {
+                return Err(EnvelopeError::Nix(format!(
+                    "{} is not a plain directory (a symlink planted by a job's daemon?): repair the store",
+                    lower.display()
+                )))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_at("inspect", &lower)(e)),
+        };
+        std::fs::DirBuilder::new()
+            .mode(m.mode() & 0o7777)
+            .create(&up)
+            .map_err(io_at("create", &up))?;
+        std::os::unix::fs::chown(&up, Some(m.uid()), Some(m.gid())).map_err(io_at("chown", &up))?;
+    }
+    let db = lower.join("db.sqlite");
+    if !db.is_file() {
+        return Ok(());
+    }
+    let copy = up.join("db.sqlite");
+    let snapshot = || -> rusqlite::Result<()> {
+        let conn = rusqlite::Connection::open_with_flags(
+            &db,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.execute("VACUUM INTO ?1", [copy.to_string_lossy()])?;
+        Ok(())
+    };
+    snapshot().map_err(|e| EnvelopeError::Io {
+        what: "snapshot the store's database into the job's layer",
+        path: db.clone(),
+        source: io::Error::other(e),
+    })?;
+    for name in ["db.sqlite-wal", "db.sqlite-shm"] {
+        let w = up.join(name);
+        // An overlayfs whiteout: a character device 0/0 in the upper layer.
+        nix::sys::stat::mknod(
+            &w,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::empty(),
+            0,
+        )
+        .map_err(|e| io_at("white out", &w)(e.into()))?;
+    }
+    Ok(())
 }

@@ -426,6 +426,17 @@ unsafe fn child_mount(op: &Op) -> bool {
                     null.cast(),
                 ) == 0
             }
+            // MOVE_MOUNT_F_EMPTY_PATH: the detached copy itself.
+            Op::Attach { tree, dst } => {
+                libc::syscall(
+                    libc::SYS_move_mount,
+                    tree.as_raw_fd(),
+                    c"".as_ptr(),
+                    libc::AT_FDCWD,
+                    dst.as_ptr(),
+                    0x4 as libc::c_uint,
+                ) == 0
+            }
             // A /proc of its own: processes of other users (other jobs, the agent, daemons)
             // are invisible, not just unreadable.
             Op::Proc => {

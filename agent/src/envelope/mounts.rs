@@ -33,6 +33,13 @@ pub(super) enum Mount {
     /// slave of it (made last, after every other mount), so the store the agent mounts there
     /// at job-started propagates in and nothing propagates back.
     View { src: PathBuf, dst: PathBuf },
+    /// A mount tree the agent copied by descriptor (`view::clone_tree`), attached at `dst`:
+    /// what it shows was decided in the agent's namespace, whatever the child's earlier mounts
+    /// cover at its path (the build-user pool, below a store a job's layer covers).
+    Tree {
+        tree: std::sync::Arc<OwnedFd>,
+        dst: PathBuf,
+    },
 }
 
 /// `/tmp` and `/var/tmp`, which every job gets privately (a tmpfs, and a directory in its job

@@ -335,6 +335,7 @@ pub(super) async fn run_job_inner<P: Processes>(
         cleanup: Vec::new(),
         slot: Some(slot),
         armed: true,
+        probe: probe.clone(),
     };
     let launched = procs
         .launch(
@@ -615,6 +616,9 @@ pub(super) struct JobGuard {
     cleanup: Vec<PathBuf>,
     slot: Option<slot::Slot>,
     armed: bool,
+    /// The job's probe: its store is closed before the late teardown, so that no job-started
+    /// hook opens one (a daemon, a layer) after the view and layer are gone.
+    probe: JobProbe,
 }
 
 impl Drop for JobGuard {
@@ -624,6 +628,7 @@ impl Drop for JobGuard {
             return;
         }
         let (cg, cleanup) = (self.cg.clone(), std::mem::take(&mut self.cleanup));
+        let probe = self.probe.clone();
         warn!(
             job = cg.name(),
             "the job ended without its teardown (a panic or a cancelled task); tearing it down now"
@@ -631,6 +636,8 @@ impl Drop for JobGuard {
         let spawned = std::thread::Builder::new()
             .name("flywheel-teardown".into())
             .spawn(move || {
+                // Waits for an opening under way: its daemon is in the cgroup killed next.
+                probe.close_store_blocking();
                 let drained = cg.kill_and_drain(DRAIN_TIMEOUT);
                 let errors = remove_after_drain(cg.as_ref(), drained, &cleanup);
                 if !errors.is_empty() {

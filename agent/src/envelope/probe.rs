@@ -12,8 +12,16 @@ pub struct JobProbe(
     std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     std::sync::Arc<std::sync::Mutex<JobFacts>>,
     std::sync::Arc<std::sync::Mutex<Kills>>,
-    std::sync::Arc<tokio::sync::Mutex<Option<super::deferred::DeferredStore>>>,
+    std::sync::Arc<tokio::sync::Mutex<StoreSlot>>,
 );
+
+/// A runner job's store waiting for its job-started hook, and whether the job's end closed it:
+/// once closed (under the lock), nothing opens a store or starts a daemon for the job.
+#[derive(Debug, Default)]
+pub(super) struct StoreSlot {
+    store: Option<super::deferred::DeferredStore>,
+    closed: bool,
+}
 
 /// The kernel log watch of a running job and the OOM kills read from it so far (the hook reads
 /// it while the job runs, teardown after: both see every kill).
@@ -146,20 +154,32 @@ impl JobProbe {
         seen.clone()
     }
 
-    /// Hold a runner job's store until its job-started hook opens it.
-    pub(super) fn arm_store(&self, store: super::deferred::DeferredStore) {
-        if let Ok(mut g) = self.5.try_lock() {
-            *g = Some(store);
+    /// Hold a runner job's store until its job-started hook opens it. Fails when the job's end
+    /// already closed it, or when a store is already held.
+    pub(super) async fn arm_store(
+        &self,
+        store: super::deferred::DeferredStore,
+    ) -> Result<(), EnvelopeError> {
+        let mut g = self.5.lock().await;
+        if g.closed || g.store.is_some() {
+            return Err(EnvelopeError::Nix(
+                "the job's store cannot wait for its job-started hook: the job has ended, or a store is already waiting".into(),
+            ));
         }
+        g.store = Some(store);
+        Ok(())
     }
 
     /// Open the job's store at job-started (once): the shared warm store when `trusted`, a
     /// throwaway layer otherwise, with the job's nix-daemon on it. `None` when the job has no
     /// store waiting (no Nix, or already opened or closed); `Some(Ok(line))` for its setup
-    /// block.
+    /// block. The lock is held while it opens: the job's end waits for it.
     pub async fn open_store(&self, trusted: bool) -> Option<Result<String, String>> {
         let mut g = self.5.lock().await;
-        let store = g.take()?;
+        if g.closed {
+            return None;
+        }
+        let store = g.store.take()?;
         let Some(cg) = self.cgroup() else {
             return Some(Err("the job is gone".into()));
         };
@@ -176,7 +196,17 @@ impl JobProbe {
     /// After the job's command: a store not opened by now never will be (waits for an opening
     /// under way, whose daemon teardown then kills).
     pub(super) async fn close_store(&self) {
-        self.5.lock().await.take();
+        let mut g = self.5.lock().await;
+        g.closed = true;
+        g.store.take();
+    }
+
+    /// [`JobProbe::close_store`] from a thread outside the runtime (a job guard's late
+    /// teardown), before it kills the job and removes its view and layer.
+    pub(super) fn close_store_blocking(&self) {
+        let mut g = self.5.blocking_lock();
+        g.closed = true;
+        g.store.take();
     }
 
     pub(super) fn set_idle(&self, n: usize) {

@@ -30,6 +30,11 @@ pub(super) enum Op {
     },
     Proc,
     Mqueue,
+    /// Attach a detached mount tree the agent copied (kept open until the child has execed).
+    Attach {
+        tree: std::sync::Arc<OwnedFd>,
+        dst: CString,
+    },
 }
 
 /// What a child does between fork and exec, prepared before the fork.
@@ -119,6 +124,10 @@ impl ChildSetup {
                 Mount::Proc => ops.push(Op::Proc),
                 Mount::Mqueue => ops.push(Op::Mqueue),
                 Mount::View { src, dst } => view = Some((c(src)?, c(dst)?)),
+                Mount::Tree { tree, dst } => ops.push(Op::Attach {
+                    tree: tree.clone(),
+                    dst: c(dst)?,
+                }),
             }
         }
         let ids = user.map(|u| {

@@ -15,6 +15,9 @@ use super::confine::MountAttr;
 use super::*;
 
 const OPEN_TREE_CLONE: libc::c_uint = 1;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+/// `MS_PRIVATE`, as mount_setattr(2)'s propagation.
+const MS_PRIVATE: u64 = 1 << 18;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
 pub(super) const MOUNT_ATTR_RDONLY: u64 = 0x1;
@@ -52,57 +55,76 @@ pub(super) fn make_point(point: &Path) -> Result<(), EnvelopeError> {
     Ok(())
 }
 
-/// Attach a copy of the mount at `src` (a path of the agent's, not below anything a job
-/// writes) on the directory `target`, with `attrs` (`MOUNT_ATTR_*`) set before it is attached.
-pub(super) fn attach(src: &Path, target: BorrowedFd<'_>, attrs: u64) -> io::Result<()> {
-    let src_c = spawn::cstring(src.as_os_str()).map_err(|e| io::Error::other(e.to_string()))?;
+/// A detached copy of the mount tree at `path` (relative to `dirfd`; `AT_EMPTY_PATH` in
+/// `flags`: the tree of `dirfd` itself), every mount below it included, with `attrs`
+/// (`MOUNT_ATTR_*`) set and its propagation private before anything sees it: a copy of a
+/// mount in a shared peer group (systemd makes `/` shared) would otherwise join that group, and
+/// what is later mounted on the copy (a job's socket and logs) would appear at the original and
+/// in every namespace holding a peer of it.
+pub(super) fn clone_tree(
+    dirfd: libc::c_int,
+    path: &CStr,
+    flags: libc::c_uint,
+    attrs: u64,
+) -> io::Result<OwnedFd> {
     let empty: &CStr = c"";
     // SAFETY: open_tree(2) on a NUL-terminated path; the descriptor it returns is ours.
     let tree = unsafe {
         libc::syscall(
             libc::SYS_open_tree,
-            libc::AT_FDCWD,
-            src_c.as_ptr(),
-            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+            dirfd,
+            path.as_ptr(),
+            OPEN_TREE_CLONE | AT_RECURSIVE | flags | libc::O_CLOEXEC as libc::c_uint,
         )
     };
     if tree < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: a new descriptor nothing else owns (closed when `tree` is dropped).
+    // SAFETY: a new descriptor nothing else owns (closed when `tree` is dropped: a copy never
+    // attached goes with it).
     let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
     let attr = MountAttr {
         attr_set: attrs,
         attr_clr: 0,
-        propagation: 0,
+        propagation: MS_PRIVATE,
         userns_fd: 0,
     };
-    // SAFETY: mount_setattr(2) and move_mount(2) on descriptors we hold, an empty path and a
-    // struct made here.
-    unsafe {
-        if attrs != 0
-            && libc::syscall(
-                libc::SYS_mount_setattr,
-                tree.as_raw_fd(),
-                empty.as_ptr(),
-                libc::AT_EMPTY_PATH as libc::c_uint,
-                &attr as *const MountAttr,
-                std::mem::size_of::<MountAttr>(),
-            ) != 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        if libc::syscall(
+    // SAFETY: mount_setattr(2) on a descriptor we hold, an empty path and a struct made here.
+    if unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint | AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(tree)
+}
+
+/// Attach a copy of the mount tree at `src` (a path of the agent's, not below anything a job
+/// writes) on the directory `target`, with `attrs` (`MOUNT_ATTR_*`) set before it is attached.
+pub(super) fn attach(src: &Path, target: BorrowedFd<'_>, attrs: u64) -> io::Result<()> {
+    let src_c = spawn::cstring(src.as_os_str()).map_err(|e| io::Error::other(e.to_string()))?;
+    let tree = clone_tree(libc::AT_FDCWD, &src_c, 0, attrs)?;
+    let empty: &CStr = c"";
+    // SAFETY: move_mount(2) on descriptors we hold and empty paths.
+    if unsafe {
+        libc::syscall(
             libc::SYS_move_mount,
             tree.as_raw_fd(),
             empty.as_ptr(),
             target.as_raw_fd(),
             empty.as_ptr(),
             MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
-        ) != 0
-        {
-            return Err(io::Error::last_os_error());
-        }
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
