@@ -99,7 +99,7 @@ echo '== upstream ac without a credential'; curl -s -m 10 -o /dev/null -w '%{{ht
 echo '== upstream read'; curl -s -m 10 -o /dev/null -w '%{{http_code}}\n' {up}/cas/{hello_a}
 echo "== trusted endpoint at its job's address"; curl -s -m 5 -o /dev/null -w '%{{http_code}}\n' -X PUT --data-binary @{s}/poison http://$T:8980/ac/{forged_ac}; echo "curl exit $?"
 echo '== trusted endpoint at the gateway'; curl -s -m 5 -o /dev/null -w '%{{http_code}}\n' -X PUT --data-binary @{s}/poison http://$G:8980/ac/{forged_ac}; echo "curl exit $?"
-echo '== own endpoint'; curl -s -m 10 -o /dev/null -w '%{{http_code}}\n' -X PUT --data-binary @{s}/poison http://127.0.0.1:8980/ac/{forged_ac}
+echo '== own endpoint'; curl -s -m 10 -o /dev/null -w '%{{http_code}}\n' -X PUT --data-binary @{s}/poison $BAZEL_REMOTE_CACHE/ac/{forged_ac}
 echo '== credential file'; cat {cred}
 echo '== credential in the environment'; env | grep -c '^BAZEL_WRITE\|writer:' 
 echo '== end'
@@ -202,7 +202,22 @@ touch {s}/pr.done"#,
             "the write credential is in the {what}"
         );
     }
-    assert!(read(&shared.join("pr.env")).contains("BAZEL_REMOTE_CACHE=http://127.0.0.1:8980"));
+    // Each job's endpoint carries a token of its own as its first path segment.
+    let hint = |who: &str| {
+        read(&shared.join(format!("{who}.env")))
+            .lines()
+            .find_map(|l| l.strip_prefix("BAZEL_REMOTE_CACHE=").map(str::to_owned))
+            .unwrap_or_default()
+    };
+    let (push_hint, pr_hint) = (hint("push"), hint("pr"));
+    for h in [&push_hint, &pr_hint] {
+        let token = h.strip_prefix("http://127.0.0.1:8980/").unwrap_or_default();
+        assert!(
+            token.len() == 32 && token.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{h}"
+        );
+    }
+    assert_ne!(push_hint, pr_hint);
     // What each job was told, and what its summary says.
     assert!(
         log.contains("bazel cache http://127.0.0.1:8980: reads and writes go to the lane's cache"),
@@ -436,7 +451,16 @@ fn in_an_arc_pods_own_network_the_endpoint_is_the_pods_and_a_pool_refuses_that_n
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     // The job's endpoint was on the pod's loopback: its write went up with the agent's
     // credential (the job holds none) and its read came back through it.
-    assert_eq!(read(&out), "http://127.0.0.1:8980\n200\n200\n");
+    let said = read(&out);
+    let (hint, answers) = said.split_once('\n').unwrap();
+    let token = hint
+        .strip_prefix("http://127.0.0.1:8980/")
+        .unwrap_or_default();
+    assert!(
+        token.len() == 32 && token.bytes().all(|b| b.is_ascii_hexdigit()),
+        "the job's endpoint carries its own first path segment: {said}"
+    );
+    assert_eq!(answers, "200\n200\n");
     assert_eq!(nginx.entries("cas"), vec![name.clone()]);
     assert_eq!(read(&nginx.root.join("cas").join(&name)), blob);
     // A pool of runners would share that network: `run` refuses it before anything runs.

@@ -2,7 +2,8 @@
 //! enforced by the agent, outside the job.
 //!
 //! Each job of a lane with `[lane.bazel]` gets an HTTP cache endpoint of its own on the
-//! loopback of its own network namespace (`BAZEL_REMOTE_CACHE=http://127.0.0.1:<port>`): the
+//! loopback of its own network namespace (`BAZEL_REMOTE_CACHE=http://127.0.0.1:<port>/<token>`,
+//! every path starting with the job's own random token): the
 //! agent makes the listening socket inside that namespace (on a short-lived thread that joined
 //! it; a socket stays in the namespace it was made in whichever thread uses it) and serves it
 //! from its own runtime, so no other job and nothing on the host can reach it, and the
@@ -99,6 +100,17 @@ pub fn upstreams(lanes: &[crate::config::Lane]) -> Result<Upstreams, BazelError>
 
 /// The hint a job of a lane with `[lane.bazel]` finds in `BAZEL_REMOTE_CACHE`: its own
 /// endpoint, on the loopback of its own network namespace.
+/// 128 random bits from the system's generator, as hex.
+fn token() -> String {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 16];
+    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+        // The kernel's generator does not fail once the system is up; never a fixed token.
+        b = fastrand::u128(..).to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 pub fn endpoint(s: &BazelSettings) -> String {
     format!("http://127.0.0.1:{}", s.port)
 }
@@ -177,6 +189,11 @@ pub struct Tally {
 #[derive(Debug)]
 struct Shared {
     upstream: Arc<Upstream>,
+    /// The first segment of every path the job's endpoint serves (128 random bits, hex): the
+    /// job's own, in its `BAZEL_REMOTE_CACHE`. Where a network is shared after all (an ARC pod
+    /// on the node's network), another job that reaches the port still cannot name this job's
+    /// cache, nor write through it.
+    token: String,
     writes: AtomicBool,
     counters: Counters,
     telemetry: Option<Arc<crate::telemetry::Telemetry>>,
@@ -267,12 +284,27 @@ impl JobCache {
         Arc::new(JobCache {
             shared: Arc::new(Shared {
                 upstream,
+                token: token(),
                 writes: AtomicBool::new(false),
                 counters: Counters::default(),
                 telemetry,
             }),
             task: Mutex::new(None),
         })
+    }
+
+    /// The job's `BAZEL_REMOTE_CACHE`: its endpoint and its own first path segment.
+    pub fn endpoint(&self) -> String {
+        format!(
+            "{}{}",
+            endpoint(&self.shared.upstream.settings),
+            self.base_path()
+        )
+    }
+
+    /// `/<token>`: what every path of this job's endpoint starts with.
+    pub fn base_path(&self) -> String {
+        format!("/{}", self.shared.token)
     }
 
     /// The trust decision allowed this job to publish: its writes go upstream (with the

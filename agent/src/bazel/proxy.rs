@@ -68,8 +68,21 @@ pub(super) fn spawn(
     })
 }
 
-/// `/ac/<sha256>` or `/cas/<sha256>` (lowercase hex): the kind and the hash.
-pub(super) fn key(path: &str) -> Option<(&'static str, &str)> {
+/// `/<token>/ac/<sha256>` or `/<token>/cas/<sha256>` (lowercase hex), the job's own token
+/// compared in constant time: the kind and the hash.
+pub(super) fn key<'a>(path: &'a str, token: &str) -> Option<(&'static str, &'a str)> {
+    let rest = path.strip_prefix('/')?;
+    let given = rest.get(..token.len())?;
+    let same = given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if !same {
+        return None;
+    }
+    let path = &rest[token.len()..];
     let (kind, h) = if let Some(h) = path.strip_prefix("/ac/") {
         ("ac", h)
     } else {
@@ -92,7 +105,7 @@ fn answer(status: StatusCode) -> Response<Body> {
 }
 
 async fn handle(job: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
-    let Some((kind, hash)) = key(req.uri().path()) else {
+    let Some((kind, hash)) = key(req.uri().path(), &job.token) else {
         return answer(StatusCode::NOT_FOUND);
     };
     let hash = hash.to_owned();

@@ -115,7 +115,8 @@ fn endpoint_with(
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     c.serve(l, &crate::tasks::Background::new()).unwrap();
-    (c, format!("http://{addr}"))
+    let base = format!("http://{addr}{}", c.base_path());
+    (c, base)
 }
 
 fn sha(b: &[u8]) -> String {
@@ -303,6 +304,13 @@ async fn anything_but_ac_and_cas_by_sha256_is_not_found_and_not_forwarded() {
         assert_eq!(get(&ep, p).await.0, 404, "{p}");
         assert_eq!(put(&ep, p, b"x".to_vec()).await, 404, "{p}");
     }
+    // Without the job's own first segment, or with another, nothing is served either.
+    let root = ep.rsplit_once('/').unwrap().0.to_owned();
+    let name = format!("/cas/{}", sha(b"x"));
+    for base in [root.clone(), format!("{root}/{}", "0".repeat(32))] {
+        assert_eq!(get(&base, &name).await.0, 404, "{base}");
+        assert_eq!(put(&base, &name, b"x".to_vec()).await, 404, "{base}");
+    }
     assert_eq!(store.lock().unwrap().puts, 0);
     assert_eq!(
         c.tally(),
@@ -316,11 +324,25 @@ async fn anything_but_ac_and_cas_by_sha256_is_not_found_and_not_forwarded() {
 #[test]
 fn keys_are_ac_or_cas_and_lowercase_sha256() {
     let h = sha(b"");
-    assert_eq!(proxy::key(&format!("/ac/{h}")), Some(("ac", h.as_str())));
-    assert_eq!(proxy::key(&format!("/cas/{h}")), Some(("cas", h.as_str())));
-    assert_eq!(proxy::key(&format!("/cas/{}", h.to_uppercase())), None);
-    assert_eq!(proxy::key(&format!("/x/cas/{h}")), None);
-    assert_eq!(proxy::key("/cas/"), None);
+    let t = "0123456789abcdef0123456789abcdef";
+    let key = |p: &str| proxy::key(p, t).map(|(k, h)| (k, h.to_owned()));
+    assert_eq!(key(&format!("/{t}/ac/{h}")), Some(("ac", h.clone())));
+    assert_eq!(key(&format!("/{t}/cas/{h}")), Some(("cas", h.clone())));
+    assert_eq!(key(&format!("/{t}/cas/{}", h.to_uppercase())), None);
+    assert_eq!(key(&format!("/{t}/x/cas/{h}")), None);
+    assert_eq!(key(&format!("/{t}/cas/")), None);
+    assert_eq!(key(&format!("/cas/{h}")), None, "no token");
+    assert_eq!(
+        key(&format!("/{}/cas/{h}", "f".repeat(32))),
+        None,
+        "another token"
+    );
+    assert_eq!(
+        key(&format!("/{}/cas/{h}", &t[..31])),
+        None,
+        "a shorter token"
+    );
+    assert_eq!(key(&format!("/{t}0/cas/{h}")), None, "a longer token");
 }
 
 #[test]

@@ -29,6 +29,10 @@ pub(super) fn job_environment(
     for (k, v) in hints::job_env(&spec.lane, spec.memory_bytes, spec.host_cpus) {
         set(&k, v.into());
     }
+    if let Some(cache) = &spec.bazel {
+        // The job's own endpoint, with its own first path segment.
+        set("BAZEL_REMOTE_CACHE", cache.endpoint().into());
+    }
     if let Some(n) = &spec.nix {
         set(
             "NIX_REMOTE",
