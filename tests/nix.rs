@@ -1179,12 +1179,31 @@ fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
     // NIS domain name, put back).
     let setting = PathBuf::from("/proc/sys/kernel/domainname");
     let domain = std::fs::read_to_string(&setting).unwrap();
+    // A disk, as `/dev/sda` would be: a loop device over a file of the test's.
+    let disk_img = rig.dir.path().join("disk.img");
+    std::fs::write(&disk_img, vec![0u8; 1 << 20]).unwrap();
+    let losetup = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&disk_img)
+        .output()
+        .unwrap();
+    assert!(losetup.status.success(), "losetup: {}", stderr(&losetup));
+    let disk = PathBuf::from(stdout(&losetup).trim());
+    struct Detach(PathBuf);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+        }
+    }
+    let _detach = Detach(disk.clone());
+    let disk_head = || std::fs::read(&disk_img).unwrap()[..8].to_vec();
 
     // 1. As root in the host's namespaces with a root process's capabilities: every write lands.
     let mut host = Command::new("sleep").arg("30").spawn().unwrap();
     let mut paths = targets("host");
     paths.extend(routes("host"));
     paths.push(setting.clone());
+    paths.push(disk.clone());
     let out = escape(&host.id().to_string(), &paths);
     let _ = host.kill();
     let _ = host.wait();
@@ -1195,6 +1214,11 @@ fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
         out.contains(&format!("write {}: ok", setting.display())) && changed == "escaped\n",
         "a process like the old daemon writes a kernel setting: {out}"
     );
+    assert!(
+        out.contains(&format!("write {}: ok", disk.display())) && disk_head() == b"escaped\n",
+        "a process like the old daemon writes a disk through its device node: {out}"
+    );
+    std::fs::write(&disk_img, vec![0u8; 1 << 20]).unwrap();
     for t in targets("host") {
         assert!(
             out.contains(&format!("write {}: ok", t.display())),
@@ -1237,6 +1261,7 @@ fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
     paths.push(PathBuf::from(format!("/tmp/escape-{tag}")));
     paths.extend(routes("daemon"));
     paths.push(setting.clone());
+    paths.push(disk.clone());
     let out = escape(&pid, &paths);
     eprintln!("{out}");
     let now = std::fs::read_to_string(&setting).unwrap();
@@ -1249,6 +1274,14 @@ fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
             setting.display()
         )) && now == domain,
         "the daemon cannot write a kernel setting (/proc/sys is read-only to it): {out}"
+    );
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&format!("write {}: ", disk.display())))
+        .unwrap_or_default();
+    assert!(
+        !line.is_empty() && !line.ends_with(": ok") && disk_head() == vec![0u8; 8],
+        "the daemon cannot write a disk (its /dev holds no disk): {out}"
     );
     assert!(
         out.contains("entered its namespaces"),

@@ -26,6 +26,7 @@ pub(super) struct MountAttr {
 
 const AT_RECURSIVE: libc::c_uint = 0x8000;
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
 const OPEN_TREE_CLONE: libc::c_uint = 1;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 
@@ -51,6 +52,9 @@ struct Keep {
     dirs: Vec<CString>,
     /// A directory (else a file: its mount point is an empty file).
     dir: bool,
+    /// A character device (`/dev/null`, …): the one kind of mount in the daemon's namespace
+    /// where device files work.
+    device: bool,
 }
 
 /// What the daemon's child does, prepared before the fork.
@@ -119,10 +123,12 @@ impl Confinement {
                     dirs.push(c(&at)?);
                 }
             }
+            use std::os::unix::fs::FileTypeExt;
             Ok(Keep {
                 path: c(&p)?,
                 dirs,
                 dir: p.is_dir(),
+                device: std::fs::metadata(&p).is_ok_and(|m| m.file_type().is_char_device()),
             })
         })
         .collect::<Result<_, EnvelopeError>>()?;
@@ -256,8 +262,10 @@ impl Confinement {
                         return fail();
                     }
                 }
+                // Read-only and no device files anywhere (a write by path to a disk's node is
+                // a write to the disk), but for the devices it was given.
                 let ro = MountAttr {
-                    attr_set: MOUNT_ATTR_RDONLY,
+                    attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV,
                     attr_clr: 0,
                     propagation: 0,
                     userns_fd: 0,
@@ -283,6 +291,17 @@ impl Confinement {
                 }
                 for (_, dst) in &writable {
                     if !setattr(dst, AT_RECURSIVE, &rw) {
+                        return fail();
+                    }
+                }
+                let dev = MountAttr {
+                    attr_set: 0,
+                    attr_clr: MOUNT_ATTR_NODEV,
+                    propagation: 0,
+                    userns_fd: 0,
+                };
+                for k in keep.iter().filter(|k| k.device) {
+                    if !setattr(&k.path, 0, &dev) {
                         return fail();
                     }
                 }

@@ -11,6 +11,21 @@ pub fn read_built(file: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// What a job's daemon keeps of the host's `/dev` (those that exist): the devices Nix's
+/// sandbox gives a build, and the mount points of its own devpts and `/dev/shm`.
+const DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+    "/dev/tty",
+    "/dev/kvm",
+    "/dev/ptmx",
+    "/dev/pts",
+    "/dev/shm",
+];
+
 /// Where a job's daemon records the out paths it built (root-only, hidden from jobs).
 pub fn built_list(nix: &NixJob, job: &str) -> PathBuf {
     nix.sockets.join(format!("{job}.built"))
@@ -180,7 +195,8 @@ pub(super) async fn start_nix_daemon(
     // Its builds and substitutions use the job's network, never the host's loopback.
     setup.netns = netns;
     setup.install(&mut cmd, fail_w.as_raw_fd());
-    // What else the daemon reads under a hidden root: its hook, its netrc, its nix.conf.
+    // What else the daemon reads under a hidden root: its hook, its netrc, its nix.conf; and
+    // of the host's `/dev` (hidden: a disk's node is the disk) what Nix and its sandbox use.
     let readable: Vec<PathBuf> = [
         Some(hook.clone()),
         nix.netrc.clone(),
@@ -188,9 +204,15 @@ pub(super) async fn start_nix_daemon(
     ]
     .into_iter()
     .flatten()
+    .chain(DEVICES.iter().map(PathBuf::from))
     .collect();
-    confine::Confinement::new(&writable, &readable, &nix.hidden)?
-        .install(&mut cmd, fail_w.as_raw_fd());
+    let hidden: Vec<PathBuf> = nix
+        .hidden
+        .iter()
+        .cloned()
+        .chain(std::iter::once(PathBuf::from("/dev")))
+        .collect();
+    confine::Confinement::new(&writable, &readable, &hidden)?.install(&mut cmd, fail_w.as_raw_fd());
     let spawned = reaper.spawn(|| {
         let child = cmd.spawn()?;
         let pid = i32::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))?;
