@@ -22,21 +22,34 @@ fn open(nix_root: &Path) -> rusqlite::Result<rusqlite::Connection> {
 /// that nobody built here, less the bootstrap's own (the receipt's).
 pub fn job_paths(nix_root: &Path, built: &[String], since: u64) -> Option<(u64, u64)> {
     let conn = open(nix_root).ok()?;
+    // Each name once, each statement prepared once, the derivations a set: linear in the
+    // record (a job decides how long its record is).
+    let names: std::collections::BTreeSet<&str> = built.iter().map(String::as_str).collect();
+    let drvs: std::collections::HashSet<&str> = names
+        .iter()
+        .copied()
+        .filter(|p| p.ends_with(".drv"))
+        .collect();
+    let mut by_deriver = conn
+        .prepare("SELECT COUNT(*) FROM ValidPaths WHERE deriver = ?1 AND ultimate = 1")
+        .ok()?;
+    let mut by_path = conn
+        .prepare("SELECT deriver FROM ValidPaths WHERE path = ?1 AND ultimate = 1")
+        .ok()?;
     let mut outputs = 0u64;
-    for p in built {
-        let sql = if p.ends_with(".drv") {
-            "SELECT COUNT(*) FROM ValidPaths WHERE deriver = ?1 AND ultimate = 1"
-        } else {
-            "SELECT COUNT(*) FROM ValidPaths WHERE path = ?1 AND ultimate = 1 AND (deriver IS NULL OR deriver NOT IN (SELECT value FROM json_each(?2)))"
-        };
-        let n: i64 = if p.ends_with(".drv") {
-            conn.query_row(sql, [p], |r| r.get(0)).ok()?
-        } else {
-            let drvs = serde_json::to_string(built).ok()?;
-            conn.query_row(sql, [p.as_str(), drvs.as_str()], |r| r.get(0))
-                .ok()?
-        };
-        outputs += u64::try_from(n).unwrap_or(0);
+    for p in names {
+        if p.ends_with(".drv") {
+            let n: i64 = by_deriver.query_row([p], |r| r.get(0)).ok()?;
+            outputs += u64::try_from(n).unwrap_or(0);
+            continue;
+        }
+        // An out path counts unless its derivation is in the record (counted above).
+        match by_path.query_row([p], |r| r.get::<_, Option<String>>(0)) {
+            Ok(d) if d.as_deref().is_some_and(|d| drvs.contains(d)) => {}
+            Ok(_) => outputs += 1,
+            Err(rusqlite::Error::QueryReturnedNoRows) => {}
+            Err(_) => return None,
+        }
     }
     let (_, subst) = paths_since(nix_root, since)?;
     Some((outputs, subst))
@@ -279,6 +292,30 @@ mod tests {
         assert!(e.contains("references to unregistered paths"), "{e}");
         // A store without a database is fine: it gets a cold bootstrap.
         check(&t.path().join("none")).expect("no database");
+    }
+
+    #[test]
+    fn a_jobs_record_counts_each_output_once_whatever_its_length() {
+        let t = tempfile::tempdir().expect("tempdir");
+        fake_db(t.path(), 40_000);
+        let c = rusqlite::Connection::open(db_path(t.path())).expect("db");
+        // Paths 0..10 are outputs of one derivation the job built; the rest derive from none.
+        c.execute(
+            "UPDATE ValidPaths SET deriver = '/nix/store/x-a.drv' WHERE id <= 10",
+            [],
+        )
+        .expect("deriver");
+        drop(c);
+        let p = |i: usize| format!("/nix/store/{i:032}-p");
+        // A record as a hostile job may write it: 40,000 out paths, each twice, the
+        // derivation, its outputs again, and names that are not in the store.
+        let mut built: Vec<String> = (0..40_000).chain(0..40_000).map(p).collect();
+        built.push("/nix/store/x-a.drv".into());
+        built.extend((0..10).map(p));
+        built.extend((0..100).map(|i| format!("/nix/store/{i:032}-gone")));
+        let (outputs, _) = job_paths(t.path(), &built, u64::MAX).expect("read");
+        // The derivation's 10 outputs once (through it), the other 39,990 out paths once.
+        assert_eq!(outputs, 40_000);
     }
 
     #[test]
