@@ -1616,6 +1616,8 @@ nix_extra_conf = "fallback = true"
             (lane("network = \"host\"\ndns = [\"192.0.2.53\"]\n"), Some((5, 8)), "dns needs network"),
             (lane("network = \"pod\"\nallow_metadata = false\n"), Some((5, 18)), "with network = \"pod\" a job reaches everything the pod reaches"),
             (lane("network = \"host\"\n[lane.bazel]\nupstream = \"http://cache.example\"\n"), Some((5, 1)), "[lane.bazel] needs network = \"isolated\" (or \"pod\""),
+            (lane("[lane.bazel]\nupstream = \"http://cache.example:99999\"\n"), Some((5, 12)), "must be an http:// or https:// URL"),
+            (lane("[lane.bazel]\nupstream = \"http://[::1\"\n"), Some((5, 12)), "must be an http:// or https:// URL"),
             (lane("dns = [\"192.0.2.53\", \"resolver\"]\n"), Some((4, 22)), "is not an IPv4 address"),
             (lane("dns = [\"127.0.0.53\"]\n"), Some((4, 8)), "the job's own loopback"),
             (lane("slot_root = \"/nix/slots\"\n"), Some((4, 13)), "lies inside"),

@@ -797,8 +797,10 @@ pub fn bazel_section(t: &crate::bazel::Tally) -> String {
     } else {
         format!("{:.0}% hits", percent(t.hits, reads))
     };
-    let writes = if t.trusted {
+    let writes = if t.trusted && t.can_write {
         "writes go to the lane's cache (a trusted job)"
+    } else if t.trusted {
+        "reads only: the agent holds no write credential for the lane's cache (a trusted job)"
     } else {
         "writes are answered and dropped (not a trusted job)"
     };

@@ -84,7 +84,11 @@ pub fn check(
         .or_else(|| u.strip_prefix("https://"));
     match rest {
         Some(r) if r.contains('@') => return Err(bad(&up, format!("lane {name:?}: bazel.upstream {:?} holds a credential: put it in read_credential_file or write_credential_file (root's, mode 0600) instead", up.get_ref()))),
-        Some(r) if !r.is_empty() && !r.contains(['?', '#', ' ']) => {}
+        // Parsed as the client will (a host, a port that exists), not only by its prefix.
+        Some(r)
+            if !r.is_empty()
+                && !r.contains(['?', '#', ' '])
+                && reqwest::Url::parse(u).is_ok_and(|p| p.host_str().is_some_and(|h| !h.is_empty())) => {}
         _ => return Err(bad(&up, format!("lane {name:?}: bazel.upstream {:?} must be an http:// or https:// URL (e.g. \"http://bazel-cache.example:8080\")", up.get_ref()))),
     }
     if let Some(p) = &raw.protocol {

@@ -183,6 +183,8 @@ pub struct Tally {
     pub upstream_failures: u64,
     /// The job's writes were allowed to go upstream.
     pub trusted: bool,
+    /// The agent holds a write credential for the lane's cache.
+    pub can_write: bool,
 }
 
 /// The state a job's endpoint shares with its connections.
@@ -326,6 +328,7 @@ impl JobCache {
             writes_refused: g(&c.writes_refused),
             upstream_failures: g(&c.upstream_failures),
             trusted: self.shared.writes_allowed(),
+            can_write: self.shared.upstream.can_write(),
         }
     }
 

@@ -316,6 +316,7 @@ async fn anything_but_ac_and_cas_by_sha256_is_not_found_and_not_forwarded() {
         c.tally(),
         Tally {
             trusted: true,
+            can_write: true,
             ..Tally::default()
         }
     );
@@ -457,4 +458,16 @@ fn the_summary_says_what_the_cache_did() {
         "{md}"
     );
     assert!(md.contains("| 3 | 1 | 2.0 KiB | 0 B | 2 | 0 | 0 |"), "{md}");
+    // A trusted job is told whether its writes can go anywhere.
+    for (can_write, says) in [
+        (true, "writes go to the lane's cache (a trusted job)"),
+        (false, "reads only: the agent holds no write credential"),
+    ] {
+        let md = crate::summary::bazel_section(&Tally {
+            trusted: true,
+            can_write,
+            ..t
+        });
+        assert!(md.contains(says), "{md}");
+    }
 }
