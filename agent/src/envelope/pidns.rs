@@ -66,7 +66,8 @@ pub(super) fn enter(fail: impl Fn() -> io::Result<()>) -> io::Result<()> {
 const SPARE: &std::ffi::CStr = c"/tmp/.flywheel-proc";
 const SPARE_PROC: &std::ffi::CStr = c"/tmp/.flywheel-proc/p";
 
-/// `/proc/sys` and `/proc/sysrq-trigger` read-only for the daemon: it is root in the host's user
+/// `/proc/sys`, `/proc/sysrq-trigger` and the hardware's files of `/proc` read-only for the
+/// daemon: it is root in the host's user
 /// namespace, and a write by path through a planted symlink (the class of CVE-2026-39860) into
 /// `kernel/core_pattern` would have the kernel run a program of the builder's as the host's root.
 /// Nix's sandbox mounts a `/proc` of its own in a user namespace, which the kernel allows only
@@ -101,8 +102,19 @@ unsafe fn read_only_kernel_settings() -> bool {
         {
             return false;
         }
-        for p in [c"/proc/sys", c"/proc/sysrq-trigger"] {
-            // A kernel without magic SysRq has no trigger.
+        // Besides the kernel's settings, what of `/proc` is the hardware's (as runc keeps them
+        // read-only in a container): those the kernel has.
+        for p in [
+            c"/proc/sys",
+            c"/proc/sysrq-trigger",
+            c"/proc/bus",
+            c"/proc/irq",
+            c"/proc/mtrr",
+            c"/proc/fs",
+            c"/proc/acpi",
+            c"/proc/scsi",
+            c"/proc/driver",
+        ] {
             if p != c"/proc/sys" && libc::access(p.as_ptr(), libc::F_OK) != 0 {
                 continue;
             }
