@@ -36,6 +36,24 @@ impl Background {
         })
     }
 
+    /// A service on another runtime (`handle`'s): closed with the agent's background all the
+    /// same.
+    pub fn spawn_service_on<F>(&self, fut: F, handle: &tokio::runtime::Handle) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let done = self.done.clone();
+        self.tracker.spawn_on(
+            async move {
+                tokio::select! {
+                    () = fut => {}
+                    () = done.cancelled() => {}
+                }
+            },
+            handle,
+        )
+    }
+
     /// A task that ends by itself (a log pump at its pipe's end, one connection's answer).
     pub fn spawn<F>(&self, fut: F) -> JoinHandle<F::Output>
     where

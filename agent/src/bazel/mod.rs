@@ -100,6 +100,26 @@ pub fn upstreams(lanes: &[crate::config::Lane]) -> Result<Upstreams, BazelError>
 
 /// The hint a job of a lane with `[lane.bazel]` finds in `BAZEL_REMOTE_CACHE`: its own
 /// endpoint, on the loopback of its own network namespace.
+/// The runtime every job's endpoint is served on: two threads of their own, so a build's burst
+/// of cache requests neither waits behind nor holds up the agent's runtime (hooks, `/metrics`,
+/// the jobs' supervision), and a flood of one job's requests has threads to share.
+fn runtime() -> std::io::Result<tokio::runtime::Handle> {
+    // Built once, by whoever comes first (never built and dropped on a runtime's thread).
+    static RT: std::sync::OnceLock<Result<tokio::runtime::Runtime, String>> =
+        std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("flywheel-bazel")
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map(|rt| rt.handle().clone())
+    .map_err(|e| std::io::Error::other(format!("cannot start the bazel endpoints' runtime: {e}")))
+}
+
 /// 128 random bits from the system's generator, as hex.
 fn token() -> String {
     use ring::rand::SecureRandom;
@@ -358,8 +378,13 @@ impl JobCache {
         bg: &crate::tasks::Background,
     ) -> Result<(), BazelError> {
         listener.set_nonblocking(true).map_err(BazelError::Bind)?;
-        let listener = tokio::net::TcpListener::from_std(listener).map_err(BazelError::Bind)?;
-        let task = proxy::spawn(listener, self.shared.clone(), bg);
+        let handle = runtime().map_err(BazelError::Bind)?;
+        // Registered with the endpoints' own runtime, where it is served.
+        let listener = {
+            let _in = handle.enter();
+            tokio::net::TcpListener::from_std(listener).map_err(BazelError::Bind)?
+        };
+        let task = proxy::spawn(listener, self.shared.clone(), bg, &handle);
         if let Ok(mut t) = self.task.lock() {
             if let Some(old) = t.replace(task) {
                 old.abort();

@@ -28,9 +28,10 @@ pub(super) fn spawn(
     listener: tokio::net::TcpListener,
     job: Arc<Shared>,
     bg: &crate::tasks::Background,
+    on: &tokio::runtime::Handle,
 ) -> tokio::task::JoinHandle<()> {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    bg.spawn_service(async move {
+    bg.spawn_service_on(async move {
         let mut backoff = Duration::from_millis(10);
         let mut live = tokio::task::JoinSet::new();
         loop {
@@ -65,7 +66,7 @@ pub(super) fn spawn(
                     .await;
             });
         }
-    })
+    }, on)
 }
 
 /// `/<token>/ac/<sha256>` or `/<token>/cas/<sha256>` (lowercase hex), the job's own token
