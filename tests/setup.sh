@@ -7,6 +7,7 @@
 #   nix-bin nix-setup-systemd             real Nix (tests/nix.rs), its nixbld users
 #   openssl                               the fake GitHub App's key
 #   xz-utils tar                          Nix release tarballs
+#   e2fsprogs                             the tests' scratch filesystem (mkfs.ext4)
 #   sudo                                  isolation tests prove a job cannot use it
 #   podman buildah runc mmdebstrap        the image and the unit under a real engine and a
 #   uidmap systemd-container              real systemd (tests/container.rs, tests/sting.rs)
@@ -20,11 +21,12 @@
 #   libnginx-mod-http-echo apache2-utils  (tests/bazel.rs): a slow upstream (echo_sleep), the
 #   curl                                  writer's htpasswd, a pull request's direct attempts
 #
-# And net.ipv4.ip_forward=1, which jobs with network = "isolated" need (docs/operating-sting.md).
+# And net.ipv4.ip_forward=1, which jobs with network = "isolated" need (docs/operating-sting.md),
+# and the tests' scratch filesystem (below).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 packages=(
-  bash coreutils util-linux procps ca-certificates passwd sudo
+  bash coreutils util-linux procps ca-certificates passwd sudo e2fsprogs
   qemu-system-x86 busybox-static cpio
   nix-bin nix-setup-systemd openssl xz-utils tar systemd python3-pip
   podman buildah runc mmdebstrap uidmap systemd-container
@@ -64,5 +66,21 @@ if [ "$(cat /proc/sys/net/ipv4/ip_forward)" != 1 ]; then
   [ "$(id -u)" = 0 ] || { echo "setup: run as root to set net.ipv4.ip_forward=1" >&2; exit 1; }
   echo "setup: net.ipv4.ip_forward=1 (jobs' own networks reach out through the host)" >&2
   sysctl -qw net.ipv4.ip_forward=1
+fi
+# The tests' roots (state, warm stores, slots, _work) live on an ext4 filesystem of their own,
+# a sparse image mounted at /var/lib/flywheel-tests/fs: Nix's auto-GC and the agent's slot GC
+# start below a share of the store filesystem's free space, so on the host's disk a test's warm
+# store would be collected whenever that disk is nearly full (a CI run on a 90%-full disk
+# did). Made afresh whenever it is not mounted: nothing in it outlives a boot.
+scratch=/var/lib/flywheel-tests/fs
+if ! mountpoint -q "$scratch"; then
+  [ "$(id -u)" = 0 ] || { echo "setup: run as root to mount the tests' scratch filesystem at $scratch" >&2; exit 1; }
+  echo "setup: the tests' scratch filesystem at $scratch (sparse ext4 image, 32 GiB)" >&2
+  mkdir -p "$scratch"
+  rm -f /var/lib/flywheel-tests/fs.img
+  truncate -s 32G /var/lib/flywheel-tests/fs.img
+  mkfs.ext4 -q -F -E lazy_itable_init=1,lazy_journal_init=1 /var/lib/flywheel-tests/fs.img
+  mount -o loop,discard /var/lib/flywheel-tests/fs.img "$scratch"
+  chmod 0755 "$scratch"
 fi
 command -v cargo >/dev/null || { echo "setup: cargo is missing: install Rust (rustup)" >&2; exit 1; }

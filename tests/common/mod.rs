@@ -37,11 +37,28 @@ pub fn privileged(test: &str) -> bool {
 }
 
 /// Where tests keep what their jobs must see: not under `/tmp` or `/var/tmp`, which every job
-/// gets privately, so a job would not see a test's directory there.
+/// gets privately, so a job would not see a test's directory there. It is the filesystem of
+/// their own that `tests/setup.sh` mounts, so that how full the host's disk is never decides
+/// whether Nix or the agent collects a test's warm store; without it (setup not run, or not
+/// root) the directory above it on the host's disk, except under CI, which must have it.
 pub fn test_base() -> PathBuf {
-    let base = PathBuf::from("/var/lib/flywheel-tests");
-    std::fs::create_dir_all(&base).expect("mkdir /var/lib/flywheel-tests");
-    base
+    use std::os::unix::fs::MetadataExt;
+    let top = PathBuf::from("/var/lib/flywheel-tests");
+    let scratch = top.join("fs");
+    let mounted = match (std::fs::metadata(&scratch), std::fs::metadata(&top)) {
+        (Ok(s), Ok(t)) => s.dev() != t.dev(),
+        _ => false,
+    };
+    if mounted {
+        return scratch;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{} is not a filesystem of its own: run tests/setup.sh (as root) first",
+        scratch.display()
+    );
+    std::fs::create_dir_all(&top).expect("mkdir /var/lib/flywheel-tests");
+    top
 }
 
 /// The lane setting of the tests' jobs unless a test says otherwise: the host's network (the

@@ -1,7 +1,7 @@
 //! A Nix release tarball made from real store paths built by the host's Nix (Debian's
 //! nix-bin), for the tests that bootstrap and build with real Nix.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -41,7 +41,17 @@ pub fn sh(cmd: &str) -> String {
 pub fn tarball() -> &'static Tarball {
     static T: OnceLock<Tarball> = OnceLock::new();
     T.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("flywheel-nix-tarball-{}", std::process::id()));
+        // One per test process (statics are never dropped): sweep those of processes gone.
+        let tmp = std::env::temp_dir();
+        for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("flywheel-nix-tarball-") {
+                if !Path::new("/proc").join(pid).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let dir = tmp.join(format!("flywheel-nix-tarball-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let expr = dir.join("nix.nix");
         std::fs::write(
