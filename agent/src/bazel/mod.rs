@@ -136,7 +136,10 @@ pub fn endpoint(s: &BazelSettings) -> String {
 }
 
 /// A credential file: `user:password` on one line, a regular file of root's that no one else
-/// can read or write.
+/// can read or write. The file opened is what is checked (`fstat` of the descriptor), so a
+/// symlink is followed to it: a Kubernetes Secret volume's files are links
+/// (`cred -> ..data/cred`), swapped on rotation; a link to a file that is not root's and
+/// private is refused as the file itself would be.
 pub fn read_credential(path: &Path) -> Result<Secret<String>, BazelError> {
     use std::io::Read;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -146,7 +149,7 @@ pub fn read_credential(path: &Path) -> Result<Secret<String>, BazelError> {
     };
     let f = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .custom_flags(libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| err(e.to_string()))?;
     let m = f.metadata().map_err(|e| err(e.to_string()))?;

@@ -358,15 +358,34 @@ fn credential_files_must_be_roots_and_private() {
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
     if nix::unistd::geteuid().is_root() {
         assert_eq!(read_credential(&f).unwrap().expose(), "writer:pw");
-        let link = d.path().join("link");
-        std::os::unix::fs::symlink(&f, &link).unwrap();
-        assert!(read_credential(&link).is_err(), "a symlink is not followed");
-        std::os::unix::fs::chown(&f, Some(65534), None).unwrap();
-        assert!(read_credential(&f)
-            .unwrap_err()
-            .to_string()
-            .contains("root's"));
-        std::os::unix::fs::chown(&f, Some(0), None).unwrap();
+        // As a Kubernetes Secret volume lays it out: cred -> ..data/cred, ..data -> ..<stamp>.
+        let stamp = d.path().join("..2026_12_06");
+        std::fs::create_dir(&stamp).unwrap();
+        std::fs::rename(&f, stamp.join("cred")).unwrap();
+        std::os::unix::fs::symlink("..2026_12_06", d.path().join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/cred", &f).unwrap();
+        assert_eq!(
+            read_credential(&f).unwrap().expose(),
+            "writer:pw",
+            "a Secret volume's link is followed"
+        );
+        std::os::unix::fs::chown(stamp.join("cred"), Some(65534), None).unwrap();
+        let e = read_credential(&f).unwrap_err().to_string();
+        assert!(
+            e.contains("root's") && e.contains("uid 65534"),
+            "a link to a file not root's: {e}"
+        );
+        std::os::unix::fs::chown(stamp.join("cred"), Some(0), None).unwrap();
+        std::fs::set_permissions(stamp.join("cred"), std::fs::Permissions::from_mode(0o640))
+            .unwrap();
+        let e = read_credential(&f).unwrap_err().to_string();
+        assert!(
+            e.contains("mode 640"),
+            "a link to a file others can read: {e}"
+        );
+        std::fs::remove_file(&f).unwrap();
+        std::fs::rename(stamp.join("cred"), &f).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
     std::fs::write(&f, "no-colon\n").unwrap();
     if nix::unistd::geteuid().is_root() {
