@@ -504,7 +504,10 @@ nix-build two.nix --no-out-link --max-jobs 2"#;
     let (err, out) = (stderr(&o), stdout(&o));
     assert_ne!(o.status.code(), Some(0), "{err}");
     let md = std::fs::read_to_string(&summary).unwrap();
-    assert!(md.starts_with("### ❌ Out of memory: peak "), "{md}");
+    assert!(
+        md.starts_with("### ❌ Out of memory: peak "),
+        "{md}\n--- stdout:\n{out}\n--- stderr:\n{err}"
+    );
     // The grower was killed, and the gantt labels it with its memory.
     assert!(md.contains("✗ grower ("), "{md}");
     // The annotation: the grower first, with its memory, then the holder with less.

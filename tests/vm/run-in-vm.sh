@@ -106,6 +106,9 @@ chmod 1777 /tmp /var/tmp
 mkdir -p /dev/shm /run/lock /dev/mqueue && mount -t tmpfs -o mode=1777 tmpfs /dev/shm && chmod 1777 /run/lock
 mount -t mqueue mqueue /dev/mqueue
 chmod 0755 /run
+# The tests' scratch, a filesystem of its own as tests/setup.sh gives it on the host (the VM's
+# root is its initramfs, so a tmpfs changes nothing about where the memory is charged).
+mkdir -p /var/lib/flywheel-tests/fs && mount -t tmpfs -o mode=0755 tmpfs /var/lib/flywheel-tests/fs
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 insmod /overlay.ko 2>/dev/null
 echo "+memory +pids" > /sys/fs/cgroup/cgroup.subtree_control
