@@ -406,6 +406,111 @@ fn through_real_nginx_a_trusted_jobs_blob_lands_only_under_its_own_hash_and_an_u
     assert_eq!(read(&nginx.root.join("cas").join(&cas[0])), good);
 }
 
+/// A cache that takes writes without credentials can be written by anything that reaches it:
+/// a fork's pull request writes its action results straight to it, past its endpoint. A
+/// trusted job of a lane pointed at it is then served none of it and writes nothing to it,
+/// and says why.
+#[test]
+fn a_cache_that_takes_writes_without_credentials_is_used_by_no_job() {
+    if !privileged("bazel-open-upstream") || !bz::tools("bazel-open-upstream") {
+        return;
+    }
+    let net = common::netns::Internet::new();
+    let dir = common::open_tempdir("flywheel-bazel-open");
+    let nginx = Nginx::start(&dir.path().join("nginx"), Some(&net.ns), net.remote);
+    let cred = bz::credential_file(dir.path(), &nginx);
+    let ws = bz::workspace(dir.path());
+    let shared = common::shared_dir(dir.path());
+    let f = Fixture::with_tail(
+        "bzo",
+        "2Gi",
+        &format!("network = \"isolated\"\ndns = [\"{}\"]", net.remote),
+        &format!(
+            "[lane.bazel]\nupstream = \"{}\"\nwrite_credential_file = \"{}\"\n",
+            nginx.url(bz::OPEN),
+            cred.display()
+        ),
+    );
+    let user = common::runner_pool().replace("{n}", "14");
+    // The attack runs: the pull request's build writes its results straight to the cache.
+    let pr_log = shared.join("pr.log");
+    let o = f.exec(
+        &["--user", &user, "--untrusted"],
+        &[
+            "sh",
+            "-c",
+            &bz::build_lines(&ws, "//:a //:b", Some(&nginx.url(bz::OPEN)), &pr_log),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let pr_ac = nginx.open_entries("ac");
+    let open_root = nginx.root.with_file_name("open");
+    let stamps = || -> Vec<(String, std::time::SystemTime)> {
+        let mut v = Vec::new();
+        for k in ["ac", "cas"] {
+            for h in nginx.open_entries(k) {
+                let p = format!("{k}/{h}");
+                let m = std::fs::metadata(open_root.join(&p))
+                    .unwrap()
+                    .modified()
+                    .unwrap();
+                v.push((p, m));
+            }
+        }
+        v
+    };
+    let before = stamps();
+    assert_eq!(
+        pr_ac.len(),
+        2,
+        "the pull request's action results landed: {}",
+        read(&pr_log)
+    );
+    // A trusted job would now be served them (2 hits) through an endpoint that passed reads on.
+    let main_log = shared.join("main.log");
+    let summary = shared.join("main.md");
+    let o = f.exec(
+        &["--user", &user, "--summary", summary.to_str().unwrap()],
+        &[
+            "sh",
+            "-c",
+            &bz::build_lines(&ws, "//:a //:b", None, &main_log),
+        ],
+    );
+    let (err, blog) = (stderr(&o), read(&main_log));
+    assert_eq!(o.status.code(), Some(0), "{err}\n{blog}");
+    assert!(blog.contains("bazel exit 0"), "{blog}");
+    assert!(
+        !blog.contains("remote cache hit"),
+        "the trusted build was served the pull request's entries: {blog}"
+    );
+    assert!(
+        err.contains("took a write without credentials"),
+        "the agent says why: {err}"
+    );
+    assert!(
+        err.contains("not used: the lane's cache takes writes without credentials"),
+        "{err}"
+    );
+    assert!(
+        read(&summary).contains("> [!CAUTION]"),
+        "{}",
+        read(&summary)
+    );
+    // Nothing of the trusted job reached the cache: every entry the PR left is as it was (a
+    // write of the same key would have replaced it), and the one new blob is the agent's probe.
+    let after = stamps();
+    let new: Vec<_> = after.iter().filter(|e| !before.contains(e)).collect();
+    assert_eq!(new.len(), 1, "before {before:?}\nafter {after:?}");
+    let probe = &new[0].0;
+    let body = read(&open_root.join(probe));
+    assert!(body.starts_with("flywheel-agent: "), "{probe}: {body}");
+    assert_eq!(*probe, format!("cas/{}", bz::sha256_hex(body.as_bytes())));
+    assert!(before.iter().all(|e| after.contains(e)));
+    // The credentialed cache of the same nginx was never touched.
+    assert!(nginx.entries("ac").is_empty() && nginx.entries("cas").is_empty());
+}
+
 #[test]
 fn in_an_arc_pods_own_network_the_endpoint_is_the_pods_and_a_pool_refuses_that_network() {
     if !privileged("bazel-pod-network") || !bz::tools("bazel-pod-network") {

@@ -786,6 +786,11 @@ pub fn bazel_line(t: &crate::bazel::Tally) -> String {
             t.upstream_failures
         ));
     }
+    if t.upstream_open {
+        s.push_str(
+            "; not used: the lane's cache takes writes without credentials (anything may have written it)",
+        );
+    }
     s
 }
 
@@ -804,8 +809,13 @@ pub fn bazel_section(t: &crate::bazel::Tally) -> String {
     } else {
         "writes are answered and dropped (not a trusted job)"
     };
+    let open = if t.upstream_open {
+        "> [!CAUTION]\n> The lane's Bazel cache took a write without credentials: anything that reaches it can write it, a pull request's job too, so what it serves may be poisoned. This job neither read nor wrote it (every read a miss, every write dropped). Its operators: put `PUT` behind authentication.\n\n"
+    } else {
+        ""
+    };
     format!(
-        "\n### Bazel remote cache\n\n{rate}; {writes}.\n\n| hits | misses | read | written | writes dropped | writes refused | upstream failures |\n|---:|---:|---:|---:|---:|---:|---:|\n| {} | {} | {} | {} | {} | {} | {} |\n",
+        "\n### Bazel remote cache\n\n{open}{rate}; {writes}.\n\n| hits | misses | read | written | writes dropped | writes refused | upstream failures |\n|---:|---:|---:|---:|---:|---:|---:|\n| {} | {} | {} | {} | {} | {} | {} |\n",
         t.hits,
         t.misses,
         Bytes(t.bytes_read),

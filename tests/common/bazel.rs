@@ -19,6 +19,9 @@ pub const CACHE: u16 = 8081;
 pub const FAILS_5XX: u16 = 8082;
 pub const FAILS_401: u16 = 8083;
 pub const SLOW: u16 = 8084;
+/// A cache that takes writes without credentials (root `<dir>/open`): the misconfiguration
+/// the agent refuses to use.
+pub const OPEN: u16 = 8085;
 
 /// True when bazel, nginx (with its echo module) and htpasswd are here (tests/setup.sh installs
 /// them). Missing ones skip the test with the reason; under CI=true they fail it.
@@ -51,7 +54,7 @@ impl Nginx {
     /// nginx on `addr`, inside the network namespace `netns` (`ip netns exec`) when given.
     pub fn start(dir: &Path, netns: Option<&str>, addr: Ipv4Addr) -> Nginx {
         let root = dir.join("cache");
-        for d in ["cache/ac", "cache/cas", "tmp"] {
+        for d in ["cache/ac", "cache/cas", "open/ac", "open/cas", "tmp"] {
             std::fs::create_dir_all(dir.join(d)).expect("mkdir");
         }
         let password = format!("pw-{:016x}", fastrand::u64(..));
@@ -104,12 +107,22 @@ http {{
         }}
     }}
     server {{
+        listen {addr}:{OPEN};
+        root {open};
+        location / {{
+            dav_methods PUT;
+            create_full_put_path on;
+            dav_access user:rw group:r all:r;
+        }}
+    }}
+    server {{
         listen {addr}:{SLOW};
         location / {{ echo_sleep 30; echo late; }}
     }}
 }}
 "#,
                 root = root.display(),
+                open = dir.join("open").display(),
                 htpasswd = htpasswd.display(),
             ),
         )
@@ -165,7 +178,16 @@ http {{
 
     /// Entries of `ac/` or `cas/`.
     pub fn entries(&self, kind: &str) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(self.root.join(kind))
+        Self::entries_in(&self.root, kind)
+    }
+
+    /// Entries of `ac/` or `cas/` of the open cache ([`OPEN`]).
+    pub fn open_entries(&self, kind: &str) -> Vec<String> {
+        Self::entries_in(&self.root.with_file_name("open"), kind)
+    }
+
+    fn entries_in(root: &Path, kind: &str) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(root.join(kind))
             .into_iter()
             .flatten()
             .flatten()

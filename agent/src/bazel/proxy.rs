@@ -110,6 +110,28 @@ async fn handle(job: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         return answer(StatusCode::NOT_FOUND);
     };
     let hash = hash.to_owned();
+    if job.upstream.anonymous_writes().await == super::AnonymousWrites::Taken {
+        job.failed(
+            Failure::Open,
+            "the upstream takes writes without credentials",
+        );
+        return match *req.method() {
+            Method::PUT => {
+                let up = &job.upstream.settings;
+                let whole = drain(req.into_body(), up.max_blob_bytes, up.timeout).await;
+                job.dropped();
+                answer(if whole {
+                    StatusCode::OK
+                } else {
+                    StatusCode::PAYLOAD_TOO_LARGE
+                })
+            }
+            _ => {
+                job.miss();
+                answer(StatusCode::NOT_FOUND)
+            }
+        };
+    }
     match *req.method() {
         Method::GET | Method::HEAD => read(job, req.method().clone(), kind, &hash).await,
         Method::PUT => write(job, req, kind, &hash).await,

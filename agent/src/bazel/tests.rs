@@ -16,6 +16,8 @@ enum Mode {
     Good,
     ServerError,
     Denied,
+    /// Writes taken without a credential (the misconfiguration the agent refuses to use).
+    Open,
 }
 
 #[derive(Debug, Default)]
@@ -38,7 +40,7 @@ async fn upstream(mode: Mode) -> (String, Arc<Mutex<Store>>) {
                 match mode {
                     Mode::ServerError => return (StatusCode::SERVICE_UNAVAILABLE, Vec::new()),
                     Mode::Denied => return (StatusCode::UNAUTHORIZED, Vec::new()),
-                    Mode::Good => {}
+                    Mode::Good | Mode::Open => {}
                 }
                 let mut s = st.lock().unwrap();
                 match method {
@@ -52,8 +54,9 @@ async fn upstream(mode: Mode) -> (String, Arc<Mutex<Store>>) {
                             "Basic {}",
                             base64::engine::general_purpose::STANDARD.encode(WRITER)
                         );
-                        if headers.get("authorization").and_then(|v| v.to_str().ok())
-                            != Some(want.as_str())
+                        if mode != Mode::Open
+                            && headers.get("authorization").and_then(|v| v.to_str().ok())
+                                != Some(want.as_str())
                         {
                             return (StatusCode::UNAUTHORIZED, Vec::new());
                         }
@@ -107,6 +110,8 @@ fn endpoint_with(
             .unwrap(),
         read: None,
         write: write.map(|w| Secret::new(w.to_owned())),
+        anonymous: Mutex::new((AnonymousWrites::Unknown, None)),
+        probing: tokio::sync::Mutex::new(()),
     });
     let c = JobCache::new(u, telemetry);
     if trusted {
@@ -181,6 +186,62 @@ async fn a_trusted_jobs_writes_go_upstream_with_the_agents_credential_and_are_re
     assert_eq!((t.writes, t.hits, t.misses), (2, 2, 1));
     assert_eq!(t.bytes_written, blob.len() as u64 + 13);
     assert_eq!(t.bytes_read, blob.len() as u64 + 13);
+}
+
+#[tokio::test]
+async fn an_upstream_that_takes_writes_without_credentials_is_used_by_no_job() {
+    let (up, store) = upstream(Mode::Open).await;
+    // The attack runs: a write with no credential, straight to the upstream, is taken.
+    let poisoned = format!("/ac/{}", sha(b"an action main will run"));
+    assert_eq!(
+        put(&up, &poisoned, b"poisoned action result".to_vec()).await,
+        201
+    );
+    assert!(store.lock().unwrap().blobs.contains_key(&poisoned));
+    let (c, ep) = endpoint_for(&up, Some(WRITER), true);
+    // The trusted job is not served the poisoned entry, and its writes are not forwarded.
+    assert_eq!(get(&ep, &poisoned).await.0, 404);
+    let blob = b"main's output".to_vec();
+    let cas = format!("/cas/{}", sha(&blob));
+    assert_eq!(put(&ep, &cas, blob).await, 200);
+    let t = c.tally();
+    assert!(t.upstream_open, "{t:?}");
+    assert_eq!((t.hits, t.misses, t.writes, t.writes_dropped), (0, 1, 0, 1));
+    assert_eq!(t.upstream_failures, 2);
+    let s = store.lock().unwrap();
+    assert!(
+        !s.blobs.contains_key(&cas),
+        "the trusted write went nowhere"
+    );
+    // What the agent wrote is its probe alone: a CAS blob under its own hash.
+    let probes: Vec<_> = s.blobs.iter().filter(|(k, _)| **k != poisoned).collect();
+    assert_eq!(probes.len(), 1, "{:?}", s.blobs.keys());
+    assert_eq!(*probes[0].0, format!("/cas/{}", sha(probes[0].1)));
+    assert!(crate::summary::bazel_section(&t).contains("[!CAUTION]"));
+    assert!(crate::summary::bazel_line(&t).contains("not used"));
+    assert!(
+        c.started_line().contains("not used"),
+        "{}",
+        c.started_line()
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_that_refuses_writes_without_credentials_is_asked_once_and_used() {
+    let (up, store) = upstream(Mode::Good).await;
+    let (c, ep) = endpoint_for(&up, Some(WRITER), true);
+    let blob = b"main's output".to_vec();
+    let cas = format!("/cas/{}", sha(&blob));
+    assert_eq!(put(&ep, &cas, blob.clone()).await, 200);
+    assert_eq!(get(&ep, &cas).await, (200, blob));
+    let t = c.tally();
+    assert!(!t.upstream_open);
+    assert_eq!((t.hits, t.writes, t.upstream_failures), (1, 1, 0));
+    assert_eq!(
+        c.shared.upstream.anonymous_writes_known(),
+        AnonymousWrites::Refused
+    );
+    assert_eq!(store.lock().unwrap().blobs.len(), 1, "only the job's blob");
 }
 
 #[tokio::test]
