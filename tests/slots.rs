@@ -31,6 +31,8 @@ struct Pod {
     n: u32,
     dir: PathBuf,
     child: Child,
+    /// The name of its own cgroups (`POD_CGROUP-<lane>-<n>`), removed when it has finished.
+    cgroup: Option<String>,
 }
 
 /// A derivation every job of a test builds: the first job on a store builds it, later jobs on
@@ -84,6 +86,12 @@ impl Node {
 
     /// Start a pod whose job is of run `run` (id, event, ref) and runs `script`.
     fn start_as(&self, run: (&str, &str, &str), script: &str) -> Pod {
+        self.start_in(run, script, false)
+    }
+
+    /// Start a pod, in a PID namespace of its own when `own_pids` (as every pod under ARC is:
+    /// its agent sees none of the other pods' processes).
+    fn start_in(&self, run: (&str, &str, &str), script: &str, own_pids: bool) -> Pod {
         let n = self.pods.get();
         self.pods.set(n + 1);
         let pod = self.dir.path().join(format!("pod-{n}"));
@@ -182,13 +190,31 @@ network = "host"
         let jit = register_directly(&self.gh, &self.lane, &format!("{}-pod-{n}", self.lane));
         let log = std::fs::File::create(pod.join("agent.log")).unwrap();
         // The pod: a mount namespace whose /nix is the pod's own (ARC's emptyDir).
+        let pid_args: &[&str] = if own_pids {
+            &["--pid", "--fork", "--mount-proc", "--kill-child"]
+        } else {
+            &[]
+        };
+        // A pod in a PID namespace of its own gets cgroups of its own too, as a container
+        // does: its agent's job cgroups are made under them.
+        let cg_name = own_pids.then(|| format!("{POD_CGROUP}-{}-{n}", self.lane));
+        let cgroup = if let Some(name) = &cg_name {
+            format!(
+                r#"while IFS=: read -r _ c p; do case "$c" in memory|pids|freezer) d=/sys/fs/cgroup/$c$p ;; "") d=/sys/fs/cgroup/unified$p; [ -d /sys/fs/cgroup/unified ] || d=/sys/fs/cgroup$p ;; *) continue ;; esac; mkdir -p "$d/{name}" && echo 0 > "$d/{name}/cgroup.procs" || exit 1; done < /proc/self/cgroup && "#
+            )
+        } else {
+            String::new()
+        };
         let child = Command::new("unshare")
+            .arg("-m")
+            .args(pid_args)
             .args([
-                "-m",
                 "--",
                 "sh",
                 "-c",
-                "mount --make-rprivate / && mount --bind \"$0\" /nix && exec \"$@\"",
+                &format!(
+                    "{cgroup}mount --make-rprivate / && mount --bind \"$0\" /nix && exec \"$@\""
+                ),
             ])
             .arg(pod.join("nix"))
             .arg(AGENT)
@@ -203,9 +229,17 @@ network = "host"
             .stderr(log)
             .spawn()
             .unwrap();
-        Pod { n, dir: pod, child }
+        Pod {
+            n,
+            dir: pod,
+            child,
+            cgroup: cg_name,
+        }
     }
 }
+
+/// The cgroup a pod in a PID namespace of its own is moved to (`-<n>`), under the test's own.
+const POD_CGROUP: &str = "flywheel-test-pod";
 
 impl Pod {
     fn log(&self) -> String {
@@ -217,6 +251,13 @@ impl Pod {
         let t = Instant::now();
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
+                if let Some(name) = &self.cgroup {
+                    // Its agent's own cgroups (`flywheel-jobs`) first, then the pod's.
+                    let _ = Command::new("find")
+                        .args(["/sys/fs/cgroup", "-maxdepth", "8", "-depth", "-type", "d"])
+                        .args(["-path", &format!("*/{name}*"), "-exec", "rmdir", "{}", ";"])
+                        .status();
+                }
                 return (st.code().unwrap_or(-1), self.log());
             }
             if t.elapsed() > Duration::from_secs(120) {
@@ -380,6 +421,69 @@ fn a_pod_killed_mid_job_frees_its_slot_and_the_next_pod_checks_and_reuses_it() {
     assert!(log.contains(": warm ("), "{log}");
     assert_eq!(builds(&log), "nix-build rc=0 builds=0 fetches=0", "{log}");
     assert!(flywheel_agent::slot::holder(&node.slot_root(), 0).is_none());
+}
+
+/// Pods of a node share the slot volume but not their PID namespaces: a pod's startup sweep
+/// never takes another pod's running job for a leftover (the pid in its name is nobody in this
+/// pod), and it does clear what a dead pod left in a free slot, whichever slot that is.
+#[test]
+fn a_pods_startup_sweep_clears_free_slots_only_never_another_pods_running_job() {
+    if !privileged("arc-slots-sweep") {
+        return;
+    }
+    let node = Node::new(2);
+    let shared = common::shared_dir(node.dir.path());
+    let go = shared.join("go");
+    // Pod A's job holds slot 0 until the test says go.
+    let a = node.start(&format!(
+        "echo job-a-is-running; i=0; while [ ! -e {g} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done",
+        g = go.display()
+    ));
+    a.wait_for("job-a-is-running");
+    let work0 = flywheel_agent::slot::slot_dirs(&node.slot_root(), 0).1;
+    let jobs_of = |work: &Path| -> Vec<String> {
+        std::fs::read_dir(work)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&format!("{}.s", node.lane)))
+            .collect()
+    };
+    let running = jobs_of(&work0);
+    assert_eq!(
+        running.len(),
+        1,
+        "pod A's job directory in slot 0: {running:?}"
+    );
+    // What a pod that died in slot 1 left: its job directory, its lock file and holder marker.
+    let work1 = flywheel_agent::slot::slot_dirs(&node.slot_root(), 1).1;
+    let left = work1.join(format!("{}.s1.4242.0123456789ab", node.lane));
+    std::fs::create_dir_all(left.join("_work/repo")).unwrap();
+    std::fs::write(left.join("_work/repo/file"), "left by a dead pod").unwrap();
+    let locks = flywheel_agent::slot::locks_dir(&node.slot_root());
+    std::fs::write(locks.join("slot-1.lock"), "").unwrap();
+    std::fs::write(locks.join("slot-1.holder"), "pid 1 on a-dead-pod since 0").unwrap();
+    // Pod B starts in a PID namespace of its own: pod A's agent is nobody there.
+    let b = node.start_in(("101", "push", "refs/heads/main"), "", true);
+    let (code, log) = b.finish();
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("removed a job directory left by an earlier run")
+            && log.contains(&left.display().to_string()),
+        "pod B cleared slot 1's leftover: {log}"
+    );
+    assert!(!left.exists());
+    assert_eq!(
+        jobs_of(&work0),
+        running,
+        "pod B left pod A's running job alone: {log}"
+    );
+    assert!(!log.contains(&running[0]), "{log}");
+    std::fs::write(&go, "").unwrap();
+    let (code, log) = a.finish();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(slot_of(&log), Some(0), "{log}");
 }
 
 #[test]

@@ -364,37 +364,55 @@ pub fn reconcile_local(cfg: &Config, mgr: &dyn CgroupManager) -> (usize, usize) 
     for lane in &cfg.lanes {
         // Store views first (an earlier run's job's view may hold its layer's overlay or a
         // writable copy of the shared store), then the work roots with the layers.
-        let mut roots = vec![
+        let roots = [
             cfg.agent.state_dir.join("nix-views"),
             lane.work_root.clone(),
             cfg.agent.state_dir.join("nix-sockets"),
             cfg.agent.state_dir.join("nix-logs"),
         ];
-        if let Some(sr) = &lane.slot_root {
-            roots.extend((0..lane.max_runners).map(|i| crate::slot::slot_dirs(sr, i).1));
-        }
         for root in roots {
-            let Ok(rd) = std::fs::read_dir(&root) else {
-                continue;
-            };
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                // A job's throwaway layer (`<job>.layer`) is its job's (`creator_pid`).
-                if ours(&name) {
-                    match workdir::remove_tree(&e.path()) {
-                        Ok(()) => {
-                            info!(dir = %e.path().display(), "removed a job directory left by an earlier run");
-                            dirs += 1;
-                        }
-                        Err(err) => {
-                            warn!(dir = %e.path().display(), error = %err, "cannot remove a leftover job directory")
-                        }
-                    }
+            // A job's throwaway layer (`<job>.layer`) is its job's (`creator_pid`).
+            dirs += remove_leftovers(&root, &ours);
+        }
+        // A slot volume is shared by every pod of the lane on the node, each in a PID
+        // namespace of its own, so the pid in a job's name says nothing here (and every pod's
+        // agent may be pid 1). A slot whose lock this agent can take has no job (a running
+        // job's agent, or its orphaned daemon, holds it): what of the lane is in its `_work`
+        // is left over. A slot held by another is not looked at.
+        if let Some(sr) = &lane.slot_root {
+            let prefix = format!("{}.s", lane.name);
+            for i in 0..lane.slots {
+                if let Some(_free) = crate::slot::hold_if_free(sr, i) {
+                    let work = crate::slot::slot_dirs(sr, i).1;
+                    dirs += remove_leftovers(&work, &|n: &str| n.starts_with(&prefix));
                 }
             }
         }
     }
     (cgroups, dirs)
+}
+
+/// Remove the entries of `root` whose names `leftover` picks: how many were removed.
+fn remove_leftovers(root: &std::path::Path, leftover: &dyn Fn(&str) -> bool) -> usize {
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in rd.flatten() {
+        if !leftover(&e.file_name().to_string_lossy()) {
+            continue;
+        }
+        match workdir::remove_tree(&e.path()) {
+            Ok(()) => {
+                info!(dir = %e.path().display(), "removed a job directory left by an earlier run");
+                n += 1;
+            }
+            Err(err) => {
+                warn!(dir = %e.path().display(), error = %err, "cannot remove a leftover job directory")
+            }
+        }
+    }
+    n
 }
 
 /// Delete runners this agent registered in an earlier life (recognised by name prefix).

@@ -126,6 +126,17 @@ pub fn unusable(slot_root: &Path, i: u32) -> Option<String> {
         .map(|s| s.trim().to_owned())
 }
 
+/// Slot `i`'s lock when no one holds it, for a look at the slot with no job in it (the
+/// startup sweep): nothing else is changed, and dropping it frees the slot. `None` when it is
+/// held (a job's agent or its orphaned daemon) or was never made.
+pub fn hold_if_free(slot_root: &Path, i: u32) -> Option<Flock<File>> {
+    let path = locks_dir(slot_root).join(format!("slot-{i}.lock"));
+    if !path.exists() {
+        return None;
+    }
+    try_lock(&path).ok().flatten()
+}
+
 /// Who holds (or, after a crash, last held) slot `i`: the marker's text.
 pub fn holder(slot_root: &Path, i: u32) -> Option<String> {
     std::fs::read_to_string(locks_dir(slot_root).join(format!("slot-{i}.holder")))
