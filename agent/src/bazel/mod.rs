@@ -307,6 +307,47 @@ pub struct Tally {
     pub upstream_open: bool,
 }
 
+/// How fast a job's writes that go nowhere (an untrusted job's, or any to an upstream not
+/// used) are read, in bytes per second, after a first burst of as many: a job that floods its
+/// endpoint with writes slows its own uploads, not the endpoint runtime every job shares.
+/// Bazel's uploads of a large build stay far below it.
+const DROPPED_BYTES_PER_SEC: u64 = 64 << 20;
+
+/// A token bucket: `rate` bytes a second, at most `burst` saved up.
+#[derive(Debug)]
+struct Budget {
+    rate: f64,
+    burst: f64,
+    /// Bytes that may pass now (negative: owed), as of when.
+    left: Mutex<(f64, Option<std::time::Instant>)>,
+}
+
+impl Budget {
+    fn new(rate: u64, burst: u64) -> Budget {
+        Budget {
+            rate: rate as f64,
+            burst: burst as f64,
+            left: Mutex::new((burst as f64, None)),
+        }
+    }
+
+    /// Take `n` bytes at `now`: how long to wait before reading on (zero within the budget).
+    fn take(&self, n: u64, now: std::time::Instant) -> std::time::Duration {
+        let Ok(mut g) = self.left.lock() else {
+            return std::time::Duration::ZERO;
+        };
+        let since =
+            g.1.map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
+        let left = (g.0 + since * self.rate).min(self.burst) - n as f64;
+        *g = (left, Some(now));
+        if left >= 0.0 {
+            std::time::Duration::ZERO
+        } else {
+            std::time::Duration::from_secs_f64(-left / self.rate)
+        }
+    }
+}
+
 /// The state a job's endpoint shares with its connections.
 #[derive(Debug)]
 struct Shared {
@@ -319,6 +360,8 @@ struct Shared {
     writes: AtomicBool,
     counters: Counters,
     telemetry: Option<Arc<crate::telemetry::Telemetry>>,
+    /// The pace of the job's writes that go nowhere.
+    dropped_budget: Budget,
 }
 
 /// How an upstream failed, for the count.
@@ -416,6 +459,7 @@ impl JobCache {
                 writes: AtomicBool::new(false),
                 counters: Counters::default(),
                 telemetry,
+                dropped_budget: Budget::new(DROPPED_BYTES_PER_SEC, DROPPED_BYTES_PER_SEC),
             }),
             task: Mutex::new(None),
         })

@@ -118,7 +118,7 @@ async fn handle(job: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         return match *req.method() {
             Method::PUT => {
                 let up = &job.upstream.settings;
-                let whole = drain(req.into_body(), up.max_blob_bytes, up.timeout).await;
+                let whole = drain(job, req.into_body(), up.max_blob_bytes, up.timeout).await;
                 job.dropped();
                 answer(if whole {
                     StatusCode::OK
@@ -275,7 +275,7 @@ async fn write(
         return answer(StatusCode::PAYLOAD_TOO_LARGE);
     }
     if !(job.writes_allowed() && up.can_write()) {
-        let whole = drain(req.into_body(), max, up.settings.timeout).await;
+        let whole = drain(job, req.into_body(), max, up.settings.timeout).await;
         job.dropped();
         return answer(if whole {
             StatusCode::OK
@@ -338,16 +338,21 @@ async fn write(
 /// The body of a trusted write was not read to its end (the upstream failed first).
 const NOT_READ: &str = "the body was not read to its end";
 
-/// Read an untrusted write to its end (at most `max` bytes, no piece later than `timeout`):
-/// true when it ended whole.
-async fn drain(mut body: Incoming, max: u64, timeout: Duration) -> bool {
+/// Read a write that goes nowhere to its end (at most `max` bytes, no piece later than
+/// `timeout`), no faster than the job's budget for such bytes: true when it ended whole.
+async fn drain(job: &Shared, mut body: Incoming, max: u64, timeout: Duration) -> bool {
     let mut seen = 0u64;
     loop {
         match tokio::time::timeout(timeout, body.frame()).await {
             Ok(Some(Ok(f))) => {
-                seen += f.data_ref().map_or(0, |d| d.len() as u64);
+                let n = f.data_ref().map_or(0, |d| d.len() as u64);
+                seen += n;
                 if seen > max {
                     return false;
+                }
+                let wait = job.dropped_budget.take(n, std::time::Instant::now());
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
                 }
             }
             Ok(None) => return true,

@@ -384,6 +384,42 @@ async fn anything_but_ac_and_cas_by_sha256_is_not_found_and_not_forwarded() {
 }
 
 #[test]
+fn writes_that_go_nowhere_are_read_at_the_budgets_pace_after_a_burst() {
+    let b = Budget::new(1 << 20, 2 << 20);
+    let t0 = std::time::Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    // The burst passes at once.
+    assert_eq!(b.take(1 << 20, at(0)), Duration::ZERO);
+    assert_eq!(b.take(1 << 20, at(0)), Duration::ZERO);
+    // Then each MiB owes a second, less what time has refilled.
+    assert_eq!(b.take(1 << 20, at(0)), Duration::from_secs(1));
+    assert_eq!(b.take(1 << 19, at(1000)), Duration::from_millis(500));
+    // Idle time saves up to the burst, no more.
+    assert_eq!(b.take(2 << 20, at(60_000)), Duration::ZERO);
+    assert_eq!(b.take(1 << 20, at(60_000)), Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn a_flood_of_writes_that_go_nowhere_is_read_no_faster_than_its_budget() {
+    let (up, _store) = upstream(Mode::Good).await;
+    let (c, ep) = endpoint_for(&up, Some(WRITER), false);
+    // This job's budget is spent: the next MiB it writes owes about a second.
+    assert_eq!(
+        c.shared
+            .dropped_budget
+            .take(DROPPED_BYTES_PER_SEC, std::time::Instant::now()),
+        Duration::ZERO
+    );
+    let t = std::time::Instant::now();
+    let blob = vec![1u8; 1 << 20];
+    assert_eq!(put(&ep, &format!("/cas/{}", sha(&blob)), blob).await, 200);
+    let took = t.elapsed();
+    let owed = Duration::from_secs_f64((1 << 20) as f64 / DROPPED_BYTES_PER_SEC as f64);
+    assert!(took >= owed.mul_f64(0.9), "{took:?} < {owed:?}");
+    assert_eq!(c.tally().writes_dropped, 1);
+}
+
+#[test]
 fn keys_are_ac_or_cas_and_lowercase_sha256() {
     let h = sha(b"");
     let t = "0123456789abcdef0123456789abcdef";
