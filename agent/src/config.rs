@@ -1319,7 +1319,7 @@ fn validate_lane(
 
     let mut pass_env = Vec::new();
     for v in rl.pass_env.unwrap_or_default() {
-        if crate::hints::is_secret_var(v.get_ref()) || v.get_ref().starts_with("XDG_") {
+        if is_secret_var(v.get_ref()) || v.get_ref().starts_with("XDG_") {
             return Err(cx.err(
                 &v,
                 format!("lane {name:?}: pass_env may not name {:?}: it is a secret, the agent's own, or set for each job", v.get_ref()),
@@ -1437,6 +1437,25 @@ pub fn load(path: Option<&Path>, host: &HostFacts) -> Result<Config, ConfigError
             parse(&src, &Origin::File(p), host)
         }
     }
+}
+
+/// Names of variables that never pass from the agent's environment into a job's: secrets,
+/// the agent's own hints and Nix store settings (a job gets its own).
+pub fn is_secret_var(name: &str) -> bool {
+    name.starts_with("ACTIONS_RUNNER_INPUT_")
+        || name.starts_with("FLYWHEEL_")
+        || matches!(
+            name,
+            "GITHUB_TOKEN"
+                | "GH_TOKEN"
+                | "ATTIC_TOKEN"
+                | "NIX_CONFIG"
+                | "NIX_REMOTE"
+                | "NIX_DAEMON_SOCKET_PATH"
+                | "ATTIC_SERVER"
+                | "ATTIC_CACHE"
+                | "BAZEL_REMOTE_CACHE"
+        )
 }
 
 #[cfg(test)]

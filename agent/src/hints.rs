@@ -4,7 +4,7 @@
 //! Rendering is a pure function of the lane, the envelope and the host's CPUs: identical inputs
 //! give identical bytes. No secret is ever part of a hint.
 
-use crate::config::Lane;
+use crate::config::{is_secret_var, Lane};
 
 /// Parallelism derived for Nix from the envelope and the CPU share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,25 +86,6 @@ pub fn passes_to_job(name: &str, pass_env: &[String]) -> bool {
         && (matches!(name, "PATH" | "LANG" | "LANGUAGE" | "TZ" | "TERM")
             || name.starts_with("LC_")
             || pass_env.iter().any(|p| p == name))
-}
-
-/// Names of variables that never pass from the agent's environment into a job's: secrets,
-/// the agent's own hints and Nix store settings (a job gets its own).
-pub fn is_secret_var(name: &str) -> bool {
-    name.starts_with("ACTIONS_RUNNER_INPUT_")
-        || name.starts_with("FLYWHEEL_")
-        || matches!(
-            name,
-            "GITHUB_TOKEN"
-                | "GH_TOKEN"
-                | "ATTIC_TOKEN"
-                | "NIX_CONFIG"
-                | "NIX_REMOTE"
-                | "NIX_DAEMON_SOCKET_PATH"
-                | "ATTIC_SERVER"
-                | "ATTIC_CACHE"
-                | "BAZEL_REMOTE_CACHE"
-        )
 }
 
 #[cfg(test)]

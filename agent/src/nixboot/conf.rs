@@ -1,6 +1,17 @@
 //! The plan for a lane's store and its byte-stable `nix.conf`.
 
-use super::*;
+use std::path::Path;
+use std::path::PathBuf;
+
+use crate::config::Lane;
+use crate::config::NixSettings;
+use crate::hints;
+
+use super::pin::current_system;
+use super::pin::pin;
+use super::write_atomic;
+use super::NixError;
+use super::Plan;
 
 /// `min-free` / `max-free` from the store filesystem's size: GC starts below 5% free (at most
 /// 10 GiB) and frees up to 15% (at most 50 GiB).

@@ -8,18 +8,9 @@
 //! Phases, timed separately and never mixed with build time: verify, unpack, register,
 //! configure.
 
-use std::collections::BTreeMap;
-use std::io::Read;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-
-use crate::config::{Lane, NixSettings};
-use crate::hints;
-use crate::reaper::Spawner;
 
 pub mod advisory;
 mod conf;

@@ -1,7 +1,14 @@
 //! The pin: the Nix release the agent installs (`images/nix-pin.toml`, compiled in) and the
 //! hashes that check a tarball before anything is unpacked.
 
-use super::*;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::NixError;
 
 /// The manifest in `images/nix-pin.toml`, compiled in.
 pub const PIN_TOML: &str = include_str!("../../../images/nix-pin.toml");

@@ -1,6 +1,17 @@
 //! The receipt of a finished bootstrap and the warm check against it: what drifted.
 
-use super::*;
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use serde::Serialize;
+
+use super::pin::sha256_bytes;
+use super::Plan;
+use super::Report;
+use super::Timings;
 
 /// Where the receipt lives under a Nix root (`/nix`).
 pub fn receipt_path(nix_root: &Path) -> PathBuf {

@@ -1,7 +1,19 @@
 //! A node-local slot's store: bootstrapped and garbage-collected by a child of the agent that
 //! mounts the slot's store at the lane's `nix_store` in a mount namespace of its own.
 
-use super::*;
+use std::path::Path;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::config::Lane;
+use crate::reaper::Spawner;
+
+use super::conf::plan_for;
+use super::io;
+use super::steps::ensure;
+use super::NixError;
+use super::Report;
+use super::Timings;
 
 /// Bootstrap (or verify) the Nix store a job of `lane` in `slot` will see. A node-local slot's
 /// store is bootstrapped in a child of the agent that mounts the slot's store at the lane's

@@ -3,7 +3,33 @@
 //! read-only, `nix-store --load-db`, the profile, build users), configure, and the receipt
 //! last, written atomically.
 
-use super::*;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::path::PathBuf;
+use std::time::Duration;
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+
+use crate::reaper::Spawner;
+
+use super::conf::configure;
+use super::io;
+use super::pin::hex;
+use super::pin::sha256_bytes;
+use super::receipt::drift;
+use super::receipt::finished;
+use super::receipt::receipt_path;
+use super::receipt::store_drift;
+use super::receipt::warm;
+use super::receipt::Receipt;
+use super::write_atomic;
+use super::NixError;
+use super::Plan;
+use super::Report;
+use super::Timings;
 
 /// An exclusive lock on a store's bootstrap (`<nix>/var/flywheel-agent/bootstrap.lock`),
 /// released when dropped or when its holder dies.
