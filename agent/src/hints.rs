@@ -64,11 +64,12 @@ pub fn job_env(lane: &Lane, memory_bytes: u64, host_cpus: u32) -> Vec<(String, S
     if let Some(c) = &lane.hints.attic_cache {
         env.push(("ATTIC_CACHE".to_owned(), c.clone()));
     }
-    if let Some(b) = &lane.bazel {
-        // The job's own endpoint, in its own network namespace (see `bazel`).
-        env.push(("BAZEL_REMOTE_CACHE".to_owned(), crate::bazel::endpoint(b)));
-    } else if let Some(b) = &lane.hints.bazel_remote_cache {
-        env.push(("BAZEL_REMOTE_CACHE".to_owned(), b.clone()));
+    // With `[lane.bazel]` the hint is the job's own endpoint (its token in the path), which
+    // only the job's envelope knows (`envelope::env`); a lane's plain hint otherwise.
+    if lane.bazel.is_none() {
+        if let Some(b) = &lane.hints.bazel_remote_cache {
+            env.push(("BAZEL_REMOTE_CACHE".to_owned(), b.clone()));
+        }
     }
     env.push((
         "NIX_CONFIG".to_owned(),

@@ -211,10 +211,7 @@ pub fn runner_dotenv(lane: &Lane, host_cpus: u32) -> Vec<(String, String)> {
     v.extend(
         hints::job_env(lane, lane.memory_bytes, host_cpus)
             .into_iter()
-            .filter(|(_, val)| !val.contains('\n'))
-            // With `[lane.bazel]` the job's own endpoint (its token in the path) is in the
-            // runner's environment: `.env` must not put the lane's bare one over it.
-            .filter(|(k, _)| !(lane.bazel.is_some() && k == "BAZEL_REMOTE_CACHE")),
+            .filter(|(_, val)| !val.contains('\n')),
     );
     v
 }

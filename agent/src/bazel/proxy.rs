@@ -298,7 +298,7 @@ async fn write(
     let rb = with_auth(up.http.put(url(job, kind, hash)), up.write.as_ref())
         .header(reqwest::header::CONTENT_LENGTH, len)
         .body(reqwest::Body::wrap_stream(body));
-    let sent = tokio::time::timeout(up.settings.timeout * 6, rb.send()).await;
+    let sent = tokio::time::timeout(write_deadline(up.settings.timeout, len), rb.send()).await;
     let body = match tokio::time::timeout(Duration::from_secs(1), rx).await {
         Ok(Ok(r)) => r,
         _ => Err(NOT_READ),
@@ -333,6 +333,17 @@ async fn write(
             answer(StatusCode::OK)
         }
     }
+}
+
+/// The slowest upload a trusted write may take, below which it is given up (dropped, the
+/// build goes on): a large blob to a slow upstream still completes.
+const SLOWEST_UPLOAD: u64 = 1 << 20;
+
+/// How long a trusted write of `len` bytes may take in all: six of the upstream's `timeout`,
+/// and a second for each MiB on top (each piece of the body must still come within
+/// `timeout`; this bounds an upstream that stops reading).
+pub(super) fn write_deadline(timeout: Duration, len: u64) -> Duration {
+    timeout * 6 + Duration::from_secs(len / SLOWEST_UPLOAD)
 }
 
 /// The body of a trusted write was not read to its end (the upstream failed first).

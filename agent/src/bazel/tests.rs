@@ -420,6 +420,16 @@ async fn a_flood_of_writes_that_go_nowhere_is_read_no_faster_than_its_budget() {
 }
 
 #[test]
+fn a_large_trusted_write_gets_time_for_its_size() {
+    let t = Duration::from_secs(10);
+    assert_eq!(proxy::write_deadline(t, 4096), Duration::from_secs(60));
+    assert_eq!(
+        proxy::write_deadline(t, 1 << 30),
+        Duration::from_secs(60 + 1024)
+    );
+}
+
+#[test]
 fn keys_are_ac_or_cas_and_lowercase_sha256() {
     let h = sha(b"");
     let t = "0123456789abcdef0123456789abcdef";
@@ -515,17 +525,21 @@ fn bazel_settings_parse_and_the_hint_is_the_jobs_own_endpoint() {
     assert_eq!(b.port, 9090);
     assert_eq!(b.timeout, Duration::from_secs(3));
     assert_eq!(b.write_at, Some((6, 25)));
-    let env = crate::hints::job_env(&c.lanes[0], 1 << 30, 2);
-    let hint: Vec<_> = env
+    // The lane's hints hold no endpoint: each job's is its own (port and token).
+    assert!(crate::hints::job_env(&c.lanes[0], 1 << 30, 2)
         .iter()
-        .filter(|(k, _)| k == "BAZEL_REMOTE_CACHE")
-        .collect();
-    assert_eq!(
-        hint,
-        vec![&(
-            "BAZEL_REMOTE_CACHE".to_owned(),
-            "http://127.0.0.1:9090".to_owned()
-        )]
+        .all(|(k, _)| k != "BAZEL_REMOTE_CACHE"));
+    let b = BazelSettings {
+        write_credential_file: None,
+        ..b
+    };
+    let ep = JobCache::new(Upstream::new("l", &b).unwrap(), None).endpoint();
+    let token = ep.strip_prefix("http://127.0.0.1:9090/").unwrap();
+    assert_eq!(token.len(), 32, "{ep}");
+    assert!(token.bytes().all(|c| c.is_ascii_hexdigit()), "{ep}");
+    assert_ne!(
+        JobCache::new(Upstream::new("l", &b).unwrap(), None).endpoint(),
+        ep
     );
     // No Bazel cache: no hint.
     let none = lane_with("").unwrap();
