@@ -16,8 +16,12 @@ use super::{Failure, Shared};
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
-/// Connections of one job served at once; more wait in the kernel's backlog.
-const MAX_CONNECTIONS: usize = 64;
+/// Connections of one job served at once; more wait in the kernel's backlog until one
+/// closes. Above Bazel's `--remote_max_connections` default (100), which it keeps open, each
+/// one request at a time: with fewer, the requests on the connections past the limit waited
+/// for the whole `--remote_timeout`. A hostile job's connections hold at most this many
+/// answers in memory at once (`WHOLE_BODY` each).
+const MAX_CONNECTIONS: usize = 256;
 /// Entries up to this size are read whole before they are answered; larger ones stream.
 const WHOLE_BODY: u64 = 256 << 10;
 /// How long a client may take to send a request's headers.

@@ -419,6 +419,40 @@ async fn a_flood_of_writes_that_go_nowhere_is_read_no_faster_than_its_budget() {
     assert_eq!(c.tally().writes_dropped, 1);
 }
 
+/// Bazel keeps up to `--remote_max_connections` (100 by default) connections open to the
+/// cache at once, each one request at a time: all of them are served.
+#[tokio::test]
+async fn as_many_connections_as_bazel_keeps_open_are_all_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up, store) = upstream(Mode::Good).await;
+    let blob = b"an output".to_vec();
+    let cas = format!("/cas/{}", sha(&blob));
+    store.lock().unwrap().blobs.insert(cas.clone(), blob);
+    let (_c, ep) = endpoint_for(&up, Some(WRITER), false);
+    let (addr, base) = {
+        let rest = ep.strip_prefix("http://").unwrap();
+        let (a, b) = rest.split_once('/').unwrap();
+        (a.to_owned(), format!("/{b}"))
+    };
+    let mut held = Vec::new();
+    for i in 0..101 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let req = format!("GET {base}{cas} HTTP/1.1\r\nHost: x\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} was not answered"))
+            .unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "connection {i}: {}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        held.push(s);
+    }
+}
+
 #[test]
 fn a_large_trusted_write_gets_time_for_its_size() {
     let t = Duration::from_secs(10);
