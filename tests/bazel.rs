@@ -443,7 +443,29 @@ fn a_cache_that_takes_writes_without_credentials_is_used_by_no_job() {
         ],
     );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let pr_ac = nginx.open_entries("ac");
+    // Its action results (the agent's own probe, an empty one, is not among them).
+    let open_ac = nginx.root.with_file_name("open").join("ac");
+    let pr_ac: Vec<String> = nginx
+        .open_entries("ac")
+        .into_iter()
+        .filter(|h| std::fs::metadata(open_ac.join(h)).is_ok_and(|m| m.len() > 0))
+        .collect();
+    // What a build straight at this cache gets: the pull request's action results.
+    let straight_log = shared.join("straight.log");
+    let o = f.exec(
+        &["--user", &user, "--untrusted"],
+        &[
+            "sh",
+            "-c",
+            &bz::build_lines(&ws, "//:a //:b", Some(&nginx.url(bz::OPEN)), &straight_log),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        read(&straight_log).contains("2 remote cache hit"),
+        "the poisoned entries are there to be served: {}",
+        read(&straight_log)
+    );
     let open_root = nginx.root.with_file_name("open");
     let stamps = || -> Vec<(String, std::time::SystemTime)> {
         let mut v = Vec::new();
@@ -498,11 +520,15 @@ fn a_cache_that_takes_writes_without_credentials_is_used_by_no_job() {
         read(&summary)
     );
     // Nothing of the trusted job reached the cache: every entry the PR left is as it was (a
-    // write of the same key would have replaced it), and the one new blob is the agent's probe.
+    // write of the same key would have replaced it), and the new entries are the agent's
+    // probes (a CAS blob under its own hash, an empty action result).
     let after = stamps();
-    let new: Vec<_> = after.iter().filter(|e| !before.contains(e)).collect();
-    assert_eq!(new.len(), 1, "before {before:?}\nafter {after:?}");
-    let probe = &new[0].0;
+    let mut new: Vec<_> = after.iter().filter(|e| !before.contains(e)).collect();
+    new.sort();
+    assert_eq!(new.len(), 2, "before {before:?}\nafter {after:?}");
+    assert!(new[0].0.starts_with("ac/"), "{new:?}");
+    assert_eq!(read(&open_root.join(&new[0].0)), "");
+    let probe = &new[1].0;
     let body = read(&open_root.join(probe));
     assert!(body.starts_with("flywheel-agent: "), "{probe}: {body}");
     assert_eq!(*probe, format!("cas/{}", bz::sha256_hex(body.as_bytes())));

@@ -68,19 +68,29 @@ if [ "$(cat /proc/sys/net/ipv4/ip_forward)" != 1 ]; then
   sysctl -qw net.ipv4.ip_forward=1
 fi
 # The tests' roots (state, warm stores, slots, _work) live on an ext4 filesystem of their own,
-# a sparse image mounted at /var/lib/flywheel-tests/fs: Nix's auto-GC and the agent's slot GC
-# start below a share of the store filesystem's free space, so on the host's disk a test's warm
-# store would be collected whenever that disk is nearly full (a CI run on a 90%-full disk
-# did). Made afresh whenever it is not mounted: nothing in it outlives a boot.
+# an image mounted at /var/lib/flywheel-tests/fs: Nix's auto-GC and the agent's slot GC start
+# below a share of the store filesystem's free space, so on the host's disk a test's warm store
+# would be collected whenever that disk is nearly full (a CI run on a 96%-full disk did). The
+# image's space is allocated up front (fallocate, no discard), so what the filesystem reports
+# free is really there. Made afresh whenever it is not mounted: nothing in it outlives a boot.
 scratch=/var/lib/flywheel-tests/fs
+image=/var/lib/flywheel-tests/fs.img
+image_gib=4
 if ! mountpoint -q "$scratch"; then
   [ "$(id -u)" = 0 ] || { echo "setup: run as root to mount the tests' scratch filesystem at $scratch" >&2; exit 1; }
-  echo "setup: the tests' scratch filesystem at $scratch (sparse ext4 image, 32 GiB)" >&2
   mkdir -p "$scratch"
-  rm -f /var/lib/flywheel-tests/fs.img
-  truncate -s 32G /var/lib/flywheel-tests/fs.img
-  mkfs.ext4 -q -F -E lazy_itable_init=1,lazy_journal_init=1 /var/lib/flywheel-tests/fs.img
-  mount -o loop,discard /var/lib/flywheel-tests/fs.img "$scratch"
+  # A loop device still attached to an earlier image (mounted in another namespace, or
+  # lazily unmounted) is let go first.
+  for dev in $(losetup -j "$image" -O NAME -n 2>/dev/null); do losetup -d "$dev" 2>/dev/null || true; done
+  rm -f "$image"
+  free_kib=$(df -k --output=avail /var/lib/flywheel-tests | tail -1)
+  free_gib=$(( free_kib / 1024 / 1024 ))
+  [ "$free_gib" -ge $((image_gib + 6)) ] || {
+    echo "setup: the tests need ${image_gib} GiB for their scratch filesystem and room to build beside it; /var/lib has ${free_gib} GiB free" >&2; exit 1; }
+  echo "setup: the tests' scratch filesystem at $scratch (ext4 image, ${image_gib} GiB allocated)" >&2
+  fallocate -l "${image_gib}G" "$image"
+  mkfs.ext4 -q -F -E nodiscard,lazy_itable_init=1,lazy_journal_init=1 "$image"
+  mount -o loop "$image" "$scratch"
   chmod 0755 "$scratch"
 fi
 command -v cargo >/dev/null || { echo "setup: cargo is missing: install Rust (rustup)" >&2; exit 1; }

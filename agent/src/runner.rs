@@ -379,6 +379,10 @@ pub fn reconcile_local(cfg: &Config, mgr: &dyn CgroupManager) -> (usize, usize) 
         if let Some(sr) = &lane.slot_root {
             let prefix = format!("{}.s", lane.name);
             for i in 0..lane.slots {
+                // A slot marked unusable keeps what it holds for the operator.
+                if crate::slot::unusable(sr, i).is_some() {
+                    continue;
+                }
                 if let Some(_free) = crate::slot::hold_if_free(sr, i) {
                     let work = crate::slot::slot_dirs(sr, i).1;
                     dirs += remove_leftovers(&work, &|n: &str| n.starts_with(&prefix));

@@ -786,10 +786,14 @@ pub fn bazel_line(t: &crate::bazel::Tally) -> String {
             t.upstream_failures
         ));
     }
-    if t.upstream_open {
-        s.push_str(
+    match t.unused {
+        Some(crate::bazel::Unused::Open) => s.push_str(
             "; not used: the lane's cache takes writes without credentials (anything may have written it)",
-        );
+        ),
+        Some(crate::bazel::Unused::Unverified) => s.push_str(
+            "; not used: the lane's cache did not refuse a write without credentials (the agent's probe got another answer, or none)",
+        ),
+        None => {}
     }
     s
 }
@@ -809,10 +813,10 @@ pub fn bazel_section(t: &crate::bazel::Tally) -> String {
     } else {
         "writes are answered and dropped (not a trusted job)"
     };
-    let open = if t.upstream_open {
-        "> [!CAUTION]\n> The lane's Bazel cache took a write without credentials: anything that reaches it can write it, a pull request's job too, so what it serves may be poisoned. This job neither read nor wrote it (every read a miss, every write dropped). Its operators: put `PUT` behind authentication.\n\n"
-    } else {
-        ""
+    let open = match t.unused {
+        Some(crate::bazel::Unused::Open) => "> [!CAUTION]\n> The lane's Bazel cache took a write without credentials: anything that reaches it can write it, a pull request's job too, so what it serves may be poisoned. This job neither read nor wrote it (every read a miss, every write dropped). Its operators: put `PUT` behind authentication.\n\n",
+        Some(crate::bazel::Unused::Unverified) => "> [!WARNING]\n> The lane's Bazel cache did not refuse the agent's write without credentials (it answered something other than 401, 403 or 405, or nothing), so it could not be shown that a pull request cannot write it. This job neither read nor wrote it (every read a miss, every write dropped); the agent asks again every 30 s.\n\n",
+        None => "",
     };
     format!(
         "\n### Bazel remote cache\n\n{open}{rate}; {writes}.\n\n| hits | misses | read | written | writes dropped | writes refused | upstream failures |\n|---:|---:|---:|---:|---:|---:|---:|\n| {} | {} | {} | {} | {} | {} | {} |\n",

@@ -57,6 +57,13 @@ pub fn test_base() -> PathBuf {
         "{} is not a filesystem of its own: run tests/setup.sh (as root) first",
         scratch.display()
     );
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        eprintln!(
+            "note: {} is not mounted (tests/setup.sh mounts it): the tests' stores are on the host's disk, where a nearly full disk has Nix collect them",
+            scratch.display()
+        )
+    });
     std::fs::create_dir_all(&top).expect("mkdir /var/lib/flywheel-tests");
     top
 }

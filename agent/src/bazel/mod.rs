@@ -16,6 +16,7 @@
 //! fails is a miss, a write that fails is dropped; both are counted.
 
 pub mod conf;
+mod guard;
 mod proxy;
 
 use std::os::fd::RawFd;
@@ -26,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use flywheel_jit_config::Secret;
 
 pub use conf::BazelSettings;
+pub use guard::{Cause, Guard, Unused};
 
 /// Why a lane's Bazel cache cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -46,29 +48,11 @@ pub struct Upstream {
     http: reqwest::Client,
     read: Option<Secret<String>>,
     write: Option<Secret<String>>,
-    /// What the upstream did with the last write that carried no credential, and when.
-    anonymous: Mutex<(AnonymousWrites, Option<std::time::Instant>)>,
-    /// One probe at a time.
-    probing: tokio::sync::Mutex<()>,
+    /// Whether it refuses writes without credentials (`guard`).
+    guard: Mutex<guard::GuardState>,
+    /// Told when a probe has answered.
+    guard_changed: tokio::sync::Notify,
 }
-
-/// What a lane's upstream does with a write that carries no credential. One that takes it
-/// can be written by anything that reaches it — a pull request's job straight, past its
-/// endpoint — so what it serves may be poisoned: the agent then uses it for no job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AnonymousWrites {
-    /// Not asked yet, or the upstream did not answer (down, slow, 5xx).
-    Unknown,
-    /// Refused (401, 403, 405 or any other 4xx): writes need the agent's credential.
-    Refused,
-    /// Taken (2xx): the cache is open to anyone who reaches it, and is not used.
-    Taken,
-}
-
-/// How long an upstream's answer to the probe stands before it is asked again.
-const PROBE_STANDS: std::time::Duration = std::time::Duration::from_secs(600);
-/// How soon an upstream that did not answer the probe is asked again.
-const PROBE_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Upstream {
     /// Read the lane's credentials (each a regular file of root's, mode 0600) and make the
@@ -97,85 +81,14 @@ impl Upstream {
             http,
             read,
             write,
-            anonymous: Mutex::new((AnonymousWrites::Unknown, None)),
-            probing: tokio::sync::Mutex::new(()),
+            guard: Mutex::new(guard::GuardState::default()),
+            guard_changed: tokio::sync::Notify::new(),
         }))
     }
 
     /// Whether a trusted job's writes can go upstream at all.
     pub fn can_write(&self) -> bool {
         self.write.is_some()
-    }
-
-    /// The upstream's last answer to the probe while it stands (none: ask again).
-    fn anonymous_standing(&self) -> Option<AnonymousWrites> {
-        let g = self.anonymous.lock().ok()?;
-        let stands = match g.0 {
-            AnonymousWrites::Unknown => PROBE_RETRY,
-            _ => PROBE_STANDS,
-        };
-        g.1.filter(|t| t.elapsed() < stands).map(|_| g.0)
-    }
-
-    /// The last answer known, standing or not (for a job's log line).
-    pub fn anonymous_writes_known(&self) -> AnonymousWrites {
-        self.anonymous
-            .lock()
-            .map(|g| g.0)
-            .unwrap_or(AnonymousWrites::Unknown)
-    }
-
-    /// Whether the upstream takes writes without a credential: the standing answer, or a
-    /// probe now (one at a time; every request waits for it, so none is served from an
-    /// upstream not yet asked). The probe `PUT`s a small blob of random bytes under its own
-    /// hash, without a credential: harmless where it is taken.
-    pub async fn anonymous_writes(&self) -> AnonymousWrites {
-        if let Some(v) = self.anonymous_standing() {
-            return v;
-        }
-        let _one = self.probing.lock().await;
-        if let Some(v) = self.anonymous_standing() {
-            return v;
-        }
-        let v = self.probe().await;
-        let before = self.anonymous_writes_known();
-        if let Ok(mut g) = self.anonymous.lock() {
-            *g = (v, Some(std::time::Instant::now()));
-        }
-        match (before, v) {
-            (b, AnonymousWrites::Taken) if b != AnonymousWrites::Taken => tracing::error!(
-                lane = %self.lane,
-                upstream = %self.settings.upstream,
-                "the lane's bazel cache took a write without credentials: anything that reaches it can write it (a pull request's job too, past its endpoint), so what it serves may be poisoned; no job reads or writes it until it refuses such writes: put PUT behind authentication (docs/configuration.md)"
-            ),
-            (AnonymousWrites::Taken, AnonymousWrites::Refused) => tracing::info!(
-                lane = %self.lane,
-                "the lane's bazel cache now refuses writes without credentials: jobs use it again"
-            ),
-            _ => {}
-        }
-        v
-    }
-
-    async fn probe(&self) -> AnonymousWrites {
-        use sha2::Digest;
-        let body = format!(
-            "flywheel-agent: a write without credentials, which the cache should refuse {}\n",
-            token()
-        );
-        let hash: String = sha2::Sha256::digest(body.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        let put = self
-            .http
-            .put(format!("{}/cas/{hash}", self.settings.upstream))
-            .body(body);
-        match tokio::time::timeout(self.settings.timeout, put.send()).await {
-            Ok(Ok(r)) if r.status().is_success() => AnonymousWrites::Taken,
-            Ok(Ok(r)) if r.status().is_client_error() => AnonymousWrites::Refused,
-            _ => AnonymousWrites::Unknown,
-        }
     }
 }
 
@@ -242,7 +155,7 @@ pub fn read_credential(path: &Path) -> Result<Secret<String>, BazelError> {
     };
     let f = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
         .map_err(|e| err(e.to_string()))?;
     let m = f.metadata().map_err(|e| err(e.to_string()))?;
@@ -278,8 +191,8 @@ struct Counters {
     writes_dropped: AtomicU64,
     writes_refused: AtomicU64,
     upstream_failures: AtomicU64,
-    /// Requests not served because the upstream takes anonymous writes.
-    upstream_open: AtomicU64,
+    /// Why requests were not served from the upstream (`unused_code`), the last one.
+    unused: std::sync::atomic::AtomicU8,
 }
 
 /// What one job's endpoint did, at one moment.
@@ -303,8 +216,9 @@ pub struct Tally {
     pub trusted: bool,
     /// The agent holds a write credential for the lane's cache.
     pub can_write: bool,
-    /// The lane's cache took a write without credentials, so the job did not use it.
-    pub upstream_open: bool,
+    /// The job did not use the lane's cache, and why: it took a write without credentials,
+    /// or did not refuse one.
+    pub unused: Option<Unused>,
 }
 
 /// How fast a job's writes that go nowhere (an untrusted job's, or any to an upstream not
@@ -371,8 +285,8 @@ enum Failure {
     Slow,
     ServerError,
     Denied,
-    /// The upstream takes writes without a credential: not used.
-    Open,
+    /// The upstream was not used: it took, or did not refuse, a write without credentials.
+    NotUsed(Unused),
     Other,
 }
 
@@ -383,7 +297,8 @@ impl Failure {
             Failure::Slow => "slow",
             Failure::ServerError => "5xx",
             Failure::Denied => "denied",
-            Failure::Open => "open_to_anonymous_writes",
+            Failure::NotUsed(Unused::Open) => "open_to_anonymous_writes",
+            Failure::NotUsed(Unused::Unverified) => "unverified",
             Failure::Other => "other",
         }
     }
@@ -423,8 +338,12 @@ impl Shared {
     }
     fn failed(&self, f: Failure, detail: &str) {
         self.add(&self.counters.upstream_failures, 1);
-        if f == Failure::Open {
-            self.add(&self.counters.upstream_open, 1);
+        if let Failure::NotUsed(u) = f {
+            let code = match u {
+                Unused::Open => 1,
+                Unused::Unverified => 2,
+            };
+            self.counters.unused.store(code, Ordering::Relaxed);
         }
         self.metric(|t, l| t.bazel_upstream_failure(l, f.label()));
         tracing::debug!(lane = %self.upstream.lane, failure = f.label(), detail, "the bazel upstream failed; the job's build goes on without it");
@@ -499,7 +418,11 @@ impl JobCache {
             upstream_failures: g(&c.upstream_failures),
             trusted: self.shared.writes_allowed(),
             can_write: self.shared.upstream.can_write(),
-            upstream_open: g(&c.upstream_open) > 0,
+            unused: match c.unused.load(Ordering::Relaxed) {
+                1 => Some(Unused::Open),
+                2 => Some(Unused::Unverified),
+                _ => None,
+            },
         }
     }
 
@@ -507,8 +430,10 @@ impl JobCache {
     pub fn started_line(&self) -> String {
         let s = &self.shared;
         let hint = endpoint(&s.upstream.settings);
-        if s.upstream.anonymous_writes_known() == AnonymousWrites::Taken {
-            return format!("flywheel: bazel cache {hint}: not used: the lane's cache takes writes without credentials, so anything may have written it (every read is a miss, every write dropped)");
+        match s.upstream.guard_now() {
+            (Guard::Open(_), true) => return format!("flywheel: bazel cache {hint}: not used: the lane's cache takes writes without credentials, so anything may have written it (every read is a miss, every write dropped)"),
+            (Guard::Unverified(why, Cause::Other), true) => return format!("flywheel: bazel cache {hint}: not used: the lane's cache did not refuse a write without credentials ({why}); every read is a miss, every write dropped"),
+            _ => {}
         }
         match (s.writes_allowed(), s.upstream.can_write()) {
             (true, true) => format!("flywheel: bazel cache {hint}: reads and writes go to the lane's cache"),
@@ -538,11 +463,11 @@ impl JobCache {
             let _in = handle.enter();
             tokio::net::TcpListener::from_std(listener).map_err(BazelError::Bind)?
         };
-        // Ask the upstream about anonymous writes now, so the job's first request rarely
-        // waits for it.
+        // Ask the upstream about anonymous writes now (when due), so the job's first request
+        // rarely waits for it.
         let up = self.shared.upstream.clone();
         handle.spawn(async move {
-            up.anonymous_writes().await;
+            up.guard_now();
         });
         let task = proxy::spawn(listener, self.shared.clone(), bg, &handle);
         if let Ok(mut t) = self.task.lock() {

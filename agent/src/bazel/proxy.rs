@@ -12,7 +12,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
-use super::{Failure, Shared};
+use super::{Cause, Failure, Guard, Shared, Unused};
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
@@ -114,11 +114,18 @@ async fn handle(job: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         return answer(StatusCode::NOT_FOUND);
     };
     let hash = hash.to_owned();
-    if job.upstream.anonymous_writes().await == super::AnonymousWrites::Taken {
-        job.failed(
-            Failure::Open,
-            "the upstream takes writes without credentials",
-        );
+    let guard = job.upstream.guard().await;
+    let not_used = match &guard {
+        Guard::Refuses => None,
+        Guard::Open(_) => Some(Failure::NotUsed(Unused::Open)),
+        // An upstream that did not answer the probe would not have answered the request.
+        Guard::Unverified(_, Cause::Down) => Some(Failure::Down),
+        Guard::Unverified(_, Cause::Slow) => Some(Failure::Slow),
+        Guard::Unverified(_, Cause::ServerError) => Some(Failure::ServerError),
+        Guard::Unverified(_, Cause::Other) => Some(Failure::NotUsed(Unused::Unverified)),
+    };
+    if let Some(f) = not_used {
+        job.failed(f, &format!("{guard:?}"));
         return match *req.method() {
             Method::PUT => {
                 let up = &job.upstream.settings;

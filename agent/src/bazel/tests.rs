@@ -18,12 +18,18 @@ enum Mode {
     Denied,
     /// Writes taken without a credential (the misconfiguration the agent refuses to use).
     Open,
+    /// CAS writes need the credential, action-cache writes do not.
+    AcOpen,
+    /// Every write without a credential is answered 429 (a rate limit), not refused.
+    RateLimited,
 }
 
 #[derive(Debug, Default)]
 struct Store {
     blobs: HashMap<String, Vec<u8>>,
     puts: u32,
+    /// `PUT`s without a credential, whatever was answered.
+    anonymous_puts: u32,
 }
 
 /// `user:password` the upstream takes for writes (base64 in the header).
@@ -40,7 +46,7 @@ async fn upstream(mode: Mode) -> (String, Arc<Mutex<Store>>) {
                 match mode {
                     Mode::ServerError => return (StatusCode::SERVICE_UNAVAILABLE, Vec::new()),
                     Mode::Denied => return (StatusCode::UNAUTHORIZED, Vec::new()),
-                    Mode::Good | Mode::Open => {}
+                    Mode::Good | Mode::Open | Mode::AcOpen | Mode::RateLimited => {}
                 }
                 let mut s = st.lock().unwrap();
                 match method {
@@ -54,7 +60,16 @@ async fn upstream(mode: Mode) -> (String, Arc<Mutex<Store>>) {
                             "Basic {}",
                             base64::engine::general_purpose::STANDARD.encode(WRITER)
                         );
-                        if mode != Mode::Open
+                        let anonymous = headers.get("authorization").is_none();
+                        if anonymous {
+                            s.anonymous_puts += 1;
+                        }
+                        let open = mode == Mode::Open
+                            || (mode == Mode::AcOpen && uri.path().starts_with("/ac/"));
+                        if mode == Mode::RateLimited && anonymous {
+                            return (StatusCode::TOO_MANY_REQUESTS, Vec::new());
+                        }
+                        if !open
                             && headers.get("authorization").and_then(|v| v.to_str().ok())
                                 != Some(want.as_str())
                         {
@@ -110,8 +125,8 @@ fn endpoint_with(
             .unwrap(),
         read: None,
         write: write.map(|w| Secret::new(w.to_owned())),
-        anonymous: Mutex::new((AnonymousWrites::Unknown, None)),
-        probing: tokio::sync::Mutex::new(()),
+        guard: Mutex::new(guard::GuardState::default()),
+        guard_changed: tokio::sync::Notify::new(),
     });
     let c = JobCache::new(u, telemetry);
     if trusted {
@@ -205,7 +220,7 @@ async fn an_upstream_that_takes_writes_without_credentials_is_used_by_no_job() {
     let cas = format!("/cas/{}", sha(&blob));
     assert_eq!(put(&ep, &cas, blob).await, 200);
     let t = c.tally();
-    assert!(t.upstream_open, "{t:?}");
+    assert_eq!(t.unused, Some(Unused::Open), "{t:?}");
     assert_eq!((t.hits, t.misses, t.writes, t.writes_dropped), (0, 1, 0, 1));
     assert_eq!(t.upstream_failures, 2);
     let s = store.lock().unwrap();
@@ -213,10 +228,13 @@ async fn an_upstream_that_takes_writes_without_credentials_is_used_by_no_job() {
         !s.blobs.contains_key(&cas),
         "the trusted write went nowhere"
     );
-    // What the agent wrote is its probe alone: a CAS blob under its own hash.
-    let probes: Vec<_> = s.blobs.iter().filter(|(k, _)| **k != poisoned).collect();
-    assert_eq!(probes.len(), 1, "{:?}", s.blobs.keys());
-    assert_eq!(*probes[0].0, format!("/cas/{}", sha(probes[0].1)));
+    // What the agent wrote is its probes alone: a CAS blob under its own hash and an empty
+    // action result under a random key.
+    let mut probes: Vec<_> = s.blobs.iter().filter(|(k, _)| **k != poisoned).collect();
+    probes.sort();
+    assert_eq!(probes.len(), 2, "{:?}", s.blobs.keys());
+    assert!(probes[0].0.starts_with("/ac/") && probes[0].1.is_empty());
+    assert_eq!(*probes[1].0, format!("/cas/{}", sha(probes[1].1)));
     assert!(crate::summary::bazel_section(&t).contains("[!CAUTION]"));
     assert!(crate::summary::bazel_line(&t).contains("not used"));
     assert!(
@@ -234,14 +252,61 @@ async fn an_upstream_that_refuses_writes_without_credentials_is_asked_once_and_u
     let cas = format!("/cas/{}", sha(&blob));
     assert_eq!(put(&ep, &cas, blob.clone()).await, 200);
     assert_eq!(get(&ep, &cas).await, (200, blob));
+    for _ in 0..20 {
+        assert_eq!(get(&ep, &cas).await.0, 200);
+    }
     let t = c.tally();
-    assert!(!t.upstream_open);
-    assert_eq!((t.hits, t.writes, t.upstream_failures), (1, 1, 0));
-    assert_eq!(
-        c.shared.upstream.anonymous_writes_known(),
-        AnonymousWrites::Refused
-    );
-    assert_eq!(store.lock().unwrap().blobs.len(), 1, "only the job's blob");
+    assert_eq!(t.unused, None);
+    assert_eq!((t.hits, t.writes, t.upstream_failures), (21, 1, 0));
+    assert_eq!(c.shared.upstream.guard_now(), (Guard::Refuses, true));
+    let s = store.lock().unwrap();
+    assert_eq!(s.blobs.len(), 1, "only the job's blob");
+    assert_eq!(s.anonymous_puts, 2, "asked once (one CAS and one AC probe)");
+}
+
+/// An upstream is used only when it refuses both anonymous probes: one that keeps the action
+/// cache open (the entries that point a build at any blob), or that answers a rate limit
+/// instead of a refusal, is used by no job, and the job says why.
+#[tokio::test]
+async fn an_upstream_that_does_not_refuse_both_probes_is_used_by_no_job() {
+    for (mode, unused, label) in [
+        (Mode::AcOpen, Unused::Open, "open_to_anonymous_writes"),
+        (Mode::RateLimited, Unused::Unverified, "unverified"),
+    ] {
+        let t = Arc::new(crate::telemetry::Telemetry::new(&[], "pool"));
+        let (up, store) = upstream(mode).await;
+        // The attack runs (AcOpen): an anonymous action result is taken.
+        let ac = format!("/ac/{}", sha(b"an action"));
+        let direct = put(&up, &ac, b"poisoned".to_vec()).await;
+        assert_eq!(
+            direct,
+            if mode == Mode::AcOpen { 201 } else { 429 },
+            "{mode:?}"
+        );
+        let (c, ep) = endpoint_with(&up, Some(WRITER), true, Some(t.clone()));
+        assert_eq!(get(&ep, &ac).await.0, 404, "{mode:?}: not served");
+        let blob = b"main's output".to_vec();
+        let cas = format!("/cas/{}", sha(&blob));
+        assert_eq!(put(&ep, &cas, blob).await, 200, "{mode:?}");
+        let tally = c.tally();
+        assert_eq!(tally.unused, Some(unused), "{mode:?}");
+        assert_eq!((tally.hits, tally.writes, tally.writes_dropped), (0, 0, 1));
+        assert!(!store.lock().unwrap().blobs.contains_key(&cas), "{mode:?}");
+        assert!(
+            crate::summary::bazel_line(&tally).contains("not used"),
+            "{mode:?}"
+        );
+        let m = t.encode();
+        let line = format!(
+            "flywheel_bazel_cache_upstream_failures_total{{lane=\"l\",result=\"{label}\"}} 2"
+        );
+        assert!(m.contains(&line), "{line}\n{m}");
+        assert!(
+            c.started_line().contains("not used"),
+            "{}",
+            c.started_line()
+        );
+    }
 }
 
 #[tokio::test]
@@ -403,18 +468,18 @@ fn writes_that_go_nowhere_are_read_at_the_budgets_pace_after_a_burst() {
 async fn a_flood_of_writes_that_go_nowhere_is_read_no_faster_than_its_budget() {
     let (up, _store) = upstream(Mode::Good).await;
     let (c, ep) = endpoint_for(&up, Some(WRITER), false);
-    // This job's budget is spent: the next MiB it writes owes about a second.
+    // This job has spent its burst and 47 MiB more: its next MiB waits for 48 MiB of pace,
+    // 0.75 s at 64 MiB/s.
+    let now = std::time::Instant::now();
     assert_eq!(
-        c.shared
-            .dropped_budget
-            .take(DROPPED_BYTES_PER_SEC, std::time::Instant::now()),
+        c.shared.dropped_budget.take(DROPPED_BYTES_PER_SEC, now),
         Duration::ZERO
     );
-    let t = std::time::Instant::now();
+    assert!(c.shared.dropped_budget.take(47 << 20, now) > Duration::ZERO);
     let blob = vec![1u8; 1 << 20];
     assert_eq!(put(&ep, &format!("/cas/{}", sha(&blob)), blob).await, 200);
-    let took = t.elapsed();
-    let owed = Duration::from_secs_f64((1 << 20) as f64 / DROPPED_BYTES_PER_SEC as f64);
+    let took = now.elapsed();
+    let owed = Duration::from_secs_f64((48 << 20) as f64 / DROPPED_BYTES_PER_SEC as f64);
     assert!(took >= owed.mul_f64(0.9), "{took:?} < {owed:?}");
     assert_eq!(c.tally().writes_dropped, 1);
 }
