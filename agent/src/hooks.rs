@@ -654,18 +654,34 @@ impl Mode0600 for std::fs::OpenOptions {
 
 async fn job_completed(h: &RunnerHooks, grant: Option<String>) -> HookResponse {
     let mut report = job_report(h).await;
-    let mut lines = vec![format!("flywheel: {}", crate::summary::verdict(&report))];
+    let published = match grant {
+        Some(sub) => Some(publish(h, &sub, report.oom.is_some()).await),
+        None => None,
+    };
+    report.published = published.clone();
+    // The text is linear in the job's builds (as many as its daemon logged): rendered on a
+    // blocking thread. The verdict and the annotations do not read what was published.
+    let rendered = tokio::task::spawn_blocking(move || {
+        let verdict = crate::summary::verdict(&report);
+        let annotations = crate::summary::annotations(&report);
+        (
+            verdict,
+            annotations,
+            crate::summary::markdown(&report),
+            report.oom,
+        )
+    })
+    .await;
+    let Ok((verdict, annotations, mut summary, oom)) = rendered else {
+        return refuse("the job's summary could not be rendered".into());
+    };
+    let mut lines = vec![format!("flywheel: {verdict}")];
     // Annotations: on the run's page without opening the log.
-    if let Some(v) = &report.oom {
-        lines.push(v.clone());
-    }
-    lines.extend(crate::summary::annotations(&report));
-    if let Some(sub) = grant {
-        let line = publish(h, &sub, report.oom.is_some()).await;
-        report.published = Some(line.clone());
+    lines.extend(oom);
+    lines.extend(annotations);
+    if let Some(line) = published {
         lines.push(format!("flywheel: {line}"));
     }
-    let mut summary = crate::summary::markdown(&report);
     if let Some(b) = &h.bazel {
         let t = b.tally();
         lines.push(format!("flywheel: {}", crate::summary::bazel_line(&t)));
