@@ -9,12 +9,14 @@
 #    the report and walks the closure, and the agent publishes the 10,000 paths to the fake
 #    Attic; after the job the envelope reads them again and the hooks remove the logs.
 #  - `quick` (2 runners, no Nix) runs short jobs (`sleep 0.1`) the whole time.
-#  - `probe` (1 runner, no Nix) runs one job whose step asks its hook every 20 ms (the hook
-#    script, as the runner runs it; answered "already answered" by the agent after the first).
+#  - `probe` (1 runner, no Nix) runs one job whose step asks its hook every 20 ms, twice over:
+#    the hook script as the runner runs it (a process of the agent's binary each time), and a
+#    request written straight to the job's hook socket by one python3 loop (the agent's answer
+#    alone). The agent answers "already answered" after the first job-started.
 # Measured from the heavy job's end (the bench lets it go) to its runner's end: /metrics polled
-# every 20 ms; hook answers: the probe's (the hook client's whole run) and the quick jobs'
-# job-started hooks (their time as the fake runner reports it: bash, the request and the
-# agent's answer). Goal: p99 <= 50 ms and max <= 250 ms for each.
+# every 20 ms; hook answers: the probe's two and the quick jobs' job-started hooks (their time
+# as the fake runner reports it: bash, the hook client, the request and the agent's answer).
+# Goal: p99 <= 50 ms and max <= 250 ms for each.
 #
 # usage: bench/store-walk-stall.sh [LOGS] [PATHS]   (root; real cgroups; nix-bin; BENCH_DIR: where)
 #        FLYWHEEL_AGENT=/path/to/another/build bench/store-walk-stall.sh   (e.g. the commit before)
@@ -43,7 +45,28 @@ until [ -s "$TMP/attic.url" ]; do sleep 0.05; done
 ATTIC_URL=$(head -1 "$TMP/attic.url")
 
 HEAVY="touch $S/ready; i=0; while [ ! -e $S/go ] && [ \$i -lt 60000 ]; do sleep 0.01; i=\$((i+1)); done; echo heavy-done"
-PROBE="while [ ! -e $S/stop-probe ]; do a=\$(date +%s%N); \"\$ACTIONS_RUNNER_HOOK_JOB_STARTED\" > /dev/null 2>&1; b=\$(date +%s%N); echo \"\$a \$((b - a))\" >> $S/hook-probe; sleep 0.02; done"
+cat > "$S/raw.py" <<'PY'
+import os, socket, sys, time
+req = b'{"op":"job-started","repository":"","run_id":"","run_attempt":"","event_name":"","git_ref":""}\n'
+with open(sys.argv[2], "a") as out:
+    while not os.path.exists(sys.argv[1]):
+        a = time.time_ns()
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(os.environ["FLYWHEEL_HOOK_SOCKET"])
+        s.sendall(req)
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        s.close()
+        out.write(f"{a} {time.time_ns() - a}\n")
+        out.flush()
+        time.sleep(0.02)
+PY
+chmod 644 "$S/raw.py"
+PROBE="python3 $S/raw.py $S/stop-probe $S/hook-raw & while [ ! -e $S/stop-probe ]; do a=\$(date +%s%N); \"\$ACTIONS_RUNNER_HOOK_JOB_STARTED\" > /dev/null 2>&1; b=\$(date +%s%N); echo \"\$a \$((b - a))\" >> $S/hook-probe; sleep 0.02; done; wait"
 export FAKE_GITHUB_TRUST=push
 coproc FAKE { "$T/fake-github-serve" "$TMP/app.pem" heavy 1 "$HEAVY" probe 1 "$PROBE" quick 100000 "sleep 0.1"; }
 exec 3>&"${FAKE[1]}"
@@ -154,7 +177,10 @@ pct() { sort -n "$1" | awk -v what="$2" '{ a[NR] = $1 * 1000; if (a[NR] > 50) ov
   if (NR == 0) { printf "%s: no samples\n", what; exit }
   p50 = int(NR * 0.5); if (p50 < 1) p50 = 1; p99 = int(NR * 0.99); if (p99 < 1) p99 = 1
   printf "%s: %d samples, ms p50 %.1f  p99 %.1f  max %.1f, %d over 50 ms (goal p99 <= 50, max <= 250)\n", what, NR, a[p50], a[p99], a[NR], over }'; }
-awk -v a="$T0" -v b="$T1" '$1 / 1e9 >= a && $1 / 1e9 <= b { print $2 / 1e9 }' "$S/hook-probe" > "$TMP/probe"
+for f in hook-probe hook-raw; do
+  awk -v a="$T0" -v b="$T1" '$1 / 1e9 >= a && $1 / 1e9 <= b { print $2 / 1e9 }' "$S/$f" > "$TMP/$f"
+done
 pct "$TMP/metrics" "/metrics"
-pct "$TMP/probe" "hook answers to the probe job (every 20 ms)"
+pct "$TMP/hook-raw" "hook answers on the job's socket (every 20 ms)"
+pct "$TMP/hook-probe" "hook client runs in the job (every 20 ms)"
 pct "$TMP/hook" "job-started hook of the quick lane's runners"
