@@ -789,7 +789,15 @@ fn publish(
         .map_err(|e| anyhow::anyhow!(e))?
         .publish_auth()
         .context("set attic.signing_key_file (or push_token_file) to publish")?;
-    let found = publish::to_publish(&lane.nix_store, paths, &cfg.attic.upstream_keys)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let found = rt.block_on(publish::to_publish(
+        &lane.nix_store,
+        paths,
+        &cfg.attic.upstream_keys,
+    ))?;
     let p = publish::Publisher {
         http: reqwest::Client::new(),
         server: server.clone(),
@@ -798,10 +806,6 @@ fn publish(
         sub: format!("flywheel:publish:{}", lane.name),
         limits: publish::Limits::default(),
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
     let done = rt.block_on(p.publish(&found, &lane.nix_store))?;
     let peak_kib = std::fs::read_to_string("/proc/self/status")
         .ok()

@@ -293,20 +293,18 @@ pub fn serve(
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let conns = bg.clone();
     let task = bg.spawn_service(async move {
-        let mut backoff = Duration::from_millis(10);
+        let mut backoff = crate::accept::Backoff::default();
         // Refusals are logged at 1, 2, 4, 8, … so a flood cannot flood the log too.
         let (mut outsiders, mut excess) = (0u64, 0u64);
         loop {
             let stream = match listener.accept().await {
                 Ok((s, _)) => {
-                    backoff = Duration::from_millis(10);
+                    backoff.accepted();
                     s
                 }
                 Err(e) => {
-                    // Out of descriptors or memory: wait instead of spinning.
-                    warn!(runner = %hooks.runner_name, error = %e, wait_ms = backoff.as_millis() as u64, "cannot accept a hook connection");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    warn!(runner = %hooks.runner_name, error = %e, wait_ms = backoff.next_wait().as_millis() as u64, "cannot accept a hook connection");
+                    backoff.failed().await;
                     continue;
                 }
             };
@@ -655,19 +653,35 @@ impl Mode0600 for std::fs::OpenOptions {
 }
 
 async fn job_completed(h: &RunnerHooks, grant: Option<String>) -> HookResponse {
-    let mut report = job_report(h);
-    let mut lines = vec![format!("flywheel: {}", crate::summary::verdict(&report))];
+    let mut report = job_report(h).await;
+    let published = match grant {
+        Some(sub) => Some(publish(h, &sub, report.oom.is_some()).await),
+        None => None,
+    };
+    report.published = published.clone();
+    // The text is linear in the job's builds (as many as its daemon logged): rendered on a
+    // blocking thread. The verdict and the annotations do not read what was published.
+    let rendered = tokio::task::spawn_blocking(move || {
+        let verdict = crate::summary::verdict(&report);
+        let annotations = crate::summary::annotations(&report);
+        (
+            verdict,
+            annotations,
+            crate::summary::markdown(&report),
+            report.oom,
+        )
+    })
+    .await;
+    let Ok((verdict, annotations, mut summary, oom)) = rendered else {
+        return refuse("the job's summary could not be rendered".into());
+    };
+    let mut lines = vec![format!("flywheel: {verdict}")];
     // Annotations: on the run's page without opening the log.
-    if let Some(v) = &report.oom {
-        lines.push(v.clone());
-    }
-    lines.extend(crate::summary::annotations(&report));
-    if let Some(sub) = grant {
-        let line = publish(h, &sub, report.oom.is_some()).await;
-        report.published = Some(line.clone());
+    lines.extend(oom);
+    lines.extend(annotations);
+    if let Some(line) = published {
         lines.push(format!("flywheel: {line}"));
     }
-    let mut summary = crate::summary::markdown(&report);
     if let Some(b) = &h.bazel {
         let t = b.tally();
         lines.push(format!("flywheel: {}", crate::summary::bazel_line(&t)));
@@ -699,17 +713,12 @@ async fn publish(h: &RunnerHooks, sub: &str, oom: bool) -> String {
     let Some(auth) = h.credential.publish_auth() else {
         return "nothing published: this agent holds no push credential".into();
     };
-    let built = facts
-        .built
-        .as_deref()
-        .map(crate::envelope::read_built)
-        .unwrap_or_default();
-    let (root2, upstream) = (root.clone(), h.attic.upstream_keys.clone());
-    // The closure walk reads the store's database: on a blocking thread.
-    let selected =
-        tokio::task::spawn_blocking(move || crate::publish::to_publish(&root2, &built, &upstream))
-            .await
-            .unwrap_or_else(|e| Err(crate::publish::PublishError::Store(e.to_string())));
+    // The record and the closure walk read files and the store's database: on a blocking
+    // thread, through the store's facade.
+    let selected = match crate::store::record(facts.built.clone()).await {
+        Ok(built) => crate::publish::to_publish(&root, &built, &h.attic.upstream_keys).await,
+        Err(e) => Err(e.into()),
+    };
     let paths = match selected {
         Ok(p) => p,
         Err(e) => {
@@ -755,23 +764,21 @@ async fn publish(h: &RunnerHooks, sub: &str, oom: bool) -> String {
 }
 
 /// The job's summary as far as it got: memory so far, the builds of its daemon, the verdicts.
-fn job_report(h: &RunnerHooks) -> crate::summary::Report {
+/// Its store, record and build logs are read on a blocking thread.
+async fn job_report(h: &RunnerHooks) -> crate::summary::Report {
     let facts = h.probe.facts();
     let stats = h.probe.stats();
     let (peak, kills) = (stats.peak_bytes, stats.oom_kills);
-    let root = facts.nix_root.as_deref();
-    let built = facts
-        .built
-        .as_deref()
-        .map(crate::envelope::read_built)
-        .unwrap_or_default();
-    let mut builds = match (root, facts.build_logs.as_deref()) {
-        (Some(r), Some(logs)) => crate::store::builds_since(r, logs, facts.started_unix, &built),
-        _ => Vec::new(),
-    };
+    let read =
+        crate::store::job_builds(facts.store(), facts.started_unix, facts.started_unix as u64)
+            .await
+            .unwrap_or_else(|e| {
+                warn!(runner = %h.runner_name, error = %e, "cannot read what the job built");
+                crate::store::JobBuilds::default()
+            });
+    let (mut builds, paths) = (read.builds, read.paths);
     let build_memory = facts.build_memory();
     crate::summary::attach_memory(&mut builds, &build_memory, facts.started_unix);
-    let paths = root.and_then(|r| crate::store::job_paths(r, &built, facts.started_unix as u64));
     let mut samples = facts.samples;
     if let (Some(s), Some(p)) = (samples.as_mut(), peak) {
         s.close(p);

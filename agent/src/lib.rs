@@ -1,6 +1,7 @@
 //! flywheel-agent: runs self-hosted GitHub Actions runners for Nix builds, each job inside a
 //! memory envelope of its lane. See `docs/ARCHITECTURE.md` for the map.
 
+pub mod accept;
 pub mod attic;
 pub mod bazel;
 pub mod buildmem;

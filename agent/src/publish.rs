@@ -64,8 +64,11 @@ pub enum PublishError {
     Server { server: String, detail: String },
     #[error("cannot mint a publishing token: {0}")]
     Token(String),
-    #[error("the job's store database: {0}")]
+    /// The job's store as files (its `store` directory).
+    #[error("the job's store: {0}")]
     Store(String),
+    #[error("the job's store database: {0}")]
+    Database(#[from] crate::store::StoreError),
 }
 
 impl PublishError {
@@ -75,7 +78,7 @@ impl PublishError {
             PublishError::Refused { .. } => "refused",
             PublishError::Server { .. } => "server",
             PublishError::Token(_) => "token",
-            PublishError::Store(_) => "store",
+            PublishError::Store(_) | PublishError::Database(_) => "store",
         }
     }
 }
@@ -129,44 +132,42 @@ pub struct Selection {
 
 /// The paths to publish for a job: the out paths its daemon built (`built`, as the daemon's
 /// post-build hook recorded them — on a shared store other jobs build too) and their runtime
-/// closure, less paths whose signature verifies under an upstream key.
-pub fn to_publish(
+/// closure, less paths whose signature verifies under an upstream key. The closure is walked
+/// on the store's blocking thread.
+pub async fn to_publish(
     nix_root: &Path,
     built: &[String],
     upstream: &[PublicKey],
 ) -> Result<Selection, PublishError> {
-    let db = nix_root.join("var/nix/db/db.sqlite");
-    let conn =
-        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(|e| PublishError::Store(e.to_string()))?;
-    let err = |e: rusqlite::Error| PublishError::Store(e.to_string());
-    let mut by_path = conn
-        .prepare("SELECT id FROM ValidPaths WHERE path = ?1")
-        .map_err(err)?;
+    let (root, built, upstream) = (nix_root.to_owned(), built.to_vec(), upstream.to_vec());
+    let sel = crate::store::blocking(move |b| select(&b.open(&root)?, &built, &upstream)).await??;
+    Ok(sel)
+}
+
+fn select(
+    db: &crate::store::Db,
+    built: &[String],
+    upstream: &[PublicKey],
+) -> Result<Selection, crate::store::StoreError> {
+    let conn = db.conn();
+    let mut by_path = conn.prepare("SELECT id FROM ValidPaths WHERE path = ?1")?;
     // The hook records the derivation it built (Nix 2.8 leaves OUT_PATHS empty) and, where
     // Nix gives them, the out paths: a derivation stands for its outputs the daemon built.
-    let mut outputs = conn
-        .prepare("SELECT id FROM ValidPaths WHERE deriver = ?1 AND ultimate = 1")
-        .map_err(err)?;
+    let mut outputs =
+        conn.prepare("SELECT id FROM ValidPaths WHERE deriver = ?1 AND ultimate = 1")?;
     let mut todo: Vec<i64> = Vec::new();
     for p in built.iter().filter(|p| p.starts_with("/nix/store/")) {
         if p.ends_with(".drv") {
-            todo.extend(
-                outputs
-                    .query_map([p], |r| r.get::<_, i64>(0))
-                    .map_err(err)?
-                    .flatten(),
-            );
+            todo.extend(outputs.query_map([p], |r| r.get::<_, i64>(0))?.flatten());
         } else if let Ok(id) = by_path.query_row([p], |r| r.get(0)) {
             todo.push(id);
         }
     }
-    let mut info = conn
-        .prepare("SELECT path, hash, narSize, sigs, ca FROM ValidPaths WHERE id = ?1")
-        .map_err(err)?;
-    let mut refs = conn
-        .prepare("SELECT v.id, v.path FROM Refs r JOIN ValidPaths v ON v.id = r.reference WHERE r.referrer = ?1")
-        .map_err(err)?;
+    let mut info =
+        conn.prepare("SELECT path, hash, narSize, sigs, ca FROM ValidPaths WHERE id = ?1")?;
+    let mut refs = conn.prepare(
+        "SELECT v.id, v.path FROM Refs r JOIN ValidPaths v ON v.id = r.reference WHERE r.referrer = ?1",
+    )?;
     let mut seen = std::collections::BTreeSet::new();
     let mut sel = Selection::default();
     while let Some(id) = todo.pop() {
@@ -174,18 +175,13 @@ pub fn to_publish(
             continue;
         }
         type Row = (String, String, Option<i64>, Option<String>, Option<String>);
-        let (path, hash, size, sigs, ca): Row = info
-            .query_row([id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-            })
-            .map_err(err)?;
+        let (path, hash, size, sigs, ca): Row = info.query_row([id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?;
         let mut references: Vec<String> = Vec::new();
         let mut below: Vec<i64> = Vec::new();
-        for row in refs
-            .query_map([id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
-            .map_err(err)?
-        {
-            let (rid, rpath) = row.map_err(err)?;
+        for row in refs.query_map([id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))? {
+            let (rid, rpath) = row?;
             below.push(rid);
             references.push(rpath);
         }
@@ -953,8 +949,13 @@ mod tests {
             )
             .expect("sigs");
         let (_, top) = st.add('x', "top", "top\n", &[claimed, genuine], "");
-        let sel =
-            to_publish(st.root(), &[DRV.to_owned()], std::slice::from_ref(&key)).expect("select");
+        let sel = rt()
+            .block_on(to_publish(
+                st.root(),
+                &[DRV.to_owned()],
+                std::slice::from_ref(&key),
+            ))
+            .expect("select");
         let chosen: Vec<&str> = sel.paths.iter().map(|p| p.path.as_str()).collect();
         assert_eq!(sel.upstream, 1, "{chosen:?}");
         assert!(!chosen.contains(&genuine_path.as_str()), "{chosen:?}");
@@ -980,7 +981,9 @@ mod tests {
         let (dep, dep_path) = st.add('d', "dep", "dep\n", &[], "x:\u{7f}");
         let (_, top) = st.add('x', "top", "top\n", &[dep], "cache.nixos.org-1:AAAA");
         let attic = fake_attic::FakeAttic::start(SECRET, &["main"]);
-        let sel = to_publish(st.root(), &[DRV.to_owned()], &[]).expect("select");
+        let sel = rt()
+            .block_on(to_publish(st.root(), &[DRV.to_owned()], &[]))
+            .expect("select");
         let done = rt()
             .block_on(publisher(&attic.url, SECRET).publish(&sel, st.root()))
             .expect("published");
@@ -1067,7 +1070,9 @@ mod tests {
         let (_, flaky) = st.add('f', "flaky", "flaky\n", &[], "");
         let attic = fake_attic::FakeAttic::start(SECRET, &["main"]);
         attic.with(|s| s.fail_uploads_of = Some("-flaky".into()));
-        let sel = to_publish(st.root(), &[DRV.to_owned()], &[]).expect("select");
+        let sel = rt()
+            .block_on(to_publish(st.root(), &[DRV.to_owned()], &[]))
+            .expect("select");
         assert_eq!(sel.paths.len(), 6);
         let started = Instant::now();
         let done = rt()
@@ -1134,7 +1139,9 @@ mod tests {
         st.add('a', "slow", &"x".repeat(16 << 20), &[], "");
         let attic = fake_attic::FakeAttic::start(SECRET, &["main"]);
         attic.with(|s| s.stall_uploads = true);
-        let sel = to_publish(st.root(), &[DRV.to_owned()], &[]).expect("select");
+        let sel = rt()
+            .block_on(to_publish(st.root(), &[DRV.to_owned()], &[]))
+            .expect("select");
         let mut p = publisher(&attic.url, SECRET);
         p.limits.deadline = Duration::from_millis(500);
         p.limits.min_rate = u64::MAX;
@@ -1164,7 +1171,9 @@ mod tests {
         let (m, m_path) = st.add('m', "mid", "m\n", &[z], "");
         let (_, a_path) = st.add('a', "app", "a\n", &[m, z], "");
         let attic = fake_attic::FakeAttic::start(SECRET, &["main"]);
-        let sel = to_publish(st.root(), &[DRV.to_owned()], &[]).expect("select");
+        let sel = rt()
+            .block_on(to_publish(st.root(), &[DRV.to_owned()], &[]))
+            .expect("select");
         let order: Vec<&str> = sel.paths.iter().map(|p| p.path.as_str()).collect();
         assert_eq!(order, [z_path.as_str(), m_path.as_str(), a_path.as_str()]);
         rt().block_on(publisher(&attic.url, SECRET).publish(&sel, st.root()))

@@ -118,17 +118,25 @@ impl Hooks {
 
     /// After the job (whose envelope published what the completed hook could not, before it
     /// released the slot): stop serving and remove every trace: the socket, the job's netrc,
-    /// its daemon's record of what it built and its build logs.
-    fn finish(self) {
+    /// its daemon's record of what it built and its build logs (as many as the job made: on a
+    /// blocking thread).
+    async fn finish(self) {
         self.serving.task.abort();
-        let _ = crate::workdir::remove_tree(&self.mount.dir);
-        let _ = std::fs::remove_file(&self.netrc);
         let facts = self.probe.facts();
-        if let Some(built) = facts.built {
-            let _ = std::fs::remove_file(built);
-        }
-        if let Some(logs) = facts.build_logs {
-            let _ = crate::workdir::remove_tree(&logs);
+        let (dir, netrc) = (self.mount.dir, self.netrc);
+        let removed = tokio::task::spawn_blocking(move || {
+            let _ = crate::workdir::remove_tree(&dir);
+            let _ = std::fs::remove_file(&netrc);
+            if let Some(built) = facts.built {
+                let _ = std::fs::remove_file(built);
+            }
+            if let Some(logs) = facts.build_logs {
+                let _ = crate::workdir::remove_tree(&logs);
+            }
+        })
+        .await;
+        if let Err(e) = removed {
+            warn!(error = %e, "cannot remove the runner's hook socket, netrc and build logs");
         }
     }
 }
@@ -320,9 +328,22 @@ fn alive(pid: i32) -> bool {
     }
 }
 
+/// [`reconcile_local`] on a blocking thread: removing a cgroup waits up to 10 s for its
+/// processes to go, and a job directory may hold any number of files.
+async fn reconcile(ctx: &RunContext) -> (usize, usize) {
+    let (cfg, mgr) = (ctx.cfg.clone(), ctx.mgr.clone());
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(|| reconcile_local(&cfg, mgr.as_ref())))
+        .await
+        .unwrap_or_else(|e| {
+            warn!(error = %e, "cannot clean up after an earlier run");
+            (0, 0)
+        })
+}
+
 /// Remove job cgroups and job directories left by an agent that died (their creator is gone).
-/// Returns (cgroups, directories) removed.
-pub fn reconcile_local(cfg: &Config, mgr: &dyn CgroupManager) -> (usize, usize) {
+/// Returns (cgroups, directories) removed. Blocking: see [`reconcile`].
+fn reconcile_local(cfg: &Config, mgr: &dyn CgroupManager) -> (usize, usize) {
     let ours = |name: &str| {
         cfg.lanes
             .iter()
@@ -460,7 +481,7 @@ pub async fn run_arc(
     lane: &Lane,
     shutdown: Shutdown,
 ) -> Result<JobOutcome, RunError> {
-    let (c, d) = reconcile_local(&ctx.cfg, ctx.mgr.as_ref());
+    let (c, d) = reconcile(&ctx).await;
     if c + d > 0 {
         info!(cgroups = c, dirs = d, "cleaned up after an earlier run");
     }
@@ -524,7 +545,7 @@ async fn run_runner(
             .leftover(ctx.cfg.runner.drain_grace, stop.clone()),
     );
     let outcome = envelope::run_job(&ctx.cfg, ctx.mgr.as_ref(), spec, stop, &ctx.reaper).await;
-    hooks.finish();
+    hooks.finish().await;
     ctx.telemetry.runner_ended(name);
     match &outcome {
         Ok(o) => record(ctx, lane, name, o),
@@ -610,7 +631,7 @@ pub async fn run_pool(
         .name_prefix
         .clone()
         .unwrap_or_else(default_prefix);
-    let (c, d) = reconcile_local(&ctx.cfg, ctx.mgr.as_ref());
+    let (c, d) = reconcile(&ctx).await;
     let r = reconcile_github(&github, &prefix).await;
     info!(cgroups = c, dirs = d, runners = r, prefix = %prefix, "startup reconciliation done");
 
@@ -901,13 +922,12 @@ async fn runner_task(
         *g = Some((name.clone(), id));
     }
     info!(runner = %name, id, "registered; starting its listener");
-    // Launch latency: from the JIT config in hand to the listener's process started.
+    // Launch latency: from the JIT config in hand to the listener's process started (the
+    // envelope says when; nothing polls the cgroup).
     let watch = {
         let (probe, stats) = (probe.clone(), stats.clone());
         ctx.background.spawn(async move {
-            while probe.processes() == 0 {
-                tokio::time::sleep(Duration::from_micros(500)).await;
-            }
+            probe.wait_launched().await;
             let us = u64::try_from(received.elapsed().as_micros()).unwrap_or(u64::MAX);
             stats
                 .launch_us

@@ -1,7 +1,7 @@
 //! What operators see: Prometheus metrics on `[metrics] listen`, and `flywheel-agent status`
 //! through a control socket (`<state_dir>/control.sock`, root only).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -575,19 +575,30 @@ impl Telemetry {
         out
     }
 
-    /// The status report.
-    pub fn status(&self) -> Status {
+    /// The status report. The slots' stores are read on a blocking thread.
+    pub async fn status(&self) -> Status {
+        let slot_lanes = self.slot_lanes.clone();
+        let mut slots = crate::store::blocking(move |b| {
+            let mut by_lane: HashMap<String, Vec<SlotStatus>> = HashMap::new();
+            for (lane, root, count) in &slot_lanes {
+                by_lane
+                    .entry(lane.clone())
+                    .or_default()
+                    .extend((0..*count).map(|i| slot_status(b, root, i)));
+            }
+            by_lane
+        })
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the slots' stores for the status");
+            HashMap::new()
+        });
         let runners = self.runners.lock().map(|r| r.clone()).unwrap_or_default();
         let lanes = self
             .lanes
             .iter()
             .map(|(name, mem, max)| LaneStatus {
-                slots: self
-                    .slot_lanes
-                    .iter()
-                    .filter(|(n, ..)| n == name)
-                    .flat_map(|(_, root, count)| (0..*count).map(|i| slot_status(root, i)))
-                    .collect(),
+                slots: slots.remove(name).unwrap_or_default(),
                 name: name.clone(),
                 memory_bytes: *mem,
                 max_runners: *max,
@@ -661,9 +672,9 @@ pub struct SlotStatus {
     pub holder: Option<String>,
 }
 
-fn slot_status(root: &std::path::Path, i: u32) -> SlotStatus {
+fn slot_status(store: &crate::store::Blocking, root: &std::path::Path, i: u32) -> SlotStatus {
     let (nix, _) = crate::slot::slot_dirs(root, i);
-    let (paths, bytes) = crate::store::size(&nix).unwrap_or((0, 0));
+    let (paths, bytes) = store.size(&nix).unwrap_or((0, 0));
     SlotStatus {
         index: i,
         paths,
@@ -744,9 +755,18 @@ pub async fn serve_control(
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let conns = bg.clone();
     bg.spawn_service(async move {
+        let mut backoff = crate::accept::Backoff::default();
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((s, _)) => {
+                    backoff.accepted();
+                    s
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, wait_ms = backoff.next_wait().as_millis() as u64, "cannot accept a control connection");
+                    backoff.failed().await;
+                    continue;
+                }
             };
             let t = t.clone();
             conns.spawn(async move {
@@ -754,7 +774,7 @@ pub async fn serve_control(
                 let mut line = String::new();
                 let _ = tokio::io::BufReader::new(r).read_line(&mut line).await;
                 let answer = match line.trim() {
-                    "status" => serde_json::to_string(&t.status())
+                    "status" => serde_json::to_string(&t.status().await)
                         .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
                     other => format!("{{\"error\":\"unknown request {other:?}: try status\"}}"),
                 };
@@ -771,8 +791,8 @@ mod tests {
     use super::*;
     use crate::config::{parse, HostFacts, Origin};
 
-    #[test]
-    fn jobs_are_counted_by_the_store_they_started_on() {
+    #[tokio::test]
+    async fn jobs_are_counted_by_the_store_they_started_on() {
         let cfg = parse(
             "[[lane]]\nname = \"arc\"\nmemory = \"1Gi\"\nslot_root = \"/slots\"\nslots = 2\n",
             &Origin::Embedded,
@@ -816,7 +836,7 @@ mod tests {
             "{text}"
         );
         // The status lists the lane's slots (none used yet: no holder, empty stores).
-        let st = t.status();
+        let st = t.status().await;
         assert_eq!(st.lanes[0].slots.len(), 2);
         assert!(st.lanes[0]
             .slots

@@ -36,7 +36,7 @@ pub(super) fn spawn(
 ) -> tokio::task::JoinHandle<()> {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     bg.spawn_service_on(async move {
-        let mut backoff = Duration::from_millis(10);
+        let mut backoff = crate::accept::Backoff::default();
         let mut live = tokio::task::JoinSet::new();
         loop {
             let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -44,13 +44,12 @@ pub(super) fn spawn(
             };
             let stream = match listener.accept().await {
                 Ok((s, _)) => {
-                    backoff = Duration::from_millis(10);
+                    backoff.accepted();
                     s
                 }
                 Err(e) => {
-                    warn!(lane = %job.upstream.lane, error = %e, "cannot accept a bazel cache connection");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    warn!(lane = %job.upstream.lane, error = %e, wait_ms = backoff.next_wait().as_millis() as u64, "cannot accept a bazel cache connection");
+                    backoff.failed().await;
                     continue;
                 }
             };

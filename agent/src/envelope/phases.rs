@@ -6,8 +6,8 @@ use crate::reaper::Spawner;
 
 /// Describe the store a job gets, for its log: which node-local slot and whether it is warm.
 /// A slot whose last holder died is checked first, and wiped when it is not sound (the job
-/// then bootstraps cold).
-pub(super) fn store_note(
+/// then bootstraps cold). The check, the wipe and the size are a blocking thread's work.
+pub(super) async fn store_note(
     lane: &Lane,
     slot: &slot::Slot,
     slot_nix: Option<&Path>,
@@ -20,29 +20,38 @@ pub(super) fn store_note(
             ), "pod_local")
         });
     };
-    let mut checked = String::new();
-    if slot.dirty {
-        match crate::store::check(nix) {
-            Ok(took) => {
-                checked = format!(
-                    "; its last holder died, the store was checked in {:.0} ms",
-                    took.as_secs_f64() * 1e3
-                )
-            }
-            Err(e) => {
-                warn!(slot = slot.index, error = %e, "the slot's store is not sound after its holder died; wiping it");
-                let _ = workdir::remove_tree(nix);
-                checked = format!("; its last holder died and the store was wiped ({e})");
+    let (index, dirty, root) = (slot.index, slot.dirty, nix.to_owned());
+    let read = crate::store::blocking(move |b| {
+        let mut checked = String::new();
+        if dirty {
+            match b.check(&root) {
+                Ok(took) => {
+                    checked = format!(
+                        "; its last holder died, the store was checked in {:.0} ms",
+                        took.as_secs_f64() * 1e3
+                    )
+                }
+                Err(e) => {
+                    warn!(slot = index, error = %e, "the slot's store is not sound after its holder died; wiping it");
+                    let _ = workdir::remove_tree(&root);
+                    checked = format!("; its last holder died and the store was wiped ({e})");
+                }
             }
         }
-    }
+        let receipt = crate::nixboot::receipt_path(&root).exists();
+        (checked, receipt, b.size(&root))
+    })
+    .await;
+    let (checked, receipt, size) = match read {
+        Ok(r) => r,
+        Err(e) => (format!("; {e}"), false, Err(e)),
+    };
     let idle = slot
         .idle_secs
         .map(|s| format!(", last used {s} s ago"))
         .unwrap_or_default();
-    let receipt = crate::nixboot::receipt_path(nix).exists();
-    Some(match crate::store::size(nix) {
-        Some((paths, bytes)) if paths > 0 && receipt => (
+    Some(match size {
+        Ok((paths, bytes)) if paths > 0 && receipt => (
             format!(
                 "store: node-local slot {} of lane {}: warm ({paths} paths, {}{idle}){checked}",
                 slot.index,
@@ -151,11 +160,15 @@ pub(super) async fn run_job_inner<P: Processes>(
         .as_ref()
         .filter(|_| slot.node_local)
         .map(|root| slot::slot_dirs(root, slot.index));
+    drop(entered);
     let store_line = store_note(
         lane,
         &slot,
         slot_dirs.as_ref().map(|(nix, _)| nix.as_path()),
-    );
+    )
+    .instrument(setup_span.clone())
+    .await;
+    entered = setup_span.enter();
     let store_kind = store_line.as_ref().map(|(_, kind)| *kind);
     if let Some((line, _)) = &store_line {
         info!(slot = slot.index, node_local = slot.node_local, "{line}");
@@ -365,6 +378,7 @@ pub(super) async fn run_job_inner<P: Processes>(
     let mut pumps = Vec::new();
     let (exit, launch_error, code) = match launched {
         Ok(Launched::Running { pid, exit, output }) => {
+            probe.launched();
             let exit = supervise(
                 pid,
                 exit,
@@ -397,22 +411,19 @@ pub(super) async fn run_job_inner<P: Processes>(
     sampler.abort();
     probe.close_store().await;
     let facts = probe.facts();
-    let built_record = facts.built.as_deref().map(read_built).unwrap_or_default();
-    // The store's database is read on a blocking thread.
-    // Read before teardown: an untrusted job's store is its layer, gone after it.
-    let (mut builds, paths) = match (facts.nix_root.clone(), facts.build_logs.clone()) {
-        (Some(root), Some(logs)) => {
-            let (since, record) = (facts.started_unix, built_record.clone());
-            tokio::task::spawn_blocking(move || {
-                (
-                    crate::store::builds_since(&root, &logs, since, &record),
-                    crate::store::job_paths(&root, &record, started_unix),
-                )
-            })
-            .await
-            .unwrap_or_default()
-        }
-        _ => (Vec::new(), None),
+    // Read on a blocking thread, before teardown: an untrusted job's store is its layer, gone
+    // after it.
+    let read = crate::store::job_builds(facts.store(), facts.started_unix, started_unix)
+        .await
+        .unwrap_or_else(|e| {
+            warn!(error = %e, "cannot read what the job built");
+            crate::store::JobBuilds::default()
+        });
+    let (built_record, mut builds) = (read.built, read.builds);
+    let paths = if facts.build_logs.is_some() {
+        read.paths
+    } else {
+        None
     };
     let build_memory = facts.build_memory();
     crate::summary::attach_memory(&mut builds, &build_memory, facts.started_unix);
@@ -455,8 +466,8 @@ pub(super) async fn run_job_inner<P: Processes>(
     if slot_dirs.is_some() && spec.nix.is_some() {
         // Still holding the slot, its job gone: nothing live uses the store.
         let (cfg2, lane2, sp) = (cfg.clone(), lane.clone(), procs.spawner());
-        let gc = tokio::task::spawn_blocking(move || {
-            crate::nixboot::gc_slot(&cfg2, &lane2, slot_index, &*sp)
+        let gc = crate::store::blocking(move |b| {
+            crate::nixboot::gc_slot(&cfg2, &lane2, slot_index, &*sp, b)
         })
         .await;
         match gc {

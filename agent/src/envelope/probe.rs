@@ -13,7 +13,17 @@ pub struct JobProbe(
     std::sync::Arc<std::sync::Mutex<JobFacts>>,
     std::sync::Arc<std::sync::Mutex<Kills>>,
     std::sync::Arc<tokio::sync::Mutex<StoreSlot>>,
+    std::sync::Arc<Launched>,
 );
+
+/// Whether the job's first process was started, and who waits for it: the envelope says so
+/// when its launch returns a running process (the same on cgroup v1 and v2; nothing polls
+/// the cgroup for it).
+#[derive(Debug, Default)]
+pub struct Launched {
+    done: std::sync::atomic::AtomicBool,
+    wake: tokio::sync::Notify,
+}
 
 /// A runner job's store waiting for its job-started hook, and whether the job's end closed it:
 /// once closed (under the lock), nothing opens a store or starts a daemon for the job.
@@ -52,6 +62,15 @@ pub struct JobFacts {
 }
 
 impl JobFacts {
+    /// Where the store's reads of this job look (see [`crate::store::job_builds`]).
+    pub fn store(&self) -> crate::store::JobStore {
+        crate::store::JobStore {
+            nix_root: self.nix_root.clone(),
+            build_logs: self.build_logs.clone(),
+            record: self.built.clone(),
+        }
+    }
+
     /// Each Nix build's largest memory so far, the largest first.
     pub fn build_memory(&self) -> Vec<crate::buildmem::BuildUse> {
         self.build_memory
@@ -209,6 +228,25 @@ impl JobProbe {
         g.store.take();
     }
 
+    /// The job's first process was started.
+    pub(super) fn launched(&self) {
+        self.6
+            .done
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.6.wake.notify_waiters();
+    }
+
+    /// Until the job's first process was started (at once if it was).
+    pub async fn wait_launched(&self) {
+        loop {
+            let woken = self.6.wake.notified();
+            if self.6.done.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
+            woken.await;
+        }
+    }
+
     pub(super) fn set_idle(&self, n: usize) {
         self.1.store(n, std::sync::atomic::Ordering::Relaxed);
     }
@@ -237,5 +275,31 @@ impl JobProbe {
     /// job's processes.
     pub fn busy(&self) -> bool {
         self.processes() > self.1.load(std::sync::atomic::Ordering::Relaxed).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wait for the job's first process ends when the envelope says it started, and at once
+    /// for a job that already did: nothing polls for it.
+    #[tokio::test]
+    async fn the_launch_is_awaited_not_polled() {
+        let probe = JobProbe::default();
+        let waiting = {
+            let p = probe.clone();
+            tokio::spawn(async move { p.wait_launched().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "the wait ended before the launch");
+        probe.launched();
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the wait ends with the launch")
+            .expect("joined");
+        tokio::time::timeout(Duration::from_secs(5), probe.wait_launched())
+            .await
+            .expect("a launched job is not waited for");
     }
 }

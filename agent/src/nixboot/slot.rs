@@ -92,21 +92,22 @@ pub(super) fn slot_child(
 
 /// Garbage-collect a node-local slot's store when its filesystem runs low or it is over the
 /// lane's `slot_max_size`. The caller holds the slot and its job is gone, so nothing live
-/// uses the store. Returns what was done, or `None` when nothing needed doing.
+/// uses the store. Returns what was done, or `None` when nothing needed doing. On a blocking
+/// thread (`store`'s).
 pub fn gc_slot(
     cfg: &crate::config::Config,
     lane: &Lane,
     slot: u32,
     sp: &dyn Spawner,
+    store: &crate::store::Blocking,
 ) -> Result<Option<String>, NixError> {
     let Some(slot_root) = &lane.slot_root else {
         return Ok(None);
     };
     let (slot_nix, _) = crate::slot::slot_dirs(slot_root, slot);
-    let (Some((free, total)), Some((paths, bytes))) = (
-        crate::store::fs_space(&slot_nix),
-        crate::store::size(&slot_nix),
-    ) else {
+    let (Some((free, total)), Some((paths, bytes))) =
+        (store.fs_space(&slot_nix), store.size(&slot_nix).ok())
+    else {
         return Ok(None);
     };
     let Some(want) = crate::store::gc_bytes(free, total, bytes, lane.slot_max_bytes) else {
@@ -128,7 +129,7 @@ pub fn gc_slot(
         ],
         &format!("collecting slot {slot}'s garbage"),
     )?;
-    let after = crate::store::size(&slot_nix).unwrap_or((0, 0));
+    let after = store.size(&slot_nix).unwrap_or((0, 0));
     Ok(Some(format!(
         "slot {slot}: garbage-collected in {:.1} s: {paths} → {} paths, {} → {} ({})",
         t.elapsed().as_secs_f64(),
