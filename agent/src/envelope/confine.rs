@@ -43,8 +43,9 @@ pub(super) const DROPPED_CAPS: &[libc::c_int] = &[
 ];
 
 /// A mount that stays writable: `src` bound at `dst` (itself, or a private directory); with
-/// `idmap`, through the daemon's user namespace when it has one (`userns.rs`): on-disk uid 0
-/// is its root there.
+/// `idmap`, idmapped with the daemon's user namespace when it has one (`userns.rs`): on-disk
+/// uid 0 is its root there (the shared store and build-user pool; what is the job's alone is
+/// its root's on disk instead).
 pub(super) struct Writable {
     pub src: PathBuf,
     pub dst: PathBuf,
@@ -61,9 +62,6 @@ struct Keep {
     /// A character device (`/dev/null`, …): the one kind of mount in the daemon's namespace
     /// where device files work.
     device: bool,
-    /// Read by the daemon, not one of its writable mounts: idmapped when the daemon has a
-    /// user namespace (a root-only netrc is its root's to read).
-    idmap: bool,
 }
 
 /// What the daemon's child does, prepared before the fork.
@@ -136,16 +134,11 @@ impl Confinement {
                 }
             }
             use std::os::unix::fs::FileTypeExt;
-            let device = std::fs::metadata(&p).is_ok_and(|m| m.file_type().is_char_device());
             Ok(Keep {
-                // The host's devices (devtmpfs, devpts) are not idmapped: world-usable.
-                idmap: !device
-                    && !p.starts_with("/dev")
-                    && !writable.iter().any(|w| p.starts_with(&w.dst)),
                 path: c(&p)?,
                 dirs,
                 dir: p.is_dir(),
-                device,
+                device: std::fs::metadata(&p).is_ok_and(|m| m.file_type().is_char_device()),
             })
         })
         .collect::<Result<_, EnvelopeError>>()?;
@@ -236,11 +229,6 @@ impl Confinement {
                     ) as i32;
                     if *tree < 0 {
                         return fail();
-                    }
-                    if let (true, Some(ns)) = (k.idmap, idmap_fd) {
-                        if !set_idmap(*tree, ns) {
-                            return fail();
-                        }
                     }
                 }
                 for root in &hidden {
@@ -401,29 +389,6 @@ pub(super) fn drop_caps() -> bool {
     true
 }
 
-/// Make the detached mount tree `tree` idmapped with the user namespace `ns` (every mount in
-/// it, private). False (errno set) when the kernel refused.
-fn set_idmap(tree: i32, ns: i32) -> bool {
-    let attr = MountAttr {
-        attr_set: MOUNT_ATTR_IDMAP,
-        attr_clr: 0,
-        propagation: MS_PRIVATE,
-        userns_fd: ns as u64,
-    };
-    // SAFETY: mount_setattr(2) on a descriptor the caller holds, an empty path and a struct
-    // made here.
-    unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            tree,
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH as libc::c_uint | AT_RECURSIVE,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        ) == 0
-    }
-}
-
 /// Between fork and exec: attach at `dst` a copy of the mount tree at `src`, idmapped with
 /// the user namespace `ns`. False (errno set) when a step failed.
 fn attach_idmapped(src: &CStr, dst: &CStr, ns: i32) -> bool {
@@ -439,7 +404,20 @@ fn attach_idmapped(src: &CStr, dst: &CStr, ns: i32) -> bool {
         if tree < 0 {
             return false;
         }
-        let ok = set_idmap(tree, ns)
+        let attr = MountAttr {
+            attr_set: MOUNT_ATTR_IDMAP,
+            attr_clr: 0,
+            propagation: MS_PRIVATE,
+            userns_fd: ns as u64,
+        };
+        let ok = libc::syscall(
+            libc::SYS_mount_setattr,
+            tree,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint | AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        ) == 0
             && libc::syscall(
                 libc::SYS_move_mount,
                 tree,

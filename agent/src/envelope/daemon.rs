@@ -168,30 +168,40 @@ pub(super) async fn start_nix_daemon(
         .mode(0o600)
         .open(&built)
         .map_err(io_at("create", &built))?;
-    let own = |p: &Path| confine::Writable {
+    // What is the job's alone (its socket directory, record, logs, `/tmp`, netrc) is its
+    // daemon's root's on disk: any filesystem serves (`state_dir` may be a container's
+    // overlayfs, which cannot be idmapped), and the agent, root, reads and removes it as
+    // before. What is shared (the store, the build-user pool) is idmapped (`userns.rs`).
+    if let Some(ids) = &store.ids {
+        let (uid, gid) = (ids.kuid(0), ids.kgid(0));
+        for p in [Some(&dir), Some(&built), Some(&logs), Some(&tmp), nix.netrc.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            std::os::unix::fs::lchown(p, Some(uid), Some(gid))
+                .map_err(io_at("hand to the daemon's root", p))?;
+        }
+    }
+    let own = |p: &Path, idmap: bool| confine::Writable {
         src: p.to_path_buf(),
         dst: p.to_path_buf(),
-        idmap: true,
+        idmap,
     };
     let mut writable = vec![
         // A layer (overlayfs) cannot be idmapped itself: its lower already is (`userns.rs`).
-        confine::Writable {
-            src: nix.store_seen.clone(),
-            dst: nix.store_seen.clone(),
-            idmap: !store.layer,
-        },
-        own(&dir),
-        own(&built),
-        own(&logs),
+        own(&nix.store_seen, !store.layer),
+        own(&dir, false),
+        own(&built, false),
+        own(&logs, false),
         confine::Writable {
             src: tmp,
             dst: PathBuf::from(TMP),
-            idmap: true,
+            idmap: false,
         },
     ];
     if store.layer {
         // The build-user pool, below the layer: the shared one, idmapped on its own.
-        writable.insert(1, own(&nix.userpool_seen));
+        writable.insert(1, own(&nix.userpool_seen, true));
     }
     let mut cmd = std::process::Command::new(&nix.daemon);
     cmd.env_clear()
@@ -296,6 +306,21 @@ pub(super) async fn start_nix_daemon(
                 source: e,
             })
         }
+    }
+    // Nix binds its socket, then makes it 0666: the job may connect once it has.
+    let t = Instant::now();
+    while !std::fs::symlink_metadata(&socket).is_ok_and(|m| {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_socket() && m.permissions().mode() & 0o777 == 0o666
+    }) {
+        if t.elapsed() > Duration::from_secs(10) {
+            return Err(EnvelopeError::Io {
+                what: "the job's nix-daemon did not open its socket to its user within 10 s",
+                path: socket,
+                source: io::Error::from(io::ErrorKind::TimedOut),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     if let Some(u) = owner {
         // Root made the directory in root's `nix-sockets` a moment ago: the name is ours.
