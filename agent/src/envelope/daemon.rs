@@ -174,9 +174,15 @@ pub(super) async fn start_nix_daemon(
     // before. What is shared (the store, the build-user pool) is idmapped (`userns.rs`).
     if let Some(ids) = &store.ids {
         let (uid, gid) = (ids.kuid(0), ids.kgid(0));
-        for p in [Some(&dir), Some(&built), Some(&logs), Some(&tmp), nix.netrc.as_ref()]
-            .into_iter()
-            .flatten()
+        for p in [
+            Some(&dir),
+            Some(&built),
+            Some(&logs),
+            Some(&tmp),
+            nix.netrc.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
         {
             std::os::unix::fs::lchown(p, Some(uid), Some(gid))
                 .map_err(io_at("hand to the daemon's root", p))?;
