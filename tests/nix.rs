@@ -1097,7 +1097,12 @@ fn daemon_pid(log: &Path) -> String {
 /// it also goes for its neighbour's daemon by the two routes a daemon beside another has: the
 /// neighbour's store written through `/proc/<neighbour daemon>/root` (the same capabilities,
 /// so the kernel allows it in a shared PID namespace), and the neighbour's socket under
-/// `state_dir/nix-sockets` connected to (through a read-only mount it works).
+/// `state_dir/nix-sockets` connected to (through a read-only mount it works). Builds are
+/// sandboxed: the compromised job's build is running, and the escape writes a kernel setting
+/// through its sandbox's own `/proc` (`/proc/<builder>/root/proc/sys/…`, writable, in a user
+/// namespace the daemon's root owns), which a daemon that is root of the host could; its
+/// daemon is root of a user namespace of its own (`userns.rs`), and the neighbour's (trusted)
+/// output in the shared store is root's on disk all the same.
 #[test]
 fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
     if !privileged("nix-daemon-escape") {
