@@ -2,13 +2,15 @@
 //! after `spawn`'s setup (cgroup, private mount namespace with the slot's mounts): `state_dir`
 //! and every work and slot root covered by an empty tmpfs, with the daemon's own paths under
 //! them (socket directory, build record, log directory, post-build hook, netrc) bound back;
-//! every mount of its namespace read-only, except the job's store, its socket directory, its
-//! build record, its log directory and a private `/tmp`, `/dev/shm` and `/dev/pts`; the
+//! every mount of its namespace read-only, except the job's store (idmapped with the daemon's
+//! user namespace when it has one, `userns.rs`), its socket directory, its build record, its
+//! log directory and a private `/tmp`, `/dev/shm` and `/dev/pts`; then a PID namespace of its
+//! own with a `/proc` of its own (`pidns.rs`), so no other process — another job's daemon
+//! among them — is there to follow through `/proc/<pid>/root`; then its user namespace, in a
+//! mount namespace of that namespace's where all of the above is locked; and last the
 //! capabilities that lead out of a mount namespace (`open_by_handle_at`, `/proc/<pid>/root` of
 //! a more privileged process, device nodes, kernel modules, raw I/O) dropped from its bounding
-//! set; and last a PID namespace of its own with a `/proc` of its own (`pidns.rs`), so no
-//! other process — another job's daemon with the same capabilities among them — is there to
-//! follow through `/proc/<pid>/root`. What it does not stop is said in docs/security.md.
+//! set. What it does not stop is said in docs/security.md.
 
 use super::pidns;
 use super::spawn::{cstring, private_mount_namespace};

@@ -7,10 +7,11 @@
 //! host's numbers (root 0, the build users 999, 995, … of `build-users-group`), and the job's
 //! user is itself (its own uid on both sides): the daemon knows its peer by name
 //! (`allowed-users`), and what the daemon may do as that user the job's user does anyway. What
-//! it must write with real ownership (the store, its socket directory, record, logs and
-//! `/tmp`) it sees through idmapped mounts (`confine.rs`): on-disk uid 0 is its root, and
-//! what its root writes lands as uid 0 on disk, so a trusted job's outputs are root's as
-//! before. An untrusted job's layer is a kernel overlayfs, which cannot be idmapped itself:
+//! is shared (the store, the build-user pool) it sees through idmapped mounts
+//! (`confine.rs`): on-disk uid 0 is its root, and what its root writes lands as uid 0 on
+//! disk, so a trusted job's outputs are root's as before; what is the job's alone (its socket
+//! directory, record, logs, `/tmp`, netrc) the agent makes its root's on disk (`daemon.rs`),
+//! which any filesystem allows. An untrusted job's layer is a kernel overlayfs, which cannot be idmapped itself:
 //! its lower (the store) is an idmapped mount, and what the daemon writes lands in the upper
 //! under the range's ids (thrown away with it).
 
