@@ -1505,6 +1505,53 @@ fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
     }
 }
 
+/// A job user's daemon runs in a user namespace of its own and writes the store through an
+/// idmapped mount, every filesystem below the store's included: with one below it that cannot
+/// be idmapped (ramfs here; the store's own filesystem passed the fast-local check, and those
+/// it allows can be) the job fails at setup, saying so, and runs nothing.
+#[test]
+fn a_store_that_cannot_be_idmapped_fails_the_job_at_setup_saying_so() {
+    if !privileged("nix-idmap-refused") {
+        return;
+    }
+    let rig = Rig::bootstrapped();
+    common::runner_pool();
+    std::fs::create_dir(rig.fresh().join("var/below")).unwrap();
+    // Mounted in the agent's namespace, below its `/nix`.
+    let o = rig
+        .agent_in(
+            "--make-rprivate",
+            "mount -t ramfs ramfs /nix/var/below && exec \"$@\"",
+            &[
+                "exec",
+                "--lane",
+                &rig.lane,
+                "--config",
+                rig.config.to_str().unwrap(),
+                "--user",
+                "fwt-10",
+                "--",
+                "sh",
+                "-c",
+                "echo the-job-ran",
+            ],
+        )
+        .output()
+        .unwrap();
+    let (out, err) = (stdout(&o), stderr(&o));
+    assert!(
+        !o.status.success() && !out.contains("the-job-ran"),
+        "the job did not run: {out}{err}"
+    );
+    assert!(
+        err.contains("cannot be mounted idmapped")
+            && err.contains(
+                "keep the lane's nix_store on a filesystem that supports idmapped mounts"
+            ),
+        "it says why and what to do: {err}"
+    );
+}
+
 #[test]
 fn a_jobs_per_user_profiles_and_gc_roots_go_with_the_job() {
     if !privileged("nix-per-user") {

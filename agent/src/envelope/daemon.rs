@@ -351,14 +351,32 @@ pub(super) struct DaemonStore {
 
 /// The user namespace of the daemon of a job whose user is `owner` (`userns.rs`): none for a
 /// job that runs as root (root itself, it gains nothing from its daemon).
+/// `phys_nix` (the store as the agent sees it) must allow idmapped mounts: asked here, where a
+/// refusal can say so (the daemon's child can only report an errno).
 pub(super) fn daemon_ids(
     nix: &NixJob,
     owner: Option<&JobUser>,
     reaper: &Reaper,
+    phys_nix: &Path,
 ) -> Result<Option<super::userns::DaemonIds>, EnvelopeError> {
-    owner
-        .map(|u| super::userns::create(&nix.sockets.with_file_name("nix-ids"), u.uid, reaper))
-        .transpose()
+    let Some(u) = owner else {
+        return Ok(None);
+    };
+    let ids = super::userns::create(&nix.sockets.with_file_name("nix-ids"), u.uid, reaper)?;
+    let store = super::spawn::cstring(phys_nix.as_os_str())?;
+    if let Err(e) = super::view::clone_tree(
+        libc::AT_FDCWD,
+        &store,
+        0,
+        0,
+        Some(std::os::fd::AsFd::as_fd(&ids.ns)),
+    ) {
+        return Err(EnvelopeError::Nix(format!(
+            "the store {} cannot be mounted idmapped ({e}), which a job's nix-daemon in a user namespace of its own needs: keep the lane's nix_store on a filesystem that supports idmapped mounts (ext4, xfs, btrfs; tmpfs from Linux 6.3), every filesystem mounted below it included",
+            phys_nix.display()
+        )));
+    }
+    Ok(Some(ids))
 }
 
 /// The first child of `pid` (`/proc/<pid>/task/<pid>/children`).

@@ -53,7 +53,7 @@ impl DeferredStore {
     ) -> Result<Opened, EnvelopeError> {
         let n = &self.nix;
         let mut mounts = self.daemon_mounts.clone();
-        let ids = daemon_ids(n, self.owner.as_ref(), &self.reaper)?;
+        let ids = daemon_ids(n, self.owner.as_ref(), &self.reaper, &self.phys_nix)?;
         let root = if trusted {
             self.phys_nix.clone()
         } else {

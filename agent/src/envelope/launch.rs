@@ -104,7 +104,7 @@ pub(super) async fn launch(
         // The daemon's user namespace, before its layer (whose lower is idmapped with it).
         let mut ids = None;
         if !n.at_job_started {
-            ids = daemon_ids(n, user, reaper)?;
+            ids = daemon_ids(n, user, reaper, phys_nix)?;
         }
         if !n.at_job_started && n.throwaway {
             cleanup.push(layer.clone());
