@@ -77,6 +77,19 @@ nix_conf = "{conf}"
         Rig { dir, lane, config }
     }
 
+    /// A bootstrapped rig whose lane builds with `sandbox = true`.
+    fn sandboxed() -> Rig {
+        let rig = Rig::new("", None);
+        let text = std::fs::read_to_string(&rig.config).unwrap();
+        std::fs::write(
+            &rig.config,
+            text.replace("sandbox = false", "sandbox = true"),
+        )
+        .unwrap();
+        assert!(rig.bootstrap().status.success());
+        rig
+    }
+
     /// A rig whose store is bootstrapped.
     fn bootstrapped() -> Rig {
         let rig = Rig::new("", None);
@@ -1047,10 +1060,12 @@ fn a_descriptor_passed_by_a_builder_does_not_reach_another_jobs_daemon() {
     let st = trusted.wait().unwrap();
     let said = std::fs::read_to_string(&trusted_log).unwrap();
     assert!(st.success(), "{said}");
+    // The daemon names the user as it sees it: a host user outside its user namespace has
+    // the kernel's overflow uid there (`nobody`), never the job's user's uid.
     assert!(
         said.contains(&format!(
             "user '{attacker_user}' is not allowed to connect to the Nix daemon"
-        )),
+        )) || said.contains("user 'nobody' is not allowed to connect to the Nix daemon"),
         "the daemon refused the user other than its job's: {said}"
     );
     assert!(
@@ -1085,22 +1100,67 @@ fn daemon_pid(log: &Path) -> String {
 /// it also goes for its neighbour's daemon by the two routes a daemon beside another has: the
 /// neighbour's store written through `/proc/<neighbour daemon>/root` (the same capabilities,
 /// so the kernel allows it in a shared PID namespace), and the neighbour's socket under
-/// `state_dir/nix-sockets` connected to (through a read-only mount it works).
+/// `state_dir/nix-sockets` connected to (through a read-only mount it works). Builds are
+/// sandboxed: the compromised job's build is running, and the escape writes a kernel setting
+/// through its sandbox's own `/proc` (`/proc/<builder>/root/proc/sys/…`, writable, in a user
+/// namespace the daemon's root owns), which a daemon that is root of the host could; its
+/// daemon is root of a user namespace of its own (`userns.rs`), and the neighbour's (trusted)
+/// output in the shared store is root's on disk all the same.
 #[test]
 fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
     if !privileged("nix-daemon-escape") {
         return;
     }
-    let rig = Rig::bootstrapped();
+    // Sandboxed builds, as in production: the compromised job's build is running while the
+    // escape runs, and its sandbox's `/proc` is a route of its own (below).
+    let rig = Rig::sandboxed();
     common::runner_pool();
     let shared = common::shared_dir(rig.dir.path());
     let tag = unique("escape");
+    // The builder: a static busybox the jobs' builds take into the store (a job's user may not
+    // name sandbox paths).
+    std::fs::create_dir(shared.join("bb")).unwrap();
+    std::fs::copy("/bin/busybox", shared.join("bb/busybox")).unwrap();
+    let build = |what: &str, script: &str| {
+        let expr = shared.join(format!("{what}.nix"));
+        std::fs::write(
+            &expr,
+            format!(
+                "derivation {{ name = \"{tag}-{what}\"; system = \"x86_64-linux\"; builder = \"${{./bb}}/busybox\"; args = [ \"sh\" \"-c\" \"{script}\" ]; }}"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&expr, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
+        expr
+    };
+    // The neighbour (trusted) builds into the shared store; the compromised job's build runs
+    // until the job ends.
+    let trusted_build = build("trusted", "echo built > $out");
+    let sleeper = build(
+        "sleeper",
+        &format!("while :; do ${{./bb}}/busybox sleep 1; done; : {tag}-builder"),
+    );
     // Two jobs: the neighbour, whose directory and socket the escape goes for, and the
     // compromised one, whose daemon it runs as.
     let mut jobs = Vec::new();
-    for (user, name, extra) in [
-        ("fwt-12", "neighbour", &[][..]),
-        ("fwt-13", "compromised", &["--untrusted"][..]),
+    for (user, name, extra, first) in [
+        (
+            "fwt-12",
+            "neighbour",
+            &[][..],
+            format!(
+                "nix-build --no-out-link {} > {} || exit 1",
+                trusted_build.display(),
+                shared.join("trusted-out").display()
+            ),
+        ),
+        (
+            "fwt-13",
+            "compromised",
+            &["--untrusted"][..],
+            format!("nix-build --no-out-link {} &", sleeper.display()),
+        ),
     ] {
         let log = rig.dir.path().join(format!("{name}.log"));
         let ready = shared.join(format!("{name}-ready"));
@@ -1109,7 +1169,7 @@ fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
                 Some(user),
                 extra,
                 &format!(
-                    "touch {} _work-sentinel 2>/dev/null; touch {}; i=0; while [ ! -e {} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done",
+                    "touch {} _work-sentinel 2>/dev/null\n{first}\ntouch {}; i=0; while [ ! -e {} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done",
                     shared.join(format!("{name}-cwd")).display(),
                     ready.display(),
                     shared.join("stop").display()
@@ -1119,15 +1179,60 @@ fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
             .stderr(log_file(&log))
             .spawn()
             .unwrap();
-        wait_for(&ready, name);
+        let t = std::time::Instant::now();
+        while !ready.exists() {
+            assert!(
+                t.elapsed().as_secs() < 60,
+                "the {name} job never got ready: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         jobs.push((child, log));
     }
+    use std::os::unix::fs::MetadataExt;
+    // A trusted job's output in the shared store is root's on disk, as it always was.
+    let out = std::fs::read_to_string(shared.join("trusted-out")).unwrap();
+    let out = out.trim();
+    let on_disk = rig
+        .fresh()
+        .join(out.strip_prefix("/nix/").unwrap_or_else(|| panic!("{out}")));
+    let m = std::fs::symlink_metadata(&on_disk).unwrap();
+    assert_eq!(
+        (m.uid(), m.gid(), std::fs::read_to_string(&on_disk).unwrap()),
+        (0, 0, "built\n".to_owned()),
+        "the trusted job's output {} is root's on disk",
+        on_disk.display()
+    );
+    // The compromised job's build, running in its sandbox: its pid in the daemon's PID
+    // namespace (the second of its `NSpid`).
+    let t = std::time::Instant::now();
+    let builder = loop {
+        let found = std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let marker = format!("{tag}-builder");
+            if !String::from_utf8_lossy(&cmdline).contains(&marker) {
+                return None;
+            }
+            let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+            let nspid = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+            nspid.split_whitespace().nth(1).map(str::to_owned)
+        });
+        if let Some(pid) = found {
+            break pid;
+        }
+        assert!(
+            t.elapsed().as_secs() < 60,
+            "the compromised job's sandboxed build never ran: {}",
+            std::fs::read_to_string(&jobs[1].1).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
     let neighbour_uid = nix::unistd::User::from_name("fwt-12")
         .unwrap()
         .unwrap()
         .uid
         .as_raw();
-    use std::os::unix::fs::MetadataExt;
     let owned_by = |dir: &Path| -> PathBuf {
         std::fs::read_dir(dir)
             .unwrap()
@@ -1176,6 +1281,12 @@ fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
         ))
     };
     let landed_in_store = |n: &str| rig.fresh().join(format!("var/nix/escape-{tag}-{n}"));
+    // There already, so that what a write through the daemon's root would do is an overwrite:
+    // no process outside the daemon's user namespace can create a file through its (idmapped)
+    // store, the host's root included.
+    for n in ["host", "daemon"] {
+        std::fs::write(landed_in_store(n), "").unwrap();
+    }
     let neighbour_socket = format!("connect:{}", neighbour_sockets.join("socket").display());
     let routes = |n: &str| vec![via_proc(n), PathBuf::from(&neighbour_socket)];
     // A kernel setting, as a write into `kernel/core_pattern` would be (harmless here: the
@@ -1235,7 +1346,7 @@ fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
     // Both routes work from a process beside the daemons (the attack runs).
     assert!(
         out.contains(&format!("write {}: ok", via_proc("host").display()))
-            && landed_in_store("host").exists(),
+            && std::fs::read_to_string(landed_in_store("host")).unwrap() == "escaped\n",
         "a process beside the neighbour's daemon writes its store through /proc: {out}"
     );
     std::fs::remove_file(landed_in_store("host")).unwrap();
@@ -1265,12 +1376,52 @@ fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
     paths.extend(routes("daemon"));
     paths.push(setting.clone());
     paths.push(disk.clone());
+    // The route through its build's sandbox: the sandbox's own `/proc`, mounted in a user
+    // namespace the daemon's root owns, writable; what the kernel allows there is the
+    // writer's (the host's root would set the host's settings, `kernel/core_pattern`
+    // included).
+    let through_sandbox = PathBuf::from(format!("/proc/{builder}/root/proc/sys/kernel/domainname"));
+    paths.push(through_sandbox.clone());
     let out = escape(&pid, &paths);
     eprintln!("{out}");
     let now = std::fs::read_to_string(&setting).unwrap();
     if now != domain {
         std::fs::write(&setting, domain.trim_end()).unwrap();
     }
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&format!("write {}: ", through_sandbox.display())))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        (line.ends_with("Permission denied (os error 13)")
+            || line.ends_with("Operation not permitted (os error 1)"))
+            && now == domain,
+        "the daemon cannot set the host's kernel settings through its sandbox's /proc: {out}"
+    );
+    // It is not root of the host: its uids and gids there are others, and it is in a user
+    // namespace other than the host's (its capabilities are that namespace's).
+    for key in ["Uid:", "Gid:"] {
+        let ids: Vec<u32> = status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("{status}"))
+            .split_whitespace()
+            .map(|v| v.parse().unwrap())
+            .collect();
+        assert!(
+            ids.len() == 4 && ids.iter().all(|&id| id != 0),
+            "the daemon's {key} in the host's namespace: {ids:?}"
+        );
+    }
+    // (Compared with this test's, root of the host: pid 1 of a container host or a VM may
+    // hold capabilities the test lacks, and then its `ns/` is out of the test's reach.)
+    let userns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/user")).unwrap();
+    assert!(
+        userns(&pid) != userns("self"),
+        "the daemon is in a user namespace of its own: {:?}",
+        userns(&pid)
+    );
     assert!(
         out.contains(&format!(
             "write {}: Read-only file system",
@@ -1333,7 +1484,9 @@ fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
         "the daemon cannot write its neighbour's store through /proc: {out}"
     );
     assert!(
-        !landed_in_store("daemon").exists(),
+        std::fs::read_to_string(landed_in_store("daemon"))
+            .unwrap()
+            .is_empty(),
         "the neighbour's store is unchanged: {out}"
     );
     let connected = line(format!(
@@ -1353,6 +1506,53 @@ fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
             std::fs::read_to_string(log).unwrap()
         );
     }
+}
+
+/// A job user's daemon runs in a user namespace of its own and writes the store through an
+/// idmapped mount, every filesystem below the store's included: with one below it that cannot
+/// be idmapped (ramfs here; the store's own filesystem passed the fast-local check, and those
+/// it allows can be) the job fails at setup, saying so, and runs nothing.
+#[test]
+fn a_store_that_cannot_be_idmapped_fails_the_job_at_setup_saying_so() {
+    if !privileged("nix-idmap-refused") {
+        return;
+    }
+    let rig = Rig::bootstrapped();
+    common::runner_pool();
+    std::fs::create_dir(rig.fresh().join("var/below")).unwrap();
+    // Mounted in the agent's namespace, below its `/nix`.
+    let o = rig
+        .agent_in(
+            "--make-rprivate",
+            "mount -t ramfs ramfs /nix/var/below && exec \"$@\"",
+            &[
+                "exec",
+                "--lane",
+                &rig.lane,
+                "--config",
+                rig.config.to_str().unwrap(),
+                "--user",
+                "fwt-10",
+                "--",
+                "sh",
+                "-c",
+                "echo the-job-ran",
+            ],
+        )
+        .output()
+        .unwrap();
+    let (out, err) = (stdout(&o), stderr(&o));
+    assert!(
+        !o.status.success() && !out.contains("the-job-ran"),
+        "the job did not run: {out}{err}"
+    );
+    assert!(
+        err.contains("cannot be mounted idmapped")
+            && err.contains(
+                "keep the lane's nix_store on a filesystem that supports idmapped mounts"
+            ),
+        "it says why and what to do: {err}"
+    );
 }
 
 #[test]
@@ -1398,14 +1598,7 @@ fn a_sandboxed_build_runs_under_the_confined_daemon() {
     if !privileged("nix-sandbox") {
         return;
     }
-    let rig = Rig::new("", None);
-    let text = std::fs::read_to_string(&rig.config).unwrap();
-    std::fs::write(
-        &rig.config,
-        text.replace("sandbox = false", "sandbox = true"),
-    )
-    .unwrap();
-    assert!(rig.bootstrap().status.success());
+    let rig = Rig::sandboxed();
     let expr = rig.dir.path().join("sandboxed.nix");
     std::fs::write(
         &expr,

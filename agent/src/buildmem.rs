@@ -4,7 +4,8 @@
 //!
 //! A build is known by its processes, not by a cgroup of its own (Nix's `use-cgroups` needs
 //! cgroup v2 and a delegated subtree; Debian's Nix 2.8 has none): the job's daemon runs every
-//! builder inside the job's cgroup as a build user (never root, never the job's user), and a
+//! builder inside the job's cgroup as a build user (never root, never the job's user, never
+//! the daemon's own root: the first id of its user namespace's range), and a
 //! builder's environment names its derivation (`name`, beside `NIX_BUILD_TOP`). So a process
 //! of a build user belongs to the build its parent belongs to, else to the build its user
 //! runs now (two builds at once never share a build user, and Nix kills a build user's
@@ -146,8 +147,10 @@ impl BuildMemory {
         }
     }
 
+    /// Not root, not the job's user, not a daemon's root in its user namespace (the first id
+    /// of a range, see [`crate::envelope::is_daemon_root`]): a build user.
     fn is_build_user(&self, uid: u32) -> bool {
-        uid != 0 && uid != self.job_uid
+        uid != 0 && uid != self.job_uid && !crate::envelope::is_daemon_root(uid)
     }
 
     /// One sample at `at` (Unix seconds): attribute `procs` to builds (`environ` reads a

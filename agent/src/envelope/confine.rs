@@ -2,13 +2,15 @@
 //! after `spawn`'s setup (cgroup, private mount namespace with the slot's mounts): `state_dir`
 //! and every work and slot root covered by an empty tmpfs, with the daemon's own paths under
 //! them (socket directory, build record, log directory, post-build hook, netrc) bound back;
-//! every mount of its namespace read-only, except the job's store, its socket directory, its
-//! build record, its log directory and a private `/tmp`, `/dev/shm` and `/dev/pts`; the
+//! every mount of its namespace read-only, except the job's store (idmapped with the daemon's
+//! user namespace when it has one, `userns.rs`), its socket directory, its build record, its
+//! log directory and a private `/tmp`, `/dev/shm` and `/dev/pts`; then a PID namespace of its
+//! own with a `/proc` of its own (`pidns.rs`), so no other process — another job's daemon
+//! among them — is there to follow through `/proc/<pid>/root`; then its user namespace, in a
+//! mount namespace of that namespace's where all of the above is locked; and last the
 //! capabilities that lead out of a mount namespace (`open_by_handle_at`, `/proc/<pid>/root` of
 //! a more privileged process, device nodes, kernel modules, raw I/O) dropped from its bounding
-//! set; and last a PID namespace of its own with a `/proc` of its own (`pidns.rs`), so no
-//! other process — another job's daemon with the same capabilities among them — is there to
-//! follow through `/proc/<pid>/root`. What it does not stop is said in docs/security.md.
+//! set. What it does not stop is said in docs/security.md.
 
 use super::pidns;
 use super::spawn::{cstring, private_mount_namespace};
@@ -29,6 +31,9 @@ const MOUNT_ATTR_RDONLY: u64 = 0x1;
 const MOUNT_ATTR_NODEV: u64 = 0x4;
 const OPEN_TREE_CLONE: libc::c_uint = 1;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+/// `MS_PRIVATE`, as mount_setattr(2)'s propagation.
+const MS_PRIVATE: u64 = 1 << 18;
 
 /// Capabilities the daemon never needs and an escape would use (capability(7) numbers):
 /// DAC_READ_SEARCH (open_by_handle_at), LINUX_IMMUTABLE, SYS_MODULE, SYS_RAWIO, SYS_PTRACE
@@ -39,10 +44,14 @@ pub(super) const DROPPED_CAPS: &[libc::c_int] = &[
     2, 9, 16, 17, 19, 20, 22, 25, 26, 27, 30, 32, 33, 34, 35, 36, 38, 39, 40,
 ];
 
-/// A mount that stays writable: `src` bound at `dst` (itself, or a private directory).
+/// A mount that stays writable: `src` bound at `dst` (itself, or a private directory); with
+/// `idmap`, idmapped with the daemon's user namespace when it has one (`userns.rs`): on-disk
+/// uid 0 is its root there (the shared store and build-user pool; what is the job's alone is
+/// its root's on disk instead).
 pub(super) struct Writable {
     pub src: PathBuf,
     pub dst: PathBuf,
+    pub idmap: bool,
 }
 
 /// A path of the daemon's under a hidden root, bound back over the tmpfs that hides it.
@@ -59,12 +68,15 @@ struct Keep {
 
 /// What the daemon's child does, prepared before the fork.
 pub(super) struct Confinement {
-    writable: Vec<(CString, CString)>,
+    writable: Vec<(CString, CString, bool)>,
     hidden: Vec<CString>,
     keep: Vec<Keep>,
     /// Files outside the hidden roots the daemon must not read (the agent's secrets): each
     /// covered by `/dev/null`.
     covered: Vec<CString>,
+    /// The daemon's user namespace and its range's lock (`userns.rs`): the idmapped mounts
+    /// are made with it, the daemon enters it last, and its init keeps the lock.
+    userns: Option<(i32, i32)>,
 }
 
 /// `paths` without those below another of them (outermost first, sorted).
@@ -146,12 +158,20 @@ impl Confinement {
         Ok(Confinement {
             writable: writable
                 .iter()
-                .map(|w| Ok((c(&w.src)?, c(&w.dst)?)))
+                .map(|w| Ok((c(&w.src)?, c(&w.dst)?, w.idmap)))
                 .collect::<Result<_, EnvelopeError>>()?,
             hidden: roots.iter().map(|r| c(r)).collect::<Result<_, _>>()?,
             keep,
             covered,
+            userns: None,
         })
+    }
+
+    /// Run the daemon in this user namespace (`userns.rs`), its writable mounts idmapped with
+    /// it; `lock` is its id range's lock, which the daemon's init keeps. Both descriptors stay
+    /// open in the agent until the daemon has started.
+    pub(super) fn in_user_namespace(&mut self, ids: &super::userns::DaemonIds) {
+        self.userns = Some((ids.ns.as_raw_fd(), ids.lock.as_raw_fd()));
     }
 
     /// Add the pre-exec step (after `ChildSetup::install`'s: in the daemon's own namespace).
@@ -163,7 +183,9 @@ impl Confinement {
             hidden,
             keep,
             covered,
+            userns,
         } = self;
+        let idmap_fd = userns.map(|(ns, _)| ns);
         // Made before the fork: the hook allocates nothing.
         let mut trees = vec![-1; keep.len()];
         let hook = move || {
@@ -180,15 +202,20 @@ impl Confinement {
                 if !private_mount_namespace(0) {
                     return fail();
                 }
-                for (src, dst) in &writable {
-                    if libc::mount(
-                        src.as_ptr(),
-                        dst.as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_BIND | libc::MS_REC,
-                        std::ptr::null(),
-                    ) != 0
-                    {
+                for (src, dst, idmap) in &writable {
+                    let bound = match (idmap, idmap_fd) {
+                        (true, Some(ns)) => attach_idmapped(src, dst, ns),
+                        _ => {
+                            libc::mount(
+                                src.as_ptr(),
+                                dst.as_ptr(),
+                                std::ptr::null(),
+                                libc::MS_BIND | libc::MS_REC,
+                                std::ptr::null(),
+                            ) == 0
+                        }
+                    };
+                    if !bound {
                         return fail();
                     }
                 }
@@ -289,7 +316,7 @@ impl Confinement {
                 if !setattr(c"/", AT_RECURSIVE, &ro) {
                     return fail();
                 }
-                for (_, dst) in &writable {
+                for (_, dst, _) in &writable {
                     if !setattr(dst, AT_RECURSIVE, &rw) {
                         return fail();
                     }
@@ -337,22 +364,72 @@ impl Confinement {
                 {
                     return fail();
                 }
-                for cap in DROPPED_CAPS {
-                    // EINVAL: a capability this kernel does not know, so nobody has it.
-                    if libc::prctl(libc::PR_CAPBSET_DROP, *cap, 0, 0, 0) != 0
-                        && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
-                    {
-                        return fail();
-                    }
-                }
             }
-            // The daemon's own PID namespace and `/proc`; only its first process returns.
-            pidns::enter(fail)
+            // The daemon's own PID namespace and `/proc`, its user namespace, its bounding
+            // set; only its first process returns.
+            pidns::enter(fail, userns)
         };
         // SAFETY: `hook` makes only system calls on data prepared before the fork.
         unsafe {
             cmd.pre_exec(hook);
         }
+    }
+}
+
+/// Drop [`DROPPED_CAPS`] from the bounding set (in the user namespace the process is in).
+/// False (errno set) when the kernel refused.
+pub(super) fn drop_caps() -> bool {
+    for cap in DROPPED_CAPS {
+        // SAFETY: prctl with integer arguments.
+        // EINVAL: a capability this kernel does not know, so nobody has it.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, *cap, 0, 0, 0) } != 0
+            && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
+        {
+            return false;
+        }
+    }
+    true
+}
+
+/// Between fork and exec: attach at `dst` a copy of the mount tree at `src`, idmapped with
+/// the user namespace `ns`. False (errno set) when a step failed.
+fn attach_idmapped(src: &CStr, dst: &CStr, ns: i32) -> bool {
+    // SAFETY: open_tree(2), move_mount(2) and close(2) on NUL-terminated strings and a
+    // descriptor made here.
+    unsafe {
+        let tree = libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            src.as_ptr(),
+            OPEN_TREE_CLONE | AT_RECURSIVE | libc::O_CLOEXEC as libc::c_uint,
+        ) as i32;
+        if tree < 0 {
+            return false;
+        }
+        let attr = MountAttr {
+            attr_set: MOUNT_ATTR_IDMAP,
+            attr_clr: 0,
+            propagation: MS_PRIVATE,
+            userns_fd: ns as u64,
+        };
+        let ok = libc::syscall(
+            libc::SYS_mount_setattr,
+            tree,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint | AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        ) == 0
+            && libc::syscall(
+                libc::SYS_move_mount,
+                tree,
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                dst.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH,
+            ) == 0;
+        libc::close(tree);
+        ok
     }
 }
 
@@ -385,6 +462,7 @@ mod tests {
         let w = |s: &str| Writable {
             src: p(s),
             dst: p(s),
+            idmap: true,
         };
         let writable = [
             w("nix"),

@@ -90,6 +90,7 @@ pub(super) async fn start_nix_daemon(
     bg: &crate::tasks::Background,
     paths: &DaemonPaths,
     netns: Option<i32>,
+    store: DaemonStore,
 ) -> Result<PathBuf, EnvelopeError> {
     let dir = paths.dir.clone();
     std::fs::create_dir_all(&nix.sockets).map_err(io_at("create", &nix.sockets))?;
@@ -140,6 +141,13 @@ pub(super) async fn start_nix_daemon(
         .mode(0o700)
         .create(&tmp)
         .map_err(io_at("create", &tmp))?;
+    for d in super::pidns::SPARE_DIRS {
+        let d = tmp.join(d);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&d)
+            .map_err(io_at("create", &d))?;
+    }
     let logs = build_logs(nix, job);
     std::fs::DirBuilder::new()
         .mode(0o700)
@@ -160,32 +168,54 @@ pub(super) async fn start_nix_daemon(
         .mode(0o600)
         .open(&built)
         .map_err(io_at("create", &built))?;
-    let writable = [
-        confine::Writable {
-            src: nix.store_seen.clone(),
-            dst: nix.store_seen.clone(),
-        },
-        confine::Writable {
-            src: dir.clone(),
-            dst: dir.clone(),
-        },
-        confine::Writable {
-            src: built.clone(),
-            dst: built.clone(),
-        },
-        confine::Writable {
-            src: logs.clone(),
-            dst: logs.clone(),
-        },
+    // What is the job's alone (its socket directory, record, logs, `/tmp`, netrc) is its
+    // daemon's root's on disk: any filesystem serves (`state_dir` may be a container's
+    // overlayfs, which cannot be idmapped), and the agent, root, reads and removes it as
+    // before. What is shared (the store, the build-user pool) is idmapped (`userns.rs`).
+    if let Some(ids) = &store.ids {
+        let (uid, gid) = (ids.kuid(0), ids.kgid(0));
+        for p in [
+            Some(&dir),
+            Some(&built),
+            Some(&logs),
+            Some(&tmp),
+            nix.netrc.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            std::os::unix::fs::lchown(p, Some(uid), Some(gid))
+                .map_err(io_at("hand to the daemon's root", p))?;
+        }
+    }
+    let own = |p: &Path, idmap: bool| confine::Writable {
+        src: p.to_path_buf(),
+        dst: p.to_path_buf(),
+        idmap,
+    };
+    let mut writable = vec![
+        // A layer (overlayfs) cannot be idmapped itself: its lower already is (`userns.rs`).
+        own(&nix.store_seen, !store.layer),
+        own(&dir, false),
+        own(&built, false),
+        own(&logs, false),
         confine::Writable {
             src: tmp,
             dst: PathBuf::from(TMP),
+            idmap: false,
         },
     ];
+    if store.layer {
+        // The build-user pool, below the layer: the shared one, idmapped on its own.
+        writable.insert(1, own(&nix.userpool_seen, true));
+    }
     let mut cmd = std::process::Command::new(&nix.daemon);
     cmd.env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        // Root's home is read-only to the daemon: Nix's caches go to its private /tmp.
+        // Root's home is read-only to the daemon (and, in its user namespace, not its own:
+        // Nix's look for `~/.nix-defexpr` there would fail): its home, and so Nix's caches,
+        // are its private /tmp.
+        .env("HOME", "/tmp")
         .env("XDG_CACHE_HOME", "/tmp/.cache")
         .env("NIX_DAEMON_SOCKET_PATH", &socket)
         .env("NIX_CONF_DIR", &nix.conf_dir)
@@ -222,13 +252,19 @@ pub(super) async fn start_nix_daemon(
         .cloned()
         .chain(std::iter::once(PathBuf::from("/dev")))
         .collect();
-    confine::Confinement::new(&writable, &readable, &hidden)?.install(&mut cmd, fail_w.as_raw_fd());
+    let mut confinement = confine::Confinement::new(&writable, &readable, &hidden)?;
+    if let Some(ids) = &store.ids {
+        confinement.in_user_namespace(ids);
+    }
+    confinement.install(&mut cmd, fail_w.as_raw_fd());
     let spawned = reaper.spawn(|| {
         let child = cmd.spawn()?;
         let pid = i32::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))?;
         Ok((pid, child))
     });
     drop(cmd);
+    // The daemon is in its namespace, and its init holds the range's lock.
+    let id_base = store.ids.map_or(0, |i| i.base);
     let (pid, mut child, mut exit) = spawned.map_err(|e| {
         if agent_side_failure(&fail_r) {
             EnvelopeError::Spawn(e)
@@ -277,6 +313,21 @@ pub(super) async fn start_nix_daemon(
             })
         }
     }
+    // Nix binds its socket, then makes it 0666: the job may connect once it has.
+    let t = Instant::now();
+    while !std::fs::symlink_metadata(&socket).is_ok_and(|m| {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_socket() && m.permissions().mode() & 0o777 == 0o666
+    }) {
+        if t.elapsed() > Duration::from_secs(10) {
+            return Err(EnvelopeError::Io {
+                what: "the job's nix-daemon did not open its socket to its user within 10 s",
+                path: socket,
+                source: io::Error::from(io::ErrorKind::TimedOut),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     if let Some(u) = owner {
         // Root made the directory in root's `nix-sockets` a moment ago: the name is ours.
         std::os::unix::fs::chown(&dir, Some(u.uid), Some(u.gid)).map_err(io_at(
@@ -286,8 +337,46 @@ pub(super) async fn start_nix_daemon(
     }
     // The process started is the daemon's init (`pidns.rs`); the daemon is its one child.
     let daemon = first_child(pid).unwrap_or(pid);
-    info!(pid = daemon, init = pid, socket = %socket.display(), "the job's nix-daemon is listening");
+    info!(pid = daemon, init = pid, socket = %socket.display(), id_base, "the job's nix-daemon is listening");
     Ok(dir)
+}
+
+/// What a job's daemon serves: a layer (an untrusted job's) or the store itself, and the user
+/// namespace it runs in (`userns.rs`; none for a job that runs as root).
+#[derive(Debug)]
+pub(super) struct DaemonStore {
+    pub layer: bool,
+    pub ids: Option<super::userns::DaemonIds>,
+}
+
+/// The user namespace of the daemon of a job whose user is `owner` (`userns.rs`): none for a
+/// job that runs as root (root itself, it gains nothing from its daemon).
+/// `phys_nix` (the store as the agent sees it) must allow idmapped mounts: asked here, where a
+/// refusal can say so (the daemon's child can only report an errno).
+pub(super) fn daemon_ids(
+    nix: &NixJob,
+    owner: Option<&JobUser>,
+    reaper: &Reaper,
+    phys_nix: &Path,
+) -> Result<Option<super::userns::DaemonIds>, EnvelopeError> {
+    let Some(u) = owner else {
+        return Ok(None);
+    };
+    let ids = super::userns::create(&nix.sockets.with_file_name("nix-ids"), u.uid, reaper)?;
+    let store = super::spawn::cstring(phys_nix.as_os_str())?;
+    if let Err(e) = super::view::clone_tree(
+        libc::AT_FDCWD,
+        &store,
+        0,
+        0,
+        Some(std::os::fd::AsFd::as_fd(&ids.ns)),
+    ) {
+        return Err(EnvelopeError::Nix(format!(
+            "the store {} cannot be mounted idmapped ({e}), which a job's nix-daemon in a user namespace of its own needs: keep the lane's nix_store on a filesystem that supports idmapped mounts (ext4, xfs, btrfs; tmpfs from Linux 6.3), every filesystem mounted below it included",
+            phys_nix.display()
+        )));
+    }
+    Ok(Some(ids))
 }
 
 /// The first child of `pid` (`/proc/<pid>/task/<pid>/children`).

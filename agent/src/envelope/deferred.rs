@@ -5,7 +5,7 @@
 //! whose hook never asks (its listener died first) never gets a store; its teardown removes
 //! the view and what was named for it.
 
-use super::daemon::DaemonPaths;
+use super::daemon::{daemon_ids, DaemonPaths, DaemonStore};
 use super::launch::{store_mount, throwaway_layer, userpool_mount};
 use super::view::{
     self, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY,
@@ -53,10 +53,11 @@ impl DeferredStore {
     ) -> Result<Opened, EnvelopeError> {
         let n = &self.nix;
         let mut mounts = self.daemon_mounts.clone();
+        let ids = daemon_ids(n, self.owner.as_ref(), &self.reaper, &self.phys_nix)?;
         let root = if trusted {
             self.phys_nix.clone()
         } else {
-            let merged = throwaway_layer(&self.phys_nix, &self.layer)?;
+            let merged = throwaway_layer(&self.phys_nix, &self.layer, ids.as_ref())?;
             store_mount(&mut mounts, merged.clone(), &n.store_seen);
             merged
         };
@@ -73,6 +74,10 @@ impl DeferredStore {
             &self.bg,
             &self.paths,
             self.netns.as_ref().map(|f| f.as_raw_fd()),
+            DaemonStore {
+                layer: !trusted,
+                ids,
+            },
         )
         .await?;
         let rel = |seen: &Path| {

@@ -1,6 +1,6 @@
 //! Launch: the job's directory, its nix-daemon, its mounts, its first process.
 
-use super::daemon::DaemonPaths;
+use super::daemon::{daemon_ids, DaemonPaths, DaemonStore};
 use super::deferred::DeferredStore;
 use super::view;
 use super::*;
@@ -100,9 +100,15 @@ pub(super) async fn launch(
             cleanup.push(view.clone());
             cleanup.push(layer.clone());
             view::make_point(&view)?;
-        } else if n.throwaway {
+        }
+        // The daemon's user namespace, before its layer (whose lower is idmapped with it).
+        let mut ids = None;
+        if !n.at_job_started {
+            ids = daemon_ids(n, user, reaper, phys_nix)?;
+        }
+        if !n.at_job_started && n.throwaway {
             cleanup.push(layer.clone());
-            let merged = throwaway_layer(phys_nix, &layer)?;
+            let merged = throwaway_layer(phys_nix, &layer, ids.as_ref())?;
             store_mount(&mut mounts, merged, &n.store_seen);
         }
         // The daemon gets the job's own mounts (not its /tmp or /proc: `confine.rs` gives it a
@@ -175,6 +181,10 @@ pub(super) async fn launch(
                 &spec.background,
                 &paths,
                 net.as_ref().map(JobNet::fd),
+                DaemonStore {
+                    layer: n.throwaway,
+                    ids,
+                },
             )
             .await?;
             if let Some(p) = &spec.probe {
@@ -390,6 +400,7 @@ pub(super) fn userpool_mount(n: &NixJob) -> Result<Mount, EnvelopeError> {
         c"",
         libc::AT_EMPTY_PATH as libc::c_uint,
         view::MOUNT_ATTR_NOSUID | view::MOUNT_ATTR_NODEV | view::MOUNT_ATTR_NOEXEC,
+        None,
     )
     .map_err(io_at("copy the build-user pool's mount", &n.userpool))?;
     Ok(Mount::Tree {
@@ -410,7 +421,11 @@ pub(super) fn layer_dir(phys_work_root: &Path, job: &str) -> PathBuf {
 /// teardown (`remove_tree` detaches the mount first; the caller lists `layer` for it before
 /// calling): whatever the daemon wrote there — builds, added paths, signatures, the database —
 /// is gone, and the store below never changed.
-pub(super) fn throwaway_layer(phys_nix: &Path, layer: &Path) -> Result<PathBuf, EnvelopeError> {
+pub(super) fn throwaway_layer(
+    phys_nix: &Path,
+    layer: &Path,
+    ids: Option<&super::userns::DaemonIds>,
+) -> Result<PathBuf, EnvelopeError> {
     use std::os::unix::fs::DirBuilderExt;
     // Overlayfs's lower is the store's own filesystem: a store with a filesystem mounted below
     // it (a separate `/nix/store`) would show the job an empty directory there.
@@ -438,10 +453,31 @@ pub(super) fn throwaway_layer(phys_nix: &Path, layer: &Path) -> Result<PathBuf, 
     for d in [&upper, &work, &merged] {
         std::fs::create_dir(d).map_err(io_at("create", d))?;
     }
-    snapshot_db(phys_nix, &upper)?;
+    snapshot_db(phys_nix, &upper, ids)?;
+    // With the daemon in a user namespace of its own, the lower is the store through an
+    // idmapped mount (on-disk uid 0 is the daemon's root): overlayfs itself cannot be
+    // idmapped. The copy is attached for the overlay's mount only.
+    let lower = match ids {
+        None => phys_nix.to_path_buf(),
+        Some(ids) => {
+            use std::os::unix::fs::MetadataExt;
+            let top = std::fs::metadata(phys_nix).map_err(io_at("inspect", phys_nix))?;
+            std::os::unix::fs::chown(&upper, Some(ids.kuid(top.uid())), Some(ids.kgid(top.gid())))
+                .map_err(io_at("chown", &upper))?;
+            let lower = layer.join("lower");
+            std::fs::create_dir(&lower).map_err(io_at("create", &lower))?;
+            view::attach_idmapped(phys_nix, &lower, std::os::fd::AsFd::as_fd(&ids.ns)).map_err(
+                io_at(
+                    "attach the store idmapped for the daemon's layer at",
+                    &lower,
+                ),
+            )?;
+            lower
+        }
+    };
     let opts = format!(
         "lowerdir={},upperdir={},workdir={}",
-        phys_nix.display(),
+        lower.display(),
         upper.display(),
         work.display()
     );
@@ -457,6 +493,16 @@ pub(super) fn throwaway_layer(phys_nix: &Path, layer: &Path) -> Result<PathBuf, 
         path: merged.clone(),
         source: e.into(),
     })?;
+    if lower != phys_nix {
+        // The overlay holds a copy of its own.
+        nix::mount::umount2(&lower, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
+            EnvelopeError::Io {
+                what: "detach the idmapped copy of the store",
+                path: lower.clone(),
+                source: e.into(),
+            }
+        })?;
+    }
     Ok(merged)
 }
 
@@ -466,7 +512,16 @@ pub(super) fn throwaway_layer(phys_nix: &Path, layer: &Path) -> Result<PathBuf, 
 /// `db.sqlite`, `-wal` and `-shm` one at a time on its first write while trusted daemons keep
 /// writing them (a torn or mismatched database), and would read a trusted daemon's live WAL
 /// over its own copy. A store without a database yet (not bootstrapped) gets nothing.
-fn snapshot_db(phys_nix: &Path, upper: &Path) -> Result<(), EnvelopeError> {
+fn snapshot_db(
+    phys_nix: &Path,
+    upper: &Path,
+    ids: Option<&super::userns::DaemonIds>,
+) -> Result<(), EnvelopeError> {
+    // The owners as the layer's daemon sees them through its idmapped lower.
+    let (kuid, kgid) = (
+        |u: u32| ids.map_or(u, |i| i.kuid(u)),
+        |g: u32| ids.map_or(g, |i| i.kgid(g)),
+    );
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let (mut lower, mut up) = (phys_nix.to_path_buf(), upper.to_path_buf());
     for part in ["var", "nix", "db"] {
@@ -487,7 +542,8 @@ fn snapshot_db(phys_nix: &Path, upper: &Path) -> Result<(), EnvelopeError> {
             .mode(m.mode() & 0o7777)
             .create(&up)
             .map_err(io_at("create", &up))?;
-        std::os::unix::fs::chown(&up, Some(m.uid()), Some(m.gid())).map_err(io_at("chown", &up))?;
+        std::os::unix::fs::chown(&up, Some(kuid(m.uid())), Some(kgid(m.gid())))
+            .map_err(io_at("chown", &up))?;
     }
     let db = lower.join("db.sqlite");
     if !db.is_file() {
@@ -508,6 +564,12 @@ fn snapshot_db(phys_nix: &Path, upper: &Path) -> Result<(), EnvelopeError> {
         path: db.clone(),
         source: io::Error::other(e),
     })?;
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&db).map_err(io_at("inspect", &db))?;
+        std::os::unix::fs::chown(&copy, Some(kuid(m.uid())), Some(kgid(m.gid())))
+            .map_err(io_at("chown", &copy))?;
+    }
     for name in ["db.sqlite-wal", "db.sqlite-shm"] {
         let w = up.join(name);
         // An overlayfs whiteout: a character device 0/0 in the upper layer.

@@ -43,6 +43,7 @@ mod probe;
 mod pumps;
 mod root;
 mod spawn;
+mod userns;
 mod view;
 
 use daemon::start_nix_daemon;
@@ -55,6 +56,7 @@ pub use probe::{JobFacts, JobProbe, Kills, SAMPLE_INTERVAL};
 use pumps::{log_lines, log_lines_at};
 use root::prepare_runner_root;
 use spawn::{agent_side_failure, fail_pipe, ChildSetup, Op};
+pub use userns::is_daemon_root;
 
 /// How long teardown waits for a killed job's cgroup to empty before giving up.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);

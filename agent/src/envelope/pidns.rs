@@ -28,8 +28,15 @@ extern "C" fn forward(sig: libc::c_int) {
 
 /// In the forked child, after every other step: returns (Ok) only in the namespace's first
 /// process, which then execs; the child itself waits for it and exits. `fail` reports an
-/// error to the agent and returns it.
-pub(super) fn enter(fail: impl Fn() -> io::Result<()>) -> io::Result<()> {
+/// error to the agent and returns it. With `userns` (the daemon's user namespace and its id
+/// range's lock, `userns.rs`), the first process enters that namespace last, in a mount
+/// namespace of its own that it owns (every mount made so far is locked there: nothing
+/// covered can be uncovered, nothing read-only made writable), and becomes its root; the
+/// child keeps the lock while the daemon lives.
+pub(super) fn enter(
+    fail: impl Fn() -> io::Result<()>,
+    userns: Option<(i32, i32)>,
+) -> io::Result<()> {
     // SAFETY: plain system calls with constant arguments or strings made at compile time.
     unsafe {
         if libc::unshare(libc::CLONE_NEWPID) != 0 {
@@ -40,10 +47,7 @@ pub(super) fn enter(fail: impl Fn() -> io::Result<()>) -> io::Result<()> {
             return fail();
         }
         if daemon == 0 {
-            // The daemon dies with its init (it cannot ask whether the init died before
-            // this: its parent is outside its namespace; the job's cgroup kill covers that).
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0
-                || libc::umount2(c"/proc".as_ptr(), libc::MNT_DETACH) != 0
+            if libc::umount2(c"/proc".as_ptr(), libc::MNT_DETACH) != 0
                 || libc::mount(
                     c"proc".as_ptr(),
                     c"/proc".as_ptr(),
@@ -52,17 +56,40 @@ pub(super) fn enter(fail: impl Fn() -> io::Result<()>) -> io::Result<()> {
                     std::ptr::null(),
                 ) != 0
                 || !read_only_kernel_settings()
+                || userns.is_some_and(|(ns, _)| !become_root_in(ns))
+                || !super::confine::drop_caps()
+                // The daemon dies with its init (it cannot ask whether the init died before
+                // this: its parent is outside its namespace; the job's cgroup kill covers
+                // that). Last: a change of credentials clears it.
+                || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0
             {
                 return fail();
             }
             return Ok(());
         }
-        wait_for(daemon)
+        wait_for(daemon, userns.map(|(_, lock)| lock))
+    }
+}
+
+/// Enter the user namespace `ns`, unshare a mount namespace it owns (a copy of the current
+/// one, every mount in it locked) and become its root (uid and gid 0 there, no supplementary
+/// groups). False (errno set) when a step failed.
+fn become_root_in(ns: i32) -> bool {
+    // SAFETY: plain system calls with integer arguments.
+    unsafe {
+        libc::setns(ns, libc::CLONE_NEWUSER) == 0
+            && libc::unshare(libc::CLONE_NEWNS) == 0
+            && libc::setgroups(0, std::ptr::null()) == 0
+            && libc::setresgid(0, 0, 0) == 0
+            && libc::setresuid(0, 0, 0) == 0
     }
 }
 
 /// The procfs mount Nix's sandbox needs beside a `/proc` with read-only parts, and what
-/// covers it.
+/// covers it. The agent makes both directories in the daemon's private `/tmp` before it
+/// starts (a process that is root of the host cannot create files on an idmapped mount
+/// whose namespace does not map it).
+pub(super) const SPARE_DIRS: [&str; 2] = [".flywheel-proc", ".flywheel-proc/p"];
 const SPARE: &std::ffi::CStr = c"/tmp/.flywheel-proc";
 const SPARE_PROC: &std::ffi::CStr = c"/tmp/.flywheel-proc/p";
 
@@ -141,8 +168,8 @@ unsafe fn read_only_kernel_settings() -> bool {
 }
 
 /// The init's life: forward the stop signals, wait for the daemon, exit as it did. Only in the
-/// forked child, with `daemon` its own child.
-fn wait_for(daemon: libc::pid_t) -> ! {
+/// forked child, with `daemon` its own child; `keep` (the id range's lock) stays open.
+fn wait_for(daemon: libc::pid_t, keep: Option<i32>) -> ! {
     DAEMON.store(daemon, Ordering::Relaxed);
     // SAFETY: async-signal-safe system calls on structs made here; the process exits at the end.
     unsafe {
@@ -159,8 +186,19 @@ fn wait_for(daemon: libc::pid_t) -> ! {
         libc::sigaction(libc::SIGCHLD, &dfl, std::ptr::null_mut());
         // Nothing of the agent's stays open here: not the daemon's output pipes (their readers
         // see the end when the daemon exits), not the pipe by which `spawn` learns of the exec,
-        // not the slot's lock (the daemon holds its own copy).
-        libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+        // not the slot's lock (the daemon holds its own copy). The id range's lock is the
+        // init's to keep: the range is the daemon's until the daemon is gone.
+        match keep.and_then(|k| u32::try_from(k).ok()) {
+            Some(k) => {
+                if k > 0 {
+                    libc::syscall(libc::SYS_close_range, 0u32, k - 1, 0u32);
+                }
+                libc::syscall(libc::SYS_close_range, k + 1, u32::MAX, 0u32);
+            }
+            None => {
+                libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+            }
+        }
         let mut status = 0;
         loop {
             let r = libc::waitpid(daemon, &mut status, 0);

@@ -24,6 +24,7 @@ pub(super) const MOUNT_ATTR_RDONLY: u64 = 0x1;
 pub(super) const MOUNT_ATTR_NOSUID: u64 = 0x2;
 pub(super) const MOUNT_ATTR_NODEV: u64 = 0x4;
 pub(super) const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
 
 /// Make `point` (a new directory in a root-only parent) a mount point of its own in a peer
 /// group of its own: bound on itself, private (cut from its parent's group), then shared.
@@ -66,6 +67,7 @@ pub(super) fn clone_tree(
     path: &CStr,
     flags: libc::c_uint,
     attrs: u64,
+    idmap: Option<BorrowedFd<'_>>,
 ) -> io::Result<OwnedFd> {
     let empty: &CStr = c"";
     // SAFETY: open_tree(2) on a NUL-terminated path; the descriptor it returns is ours.
@@ -84,10 +86,10 @@ pub(super) fn clone_tree(
     // attached goes with it).
     let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
     let attr = MountAttr {
-        attr_set: attrs,
+        attr_set: attrs | idmap.map_or(0, |_| MOUNT_ATTR_IDMAP),
         attr_clr: 0,
         propagation: MS_PRIVATE,
-        userns_fd: 0,
+        userns_fd: idmap.map_or(0, |ns| ns.as_raw_fd() as u64),
     };
     // SAFETY: mount_setattr(2) on a descriptor we hold, an empty path and a struct made here.
     if unsafe {
@@ -107,10 +109,16 @@ pub(super) fn clone_tree(
 }
 
 /// Attach a copy of the mount tree at `src` (a path of the agent's, not below anything a job
-/// writes) on the directory `target`, with `attrs` (`MOUNT_ATTR_*`) set before it is attached.
-pub(super) fn attach(src: &Path, target: BorrowedFd<'_>, attrs: u64) -> io::Result<()> {
+/// writes) on the directory `target`, with `attrs` (`MOUNT_ATTR_*`) set before it is attached,
+/// and idmapped with the user namespace `idmap` if given.
+pub(super) fn attach(
+    src: &Path,
+    target: BorrowedFd<'_>,
+    attrs: u64,
+    idmap: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
     let src_c = spawn::cstring(src.as_os_str()).map_err(|e| io::Error::other(e.to_string()))?;
-    let tree = clone_tree(libc::AT_FDCWD, &src_c, 0, attrs)?;
+    let tree = clone_tree(libc::AT_FDCWD, &src_c, 0, attrs, idmap)?;
     let empty: &CStr = c"";
     // SAFETY: move_mount(2) on descriptors we hold and empty paths.
     if unsafe {
@@ -129,6 +137,17 @@ pub(super) fn attach(src: &Path, target: BorrowedFd<'_>, attrs: u64) -> io::Resu
     Ok(())
 }
 
+/// Attach at `dst` (a directory of the agent's, root's) a copy of the mount tree at `src`,
+/// idmapped with the user namespace `ns` (`userns.rs`).
+pub(super) fn attach_idmapped(src: &Path, dst: &Path, ns: BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let target = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dst)?;
+    attach(src, std::os::fd::AsFd::as_fd(&target), 0, Some(ns))
+}
+
 /// Attach `src` at `rel` below `root` (the view being built), `rel` walked by descriptor.
 pub(super) fn attach_at(
     src: &Path,
@@ -140,5 +159,5 @@ pub(super) fn attach_at(
     let at = root.join(rel);
     let target =
         workdir::dirs_at(root, rel).map_err(io_at("open without following symlinks", &at))?;
-    attach(src, target.as_fd(), attrs).map_err(io_at("mount the job's store view at", &at))
+    attach(src, target.as_fd(), attrs, None).map_err(io_at("mount the job's store view at", &at))
 }

@@ -13,9 +13,10 @@
 //!   try to connect to `/proc/self/fd/N/socket`, then run CMD with
 //!   `NIX_REMOTE=unix:///proc/self/fd/N/socket` and the descriptor inherited.
 //! - `escape PID PATH…` (run as root): what code that took over process PID (a job's
-//!   nix-daemon) could do: enter its namespaces (a child forked into its PID namespace does
-//!   the rest, as a process the daemon started would), take its capabilities (bounding set and
-//!   effective set, nothing more), then try to write each PATH (print `write PATH: ok` or
+//!   nix-daemon) could do: enter its namespaces (its user namespace too, as its root there,
+//!   when it has one of its own; a child forked into its PID namespace does the rest, as a
+//!   process the daemon started would), take its capabilities (bounding set and effective
+//!   set, nothing more), then try to write each PATH (print `write PATH: ok` or
 //!   the error), or for `connect:PATH` connect to the Unix socket PATH (`connect PATH: ok`).
 #![allow(clippy::print_stdout)]
 
@@ -367,12 +368,41 @@ fn escape(pid: &str, paths: &[String]) -> ExitCode {
             }
         }
     }
+    // Its user namespace (a daemon's own, when it has one), opened while `/proc` is the
+    // host's.
+    let own = std::fs::read_link("/proc/self/ns/user").ok();
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/user")).ok();
+    let userns = match std::fs::File::open(format!("/proc/{pid}/ns/user")) {
+        Ok(f) => (theirs.is_some() && theirs != own).then_some(f),
+        Err(e) => {
+            println!("escape {pid}: open ns/user: {e}");
+            return ExitCode::from(1);
+        }
+    };
     use std::os::fd::AsRawFd;
     for (ns, f) in &nss {
         // SAFETY: setns(2) on a namespace descriptor we hold.
         if unsafe { libc::setns(f.as_raw_fd(), 0) } != 0 {
             println!(
                 "escape {pid}: setns {ns}: {}",
+                std::io::Error::last_os_error()
+            );
+            return ExitCode::from(1);
+        }
+    }
+    // Its user namespace last, as root of the host (entering it first would leave no right
+    // to enter the others), then its root there.
+    if let Some(f) = &userns {
+        // SAFETY: setns(2) on a namespace descriptor we hold, then plain id changes.
+        let ok = unsafe {
+            libc::setns(f.as_raw_fd(), libc::CLONE_NEWUSER) == 0
+                && libc::setgroups(0, std::ptr::null()) == 0
+                && libc::setresgid(0, 0, 0) == 0
+                && libc::setresuid(0, 0, 0) == 0
+        };
+        if !ok {
+            println!(
+                "escape {pid}: setns user: {}",
                 std::io::Error::last_os_error()
             );
             return ExitCode::from(1);
@@ -430,7 +460,11 @@ fn escape(pid: &str, paths: &[String]) -> ExitCode {
         println!("escape {pid}: capset: {}", std::io::Error::last_os_error());
         return ExitCode::from(1);
     }
-    println!("escape {pid}: entered its namespaces with CapBnd={bnd:016x} CapEff={eff:016x}");
+    // SAFETY: getuid(2) cannot fail.
+    let uid = unsafe { libc::getuid() };
+    println!(
+        "escape {pid}: entered its namespaces as uid {uid} there with CapBnd={bnd:016x} CapEff={eff:016x}"
+    );
     for p in paths {
         if let Some(socket) = p.strip_prefix("connect:") {
             match UnixStream::connect(socket) {
