@@ -1382,12 +1382,21 @@ fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
     // included).
     let through_sandbox = PathBuf::from(format!("/proc/{builder}/root/proc/sys/kernel/domainname"));
     paths.push(through_sandbox.clone());
+    // The same route reaches the running build (the control that it was taken): its build
+    // directory, the build user's, is the daemon's to write.
+    let into_build = PathBuf::from(format!("/proc/{builder}/root/build/escape-{tag}"));
+    paths.push(into_build.clone());
     let out = escape(&pid, &paths);
     eprintln!("{out}");
     let now = std::fs::read_to_string(&setting).unwrap();
     if now != domain {
         std::fs::write(&setting, domain.trim_end()).unwrap();
     }
+    assert!(
+        out.lines()
+            .any(|l| l == format!("write {}: ok", into_build.display())),
+        "the daemon's namespaces reach the running build through /proc/<builder>/root: {out}"
+    );
     let line = out
         .lines()
         .find(|l| l.starts_with(&format!("write {}: ", through_sandbox.display())))

@@ -87,8 +87,8 @@ fn become_root_in(ns: i32) -> bool {
 
 /// The procfs mount Nix's sandbox needs beside a `/proc` with read-only parts, and what
 /// covers it. The agent makes both directories in the daemon's private `/tmp` before it
-/// starts (a process that is root of the host cannot create files on an idmapped mount
-/// whose namespace does not map it).
+/// starts, as the host's root: they stay the host root's, so the daemon (root only of its
+/// own user namespace) cannot get into them.
 pub(super) const SPARE_DIRS: [&str; 2] = [".flywheel-proc", ".flywheel-proc/p"];
 const SPARE: &std::ffi::CStr = c"/tmp/.flywheel-proc";
 const SPARE_PROC: &std::ffi::CStr = c"/tmp/.flywheel-proc/p";
