@@ -1386,7 +1386,20 @@ fn code_running_as_a_jobs_daemon_cannot_write_outside_the_job() {
     // directory, the build user's, is the daemon's to write.
     let into_build = PathBuf::from(format!("/proc/{builder}/root/build/escape-{tag}"));
     paths.push(into_build.clone());
+    // Its build-user pool is its layer's copy: a file it plants there (a lock held forever,
+    // a symlink a trusted daemon would follow, a setuid file) never reaches the shared pool.
+    let in_pool = PathBuf::from(format!("/nix/var/nix/userpool/escape-{tag}"));
+    paths.push(in_pool.clone());
     let out = escape(&pid, &paths);
+    assert!(
+        out.lines()
+            .any(|l| l == format!("write {}: ok", in_pool.display())),
+        "the daemon writes its own pool: {out}"
+    );
+    assert!(
+        !shared_userpool().join(format!("escape-{tag}")).exists(),
+        "the untrusted daemon's write landed in the shared build-user pool: {out}"
+    );
     eprintln!("{out}");
     let now = std::fs::read_to_string(&setting).unwrap();
     if now != domain {

@@ -41,17 +41,8 @@ pub fn sh(cmd: &str) -> String {
 pub fn tarball() -> &'static Tarball {
     static T: OnceLock<Tarball> = OnceLock::new();
     T.get_or_init(|| {
-        // One per test process (statics are never dropped): sweep those of processes gone.
-        let tmp = std::env::temp_dir();
-        for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = name.strip_prefix("flywheel-nix-tarball-") {
-                if !Path::new("/proc").join(pid).exists() {
-                    let _ = std::fs::remove_dir_all(e.path());
-                }
-            }
-        }
-        let dir = tmp.join(format!("flywheel-nix-tarball-{}", std::process::id()));
+        sweep_gone("flywheel-nix-tarball-");
+        let dir = std::env::temp_dir().join(format!("flywheel-nix-tarball-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let expr = dir.join("nix.nix");
         std::fs::write(
@@ -83,9 +74,28 @@ in derivation {{ name = "nix-{VERSION}"; system = "x86_64-linux"; builder = "/bi
 
 /// One build-user pool for every rig of this test process (see `nix.userpool`).
 pub fn shared_userpool() -> PathBuf {
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(|| sweep_gone("flywheel-nix-userpool-"));
     let p = std::env::temp_dir().join(format!("flywheel-nix-userpool-{}", std::process::id()));
     std::fs::create_dir_all(&p).unwrap();
     p
+}
+
+/// Remove `<tmp>/<prefix><pid>` directories of test processes that are gone (one per test
+/// process, made by statics that are never dropped).
+fn sweep_gone(prefix: &str) {
+    for e in std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix(prefix) {
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
 }
 
 /// The `[nix]` section for the test tarball baked into an image at

@@ -205,8 +205,9 @@ pub(super) async fn start_nix_daemon(
             idmap: false,
         },
     ];
-    if store.layer {
-        // The build-user pool, below the layer: the shared one, idmapped on its own.
+    if store.layer && super::launch::shares_pool(true, store.ids.as_ref()) {
+        // The build-user pool, below the layer: the shared one, idmapped on its own. (A
+        // daemon in a user namespace of its own keeps the layer's copy: `shares_pool`.)
         writable.insert(1, own(&nix.userpool_seen, true));
     }
     let mut cmd = std::process::Command::new(&nix.daemon);

@@ -6,7 +6,7 @@
 //! the view and what was named for it.
 
 use super::daemon::{daemon_ids, DaemonPaths, DaemonStore};
-use super::launch::{store_mount, throwaway_layer, userpool_mount};
+use super::launch::{shares_pool, store_mount, throwaway_layer, userpool_mount};
 use super::view::{
     self, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY,
 };
@@ -61,7 +61,9 @@ impl DeferredStore {
             store_mount(&mut mounts, merged.clone(), &n.store_seen);
             merged
         };
-        mounts.push(userpool_mount(n)?);
+        if shares_pool(!trusted, ids.as_ref()) {
+            mounts.push(userpool_mount(n)?);
+        }
         let dir = start_nix_daemon(
             n,
             self.owner.as_ref(),

@@ -118,7 +118,7 @@ pub(super) async fn launch(
             .filter(|m| matches!(m, Mount::Bind { .. } | Mount::Hide { .. }))
             .cloned()
             .collect();
-        if !n.at_job_started {
+        if !n.at_job_started && shares_pool(n.throwaway, ids.as_ref()) {
             daemon_mounts.push(userpool_mount(n)?);
         }
         if spec.hook.is_none() {
@@ -382,6 +382,18 @@ pub(super) fn store_mount(mounts: &mut Vec<Mount>, src: PathBuf, seen: &Path) {
         Some(i) => mounts[i] = bind,
         None => mounts.insert(0, bind),
     }
+}
+
+/// Whether a daemon locks its build users in the shared pool. One in a user namespace of its
+/// own on a throwaway layer does not: its build users are host ids of its own range (`B+999`,
+/// …), which no other daemon's build can be, and Nix kills a build user's processes only in
+/// the daemon's PID namespace; its pool is the layer's copy, thrown away with it, so nothing
+/// it writes there (a lock held forever, a symlink a trusted daemon would follow, a setuid
+/// file) reaches the shared one. Every other daemon shares it: trusted daemons write the
+/// shared store anyway, and a daemon that is root of the host (a root job's) has the host's
+/// `nixbld` users, which it must not take from another.
+pub(super) fn shares_pool(throwaway: bool, ids: Option<&super::userns::DaemonIds>) -> bool {
+    !(throwaway && ids.is_some())
 }
 
 /// The build-user pool where the daemon sees it (after its store's mount): the pool's mount
