@@ -43,22 +43,6 @@ pub enum Cause {
     Other,
 }
 
-impl Guard {
-    /// Whether jobs may read and write the upstream.
-    pub fn usable(&self) -> bool {
-        matches!(self, Guard::Refuses)
-    }
-
-    /// The same in a word, for counters and summaries.
-    pub fn unused(&self) -> Option<Unused> {
-        match self {
-            Guard::Refuses => None,
-            Guard::Open(_) => Some(Unused::Open),
-            Guard::Unverified(..) => Some(Unused::Unverified),
-        }
-    }
-}
-
 /// Why a job did not use the lane's upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unused {
@@ -108,6 +92,12 @@ impl Upstream {
             return Guard::Unverified("no answer to the probe in time".into(), Cause::Slow);
         }
         self.guard_now().0
+    }
+
+    /// The last answer, if there was one: nothing is asked (for a log line).
+    pub fn guard_seen(&self) -> Option<Guard> {
+        let s = self.guard.lock().ok()?;
+        s.at.map(|_| s.guard.clone())
     }
 
     /// The last answer without waiting (`Unverified` before the first), and whether there

@@ -430,9 +430,9 @@ impl JobCache {
     pub fn started_line(&self) -> String {
         let s = &self.shared;
         let hint = endpoint(&s.upstream.settings);
-        match s.upstream.guard_now() {
-            (Guard::Open(_), true) => return format!("flywheel: bazel cache {hint}: not used: the lane's cache takes writes without credentials, so anything may have written it (every read is a miss, every write dropped)"),
-            (Guard::Unverified(why, Cause::Other), true) => return format!("flywheel: bazel cache {hint}: not used: the lane's cache did not refuse a write without credentials ({why}); every read is a miss, every write dropped"),
+        match s.upstream.guard_seen() {
+            Some(Guard::Open(_)) => return format!("flywheel: bazel cache {hint}: not used: the lane's cache takes writes without credentials, so anything may have written it (every read is a miss, every write dropped)"),
+            Some(Guard::Unverified(why, Cause::Other)) => return format!("flywheel: bazel cache {hint}: not used: the lane's cache did not refuse a write without credentials ({why}); every read is a miss, every write dropped"),
             _ => {}
         }
         match (s.writes_allowed(), s.upstream.can_write()) {
