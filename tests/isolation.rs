@@ -511,8 +511,9 @@ fn network_attack(
         }
     };
     let trusted = format!(
-        r#"{a} serve 127.0.0.1:47001 trusted-loopback & P1=$!
-{a} serve 0.0.0.0:47002 trusted-any & P2=$!
+        r#"{a} serve 127.0.0.1:0 trusted-loopback {s}/port.loopback & P1=$!
+{a} serve 0.0.0.0:0 trusted-any {s}/port.any & P2=$!
+for i in $(seq 100); do [ -e {s}/port.loopback ] && [ -e {s}/port.any ] && break; sleep 0.05; done
 {a} source {server} > {s}/trusted.addr
 {{ echo '== remote by address'; {a} connect {server}; {by_name}; }} > {s}/trusted.out 2>&1
 sleep 0.3; touch {s}/trusted.ready
@@ -523,12 +524,12 @@ kill $P1 $P2"#,
     );
     let hostile = format!(
         r#"for i in $(seq 300); do [ -e {s}/trusted.ready ] && break; sleep 0.1; done
-T=$(cat {s}/trusted.addr)
+T=$(cat {s}/trusted.addr); PL=$(cat {s}/port.loopback); PA=$(cat {s}/port.any)
 {{
 echo "hostile job at $({a} source {server}) attacks $T while it runs: $(test -e {s}/trusted.ready && echo yes)"
-echo '== trusted loopback'; {a} connect 127.0.0.1:47001
-echo "== trusted on the host's address"; {a} connect {host}:47002
-echo '== trusted on its own address'; {a} connect $T:47002
+echo '== trusted loopback'; {a} connect 127.0.0.1:$PL
+echo "== trusted on the host's address"; {a} connect {host}:$PA
+echo '== trusted on its own address'; {a} connect $T:$PA
 echo '== agent metrics'; {a} connect {metrics}
 echo "== host loopback service"; {a} connect {host_service}
 echo '== link-local'; {a} connect {link_local}:{port}

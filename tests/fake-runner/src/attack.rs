@@ -122,12 +122,25 @@ fn idle(socket: &str, n: usize, secs: u64) {
 }
 
 /// Serve `text` on `addr` (TCP) to every connection, until killed.
-fn serve(addr: &str, text: &str) {
+/// Serves `text` to every connection on `addr`; with a port of 0 the kernel picks a free one and
+/// `port_file` (when given) gets it, written whole under a temporary name and renamed, so a reader
+/// never sees half a number. A fixed port on the host's network can be any connection's
+/// ephemeral port at that moment (the bind then fails), which is why the tests take port 0.
+fn serve(addr: &str, text: &str, port_file: &str) {
     let l = match listen_reusing(addr) {
         Ok(l) => l,
         Err(e) => return println!("serve {addr}: bind: {e}"),
     };
-    println!("serve {addr}: listening");
+    let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
+    println!("serve {addr}: listening on port {port}");
+    if !port_file.is_empty() {
+        let tmp = format!("{port_file}.tmp");
+        if let Err(e) =
+            std::fs::write(&tmp, format!("{port}\n")).and_then(|()| std::fs::rename(&tmp, port_file))
+        {
+            return println!("serve {addr}: {port_file}: {e}");
+        }
+    }
     for mut c in l.incoming().flatten() {
         let _ = writeln!(c, "{text}");
     }
@@ -501,7 +514,7 @@ fn main() -> ExitCode {
             arg(3).parse().unwrap_or(1),
             arg(4).parse().unwrap_or(1),
         ),
-        "serve" => serve(&arg(2), &arg(3)),
+        "serve" => serve(&arg(2), &arg(3), &arg(4)),
         "connect" => connect(&arg(2)),
         "source" => source(&arg(2)),
         "passfd" => passfd(&arg(2), &arg(3)),
@@ -509,7 +522,7 @@ fn main() -> ExitCode {
         "escape" => return escape(&arg(2), args.get(3..).unwrap_or_default()),
         _ => {
             eprintln!(
-                "usage: fw-attack ptrace PID | hook SOCKET | flood SOCKET MIB | idle SOCKET N SECS | serve ADDR TEXT | connect HOST:PORT | source ADDR:PORT | passfd DIR NAME | recvfd NAME CMD… | escape PID PATH…"
+                "usage: fw-attack ptrace PID | hook SOCKET | flood SOCKET MIB | idle SOCKET N SECS | serve ADDR TEXT [PORT_FILE] | connect HOST:PORT | source ADDR:PORT | passfd DIR NAME | recvfd NAME CMD… | escape PID PATH…"
             );
             return ExitCode::from(64);
         }
