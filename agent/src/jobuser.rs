@@ -52,6 +52,16 @@ impl JobUser {
                 "user {name:?} has root's group (gid 0) as its primary group: give it a group of its own"
             )));
         }
+        if crate::idrange::in_band(u.uid.as_raw()) || crate::idrange::in_band(u.gid.as_raw()) {
+            return Err(UserError(format!(
+                "user {name:?} (uid {}, gid {}) has an id in the band the agent gives jobs' nix-daemons ({}–{}): it would be the same user to the kernel as another job's builds; give it an id below {}",
+                u.uid,
+                u.gid,
+                crate::idrange::BASE,
+                crate::idrange::BASE + crate::idrange::RANGES * crate::idrange::SIZE - 1,
+                crate::idrange::BASE
+            )));
+        }
         let cname = CString::new(name)
             .map_err(|_| UserError(format!("user name {name:?} contains a NUL byte")))?;
         let member_of: Vec<u32> = nix::unistd::getgrouplist(&cname, u.gid)
@@ -137,5 +147,36 @@ mod tests {
         std::os::unix::fs::chown(t.path().join("bin"), Some(u.uid), None).expect("chown");
         let e = u.refuse_owning(&[t.path()]).expect_err("owner refused");
         assert!(e.to_string().contains("owns"), "{e}");
+    }
+    #[test]
+    fn a_user_with_an_id_of_the_daemons_band_is_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "useradd needs root, and CI must not skip"
+            );
+            eprintln!("SKIP the band case: useradd needs root");
+            return;
+        }
+        // A uid inside some daemon's range (not its root): the same user to the kernel as
+        // that daemon's build user 5.
+        let name = format!("fwt-band-{}", std::process::id() % 100_000);
+        let uid = crate::idrange::BASE + 7 * crate::idrange::SIZE + 5;
+        let made = std::process::Command::new("useradd")
+            .args(["-M", "-N", "-g", "nogroup", "-s", "/usr/sbin/nologin", "-u"])
+            .arg(uid.to_string())
+            .arg(&name)
+            .status()
+            .expect("useradd");
+        assert!(made.success(), "useradd {name} -u {uid}");
+        let looked = JobUser::lookup(&name, &[]);
+        let _ = std::process::Command::new("userdel").arg(&name).status();
+        let e = looked.expect_err("a uid in the band is refused");
+        assert!(e.to_string().contains(&format!("uid {uid}")), "{e}");
+        assert!(
+            e.to_string()
+                .contains("band the agent gives jobs' nix-daemons"),
+            "{e}"
+        );
     }
 }

@@ -17,19 +17,8 @@
 
 use super::*;
 
-/// The first id of the first range: between systemd's container range (524288–1879048191)
-/// and its foreign range (2147352576–), which systemd leaves unused.
-pub(super) const BASE: u32 = 0x7000_0000;
-/// Ids in one daemon's range.
-pub(super) const SIZE: u32 = 65536;
-/// Ranges available (daemons that run at once).
-const RANGES: u32 = 4094;
-
-/// Whether host uid `uid` is a job's daemon's root (the first id of a range): its processes
-/// are the daemon's, never a build's.
-pub fn is_daemon_root(uid: u32) -> bool {
-    uid >= BASE && (uid - BASE) % SIZE == 0 && (uid - BASE) / SIZE < RANGES
-}
+pub use crate::idrange::is_daemon_root;
+use crate::idrange::{BASE, RANGES, SIZE};
 
 /// A daemon's user namespace, its range's first id and the range's lock (the open file the
 /// daemon's init keeps).
