@@ -230,7 +230,6 @@ pub struct JobOutcome {
     /// The exit status to report: the command's own, 126/127 when it could not be started.
     pub code: i32,
     pub exit: Option<Exit>,
-    pub stats: Stats,
     /// Why the command could not be started (code 126 or 127).
     pub launch_error: Option<String>,
     /// The job was stopped by a signal to the agent.

@@ -490,7 +490,6 @@ pub(super) async fn run_job_inner<P: Processes>(
         slot: slot_index,
         code,
         exit,
-        stats,
         launch_error,
         stopped,
         timings,

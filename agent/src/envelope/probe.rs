@@ -1,5 +1,5 @@
 //! A running job as others see it: its cgroup (every read through the `JobCgroup` trait),
-//! its setup notes, the facts for its summary and the OOM kills in the kernel log.
+//! its setup (typed: `report::Setup`), the facts for its report and the OOM kills in the kernel log.
 
 use super::*;
 
