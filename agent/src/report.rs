@@ -1,8 +1,8 @@
 //! One job's report, as typed facts, computed in one place: [`compute`], from the job as its
 //! lane configured it ([`Job`]) and what was seen of it ([`Seen`]). The envelope computes it
-//! at a job's end (its `JobOutcome`'s `report`), a runner's completed hook while the job still runs
-//! ([`so_far`]). The job summary (`summary`), the metrics and `status` (`telemetry`), the hook's
-//! answer and `exec`'s output only render it; nothing reads a fact back out of rendered text.
+//! at a job's end (its `JobOutcome`'s `report`), a runner's completed hook while the job still
+//! runs ([`so_far`]). The job summary (`summary`), the metrics and `status` (`telemetry`), the
+//! hook's answer and `exec`'s output only render it; nothing reads a fact back out of text.
 
 use std::fmt;
 use std::time::Duration;
