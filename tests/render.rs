@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use flywheel_agent::summary::{markdown, Build, Report, Samples};
+use flywheel_agent::report::{Bootstrap, JobReport};
+use flywheel_agent::summary::{markdown, Build, Samples};
+use flywheel_agent::verdict::OomFacts;
 
 const MERMAID: &str = "/var/cache/flywheel-tests/mermaid/node_modules/mermaid/dist/mermaid.min.js";
 
@@ -34,12 +36,12 @@ fn renderer() -> Option<PathBuf> {
     chromium
 }
 
-fn report(name_first: &str, builds: usize, secs: f64, oom: bool) -> Report {
+fn report(name_first: &str, builds: usize, secs: f64, oom: bool) -> JobReport {
     let mut s = Samples::new(Duration::from_millis(250));
     for i in 0..(secs / 0.25) as u64 {
         s.push((8 + (i * 37) % 300) << 20);
     }
-    Report {
+    JobReport {
         lane: "tinyland-nix".into(),
         envelope_bytes: 512 << 20,
         peak_bytes: Some(if oom { 512 << 20 } else { 310 << 20 }),
@@ -60,12 +62,32 @@ fn report(name_first: &str, builds: usize, secs: f64, oom: bool) -> Report {
                 }
             })
             .collect(),
-        bootstrap: Some("nix 2.8.0: warm (verified in 0.2 ms)".into()),
+        bootstrap: Some(Bootstrap {
+            done: flywheel_agent::nixboot::Report {
+                relayed: Some("nix 2.8.0: warm (verified in 0.2 ms)".into()),
+                ..Default::default()
+            },
+            elapsed: Duration::ZERO,
+        }),
         paths: Some((builds as u64, 3)),
-        oom: oom.then(|| "flywheel: out of memory: the job hit its envelope".to_owned()),
+        oom: oom.then(|| OomFacts {
+            lane: "tinyland-nix".into(),
+            envelope_bytes: 512 << 20,
+            stats: flywheel_agent::cgroup::Stats {
+                oom_kills: 1,
+                peak_bytes: Some(512 << 20),
+                pids_max_hits: 0,
+            },
+            killed: Vec::new(),
+            bigger_lane: None,
+            building: vec!["pkg-1-1.0".into()],
+            parallel: None,
+            ran_at_once: 0,
+            build_memory: Vec::new(),
+        }),
         elapsed: Duration::from_secs_f64(secs),
         exit_code: Some(if oom { 137 } else { 0 }),
-        ..Report::default()
+        ..JobReport::default()
     }
 }
 

@@ -468,7 +468,7 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         }
         None => None,
     };
-    let (lane_name, summary_file) = (lane.name.clone(), req.summary.clone());
+    let summary_file = req.summary.clone();
     let command = req.command.clone();
     let spec = JobSpec {
         lane,
@@ -509,8 +509,9 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         let mgr = cgroup::detect(&cfg.cgroup.mount, cfg.cgroup.parent.as_deref())?;
         tracing::debug!(layout = %mgr.layout(), "cgroup layout");
         let outcome = envelope::run_job(&cfg, mgr.as_ref(), spec, stop, &reaper).await?;
-        if let Some(n) = &outcome.nix {
-            eprintln!("flywheel: {}", n.text);
+        let report = &outcome.report;
+        if let Some(b) = &report.bootstrap {
+            eprintln!("flywheel: {}", b.line());
         }
         if let Some(msg) = &outcome.launch_error {
             eprintln!("flywheel: {msg}");
@@ -518,15 +519,14 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         if let Some(hint) = private_tmp_hint(outcome.code, &command) {
             eprintln!("flywheel: {hint}");
         }
-        if let Some(v) = &outcome.verdict {
+        if let Some(v) = report.oom_verdict() {
             eprintln!("{v}");
         }
-        if let Some(n) = &outcome.pids_note {
+        if let Some(n) = report.pids_note() {
             eprintln!("{n}");
         }
         // "Does my build fit?": the same summary a runner job gets, for the terminal.
-        let report = outcome.report(&lane_name, memory_bytes);
-        eprint!("{}", flywheel_agent::summary::text(&report));
+        eprint!("{}", flywheel_agent::summary::text(report));
         let bazel = bazel.map(|b| b.tally());
         if let Some(t) = &bazel {
             eprintln!("flywheel: {}", flywheel_agent::summary::bazel_line(t));
@@ -534,12 +534,12 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         // In a workflow step, the same annotations the runner's completed hook writes.
         if std::env::var_os("GITHUB_ACTIONS").is_some_and(|v| v == "true") {
             let mut out = std::io::stdout().lock();
-            for line in flywheel_agent::summary::annotations(&report) {
+            for line in flywheel_agent::summary::annotations(report) {
                 let _ = writeln!(out, "{line}");
             }
         }
         if let Some(path) = &summary_file {
-            let mut md = flywheel_agent::summary::markdown(&report);
+            let mut md = flywheel_agent::summary::markdown(report);
             if let Some(t) = &bazel {
                 md.push_str(&flywheel_agent::summary::bazel_section(t));
             }
@@ -690,7 +690,7 @@ fn nix_bootstrap(
         out,
         "store: {}/store ({})",
         plan.nix_root.display(),
-        if report.cold { "cold" } else { "warm" }
+        report.warmth()
     );
     let _ = writeln!(out, "nix.conf: {}", plan.conf_file.display());
     let _ = writeln!(
@@ -1116,7 +1116,7 @@ fn run_inner(
         let result = match (jit, arc_lane, pool_github) {
             (Some(jit), Some(lane), _) => {
                 let outcome = runner::run_arc(ctx, jit, &lane, shutdown).await?;
-                if let Some(v) = &outcome.verdict {
+                if let Some(v) = outcome.report.oom_verdict() {
                     eprintln!("{v}");
                 }
                 tracing::info!(

@@ -20,6 +20,7 @@ pub mod notify;
 pub mod publish;
 pub mod ready;
 pub mod reaper;
+pub mod report;
 pub mod runner;
 pub mod scratch;
 pub mod size;

@@ -142,10 +142,8 @@ impl Hooks {
 }
 
 /// Record a finished runner job in the metrics (with the store paths its daemon added).
-fn record(ctx: &RunContext, lane: &Lane, runner: &str, o: &JobOutcome) {
-    let paths = if lane.nix { o.paths } else { None };
-    ctx.telemetry
-        .job_finished(&lane.name, lane.memory_bytes, runner, o, paths);
+fn record(ctx: &RunContext, runner: &str, o: &JobOutcome) {
+    ctx.telemetry.job_finished(runner, &o.report, &o.timings);
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -548,7 +546,7 @@ async fn run_runner(
     hooks.finish().await;
     ctx.telemetry.runner_ended(name);
     match &outcome {
-        Ok(o) => record(ctx, lane, name, o),
+        Ok(o) => record(ctx, name, o),
         Err(_) => ctx.telemetry.infrastructure_failure(&lane.name),
     }
     Ok(outcome?)
@@ -735,7 +733,7 @@ pub async fn run_pool(
                     End::Exited { name, outcome } => {
                         let exit = ListenerExit::from_code(outcome.code);
                         stats.finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let oom = outcome.verdict.is_some();
+                        let oom = outcome.report.oom.is_some();
                         match exit {
                             ListenerExit::Done | ListenerExit::ConfigRefreshed => info!(lane = %lane.name, runner = %name, code = outcome.code, "runner finished"),
                             ListenerExit::VersionDeprecated => error!(lane = %lane.name, runner = %name, "the runner version is deprecated (exit 7): install a current actions/runner in runner.install_dir"),
@@ -743,7 +741,7 @@ pub async fn run_pool(
                             ListenerExit::SessionConflict => warn!(lane = %lane.name, runner = %name, "session conflict (exit 5): another listener used this runner's registration"),
                             ListenerExit::Terminated | ListenerExit::Retryable | ListenerExit::Other(_) => warn!(lane = %lane.name, runner = %name, code = outcome.code, oom, "runner failed"),
                         }
-                        if let Some(v) = &outcome.verdict {
+                        if let Some(v) = outcome.report.oom_verdict() {
                             warn!(lane = %lane.name, runner = %name, "{v}");
                         }
                         if exit.is_failure() && !h.stopping && !oom {

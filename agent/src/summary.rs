@@ -11,6 +11,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::report::JobReport;
 use crate::size::Bytes;
 
 /// At most this many memory samples are kept; more are merged pairwise (the larger wins).
@@ -159,32 +160,6 @@ pub fn most_at_once(builds: &[Build]) -> u32 {
     u32::try_from(most).unwrap_or(0)
 }
 
-/// Everything the summary shows.
-#[derive(Debug, Clone, Default)]
-pub struct Report {
-    pub lane: String,
-    pub envelope_bytes: u64,
-    pub peak_bytes: Option<u64>,
-    pub samples: Option<Samples>,
-    pub builds: Vec<Build>,
-    /// The Nix bootstrap line (warm or cold, with its time).
-    pub bootstrap: Option<String>,
-    /// The job's store (a node-local slot, warm or cold).
-    pub store: Option<String>,
-    /// Store paths the job added: (built, substituted).
-    pub paths: Option<(u64, u64)>,
-    /// The OOM verdict, when the kernel killed something.
-    pub oom: Option<String>,
-    /// The pids-limit note, when forks were refused.
-    pub pids: Option<String>,
-    /// What the agent published of the job's builds (or why nothing).
-    pub published: Option<String>,
-    pub elapsed: Duration,
-    /// The command's exit status (`128 + signal` for a signal), when the agent knows it: `exec`
-    /// does; a runner's completed hook runs before the job's result exists.
-    pub exit_code: Option<i32>,
-}
-
 /// Names joined with ", ": at most `max` of them, each cut to `width` characters, then
 /// "and N more". A list that names can never make long (derivation names are the job's, and
 /// a neighbour's on a shared store would be an outsider's).
@@ -257,7 +232,7 @@ fn time_axis(elapsed: f64) -> (&'static str, f64) {
     }
 }
 
-fn memory_chart(r: &Report, s: &Samples) -> String {
+fn memory_chart(r: &JobReport, s: &Samples) -> String {
     let points = s.points();
     let top = mib(r
         .envelope_bytes
@@ -423,7 +398,7 @@ fn by_memory(builds: &[Build]) -> Vec<&Build> {
 
 /// The builds that used the most memory, as a table (the largest first), and how the figures
 /// were taken.
-fn memory_table(r: &Report) -> String {
+fn memory_table(r: &JobReport) -> String {
     let v = by_memory(&r.builds);
     if v.is_empty() {
         return String::new();
@@ -474,7 +449,7 @@ pub enum Fit {
 /// A peak at or above this share of the envelope is "close".
 pub const CLOSE_PERCENT: f64 = 90.0;
 
-impl Report {
+impl JobReport {
     pub fn fit(&self) -> Fit {
         match (self.oom.is_some(), self.peak_bytes) {
             (true, _) => Fit::OutOfMemory,
@@ -517,7 +492,7 @@ pub fn exit_words(code: i32) -> String {
 /// The verdict: whether the job fit its envelope and how close it came, then its exit status
 /// (when known) and its duration. The same words start the Markdown summary, `exec`'s output
 /// and the runner hook's log line.
-pub fn verdict(r: &Report) -> String {
+pub fn verdict(r: &JobReport) -> String {
     let env = Bytes(r.envelope_bytes);
     let peak = |p: u64| {
         format!(
@@ -560,7 +535,7 @@ fn store_work(built: u64, substituted: u64) -> String {
 
 /// The job summary, Markdown: the verdict first, the verdicts' details, the charts, then the
 /// setup facts folded away.
-pub fn markdown(r: &Report) -> String {
+pub fn markdown(r: &JobReport) -> String {
     let mut out = String::new();
     let icon = match r.fit() {
         Fit::OutOfMemory => "❌",
@@ -578,10 +553,10 @@ pub fn markdown(r: &Report) -> String {
     if let Some((built, subst)) = r.paths {
         let _ = writeln!(out, "Nix: {}.\n", store_work(built, subst));
     }
-    if let Some(v) = &r.oom {
+    if let Some(v) = r.oom_verdict() {
         let _ = writeln!(out, "> [!CAUTION]\n> {}\n", v.replace('\n', "\n> "));
     }
-    if let Some(p) = &r.pids {
+    if let Some(p) = r.pids_note() {
         let _ = writeln!(out, "> [!WARNING]\n> {p}\n");
     }
     if let Some(s) = r.samples.as_ref().filter(|s| !s.bytes.is_empty()) {
@@ -627,7 +602,7 @@ pub fn markdown(r: &Report) -> String {
     }
     let mut setup = Vec::new();
     if let Some(b) = &r.bootstrap {
-        setup.push(format!("- Nix bootstrap: {b}"));
+        setup.push(format!("- Nix bootstrap: {}", b.line()));
     }
     if let Some(s) = &r.store {
         setup.push(format!("- Store: {s}"));
@@ -663,7 +638,7 @@ pub fn sparkline(bytes: &[u64], envelope: u64) -> String {
 
 /// The summary for a terminal (`exec`): the verdict first, then memory over time, the store's
 /// work and the longest builds.
-pub fn text(r: &Report) -> String {
+pub fn text(r: &JobReport) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "flywheel: {}", verdict(r));
     if let Some(s) = r.samples.as_ref().filter(|s| !s.points().is_empty()) {
@@ -734,9 +709,9 @@ pub fn annotation(kind: &str, title: &str, message: &str) -> String {
 /// The annotations a job's summary makes on the run's page: an `::error` for an OOM, a
 /// `::warning` for a process-limit hit. The runner's completed hook and `exec` in a workflow
 /// step print the same.
-pub fn annotations(r: &Report) -> Vec<String> {
+pub fn annotations(r: &JobReport) -> Vec<String> {
     let mut out = Vec::new();
-    if let Some(v) = &r.oom {
+    if let Some(f) = &r.oom {
         out.push(annotation(
             "error",
             &format!(
@@ -744,14 +719,14 @@ pub fn annotations(r: &Report) -> Vec<String> {
                 r.lane,
                 Bytes(r.envelope_bytes)
             ),
-            v.trim_start_matches("flywheel: "),
+            &crate::verdict::oom_sentence(f),
         ));
     }
-    if let Some(p) = &r.pids {
+    if let Some(p) = r.pids {
         out.push(annotation(
             "warning",
             &format!("Process limit reached on lane {}", r.lane),
-            p.trim_start_matches("flywheel: "),
+            &crate::verdict::pids_sentence(&r.lane, p.limit, p.refused),
         ));
     }
     out
@@ -834,12 +809,42 @@ pub fn bazel_section(t: &crate::bazel::Tally) -> String {
 mod tests {
     use super::*;
 
-    fn report(samples: usize, builds: usize) -> Report {
+    /// A Nix bootstrap whose line is `line`.
+    fn bootstrap(line: &str) -> crate::report::Bootstrap {
+        crate::report::Bootstrap {
+            done: crate::nixboot::Report {
+                relayed: Some(line.into()),
+                ..crate::nixboot::Report::default()
+            },
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    /// An OOM on lane `tinyland-nix`: one kill, nothing known of what was building.
+    fn oom() -> crate::verdict::OomFacts {
+        crate::verdict::OomFacts {
+            lane: "tinyland-nix".into(),
+            envelope_bytes: 8 << 30,
+            stats: crate::cgroup::Stats {
+                oom_kills: 1,
+                peak_bytes: Some(4 << 30),
+                pids_max_hits: 0,
+            },
+            killed: Vec::new(),
+            bigger_lane: None,
+            building: Vec::new(),
+            parallel: None,
+            ran_at_once: 0,
+            build_memory: Vec::new(),
+        }
+    }
+
+    fn report(samples: usize, builds: usize) -> JobReport {
         let mut s = Samples::new(Duration::from_millis(250));
         for i in 0..samples {
             s.push((i as u64 % 4096) << 20);
         }
-        Report {
+        JobReport {
             lane: "tinyland-nix".into(),
             envelope_bytes: 8 << 30,
             peak_bytes: Some(4 << 30),
@@ -853,10 +858,10 @@ mod tests {
                     memory_bytes: None,
                 })
                 .collect(),
-            bootstrap: Some("nix 2.34.0: warm (verified in 0.2 ms)".into()),
+            bootstrap: Some(bootstrap("nix 2.34.0: warm (verified in 0.2 ms)")),
             paths: Some((builds as u64, 3)),
             elapsed: Duration::from_secs(6 * 3600),
-            ..Report::default()
+            ..JobReport::default()
         }
     }
 
@@ -928,7 +933,7 @@ mod tests {
     #[test]
     fn the_chart_draws_the_envelope_and_the_oom_is_on_top() {
         let mut r = report(10, 2);
-        r.oom = Some("flywheel: out of memory: lane tinyland-nix\nthe build hog".into());
+        r.oom = Some(oom());
         let md = markdown(&r);
         assert!(
             md.starts_with("### ❌ Out of memory: peak 4.0 GiB of the 8.0 GiB envelope (50%), 6 h 00 min on lane `tinyland-nix`\n"),
@@ -965,10 +970,25 @@ mod tests {
         assert!(text(&r).starts_with("flywheel: fits, barely: "));
         assert!(markdown(&r).starts_with("### ⚠️ Fits, barely: "));
         assert!(annotations(&r).is_empty());
-        r.oom = Some("flywheel: out of memory: x".into());
+        r.oom = Some(oom());
+        let v = crate::verdict::oom_verdict(&oom());
+        assert!(v.starts_with("flywheel: out of memory: "), "{v}");
         assert_eq!(
             annotations(&r),
-            ["::error title=Out of memory on lane tinyland-nix (8.0 GiB envelope)::out of memory: x"]
+            [format!(
+                "::error title=Out of memory on lane tinyland-nix (8.0 GiB envelope)::{}",
+                &v["flywheel: ".len()..]
+            )]
+        );
+        // The process limit: a warning with the note's sentence.
+        r.oom = None;
+        r.pids = Some(crate::report::PidsHit {
+            limit: 512,
+            refused: 3,
+        });
+        assert_eq!(
+            annotations(&r),
+            ["::warning title=Process limit reached on lane tinyland-nix::the job on lane `tinyland-nix` hit its process limit of 512 (3 forks refused); a fork bomb or runaway parallelism is the usual cause."]
         );
         r.paths = Some((0, 0));
         assert!(text(&r).contains("flywheel: nix: nothing built or substituted"));

@@ -14,7 +14,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, linear_buckets,
 use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
 
-use crate::envelope::{JobOutcome, JobProbe};
+use crate::envelope::{JobProbe, Timings};
+use crate::report::JobReport;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LaneLabels {
@@ -388,7 +389,6 @@ impl Telemetry {
             .inc();
     }
 
-    /// Record a finished job of `runner`.
     /// The agent published `paths` paths (`bytes` of NAR) of a job of `lane`.
     pub fn published(&self, lane: &str, paths: u64, bytes: u64) {
         let l = LaneLabels { lane: lane.into() };
@@ -438,23 +438,10 @@ impl Telemetry {
             .inc();
     }
 
-    pub fn job_finished(
-        &self,
-        lane: &str,
-        envelope: u64,
-        runner: &str,
-        o: &JobOutcome,
-        paths: Option<(u64, u64)>,
-    ) {
-        let result = if o.verdict.is_some() {
-            "oom"
-        } else if o.stopped {
-            "cancelled"
-        } else if o.code == 0 {
-            "succeeded"
-        } else {
-            "failed"
-        };
+    /// Record a finished job of `runner`: its report and its phases' times.
+    pub fn job_finished(&self, runner: &str, r: &JobReport, timings: &Timings) {
+        let lane = r.lane.as_str();
+        let result = r.result().label();
         self.jobs
             .get_or_create(&JobLabels {
                 lane: lane.into(),
@@ -462,39 +449,29 @@ impl Telemetry {
             })
             .inc();
         let l = LaneLabels { lane: lane.into() };
-        self.oom_kills.get_or_create(&l).inc_by(o.stats.oom_kills);
-        if let Some(p) = o.stats.peak_bytes {
+        self.oom_kills.get_or_create(&l).inc_by(r.oom_kills);
+        if let Some(p) = r.peak_bytes {
             #[allow(clippy::cast_precision_loss)]
             {
                 self.peak_bytes.get_or_create(&l).observe(p as f64);
                 self.peak_ratio
                     .get_or_create(&l)
-                    .observe(p as f64 / envelope.max(1) as f64);
+                    .observe(p as f64 / r.envelope_bytes.max(1) as f64);
             }
         }
-        if let Some(kind) = o.store {
+        if let Some(store) = &r.store {
             self.store_starts
                 .get_or_create(&StoreLabels {
                     lane: lane.into(),
-                    store: kind.into(),
+                    store: store.kind().label().into(),
                 })
                 .inc();
         }
-        let cache = match (&o.nix, paths) {
-            (None, _) => "none",
-            (Some(_), Some((built, _))) if built > 0 => "cold",
-            (Some(_), Some((_, subst))) if subst > 0 => "substituted",
-            (Some(_), _) => "warm",
-        };
-        if let Some(n) = &o.nix {
-            self.observe_phase(
-                lane,
-                "nix_bootstrap",
-                if n.cold { "cold" } else { "warm" },
-                n.elapsed,
-            );
+        let cache = r.cache().label();
+        if let Some(b) = &r.bootstrap {
+            self.observe_phase(lane, "nix_bootstrap", b.done.warmth(), b.elapsed);
         }
-        if let Some((built, subst)) = paths {
+        if let Some((built, subst)) = r.paths {
             self.store_paths
                 .get_or_create(&PathLabels {
                     lane: lane.into(),
@@ -508,16 +485,16 @@ impl Telemetry {
                 })
                 .inc_by(subst);
         }
-        self.observe_phase(lane, "setup", cache, o.timings.setup);
-        self.observe_phase(lane, "run", cache, o.timings.run);
-        self.observe_phase(lane, "teardown", cache, o.timings.teardown);
-        if let Some(v) = &o.verdict {
+        self.observe_phase(lane, "setup", cache, timings.setup);
+        self.observe_phase(lane, "run", cache, timings.run);
+        self.observe_phase(lane, "teardown", cache, timings.teardown);
+        if let Some(text) = r.oom_verdict() {
             if let Ok(mut q) = self.verdicts.lock() {
                 q.push_back(VerdictEntry {
                     lane: lane.into(),
                     runner: runner.into(),
                     at_unix: now(),
-                    text: v.clone(),
+                    text,
                 });
                 while q.len() > 20 {
                     q.pop_front();
@@ -803,28 +780,26 @@ mod tests {
         )
         .expect("config");
         let t = Telemetry::new(&cfg.lanes, "arc");
-        let outcome = |store| JobOutcome {
-            job: "arc.s0.1.1".into(),
-            slot: 0,
-            code: 0,
-            exit: None,
-            stats: crate::cgroup::Stats::default(),
-            verdict: None,
-            pids_note: None,
-            launch_error: None,
-            stopped: false,
-            timings: crate::envelope::Timings::default(),
-            nix: None,
-            started_unix: 0,
-            store,
-            samples: None,
-            builds: Vec::new(),
-            nix_root: None,
-            built: Vec::new(),
-            paths: None,
+        let warm = crate::report::StoreStart::Slot {
+            lane: "arc".into(),
+            index: 0,
+            warm: Some((10, 1 << 20)),
+            idle_secs: None,
+            check: crate::report::SlotCheck::NotNeeded,
         };
-        for store in [Some("warm"), Some("warm"), Some("pod_local"), None] {
-            t.job_finished("arc", 1 << 30, "r", &outcome(store), None);
+        let pod = crate::report::StoreStart::PodLocal {
+            lane: "arc".into(),
+            slots: 2,
+        };
+        for store in [Some(warm.clone()), Some(warm), Some(pod), None] {
+            let report = JobReport {
+                lane: "arc".into(),
+                envelope_bytes: 1 << 30,
+                store,
+                exit_code: Some(0),
+                ..JobReport::default()
+            };
+            t.job_finished("r", &report, &Timings::default());
         }
         let text = t.encode();
         assert!(

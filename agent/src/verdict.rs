@@ -16,13 +16,13 @@ pub struct Killed {
 
 /// Everything the verdict says.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OomFacts<'a> {
-    pub lane: &'a str,
+pub struct OomFacts {
+    pub lane: String,
     pub envelope_bytes: u64,
     pub stats: Stats,
     pub killed: Vec<Killed>,
     /// The smallest configured lane with a larger envelope, if any.
-    pub bigger_lane: Option<(&'a str, u64)>,
+    pub bigger_lane: Option<(String, u64)>,
     /// Nix lanes: the derivations that were building when memory ran out.
     pub building: Vec<String>,
     /// Nix lanes: parallel builds the lane allows (`max-jobs`) and the memory one is given.
@@ -40,7 +40,7 @@ const ONE_BUILD_SHARE: u64 = 2;
 
 /// Which build used the memory, in words: "`llvm` used 5.1 GiB of the 8.0 GiB envelope
 /// while `boost` used 2.4 GiB" (the largest three).
-fn memory_words(f: &OomFacts<'_>) -> String {
+fn memory_words(f: &OomFacts) -> String {
     let name = |n: &str| {
         format!(
             "`{}`",
@@ -69,7 +69,12 @@ fn memory_words(f: &OomFacts<'_>) -> String {
 }
 
 /// The verdict printed on stderr when the job's cgroup saw an OOM kill.
-pub fn oom_verdict(f: &OomFacts<'_>) -> String {
+pub fn oom_verdict(f: &OomFacts) -> String {
+    format!("flywheel: {}", oom_sentence(f))
+}
+
+/// The verdict's sentence alone (an annotation's message): "out of memory: this job …".
+pub fn oom_sentence(f: &OomFacts) -> String {
     let peak = f
         .stats
         .peak_bytes
@@ -145,10 +150,10 @@ pub fn oom_verdict(f: &OomFacts<'_>) -> String {
         None => "lower the build's parallelism (fewer parallel jobs: nix --max-jobs / --cores, make -j, cargo -j)".to_owned(),
         },
     };
-    let advice = match f.bigger_lane {
+    let advice = match &f.bigger_lane {
         Some((name, bytes)) => format!(
             "{fewer} or run it on the `{name}` lane ({}) with `runs-on: {name}`",
-            Bytes(bytes)
+            Bytes(*bytes)
         ),
         None => format!("{fewer} or split the job; no larger lane is configured"),
     };
@@ -171,7 +176,7 @@ pub fn oom_verdict(f: &OomFacts<'_>) -> String {
         }
     };
     format!(
-        "flywheel: out of memory: this job on lane `{}` reached its memory envelope of {} (peak {peak}){building}{}; {who}. What to do: {advice}.",
+        "out of memory: this job on lane `{}` reached its memory envelope of {} (peak {peak}){building}{}; {who}. What to do: {advice}.",
         f.lane,
         Bytes(f.envelope_bytes),
         memory_words(f),
@@ -189,8 +194,13 @@ pub fn in_host_pid_namespace() -> bool {
 
 /// A note when the pids cap refused forks.
 pub fn pids_note(lane: &str, pids_max: u64, hits: u64) -> String {
+    format!("flywheel: {}", pids_sentence(lane, pids_max, hits))
+}
+
+/// The note's sentence alone (an annotation's message).
+pub fn pids_sentence(lane: &str, pids_max: u64, hits: u64) -> String {
     format!(
-        "flywheel: the job on lane `{lane}` hit its process limit of {pids_max} ({hits} forks refused); a fork bomb or runaway parallelism is the usual cause."
+        "the job on lane `{lane}` hit its process limit of {pids_max} ({hits} forks refused); a fork bomb or runaway parallelism is the usual cause."
     )
 }
 
@@ -269,7 +279,7 @@ mod tests {
     #[test]
     fn verdict_names_lane_limit_peak_victim_and_advice() {
         let v = oom_verdict(&OomFacts {
-            lane: "tinyland-nix",
+            lane: "tinyland-nix".into(),
             envelope_bytes: 8 << 30,
             stats: Stats {
                 oom_kills: 1,
@@ -280,7 +290,7 @@ mod tests {
                 pid: 4242,
                 name: "cc1plus".into(),
             }],
-            bigger_lane: Some(("tinyland-nix-heavy", 64 << 30)),
+            bigger_lane: Some(("tinyland-nix-heavy".into(), 64 << 30)),
             building: vec!["hog".into()],
             parallel: Some((4, 2 << 30)),
             ran_at_once: 0,
@@ -304,7 +314,7 @@ mod tests {
     #[test]
     fn a_verdict_names_a_bounded_number_of_builds_and_victims() {
         let v = oom_verdict(&OomFacts {
-            lane: "tinyland-nix",
+            lane: "tinyland-nix".into(),
             envelope_bytes: 8 << 30,
             stats: Stats {
                 oom_kills: 300,
@@ -334,7 +344,7 @@ mod tests {
     #[test]
     fn verdict_without_victim_or_bigger_lane() {
         let v = oom_verdict(&OomFacts {
-            lane: "tinyland-nix-heavy",
+            lane: "tinyland-nix-heavy".into(),
             envelope_bytes: 64 << 30,
             stats: Stats {
                 oom_kills: 3,
@@ -357,9 +367,9 @@ mod tests {
     }
 
     /// One OOM kill in an 8 GiB envelope while `boost` and `llvm` were building.
-    fn two_builds(parallel: (u32, u64), ran_at_once: u32) -> OomFacts<'static> {
+    fn two_builds(parallel: (u32, u64), ran_at_once: u32) -> OomFacts {
         OomFacts {
-            lane: "tinyland-nix",
+            lane: "tinyland-nix".into(),
             envelope_bytes: 8 << 30,
             stats: Stats {
                 oom_kills: 1,

@@ -26,9 +26,10 @@ use crate::cgroup::{CgroupError, CgroupManager, JobCgroup, Limits, Stats, JOBS_D
 use crate::config::{Config, Lane};
 use crate::hints;
 use crate::reaper::{Exit, Reaper};
+use crate::report::{Bootstrap, JobReport, SlotCheck, StoreStart};
 use crate::scratch::{self, ScratchError};
 use crate::slot::{self, SlotError};
-use crate::verdict::{self, Killed, KmsgWatch, OomFacts};
+use crate::verdict::{Killed, KmsgWatch};
 use crate::workdir;
 
 mod confine;
@@ -229,68 +230,14 @@ pub struct JobOutcome {
     /// The exit status to report: the command's own, 126/127 when it could not be started.
     pub code: i32,
     pub exit: Option<Exit>,
-    pub stats: Stats,
-    /// The OOM verdict, when the kernel OOM-killed anything in the job.
-    pub verdict: Option<String>,
-    /// A note when the pids cap refused forks.
-    pub pids_note: Option<String>,
     /// Why the command could not be started (code 126 or 127).
     pub launch_error: Option<String>,
     /// The job was stopped by a signal to the agent.
     pub stopped: bool,
     pub timings: Timings,
-    /// Whether Nix was warm or cold, and the bootstrap's own time (never part of `run`).
-    pub nix: Option<NixSummary>,
-    /// Unix seconds when the command started (for the store paths it added).
-    pub started_unix: u64,
-    /// On a slot lane, the store the job started on: `warm`, `cold` or `pod_local`.
-    pub store: Option<&'static str>,
-    /// The job's memory over time.
-    pub samples: Option<crate::summary::Samples>,
-    /// The derivations its daemon built (Nix lanes).
-    pub builds: Vec<crate::summary::Build>,
-    /// The job's Nix store as the agent sees it (Nix lanes).
-    pub nix_root: Option<PathBuf>,
-    /// What the job's daemon built, as its post-build hook recorded it.
-    pub built: Vec<String>,
-    /// The store paths the job's daemon added (built here, substituted), counted before
-    /// teardown: an untrusted job's store is a layer that is gone after it.
-    pub paths: Option<(u64, u64)>,
-}
-
-impl JobOutcome {
-    /// The job's summary: memory over time, builds, bootstrap, verdicts.
-    pub fn report(&self, lane: &str, envelope_bytes: u64) -> crate::summary::Report {
-        let mut samples = self.samples.clone();
-        // A peak after the last sample (an OOM often is one) is the last interval's.
-        if let (Some(s), Some(peak)) = (samples.as_mut(), self.stats.peak_bytes) {
-            s.close(peak);
-        }
-        let paths = self.paths;
-        crate::summary::Report {
-            lane: lane.to_owned(),
-            envelope_bytes,
-            peak_bytes: self.stats.peak_bytes,
-            samples,
-            builds: self.builds.clone(),
-            bootstrap: self.nix.as_ref().map(|n| n.text.clone()),
-            store: None,
-            paths,
-            oom: self.verdict.clone(),
-            pids: self.pids_note.clone(),
-            published: None,
-            elapsed: self.timings.run,
-            exit_code: Some(self.code),
-        }
-    }
-}
-
-/// The Nix bootstrap of a job, reported apart from the job.
-#[derive(Debug, Clone)]
-pub struct NixSummary {
-    pub cold: bool,
-    pub elapsed: Duration,
-    pub text: String,
+    /// What the job did to its envelope and its store: what the summary, the metrics and
+    /// `exec` show.
+    pub report: JobReport,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -4,69 +4,51 @@
 use super::*;
 use crate::reaper::Spawner;
 
-/// Describe the store a job gets, for its log: which node-local slot and whether it is warm.
-/// A slot whose last holder died is checked first, and wiped when it is not sound (the job
-/// then bootstraps cold). The check, the wipe and the size are a blocking thread's work.
-pub(super) async fn store_note(
+/// The store a job gets: which node-local slot and whether it is warm. A slot whose last
+/// holder died is checked first, and wiped when it is not sound (the job then bootstraps
+/// cold). The check, the wipe and the size are a blocking thread's work.
+pub(super) async fn store_start(
     lane: &Lane,
     slot: &slot::Slot,
     slot_nix: Option<&Path>,
-) -> Option<(String, &'static str)> {
+) -> Option<StoreStart> {
     let Some(nix) = slot_nix else {
-        return lane.slot_root.as_ref().map(|_| {
-            (format!(
-                "store: all {} node-local slots of lane {} are busy: this job runs on a pod-local store (cold, still correct)",
-                lane.slots, lane.name
-            ), "pod_local")
+        return lane.slot_root.as_ref().map(|_| StoreStart::PodLocal {
+            lane: lane.name.clone(),
+            slots: lane.slots,
         });
     };
     let (index, dirty, root) = (slot.index, slot.dirty, nix.to_owned());
     let read = crate::store::blocking(move |b| {
-        let mut checked = String::new();
+        let mut check = SlotCheck::NotNeeded;
         if dirty {
             match b.check(&root) {
-                Ok(took) => {
-                    checked = format!(
-                        "; its last holder died, the store was checked in {:.0} ms",
-                        took.as_secs_f64() * 1e3
-                    )
-                }
+                Ok(took) => check = SlotCheck::Sound(took),
                 Err(e) => {
                     warn!(slot = index, error = %e, "the slot's store is not sound after its holder died; wiping it");
                     let _ = workdir::remove_tree(&root);
-                    checked = format!("; its last holder died and the store was wiped ({e})");
+                    check = SlotCheck::Wiped(e.to_string());
                 }
             }
         }
         let receipt = crate::nixboot::receipt_path(&root).exists();
-        (checked, receipt, b.size(&root))
+        (check, receipt, b.size(&root))
     })
     .await;
-    let (checked, receipt, size) = match read {
+    let (check, receipt, size) = match read {
         Ok(r) => r,
-        Err(e) => (format!("; {e}"), false, Err(e)),
+        Err(e) => (SlotCheck::Failed(e.to_string()), false, Err(e)),
     };
-    let idle = slot
-        .idle_secs
-        .map(|s| format!(", last used {s} s ago"))
-        .unwrap_or_default();
-    Some(match size {
-        Ok((paths, bytes)) if paths > 0 && receipt => (
-            format!(
-                "store: node-local slot {} of lane {}: warm ({paths} paths, {}{idle}){checked}",
-                slot.index,
-                lane.name,
-                crate::size::Bytes(bytes)
-            ),
-            "warm",
-        ),
-        _ => (
-            format!(
-                "store: node-local slot {} of lane {}: cold (empty){checked}",
-                slot.index, lane.name
-            ),
-            "cold",
-        ),
+    let warm = match size {
+        Ok((paths, bytes)) if paths > 0 && receipt => Some((paths, bytes)),
+        _ => None,
+    };
+    Some(StoreStart::Slot {
+        lane: lane.name.clone(),
+        index: slot.index,
+        warm,
+        idle_secs: slot.idle_secs,
+        check,
     })
 }
 
@@ -161,7 +143,7 @@ pub(super) async fn run_job_inner<P: Processes>(
         .filter(|_| slot.node_local)
         .map(|root| slot::slot_dirs(root, slot.index));
     drop(entered);
-    let store_line = store_note(
+    let store = store_start(
         lane,
         &slot,
         slot_dirs.as_ref().map(|(nix, _)| nix.as_path()),
@@ -169,10 +151,13 @@ pub(super) async fn run_job_inner<P: Processes>(
     .instrument(setup_span.clone())
     .await;
     entered = setup_span.enter();
-    let store_kind = store_line.as_ref().map(|(_, kind)| *kind);
-    if let Some((line, _)) = &store_line {
-        info!(slot = slot.index, node_local = slot.node_local, "{line}");
-        probe.add_note(line.clone());
+    if let Some(store) = store {
+        info!(
+            slot = slot.index,
+            node_local = slot.node_local,
+            "store: {store}"
+        );
+        probe.with_setup(|s| s.store = Some(store));
     }
     let (phys_work_root, phys_nix) = match &slot_dirs {
         Some((nix, work)) => (work.clone(), nix.clone()),
@@ -191,42 +176,36 @@ pub(super) async fn run_job_inner<P: Processes>(
         nix_fs = %nix_scratch.as_ref().map_or("-", |s| s.fs.as_str()),
         slot = slot.index, "fast-local scratch ok"
     );
-    let nix_report = match &spec.nix {
-        Some(_) => {
-            let t = Instant::now();
-            let on_slot = slot_dirs.as_ref().map(|_| slot.index);
-            // The bootstrap unpacks, hashes and runs programs: a blocking thread's work, its
-            // children watched by the reaper. The setup span is left while it runs, so the
-            // runtime's other tasks are not attributed to it.
-            let (cfg2, lane2, cpus, sp) =
-                (cfg.clone(), lane.clone(), spec.host_cpus, procs.spawner());
-            let in_span = tracing::Span::current();
-            drop(entered);
-            let r = tokio::task::spawn_blocking(move || {
-                in_span
-                    .in_scope(|| crate::nixboot::ensure_for_job(&cfg2, &lane2, on_slot, cpus, &*sp))
-            })
-            .await;
-            entered = setup_span.enter();
-            let r = r
-                .map_err(|e| EnvelopeError::Nix(format!("the bootstrap's thread failed: {e}")))?
-                .map_err(|e| EnvelopeError::Nix(e.to_string()))?;
-            info!(cold = r.cold, "{}", r.summary());
-            probe.add_note(r.summary());
-            // A runner job's trust is known only at job-started, after setup, and an exec
-            // job's is the caller's word: every job's daemon is screened as an untrusted one's.
-            for line in screen_advisories(&r.version, &cfg.nix.acknowledged_advisories)? {
-                warn!("{line}");
-                probe.add_note(line);
-            }
-            Some(NixSummary {
-                cold: r.cold,
-                elapsed: t.elapsed(),
-                text: r.summary(),
-            })
+    if spec.nix.is_some() {
+        let t = Instant::now();
+        let on_slot = slot_dirs.as_ref().map(|_| slot.index);
+        // The bootstrap unpacks, hashes and runs programs: a blocking thread's work, its
+        // children watched by the reaper. The setup span is left while it runs, so the
+        // runtime's other tasks are not attributed to it.
+        let (cfg2, lane2, cpus, sp) = (cfg.clone(), lane.clone(), spec.host_cpus, procs.spawner());
+        let in_span = tracing::Span::current();
+        drop(entered);
+        let r = tokio::task::spawn_blocking(move || {
+            in_span.in_scope(|| crate::nixboot::ensure_for_job(&cfg2, &lane2, on_slot, cpus, &*sp))
+        })
+        .await;
+        entered = setup_span.enter();
+        let r = r
+            .map_err(|e| EnvelopeError::Nix(format!("the bootstrap's thread failed: {e}")))?
+            .map_err(|e| EnvelopeError::Nix(e.to_string()))?;
+        info!(cold = r.cold, "{}", r.summary());
+        // A runner job's trust is known only at job-started, after setup, and an exec
+        // job's is the caller's word: every job's daemon is screened as an untrusted one's.
+        let advisories = screen_advisories(&r.version, &cfg.nix.acknowledged_advisories)?;
+        for line in &advisories {
+            warn!("{line}");
         }
-        None => None,
-    };
+        let elapsed = t.elapsed();
+        probe.with_setup(|s| {
+            s.bootstrap = Some(Bootstrap { done: r, elapsed });
+            s.advisories.extend(advisories);
+        });
+    }
     let stage = cfg.agent.state_dir.join("job-tmp");
     std::fs::create_dir_all(&stage).map_err(io_at("create", &stage))?;
     std::fs::set_permissions(&stage, std::os::unix::fs::PermissionsExt::from_mode(0o700))
@@ -419,14 +398,11 @@ pub(super) async fn run_job_inner<P: Processes>(
             warn!(error = %e, "cannot read what the job built");
             crate::store::JobBuilds::default()
         });
-    let (built_record, mut builds) = (read.built, read.builds);
     let paths = if facts.build_logs.is_some() {
         read.paths
     } else {
         None
     };
-    let build_memory = facts.build_memory();
-    crate::summary::attach_memory(&mut builds, &build_memory, facts.started_unix);
 
     let t_down = Instant::now();
     let torn = teardown(&mut guard, cfg, &stop, procs)
@@ -481,7 +457,7 @@ pub(super) async fn run_job_inner<P: Processes>(
     // Publishing is not teardown: the teardown figure stays the kernel's and the store's.
     let teardown_time = t_down.elapsed().saturating_sub(before_release_time);
 
-    let verdict = (stats.oom_kills > 0).then(|| {
+    let killed = if stats.oom_kills > 0 {
         let mut killed = probe.killed();
         if killed.is_empty() && exit == Some(Exit::Signal(libc::SIGKILL)) {
             killed.push(Killed {
@@ -490,32 +466,10 @@ pub(super) async fn run_job_inner<P: Processes>(
             });
             killed.retain(|k| !k.name.is_empty());
         }
-        verdict::oom_verdict(&OomFacts {
-            lane: &lane.name,
-            envelope_bytes: spec.memory_bytes,
-            stats,
-            killed,
-            bigger_lane: bigger_lane(cfg, &lane.name, spec.memory_bytes),
-            building: builds
-                .iter()
-                .filter(|b| b.failed)
-                .map(|b| b.name.clone())
-                .collect(),
-            parallel: spec.nix.as_ref().map(|_| {
-                (
-                    hints::parallelism(lane, spec.memory_bytes, spec.host_cpus).max_jobs,
-                    lane.memory_per_build_bytes,
-                )
-            }),
-            ran_at_once: crate::summary::most_at_once(&builds),
-            build_memory: build_memory
-                .iter()
-                .map(|b| (b.name.clone(), b.bytes))
-                .collect(),
-        })
-    });
-    let pids_note = (stats.pids_max_hits > 0)
-        .then(|| verdict::pids_note(&lane.name, lane.pids_max, stats.pids_max_hits));
+        killed
+    } else {
+        Vec::new()
+    };
     let timings = Timings {
         setup,
         run,
@@ -536,20 +490,27 @@ pub(super) async fn run_job_inner<P: Processes>(
         slot: slot_index,
         code,
         exit,
-        stats,
-        verdict,
-        pids_note,
         launch_error,
         stopped,
         timings,
-        nix: nix_report,
-        started_unix,
-        store: store_kind,
-        samples: facts.samples,
-        builds,
-        nix_root: facts.nix_root,
-        built: built_record,
-        paths,
+        report: crate::report::compute(
+            &crate::report::Job {
+                lane,
+                envelope_bytes: spec.memory_bytes,
+                host_cpus: spec.host_cpus,
+                nix: spec.nix.is_some(),
+                bigger_lane: bigger_lane(cfg, &lane.name, spec.memory_bytes)
+                    .map(|(name, bytes)| (name.to_owned(), bytes)),
+            },
+            crate::report::Seen {
+                stats,
+                killed,
+                paths,
+                elapsed: run,
+                ended: Some((code, stopped)),
+                ..crate::report::Seen::recorded(&probe, facts, read.builds)
+            },
+        ),
     })
 }
 

@@ -1,5 +1,5 @@
 //! A running job as others see it: its cgroup (every read through the `JobCgroup` trait),
-//! its setup notes, the facts for its summary and the OOM kills in the kernel log.
+//! its setup (typed: `report::Setup`), the facts for its report and the OOM kills in the kernel log.
 
 use super::*;
 
@@ -9,7 +9,7 @@ use super::*;
 pub struct JobProbe(
     std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<dyn JobCgroup>>>>,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    std::sync::Arc<std::sync::Mutex<crate::report::Setup>>,
     std::sync::Arc<std::sync::Mutex<JobFacts>>,
     std::sync::Arc<std::sync::Mutex<Kills>>,
     std::sync::Arc<tokio::sync::Mutex<StoreSlot>>,
@@ -131,14 +131,18 @@ impl JobProbe {
     pub(super) fn cgroup(&self) -> Option<std::sync::Arc<dyn JobCgroup>> {
         self.0.lock().ok()?.clone()
     }
-    pub(super) fn add_note(&self, note: String) {
+    pub(super) fn with_setup(&self, f: impl FnOnce(&mut crate::report::Setup)) {
         if let Ok(mut g) = self.2.lock() {
-            g.push(note);
+            f(&mut g);
         }
     }
-    /// The job's setup lines (its store, the Nix bootstrap warm or cold), once set up.
-    pub fn notes(&self) -> Vec<String> {
+    /// The job's setup (its store, the Nix bootstrap warm or cold), as far as it got.
+    pub fn setup(&self) -> crate::report::Setup {
         self.2.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+    /// The job's setup lines, once set up.
+    pub fn notes(&self) -> Vec<String> {
+        self.setup().lines()
     }
     /// The job's counters so far (OOM kills, peak, forks refused), read once; zeros when it is
     /// not running.

@@ -83,7 +83,7 @@ pub struct Timings {
 }
 
 /// What a bootstrap did.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Report {
     /// False when the warm check found everything right and changed nothing.
     pub cold: bool,
@@ -97,6 +97,15 @@ pub struct Report {
 }
 
 impl Report {
+    /// `cold` or `warm`: the metrics' label and the word for the store it left.
+    pub fn warmth(&self) -> &'static str {
+        if self.cold {
+            "cold"
+        } else {
+            "warm"
+        }
+    }
+
     /// One line for a job log: warm/cold, version, time.
     pub fn summary(&self) -> String {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
