@@ -68,7 +68,13 @@ fn a_job_whose_future_is_dropped_is_still_torn_down() {
                 () = tokio::time::sleep(Duration::from_millis(20)) => {}
             }
         }
-        // The job runs: its shell is alive, its cgroup and directory exist.
+        // The job runs: its shell is alive, its cgroup and directory exist. (Right after the
+        // shell joined, it may be forking `sleep`: for a moment the child has its command
+        // line too.)
+        let t = Instant::now();
+        while processes_with(&marker).len() != 1 && t.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert_eq!(processes_with(&marker).len(), 1, "the job's shell runs");
         assert_eq!(f.leftover_cgroups().len(), 1, "{:?}", f.leftover_cgroups());
         assert_eq!(f.leftover_work().len(), 1, "{:?}", f.leftover_work());
