@@ -19,6 +19,8 @@ pub mod notify;
 pub mod publish;
 pub mod ready;
 pub mod reaper;
+pub mod receipt;
+pub mod reconcile;
 pub mod runner;
 pub mod scratch;
 pub mod size;
