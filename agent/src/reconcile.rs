@@ -169,3 +169,91 @@ pub async fn github(github: &Client, prefix: &str) -> usize {
     }
     n
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::receipt::{Owner, Scope, What};
+
+    /// No cgroup is ever asked for: the receipts here hold none.
+    #[derive(Debug)]
+    struct NoCgroups;
+
+    impl CgroupManager for NoCgroups {
+        fn layout(&self) -> crate::cgroup::Layout {
+            crate::cgroup::Layout::V2
+        }
+        fn create(
+            &self,
+            _: &str,
+            _: &crate::cgroup::Limits,
+        ) -> crate::cgroup::Result<Box<dyn crate::cgroup::JobCgroup>> {
+            unreachable!("reconciliation creates no cgroup")
+        }
+        fn open(&self, name: &str) -> Box<dyn crate::cgroup::JobCgroup> {
+            unreachable!("no cgroup in these receipts: {name}")
+        }
+        fn list(&self) -> crate::cgroup::Result<Vec<String>> {
+            Ok(Vec::new())
+        }
+        fn base_memory_limit(&self) -> Option<u64> {
+            None
+        }
+    }
+
+    fn config(state: &Path) -> Config {
+        let text = format!(
+            "[agent]\nstate_dir = \"{}\"\n\n[[lane]]\nname = \"fake\"\nmemory = \"64Mi\"\nmin_free = \"1Ki\"\nwork_root = \"{}\"\nnix = false\n",
+            state.display(),
+            state.with_file_name("work").display()
+        );
+        let host = crate::config::HostFacts {
+            memory_bytes: 8 << 30,
+            cpus: 2,
+        };
+        crate::config::parse(&text, &crate::config::Origin::Embedded, &host).unwrap()
+    }
+
+    /// A receipt with one directory, made.
+    fn job(state: &Path, name: &str) -> (Receipt, std::path::PathBuf) {
+        let dir = state.with_file_name("work").join(name);
+        std::fs::create_dir_all(dir.join("_work/deep")).unwrap();
+        let r = Receipt::create(&crate::receipt::dir(state), "fake").unwrap();
+        r.record(Scope::Job, What::JobDir, Thing::Tree { path: dir.clone() })
+            .unwrap();
+        (r, dir)
+    }
+
+    #[test]
+    fn a_dead_agents_receipt_is_walked_back_and_a_live_ones_is_left_alone() {
+        let t = tempfile::tempdir().unwrap();
+        let state = t.path().join("state");
+        let cfg = config(&state);
+        let (live, live_dir) = job(&state, "live");
+        let (dead, dead_dir) = job(&state, "dead");
+        // The dead one's writer: this pid, but another process (another start time).
+        let path = dead.path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let start = Owner::me().start.to_string();
+        let text = text.replacen(
+            &format!("\"start\": {start}"),
+            &format!("\"start\": {}", Owner::me().start + 1),
+            1,
+        );
+        // Not undone by this handle: it keeps its entry on disk when dropped.
+        drop(dead);
+        std::fs::write(&path, text).unwrap();
+        assert!(!Receipt::load(&path).unwrap().owner().alive());
+
+        let (cgroups, removed) = local_blocking(&cfg, &NoCgroups);
+        assert_eq!((cgroups, removed), (0, 1));
+        assert!(
+            !dead_dir.exists() && !path.exists(),
+            "walked back, receipt gone"
+        );
+        assert!(
+            live_dir.exists() && live.path().exists(),
+            "a live agent's is its own"
+        );
+    }
+}

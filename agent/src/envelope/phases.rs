@@ -1217,6 +1217,39 @@ mod tests {
         assert_eq!(std::fs::read_dir(&r.work).unwrap().count(), 0);
     }
 
+    fn receipts(r: &Rig) -> Vec<PathBuf> {
+        std::fs::read_dir(crate::receipt::dir(&r.cfg.agent.state_dir))
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The job's receipt names its slot, cgroup and directory while it runs, and goes with its
+    /// teardown; one that cannot be emptied keeps its receipt for the next start.
+    #[test]
+    fn a_jobs_receipt_lists_what_it_made_and_goes_with_its_teardown_unless_it_is_kept() {
+        let r = rig();
+        let receipt =
+            Receipt::create(&crate::receipt::dir(&r.cfg.agent.state_dir), "fake").unwrap();
+        let mut sp = spec(&r.cfg);
+        sp.receipt = Some(receipt.clone());
+        run_spec(&r, false, Script::Exits(0), sp).unwrap();
+        assert!(receipt.entries().is_empty(), "{:?}", receipt.entries());
+        drop(receipt);
+        assert!(receipts(&r).is_empty(), "{:?}", receipts(&r));
+
+        let r = rig();
+        run(&r, true, Script::Exits(0)).unwrap_err();
+        let kept = receipts(&r);
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        let what: Vec<What> = Receipt::load(&kept[0])
+            .unwrap()
+            .entries()
+            .iter()
+            .map(|e| e.what)
+            .collect();
+        assert_eq!(what, [What::Slot, What::Cgroup, What::JobDir]);
+    }
+
     #[test]
     fn a_job_that_cannot_be_emptied_keeps_its_cgroup_and_directory_within_the_deadline() {
         let r = rig();
