@@ -403,9 +403,14 @@ async fn run_runner(
             return Err(RunError::Setup(e.to_string()));
         }
     };
-    let hooks = match Hooks::start(ctx, lane, name, &probe, bazel.clone(), receipt) {
+    let hooks = match Hooks::start(ctx, lane, name, &probe, bazel.clone(), receipt.clone()) {
         Ok(h) => h,
         Err(e) => {
+            // What it made before it failed (a netrc) goes now, not at the next start.
+            let _ = tokio::task::spawn_blocking(move || {
+                receipt.undo(Some(Scope::Runner), &mut crate::receipt::Plain)
+            })
+            .await;
             ctx.telemetry.runner_ended(name);
             return Err(e);
         }
