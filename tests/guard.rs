@@ -46,6 +46,7 @@ fn a_job_whose_future_is_dropped_is_still_torn_down() {
         hook: None,
         background: flywheel_agent::tasks::Background::new(),
         before_release: None,
+        receipt: None,
         bazel: None,
     };
     let rt = tokio::runtime::Builder::new_current_thread()

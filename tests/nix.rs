@@ -2894,6 +2894,26 @@ fn with_a_shared_root_a_jobs_store_mounts_reach_neither_the_agent_nor_the_job_be
     );
 }
 
+/// Stop the agent the shell `holder` of a mount namespace runs now (two SIGTERMs), and wait
+/// for the shell.
+fn stop_the_agent_in(holder: &mut std::process::Child) {
+    let ns = holder.id();
+    let agent = std::fs::read_to_string(format!("/proc/{ns}/task/{ns}/children"))
+        .unwrap_or_default()
+        .trim()
+        .parse::<i32>();
+    if let Ok(p) = agent {
+        for _ in 0..2 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+    }
+    let _ = holder.wait();
+}
+
 /// The mount points in the mount namespace of `pid` whose path contains `part`.
 fn mounts_of(pid: u32, part: &str) -> Vec<String> {
     std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
@@ -2967,20 +2987,7 @@ fn a_killed_agents_store_views_and_layers_are_unmounted_and_removed_at_the_next_
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.contains(&format!(".{first}.")))
         .collect();
-    let second = std::fs::read_to_string(format!("/proc/{ns}/task/{ns}/children"))
-        .unwrap_or_default()
-        .trim()
-        .parse::<i32>();
-    if let Ok(p) = second {
-        for _ in 0..2 {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(p),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            std::thread::sleep(std::time::Duration::from_millis(300));
-        }
-    }
-    let _ = holder.wait();
+    stop_the_agent_in(&mut holder);
     let log = std::fs::read_to_string(&log_path).unwrap();
     eprintln!("before: {before:?}\nafter: {after:?}\nleft: {left_dirs:?}");
     // The premise: the killed agent's namespace held the job's view and layer.
@@ -2997,6 +3004,125 @@ fn a_killed_agents_store_views_and_layers_are_unmounted_and_removed_at_the_next_
         "left mounted after the next start: {after:?}\n{log}"
     );
     assert!(left_dirs.is_empty(), "left behind: {left_dirs:?}\n{log}");
+}
+
+/// An agent SIGKILLed at each step of a fork's pull request's runner job on a Nix lane (its
+/// receipt's entries: the daemon's socket directory and `/tmp`, the store view, the build
+/// record and logs, the per-user profiles; the job running; at job-started the daemon's id
+/// range, the layer and the view's mounts; its teardown) leaves nothing once the next agent
+/// started in the same mount namespace, and that agent's runners take both of the lane's
+/// slots. The kill is the
+/// agent's own failpoint (`FLYWHEEL_KILL_AT`, debug builds), just before the entry is recorded.
+#[test]
+fn an_agent_killed_at_each_step_of_a_nix_runner_job_leaves_nothing_at_the_next_start() {
+    if !privileged("nix-runner-receipts") {
+        return;
+    }
+    let (_attic, gh, rig, _shared) = bootstrapped_publishing_rig();
+    let state = rig.dir.path().join("state");
+    let work = rig.dir.path().join("work");
+    let mgr = flywheel_agent::cgroup::detect(Path::new("/sys/fs/cgroup"), None).unwrap();
+    let left = || -> Vec<String> {
+        let mut all: Vec<String> = mgr
+            .list()
+            .unwrap()
+            .into_iter()
+            .filter(|n| n.starts_with(&format!("{}.", rig.lane)))
+            .map(|c| format!("cgroup {c}"))
+            .collect();
+        let dirs = [
+            "receipts",
+            "nix-views",
+            "nix-sockets",
+            "nix-logs",
+            "nix-tmp",
+            "hook-sockets",
+            "netrc",
+        ]
+        .map(|d| state.join(d));
+        for d in dirs.iter().chain([&work]) {
+            all.extend(
+                std::fs::read_dir(d)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path().display().to_string())
+                    // The daemons' post-build hook is every job's.
+                    .filter(|p| !p.ends_with("/post-build.sh")),
+            );
+        }
+        all
+    };
+    for phase in [
+        "daemon-socket",
+        "daemon-tmp",
+        "view",
+        "built",
+        "build-logs",
+        "per-user",
+        "launched",
+        "id-lock",
+        "layer",
+        "view-mounts",
+        "teardown",
+    ] {
+        // A fork's pull request for the steps at and after its job-started hook.
+        if ["id-lock", "layer", "view-mounts", "teardown"].contains(&phase) {
+            gh.push_job(publish_job(
+                &rig,
+                "102",
+                "pull_request",
+                "refs/pull/5/merge",
+                "true".into(),
+            ));
+        }
+        // One mount namespace for both agents: the first is killed at `phase`, the second
+        // starts in it once the test has looked at what the first left.
+        let go = rig.dir.path().join(format!("go-{phase}"));
+        let dead = rig.dir.path().join(format!("dead-{phase}"));
+        let (mut holder, log_path) = start_run_in(
+            &rig,
+            "--make-rprivate",
+            &format!(
+                "FLYWHEEL_KILL_AT={phase} \"$@\"; touch {}; while [ ! -e {} ]; do sleep 0.05; done; \"$@\"",
+                dead.display(),
+                go.display()
+            ),
+        );
+        let log = || std::fs::read_to_string(&log_path).unwrap();
+        wait_in_log(&log_path, || {
+            log().contains(&format!("failpoint=\"{phase}\"")) && dead.exists()
+        });
+        let before = left();
+        std::fs::write(&go, "").unwrap();
+        wait_in_log(&log_path, || {
+            log().matches("startup reconciliation done").count() >= 2
+        });
+        // No slot is lost: the next agent's runners take both of the lane's.
+        let took = |slot: u32| {
+            let log = log();
+            let since = log
+                .match_indices("startup reconciliation done")
+                .nth(1)
+                .map_or(log.len(), |(i, _)| i);
+            log[since..].lines().any(|l| {
+                l.contains("fast-local scratch ok") && l.contains(&format!("slot={slot} "))
+            })
+        };
+        wait_in_log(&log_path, || took(0) && took(1));
+        stop_the_agent_in(&mut holder);
+        let after = left();
+        let log = log();
+        eprintln!("killed at {phase}: left {before:#?}; after the next start: {after:?}");
+        assert!(
+            before.iter().any(|p| p.contains("/receipts/")),
+            "the premise at {phase}: the killed agent left its job's receipt: {before:#?}\n{log}"
+        );
+        assert!(
+            after.is_empty(),
+            "killed at {phase}, left after the next start: {after:#?}\n(before: {before:#?})\n{log}"
+        );
+    }
 }
 
 /// A store with a filesystem mounted below it (a separate `/nix/store`; here a tmpfs on

@@ -488,6 +488,7 @@ fn exec(req: ExecRequest, host: &HostFacts) -> anyhow::Result<i32> {
         hook: None,
         background: flywheel_agent::tasks::Background::new(),
         before_release: None,
+        receipt: None,
         bazel: bazel.clone(),
     };
 

@@ -20,6 +20,8 @@ pub mod notify;
 pub mod publish;
 pub mod ready;
 pub mod reaper;
+pub mod receipt;
+pub mod reconcile;
 pub mod report;
 pub mod runner;
 pub mod scratch;

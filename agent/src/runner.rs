@@ -19,7 +19,7 @@ use crate::envelope::{
 };
 use crate::hints;
 use crate::reaper::Reaper;
-use crate::workdir;
+use crate::receipt::{Receipt, Scope, Thing, What};
 
 /// The three escalating stops of `run`: drain (first SIGTERM), stop (second), kill (third).
 #[derive(Debug, Clone, Default)]
@@ -53,7 +53,8 @@ struct Hooks {
     mount: envelope::HookMount,
     netrc: std::path::PathBuf,
     serving: crate::hooks::Serving,
-    probe: JobProbe,
+    /// The runner job's receipt: the socket directory and netrc are in it before they exist.
+    receipt: Receipt,
 }
 
 impl Hooks {
@@ -63,6 +64,7 @@ impl Hooks {
         name: &str,
         probe: &JobProbe,
         bazel: Option<Arc<crate::bazel::JobCache>>,
+        receipt: Receipt,
     ) -> Result<Hooks, RunError> {
         let state = &ctx.cfg.agent.state_dir;
         let all = crate::hooks::sockets_dir(state);
@@ -82,7 +84,23 @@ impl Hooks {
         )
         .map_err(setup)?;
         let netrc = netrc_dir.join(format!("{name}.netrc"));
+        receipt
+            .record(
+                Scope::Runner,
+                What::Netrc,
+                Thing::Tree {
+                    path: netrc.clone(),
+                },
+            )
+            .map_err(|e| RunError::Setup(e.to_string()))?;
         std::fs::write(&netrc, "").map_err(setup)?;
+        receipt
+            .record(
+                Scope::Runner,
+                What::HookSocket,
+                Thing::Tree { path: dir.clone() },
+            )
+            .map_err(|e| RunError::Setup(e.to_string()))?;
         std::fs::set_permissions(&netrc, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .map_err(setup)?;
         let serving = crate::hooks::serve(
@@ -112,31 +130,29 @@ impl Hooks {
             },
             netrc,
             serving,
-            probe: probe.clone(),
+            receipt,
         })
     }
 
     /// After the job (whose envelope published what the completed hook could not, before it
-    /// released the slot): stop serving and remove every trace: the socket, the job's netrc,
-    /// its daemon's record of what it built and its build logs (as many as the job made: on a
-    /// blocking thread).
+    /// released the slot): stop serving and walk back what the receipt holds of the runner's:
+    /// its daemon's build logs and record of what it built (as many as the job made: on a
+    /// blocking thread), the job's netrc, the socket.
     async fn finish(self) {
         self.serving.task.abort();
-        let facts = self.probe.facts();
-        let (dir, netrc) = (self.mount.dir, self.netrc);
+        let receipt = self.receipt;
         let removed = tokio::task::spawn_blocking(move || {
-            let _ = crate::workdir::remove_tree(&dir);
-            let _ = std::fs::remove_file(&netrc);
-            if let Some(built) = facts.built {
-                let _ = std::fs::remove_file(built);
-            }
-            if let Some(logs) = facts.build_logs {
-                let _ = crate::workdir::remove_tree(&logs);
-            }
+            receipt.undo(Some(Scope::Runner), &mut crate::receipt::Plain)
         })
         .await;
-        if let Err(e) = removed {
-            warn!(error = %e, "cannot remove the runner's hook socket, netrc and build logs");
+        match removed {
+            Ok(errors) if errors.is_empty() => {}
+            Ok(errors) => {
+                warn!(errors = %errors.join("; "), "cannot remove the runner's hook socket, netrc and build logs")
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot remove the runner's hook socket, netrc and build logs")
+            }
         }
     }
 }
@@ -275,6 +291,7 @@ fn runner_spec(
         hook: Some(hooks.mount.clone()),
         background: ctx.background.clone(),
         before_release: None,
+        receipt: Some(hooks.receipt.clone()),
         bazel: None,
     }
 }
@@ -310,158 +327,6 @@ pub fn default_prefix() -> String {
     }
 }
 
-/// The pid a job name was created by: `<lane>.s<slot>.<pid>.<hex>`.
-fn creator_pid(job: &str) -> Option<i32> {
-    // A job's throwaway store layer beside its directory is `<job>.layer`.
-    let job = job.strip_suffix(".layer").unwrap_or(job);
-    let mut it = job.rsplitn(3, '.');
-    let _hex = it.next()?;
-    it.next()?.parse().ok()
-}
-
-fn alive(pid: i32) -> bool {
-    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
-        Ok(()) => true,
-        Err(e) => e == nix::errno::Errno::EPERM,
-    }
-}
-
-/// [`reconcile_local`] on a blocking thread: removing a cgroup waits up to 10 s for its
-/// processes to go, and a job directory may hold any number of files.
-async fn reconcile(ctx: &RunContext) -> (usize, usize) {
-    let (cfg, mgr) = (ctx.cfg.clone(), ctx.mgr.clone());
-    let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || span.in_scope(|| reconcile_local(&cfg, mgr.as_ref())))
-        .await
-        .unwrap_or_else(|e| {
-            warn!(error = %e, "cannot clean up after an earlier run");
-            (0, 0)
-        })
-}
-
-/// Remove job cgroups and job directories left by an agent that died (their creator is gone).
-/// Returns (cgroups, directories) removed. Blocking: see [`reconcile`].
-fn reconcile_local(cfg: &Config, mgr: &dyn CgroupManager) -> (usize, usize) {
-    let ours = |name: &str| {
-        cfg.lanes
-            .iter()
-            .any(|l| name.starts_with(&format!("{}.s", l.name)))
-            && creator_pid(name).is_some_and(|p| p != std::process::id() as i32 && !alive(p))
-    };
-    let mut cgroups = 0;
-    match mgr.list() {
-        Ok(names) => {
-            for name in names.into_iter().filter(|n| ours(n)) {
-                match mgr.open(&name).destroy(Duration::from_secs(10)) {
-                    Ok(()) => {
-                        info!(cgroup = %name, "removed a job cgroup left by an earlier run");
-                        cgroups += 1;
-                    }
-                    Err(e) => {
-                        warn!(cgroup = %name, error = %e, "cannot remove a leftover job cgroup")
-                    }
-                }
-            }
-        }
-        Err(e) => warn!(error = %e, "cannot list job cgroups"),
-    }
-    // Sockets and netrc files of runners of an earlier run, and its daemons' private `/tmp`s:
-    // no runner is alive yet.
-    for d in [
-        crate::hooks::sockets_dir(&cfg.agent.state_dir),
-        cfg.agent.state_dir.join("netrc"),
-        cfg.agent.state_dir.join("nix-tmp"),
-    ] {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let _ = crate::workdir::remove_tree(&e.path());
-        }
-    }
-    let mut dirs = 0;
-    for lane in &cfg.lanes {
-        // Store views first (an earlier run's job's view may hold its layer's overlay or a
-        // writable copy of the shared store), then the work roots with the layers.
-        let roots = [
-            cfg.agent.state_dir.join("nix-views"),
-            lane.work_root.clone(),
-            cfg.agent.state_dir.join("nix-sockets"),
-            cfg.agent.state_dir.join("nix-logs"),
-        ];
-        for root in roots {
-            // A job's throwaway layer (`<job>.layer`) is its job's (`creator_pid`).
-            dirs += remove_leftovers(&root, &ours);
-        }
-        // A slot volume is shared by every pod of the lane on the node, each in a PID
-        // namespace of its own, so the pid in a job's name says nothing here (and every pod's
-        // agent may be pid 1). A slot whose lock this agent can take has no job (a running
-        // job's agent, or its orphaned daemon, holds it): what of the lane is in its `_work`
-        // is left over. A slot held by another is not looked at.
-        if let Some(sr) = &lane.slot_root {
-            let prefix = format!("{}.s", lane.name);
-            for i in 0..lane.slots {
-                // A slot marked unusable keeps what it holds for the operator.
-                if crate::slot::unusable(sr, i).is_some() {
-                    continue;
-                }
-                if let Some(_free) = crate::slot::hold_if_free(sr, i) {
-                    let work = crate::slot::slot_dirs(sr, i).1;
-                    dirs += remove_leftovers(&work, &|n: &str| n.starts_with(&prefix));
-                }
-            }
-        }
-    }
-    (cgroups, dirs)
-}
-
-/// Remove the entries of `root` whose names `leftover` picks: how many were removed.
-fn remove_leftovers(root: &std::path::Path, leftover: &dyn Fn(&str) -> bool) -> usize {
-    let Ok(rd) = std::fs::read_dir(root) else {
-        return 0;
-    };
-    let mut n = 0;
-    for e in rd.flatten() {
-        if !leftover(&e.file_name().to_string_lossy()) {
-            continue;
-        }
-        match workdir::remove_tree(&e.path()) {
-            Ok(()) => {
-                info!(dir = %e.path().display(), "removed a job directory left by an earlier run");
-                n += 1;
-            }
-            Err(err) => {
-                warn!(dir = %e.path().display(), error = %err, "cannot remove a leftover job directory")
-            }
-        }
-    }
-    n
-}
-
-/// Delete runners this agent registered in an earlier life (recognised by name prefix).
-pub async fn reconcile_github(github: &Client, prefix: &str) -> usize {
-    let mine = format!("{prefix}-");
-    let runners = match github.list_runners(None).await {
-        Ok(r) => r,
-        Err(e) => {
-            warn!(error = %e, "cannot list runners to remove stale ones; continuing");
-            return 0;
-        }
-    };
-    let mut n = 0;
-    for r in runners.into_iter().filter(|r| r.name.starts_with(&mine)) {
-        match github.delete_runner(r.id).await {
-            Ok(Deleted::Deleted) => {
-                info!(runner = %r.name, online = r.online, "deleted a runner left by an earlier run");
-                n += 1;
-            }
-            Ok(Deleted::Gone) => {}
-            Ok(Deleted::Busy) => {
-                warn!(runner = %r.name, "a runner from an earlier run is still busy on GitHub; GitHub will drop it when it notices")
-            }
-            Err(e) => warn!(runner = %r.name, error = %e, "cannot delete a stale runner"),
-        }
-    }
-    n
-}
-
 /// The memory runners may use: the host's, or the limit of the cgroup the agent makes jobs
 /// under (its service's or pod's) when lower.
 pub fn capacity_bytes(host: &HostFacts, mgr: &dyn CgroupManager) -> u64 {
@@ -479,7 +344,7 @@ pub async fn run_arc(
     lane: &Lane,
     shutdown: Shutdown,
 ) -> Result<JobOutcome, RunError> {
-    let (c, d) = reconcile(&ctx).await;
+    let (c, d) = crate::reconcile::local(&ctx.cfg, ctx.mgr.clone()).await;
     if c + d > 0 {
         info!(cgroups = c, dirs = d, "cleaned up after an earlier run");
     }
@@ -528,9 +393,22 @@ async fn run_runner(
         .bazel
         .get(&lane.name)
         .map(|up| crate::bazel::JobCache::new(up.clone(), Some(ctx.telemetry.clone())));
-    let hooks = match Hooks::start(ctx, lane, name, &probe, bazel.clone()) {
+    let receipt = match Receipt::create(&crate::receipt::dir(&ctx.cfg.agent.state_dir), &lane.name)
+    {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.telemetry.runner_ended(name);
+            return Err(RunError::Setup(e.to_string()));
+        }
+    };
+    let hooks = match Hooks::start(ctx, lane, name, &probe, bazel.clone(), receipt.clone()) {
         Ok(h) => h,
         Err(e) => {
+            // What it made before it failed (a netrc) goes now, not at the next start.
+            let _ = tokio::task::spawn_blocking(move || {
+                receipt.undo(Some(Scope::Runner), &mut crate::receipt::Plain)
+            })
+            .await;
             ctx.telemetry.runner_ended(name);
             return Err(e);
         }
@@ -629,8 +507,8 @@ pub async fn run_pool(
         .name_prefix
         .clone()
         .unwrap_or_else(default_prefix);
-    let (c, d) = reconcile(&ctx).await;
-    let r = reconcile_github(&github, &prefix).await;
+    let (c, d) = crate::reconcile::local(&ctx.cfg, ctx.mgr.clone()).await;
+    let r = crate::reconcile::github(&github, &prefix).await;
     info!(cgroups = c, dirs = d, runners = r, prefix = %prefix, "startup reconciliation done");
 
     let capacity = capacity_bytes(&ctx.host, ctx.mgr.as_ref());
@@ -980,21 +858,12 @@ mod tests {
     }
 
     #[test]
-    fn names_and_creators() {
+    fn names() {
         let n = runner_name("sting", "tinyland-nix");
         assert!(
             n.starts_with("sting-tinyland-nix-") && n.len() == "sting-tinyland-nix-".len() + 6,
             "{n}"
         );
-        assert_eq!(creator_pid("tinyland-nix.s0.1234.4fc9abc44777"), Some(1234));
-        assert_eq!(creator_pid("lane.with.dots.s1.99.abc"), Some(99));
-        assert_eq!(creator_pid("garbage"), None);
-        assert_eq!(
-            creator_pid("tinyland-nix.s1.311.8b3ba1643a08.layer"),
-            Some(311),
-            "a job's store layer is its job's"
-        );
-        assert_eq!(creator_pid("tinyland-nix.s1.311.8b3ba1643a08.other"), None);
         let p = default_prefix();
         assert!(
             !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),

@@ -104,6 +104,14 @@ pub fn locks_dir(slot_root: &Path) -> PathBuf {
     slot_root.join(".locks")
 }
 
+/// Where the slots of `lane` are locked: its slot volume's, or `state_dir`'s.
+pub fn locks_of(state_dir: &Path, lane: &Lane) -> PathBuf {
+    match &lane.slot_root {
+        Some(root) => locks_dir(root),
+        None => state_dir.join("lanes").join(&lane.name),
+    }
+}
+
 /// When slot `i` was last released (unix seconds), if ever.
 pub fn last_used(slot_root: &Path, i: u32) -> Option<u64> {
     std::fs::read_to_string(locks_dir(slot_root).join(format!("slot-{i}.last-used")))
@@ -157,10 +165,7 @@ pub fn acquire(
     } else {
         lane.max_runners
     };
-    let dir = match &lane.slot_root {
-        Some(root) => locks_dir(root),
-        None => state_dir.join("lanes").join(&lane.name),
-    };
+    let dir = locks_of(state_dir, lane);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

@@ -173,16 +173,9 @@ struct Level {
     scanned: u8,
 }
 
-/// Remove a directory tree, whatever the job did to it.
-pub fn remove_tree(path: &Path) -> io::Result<()> {
-    let top = match fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    if !top.is_dir() {
-        return fs::remove_file(path);
-    }
+/// Detach every mount at or below `path` in the agent's namespace (a store view's, a layer's
+/// overlay), without following a symlink.
+pub fn detach_below(path: &Path) -> io::Result<()> {
     for mp in mounts_below(path) {
         match nix::mount::umount2(
             &mp,
@@ -199,6 +192,20 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
             ))
         })?;
     }
+    Ok(())
+}
+
+/// Remove a directory tree, whatever the job did to it.
+pub fn remove_tree(path: &Path) -> io::Result<()> {
+    let top = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !top.is_dir() {
+        return fs::remove_file(path);
+    }
+    detach_below(path)?;
     let (parent, name) = match (path.parent(), path.file_name()) {
         (Some(p), Some(n)) => (p, n),
         _ => return Err(io::Error::other("refusing to remove a filesystem root")),

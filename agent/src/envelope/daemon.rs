@@ -67,11 +67,6 @@ impl DaemonPaths {
                 .join(format!("{:016x}", fastrand::u64(..))),
         }
     }
-
-    /// What the job's teardown removes.
-    pub(super) fn cleanup(&self) -> [PathBuf; 2] {
-        [self.dir.clone(), self.tmp.clone()]
-    }
 }
 
 /// Start the job's own nix-daemon inside its cgroup (and its slot's mounts), as root, and wait
@@ -359,11 +354,20 @@ pub(super) fn daemon_ids(
     owner: Option<&JobUser>,
     reaper: &Reaper,
     phys_nix: &Path,
+    receipt: &Receipt,
 ) -> Result<Option<super::userns::DaemonIds>, EnvelopeError> {
     let Some(u) = owner else {
         return Ok(None);
     };
-    let ids = super::userns::create(&nix.sockets.with_file_name("nix-ids"), u.uid, reaper)?;
+    let locks = nix.sockets.with_file_name("nix-ids");
+    receipt.record(
+        Scope::Job,
+        What::IdLock,
+        Thing::Lock {
+            path: locks.clone(),
+        },
+    )?;
+    let ids = super::userns::create(&locks, u.uid, reaper)?;
     let store = super::spawn::cstring(phys_nix.as_os_str())?;
     if let Err(e) = super::view::clone_tree(
         libc::AT_FDCWD,

@@ -33,6 +33,8 @@ pub(super) struct DeferredStore {
     /// Where the layer goes if the job is not trusted.
     pub layer: PathBuf,
     pub paths: DaemonPaths,
+    /// The job's receipt: the layer and the view's mounts are recorded before they are made.
+    pub receipt: Receipt,
 }
 
 /// What opening the store did: a line for the job's setup block, and the store as the agent
@@ -53,10 +55,23 @@ impl DeferredStore {
     ) -> Result<Opened, EnvelopeError> {
         let n = &self.nix;
         let mut mounts = self.daemon_mounts.clone();
-        let ids = daemon_ids(n, self.owner.as_ref(), &self.reaper, &self.phys_nix)?;
+        let ids = daemon_ids(
+            n,
+            self.owner.as_ref(),
+            &self.reaper,
+            &self.phys_nix,
+            &self.receipt,
+        )?;
         let root = if trusted {
             self.phys_nix.clone()
         } else {
+            self.receipt.record(
+                Scope::Job,
+                What::Layer,
+                Thing::Tree {
+                    path: self.layer.clone(),
+                },
+            )?;
             let merged = throwaway_layer(&self.phys_nix, &self.layer, ids.as_ref())?;
             store_mount(&mut mounts, merged.clone(), &n.store_seen);
             merged
@@ -88,6 +103,14 @@ impl DeferredStore {
                 .to_path_buf()
         };
         let plain = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+        // Detached before the layer below them is removed.
+        self.receipt.record(
+            Scope::Job,
+            What::ViewMounts,
+            Thing::Mounts {
+                path: self.view.clone(),
+            },
+        )?;
         view::attach_at(&root, &self.view, Path::new(""), plain)?;
         view::attach_at(
             &dir,

@@ -40,7 +40,7 @@ pub(super) struct LaunchArgs<'a> {
 /// Create the job's directory and start the command inside the cgroup.
 pub(super) async fn launch(
     args: LaunchArgs<'_>,
-    cleanup: &mut Vec<PathBuf>,
+    receipt: &Receipt,
     reaper: &Reaper,
 ) -> Result<Launched, EnvelopeError> {
     let LaunchArgs {
@@ -55,9 +55,10 @@ pub(super) async fn launch(
         hold,
         span: job_span,
     } = args;
+    let tree = |path: PathBuf| Thing::Tree { path };
+    receipt.record(Scope::Job, What::JobDir, tree(phys_work_root.join(job)))?;
     let job_dir = workdir::create(phys_work_root, job, uid, gid)
         .map_err(io_at("create the job's directory under", phys_work_root))?;
-    cleanup.push(job_dir.clone());
     let net = job_network(spec, &job_dir, &mut mounts, reaper).await?;
     if let Some(cache) = &spec.bazel {
         // Before anything of the job runs: its endpoint is there when its first step is.
@@ -84,7 +85,8 @@ pub(super) async fn launch(
         let paths = DaemonPaths::new(n);
         // Removed with the job, whatever happens next (a daemon that will not start, or one
         // that never starts, included).
-        cleanup.extend(paths.cleanup());
+        receipt.record(Scope::Job, What::DaemonSocket, tree(paths.dir.clone()))?;
+        receipt.record(Scope::Job, What::DaemonTmp, tree(paths.tmp.clone()))?;
         // Hidden in the job's namespace whether or not its daemon has started.
         std::fs::create_dir_all(&n.sockets).map_err(io_at("create", &n.sockets))?;
         // Mount points in the store a job's daemon may have written: made by descriptor,
@@ -96,18 +98,18 @@ pub(super) async fn launch(
         let layer = layer_dir(phys_work_root, job);
         let view = n.sockets.with_file_name("nix-views").join(job);
         if n.at_job_started {
-            // The view is unmounted before the layer below it is removed.
-            cleanup.push(view.clone());
-            cleanup.push(layer.clone());
+            // Its layer and its mounts come at job-started (`deferred.rs`), after it in the
+            // receipt: they go first.
+            receipt.record(Scope::Job, What::View, tree(view.clone()))?;
             view::make_point(&view)?;
         }
         // The daemon's user namespace, before its layer (whose lower is idmapped with it).
         let mut ids = None;
         if !n.at_job_started {
-            ids = daemon_ids(n, user, reaper, phys_nix)?;
+            ids = daemon_ids(n, user, reaper, phys_nix, receipt)?;
         }
         if !n.at_job_started && n.throwaway {
-            cleanup.push(layer.clone());
+            receipt.record(Scope::Job, What::Layer, tree(layer.clone()))?;
             let merged = throwaway_layer(phys_nix, &layer, ids.as_ref())?;
             store_mount(&mut mounts, merged, &n.store_seen);
         }
@@ -121,24 +123,26 @@ pub(super) async fn launch(
         if !n.at_job_started && shares_pool(n.throwaway, ids.as_ref()) {
             daemon_mounts.push(userpool_mount(n)?);
         }
-        if spec.hook.is_none() {
-            // A runner's record and logs outlive its job until the agent has published from
-            // them and reported; an exec job's go with it (a daemon that never started too).
-            cleanup.push(built_list(n, job));
-            cleanup.push(build_logs(n, job));
-        }
+        // A runner's record and logs outlive its job until the agent has published from them
+        // and reported; an exec job's go with it (a daemon that never started too).
+        let scope = if spec.hook.is_none() {
+            Scope::Job
+        } else {
+            Scope::Runner
+        };
+        receipt.record(scope, What::Built, tree(built_list(n, job)))?;
+        receipt.record(scope, What::BuildLogs, tree(build_logs(n, job)))?;
         if let Some(u) = user {
             // Nix 2.8's daemon gives the user `var/nix/{profiles,gcroots}/per-user/<user>`
             // (the user's own, in a store every later job of this user reuses, a trusted one
             // included): gone with the job, like its HOME.
             for kind in ["profiles", "gcroots"] {
-                cleanup.push(
-                    phys_nix
-                        .join("var/nix")
-                        .join(kind)
-                        .join("per-user")
-                        .join(&u.name),
-                );
+                let dir = phys_nix
+                    .join("var/nix")
+                    .join(kind)
+                    .join("per-user")
+                    .join(&u.name);
+                receipt.record(Scope::Job, What::PerUser, tree(dir))?;
             }
         }
         if n.at_job_started {
@@ -167,6 +171,7 @@ pub(super) async fn launch(
                 view,
                 layer,
                 paths,
+                receipt: receipt.clone(),
             });
         } else {
             let dir = start_nix_daemon(

@@ -26,6 +26,7 @@ use crate::cgroup::{CgroupError, CgroupManager, JobCgroup, Limits, Stats, JOBS_D
 use crate::config::{Config, Lane};
 use crate::hints;
 use crate::reaper::{Exit, Reaper};
+use crate::receipt::{Receipt, ReceiptError, Scope, Thing, What};
 use crate::report::{Bootstrap, JobReport, SlotCheck, StoreStart};
 use crate::scratch::{self, ScratchError};
 use crate::slot::{self, SlotError};
@@ -112,6 +113,9 @@ pub struct JobSpec {
     pub before_release: Option<std::sync::Arc<dyn BeforeRelease>>,
     /// The job's Bazel cache endpoint, served in its network namespace while it runs.
     pub bazel: Option<std::sync::Arc<crate::bazel::JobCache>>,
+    /// The receipt of the job's host changes, when its caller began it (a runner's, with its
+    /// hook service); else the job begins its own.
+    pub receipt: Option<Receipt>,
 }
 
 /// Work on a job's store that must be done after its processes are gone but before its
@@ -267,6 +271,8 @@ pub enum EnvelopeError {
     Nix(String),
     #[error(transparent)]
     Net(#[from] crate::netns::NetError),
+    #[error(transparent)]
+    Receipt(#[from] ReceiptError),
 }
 
 fn io_at<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> EnvelopeError + 'a {

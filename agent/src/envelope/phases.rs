@@ -62,12 +62,12 @@ pub(super) trait Processes: Sync {
     fn on_reap(&self) -> Option<std::sync::Arc<tokio::sync::Notify>>;
     /// What runs helper programs on a blocking thread (the Nix bootstrap, a slot's gc).
     fn spawner(&self) -> std::sync::Arc<dyn Spawner>;
-    /// Create the job's directory (recorded in `cleanup` as soon as it exists) and start its
-    /// first process inside its cgroup.
+    /// Create the job's directory (in its receipt before it exists) and start its first
+    /// process inside its cgroup.
     fn launch(
         &self,
         args: LaunchArgs<'_>,
-        cleanup: &mut Vec<PathBuf>,
+        receipt: &Receipt,
     ) -> impl std::future::Future<Output = Result<Launched, EnvelopeError>> + Send;
 }
 
@@ -87,9 +87,9 @@ impl Processes for Reaped<'_> {
     async fn launch(
         &self,
         args: LaunchArgs<'_>,
-        cleanup: &mut Vec<PathBuf>,
+        receipt: &Receipt,
     ) -> Result<Launched, EnvelopeError> {
-        launch(args, cleanup, self.0).await
+        launch(args, receipt, self.0).await
     }
 }
 
@@ -133,9 +133,23 @@ pub(super) async fn run_job_inner<P: Processes>(
     let setup_span = info_span!("setup");
     let mut entered = setup_span.enter();
 
+    // Every change the job makes to the host is in its receipt before it is made (a runner's
+    // was begun with its hook service).
+    let receipt = match &spec.receipt {
+        Some(r) => r.clone(),
+        None => Receipt::create(&crate::receipt::dir(&cfg.agent.state_dir), &lane.name)?,
+    };
+    receipt.record(
+        Scope::Job,
+        What::Slot,
+        Thing::Lock {
+            path: slot::locks_of(&cfg.agent.state_dir, lane),
+        },
+    )?;
     let slot = slot::acquire(&cfg.agent.state_dir, lane, spec.slot, spec.slot_fallback)?;
     let job = job_name(&lane.name, slot.index);
     span.record("job", job.as_str());
+    receipt.set_job(&job);
 
     let slot_dirs = lane
         .slot_root
@@ -303,7 +317,18 @@ pub(super) async fn run_job_inner<P: Processes>(
         oom_group: lane.oom_group,
     };
     probe.watch_kmsg(KmsgWatch::start(), &job);
-    let cg: std::sync::Arc<dyn JobCgroup> = mgr.create(&job, &limits)?.into();
+    receipt.record(
+        Scope::Job,
+        What::Cgroup,
+        Thing::Cgroup { name: job.clone() },
+    )?;
+    let cg: std::sync::Arc<dyn JobCgroup> = match mgr.create(&job, &limits) {
+        Ok(cg) => cg.into(),
+        Err(e) => {
+            receipt.forget(What::Cgroup);
+            return Err(e.into());
+        }
+    };
     probe.set(Some(cg.clone()));
     probe.with_facts(|f| {
         *f = JobFacts {
@@ -324,7 +349,7 @@ pub(super) async fn run_job_inner<P: Processes>(
     let (slot_index, slot_node_local, lock_fd) = (slot.index, slot.node_local, slot.lock_fd());
     let mut guard = JobGuard {
         cg: cg.clone(),
-        cleanup: Vec::new(),
+        receipt: receipt.clone(),
         slot: Some(slot),
         armed: true,
         probe: probe.clone(),
@@ -343,11 +368,12 @@ pub(super) async fn run_job_inner<P: Processes>(
                 hold: lock_fd,
                 span: &span,
             },
-            &mut guard.cleanup,
+            &receipt,
         )
         .instrument(setup_span.clone())
         .await;
     let setup = t0.elapsed();
+    crate::receipt::failpoint("launched");
 
     let t_run = Instant::now();
     let started_unix = std::time::SystemTime::now()
@@ -585,7 +611,8 @@ pub(super) async fn supervise(
 /// a thread of its own and releases the slot only after that.
 pub(super) struct JobGuard {
     cg: std::sync::Arc<dyn JobCgroup>,
-    cleanup: Vec<PathBuf>,
+    /// What the job changed on the host: its teardown walks it back.
+    receipt: Receipt,
     slot: Option<slot::Slot>,
     armed: bool,
     /// The job's probe: its store is closed before the late teardown, so that no job-started
@@ -599,7 +626,7 @@ impl Drop for JobGuard {
         if !self.armed {
             return;
         }
-        let (cg, cleanup) = (self.cg.clone(), std::mem::take(&mut self.cleanup));
+        let (cg, receipt) = (self.cg.clone(), self.receipt.clone());
         let probe = self.probe.clone();
         warn!(
             job = cg.name(),
@@ -611,7 +638,7 @@ impl Drop for JobGuard {
                 // Waits for an opening under way: its daemon is in the cgroup killed next.
                 probe.close_store_blocking();
                 let drained = cg.kill_and_drain(DRAIN_TIMEOUT);
-                let errors = remove_after_drain(cg.as_ref(), drained, &cleanup);
+                let errors = remove_after_drain(cg.as_ref(), drained, &receipt);
                 if !errors.is_empty() {
                     tracing::error!(job = cg.name(), errors = %errors.join("; "), "the job's late teardown left things behind");
                 }
@@ -649,6 +676,7 @@ pub(super) async fn teardown<P: Processes>(
     stop: &Stop,
     procs: &P,
 ) -> Result<Stats, EnvelopeError> {
+    crate::receipt::failpoint("teardown");
     let start = Instant::now();
     let deadline = start + cfg.agent.teardown_deadline;
     let cg = guard.cg.clone();
@@ -697,13 +725,13 @@ pub(super) async fn teardown<P: Processes>(
     // reaper cannot take a status meant for it. From here the blocking task owns the
     // teardown: the guard is disarmed.
     let left = deadline.saturating_duration_since(Instant::now());
-    let (cg2, cleanup) = (cg.clone(), std::mem::take(&mut guard.cleanup));
+    let (cg2, receipt) = (cg.clone(), guard.receipt.clone());
     guard.armed = false;
     let task = tokio::task::spawn_blocking(move || {
         // Half of what is left at most: the removal of the job's tree needs its share.
         let drained = cg2.kill_and_drain(DRAIN_TIMEOUT.min(left / 2));
         let stats = cg2.stats().unwrap_or_default();
-        (stats, remove_after_drain(cg2.as_ref(), drained, &cleanup))
+        (stats, remove_after_drain(cg2.as_ref(), drained, &receipt))
     });
     let (stats, errors) = match tokio::time::timeout(left, task).await {
         Ok(done) => {
@@ -724,39 +752,33 @@ pub(super) async fn teardown<P: Processes>(
     }
 }
 
-/// After the kill: remove the cgroup and the job's directories — only when the cgroup is
-/// empty. With processes left, everything is kept (removing a tree under a live process is
-/// the race the removal is not built for) and the errors say what was kept.
+/// After the kill: walk the job's receipt back — the cgroup removed, then the job's
+/// directories, mounts and files, last made first — only when the cgroup is empty. With
+/// processes left, everything is kept (removing a tree under a live process is the race the
+/// removal is not built for), the errors say what was kept, and the receipt keeps it for the
+/// next start.
 pub(super) fn remove_after_drain(
     cg: &dyn JobCgroup,
     drained: Result<(), CgroupError>,
-    cleanup: &[PathBuf],
+    receipt: &Receipt,
 ) -> Vec<String> {
-    let mut errors = Vec::new();
-    if let Err(e) = drained {
-        errors.push(e.to_string());
-        let kept: Vec<String> = cleanup
-            .iter()
-            .filter(|d| d.exists())
-            .map(|d| d.display().to_string())
-            .collect();
-        if !kept.is_empty() {
-            errors.push(format!(
-                "kept {} while processes of the job remain; remove them once they are gone",
-                kept.join(", ")
-            ));
+    receipt.undo(Some(Scope::Job), &mut Drained { cg, drained })
+}
+
+/// The teardown's way of undoing a receipt: the job's cgroup, already killed and drained.
+struct Drained<'a> {
+    cg: &'a dyn JobCgroup,
+    drained: Result<(), CgroupError>,
+}
+
+impl crate::receipt::Undo for Drained<'_> {
+    fn cgroup(&mut self, _name: &str) -> Result<(), crate::receipt::Busy> {
+        use crate::receipt::Busy;
+        if let Err(e) = &self.drained {
+            return Err(Busy::Processes(e.to_string()));
         }
-        return errors;
+        self.cg.remove().map_err(|e| Busy::Kept(e.to_string()))
     }
-    if let Err(e) = cg.remove() {
-        errors.push(e.to_string());
-    }
-    for dir in cleanup {
-        if let Err(e) = workdir::remove_tree(dir) {
-            errors.push(format!("remove {}: {e}", dir.display()));
-        }
-    }
-    errors
 }
 
 #[cfg(test)]
@@ -806,7 +828,20 @@ mod tests {
         };
         let drained = cg.kill_and_drain(Duration::from_millis(20));
         assert!(drained.is_err(), "the fake cannot be emptied");
-        let errors = remove_after_drain(&cg, drained, std::slice::from_ref(&dir));
+        let receipt = Receipt::create(&t.path().join("receipts"), "stuck").unwrap();
+        receipt
+            .record(
+                Scope::Job,
+                What::Cgroup,
+                Thing::Cgroup {
+                    name: "stuck".into(),
+                },
+            )
+            .unwrap();
+        receipt
+            .record(Scope::Job, What::JobDir, Thing::Tree { path: dir.clone() })
+            .unwrap();
+        let errors = remove_after_drain(&cg, drained, &receipt);
         assert!(dir.join("_work").is_dir(), "kept under a live process");
         assert!(!cg.removed.load(std::sync::atomic::Ordering::SeqCst));
         assert!(
@@ -816,7 +851,7 @@ mod tests {
             "{errors:?}"
         );
         // Emptied: both go.
-        let errors = remove_after_drain(&cg, Ok(()), std::slice::from_ref(&dir));
+        let errors = remove_after_drain(&cg, Ok(()), &receipt);
         assert!(errors.is_empty(), "{errors:?}");
         assert!(!dir.exists());
         assert!(cg.removed.load(std::sync::atomic::Ordering::SeqCst));
@@ -949,11 +984,11 @@ mod tests {
         async fn launch(
             &self,
             args: LaunchArgs<'_>,
-            cleanup: &mut Vec<PathBuf>,
+            receipt: &Receipt,
         ) -> Result<Launched, EnvelopeError> {
             let dir = args.phys_work_root.join(args.job);
+            receipt.record(Scope::Job, What::JobDir, Thing::Tree { path: dir.clone() })?;
             std::fs::create_dir_all(dir.join("_work")).map_err(io_at("create", &dir))?;
-            cleanup.push(dir);
             note(&self.log, "launch");
             let (tx, rx) = oneshot::channel();
             match self.script {
@@ -1022,6 +1057,7 @@ mod tests {
             background: crate::tasks::Background::new(),
             before_release: None,
             bazel: None,
+            receipt: None,
         }
     }
 
@@ -1140,6 +1176,39 @@ mod tests {
         assert!(e.to_string().contains("fake launch failed"), "{e}");
         assert_eq!(events(&r), FULL_ORDER);
         assert_eq!(std::fs::read_dir(&r.work).unwrap().count(), 0);
+    }
+
+    fn receipts(r: &Rig) -> Vec<PathBuf> {
+        std::fs::read_dir(crate::receipt::dir(&r.cfg.agent.state_dir))
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The job's receipt names its slot, cgroup and directory while it runs, and goes with its
+    /// teardown; one that cannot be emptied keeps its receipt for the next start.
+    #[test]
+    fn a_jobs_receipt_lists_what_it_made_and_goes_with_its_teardown_unless_it_is_kept() {
+        let r = rig();
+        let receipt =
+            Receipt::create(&crate::receipt::dir(&r.cfg.agent.state_dir), "fake").unwrap();
+        let mut sp = spec(&r.cfg);
+        sp.receipt = Some(receipt.clone());
+        run_spec(&r, false, Script::Exits(0), sp).unwrap();
+        assert!(receipt.entries().is_empty(), "{:?}", receipt.entries());
+        drop(receipt);
+        assert!(receipts(&r).is_empty(), "{:?}", receipts(&r));
+
+        let r = rig();
+        run(&r, true, Script::Exits(0)).unwrap_err();
+        let kept = receipts(&r);
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        let what: Vec<What> = Receipt::load(&kept[0])
+            .unwrap()
+            .entries()
+            .iter()
+            .map(|e| e.what)
+            .collect();
+        assert_eq!(what, [What::Slot, What::Cgroup, What::JobDir]);
     }
 
     #[test]
