@@ -10,6 +10,7 @@ pub mod config;
 pub mod envelope;
 pub mod hints;
 pub mod hooks;
+pub mod job;
 pub mod jobuser;
 pub mod nar;
 pub mod narinfo;

@@ -135,8 +135,8 @@ fn serve(addr: &str, text: &str, port_file: &str) {
     println!("serve {addr}: listening on port {port}");
     if !port_file.is_empty() {
         let tmp = format!("{port_file}.tmp");
-        if let Err(e) =
-            std::fs::write(&tmp, format!("{port}\n")).and_then(|()| std::fs::rename(&tmp, port_file))
+        if let Err(e) = std::fs::write(&tmp, format!("{port}\n"))
+            .and_then(|()| std::fs::rename(&tmp, port_file))
         {
             return println!("serve {addr}: {port_file}: {e}");
         }
