@@ -262,13 +262,18 @@ mod tests {
     }
 
     fn ask(r: &Rig, body: &[u8]) -> HookResponse {
-        let mut s = UnixStream::connect(&r.socket).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        try_ask(r, body).unwrap()
+    }
+
+    /// One request and its answer; a connection closed unanswered is an error.
+    fn try_ask(r: &Rig, body: &[u8]) -> std::io::Result<HookResponse> {
+        let mut s = UnixStream::connect(&r.socket)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
         let _ = s.write_all(body);
         let _ = s.shutdown(std::net::Shutdown::Write);
         let mut line = String::new();
-        BufReader::new(&s).read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+        BufReader::new(&s).read_line(&mut line)?;
+        serde_json::from_str(&line).map_err(|e| std::io::Error::other(format!("{e}: {line:?}")))
     }
 
     fn request(op: &str) -> Vec<u8> {
@@ -347,6 +352,42 @@ mod tests {
         assert!(c.lines[0].contains("no request"), "{c:?}");
         // The job's one job-started is still there.
         assert!(ask(&r, &request("job-started")).ok);
+        assert_eq!(seen.lock().unwrap().len(), 1);
+        r.task.abort();
+    }
+
+    #[test]
+    fn a_fifth_connection_at_once_is_closed_unanswered() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let r = rig(Arc::new(AtomicBool::new(true)), seen.clone());
+        let held: Vec<UnixStream> = (0..MAX_CONNECTIONS)
+            .map(|_| UnixStream::connect(&r.socket).unwrap())
+            .collect();
+        // Accepted in the order they connected: the four hold every permit (each waits for
+        // its request) when the fifth is looked at.
+        let mut fifth = UnixStream::connect(&r.socket).unwrap();
+        fifth
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut text = String::new();
+        let read = fifth.read_to_string(&mut text);
+        assert!(
+            matches!(read, Ok(0)),
+            "closed at once, no answer: {read:?} {text:?}"
+        );
+        drop(held);
+        // Their permits are back: the job is answered.
+        let t = std::time::Instant::now();
+        loop {
+            match try_ask(&r, &request("job-started")) {
+                Ok(a) => {
+                    assert!(a.ok, "{a:?}");
+                    break;
+                }
+                Err(e) => assert!(t.elapsed() < Duration::from_secs(5), "{e}"),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert_eq!(seen.lock().unwrap().len(), 1);
         r.task.abort();
     }
