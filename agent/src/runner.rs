@@ -1,6 +1,7 @@
 //! `flywheel-agent run`: keep each lane's pool of just-in-time runners full (bare metal), or run
 //! the one runner ARC handed this pod (ARC mode). Every runner runs inside a job envelope of its
 //! lane, as the unprivileged runner user; the agent stays root and outside every job cgroup.
+//! A runner's own life, registration to deregistration, is `crate::job::lifecycle`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -591,6 +592,7 @@ fn drained_one(
     }
 }
 
+/// One runner of the pool: its whole life is [`lifecycle::run`], its end told to the pool loop.
 #[allow(clippy::too_many_arguments)]
 async fn runner_task(
     ctx: RunContext,
