@@ -160,3 +160,89 @@ impl crate::envelope::BeforeRelease for Leftover {
         Box::pin(self.publish(after))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::{Released, Stop};
+
+    fn answers() -> (tempfile::TempDir, Answers) {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[agent]\nstate_dir = \"{}\"\n\n[[lane]]\nname = \"fake\"\nmemory = \"64Mi\"\nwork_root = \"{}\"\nnix = false\n",
+            dir.path().join("state").display(),
+            dir.path().join("work").display()
+        );
+        let host = crate::config::HostFacts {
+            memory_bytes: 8 << 30,
+            cpus: 2,
+        };
+        let cfg = crate::config::parse(&text, &crate::config::Origin::Embedded, &host).unwrap();
+        let a = Answers::new(RunnerHooks {
+            runner_name: "runner-1".into(),
+            lane: cfg.lanes[0].clone(),
+            bigger_lane: None,
+            host_cpus: 2,
+            probe: JobProbe::default(),
+            netrc: dir.path().join("netrc"),
+            github: None,
+            attic: cfg.attic.clone(),
+            credential: AtticCredential::None,
+            telemetry: Arc::new(Telemetry::new(&cfg.lanes, "pool")),
+            bazel: None,
+        });
+        (dir, a)
+    }
+
+    fn after(a: &Answers) -> Option<String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let left = a.leftover(Duration::from_millis(50), Stop::default());
+        rt.block_on(left.publish(Released {
+            left: Duration::from_secs(1),
+            oom: false,
+        }))
+    }
+
+    #[test]
+    fn leftovers_of_a_job_trust_did_not_let_publish_are_nothing() {
+        let (_d, a) = answers();
+        assert_eq!(after(&a), None);
+        assert!(
+            a.state.lock().unwrap().published,
+            "and nothing publishes later"
+        );
+    }
+
+    #[test]
+    fn leftovers_publish_what_a_trusted_job_whose_completed_hook_never_came_built() {
+        let (_d, a) = answers();
+        a.state.lock().unwrap().publish = Some("flywheel:o/r:run/1/1:runner/runner-1".into());
+        assert_eq!(
+            after(&a).as_deref(),
+            Some("after the job: nothing published: the lane has no cache"),
+            "the publication was tried (this lane has no cache to publish to)"
+        );
+        assert_eq!(after(&a), None, "once");
+    }
+
+    #[test]
+    fn leftovers_wait_for_the_completed_hooks_publication_within_their_limit() {
+        let (_d, a) = answers();
+        let busy = {
+            let mut s = a.state.lock().unwrap();
+            s.published = true;
+            s.publishing.clone()
+        };
+        let held = busy.clone().try_lock_owned().unwrap();
+        let line = after(&a).unwrap_or_default();
+        assert!(
+            line.starts_with("left unpublished: the completed hook's publication did not finish"),
+            "{line}"
+        );
+        drop(held);
+        assert_eq!(after(&a), None, "finished: nothing to wait for");
+    }
+}
