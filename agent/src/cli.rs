@@ -786,7 +786,7 @@ fn publish(
     let (Some(server), Some(cache)) = (&lane.hints.attic_server, &lane.hints.attic_cache) else {
         anyhow::bail!("lane {:?} has no attic_server and attic_cache", lane.name);
     };
-    let auth = flywheel_agent::hooks::AtticCredential::load(&cfg.attic)
+    let auth = flywheel_agent::job::AtticCredential::load(&cfg.attic)
         .map_err(|e| anyhow::anyhow!(e))?
         .publish_auth()
         .context("set attic.signing_key_file (or push_token_file) to publish")?;
@@ -1070,7 +1070,7 @@ fn run_inner(
         (Some(_), None) => None,
     };
     raise_fd_limit();
-    let attic = flywheel_agent::hooks::AtticCredential::load(&cfg.attic)
+    let attic = flywheel_agent::job::AtticCredential::load(&cfg.attic)
         .map_err(|e| ConfigProblem(format!("{}: {e}", cfg.origin)))?;
     let bazel = flywheel_agent::bazel::upstreams(&cfg.lanes)
         .map_err(|e| ConfigProblem(format!("{}: {e}", cfg.origin)))?;

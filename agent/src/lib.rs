@@ -11,6 +11,7 @@ pub mod envelope;
 pub mod hints;
 pub mod hooks;
 pub mod idrange;
+pub mod job;
 pub mod jobuser;
 pub mod nar;
 pub mod narinfo;

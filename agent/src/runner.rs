@@ -1,25 +1,24 @@
 //! `flywheel-agent run`: keep each lane's pool of just-in-time runners full (bare metal), or run
 //! the one runner ARC handed this pod (ARC mode). Every runner runs inside a job envelope of its
 //! lane, as the unprivileged runner user; the agent stays root and outside every job cgroup.
+//! A runner's own life, registration to deregistration, is `crate::job::lifecycle`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flywheel_jit_config::{jitfile, Client, Deleted, Secret};
-use nix::sys::signal::Signal;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::cgroup::CgroupManager;
-use crate::config::{Config, HostFacts, Lane};
-use crate::envelope::{
-    self, JobOutcome, JobProbe, JobSpec, RunnerRoot, Stop, StopMode, UserChoice,
-};
-use crate::hints;
-use crate::reaper::Reaper;
-use crate::receipt::{Receipt, Scope, Thing, What};
+use crate::config::{HostFacts, Lane};
+use crate::envelope::{JobOutcome, JobProbe, Stop};
+use crate::job::agent::{Agent, Pool, Registration};
+use crate::job::lifecycle::{self, Ended};
+
+pub use crate::job::{runner_dotenv, runner_name, PoolStats, RunContext, RunError};
 
 /// The three escalating stops of `run`: drain (first SIGTERM), stop (second), kill (third).
 #[derive(Debug, Clone, Default)]
@@ -27,149 +26,6 @@ pub struct Shutdown {
     pub drain: CancellationToken,
     pub stop: CancellationToken,
     pub kill: CancellationToken,
-}
-
-/// Everything a runner needs, shared by the pool.
-#[derive(Debug, Clone)]
-pub struct RunContext {
-    pub cfg: Arc<Config>,
-    pub mgr: Arc<dyn CgroupManager>,
-    pub reaper: Reaper,
-    pub host: HostFacts,
-    pub telemetry: Arc<crate::telemetry::Telemetry>,
-    /// For trust decisions (and, in pool mode, registration).
-    pub github: Option<Arc<Client>>,
-    pub attic: crate::hooks::AtticCredential,
-    /// Each lane's Bazel upstream (lanes with `[lane.bazel]`), credentials read at start.
-    pub bazel: crate::bazel::Upstreams,
-    /// The root-owned hook scripts (job-started, job-completed).
-    pub hook_scripts: (std::path::PathBuf, std::path::PathBuf),
-    /// Every background task of the agent (hook servers, log pumps, watchers).
-    pub background: crate::tasks::Background,
-}
-
-/// A runner's hook service: its socket directory, its job's netrc, the serving task.
-struct Hooks {
-    mount: envelope::HookMount,
-    netrc: std::path::PathBuf,
-    serving: crate::hooks::Serving,
-    /// The runner job's receipt: the socket directory and netrc are in it before they exist.
-    receipt: Receipt,
-}
-
-impl Hooks {
-    fn start(
-        ctx: &RunContext,
-        lane: &Lane,
-        name: &str,
-        probe: &JobProbe,
-        bazel: Option<Arc<crate::bazel::JobCache>>,
-        receipt: Receipt,
-    ) -> Result<Hooks, RunError> {
-        let state = &ctx.cfg.agent.state_dir;
-        let all = crate::hooks::sockets_dir(state);
-        // A short name of its own: a socket's path must fit in 108 bytes whatever the runner
-        // is called (the runner's name is in the agent's log beside it).
-        let dir = all.join(format!("{:016x}", fastrand::u64(..)));
-        tracing::debug!(runner = %name, socket = %dir.join("socket").display(), "the runner's hook socket");
-        let netrc_dir = state.join("netrc");
-        let setup = |e: std::io::Error| RunError::Setup(format!("runner hooks: {e}"));
-        std::fs::create_dir_all(&all).map_err(setup)?;
-        std::fs::set_permissions(&all, std::os::unix::fs::PermissionsExt::from_mode(0o711))
-            .map_err(setup)?;
-        std::fs::create_dir_all(&netrc_dir).map_err(setup)?;
-        std::fs::set_permissions(
-            &netrc_dir,
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .map_err(setup)?;
-        let netrc = netrc_dir.join(format!("{name}.netrc"));
-        receipt
-            .record(
-                Scope::Runner,
-                What::Netrc,
-                Thing::Tree {
-                    path: netrc.clone(),
-                },
-            )
-            .map_err(|e| RunError::Setup(e.to_string()))?;
-        std::fs::write(&netrc, "").map_err(setup)?;
-        receipt
-            .record(
-                Scope::Runner,
-                What::HookSocket,
-                Thing::Tree { path: dir.clone() },
-            )
-            .map_err(|e| RunError::Setup(e.to_string()))?;
-        std::fs::set_permissions(&netrc, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .map_err(setup)?;
-        let serving = crate::hooks::serve(
-            &dir,
-            crate::hooks::RunnerHooks {
-                runner_name: name.to_owned(),
-                lane: lane.clone(),
-                bigger_lane: crate::envelope::bigger_lane(&ctx.cfg, &lane.name, lane.memory_bytes)
-                    .map(|(n, b)| (n.to_owned(), b)),
-                host_cpus: ctx.host.cpus,
-                probe: probe.clone(),
-                netrc: netrc.clone(),
-                github: ctx.github.clone(),
-                attic: ctx.cfg.attic.clone(),
-                credential: ctx.attic.clone(),
-                telemetry: ctx.telemetry.clone(),
-                bazel,
-            },
-            &ctx.background,
-        )
-        .map_err(setup)?;
-        Ok(Hooks {
-            mount: envelope::HookMount {
-                dir,
-                seen: crate::hooks::socket_seen(state),
-                all,
-            },
-            netrc,
-            serving,
-            receipt,
-        })
-    }
-
-    /// After the job (whose envelope published what the completed hook could not, before it
-    /// released the slot): stop serving and walk back what the receipt holds of the runner's:
-    /// its daemon's build logs and record of what it built (as many as the job made: on a
-    /// blocking thread), the job's netrc, the socket.
-    async fn finish(self) {
-        self.serving.task.abort();
-        let receipt = self.receipt;
-        let removed = tokio::task::spawn_blocking(move || {
-            receipt.undo(Some(Scope::Runner), &mut crate::receipt::Plain)
-        })
-        .await;
-        match removed {
-            Ok(errors) if errors.is_empty() => {}
-            Ok(errors) => {
-                warn!(errors = %errors.join("; "), "cannot remove the runner's hook socket, netrc and build logs")
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot remove the runner's hook socket, netrc and build logs")
-            }
-        }
-    }
-}
-
-/// Record a finished runner job in the metrics (with the store paths its daemon added).
-fn record(ctx: &RunContext, runner: &str, o: &JobOutcome) {
-    ctx.telemetry.job_finished(runner, &o.report, &o.timings);
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("{0}")]
-    Setup(String),
-    #[error(transparent)]
-    Envelope(#[from] envelope::EnvelopeError),
-    #[error("the JIT config handed to this pod is unusable: {0}")]
-    JitConfig(String),
 }
 
 /// What the listener's exit code means (actions/runner `ReturnCode`).
@@ -202,103 +58,6 @@ impl ListenerExit {
     pub fn is_failure(self) -> bool {
         !matches!(self, ListenerExit::Done | ListenerExit::ConfigRefreshed)
     }
-}
-
-/// The runner's `.env`: single-line values only (the listener splits at the first `=`, no
-/// quoting). Multi-line hints (`NIX_CONFIG`) reach the runner through its environment.
-pub fn runner_dotenv(lane: &Lane, host_cpus: u32) -> Vec<(String, String)> {
-    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
-    // The listener loads `.env` over its own environment (actions/runner, Runner.Listener's
-    // LoadAndSetEnv), and every step inherits it: the lane's Nix must be first on this PATH,
-    // so `type -p nix` (install-nix-action) and `nix --version` (nix-installer-action) find it
-    // and those actions install nothing.
-    let path = if lane.nix {
-        format!(
-            "{}:{path}",
-            lane.nix_store
-                .join("var/nix/profiles/default/bin")
-                .display()
-        )
-    } else {
-        path
-    };
-    let mut v = vec![
-        ("LANG".to_owned(), "C.UTF-8".to_owned()),
-        ("PATH".to_owned(), path),
-        (
-            "ACTIONS_RUNNER_RETURN_VERSION_DEPRECATED_EXIT_CODE".to_owned(),
-            "1".to_owned(),
-        ),
-    ];
-    v.extend(
-        hints::job_env(lane, lane.memory_bytes, host_cpus)
-            .into_iter()
-            .filter(|(_, val)| !val.contains('\n')),
-    );
-    v
-}
-
-fn runner_spec(
-    ctx: &RunContext,
-    lane: &Lane,
-    jit: Secret<String>,
-    name: &str,
-    probe: JobProbe,
-    hooks: &Hooks,
-    arc: bool,
-) -> JobSpec {
-    let mut dotenv = runner_dotenv(lane, ctx.host.cpus);
-    dotenv.push((
-        "ACTIONS_RUNNER_HOOK_JOB_STARTED".into(),
-        ctx.hook_scripts.0.display().to_string(),
-    ));
-    dotenv.push((
-        "ACTIONS_RUNNER_HOOK_JOB_COMPLETED".into(),
-        ctx.hook_scripts.1.display().to_string(),
-    ));
-    dotenv.push((
-        "FLYWHEEL_HOOK_SOCKET".into(),
-        hooks.mount.seen.join("socket").display().to_string(),
-    ));
-    let nix = lane.nix.then(|| {
-        let mut n = crate::envelope::nix_job(&ctx.cfg, lane);
-        n.netrc = Some(hooks.netrc.clone());
-        // Its trust is known only at job-started: the store and daemon come then.
-        n.at_job_started = true;
-        n
-    });
-    JobSpec {
-        lane: lane.clone(),
-        memory_bytes: lane.memory_bytes,
-        work_root: lane.work_root.clone(),
-        user: Some(UserChoice::Slot),
-        slot: None,
-        slot_fallback: arc,
-        command: vec!["bin/Runner.Listener".into(), "run".into()],
-        host_cpus: ctx.host.cpus,
-        runner: Some(RunnerRoot {
-            install_dir: ctx.cfg.runner.install_dir.clone(),
-            dotenv,
-        }),
-        secret_env: vec![("ACTIONS_RUNNER_INPUT_JITCONFIG".to_owned(), jit)],
-        log_output: Some(name.to_owned()),
-        stop_mode: StopMode {
-            signal: Signal::SIGINT,
-            whole_job: false,
-        },
-        probe: Some(probe),
-        nix,
-        hook: Some(hooks.mount.clone()),
-        background: ctx.background.clone(),
-        before_release: None,
-        receipt: Some(hooks.receipt.clone()),
-        bazel: None,
-    }
-}
-
-/// `<prefix>-<lane>-<6 hex>`: unique per attempt.
-pub fn runner_name(prefix: &str, lane: &str) -> String {
-    format!("{prefix}-{lane}-{:06x}", fastrand::u32(..0x100_0000))
 }
 
 /// The host name, reduced to what a runner name may hold.
@@ -371,63 +130,15 @@ pub async fn run_arc(
             stop.now.cancel();
         })
     };
-    let outcome = run_runner(&ctx, lane, &name, jit, probe, stop, true).await;
+    let world = Agent::new(&ctx, lane, probe, stop, Registration::Given { name, jit });
+    let ended = lifecycle::run(&world).await;
     watcher.abort();
-    outcome
-}
-
-/// One registered runner's life, the same in the pool and under ARC: its hook service, its
-/// listener run as a job of the lane, the hooks' last work, the runner's record. The caller
-/// registered it (or ARC did) and deletes its registration when that is due.
-async fn run_runner(
-    ctx: &RunContext,
-    lane: &Lane,
-    name: &str,
-    jit: Secret<String>,
-    probe: JobProbe,
-    stop: Stop,
-    arc: bool,
-) -> Result<JobOutcome, RunError> {
-    // The job's Bazel cache endpoint: read-only until its job-started hook says otherwise.
-    let bazel = ctx
-        .bazel
-        .get(&lane.name)
-        .map(|up| crate::bazel::JobCache::new(up.clone(), Some(ctx.telemetry.clone())));
-    let receipt = match Receipt::create(&crate::receipt::dir(&ctx.cfg.agent.state_dir), &lane.name)
-    {
-        Ok(r) => r,
-        Err(e) => {
-            ctx.telemetry.runner_ended(name);
-            return Err(RunError::Setup(e.to_string()));
-        }
-    };
-    let hooks = match Hooks::start(ctx, lane, name, &probe, bazel.clone(), receipt.clone()) {
-        Ok(h) => h,
-        Err(e) => {
-            // What it made before it failed (a netrc) goes now, not at the next start.
-            let _ = tokio::task::spawn_blocking(move || {
-                receipt.undo(Some(Scope::Runner), &mut crate::receipt::Plain)
-            })
-            .await;
-            ctx.telemetry.runner_ended(name);
-            return Err(e);
-        }
-    };
-    let mut spec = runner_spec(ctx, lane, jit, name, probe, &hooks, arc);
-    spec.bazel = bazel;
-    spec.before_release = Some(
-        hooks
-            .serving
-            .leftover(ctx.cfg.runner.drain_grace, stop.clone()),
-    );
-    let outcome = envelope::run_job(&ctx.cfg, ctx.mgr.as_ref(), spec, stop, &ctx.reaper).await;
-    hooks.finish().await;
-    ctx.telemetry.runner_ended(name);
-    match &outcome {
-        Ok(o) => record(ctx, name, o),
-        Err(_) => ctx.telemetry.infrastructure_failure(&lane.name),
+    match ended {
+        Ended::Ran { outcome, .. } => outcome,
+        // ARC registered it: never refused, never drained here.
+        Ended::NotRegistered(e) => Err(RunError::Setup(e)),
+        Ended::Drained => Err(RunError::Setup("drained before it ran".into())),
     }
-    Ok(outcome?)
 }
 
 async fn wait_idle(probe: &JobProbe) {
@@ -478,19 +189,6 @@ struct LaneState {
     failures: u32,
     not_before: Option<Instant>,
     refused_logged: bool,
-}
-
-/// Per-pool counters, for tests and the closing numbers.
-#[derive(Debug, Default)]
-pub struct PoolStats {
-    /// Unix ms of the pool loop's last turn (the watchdog's evidence of life).
-    pub heartbeat: Arc<std::sync::atomic::AtomicU64>,
-    /// Registrations that failed.
-    pub registration_failures: std::sync::atomic::AtomicU64,
-    pub registered: std::sync::atomic::AtomicU64,
-    pub finished: std::sync::atomic::AtomicU64,
-    /// Microseconds from a JIT config received to its listener started, summed.
-    pub launch_us: std::sync::atomic::AtomicU64,
 }
 
 /// Keep every lane at `max_runners` until drained. Returns after a clean drain.
@@ -741,6 +439,7 @@ fn drained_one(
     }
 }
 
+/// One runner of the pool: its whole life is [`lifecycle::run`], its end told to the pool loop.
 #[allow(clippy::too_many_arguments)]
 async fn runner_task(
     ctx: RunContext,
@@ -754,91 +453,36 @@ async fn runner_task(
     stats: Arc<PoolStats>,
 ) -> End {
     let lane = &ctx.cfg.lanes[lane_idx];
-    let gh = match &ctx.cfg.github {
-        Some(g) => g,
-        None => return End::RegistrationFailed("no [github] configured".into()),
-    };
-    let key = format!("(registering {:08x})", fastrand::u32(..));
-    ctx.telemetry.runner_started(&key, lane, probe.clone());
-    let t_reg = Instant::now();
-    let reg = github
-        .register(
-            |_| runner_name(&prefix, &lane.name),
-            gh.runner_group_id,
-            &lane.labels,
-            "_work",
-        )
-        .await;
-    ctx.telemetry
-        .observe_phase(&lane.name, "registration", "none", t_reg.elapsed());
-    let jit = match reg {
-        Ok(j) => j,
-        Err(e) => {
-            ctx.telemetry.runner_ended(&key);
-            return End::RegistrationFailed(e.to_string());
-        }
-    };
-    ctx.telemetry.runner_named(&key, &jit.runner.name);
-    let received = Instant::now();
-    let name = jit.runner.name.clone();
-    let id = jit.runner.id;
-    stats
-        .registered
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    if drain.is_cancelled() {
-        // Registered as the drain began: deleted here, and never published in the slot, so
-        // the drain does not delete it a second time (GitHub would answer 404).
-        let _ = github.delete_runner(id).await;
-        ctx.telemetry.runner_ended(&name);
-        return End::Drained;
-    }
-    // No await between the look at the drain and this: the pool loop sees either no name
-    // (and leaves the runner to this task) or the name (and deletes it itself).
-    if let Ok(mut g) = slot.lock() {
-        *g = Some((name.clone(), id));
-    }
-    info!(runner = %name, id, "registered; starting its listener");
-    // Launch latency: from the JIT config in hand to the listener's process started (the
-    // envelope says when; nothing polls the cgroup).
-    let watch = {
-        let (probe, stats) = (probe.clone(), stats.clone());
-        ctx.background.spawn(async move {
-            probe.wait_launched().await;
-            let us = u64::try_from(received.elapsed().as_micros()).unwrap_or(u64::MAX);
-            stats
-                .launch_us
-                .fetch_add(us, std::sync::atomic::Ordering::Relaxed);
-        })
-    };
-    let stopped_by_us = stop.graceful.clone();
-    let res = run_runner(&ctx, lane, &name, jit.encoded, probe, stop, false).await;
-    watch.abort();
-    match res {
-        Ok(outcome) => {
-            // An ephemeral runner that ran its job is removed by GitHub; anything else may
-            // still be registered.
-            let still_registered = slot.lock().map(|g| g.is_some()).unwrap_or(true);
-            if still_registered && (outcome.code != 0 || stopped_by_us.is_cancelled()) {
-                match github.delete_runner(id).await {
-                    Ok(Deleted::Deleted) => info!(runner = %name, "deleted its registration"),
-                    Ok(_) => {}
-                    Err(e) => {
-                        warn!(runner = %name, error = %e, "cannot delete the runner's registration")
-                    }
-                }
-            }
-            End::Exited {
-                name,
-                outcome: Box::new(outcome),
-            }
-        }
-        Err(e) => {
-            let _ = github.delete_runner(id).await;
-            End::AgentFailed {
-                name,
-                error: e.to_string(),
-            }
-        }
+    let world = Agent::new(
+        &ctx,
+        lane,
+        probe,
+        stop,
+        Registration::Pool(Pool {
+            github,
+            prefix,
+            slot,
+            drain,
+            stats,
+        }),
+    );
+    match lifecycle::run(&world).await {
+        Ended::NotRegistered(e) => End::RegistrationFailed(e),
+        Ended::Drained => End::Drained,
+        Ended::Ran {
+            name,
+            outcome: Ok(outcome),
+        } => End::Exited {
+            name,
+            outcome: Box::new(outcome),
+        },
+        Ended::Ran {
+            name,
+            outcome: Err(e),
+        } => End::AgentFailed {
+            name,
+            error: e.to_string(),
+        },
     }
 }
 
