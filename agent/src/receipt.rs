@@ -85,6 +85,11 @@ pub enum Thing {
     /// A directory tree or a file: removed by descriptors, never through a symlink, mounts
     /// below it detached first (`workdir::remove_tree`).
     Tree { path: PathBuf },
+    /// A tree the agent made inside a directory a job's daemon writes (its store's
+    /// `var/nix/…/per-user/<user>`): `rel` below `root`, every component of `rel` opened by
+    /// descriptor without following a symlink (`workdir::remove_tree_below`); `root` is the
+    /// agent's.
+    TreeBelow { root: PathBuf, rel: PathBuf },
     /// Mounts the agent attached in its own namespace at or below `path`: detached (the
     /// directory itself is another entry's).
     Mounts { path: PathBuf },
@@ -106,7 +111,7 @@ impl Entry {
     fn path(&self) -> Option<&Path> {
         match &self.thing {
             Thing::Tree { path } | Thing::Mounts { path } => Some(path),
-            Thing::Cgroup { .. } | Thing::Lock { .. } => None,
+            Thing::TreeBelow { .. } | Thing::Cgroup { .. } | Thing::Lock { .. } => None,
         }
     }
 }
@@ -194,6 +199,8 @@ pub enum ReceiptError {
         #[source]
         source: io::Error,
     },
+    #[error("the receipts' directory {path} is {why}: no receipt there is read; make it root's, mode 0700")]
+    UnsafeDir { path: PathBuf, why: &'static str },
     #[error("read the receipt {path}: {source}")]
     Read {
         path: PathBuf,
@@ -217,6 +224,28 @@ pub fn dir(state_dir: &Path) -> PathBuf {
 #[derive(Debug, Clone)]
 pub struct Receipt(Arc<Mutex<Inner>>);
 
+/// Whether `dir` (the receipts' directory) is safe to read receipts from: absent, or a real
+/// directory of the agent's user that nobody else can write.
+pub fn check_dir(dir: &Path) -> Result<(), ReceiptError> {
+    use std::os::unix::fs::MetadataExt;
+    let unsafe_dir = |why: &'static str| ReceiptError::UnsafeDir {
+        path: dir.to_path_buf(),
+        why,
+    };
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(ReceiptError::Read {
+            path: dir.to_path_buf(),
+            source,
+        }),
+        Ok(m) if !m.is_dir() => Err(unsafe_dir("not a directory")),
+        Ok(m) if m.uid() != nix::unistd::geteuid().as_raw() || m.mode() & 0o022 != 0 => Err(
+            unsafe_dir("not the agent's alone (another owner, or writable by group or others)"),
+        ),
+        Ok(_) => Ok(()),
+    }
+}
+
 /// How entries are undone; the agent's is [`Host`], the tests' fakes record the order.
 pub trait Undo {
     /// Empty the cgroup `name` and remove it. [`Busy`] keeps every other entry (the job's
@@ -224,6 +253,9 @@ pub trait Undo {
     fn cgroup(&mut self, name: &str) -> Result<(), Busy>;
     fn tree(&mut self, path: &Path) -> io::Result<()> {
         crate::workdir::remove_tree(path)
+    }
+    fn tree_below(&mut self, root: &Path, rel: &Path) -> io::Result<()> {
+        crate::workdir::remove_tree_below(root, rel)
     }
     fn mounts(&mut self, path: &Path) -> io::Result<()> {
         crate::workdir::detach_below(path)
@@ -275,10 +307,28 @@ impl Receipt {
     /// A receipt found on disk (reconciliation): undone only by [`Receipt::undo`] when its
     /// owner is gone.
     pub fn load(path: &Path) -> Result<Receipt, ReceiptError> {
-        let text = std::fs::read(path).map_err(|source| ReceiptError::Read {
+        let read = |source| ReceiptError::Read {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let text = {
+            use std::io::Read;
+            use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+            let mut f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+                .open(path)
+                .map_err(read)?;
+            let m = f.metadata().map_err(read)?;
+            if !m.is_file() || m.uid() != nix::unistd::geteuid().as_raw() || m.mode() & 0o022 != 0 {
+                return Err(read(io::Error::other(
+                    "not a regular file of the agent's user that only it can write",
+                )));
+            }
+            let mut text = Vec::new();
+            f.read_to_end(&mut text).map_err(read)?;
+            text
+        };
         let doc: Doc = serde_json::from_slice(&text).map_err(|source| ReceiptError::Parse {
             path: path.to_path_buf(),
             source,
@@ -337,18 +387,14 @@ impl Receipt {
         }
     }
 
-    /// The paths of `scope`'s entries that still exist (what a teardown that cannot empty the
-    /// cgroup keeps).
-    pub fn existing(&self, scope: Option<Scope>) -> Vec<PathBuf> {
+    /// Whether the job's cgroup is still to be emptied and removed (its teardown has not
+    /// finished, or could not empty it): until then nothing else of the job may go.
+    pub fn cgroup_pending(&self) -> bool {
         self.lock()
             .doc
             .entries
             .iter()
-            .filter(|e| scope.is_none_or_eq(e.scope))
-            .filter_map(Entry::path)
-            .filter(|p| std::fs::symlink_metadata(p).is_ok())
-            .map(Path::to_path_buf)
-            .collect()
+            .any(|e| matches!(e.thing, Thing::Cgroup { .. }))
     }
 
     /// Undo the entries of `scope` (all, for `None`) in reverse: cgroups first, then the rest
@@ -404,6 +450,9 @@ impl Receipt {
                     Thing::Tree { path } => how
                         .tree(path)
                         .map_err(|err| format!("remove {}: {err}", path.display())),
+                    Thing::TreeBelow { root, rel } => how.tree_below(root, rel).map_err(|err| {
+                        format!("remove {} below {}: {err}", rel.display(), root.display())
+                    }),
                     Thing::Mounts { path } => how
                         .mounts(path)
                         .map_err(|err| format!("unmount below {}: {err}", path.display())),

@@ -44,6 +44,14 @@ pub async fn local(cfg: &Arc<Config>, mgr: Arc<dyn CgroupManager>) -> (usize, us
 pub fn local_blocking(cfg: &Config, mgr: &dyn CgroupManager) -> (usize, usize) {
     let (mut cgroups, mut dirs) = (0, 0);
     let receipts = crate::receipt::dir(&cfg.agent.state_dir);
+    if let Err(e) = crate::receipt::check_dir(&receipts) {
+        // Receipts another user could have written name paths root would remove.
+        warn!(error = %e, "cannot clean up after an earlier run");
+        return (0, 0);
+    }
+    // What might be left: listed before any receipt is read, so whatever a running agent (an
+    // `exec` beside this one) makes meanwhile is in a receipt read below.
+    let candidates = Candidates::list(cfg, mgr);
     for e in std::fs::read_dir(&receipts).into_iter().flatten().flatten() {
         let path = e.path();
         let name = e.file_name().to_string_lossy().into_owned();
@@ -63,6 +71,9 @@ pub fn local_blocking(cfg: &Config, mgr: &dyn CgroupManager) -> (usize, usize) {
         cgroups += c;
         dirs += d;
     }
+    let (c, d) = candidates.sweep(&receipts, mgr);
+    cgroups += c;
+    dirs += d;
     for lane in &cfg.lanes {
         // A slot volume is shared by every pod of the lane on the node, each in a PID
         // namespace of its own, and a pod's receipts are gone with it. A slot whose lock this
@@ -84,6 +95,125 @@ pub fn local_blocking(cfg: &Config, mgr: &dyn CgroupManager) -> (usize, usize) {
         }
     }
     (cgroups, dirs)
+}
+
+/// What an earlier run may have left that no receipt names: an agent that died before it wrote
+/// receipts (a version before them), a receipt that could not be read (cut short by a power
+/// cut). Only the agent's own directories in `state_dir`, the lanes' job cgroups, and
+/// directories named like a lane's jobs in its work root.
+struct Candidates {
+    cgroups: Vec<String>,
+    paths: Vec<std::path::PathBuf>,
+}
+
+impl Candidates {
+    fn list(cfg: &Config, mgr: &dyn CgroupManager) -> Candidates {
+        let ours = |name: &str| {
+            cfg.lanes
+                .iter()
+                .any(|l| name.starts_with(&format!("{}.s", l.name)))
+        };
+        let cgroups = match mgr.list() {
+            Ok(names) => names.into_iter().filter(|n| ours(n)).collect(),
+            Err(e) => {
+                warn!(error = %e, "cannot list job cgroups");
+                Vec::new()
+            }
+        };
+        let state = &cfg.agent.state_dir;
+        let mut paths = Vec::new();
+        for d in [
+            crate::hooks::sockets_dir(state),
+            state.join("netrc"),
+            state.join("nix-tmp"),
+            state.join("nix-views"),
+            state.join("nix-sockets"),
+            state.join("nix-logs"),
+        ] {
+            paths.extend(
+                std::fs::read_dir(&d)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path()),
+            );
+        }
+        let mut roots: Vec<&Path> = cfg.lanes.iter().map(|l| l.work_root.as_path()).collect();
+        roots.sort();
+        roots.dedup();
+        for root in roots {
+            paths.extend(
+                std::fs::read_dir(root)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|e| ours(&e.file_name().to_string_lossy()))
+                    .map(|e| e.path()),
+            );
+        }
+        Candidates { cgroups, paths }
+    }
+
+    /// Remove the candidates no receipt in `receipts` names (a receipt's path, or a path
+    /// inside or above one): (cgroups, others) removed. A receipt that cannot be read is moved
+    /// aside (`.unreadable`), once its leftovers are swept, so it is not warned about again.
+    fn sweep(self, receipts: &Path, mgr: &dyn CgroupManager) -> (usize, usize) {
+        let (mut named_cgroups, mut named_paths) = (Vec::new(), Vec::new());
+        let mut unreadable = Vec::new();
+        for e in std::fs::read_dir(receipts).into_iter().flatten().flatten() {
+            let path = e.path();
+            if !e.file_name().to_string_lossy().ends_with(".json") {
+                continue;
+            }
+            let Ok(r) = Receipt::load(&path) else {
+                unreadable.push(path);
+                continue;
+            };
+            for entry in r.entries() {
+                match entry.thing {
+                    Thing::Cgroup { name } => named_cgroups.push(name),
+                    Thing::Tree { path } | Thing::Mounts { path } | Thing::Lock { path } => {
+                        named_paths.push(path)
+                    }
+                    Thing::TreeBelow { root, rel } => named_paths.push(root.join(rel)),
+                }
+            }
+        }
+        let mut cgroups = 0;
+        for name in self.cgroups.iter().filter(|n| !named_cgroups.contains(n)) {
+            match mgr.open(name).destroy(DRAIN) {
+                Ok(()) => {
+                    info!(cgroup = %name, "removed a job cgroup no receipt names (left by an earlier run)");
+                    cgroups += 1;
+                }
+                Err(e) => warn!(cgroup = %name, error = %e, "cannot remove a leftover job cgroup"),
+            }
+        }
+        let mut others = 0;
+        for p in &self.paths {
+            if named_paths
+                .iter()
+                .any(|n| n.starts_with(p) || p.starts_with(n))
+            {
+                continue;
+            }
+            match workdir::remove_tree(p) {
+                Ok(()) => {
+                    info!(path = %p.display(), "removed what no receipt names (left by an earlier run)");
+                    others += 1;
+                }
+                Err(e) => warn!(path = %p.display(), error = %e, "cannot remove a leftover"),
+            }
+        }
+        for p in unreadable {
+            let mut aside = p.clone().into_os_string();
+            aside.push(".unreadable");
+            if std::fs::rename(&p, &aside).is_ok() {
+                warn!(receipt = %p.display(), "a receipt that cannot be read was moved aside; what no other receipt names was swept instead");
+            }
+        }
+        (cgroups, others)
+    }
 }
 
 /// Undo the receipt at `path` if its agent is gone: (cgroups, other entries) undone.
@@ -255,5 +385,98 @@ mod tests {
             live_dir.exists() && live.path().exists(),
             "a live agent's is its own"
         );
+    }
+
+    #[test]
+    fn what_no_receipt_names_is_swept_and_what_a_live_one_names_is_kept() {
+        let t = tempfile::tempdir().unwrap();
+        let state = t.path().join("state");
+        let cfg = config(&state);
+        // An earlier agent's leftovers that no receipt names (it died before receipts, or its
+        // receipt was cut short): a netrc, a hook socket directory, a job directory of the lane.
+        let netrc = state.join("netrc/old-runner.netrc");
+        let socket = crate::hooks::sockets_dir(&state).join("00000000000000aa");
+        let old_job = state.with_file_name("work").join("fake.s0.123.abc");
+        // A running `exec` beside this agent: its job directory and netrc are in its receipt.
+        let (live, live_dir) = job(&state, "fake.s1.456.def");
+        let live_netrc = state.join("netrc/live.netrc");
+        live.record(
+            Scope::Runner,
+            What::Netrc,
+            Thing::Tree {
+                path: live_netrc.clone(),
+            },
+        )
+        .unwrap();
+        for d in [&socket, &old_job.join("_work")] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::create_dir_all(state.join("netrc")).unwrap();
+        std::fs::write(&netrc, "machine x").unwrap();
+        std::fs::write(&live_netrc, "machine y").unwrap();
+        // Something else in the work root that is not named like a job of a lane.
+        let other = state.with_file_name("work").join("operator-notes");
+        std::fs::create_dir_all(&other).unwrap();
+        // A receipt cut short: moved aside once.
+        let bad = crate::receipt::dir(&state).join("fake.1.000000000001.json");
+        std::fs::write(&bad, "{\"owner\":").unwrap();
+
+        let (_, removed) = local_blocking(&cfg, &NoCgroups);
+        assert_eq!(
+            removed, 3,
+            "the netrc, the socket directory, the job directory"
+        );
+        assert!(!netrc.exists() && !socket.exists() && !old_job.exists());
+        assert!(
+            live_dir.exists() && live_netrc.exists(),
+            "a live receipt's are kept"
+        );
+        assert!(other.exists(), "only what is named like a lane's job");
+        assert!(!bad.exists(), "moved aside");
+        assert!(bad.with_extension("json.unreadable").exists());
+    }
+
+    /// A receipt with one directory, made by a writer that is gone (this pid, another start).
+    fn dead_job(state: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let (r, dir) = job(state, name);
+        let path = r.path();
+        let text = std::fs::read_to_string(&path).unwrap().replacen(
+            &format!("\"start\": {}", Owner::me().start),
+            &format!("\"start\": {}", Owner::me().start + 1),
+            1,
+        );
+        drop(r);
+        std::fs::write(&path, text).unwrap();
+        (path, dir)
+    }
+
+    #[test]
+    fn receipts_another_user_can_write_are_not_read() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let state = t.path().join("state");
+        let cfg = config(&state);
+        // The receipt itself writable by others: not read, its paths not removed.
+        let (path, dir) = dead_job(&state, "dead");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o622)).unwrap();
+        assert!(Receipt::load(&path).is_err());
+        assert_eq!(local_blocking(&cfg, &NoCgroups), (0, 0));
+        assert!(
+            dir.exists(),
+            "a receipt others could write names nothing root removes"
+        );
+        assert!(
+            path.with_extension("json.unreadable").exists(),
+            "moved aside"
+        );
+        // The directory writable by others: nothing in it is read.
+        let (path, dir) = dead_job(&state, "dead2");
+        let receipts = crate::receipt::dir(&state);
+        std::fs::set_permissions(&receipts, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert_eq!(local_blocking(&cfg, &NoCgroups), (0, 0));
+        assert!(dir.exists() && path.exists());
+        std::fs::set_permissions(&receipts, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(local_blocking(&cfg, &NoCgroups), (0, 1));
+        assert!(!dir.exists());
     }
 }

@@ -211,16 +211,73 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
         _ => return Err(io::Error::other("refusing to remove a filesystem root")),
     };
     let parent_fd = open_dir_at(None, parent.as_os_str())?;
-    let top_fd = match open_dir_at(Some(parent_fd.as_fd()), name) {
+    remove_at(parent_fd.as_fd(), name)
+}
+
+/// `rel` below `root` removed like [`remove_tree`] (but for mounts: none is expected there),
+/// every component of `rel` opened by descriptor without following a symlink: for what the
+/// agent made inside a store a job's daemon writes, where a daemon may swap a directory above
+/// the last name for a symlink to anywhere on the host. A component that is no longer a plain
+/// directory means the tree is no longer where the agent made it: nothing is removed, and
+/// that is said. `root` itself is the agent's.
+pub fn remove_tree_below(root: &Path, rel: &Path) -> io::Result<()> {
+    let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
+        return Err(io::Error::other("refusing to remove the root itself"));
+    };
+    let mut fd = match open_dir_at(None, root.as_os_str()) {
         Ok(fd) => fd,
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for part in parent.components() {
+        let std::path::Component::Normal(part) = part else {
+            return Err(io::Error::other(format!(
+                "{}: only plain names below {}",
+                rel.display(),
+                root.display()
+            )));
+        };
+        fd = match open_dir_at(Some(fd.as_fd()), part) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+                tracing::warn!(
+                    root = %root.display(),
+                    path = %rel.display(),
+                    component = %part.to_string_lossy(),
+                    "not removed: a component is no longer a plain directory (a symlink planted by a job's daemon?)"
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+    }
+    remove_at(fd.as_fd(), name)
+}
+
+/// Remove `name` in the directory `parent`: a file (or symlink) unlinked, a directory emptied
+/// by descriptors on its own filesystem and removed.
+fn remove_at(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    let top_fd = match open_dir_at(Some(parent), name) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+            return match nix::unistd::unlinkat(
+                Some(parent.as_raw_fd()),
+                name,
+                UnlinkatFlags::NoRemoveDir,
+            ) {
+                Ok(()) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+                Err(e) => Err(e.into()),
+            };
+        }
         Err(e) => return Err(e),
     };
     let dev = nix::sys::stat::fstat(top_fd.as_raw_fd())
         .map_err(io::Error::from)?
         .st_dev;
     empty_tree(top_fd, dev)?;
-    nix::unistd::unlinkat(Some(parent_fd.as_raw_fd()), name, UnlinkatFlags::RemoveDir)
+    nix::unistd::unlinkat(Some(parent.as_raw_fd()), name, UnlinkatFlags::RemoveDir)
         .map_err(io::Error::from)
 }
 
@@ -539,5 +596,39 @@ mod tests {
         assert!(dirs_at(&store, Path::new("var/log")).is_err());
         assert_eq!(fs::read_dir(&elsewhere).expect("read").count(), 0);
         assert!(dirs_at(&store, Path::new("../x")).is_err());
+    }
+
+    #[test]
+    fn a_tree_below_a_root_is_never_reached_through_a_symlink_above_it() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("store");
+        let rel = Path::new("var/nix/profiles/per-user/alice");
+        // What the agent made: removed.
+        fs::create_dir_all(root.join(rel).join("deep")).unwrap();
+        remove_tree_below(&root, rel).unwrap();
+        assert!(!root.join(rel).exists() && root.join("var/nix/profiles/per-user").exists());
+        // A daemon swaps `profiles` for a symlink to a tree of the host's with a
+        // `per-user/alice`.
+        let victim = t.path().join("home");
+        fs::create_dir_all(victim.join("per-user/alice/.ssh")).unwrap();
+        fs::remove_dir_all(root.join("var/nix/profiles")).unwrap();
+        std::os::unix::fs::symlink(&victim, root.join("var/nix/profiles")).unwrap();
+        // The route is real: a removal by path goes through the symlink (on a copy).
+        let copy = t.path().join("copy");
+        fs::create_dir_all(copy.join("per-user/alice/.ssh")).unwrap();
+        let by_path = t.path().join("store2/var/nix");
+        fs::create_dir_all(&by_path).unwrap();
+        std::os::unix::fs::symlink(&copy, by_path.join("profiles")).unwrap();
+        remove_tree(&by_path.join("profiles/per-user/alice")).unwrap();
+        assert!(
+            !copy.join("per-user/alice").exists(),
+            "a removal by path follows the symlink"
+        );
+        // Below the root by descriptors: the host's tree stays.
+        remove_tree_below(&root, rel).unwrap();
+        assert!(victim.join("per-user/alice/.ssh").exists(), "not followed");
+        // Nor is the root itself or a name with `..` accepted.
+        assert!(remove_tree_below(&root, Path::new("")).is_err());
+        assert!(remove_tree_below(&root, Path::new("../home/alice")).is_err());
     }
 }

@@ -136,13 +136,15 @@ pub(super) async fn launch(
             // Nix 2.8's daemon gives the user `var/nix/{profiles,gcroots}/per-user/<user>`
             // (the user's own, in a store every later job of this user reuses, a trusted one
             // included): gone with the job, like its HOME.
+            // Removed below the store's root by descriptors: the daemon writes `var/nix`, and
+            // may have swapped a directory above the user's for a symlink.
             for kind in ["profiles", "gcroots"] {
-                let dir = phys_nix
-                    .join("var/nix")
+                let rel = Path::new("var/nix")
                     .join(kind)
                     .join("per-user")
                     .join(&u.name);
-                receipt.record(Scope::Job, What::PerUser, tree(dir))?;
+                let root = phys_nix.to_path_buf();
+                receipt.record(Scope::Job, What::PerUser, Thing::TreeBelow { root, rel })?;
             }
         }
         if n.at_job_started {

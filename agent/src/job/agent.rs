@@ -199,7 +199,7 @@ impl World for Agent<'_> {
             Err(e) => {
                 // What it made before it failed goes now, not at the next start (and the
                 // receipt with it).
-                super::host::removal(receipt)();
+                super::host::removal(receipt, std::time::Duration::ZERO)();
                 return Err(e);
             }
         };

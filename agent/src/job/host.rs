@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tracing::warn;
@@ -114,17 +115,18 @@ impl Hooks {
     /// blocking thread), the job's netrc, the socket.
     pub async fn finish(self) {
         self.serving.abort();
-        let remove = removal(self.receipt);
+        let remove = removal(self.receipt, Duration::ZERO);
         if let Err(e) = tokio::task::spawn_blocking(remove).await {
             warn!(error = %e, "cannot remove the runner's hook socket, netrc and build logs");
         }
     }
 
     /// [`Hooks::finish`] for a lifecycle dropped before its end: the same removal, on a thread
-    /// of its own (there may be no runtime left to run it).
+    /// of its own (there may be no runtime left to run it), once the job's own teardown (the
+    /// envelope's guard, on a thread of its own too) has emptied and removed its cgroup.
     pub fn abandon(self) {
         self.serving.abort();
-        let remove = removal(self.receipt);
+        let remove = removal(self.receipt, ABANDON_WAIT);
         if let Err(e) = std::thread::Builder::new()
             .name("hooks-abandon".into())
             .spawn(remove)
@@ -134,9 +136,24 @@ impl Hooks {
     }
 }
 
-/// Walk back the runner's entries of `receipt` (blocking).
-pub fn removal(receipt: Receipt) -> impl FnOnce() + Send + 'static {
+/// How long a dropped runner job's removal waits for its job's teardown: past any
+/// `agent.teardown_deadline` a configuration takes.
+const ABANDON_WAIT: Duration = Duration::from_secs(15 * 60);
+
+/// Walk back the runner's entries of `receipt` (blocking) once the job's cgroup is gone,
+/// waiting up to `wait` for that: its processes (the daemon writing its record and logs, the
+/// runner using its socket) may still run until then. A cgroup still there after `wait` keeps
+/// them for the next start's reconciliation.
+pub fn removal(receipt: Receipt, wait: Duration) -> impl FnOnce() + Send + 'static {
     move || {
+        let t = std::time::Instant::now();
+        while receipt.cgroup_pending() && t.elapsed() < wait {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if receipt.cgroup_pending() {
+            warn!("kept the runner's hook socket, netrc and build logs: its job's cgroup is not removed yet; the next start removes them");
+            return;
+        }
         let errors = receipt.undo(Some(Scope::Runner), &mut crate::receipt::Plain);
         if !errors.is_empty() {
             warn!(errors = %errors.join("; "), "cannot remove the runner's hook socket, netrc and build logs");
