@@ -108,10 +108,15 @@ struct Candidates {
 
 impl Candidates {
     fn list(cfg: &Config, mgr: &dyn CgroupManager) -> Candidates {
+        // The job cgroups and work roots may be shared with an agent of another `state_dir`
+        // (an operator's `exec` with a configuration of its own), whose receipts this agent
+        // does not read: there, only a name whose creator (`<lane>.s<slot>.<pid>.<hex>`) is
+        // gone is a candidate.
         let ours = |name: &str| {
             cfg.lanes
                 .iter()
                 .any(|l| name.starts_with(&format!("{}.s", l.name)))
+                && creator_pid(name).is_some_and(|p| !alive(p))
         };
         let cgroups = match mgr.list() {
             Ok(names) => names.into_iter().filter(|n| ours(n)).collect(),
@@ -214,6 +219,23 @@ impl Candidates {
         }
         (cgroups, others)
     }
+}
+
+/// The pid a job name was created by: `<lane>.s<slot>.<pid>.<hex>` (a throwaway store layer
+/// beside its directory is `<job>.layer`).
+fn creator_pid(job: &str) -> Option<i32> {
+    let job = job.strip_suffix(".layer").unwrap_or(job);
+    let mut it = job.rsplitn(3, '.');
+    let _hex = it.next()?;
+    it.next()?.parse().ok()
+}
+
+fn alive(pid: i32) -> bool {
+    pid == std::process::id() as i32
+        || match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+            Ok(()) => true,
+            Err(e) => e == nix::errno::Errno::EPERM,
+        }
 }
 
 /// Undo the receipt at `path` if its agent is gone: (cgroups, other entries) undone.
@@ -396,7 +418,7 @@ mod tests {
         // receipt was cut short): a netrc, a hook socket directory, a job directory of the lane.
         let netrc = state.join("netrc/old-runner.netrc");
         let socket = crate::hooks::sockets_dir(&state).join("00000000000000aa");
-        let old_job = state.with_file_name("work").join("fake.s0.123.abc");
+        let old_job = state.with_file_name("work").join("fake.s0.2147483600.abc");
         // A running `exec` beside this agent: its job directory and netrc are in its receipt.
         let (live, live_dir) = job(&state, "fake.s1.456.def");
         let live_netrc = state.join("netrc/live.netrc");
