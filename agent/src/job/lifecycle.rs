@@ -480,7 +480,13 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(run(f))
+        // A lifecycle that waits forever (an answer never given, a phase never ending) fails
+        // the test instead of hanging the suite.
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(20), run(f))
+                .await
+                .expect("the lifecycle ended within 20 s")
+        })
     }
 
     fn log(f: &Fake) -> Vec<String> {
