@@ -5,8 +5,8 @@
 //! it executes; signals to the agent stop it), **teardown** (SIGTERM with a grace, kill the
 //! whole cgroup, wait until empty, remove the cgroup and `_work`, release the slot), which a
 //! guard runs whatever happened before it. The mechanisms are beside it: `spawn` (fork and
-//! exec, all the `unsafe`), `launch`, `mounts`, `env`, `root`, `daemon`, `pumps`, `probe`.
-//! This module holds the types they share.
+//! exec), `launch`, `mounts`, `env`, `root`, `daemon`, `pumps`, `probe`. All the `unsafe` is
+//! in `spawn`, `confine`, `pidns`, `userns` and `view`; this module holds the types they share.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -57,7 +57,7 @@ pub use phases::run_job;
 pub use probe::{JobFacts, JobProbe, Kills, SAMPLE_INTERVAL};
 use pumps::{log_lines, log_lines_at};
 use root::prepare_runner_root;
-use spawn::{agent_side_failure, fail_pipe, ChildSetup, Op};
+use spawn::{agent_side_failure, fail_pipe, ChildSetup};
 pub use userns::is_daemon_root;
 
 /// How long teardown waits for a killed job's cgroup to empty before giving up.
@@ -324,85 +324,4 @@ fn command_name(cmd: &[OsString]) -> String {
                 .into_owned()
         })
         .unwrap_or_default()
-}
-
-/// One mount operation in the forked child. Async-signal-safe: system calls only.
-///
-/// # Safety
-/// Call only in a child between fork and exec, inside its own mount namespace.
-unsafe fn child_mount(op: &Op) -> bool {
-    let null = std::ptr::null();
-    // SAFETY: (for each call) NUL-terminated strings made before the fork, or null.
-    unsafe {
-        match op {
-            Op::Bind { src, dst, readonly } => {
-                libc::mount(
-                    src.as_ptr(),
-                    dst.as_ptr(),
-                    null,
-                    libc::MS_BIND | libc::MS_REC,
-                    null.cast(),
-                ) == 0
-                    && (!readonly
-                        || libc::mount(
-                            null,
-                            dst.as_ptr(),
-                            null,
-                            libc::MS_BIND
-                                | libc::MS_REMOUNT
-                                | libc::MS_RDONLY
-                                | libc::MS_NOSUID
-                                | libc::MS_NODEV,
-                            null.cast(),
-                        ) == 0)
-            }
-            Op::Tmpfs { dst, opts } => {
-                libc::mount(
-                    c"tmpfs".as_ptr(),
-                    dst.as_ptr(),
-                    c"tmpfs".as_ptr(),
-                    libc::MS_NOSUID | libc::MS_NODEV,
-                    opts.as_ptr().cast(),
-                ) == 0
-            }
-            Op::Mkdir { path } => {
-                libc::mkdir(path.as_ptr(), 0o755) == 0 || *libc::__errno_location() == libc::EEXIST
-            }
-            Op::Move { src, dst } => {
-                libc::mount(src.as_ptr(), dst.as_ptr(), null, libc::MS_MOVE, null.cast()) == 0
-            }
-            // The job's IPC namespace's queues (made after its `unshare`).
-            Op::Mqueue => {
-                libc::mount(
-                    c"mqueue".as_ptr(),
-                    c"/dev/mqueue".as_ptr(),
-                    c"mqueue".as_ptr(),
-                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                    null.cast(),
-                ) == 0
-            }
-            // MOVE_MOUNT_F_EMPTY_PATH: the detached copy itself.
-            Op::Attach { tree, dst } => {
-                libc::syscall(
-                    libc::SYS_move_mount,
-                    tree.as_raw_fd(),
-                    c"".as_ptr(),
-                    libc::AT_FDCWD,
-                    dst.as_ptr(),
-                    0x4 as libc::c_uint,
-                ) == 0
-            }
-            // A /proc of its own: processes of other users (other jobs, the agent, daemons)
-            // are invisible, not just unreadable.
-            Op::Proc => {
-                libc::mount(
-                    c"proc".as_ptr(),
-                    c"/proc".as_ptr(),
-                    c"proc".as_ptr(),
-                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                    c"hidepid=invisible".as_ptr().cast(),
-                ) == 0
-            }
-        }
-    }
 }
