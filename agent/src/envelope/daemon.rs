@@ -1,8 +1,23 @@
 //! A job's own nix-daemon, inside the job's cgroup, and the record of what it built.
 
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use super::*;
+use tracing::info;
+
+use super::mounts::{Mount, TMP};
+use super::pumps::log_lines_at;
+use super::spawn::{agent_side_failure, fail_pipe, ChildSetup};
+use super::{confine, io_at, EnvelopeError, NixJob};
+use crate::cgroup::JobCgroup;
+use crate::config::{Config, Lane};
+use crate::jobuser::JobUser;
+use crate::reaper::Reaper;
+use crate::receipt::{Receipt, Scope, Thing, What};
+use crate::workdir;
 
 /// What a job's daemon recorded it built (derivations, out paths).
 pub fn read_built(file: &Path) -> Vec<String> {

@@ -1,11 +1,30 @@
 //! Launch: the job's directory, its nix-daemon, its mounts, its first process.
 
-use super::daemon::{daemon_ids, DaemonPaths, DaemonStore};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tracing::info;
+
+use super::daemon::{
+    build_logs, built_list, daemon_ids, start_nix_daemon, DaemonPaths, DaemonStore,
+};
 use super::deferred::DeferredStore;
-use super::view;
-use super::*;
+use super::env::job_environment;
+use super::mounts::Mount;
+use super::pumps::log_lines;
+use super::root::prepare_runner_root;
+use super::spawn::{agent_side_failure, fail_pipe, ChildSetup};
+use super::{io_at, ms, view, EnvelopeError, JobSpec, NixJob};
+use crate::cgroup::JobCgroup;
 use crate::config::Network;
+use crate::jobuser::JobUser;
 use crate::netns::{JobNet, NetError};
+use crate::reaper::{Exit, Reaper};
+use crate::receipt::{Receipt, Scope, Thing, What};
+use crate::workdir;
 
 pub(super) enum Launched {
     Running {

@@ -8,30 +8,22 @@
 //! exec), `launch`, `mounts`, `env`, `root`, `daemon`, `pumps`, `probe`. All the `unsafe` is
 //! in `spawn`, `confine`, `pidns`, `userns` and `view`; this module holds the types they share.
 
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flywheel_jit_config::Secret;
 use nix::sys::signal::Signal;
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, info_span, warn, Instrument};
 
-use crate::cgroup::{CgroupError, CgroupManager, JobCgroup, Limits, Stats, JOBS_DIR};
+use crate::cgroup::CgroupError;
 use crate::config::{Config, Lane};
-use crate::hints;
-use crate::reaper::{Exit, Reaper};
-use crate::receipt::{Receipt, ReceiptError, Scope, Thing, What};
-use crate::report::{Bootstrap, JobReport, SlotCheck, StoreStart};
-use crate::scratch::{self, ScratchError};
-use crate::slot::{self, SlotError};
-use crate::verdict::{Killed, KmsgWatch};
-use crate::workdir;
+use crate::reaper::Exit;
+use crate::receipt::{Receipt, ReceiptError};
+use crate::report::JobReport;
+use crate::scratch::ScratchError;
+use crate::slot::SlotError;
 
 mod confine;
 mod daemon;
@@ -48,16 +40,9 @@ mod spawn;
 mod userns;
 mod view;
 
-use daemon::start_nix_daemon;
 pub use daemon::{build_logs, built_list, nix_job, read_built};
-use env::job_environment;
-use launch::{launch, LaunchArgs, Launched};
-use mounts::{tmp_keep, Mount, MQUEUE, RUN_LOCK, SHM, TMP, VAR_TMP};
 pub use phases::run_job;
 pub use probe::{JobFacts, JobProbe, Kills, SAMPLE_INTERVAL};
-use pumps::{log_lines, log_lines_at};
-use root::prepare_runner_root;
-use spawn::{agent_side_failure, fail_pipe, ChildSetup};
 pub use userns::is_daemon_root;
 
 /// How long teardown waits for a killed job's cgroup to empty before giving up.

@@ -1,8 +1,28 @@
 //! The only place that orders a job's phases: setup (slot, scratch check, Nix bootstrap,
 //! cgroup), run (launch, supervise), teardown (by a guard, within one deadline).
 
-use super::*;
-use crate::reaper::Spawner;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tracing::{info, info_span, warn, Instrument};
+
+use super::daemon::{build_logs, built_list};
+use super::launch::{launch, LaunchArgs, Launched};
+use super::mounts::{tmp_keep, Mount, MQUEUE, RUN_LOCK, SHM, TMP, VAR_TMP};
+use super::probe::{JobFacts, JobProbe};
+use super::{
+    bigger_lane, command_name, io_at, job_name, ms, now_unix_f64, EnvelopeError, JobOutcome,
+    JobSpec, Released, Stop, StopMode, Timings, UserChoice, DRAIN_TIMEOUT,
+};
+use crate::cgroup::{CgroupError, CgroupManager, JobCgroup, Limits, Stats};
+use crate::config::{Config, Lane};
+use crate::jobuser::JobUser;
+use crate::reaper::{Exit, Reaper, Spawner};
+use crate::receipt::{Receipt, Scope, Thing, What};
+use crate::report::{Bootstrap, SlotCheck, StoreStart};
+use crate::verdict::{Killed, KmsgWatch};
+use crate::{scratch, slot, workdir};
 
 /// The store a job gets: which node-local slot and whether it is warm. A slot whose last
 /// holder died is checked first, and wiped when it is not sound (the job then bootstraps
@@ -785,6 +805,7 @@ impl crate::receipt::Undo for Drained<'_> {
 mod tests {
     use super::*;
     use crate::cgroup::{Result as CgResult, Stats};
+    use crate::envelope::BeforeRelease;
 
     /// A job cgroup that cannot be emptied (a process stuck in the kernel).
     #[derive(Debug)]

@@ -1,7 +1,12 @@
 //! A running job as others see it: its cgroup (every read through the `JobCgroup` trait),
 //! its setup (typed: `report::Setup`), the facts for its report and the OOM kills in the kernel log.
 
-use super::*;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{now_unix_f64, EnvelopeError};
+use crate::cgroup::{JobCgroup, Stats, JOBS_DIR};
+use crate::verdict::{Killed, KmsgWatch};
 
 /// A running job's cgroup (every read goes through the [`JobCgroup`] trait), and how many
 /// processes the job has when idle (the command, plus its nix-daemon).

@@ -3,7 +3,17 @@
 //! `unsafe` code is here, in `confine.rs`, `pidns.rs` and `userns.rs` (the job's daemon's
 //! confinement) and in `view.rs` (a runner job's store view).
 
-use super::*;
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+
+use super::mounts::Mount;
+use super::{io_at, EnvelopeError};
+use crate::cgroup::JobCgroup;
+use crate::jobuser::JobUser;
 
 pub(super) fn cstring(p: &OsStr) -> Result<CString, EnvelopeError> {
     CString::new(p.as_bytes())

@@ -15,10 +15,16 @@
 //! its lower (the store) is an idmapped mount, and what the daemon writes lands in the upper
 //! under the range's ids (thrown away with it).
 
-use super::*;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
 
+use nix::sys::signal::Signal;
+
+use super::{io_at, EnvelopeError};
 pub use crate::idrange::is_daemon_root;
 use crate::idrange::{BASE, RANGES, SIZE};
+use crate::reaper::Reaper;
 
 /// A daemon's user namespace, its range's first id and the range's lock (the open file the
 /// daemon's init keeps).
