@@ -11,7 +11,7 @@ use tracing::info;
 use super::mounts::{Mount, TMP};
 use super::pumps::log_lines_at;
 use super::spawn::{agent_side_failure, fail_pipe, ChildSetup};
-use super::{confine, io_at, EnvelopeError, NixJob};
+use super::{confine, io_at, EnvelopeError, NixJob, NixSetupError};
 use crate::cgroup::JobCgroup;
 use crate::config::{Config, Lane};
 use crate::jobuser::JobUser;
@@ -391,10 +391,11 @@ pub(super) fn daemon_ids(
         0,
         Some(std::os::fd::AsFd::as_fd(&ids.ns)),
     ) {
-        return Err(EnvelopeError::Nix(format!(
-            "the store {} cannot be mounted idmapped ({e}), which a job's nix-daemon in a user namespace of its own needs: keep the lane's nix_store on a filesystem that supports idmapped mounts (ext4, xfs, btrfs; tmpfs from Linux 6.3), every filesystem mounted below it included",
-            phys_nix.display()
-        )));
+        return Err(NixSetupError::NoIdmap {
+            store: phys_nix.to_path_buf(),
+            cause: e,
+        }
+        .into());
     }
     Ok(Some(ids))
 }

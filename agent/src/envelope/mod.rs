@@ -251,13 +251,63 @@ pub enum EnvelopeError {
     #[error(transparent)]
     Bazel(#[from] crate::bazel::BazelError),
     #[error("teardown failed: {0}")]
-    Teardown(String),
+    Teardown(TeardownError),
     #[error("nix: {0}")]
-    Nix(String),
+    Nix(NixSetupError),
     #[error(transparent)]
     Net(#[from] crate::netns::NetError),
     #[error(transparent)]
     Receipt(#[from] ReceiptError),
+}
+
+// `Teardown` and `Nix` carry their errors typed but do not name them as their source: their
+// message already holds the inner one's, and `{:#}` (how `exec` prints an error) would say it
+// twice.
+impl From<TeardownError> for EnvelopeError {
+    fn from(e: TeardownError) -> Self {
+        EnvelopeError::Teardown(e)
+    }
+}
+
+impl From<NixSetupError> for EnvelopeError {
+    fn from(e: NixSetupError) -> Self {
+        EnvelopeError::Nix(e)
+    }
+}
+
+/// What a job's teardown reports.
+#[derive(Debug, thiserror::Error)]
+pub enum TeardownError {
+    #[error("the teardown task failed: {0}")]
+    Task(tokio::task::JoinError),
+    #[error("the job's teardown did not finish within agent.teardown_deadline ({0:?}): its files are still being removed in the background")]
+    Deadline(Duration),
+    /// What the job's receipt could not undo (it keeps those entries for the next start).
+    #[error("{}", .0.join("; "))]
+    NotUndone(Vec<String>),
+}
+
+/// Why a job's Nix (its bootstrap, its own nix-daemon, its store) could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum NixSetupError {
+    #[error("the bootstrap's thread failed: {0}")]
+    BootstrapThread(tokio::task::JoinError),
+    #[error("{0}")]
+    Bootstrap(crate::nixboot::NixError),
+    #[error("{0}")]
+    Advisory(crate::nixboot::advisory::Refusal),
+    #[error("the store {} cannot be mounted idmapped ({cause}), which a job's nix-daemon in a user namespace of its own needs: keep the lane's nix_store on a filesystem that supports idmapped mounts (ext4, xfs, btrfs; tmpfs from Linux 6.3), every filesystem mounted below it included", store.display())]
+    NoIdmap { store: PathBuf, cause: io::Error },
+    #[error("all {} id ranges for jobs' nix-daemons are in use (locks in {}): wait for jobs to end", crate::idrange::RANGES, .0.display())]
+    IdRangesInUse(PathBuf),
+    #[error("a store opened at job-started needs the runner's probe")]
+    NoProbe,
+    #[error("the job's store cannot wait for its job-started hook: the job has ended, or a store is already waiting")]
+    StoreNotArmed,
+    #[error("the store {} has filesystems mounted below it ({}), which an untrusted job's layer (kernel overlayfs) cannot show: keep the lane's nix_store on one filesystem", store.display(), below.join(", "))]
+    MountsBelow { store: PathBuf, below: Vec<String> },
+    #[error("{} is not a plain directory (a symlink planted by a job's daemon?): repair the store", .0.display())]
+    NotADirectory(PathBuf),
 }
 
 fn io_at<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> EnvelopeError + 'a {
@@ -309,4 +359,33 @@ fn command_name(cmd: &[OsString]) -> String {
                 .into_owned()
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_teardown_and_nix_errors_say_what_their_strings_said() {
+        let e = EnvelopeError::from(TeardownError::Deadline(Duration::from_secs(30)));
+        assert_eq!(e.to_string(), "teardown failed: the job's teardown did not finish within agent.teardown_deadline (30s): its files are still being removed in the background");
+        let e = EnvelopeError::from(TeardownError::NotUndone(vec!["a".into(), "b".into()]));
+        assert_eq!(e.to_string(), "teardown failed: a; b");
+        let e = EnvelopeError::from(NixSetupError::MountsBelow {
+            store: PathBuf::from("/nix"),
+            below: vec!["/nix/a".into(), "/nix/b".into()],
+        });
+        assert_eq!(e.to_string(), "nix: the store /nix has filesystems mounted below it (/nix/a, /nix/b), which an untrusted job's layer (kernel overlayfs) cannot show: keep the lane's nix_store on one filesystem");
+        let e = EnvelopeError::from(NixSetupError::IdRangesInUse(PathBuf::from("/s/ids")));
+        assert_eq!(e.to_string(), format!("nix: all {} id ranges for jobs' nix-daemons are in use (locks in /s/ids): wait for jobs to end", crate::idrange::RANGES));
+        let e = EnvelopeError::from(NixSetupError::NoIdmap {
+            store: PathBuf::from("/nix"),
+            cause: io::Error::from_raw_os_error(libc::EINVAL),
+        });
+        assert!(e.to_string().starts_with("nix: the store /nix cannot be mounted idmapped (Invalid argument (os error 22)), which"), "{e}");
+        // The inner error is not also the source: `{:#}` says it once.
+        assert!(std::error::Error::source(&e).is_none());
+        let e = EnvelopeError::from(NixSetupError::NotADirectory(PathBuf::from("/nix/var")));
+        assert_eq!(e.to_string(), "nix: /nix/var is not a plain directory (a symlink planted by a job's daemon?): repair the store");
+    }
 }

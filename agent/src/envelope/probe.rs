@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{now_unix_f64, EnvelopeError};
+use super::{now_unix_f64, EnvelopeError, NixSetupError};
 use crate::cgroup::{JobCgroup, Stats, JOBS_DIR};
 use crate::verdict::{Killed, KmsgWatch};
 
@@ -190,9 +190,7 @@ impl JobProbe {
     ) -> Result<(), EnvelopeError> {
         let mut g = self.5.lock().await;
         if g.closed || g.store.is_some() {
-            return Err(EnvelopeError::Nix(
-                "the job's store cannot wait for its job-started hook: the job has ended, or a store is already waiting".into(),
-            ));
+            return Err(NixSetupError::StoreNotArmed.into());
         }
         g.store = Some(store);
         Ok(())

@@ -21,7 +21,7 @@ use std::path::Path;
 
 use nix::sys::signal::Signal;
 
-use super::{io_at, EnvelopeError};
+use super::{io_at, EnvelopeError, NixSetupError};
 pub use crate::idrange::is_daemon_root;
 use crate::idrange::{BASE, RANGES, SIZE};
 use crate::reaper::Reaper;
@@ -103,10 +103,7 @@ pub(super) fn create(
         }
     }
     let Some((k, lock)) = taken else {
-        return Err(EnvelopeError::Nix(format!(
-            "all {RANGES} id ranges for jobs' nix-daemons are in use (locks in {}): wait for jobs to end",
-            dir.display()
-        )));
+        return Err(NixSetupError::IdRangesInUse(dir.to_path_buf()).into());
     };
     let base = BASE + k * SIZE;
     let ns = new_namespace(
