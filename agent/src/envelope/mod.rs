@@ -42,7 +42,7 @@ mod view;
 
 pub use daemon::{build_logs, built_list, nix_job, read_built};
 pub use phases::run_job;
-pub use probe::{JobFacts, JobProbe, Kills, SAMPLE_INTERVAL};
+pub use probe::{JobFacts, JobProbe, Kills, StoreOpenError, SAMPLE_INTERVAL};
 pub use userns::is_daemon_root;
 
 /// How long teardown waits for a killed job's cgroup to empty before giving up.
