@@ -19,23 +19,6 @@ use crate::reaper::Reaper;
 use crate::receipt::{Receipt, Scope, Thing, What};
 use crate::workdir;
 
-/// What a job's daemon recorded it built (derivations, out paths).
-pub fn read_built(file: &Path) -> Vec<String> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    // The job's daemon writes it: never through a symlink, never more than `BUILT_MAX`.
-    let mut text = String::new();
-    let _ = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(file)
-        .and_then(|f| f.take(BUILT_MAX).read_to_string(&mut text));
-    text.split_whitespace().map(str::to_owned).collect()
-}
-
-/// The most of a build record the agent reads (about 100,000 store paths).
-const BUILT_MAX: u64 = 16 << 20;
-
 /// What a job's daemon keeps of the host's `/dev` (those that exist): the devices Nix's
 /// sandbox gives a build, and the mount points of its own devpts and `/dev/shm`.
 const DEVICES: &[&str] = &[

@@ -40,7 +40,7 @@ mod spawn;
 mod userns;
 mod view;
 
-pub use daemon::{build_logs, built_list, nix_job, read_built};
+pub use daemon::{build_logs, built_list, nix_job};
 pub use phases::run_job;
 pub use probe::{JobFacts, JobProbe, Kills, StoreOpenError, SAMPLE_INTERVAL};
 pub use userns::is_daemon_root;
