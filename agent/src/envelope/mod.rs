@@ -295,7 +295,7 @@ pub enum NixSetupError {
     #[error("{0}")]
     Bootstrap(crate::nixboot::NixError),
     #[error("{0}")]
-    Advisory(crate::nixboot::advisory::Refusal),
+    Advisory(crate::advisory::Refusal),
     #[error("the store {} cannot be mounted idmapped ({cause}), which a job's nix-daemon in a user namespace of its own needs: keep the lane's nix_store on a filesystem that supports idmapped mounts (ext4, xfs, btrfs; tmpfs from Linux 6.3), every filesystem mounted below it included", store.display())]
     NoIdmap { store: PathBuf, cause: io::Error },
     #[error("all {} id ranges for jobs' nix-daemons are in use (locks in {}): wait for jobs to end", crate::idrange::RANGES, .0.display())]

@@ -561,11 +561,11 @@ pub(super) async fn run_job_inner<P: Processes>(
     })
 }
 
-/// The advisories (`nixboot::advisory`) that affect the installed Nix: an error for one not
+/// The advisories (`advisory`) that affect the installed Nix: an error for one not
 /// acknowledged, a line for the setup block for each acknowledged one.
 fn screen_advisories(version: &str, acknowledged: &[String]) -> Result<Vec<String>, EnvelopeError> {
     let pin = crate::nixboot::pin().map_or_else(|_| "unknown".to_owned(), |p| p.version);
-    crate::nixboot::advisory::screen(version, acknowledged, &pin)
+    crate::advisory::screen(version, acknowledged, &pin)
         .map_err(|e| EnvelopeError::Nix(NixSetupError::Advisory(e)))
 }
 

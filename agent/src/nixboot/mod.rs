@@ -11,7 +11,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub mod advisory;
 mod conf;
 mod pin;
 mod receipt;
