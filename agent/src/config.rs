@@ -856,7 +856,7 @@ fn attic_settings(cx: &Ctx<'_>, a: RawAttic) -> Result<AtticSettings, ConfigErro
         publish_after_oom: a.publish_after_oom.unwrap_or(true),
         upstream_keys: match a.upstream_keys {
             None => vec![crate::narinfo::PublicKey::parse(CACHE_NIXOS_ORG_KEY)
-                .map_err(|e| cx.err_at(None, e))?],
+                .map_err(|e| cx.err_at(None, e.to_string()))?],
             Some(keys) => keys
                 .iter()
                 .map(|k| {
