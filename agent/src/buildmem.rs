@@ -148,9 +148,9 @@ impl BuildMemory {
     }
 
     /// Not root, not the job's user, not a daemon's root in its user namespace (the first id
-    /// of a range, see [`crate::envelope::is_daemon_root`]): a build user.
+    /// of a range, see [`crate::idrange::is_daemon_root`]): a build user.
     fn is_build_user(&self, uid: u32) -> bool {
-        uid != 0 && uid != self.job_uid && !crate::envelope::is_daemon_root(uid)
+        uid != 0 && uid != self.job_uid && !crate::idrange::is_daemon_root(uid)
     }
 
     /// One sample at `at` (Unix seconds): attribute `procs` to builds (`environ` reads a

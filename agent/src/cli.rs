@@ -1072,8 +1072,12 @@ fn run_inner(
     raise_fd_limit();
     let attic = flywheel_agent::job::AtticCredential::load(&cfg.attic)
         .map_err(|e| ConfigProblem(format!("{}: {e}", cfg.origin)))?;
-    let bazel = flywheel_agent::bazel::upstreams(&cfg.lanes)
-        .map_err(|e| ConfigProblem(format!("{}: {e}", cfg.origin)))?;
+    let bazel = flywheel_agent::bazel::upstreams(
+        cfg.lanes
+            .iter()
+            .filter_map(|l| Some((l.name.as_str(), l.bazel.as_ref()?))),
+    )
+    .map_err(|e| ConfigProblem(format!("{}: {e}", cfg.origin)))?;
     let hook_scripts = flywheel_agent::hooks::write_hook_scripts(&cfg.agent.state_dir)
         .context("cannot write the runner hook scripts")?;
 

@@ -213,7 +213,7 @@ pub struct NixSettings {
     /// `<nix_store>/var/nix/userpool`), so that daemons of different stores (slots) never pick
     /// the same `nixbld` user and kill each other's builds.
     pub userpool: PathBuf,
-    /// Advisories (`nixboot::advisory`) the operator accepts for the installed Nix: a job's
+    /// Advisories (`advisory`) the operator accepts for the installed Nix: a job's
     /// daemon starts on an affected release only when each advisory that affects it is here.
     pub acknowledged_advisories: Vec<String>,
 }
@@ -856,7 +856,7 @@ fn attic_settings(cx: &Ctx<'_>, a: RawAttic) -> Result<AtticSettings, ConfigErro
         publish_after_oom: a.publish_after_oom.unwrap_or(true),
         upstream_keys: match a.upstream_keys {
             None => vec![crate::narinfo::PublicKey::parse(CACHE_NIXOS_ORG_KEY)
-                .map_err(|e| cx.err_at(None, e))?],
+                .map_err(|e| cx.err_at(None, e.to_string()))?],
             Some(keys) => keys
                 .iter()
                 .map(|k| {
@@ -892,11 +892,8 @@ fn nix_settings(cx: &Ctx<'_>, n: RawNix) -> Result<NixSettings, ConfigError> {
     }
     let mut acknowledged = Vec::new();
     for a in n.acknowledged_advisories.iter().flatten() {
-        if !crate::nixboot::advisory::known(a.get_ref()) {
-            let ids: Vec<&str> = crate::nixboot::advisory::ADVISORIES
-                .iter()
-                .map(|a| a.id)
-                .collect();
+        if !crate::advisory::known(a.get_ref()) {
+            let ids: Vec<&str> = crate::advisory::ADVISORIES.iter().map(|a| a.id).collect();
             return Err(cx.err(
                 a,
                 format!(

@@ -2,6 +2,7 @@
 //! memory envelope of its lane. See `docs/ARCHITECTURE.md` for the map.
 
 pub mod accept;
+pub mod advisory;
 pub mod attic;
 pub mod bazel;
 pub mod buildmem;

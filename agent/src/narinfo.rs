@@ -119,6 +119,19 @@ pub fn fingerprint(
     )
 }
 
+/// Why a public key could not be parsed (each message quotes the key as given).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("{0:?} is a key name, not a public key: give it as in nix.conf's trusted-public-keys (name:base64), e.g. \"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=\"")]
+    NoColon(String),
+    #[error("{0:?} has no key name before the ':'")]
+    NoName(String),
+    #[error("{0:?}: the key after the ':' is not base64")]
+    NotBase64(String),
+    #[error("{0:?}: an ed25519 public key is 32 bytes, this one is {1}")]
+    Length(String, usize),
+}
+
 /// An ed25519 public key as Nix writes it in `trusted-public-keys`: `name:base64(32 bytes)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublicKey {
@@ -128,23 +141,19 @@ pub struct PublicKey {
 
 impl PublicKey {
     /// Parse `name:base64`; the error says what is wrong, for the config's message.
-    pub fn parse(s: &str) -> Result<PublicKey, String> {
+    pub fn parse(s: &str) -> Result<PublicKey, KeyError> {
         use base64::Engine;
         let Some((name, b64)) = s.split_once(':') else {
-            return Err(format!("{s:?} is a key name, not a public key: give it as in nix.conf's trusted-public-keys (name:base64), e.g. \"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=\""));
+            return Err(KeyError::NoColon(s.to_owned()));
         };
         if name.is_empty() {
-            return Err(format!("{s:?} has no key name before the ':'"));
+            return Err(KeyError::NoName(s.to_owned()));
         }
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(b64)
-            .map_err(|_| format!("{s:?}: the key after the ':' is not base64"))?;
-        let key = <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
-            format!(
-                "{s:?}: an ed25519 public key is 32 bytes, this one is {}",
-                bytes.len()
-            )
-        })?;
+            .map_err(|_| KeyError::NotBase64(s.to_owned()))?;
+        let key = <[u8; 32]>::try_from(bytes.as_slice())
+            .map_err(|_| KeyError::Length(s.to_owned(), bytes.len()))?;
         Ok(PublicKey {
             name: name.to_owned(),
             key,
@@ -381,6 +390,19 @@ mod tests {
         for bad in ["cache.nixos.org-1", ":AAAA", "k:not base64!", "k:AAAA"] {
             assert!(PublicKey::parse(bad).is_err(), "{bad}");
         }
+        let said: Vec<String> = ["cache.nixos.org-1", ":AAAA", "k:not base64!", "k:AAAA"]
+            .iter()
+            .map(|s| PublicKey::parse(s).unwrap_err().to_string())
+            .collect();
+        assert_eq!(
+            said,
+            [
+                "\"cache.nixos.org-1\" is a key name, not a public key: give it as in nix.conf's trusted-public-keys (name:base64), e.g. \"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=\"",
+                "\":AAAA\" has no key name before the ':'",
+                "\"k:not base64!\": the key after the ':' is not base64",
+                "\"k:AAAA\": an ed25519 public key is 32 bytes, this one is 3",
+            ]
+        );
     }
 
     #[test]

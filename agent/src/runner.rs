@@ -136,7 +136,7 @@ pub async fn run_arc(
     match ended {
         Ended::Ran { outcome, .. } => outcome,
         // ARC registered it: never refused, never drained here.
-        Ended::NotRegistered(e) => Err(RunError::Setup(e)),
+        Ended::NotRegistered(e) => Err(RunError::Register(e)),
         Ended::Drained => Err(RunError::Setup("drained before it ran".into())),
     }
 }
@@ -172,7 +172,7 @@ type DeleteDone = (
 /// How a runner task ended.
 #[derive(Debug)]
 enum End {
-    RegistrationFailed(String),
+    RegistrationFailed(crate::job::RegisterError),
     Drained,
     Exited {
         name: String,

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::report::JobReport;
 use crate::size::Bytes;
+use crate::verdict::{bounded_list, LIST_MAX, NAME_MAX};
 
 /// At most this many memory samples are kept; more are merged pairwise (the larger wins).
 pub const MAX_SAMPLES: usize = 240;
@@ -159,32 +160,6 @@ pub fn most_at_once(builds: &[Build]) -> u32 {
     }
     u32::try_from(most).unwrap_or(0)
 }
-
-/// Names joined with ", ": at most `max` of them, each cut to `width` characters, then
-/// "and N more". A list that names can never make long (derivation names are the job's, and
-/// a neighbour's on a shared store would be an outsider's).
-pub fn bounded_list<S: AsRef<str>>(names: &[S], max: usize, width: usize) -> String {
-    let mut out: Vec<String> = names
-        .iter()
-        .take(max)
-        .map(|n| {
-            let n = n.as_ref();
-            match n.char_indices().nth(width) {
-                Some((i, _)) => format!("{}…", &n[..i]),
-                None => n.to_owned(),
-            }
-        })
-        .collect();
-    if names.len() > max {
-        out.push(format!("and {} more", names.len() - max));
-    }
-    out.join(", ")
-}
-
-/// At most this many names in one list of a summary or an annotation.
-pub const LIST_MAX: usize = 10;
-/// At most this many characters of one name there.
-pub const NAME_MAX: usize = 80;
 
 fn mib(b: u64) -> u64 {
     b.div_ceil(1 << 20)

@@ -41,12 +41,7 @@ const ONE_BUILD_SHARE: u64 = 2;
 /// Which build used the memory, in words: "`llvm` used 5.1 GiB of the 8.0 GiB envelope
 /// while `boost` used 2.4 GiB" (the largest three).
 fn memory_words(f: &OomFacts) -> String {
-    let name = |n: &str| {
-        format!(
-            "`{}`",
-            crate::summary::bounded_list(&[n], 1, crate::summary::NAME_MAX)
-        )
-    };
+    let name = |n: &str| format!("`{}`", bounded_list(&[n], 1, NAME_MAX));
     let mut it = f.build_memory.iter().filter(|(_, b)| *b > 0).take(3);
     let Some((first, bytes)) = it.next() else {
         return String::new();
@@ -102,11 +97,7 @@ pub fn oom_sentence(f: &OomFacts) -> String {
                 .collect();
             format!(
                 "the kernel killed {}",
-                crate::summary::bounded_list(
-                    &names,
-                    crate::summary::LIST_MAX,
-                    crate::summary::NAME_MAX
-                )
+                bounded_list(&names, LIST_MAX, NAME_MAX)
             )
         }
     };
@@ -128,7 +119,7 @@ pub fn oom_sentence(f: &OomFacts) -> String {
             };
             format!(
                 "`{}` alone used {:.0}% of the envelope: {beside}lower its own parallelism (`--cores 1`, make -j1, cargo -j1)",
-                crate::summary::bounded_list(&[name], 1, crate::summary::NAME_MAX),
+                bounded_list(&[name], 1, NAME_MAX),
                 bytes as f64 * 100.0 / f.envelope_bytes.max(1) as f64
             )
         }
@@ -162,16 +153,11 @@ pub fn oom_sentence(f: &OomFacts) -> String {
         names => {
             let quoted: Vec<String> = names
                 .iter()
-                .map(|n| {
-                    format!(
-                        "`{}`",
-                        crate::summary::bounded_list(&[n], 1, crate::summary::NAME_MAX)
-                    )
-                })
+                .map(|n| format!("`{}`", bounded_list(&[n], 1, NAME_MAX)))
                 .collect();
             format!(
                 " while building {}",
-                crate::summary::bounded_list(&quoted, crate::summary::LIST_MAX, usize::MAX)
+                bounded_list(&quoted, LIST_MAX, usize::MAX)
             )
         }
     };
@@ -271,6 +257,32 @@ pub fn parse_oom_record(record: &str, cgroup_suffix: &str) -> Option<Killed> {
         pid: field("pid")?.trim().parse().ok()?,
     })
 }
+
+/// Names joined with ", ": at most `max` of them, each cut to `width` characters, then
+/// "and N more". A list that names can never make long (derivation names are the job's, and
+/// a neighbour's on a shared store would be an outsider's).
+pub fn bounded_list<S: AsRef<str>>(names: &[S], max: usize, width: usize) -> String {
+    let mut out: Vec<String> = names
+        .iter()
+        .take(max)
+        .map(|n| {
+            let n = n.as_ref();
+            match n.char_indices().nth(width) {
+                Some((i, _)) => format!("{}…", &n[..i]),
+                None => n.to_owned(),
+            }
+        })
+        .collect();
+    if names.len() > max {
+        out.push(format!("and {} more", names.len() - max));
+    }
+    out.join(", ")
+}
+
+/// At most this many names in one list of a summary or an annotation.
+pub const LIST_MAX: usize = 10;
+/// At most this many characters of one name there.
+pub const NAME_MAX: usize = 80;
 
 #[cfg(test)]
 mod tests {

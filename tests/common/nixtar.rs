@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 pub const VERSION: &str = "2.8.0-flywheel";
 
 /// The advisories the host's Nix 2.8 is affected by, acknowledged in every test config that
-/// runs it (`nixboot::advisory`): the tests need a daemon, and 2.8 predates both fixes.
+/// runs it (`advisory`): the tests need a daemon, and 2.8 predates both fixes.
 pub const ACKNOWLEDGED: &str = "acknowledged_advisories = [\"CVE-2026-39860\", \"CVE-2024-27297\"]";
 
 /// A release tarball in the official layout, made from real store paths built by the host's

@@ -95,13 +95,14 @@ impl Upstream {
 /// Each lane's upstream, by lane name.
 pub type Upstreams = std::collections::HashMap<String, Arc<Upstream>>;
 
-/// The upstreams of every lane with `[lane.bazel]`, their credentials read.
-pub fn upstreams(lanes: &[crate::config::Lane]) -> Result<Upstreams, BazelError> {
+/// The upstreams of every lane with `[lane.bazel]` (its name and settings), their credentials
+/// read.
+pub fn upstreams<'a>(
+    lanes: impl IntoIterator<Item = (&'a str, &'a BazelSettings)>,
+) -> Result<Upstreams, BazelError> {
     let mut out = Upstreams::new();
-    for l in lanes {
-        if let Some(b) = &l.bazel {
-            out.insert(l.name.clone(), Upstream::new(&l.name, b)?);
-        }
+    for (name, b) in lanes {
+        out.insert(name.to_owned(), Upstream::new(name, b)?);
     }
     Ok(out)
 }

@@ -12,10 +12,14 @@
 //! a more privileged process, device nodes, kernel modules, raw I/O) dropped from its bounding
 //! set. What it does not stop is said in docs/security.md.
 
-use super::pidns;
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+
 use super::spawn::{cstring, private_mount_namespace};
-use super::*;
-use std::ffi::CStr;
+use super::{pidns, EnvelopeError};
 
 /// `struct mount_attr` of mount_setattr(2).
 #[repr(C)]

@@ -1,25 +1,23 @@
 //! A job's own nix-daemon, inside the job's cgroup, and the record of what it built.
 
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use super::*;
+use tracing::info;
 
-/// What a job's daemon recorded it built (derivations, out paths).
-pub fn read_built(file: &Path) -> Vec<String> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    // The job's daemon writes it: never through a symlink, never more than `BUILT_MAX`.
-    let mut text = String::new();
-    let _ = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(file)
-        .and_then(|f| f.take(BUILT_MAX).read_to_string(&mut text));
-    text.split_whitespace().map(str::to_owned).collect()
-}
-
-/// The most of a build record the agent reads (about 100,000 store paths).
-const BUILT_MAX: u64 = 16 << 20;
+use super::mounts::{Mount, TMP};
+use super::pumps::log_lines_at;
+use super::spawn::{agent_side_failure, fail_pipe, ChildSetup};
+use super::{confine, io_at, EnvelopeError, NixJob, NixSetupError};
+use crate::cgroup::JobCgroup;
+use crate::config::{Config, Lane};
+use crate::jobuser::JobUser;
+use crate::reaper::Reaper;
+use crate::receipt::{Receipt, Scope, Thing, What};
+use crate::workdir;
 
 /// What a job's daemon keeps of the host's `/dev` (those that exist): the devices Nix's
 /// sandbox gives a build, and the mount points of its own devpts and `/dev/shm`.
@@ -376,10 +374,11 @@ pub(super) fn daemon_ids(
         0,
         Some(std::os::fd::AsFd::as_fd(&ids.ns)),
     ) {
-        return Err(EnvelopeError::Nix(format!(
-            "the store {} cannot be mounted idmapped ({e}), which a job's nix-daemon in a user namespace of its own needs: keep the lane's nix_store on a filesystem that supports idmapped mounts (ext4, xfs, btrfs; tmpfs from Linux 6.3), every filesystem mounted below it included",
-            phys_nix.display()
-        )));
+        return Err(NixSetupError::NoIdmap {
+            store: phys_nix.to_path_buf(),
+            cause: e,
+        }
+        .into());
     }
     Ok(Some(ids))
 }

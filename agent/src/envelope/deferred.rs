@@ -5,12 +5,22 @@
 //! whose hook never asks (its listener died first) never gets a store; its teardown removes
 //! the view and what was named for it.
 
-use super::daemon::{daemon_ids, DaemonPaths, DaemonStore};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use tracing::info;
+
+use super::daemon::{build_logs, daemon_ids, start_nix_daemon, DaemonPaths, DaemonStore};
 use super::launch::{shares_pool, store_mount, throwaway_layer, userpool_mount};
+use super::mounts::Mount;
 use super::view::{
     self, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY,
 };
-use super::*;
+use super::{EnvelopeError, NixJob};
+use crate::cgroup::JobCgroup;
+use crate::jobuser::JobUser;
+use crate::reaper::Reaper;
+use crate::receipt::{Receipt, Scope, Thing, What};
 
 /// Everything the job's daemon needs, prepared at launch.
 #[derive(Debug)]

@@ -1,7 +1,13 @@
 //! The job's environment: a fixed base, the lane's hints and what the lane names; nothing
 //! else of the agent's own environment.
 
-use super::*;
+use std::ffi::OsString;
+use std::path::Path;
+
+use super::mounts::TMP;
+use super::JobSpec;
+use crate::hints;
+use crate::jobuser::JobUser;
 
 /// The job's environment: of the agent's only the fixed base and what the lane names
 /// (`hints::passes_to_job`), plus the user's identity and private HOME, the lane's hints and

@@ -1,11 +1,30 @@
 //! Launch: the job's directory, its nix-daemon, its mounts, its first process.
 
-use super::daemon::{daemon_ids, DaemonPaths, DaemonStore};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tracing::info;
+
+use super::daemon::{
+    build_logs, built_list, daemon_ids, start_nix_daemon, DaemonPaths, DaemonStore,
+};
 use super::deferred::DeferredStore;
-use super::view;
-use super::*;
+use super::env::job_environment;
+use super::mounts::Mount;
+use super::pumps::log_lines;
+use super::root::prepare_runner_root;
+use super::spawn::{agent_side_failure, fail_pipe, ChildSetup};
+use super::{io_at, ms, view, EnvelopeError, JobSpec, NixJob, NixSetupError};
+use crate::cgroup::JobCgroup;
 use crate::config::Network;
+use crate::jobuser::JobUser;
 use crate::netns::{JobNet, NetError};
+use crate::reaper::{Exit, Reaper};
+use crate::receipt::{Receipt, Scope, Thing, What};
+use crate::workdir;
 
 pub(super) enum Launched {
     Running {
@@ -263,9 +282,7 @@ pub(super) async fn launch(
     if let Some(d) = deferred {
         // Armed before the job's first process exists: its job-started hook finds it.
         let Some(p) = &spec.probe else {
-            return Err(EnvelopeError::Nix(
-                "a store opened at job-started needs the runner's probe".into(),
-            ));
+            return Err(NixSetupError::NoProbe.into());
         };
         p.arm_store(d).await?;
     }
@@ -454,11 +471,11 @@ pub(super) fn throwaway_layer(
         .map(|m| m.display().to_string())
         .collect();
     if !below.is_empty() {
-        return Err(EnvelopeError::Nix(format!(
-            "the store {} has filesystems mounted below it ({}), which an untrusted job's layer (kernel overlayfs) cannot show: keep the lane's nix_store on one filesystem",
-            phys_nix.display(),
-            below.join(", ")
-        )));
+        return Err(NixSetupError::MountsBelow {
+            store: phys_nix.to_path_buf(),
+            below,
+        }
+        .into());
     }
     std::fs::DirBuilder::new()
         .mode(0o700)
@@ -548,12 +565,7 @@ fn snapshot_db(
         up.push(part);
         let m = match std::fs::symlink_metadata(&lower) {
             Ok(m) if m.is_dir() => m,
-            Ok(_) => {
-                return Err(EnvelopeError::Nix(format!(
-                    "{} is not a plain directory (a symlink planted by a job's daemon?): repair the store",
-                    lower.display()
-                )))
-            }
+            Ok(_) => return Err(NixSetupError::NotADirectory(lower).into()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(io_at("inspect", &lower)(e)),
         };

@@ -5,33 +5,25 @@
 //! it executes; signals to the agent stop it), **teardown** (SIGTERM with a grace, kill the
 //! whole cgroup, wait until empty, remove the cgroup and `_work`, release the slot), which a
 //! guard runs whatever happened before it. The mechanisms are beside it: `spawn` (fork and
-//! exec, all the `unsafe`), `launch`, `mounts`, `env`, `root`, `daemon`, `pumps`, `probe`.
-//! This module holds the types they share.
+//! exec), `launch`, `mounts`, `env`, `root`, `daemon`, `pumps`, `probe`. All the `unsafe` is
+//! in `spawn`, `confine`, `pidns`, `userns` and `view`; this module holds the types they share.
 
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flywheel_jit_config::Secret;
 use nix::sys::signal::Signal;
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, info_span, warn, Instrument};
 
-use crate::cgroup::{CgroupError, CgroupManager, JobCgroup, Limits, Stats, JOBS_DIR};
+use crate::cgroup::CgroupError;
 use crate::config::{Config, Lane};
-use crate::hints;
-use crate::reaper::{Exit, Reaper};
-use crate::receipt::{Receipt, ReceiptError, Scope, Thing, What};
-use crate::report::{Bootstrap, JobReport, SlotCheck, StoreStart};
-use crate::scratch::{self, ScratchError};
-use crate::slot::{self, SlotError};
-use crate::verdict::{Killed, KmsgWatch};
-use crate::workdir;
+use crate::reaper::Exit;
+use crate::receipt::{Receipt, ReceiptError};
+use crate::report::JobReport;
+use crate::scratch::ScratchError;
+use crate::slot::SlotError;
 
 mod confine;
 mod daemon;
@@ -48,16 +40,9 @@ mod spawn;
 mod userns;
 mod view;
 
-use daemon::start_nix_daemon;
-pub use daemon::{build_logs, built_list, nix_job, read_built};
-use env::job_environment;
-use launch::{launch, LaunchArgs, Launched};
-use mounts::{tmp_keep, Mount, MQUEUE, RUN_LOCK, SHM, TMP, VAR_TMP};
+pub use daemon::{build_logs, built_list, nix_job};
 pub use phases::run_job;
-pub use probe::{JobFacts, JobProbe, Kills, SAMPLE_INTERVAL};
-use pumps::{log_lines, log_lines_at};
-use root::prepare_runner_root;
-use spawn::{agent_side_failure, fail_pipe, ChildSetup, Op};
+pub use probe::{JobFacts, JobProbe, Kills, StoreOpenError, SAMPLE_INTERVAL};
 pub use userns::is_daemon_root;
 
 /// How long teardown waits for a killed job's cgroup to empty before giving up.
@@ -266,13 +251,63 @@ pub enum EnvelopeError {
     #[error(transparent)]
     Bazel(#[from] crate::bazel::BazelError),
     #[error("teardown failed: {0}")]
-    Teardown(String),
+    Teardown(TeardownError),
     #[error("nix: {0}")]
-    Nix(String),
+    Nix(NixSetupError),
     #[error(transparent)]
     Net(#[from] crate::netns::NetError),
     #[error(transparent)]
     Receipt(#[from] ReceiptError),
+}
+
+// `Teardown` and `Nix` carry their errors typed but do not name them as their source: their
+// message already holds the inner one's, and `{:#}` (how `exec` prints an error) would say it
+// twice.
+impl From<TeardownError> for EnvelopeError {
+    fn from(e: TeardownError) -> Self {
+        EnvelopeError::Teardown(e)
+    }
+}
+
+impl From<NixSetupError> for EnvelopeError {
+    fn from(e: NixSetupError) -> Self {
+        EnvelopeError::Nix(e)
+    }
+}
+
+/// What a job's teardown reports.
+#[derive(Debug, thiserror::Error)]
+pub enum TeardownError {
+    #[error("the teardown task failed: {0}")]
+    Task(tokio::task::JoinError),
+    #[error("the job's teardown did not finish within agent.teardown_deadline ({0:?}): its files are still being removed in the background")]
+    Deadline(Duration),
+    /// What the job's receipt could not undo (it keeps those entries for the next start).
+    #[error("{}", .0.join("; "))]
+    NotUndone(Vec<String>),
+}
+
+/// Why a job's Nix (its bootstrap, its own nix-daemon, its store) could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum NixSetupError {
+    #[error("the bootstrap's thread failed: {0}")]
+    BootstrapThread(tokio::task::JoinError),
+    #[error("{0}")]
+    Bootstrap(crate::nixboot::NixError),
+    #[error("{0}")]
+    Advisory(crate::advisory::Refusal),
+    #[error("the store {} cannot be mounted idmapped ({cause}), which a job's nix-daemon in a user namespace of its own needs: keep the lane's nix_store on a filesystem that supports idmapped mounts (ext4, xfs, btrfs; tmpfs from Linux 6.3), every filesystem mounted below it included", store.display())]
+    NoIdmap { store: PathBuf, cause: io::Error },
+    #[error("all {} id ranges for jobs' nix-daemons are in use (locks in {}): wait for jobs to end", crate::idrange::RANGES, .0.display())]
+    IdRangesInUse(PathBuf),
+    #[error("a store opened at job-started needs the runner's probe")]
+    NoProbe,
+    #[error("the job's store cannot wait for its job-started hook: the job has ended, or a store is already waiting")]
+    StoreNotArmed,
+    #[error("the store {} has filesystems mounted below it ({}), which an untrusted job's layer (kernel overlayfs) cannot show: keep the lane's nix_store on one filesystem", store.display(), below.join(", "))]
+    MountsBelow { store: PathBuf, below: Vec<String> },
+    #[error("{} is not a plain directory (a symlink planted by a job's daemon?): repair the store", .0.display())]
+    NotADirectory(PathBuf),
 }
 
 fn io_at<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> EnvelopeError + 'a {
@@ -326,83 +361,31 @@ fn command_name(cmd: &[OsString]) -> String {
         .unwrap_or_default()
 }
 
-/// One mount operation in the forked child. Async-signal-safe: system calls only.
-///
-/// # Safety
-/// Call only in a child between fork and exec, inside its own mount namespace.
-unsafe fn child_mount(op: &Op) -> bool {
-    let null = std::ptr::null();
-    // SAFETY: (for each call) NUL-terminated strings made before the fork, or null.
-    unsafe {
-        match op {
-            Op::Bind { src, dst, readonly } => {
-                libc::mount(
-                    src.as_ptr(),
-                    dst.as_ptr(),
-                    null,
-                    libc::MS_BIND | libc::MS_REC,
-                    null.cast(),
-                ) == 0
-                    && (!readonly
-                        || libc::mount(
-                            null,
-                            dst.as_ptr(),
-                            null,
-                            libc::MS_BIND
-                                | libc::MS_REMOUNT
-                                | libc::MS_RDONLY
-                                | libc::MS_NOSUID
-                                | libc::MS_NODEV,
-                            null.cast(),
-                        ) == 0)
-            }
-            Op::Tmpfs { dst, opts } => {
-                libc::mount(
-                    c"tmpfs".as_ptr(),
-                    dst.as_ptr(),
-                    c"tmpfs".as_ptr(),
-                    libc::MS_NOSUID | libc::MS_NODEV,
-                    opts.as_ptr().cast(),
-                ) == 0
-            }
-            Op::Mkdir { path } => {
-                libc::mkdir(path.as_ptr(), 0o755) == 0 || *libc::__errno_location() == libc::EEXIST
-            }
-            Op::Move { src, dst } => {
-                libc::mount(src.as_ptr(), dst.as_ptr(), null, libc::MS_MOVE, null.cast()) == 0
-            }
-            // The job's IPC namespace's queues (made after its `unshare`).
-            Op::Mqueue => {
-                libc::mount(
-                    c"mqueue".as_ptr(),
-                    c"/dev/mqueue".as_ptr(),
-                    c"mqueue".as_ptr(),
-                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                    null.cast(),
-                ) == 0
-            }
-            // MOVE_MOUNT_F_EMPTY_PATH: the detached copy itself.
-            Op::Attach { tree, dst } => {
-                libc::syscall(
-                    libc::SYS_move_mount,
-                    tree.as_raw_fd(),
-                    c"".as_ptr(),
-                    libc::AT_FDCWD,
-                    dst.as_ptr(),
-                    0x4 as libc::c_uint,
-                ) == 0
-            }
-            // A /proc of its own: processes of other users (other jobs, the agent, daemons)
-            // are invisible, not just unreadable.
-            Op::Proc => {
-                libc::mount(
-                    c"proc".as_ptr(),
-                    c"/proc".as_ptr(),
-                    c"proc".as_ptr(),
-                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                    c"hidepid=invisible".as_ptr().cast(),
-                ) == 0
-            }
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_teardown_and_nix_errors_say_what_their_strings_said() {
+        let e = EnvelopeError::from(TeardownError::Deadline(Duration::from_secs(30)));
+        assert_eq!(e.to_string(), "teardown failed: the job's teardown did not finish within agent.teardown_deadline (30s): its files are still being removed in the background");
+        let e = EnvelopeError::from(TeardownError::NotUndone(vec!["a".into(), "b".into()]));
+        assert_eq!(e.to_string(), "teardown failed: a; b");
+        let e = EnvelopeError::from(NixSetupError::MountsBelow {
+            store: PathBuf::from("/nix"),
+            below: vec!["/nix/a".into(), "/nix/b".into()],
+        });
+        assert_eq!(e.to_string(), "nix: the store /nix has filesystems mounted below it (/nix/a, /nix/b), which an untrusted job's layer (kernel overlayfs) cannot show: keep the lane's nix_store on one filesystem");
+        let e = EnvelopeError::from(NixSetupError::IdRangesInUse(PathBuf::from("/s/ids")));
+        assert_eq!(e.to_string(), format!("nix: all {} id ranges for jobs' nix-daemons are in use (locks in /s/ids): wait for jobs to end", crate::idrange::RANGES));
+        let e = EnvelopeError::from(NixSetupError::NoIdmap {
+            store: PathBuf::from("/nix"),
+            cause: io::Error::from_raw_os_error(libc::EINVAL),
+        });
+        assert!(e.to_string().starts_with("nix: the store /nix cannot be mounted idmapped (Invalid argument (os error 22)), which"), "{e}");
+        // The inner error is not also the source: `{:#}` says it once.
+        assert!(std::error::Error::source(&e).is_none());
+        let e = EnvelopeError::from(NixSetupError::NotADirectory(PathBuf::from("/nix/var")));
+        assert_eq!(e.to_string(), "nix: /nix/var is not a plain directory (a symlink planted by a job's daemon?): repair the store");
     }
 }

@@ -1,6 +1,7 @@
 //! The mounts of a job's private mount namespace, as descriptions; `spawn` makes them.
 
-use super::*;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 
 /// A mount made in a job's private mount namespace.
 #[derive(Debug, Clone)]

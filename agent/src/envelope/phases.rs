@@ -1,8 +1,29 @@
 //! The only place that orders a job's phases: setup (slot, scratch check, Nix bootstrap,
 //! cgroup), run (launch, supervise), teardown (by a guard, within one deadline).
 
-use super::*;
-use crate::reaper::Spawner;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tracing::{info, info_span, warn, Instrument};
+
+use super::daemon::{build_logs, built_list};
+use super::launch::{launch, LaunchArgs, Launched};
+use super::mounts::{tmp_keep, Mount, MQUEUE, RUN_LOCK, SHM, TMP, VAR_TMP};
+use super::probe::{JobFacts, JobProbe};
+use super::{
+    bigger_lane, command_name, io_at, job_name, ms, now_unix_f64, EnvelopeError, JobOutcome,
+    JobSpec, NixSetupError, Released, Stop, StopMode, TeardownError, Timings, UserChoice,
+    DRAIN_TIMEOUT,
+};
+use crate::cgroup::{CgroupError, CgroupManager, JobCgroup, Limits, Stats};
+use crate::config::{Config, Lane};
+use crate::jobuser::JobUser;
+use crate::reaper::{Exit, Reaper, Spawner};
+use crate::receipt::{Receipt, Scope, Thing, What};
+use crate::report::{Bootstrap, SlotCheck, StoreStart};
+use crate::verdict::{Killed, KmsgWatch};
+use crate::{scratch, slot, workdir};
 
 /// The store a job gets: which node-local slot and whether it is warm. A slot whose last
 /// holder died is checked first, and wiped when it is not sound (the job then bootstraps
@@ -205,8 +226,8 @@ pub(super) async fn run_job_inner<P: Processes>(
         .await;
         entered = setup_span.enter();
         let r = r
-            .map_err(|e| EnvelopeError::Nix(format!("the bootstrap's thread failed: {e}")))?
-            .map_err(|e| EnvelopeError::Nix(e.to_string()))?;
+            .map_err(NixSetupError::BootstrapThread)?
+            .map_err(NixSetupError::Bootstrap)?;
         info!(cold = r.cold, "{}", r.summary());
         // A runner job's trust is known only at job-started, after setup, and an exec
         // job's is the caller's word: every job's daemon is screened as an untrusted one's.
@@ -540,12 +561,12 @@ pub(super) async fn run_job_inner<P: Processes>(
     })
 }
 
-/// The advisories (`nixboot::advisory`) that affect the installed Nix: an error for one not
+/// The advisories (`advisory`) that affect the installed Nix: an error for one not
 /// acknowledged, a line for the setup block for each acknowledged one.
 fn screen_advisories(version: &str, acknowledged: &[String]) -> Result<Vec<String>, EnvelopeError> {
     let pin = crate::nixboot::pin().map_or_else(|_| "unknown".to_owned(), |p| p.version);
-    crate::nixboot::advisory::screen(version, acknowledged, &pin)
-        .map_err(|e| EnvelopeError::Nix(e.to_string()))
+    crate::advisory::screen(version, acknowledged, &pin)
+        .map_err(|e| EnvelopeError::Nix(NixSetupError::Advisory(e)))
 }
 
 pub(super) fn signal_all(cg: &dyn JobCgroup, sig: nix::sys::signal::Signal) {
@@ -734,21 +755,14 @@ pub(super) async fn teardown<P: Processes>(
         (stats, remove_after_drain(cg2.as_ref(), drained, &receipt))
     });
     let (stats, errors) = match tokio::time::timeout(left, task).await {
-        Ok(done) => {
-            done.map_err(|e| EnvelopeError::Teardown(format!("the teardown task failed: {e}")))?
-        }
-        Err(_) => {
-            return Err(EnvelopeError::Teardown(format!(
-                "the job's teardown did not finish within agent.teardown_deadline ({:?}): its files are still being removed in the background",
-                cfg.agent.teardown_deadline
-            )))
-        }
+        Ok(done) => done.map_err(TeardownError::Task)?,
+        Err(_) => return Err(TeardownError::Deadline(cfg.agent.teardown_deadline).into()),
     };
     procs.reap();
     if errors.is_empty() {
         Ok(stats)
     } else {
-        Err(EnvelopeError::Teardown(errors.join("; ")))
+        Err(TeardownError::NotUndone(errors).into())
     }
 }
 
@@ -785,6 +799,7 @@ impl crate::receipt::Undo for Drained<'_> {
 mod tests {
     use super::*;
     use crate::cgroup::{Result as CgResult, Stats};
+    use crate::envelope::BeforeRelease;
 
     /// A job cgroup that cannot be emptied (a process stuck in the kernel).
     #[derive(Debug)]
@@ -996,7 +1011,9 @@ mod tests {
                     let _ = tx.send(Exit::Code(code));
                 }
                 Script::LaunchFails => {
-                    return Err(EnvelopeError::Teardown("the fake launch failed".into()))
+                    return Err(EnvelopeError::Spawn(std::io::Error::other(
+                        "the fake launch failed",
+                    )))
                 }
                 Script::Hangs => *self.keep_exit.lock().unwrap() = Some(tx),
             }

@@ -1,7 +1,21 @@
 //! A running job as others see it: its cgroup (every read through the `JobCgroup` trait),
 //! its setup (typed: `report::Setup`), the facts for its report and the OOM kills in the kernel log.
 
-use super::*;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{now_unix_f64, EnvelopeError, NixSetupError};
+use crate::cgroup::{JobCgroup, Stats, JOBS_DIR};
+use crate::verdict::{Killed, KmsgWatch};
+
+/// Why a runner job's store could not be opened at job-started.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreOpenError {
+    #[error("the job is gone")]
+    JobGone,
+    #[error("the job's store could not be opened: {0}")]
+    Open(EnvelopeError),
+}
 
 /// A running job's cgroup (every read goes through the [`JobCgroup`] trait), and how many
 /// processes the job has when idle (the command, plus its nix-daemon).
@@ -185,9 +199,7 @@ impl JobProbe {
     ) -> Result<(), EnvelopeError> {
         let mut g = self.5.lock().await;
         if g.closed || g.store.is_some() {
-            return Err(EnvelopeError::Nix(
-                "the job's store cannot wait for its job-started hook: the job has ended, or a store is already waiting".into(),
-            ));
+            return Err(NixSetupError::StoreNotArmed.into());
         }
         g.store = Some(store);
         Ok(())
@@ -197,14 +209,14 @@ impl JobProbe {
     /// throwaway layer otherwise, with the job's nix-daemon on it. `None` when the job has no
     /// store waiting (no Nix, or already opened or closed); `Some(Ok(line))` for its setup
     /// block. The lock is held while it opens: the job's end waits for it.
-    pub async fn open_store(&self, trusted: bool) -> Option<Result<String, String>> {
+    pub async fn open_store(&self, trusted: bool) -> Option<Result<String, StoreOpenError>> {
         let mut g = self.5.lock().await;
         if g.closed {
             return None;
         }
         let store = g.store.take()?;
         let Some(cg) = self.cgroup() else {
-            return Some(Err("the job is gone".into()));
+            return Some(Err(StoreOpenError::JobGone));
         };
         Some(match store.open(cg.as_ref(), trusted).await {
             Ok(opened) => {
@@ -212,7 +224,7 @@ impl JobProbe {
                 self.set_idle(2);
                 Ok(opened.line)
             }
-            Err(e) => Err(format!("the job's store could not be opened: {e}")),
+            Err(e) => Err(StoreOpenError::Open(e)),
         })
     }
 

@@ -1,6 +1,9 @@
 //! Log pumps: a child's output, read as bytes, logged line by line with the job's span.
 
-use super::*;
+use std::io;
+use std::os::fd::OwnedFd;
+
+use tracing::{info, Instrument};
 
 /// Log a child's output line by line with the job's span.
 pub(super) fn log_lines(

@@ -1,7 +1,11 @@
 //! A runner root: the runner installation's files bound read-only into the job directory,
 //! and the `.env` root writes before the directory is handed to the job's user.
 
-use super::*;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::{io_at, EnvelopeError, RunnerRoot};
+use crate::workdir;
 
 /// Make the runner root while it is still root's (mode 0700): `.env`, and empty mount points
 /// for the installation's directories. Nothing here follows a symlink: the directory was just

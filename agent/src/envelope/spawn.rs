@@ -1,9 +1,19 @@
 //! Fork and exec: everything a child does between the two (join the cgroup, mounts, drop
 //! to the job's user, `no_new_privs`) prepared before the fork. All of the envelope's
-//! `unsafe` code is here, in `confine.rs` and `pidns.rs` (the job's daemon's confinement)
-//! and in `view.rs` (a runner job's store view).
+//! `unsafe` code is here, in `confine.rs`, `pidns.rs` and `userns.rs` (the job's daemon's
+//! confinement) and in `view.rs` (a runner job's store view).
 
-use super::*;
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+
+use super::mounts::Mount;
+use super::{io_at, EnvelopeError};
+use crate::cgroup::JobCgroup;
+use crate::jobuser::JobUser;
 
 pub(super) fn cstring(p: &OsStr) -> Result<CString, EnvelopeError> {
     CString::new(p.as_bytes())
@@ -290,6 +300,87 @@ pub(super) fn private_mount_namespace(also: libc::c_int) -> bool {
                 libc::MS_REC | libc::MS_PRIVATE,
                 std::ptr::null(),
             ) == 0
+    }
+}
+
+/// One mount operation in the forked child. Async-signal-safe: system calls only.
+///
+/// # Safety
+/// Call only in a child between fork and exec, inside its own mount namespace.
+unsafe fn child_mount(op: &Op) -> bool {
+    let null = std::ptr::null();
+    // SAFETY: (for each call) NUL-terminated strings made before the fork, or null.
+    unsafe {
+        match op {
+            Op::Bind { src, dst, readonly } => {
+                libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    null,
+                    libc::MS_BIND | libc::MS_REC,
+                    null.cast(),
+                ) == 0
+                    && (!readonly
+                        || libc::mount(
+                            null,
+                            dst.as_ptr(),
+                            null,
+                            libc::MS_BIND
+                                | libc::MS_REMOUNT
+                                | libc::MS_RDONLY
+                                | libc::MS_NOSUID
+                                | libc::MS_NODEV,
+                            null.cast(),
+                        ) == 0)
+            }
+            Op::Tmpfs { dst, opts } => {
+                libc::mount(
+                    c"tmpfs".as_ptr(),
+                    dst.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV,
+                    opts.as_ptr().cast(),
+                ) == 0
+            }
+            Op::Mkdir { path } => {
+                libc::mkdir(path.as_ptr(), 0o755) == 0 || *libc::__errno_location() == libc::EEXIST
+            }
+            Op::Move { src, dst } => {
+                libc::mount(src.as_ptr(), dst.as_ptr(), null, libc::MS_MOVE, null.cast()) == 0
+            }
+            // The job's IPC namespace's queues (made after its `unshare`).
+            Op::Mqueue => {
+                libc::mount(
+                    c"mqueue".as_ptr(),
+                    c"/dev/mqueue".as_ptr(),
+                    c"mqueue".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    null.cast(),
+                ) == 0
+            }
+            // MOVE_MOUNT_F_EMPTY_PATH: the detached copy itself.
+            Op::Attach { tree, dst } => {
+                libc::syscall(
+                    libc::SYS_move_mount,
+                    tree.as_raw_fd(),
+                    c"".as_ptr(),
+                    libc::AT_FDCWD,
+                    dst.as_ptr(),
+                    0x4 as libc::c_uint,
+                ) == 0
+            }
+            // A /proc of its own: processes of other users (other jobs, the agent, daemons)
+            // are invisible, not just unreadable.
+            Op::Proc => {
+                libc::mount(
+                    c"proc".as_ptr(),
+                    c"/proc".as_ptr(),
+                    c"proc".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    c"hidepid=invisible".as_ptr().cast(),
+                ) == 0
+            }
+        }
     }
 }
 

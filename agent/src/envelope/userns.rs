@@ -15,10 +15,16 @@
 //! its lower (the store) is an idmapped mount, and what the daemon writes lands in the upper
 //! under the range's ids (thrown away with it).
 
-use super::*;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
 
+use nix::sys::signal::Signal;
+
+use super::{io_at, EnvelopeError, NixSetupError};
 pub use crate::idrange::is_daemon_root;
 use crate::idrange::{BASE, RANGES, SIZE};
+use crate::reaper::Reaper;
 
 /// A daemon's user namespace, its range's first id and the range's lock (the open file the
 /// daemon's init keeps).
@@ -97,10 +103,7 @@ pub(super) fn create(
         }
     }
     let Some((k, lock)) = taken else {
-        return Err(EnvelopeError::Nix(format!(
-            "all {RANGES} id ranges for jobs' nix-daemons are in use (locks in {}): wait for jobs to end",
-            dir.display()
-        )));
+        return Err(NixSetupError::IdRangesInUse(dir.to_path_buf()).into());
     };
     let base = BASE + k * SIZE;
     let ns = new_namespace(

@@ -6,13 +6,16 @@
 //! build logs on it. Every mount is made whole (`open_tree`, `mount_setattr`) before it is
 //! attached (`move_mount`), so its copy in the job's namespace has its flags, and attached on
 //! a directory opened by descriptor without following a symlink ([`crate::workdir::dirs_at`]).
-//! With `spawn.rs`, `confine.rs` and `pidns.rs`, the envelope's `unsafe` code.
+//! With `spawn.rs`, `confine.rs`, `pidns.rs` and `userns.rs`, the envelope's `unsafe` code.
 
 use std::ffi::CStr;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::Path;
 
 use super::confine::MountAttr;
-use super::*;
+use super::{io_at, spawn, EnvelopeError};
+use crate::workdir;
 
 const OPEN_TREE_CLONE: libc::c_uint = 1;
 const AT_RECURSIVE: libc::c_uint = 0x8000;

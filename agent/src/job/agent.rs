@@ -88,6 +88,15 @@ pub struct Up {
     bazel: Option<Arc<crate::bazel::JobCache>>,
 }
 
+/// Why a runner could not be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error("no [github] configured")]
+    NoGithub,
+    #[error("{0}")]
+    GitHub(flywheel_jit_config::GitHubError),
+}
+
 impl World for Agent<'_> {
     type Hooks = Up;
     type Outcome = JobOutcome;
@@ -96,7 +105,9 @@ impl World for Agent<'_> {
         o.code
     }
 
-    async fn register(&self) -> Result<Registered, String> {
+    type RegisterError = RegisterError;
+
+    async fn register(&self) -> Result<Registered, RegisterError> {
         let pool = match &self.registration {
             Registration::Given { name, jit } => {
                 return Ok(Registered {
@@ -109,7 +120,7 @@ impl World for Agent<'_> {
         };
         let (ctx, lane) = (self.ctx, self.lane);
         let Some(gh) = &ctx.cfg.github else {
-            return Err("no [github] configured".into());
+            return Err(RegisterError::NoGithub);
         };
         let key = format!("(registering {:08x})", fastrand::u32(..));
         ctx.telemetry.runner_started(&key, lane, self.probe.clone());
@@ -129,7 +140,7 @@ impl World for Agent<'_> {
             Ok(j) => j,
             Err(e) => {
                 ctx.telemetry.runner_ended(&key);
-                return Err(e.to_string());
+                return Err(RegisterError::GitHub(e));
             }
         };
         ctx.telemetry.runner_named(&key, &jit.runner.name);

@@ -53,9 +53,9 @@ pub struct Registered {
 
 /// How a runner job's lifecycle ended.
 #[derive(Debug)]
-pub enum Ended<O> {
+pub enum Ended<O, E> {
     /// No runner: registration failed.
-    NotRegistered(String),
+    NotRegistered(E),
     /// Registered as the drain began, and deregistered again.
     Drained,
     /// The listener ran (or the agent failed to run it).
@@ -76,7 +76,10 @@ pub trait World: Sync {
     /// The listener's exit status in the outcome.
     fn exit_code(o: &Self::Outcome) -> i32;
 
-    fn register(&self) -> impl Future<Output = Result<Registered, String>> + Send;
+    /// Why a registration failed.
+    type RegisterError: std::fmt::Debug + Send;
+
+    fn register(&self) -> impl Future<Output = Result<Registered, Self::RegisterError>> + Send;
     /// The pool is draining: a runner registered now runs no job.
     fn draining(&self) -> bool;
     /// The runner is known to the pool (which may delete it while idle from now on).
@@ -141,7 +144,7 @@ impl<W: World> Drop for Guard<'_, W> {
 }
 
 /// One runner job's life, from its registration to its deregistration.
-pub async fn run<W: World>(w: &W) -> Ended<W::Outcome> {
+pub async fn run<W: World>(w: &W) -> Ended<W::Outcome, W::RegisterError> {
     // 1. register
     let reg = match w.register().instrument(info_span!("register")).await {
         Ok(r) => r,
@@ -339,6 +342,8 @@ mod tests {
         fn exit_code(o: &i32) -> i32 {
             *o
         }
+        type RegisterError = String;
+
         async fn register(&self) -> Result<Registered, String> {
             note(&self.log, "register");
             if self.fail == Fail::Register {
@@ -475,7 +480,7 @@ mod tests {
         }
     }
 
-    fn run_fake(f: &Fake) -> Ended<i32> {
+    fn run_fake(f: &Fake) -> Ended<i32, String> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -32,6 +32,7 @@ mod report;
 mod spec;
 mod started;
 
+pub use agent::RegisterError;
 pub use answers::{Leftover, RunnerHooks};
 pub use credential::{AtticCredential, CredentialError};
 pub use spec::runner_dotenv;
@@ -59,6 +60,8 @@ pub struct RunContext {
 pub enum RunError {
     #[error("{0}")]
     Setup(String),
+    #[error(transparent)]
+    Register(#[from] RegisterError),
     #[error(transparent)]
     Envelope(#[from] crate::envelope::EnvelopeError),
     #[error("the JIT config handed to this pod is unusable: {0}")]

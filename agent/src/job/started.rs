@@ -89,7 +89,7 @@ pub(super) async fn job_started(h: &RunnerHooks, claims: Claims) -> (HookRespons
             lines.push(crate::summary::annotation(
                 "error",
                 &format!("No Nix store for this job on lane {}", lane.name),
-                &e,
+                &e.to_string(),
             ));
             let resp = HookResponse {
                 ok: false,

@@ -11,18 +11,17 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub mod advisory;
 mod conf;
 mod pin;
 mod receipt;
 mod slot;
 mod steps;
 
-pub use conf::*;
-pub use pin::*;
-pub use receipt::*;
-pub use slot::*;
-pub use steps::*;
+pub use conf::{free_thresholds, plan_for, render_conf};
+pub use pin::{current_system, pin, sha256_file, Pin, PinSystem, PIN_TOML};
+pub use receipt::{receipt_path, Receipt};
+pub use slot::{ensure_for_job, enter_store_namespace, gc_slot};
+pub use steps::ensure;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NixError {
@@ -148,6 +147,7 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), NixError> {
 
 #[cfg(test)]
 mod tests {
+    use super::steps::{remove_stale_staging, unpack_verified, STAGING_PREFIX};
     use super::*;
     use crate::config::{parse, HostFacts, Origin};
 

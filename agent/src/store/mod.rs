@@ -126,11 +126,7 @@ impl Blocking {
 
     /// See [`job_builds`].
     pub fn job_builds(&self, job: &JobStore, since: f64, paths_since: u64) -> JobBuilds {
-        let built = job
-            .record
-            .as_deref()
-            .map(crate::envelope::read_built)
-            .unwrap_or_default();
+        let built = job.record.as_deref().map(read_built).unwrap_or_default();
         let builds = match (&job.nix_root, &job.build_logs) {
             (Some(root), Some(logs)) => self.builds_since(root, logs, since, &built),
             _ => Vec::new(),
@@ -221,16 +217,28 @@ pub async fn job_builds(
     blocking(move |b| b.job_builds(&job, since, paths_since)).await
 }
 
-/// A job's record of what its daemon built (see [`crate::envelope::read_built`]): up to
+/// A job's record of what its daemon built (see [`read_built`]): up to
 /// 16 MiB a job writes, read on a blocking thread.
 pub async fn record(file: Option<PathBuf>) -> Result<Vec<String>, StoreError> {
-    blocking(move |_| {
-        file.as_deref()
-            .map(crate::envelope::read_built)
-            .unwrap_or_default()
-    })
-    .await
+    blocking(move |_| file.as_deref().map(read_built).unwrap_or_default()).await
 }
+
+/// What a job's daemon recorded it built (derivations, out paths).
+fn read_built(file: &Path) -> Vec<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    // The job's daemon writes it: never through a symlink, never more than `BUILT_MAX`.
+    let mut text = String::new();
+    let _ = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(file)
+        .and_then(|f| f.take(BUILT_MAX).read_to_string(&mut text));
+    text.split_whitespace().map(str::to_owned).collect()
+}
+
+/// The most of a build record the agent reads (about 100,000 store paths).
+const BUILT_MAX: u64 = 16 << 20;
 
 /// How much a slot's store should free now, if anything: below the filesystem's free-space
 /// threshold (`min_free`) free up to `max_free`; above the slot's size cap free down to 90% of
@@ -288,7 +296,7 @@ mod tests {
             "/nix/store/x-a.drv\n/nix/store/00000000000000000000000000000042-p\n",
         )
         .expect("record");
-        let built = crate::envelope::read_built(&record);
+        let built = read_built(&record);
         let root = t.path().to_owned();
         let rt = rt();
         let on_runtime = std::thread::current().id();
