@@ -10,7 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use flywheel_agent::report::{Bootstrap, JobReport};
-use flywheel_agent::summary::{markdown, Build, Samples};
+use flywheel_agent::summary::markdown;
+use flywheel_agent::timeline::{Build, Samples};
 use flywheel_agent::verdict::OomFacts;
 
 const MERMAID: &str = "/var/cache/flywheel-tests/mermaid/node_modules/mermaid/dist/mermaid.min.js";

@@ -33,6 +33,7 @@ pub mod store;
 pub mod summary;
 pub mod tasks;
 pub mod telemetry;
+pub mod timeline;
 pub mod trust;
 pub mod verdict;
 pub mod workdir;

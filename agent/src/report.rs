@@ -14,7 +14,7 @@ use crate::cgroup::Stats;
 use crate::config::Lane;
 use crate::envelope::{JobFacts, JobProbe};
 use crate::size::Bytes;
-use crate::summary::{Build, Samples};
+use crate::timeline::{Build, Samples};
 use crate::verdict::{Killed, OomFacts};
 
 /// The store a job started on, on a lane with node-local slots.
@@ -337,7 +337,7 @@ pub fn compute(job: &Job<'_>, seen: Seen) -> JobReport {
         elapsed,
         ended,
     } = seen;
-    crate::summary::attach_memory(&mut builds, &build_memory, started_unix);
+    crate::timeline::attach_memory(&mut builds, &build_memory, started_unix);
     // A peak after the last sample (an OOM often is one) is the last interval's.
     if let (Some(s), Some(peak)) = (samples.as_mut(), stats.peak_bytes) {
         s.close(peak);
@@ -359,7 +359,7 @@ pub fn compute(job: &Job<'_>, seen: Seen) -> JobReport {
                 lane.memory_per_build_bytes,
             )
         }),
-        ran_at_once: crate::summary::most_at_once(&builds),
+        ran_at_once: crate::timeline::most_at_once(&builds),
         build_memory: build_memory
             .iter()
             .map(|b| (b.name.clone(), b.bytes))

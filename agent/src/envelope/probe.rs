@@ -63,7 +63,7 @@ pub struct JobFacts {
     /// Unix seconds (fractional) when the job's cgroup was made.
     pub started_unix: f64,
     /// Memory over time, sampled from the job's cgroup.
-    pub samples: Option<crate::summary::Samples>,
+    pub samples: Option<crate::timeline::Samples>,
     /// The job's Nix store as the agent sees it (a slot's, or the lane's).
     pub nix_root: Option<PathBuf>,
     /// Where the job's daemon records the out paths it built.
@@ -129,7 +129,7 @@ impl JobProbe {
                 if let Some(v) = now {
                     probe.with_facts(|f| {
                         f.samples
-                            .get_or_insert_with(|| crate::summary::Samples::new(SAMPLE_INTERVAL))
+                            .get_or_insert_with(|| crate::timeline::Samples::new(SAMPLE_INTERVAL))
                             .record(v, high);
                     });
                 }

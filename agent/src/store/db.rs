@@ -107,7 +107,7 @@ pub(super) fn builds_since(
     logs: &Path,
     since: f64,
     built: &[String],
-) -> Vec<crate::summary::Build> {
+) -> Vec<crate::timeline::Build> {
     let logs = logs.join("drvs");
     let secs = |t: std::io::Result<std::time::SystemTime>| {
         t.ok()
@@ -157,7 +157,7 @@ pub(super) fn builds_since(
             Some(t) => (t as f64).max(modified) - since,
             None => modified - since,
         };
-        out.push(crate::summary::Build {
+        out.push(crate::timeline::Build {
             name,
             start,
             end: end.max(start),

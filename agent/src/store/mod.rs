@@ -80,7 +80,7 @@ impl Db {
 #[derive(Debug, Clone, Default)]
 pub struct JobBuilds {
     pub built: Vec<String>,
-    pub builds: Vec<crate::summary::Build>,
+    pub builds: Vec<crate::timeline::Build>,
     pub paths: Option<(u64, u64)>,
 }
 
@@ -120,7 +120,7 @@ impl Blocking {
         logs: &Path,
         since: f64,
         built: &[String],
-    ) -> Vec<crate::summary::Build> {
+    ) -> Vec<crate::timeline::Build> {
         db::builds_since(nix_root, logs, since, built)
     }
 
@@ -201,7 +201,7 @@ pub async fn builds_since(
     logs: &Path,
     since: f64,
     built: Vec<String>,
-) -> Result<Vec<crate::summary::Build>, StoreError> {
+) -> Result<Vec<crate::timeline::Build>, StoreError> {
     let (root, logs) = (nix_root.to_owned(), logs.to_owned());
     blocking(move |b| b.builds_since(&root, &logs, since, &built)).await
 }
