@@ -7,12 +7,9 @@
 use std::fmt;
 use std::time::Duration;
 
-use tracing::warn;
-
 use crate::buildmem::BuildUse;
 use crate::cgroup::Stats;
 use crate::config::Lane;
-use crate::envelope::{JobFacts, JobProbe};
 use crate::size::Bytes;
 use crate::timeline::{Build, Samples};
 use crate::verdict::{Killed, OomFacts};
@@ -306,21 +303,6 @@ pub struct Seen {
     pub ended: Option<(i32, bool)>,
 }
 
-impl Seen {
-    /// What the job's probe recorded (its setup, memory samples, builds' memory) with the
-    /// builds read from its store; the rest is the caller's.
-    pub fn recorded(probe: &JobProbe, facts: JobFacts, builds: Vec<Build>) -> Seen {
-        Seen {
-            setup: probe.setup(),
-            build_memory: facts.build_memory(),
-            samples: facts.samples,
-            builds,
-            started_unix: facts.started_unix,
-            ..Seen::default()
-        }
-    }
-}
-
 /// The job's report: the one place its facts become a [`JobReport`] (and its OOM facts are
 /// assembled).
 pub fn compute(job: &Job<'_>, seen: Seen) -> JobReport {
@@ -385,41 +367,6 @@ pub fn compute(job: &Job<'_>, seen: Seen) -> JobReport {
         exit_code: ended.map(|(code, _)| code),
         stopped: ended.is_some_and(|(_, stopped)| stopped),
     }
-}
-
-/// A running job's report as far as it got (a runner's completed hook): memory so far, the
-/// builds of its daemon, the verdicts. Its store, record and build logs are read on a blocking
-/// thread.
-pub async fn so_far(job: &Job<'_>, probe: &JobProbe) -> JobReport {
-    let facts = probe.facts();
-    let stats = probe.stats();
-    let read =
-        crate::store::job_builds(facts.store(), facts.started_unix, facts.started_unix as u64)
-            .await
-            .unwrap_or_else(|e| {
-                warn!(error = %e, "cannot read what the job built");
-                crate::store::JobBuilds::default()
-            });
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
-    let killed = if stats.oom_kills > 0 {
-        probe.killed()
-    } else {
-        Vec::new()
-    };
-    let elapsed = Duration::from_secs_f64((now - facts.started_unix).max(0.0));
-    compute(
-        job,
-        Seen {
-            stats,
-            killed,
-            paths: read.paths,
-            elapsed,
-            ended: None,
-            ..Seen::recorded(probe, facts, read.builds)
-        },
-    )
 }
 
 #[cfg(test)]

@@ -555,7 +555,7 @@ pub(super) async fn run_job_inner<P: Processes>(
                 paths,
                 elapsed: run,
                 ended: Some((code, stopped)),
-                ..crate::report::Seen::recorded(&probe, facts, read.builds)
+                ..probe.seen(facts, read.builds)
             },
         ),
     })

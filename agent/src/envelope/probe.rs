@@ -98,6 +98,23 @@ impl JobFacts {
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
 
 impl JobProbe {
+    /// What the probe recorded of its job (its setup, memory samples, builds' memory) with
+    /// `builds` read from its store, for its report; the rest is the caller's.
+    pub fn seen(
+        &self,
+        facts: JobFacts,
+        builds: Vec<crate::timeline::Build>,
+    ) -> crate::report::Seen {
+        crate::report::Seen {
+            setup: self.setup(),
+            build_memory: facts.build_memory(),
+            samples: facts.samples,
+            builds,
+            started_unix: facts.started_unix,
+            ..crate::report::Seen::default()
+        }
+    }
+
     /// The facts recorded so far.
     pub fn facts(&self) -> JobFacts {
         self.3.lock().map(|f| f.clone()).unwrap_or_default()

@@ -22,6 +22,21 @@ pub fn free_thresholds(fs_bytes: u64) -> (u64, u64) {
     )
 }
 
+/// How much a slot's store should free now, if anything: below the filesystem's free-space
+/// threshold (`min_free`) free up to `max_free`; above the slot's size cap free down to 90% of
+/// it. `fs_free`/`fs_size` are the slot filesystem's, `store_bytes` the store's NAR total.
+pub fn gc_bytes(fs_free: u64, fs_size: u64, store_bytes: u64, cap: Option<u64>) -> Option<u64> {
+    let (min_free, max_free) = free_thresholds(fs_size);
+    let for_disk = (fs_free < min_free).then(|| max_free.saturating_sub(fs_free));
+    let for_cap = cap
+        .filter(|c| store_bytes > *c)
+        .map(|c| store_bytes - c / 10 * 9);
+    match (for_disk, for_cap) {
+        (None, None) => None,
+        (a, b) => Some(a.unwrap_or(0).max(b.unwrap_or(0)).max(1)),
+    }
+}
+
 /// The `nix.conf` for a lane: byte-identical for identical inputs. The job's user is never a
 /// trusted user; caches come from the lane's hints; parallelism from its envelope.
 pub fn render_conf(lane: &Lane, nix: &NixSettings, store_fs_bytes: u64, host_cpus: u32) -> String {
@@ -130,4 +145,23 @@ pub(super) fn store_fs_bytes(path: &Path) -> u64 {
             b
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gc_by_disk_threshold_and_by_cap() {
+        let gib = 1u64 << 30;
+        // 100 GiB filesystem: min-free 5 GiB, max-free 15 GiB.
+        assert_eq!(gc_bytes(50 * gib, 100 * gib, 10 * gib, None), None);
+        assert_eq!(gc_bytes(4 * gib, 100 * gib, 10 * gib, None), Some(11 * gib));
+        // Over a 10 GiB cap by 2 GiB: free down to 9 GiB.
+        assert_eq!(
+            gc_bytes(50 * gib, 100 * gib, 12 * gib, Some(10 * gib)),
+            Some(3 * gib)
+        );
+        assert_eq!(gc_bytes(50 * gib, 100 * gib, 9 * gib, Some(10 * gib)), None);
+    }
 }

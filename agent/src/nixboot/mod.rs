@@ -17,10 +17,10 @@ mod receipt;
 mod slot;
 mod steps;
 
-pub use conf::{free_thresholds, plan_for, render_conf};
+pub use conf::{free_thresholds, gc_bytes, plan_for, render_conf};
 pub use pin::{current_system, pin, sha256_file, Pin, PinSystem, PIN_TOML};
 pub use receipt::{receipt_path, Receipt};
-pub use slot::{ensure_for_job, enter_store_namespace, gc_slot};
+pub use slot::{ensure_for_job, enter_store_namespace, gc_slot, SlotStore};
 pub use steps::ensure;
 
 #[derive(Debug, thiserror::Error)]

@@ -90,6 +90,13 @@ pub(super) fn slot_child(
     Ok(out)
 }
 
+/// What a slot's garbage collection needs to know of its store (the store facade's blocking
+/// reads give it): the filesystem's free and total bytes, the store's paths and NAR bytes.
+pub trait SlotStore {
+    fn fs_space(&self, path: &Path) -> Option<(u64, u64)>;
+    fn size(&self, nix_root: &Path) -> Option<(u64, u64)>;
+}
+
 /// Garbage-collect a node-local slot's store when its filesystem runs low or it is over the
 /// lane's `slot_max_size`. The caller holds the slot and its job is gone, so nothing live
 /// uses the store. Returns what was done, or `None` when nothing needed doing. On a blocking
@@ -99,18 +106,18 @@ pub fn gc_slot(
     lane: &Lane,
     slot: u32,
     sp: &dyn Spawner,
-    store: &crate::store::Blocking,
+    store: &dyn SlotStore,
 ) -> Result<Option<String>, NixError> {
     let Some(slot_root) = &lane.slot_root else {
         return Ok(None);
     };
     let (slot_nix, _) = crate::slot::slot_dirs(slot_root, slot);
     let (Some((free, total)), Some((paths, bytes))) =
-        (store.fs_space(&slot_nix), store.size(&slot_nix).ok())
+        (store.fs_space(&slot_nix), store.size(&slot_nix))
     else {
         return Ok(None);
     };
-    let Some(want) = crate::store::gc_bytes(free, total, bytes, lane.slot_max_bytes) else {
+    let Some(want) = super::conf::gc_bytes(free, total, bytes, lane.slot_max_bytes) else {
         return Ok(None);
     };
     let t = Instant::now();

@@ -240,18 +240,12 @@ fn read_built(file: &Path) -> Vec<String> {
 /// The most of a build record the agent reads (about 100,000 store paths).
 const BUILT_MAX: u64 = 16 << 20;
 
-/// How much a slot's store should free now, if anything: below the filesystem's free-space
-/// threshold (`min_free`) free up to `max_free`; above the slot's size cap free down to 90% of
-/// it. `fs_free`/`fs_size` are the slot filesystem's, `store_bytes` the store's NAR total.
-pub fn gc_bytes(fs_free: u64, fs_size: u64, store_bytes: u64, cap: Option<u64>) -> Option<u64> {
-    let (min_free, max_free) = crate::nixboot::free_thresholds(fs_size);
-    let for_disk = (fs_free < min_free).then(|| max_free.saturating_sub(fs_free));
-    let for_cap = cap
-        .filter(|c| store_bytes > *c)
-        .map(|c| store_bytes - c / 10 * 9);
-    match (for_disk, for_cap) {
-        (None, None) => None,
-        (a, b) => Some(a.unwrap_or(0).max(b.unwrap_or(0)).max(1)),
+impl crate::nixboot::SlotStore for Blocking {
+    fn fs_space(&self, path: &Path) -> Option<(u64, u64)> {
+        Blocking::fs_space(self, path)
+    }
+    fn size(&self, nix_root: &Path) -> Option<(u64, u64)> {
+        Blocking::size(self, nix_root).ok()
     }
 }
 
@@ -373,19 +367,5 @@ mod tests {
         // A read that panics is an error of the facade, not of the runtime.
         let r: Result<(), _> = rt.block_on(blocking(|_| panic!("a read failed")));
         assert!(matches!(r, Err(StoreError::Thread(_))), "{r:?}");
-    }
-
-    #[test]
-    fn gc_by_disk_threshold_and_by_cap() {
-        let gib = 1u64 << 30;
-        // 100 GiB filesystem: min-free 5 GiB, max-free 15 GiB.
-        assert_eq!(gc_bytes(50 * gib, 100 * gib, 10 * gib, None), None);
-        assert_eq!(gc_bytes(4 * gib, 100 * gib, 10 * gib, None), Some(11 * gib));
-        // Over a 10 GiB cap by 2 GiB: free down to 9 GiB.
-        assert_eq!(
-            gc_bytes(50 * gib, 100 * gib, 12 * gib, Some(10 * gib)),
-            Some(3 * gib)
-        );
-        assert_eq!(gc_bytes(50 * gib, 100 * gib, 9 * gib, Some(10 * gib)), None);
     }
 }
