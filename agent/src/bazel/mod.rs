@@ -15,6 +15,7 @@
 //! Whatever the upstream does (down, slow, 5xx, 401), the job's build goes on: a read that
 //! fails is a miss, a write that fails is dropped; both are counted.
 
+mod client;
 pub mod conf;
 mod guard;
 mod proxy;
@@ -45,9 +46,7 @@ pub enum BazelError {
 pub struct Upstream {
     pub lane: String,
     pub settings: BazelSettings,
-    http: reqwest::Client,
-    read: Option<Secret<String>>,
-    write: Option<Secret<String>>,
+    http: client::Client,
     /// Whether it refuses writes without credentials (`guard`).
     guard: Mutex<guard::GuardState>,
     /// Told when a probe has answered.
@@ -68,19 +67,22 @@ impl Upstream {
             .as_deref()
             .map(read_credential)
             .transpose()?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(s.timeout)
-            .read_timeout(s.timeout)
-            .pool_max_idle_per_host(32)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| BazelError::Client(e.to_string()))?;
+        Upstream::with_credentials(lane, s, read, write)
+    }
+
+    /// The upstream of lane `lane` with these credentials (`user:password`).
+    fn with_credentials(
+        lane: &str,
+        s: &BazelSettings,
+        read: Option<Secret<String>>,
+        write: Option<Secret<String>>,
+    ) -> Result<Arc<Upstream>, BazelError> {
+        let http = client::Client::new(&s.upstream, s.timeout, read.as_ref(), write.as_ref())
+            .map_err(BazelError::Client)?;
         Ok(Arc::new(Upstream {
             lane: lane.to_owned(),
             settings: s.clone(),
             http,
-            read,
-            write,
             guard: Mutex::new(guard::GuardState::default()),
             guard_changed: tokio::sync::Notify::new(),
         }))
@@ -88,7 +90,7 @@ impl Upstream {
 
     /// Whether a trusted job's writes can go upstream at all.
     pub fn can_write(&self) -> bool {
-        self.write.is_some()
+        self.http.can_write()
     }
 }
 
