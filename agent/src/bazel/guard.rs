@@ -173,14 +173,19 @@ impl Upstream {
     }
 
     async fn probe_one(&self, kind: &str, hash: &str, body: String) -> Guard {
-        let put = self
-            .http
-            .put(format!("{}/{kind}/{hash}", self.settings.upstream))
-            // Said even when empty: without it nginx answers an empty PUT 500.
-            .header(reqwest::header::CONTENT_LENGTH, body.len())
-            .body(body);
-        match tokio::time::timeout(self.settings.timeout, put.send()).await {
-            Ok(Ok(r)) => match r.status().as_u16() {
+        let len = body.len() as u64;
+        let body = super::proxy::full(body.into());
+        // The length is said even when empty: without it nginx answers an empty PUT 500.
+        let sent = self.http.send(
+            hyper::Method::PUT,
+            (kind, hash),
+            super::client::As::Anonymous,
+            Some(len),
+            body,
+            self.settings.timeout,
+        );
+        match sent.await {
+            Ok(r) => match r.status().as_u16() {
                 401 | 403 | 405 => Guard::Refuses,
                 200..=299 => Guard::Open(format!(
                     "it answered {} to an anonymous PUT /{kind}/{hash}",
@@ -198,16 +203,12 @@ impl Upstream {
                     },
                 ),
             },
-            Ok(Err(e)) => Guard::Unverified(
+            Err(super::client::SendError::Down(e)) => Guard::Unverified(
                 format!("an anonymous PUT /{kind}/… failed: {e}"),
-                if e.is_timeout() {
-                    Cause::Slow
-                } else {
-                    Cause::Down
-                },
+                Cause::Down,
             ),
-            Err(_) => Guard::Unverified(
-                format!("no answer to an anonymous PUT /{kind}/… in time"),
+            Err(super::client::SendError::Slow(e)) => Guard::Unverified(
+                format!("an anonymous PUT /{kind}/… got no answer in time: {e}"),
                 Cause::Slow,
             ),
         }

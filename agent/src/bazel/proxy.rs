@@ -12,6 +12,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
+use super::client::{content_length, As, SendError};
 use super::{Cause, Failure, Guard, Shared, Unused};
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -102,6 +103,13 @@ fn empty() -> Body {
         .boxed_unsync()
 }
 
+/// A body of these bytes.
+pub(super) fn full(b: Bytes) -> Body {
+    Full::new(b)
+        .map_err(|e: Infallible| match e {})
+        .boxed_unsync()
+}
+
 fn answer(status: StatusCode) -> Response<Body> {
     let mut r = Response::new(empty());
     *r.status_mut() = status;
@@ -149,21 +157,7 @@ async fn handle(job: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-fn url(job: &Shared, kind: &str, hash: &str) -> String {
-    format!("{}/{kind}/{hash}", job.upstream.settings.upstream)
-}
-
-fn with_auth(
-    rb: reqwest::RequestBuilder,
-    cred: Option<&flywheel_jit_config::Secret<String>>,
-) -> reqwest::RequestBuilder {
-    match cred.and_then(|c| c.expose().split_once(':')) {
-        Some((u, p)) => rb.basic_auth(u, Some(p)),
-        None => rb,
-    }
-}
-
-fn failure_of_status(s: reqwest::StatusCode) -> Failure {
+fn failure_of_status(s: StatusCode) -> Failure {
     match s.as_u16() {
         401 | 403 | 407 => Failure::Denied,
         500..=599 => Failure::ServerError,
@@ -171,11 +165,10 @@ fn failure_of_status(s: reqwest::StatusCode) -> Failure {
     }
 }
 
-fn failure_of_error(e: &reqwest::Error) -> Failure {
-    if e.is_timeout() {
-        Failure::Slow
-    } else {
-        Failure::Down
+fn failure_of_error(e: &SendError) -> Failure {
+    match e {
+        SendError::Slow(_) => Failure::Slow,
+        SendError::Down(_) => Failure::Down,
     }
 }
 
@@ -183,26 +176,29 @@ fn failure_of_error(e: &reqwest::Error) -> Failure {
 /// upstream is counted, and the build goes on without the cache).
 async fn read(job: &Arc<Shared>, method: Method, kind: &'static str, hash: &str) -> Response<Body> {
     let up = &job.upstream;
-    let rb = with_auth(
-        up.http.request(method.clone(), url(job, kind, hash)),
-        up.read.as_ref(),
-    );
-    let resp = match tokio::time::timeout(up.settings.timeout, rb.send()).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
+    let timeout = up.settings.timeout;
+    let sent = up
+        .http
+        .send(
+            method.clone(),
+            (kind, hash),
+            As::Reader,
+            None,
+            empty(),
+            timeout,
+        )
+        .await;
+    let resp = match sent {
+        Ok(r) => r,
+        Err(e) => {
             job.failed(failure_of_error(&e), &e.to_string());
-            job.miss();
-            return answer(StatusCode::NOT_FOUND);
-        }
-        Err(_) => {
-            job.failed(Failure::Slow, "no answer in time");
             job.miss();
             return answer(StatusCode::NOT_FOUND);
         }
     };
     match resp.status() {
-        reqwest::StatusCode::OK => {}
-        reqwest::StatusCode::NOT_FOUND => {
+        StatusCode::OK => {}
+        StatusCode::NOT_FOUND => {
             job.miss();
             return answer(StatusCode::NOT_FOUND);
         }
@@ -212,7 +208,7 @@ async fn read(job: &Arc<Shared>, method: Method, kind: &'static str, hash: &str)
             return answer(StatusCode::NOT_FOUND);
         }
     }
-    let len = resp.content_length();
+    let len = content_length(resp.headers());
     if len.is_some_and(|l| l > up.settings.max_blob_bytes) {
         job.miss();
         return answer(StatusCode::NOT_FOUND);
@@ -230,16 +226,13 @@ async fn read(job: &Arc<Shared>, method: Method, kind: &'static str, hash: &str)
     // Most entries are small: read whole, they go back in one write (fewer frames, fewer
     // system calls); larger ones are streamed.
     if let Some(l) = len.filter(|l| *l <= WHOLE_BODY) {
-        return match tokio::time::timeout(up.settings.timeout, resp.bytes()).await {
+        let whole = tokio::time::timeout(timeout, resp.into_body().collect()).await;
+        return match whole.map(|b| b.map(|b| b.to_bytes())) {
             Ok(Ok(b)) if b.len() as u64 == l => {
                 job.hit();
                 job.read_bytes(l);
-                r.body(
-                    Full::new(b)
-                        .map_err(|e: Infallible| match e {})
-                        .boxed_unsync(),
-                )
-                .unwrap_or_else(|_| answer(StatusCode::NOT_FOUND))
+                r.body(full(b))
+                    .unwrap_or_else(|_| answer(StatusCode::NOT_FOUND))
             }
             _ => {
                 // Nothing was answered yet: a miss, and the client builds the action itself.
@@ -251,12 +244,23 @@ async fn read(job: &Arc<Shared>, method: Method, kind: &'static str, hash: &str)
     }
     job.hit();
     let counted = job.clone();
-    let stream = resp.bytes_stream().map(move |c| match c {
-        Ok(b) => {
-            counted.read_bytes(b.len() as u64);
-            Ok(Frame::data(b))
+    // Each piece must come within the timeout, as for a whole body.
+    let stream = futures_util::stream::unfold(resp.into_body(), move |mut b| async move {
+        match tokio::time::timeout(timeout, b.frame()).await {
+            Ok(Some(Ok(f))) => Some((Ok(f), b)),
+            Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), b)),
+            Ok(None) => None,
+            Err(_) => Some((
+                Err(std::io::Error::other("the upstream stalled in a body")),
+                b,
+            )),
         }
-        Err(e) => Err(std::io::Error::other(e)),
+    })
+    .map(move |f| {
+        if let Ok(d) = f.as_ref().map(|f| f.data_ref()) {
+            counted.read_bytes(d.map_or(0, |d| d.len() as u64));
+        }
+        f
     });
     r.body(StreamBody::new(stream).boxed_unsync())
         .unwrap_or_else(|_| answer(StatusCode::NOT_FOUND))
@@ -275,11 +279,7 @@ async fn write(
 ) -> Response<Body> {
     let up = &job.upstream;
     let max = up.settings.max_blob_bytes;
-    let len = req
-        .headers()
-        .get(hyper::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let len = content_length(req.headers());
     if len.is_some_and(|l| l > max) {
         job.refused();
         return answer(StatusCode::PAYLOAD_TOO_LARGE);
@@ -305,10 +305,19 @@ async fn write(
         up.settings.timeout,
         tx,
     );
-    let rb = with_auth(up.http.put(url(job, kind, hash)), up.write.as_ref())
-        .header(reqwest::header::CONTENT_LENGTH, len)
-        .body(reqwest::Body::wrap_stream(body));
-    let sent = tokio::time::timeout(write_deadline(up.settings.timeout, len), rb.send()).await;
+    let body = StreamBody::new(body.map(|r| r.map(Frame::data))).boxed_unsync();
+    let deadline = write_deadline(up.settings.timeout, len);
+    let sent = up
+        .http
+        .send(
+            Method::PUT,
+            (kind, hash),
+            As::Writer,
+            Some(len),
+            body,
+            deadline,
+        )
+        .await;
     let body = match tokio::time::timeout(Duration::from_secs(1), rx).await {
         Ok(Ok(r)) => r,
         _ => Err(NOT_READ),
@@ -319,12 +328,12 @@ async fn write(
             warn!(lane = %up.lane, kind, hash, why, "refused a bazel cache write from a trusted job; nothing completed upstream");
             answer(StatusCode::BAD_REQUEST)
         }
-        (Ok(n), Ok(Ok(r))) if r.status().is_success() => {
+        (Ok(n), Ok(r)) if r.status().is_success() => {
             job.written(n);
             answer(StatusCode::OK)
         }
         // The upstream failed (before or after reading the body): the build goes on.
-        (_, Ok(Ok(r))) => {
+        (_, Ok(r)) => {
             job.failed(
                 failure_of_status(r.status()),
                 &format!("answered {} to a write", r.status()),
@@ -332,13 +341,8 @@ async fn write(
             job.dropped();
             answer(StatusCode::OK)
         }
-        (_, Ok(Err(e))) => {
+        (_, Err(e)) => {
             job.failed(failure_of_error(&e), &e.to_string());
-            job.dropped();
-            answer(StatusCode::OK)
-        }
-        (_, Err(_)) => {
-            job.failed(Failure::Slow, "no answer to a write in time");
             job.dropped();
             answer(StatusCode::OK)
         }

@@ -116,18 +116,13 @@ fn endpoint_with(
     trusted: bool,
     telemetry: Option<Arc<crate::telemetry::Telemetry>>,
 ) -> (Arc<JobCache>, String) {
-    let u = Arc::new(Upstream {
-        lane: "l".into(),
-        settings: settings(up),
-        http: reqwest::Client::builder()
-            .read_timeout(Duration::from_millis(400))
-            .build()
-            .unwrap(),
-        read: None,
-        write: write.map(|w| Secret::new(w.to_owned())),
-        guard: Mutex::new(guard::GuardState::default()),
-        guard_changed: tokio::sync::Notify::new(),
-    });
+    let u = Upstream::with_credentials(
+        "l",
+        &settings(up),
+        None,
+        write.map(|w| Secret::new(w.to_owned())),
+    )
+    .unwrap();
     let c = JobCache::new(u, telemetry);
     if trusted {
         c.allow_writes();
