@@ -82,7 +82,7 @@ impl DeferredStore {
                     path: self.layer.clone(),
                 },
             )?;
-            let merged = throwaway_layer(&self.phys_nix, &self.layer, ids.as_ref())?;
+            let merged = throwaway_layer(&self.phys_nix, &self.layer, ids.as_ref()).await?;
             store_mount(&mut mounts, merged.clone(), &n.store_seen);
             merged
         };

@@ -3,7 +3,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::oneshot;
 use tracing::info;
@@ -129,7 +129,7 @@ pub(super) async fn launch(
         }
         if !n.at_job_started && n.throwaway {
             receipt.record(Scope::Job, What::Layer, tree(layer.clone()))?;
-            let merged = throwaway_layer(phys_nix, &layer, ids.as_ref())?;
+            let merged = throwaway_layer(phys_nix, &layer, ids.as_ref()).await?;
             store_mount(&mut mounts, merged, &n.store_seen);
         }
         // The daemon gets the job's own mounts (not its /tmp or /proc: `confine.rs` gives it a
@@ -457,7 +457,7 @@ pub(super) fn layer_dir(phys_work_root: &Path, job: &str) -> PathBuf {
 /// teardown (`remove_tree` detaches the mount first; the caller lists `layer` for it before
 /// calling): whatever the daemon wrote there — builds, added paths, signatures, the database —
 /// is gone, and the store below never changed.
-pub(super) fn throwaway_layer(
+pub(super) async fn throwaway_layer(
     phys_nix: &Path,
     layer: &Path,
     ids: Option<&super::userns::DaemonIds>,
@@ -489,7 +489,7 @@ pub(super) fn throwaway_layer(
     for d in [&upper, &work, &merged] {
         std::fs::create_dir(d).map_err(io_at("create", d))?;
     }
-    snapshot_db(phys_nix, &upper, ids)?;
+    snapshot_db(phys_nix, &upper, ids).await?;
     // With the daemon in a user namespace of its own, the lower is the store through an
     // idmapped mount (on-disk uid 0 is the daemon's root): overlayfs itself cannot be
     // idmapped. The copy is attached for the overlay's mount only.
@@ -548,7 +548,7 @@ pub(super) fn throwaway_layer(
 /// `db.sqlite`, `-wal` and `-shm` one at a time on its first write while trusted daemons keep
 /// writing them (a torn or mismatched database), and would read a trusted daemon's live WAL
 /// over its own copy. A store without a database yet (not bootstrapped) gets nothing.
-fn snapshot_db(
+async fn snapshot_db(
     phys_nix: &Path,
     upper: &Path,
     ids: Option<&super::userns::DaemonIds>,
@@ -581,20 +581,17 @@ fn snapshot_db(
         return Ok(());
     }
     let copy = up.join("db.sqlite");
-    let snapshot = || -> rusqlite::Result<()> {
-        let conn = rusqlite::Connection::open_with_flags(
-            &db,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.busy_timeout(Duration::from_secs(10))?;
-        conn.execute("VACUUM INTO ?1", [copy.to_string_lossy()])?;
-        Ok(())
-    };
-    snapshot().map_err(|e| EnvelopeError::Io {
-        what: "snapshot the store's database into the job's layer",
-        path: db.clone(),
-        source: io::Error::other(e),
-    })?;
+    // Linear in the database and waiting on a writer's lock: on a blocking thread, through
+    // the store's facade, while the runtime only awaits it.
+    let (from, into) = (db.clone(), copy.clone());
+    crate::store::blocking(move |b| b.snapshot(&from, &into))
+        .await
+        .and_then(|r| r)
+        .map_err(|e| EnvelopeError::Io {
+            what: "snapshot the store's database into the job's layer",
+            path: db.clone(),
+            source: io::Error::other(e),
+        })?;
     {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(&db).map_err(io_at("inspect", &db))?;

@@ -93,6 +93,13 @@ pub struct JobStore {
 }
 
 impl Blocking {
+    /// One consistent copy of the store database `db` at `into` (SQLite's `VACUUM INTO`, a
+    /// read transaction; waits up to 10 s for a writer's lock): an untrusted job's layer starts
+    /// with it. Linear in the database.
+    pub fn snapshot(&self, db: &Path, into: &Path) -> Result<(), StoreError> {
+        db::snapshot(db, into)
+    }
+
     /// See [`check`].
     pub fn check(&self, nix_root: &Path) -> Result<Duration, StoreError> {
         db::check(nix_root)
