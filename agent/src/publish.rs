@@ -275,6 +275,77 @@ fn dependencies_first(mut paths: Vec<PathInfo>) -> Vec<PathInfo> {
     order.into_iter().filter_map(|i| slots[i].take()).collect()
 }
 
+/// What became of a job's builds at its end: published (to that server's cache), or why not.
+/// Facts, rendered where they are shown (`Display`: the job's log and summary line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Published {
+        done: Published,
+        server: String,
+        cache: String,
+    },
+    NotPublished(Unpublished),
+    /// The completed hook's publication, still under way at the job's end, finished after it.
+    FinishedAfter,
+    /// Publishing (the completed hook's, or the one after the job) did not finish within
+    /// `secs`: what was not uploaded stays unpublished.
+    TimedOut {
+        waited_for_hook: bool,
+        secs: u64,
+    },
+    /// Published (or not) after the job by the envelope, not by the completed hook.
+    AfterTheJob(Box<Outcome>),
+}
+
+/// Why nothing of a job was published.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unpublished {
+    #[error("the lane has no cache")]
+    NoCache,
+    #[error("the job ran out of memory (attic.publish_after_oom = false)")]
+    AfterOom,
+    #[error("the job had no Nix store")]
+    NoStore,
+    #[error("this agent holds no push credential")]
+    NoCredential,
+    #[error("the job built nothing")]
+    BuiltNothing,
+    /// What it built could not be told, or the publication failed (the error's text).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Published {
+                done,
+                server,
+                cache,
+            } => f.write_str(&line(done, server, cache)),
+            Outcome::NotPublished(why) => write!(f, "nothing published: {why}"),
+            Outcome::FinishedAfter => {
+                f.write_str("after the job: the completed hook's publication finished")
+            }
+            Outcome::TimedOut {
+                waited_for_hook: true,
+                secs,
+            } => write!(
+                f,
+                "left unpublished: the completed hook's publication did not finish within {secs} s"
+            ),
+            Outcome::TimedOut {
+                waited_for_hook: false,
+                secs,
+            } => write!(
+                f,
+                "left unpublished: publishing did not finish within {secs} s"
+            ),
+            Outcome::AfterTheJob(o) => write!(f, "after the job: {o}"),
+        }
+    }
+}
+
 /// What a publication did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Published {
@@ -779,6 +850,54 @@ pub fn line(p: &Published, server: &str, cache: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_publication_outcome_reads_as_the_lines_it_replaced() {
+        let nothing = Outcome::NotPublished(Unpublished::NoCache);
+        assert_eq!(
+            nothing.to_string(),
+            "nothing published: the lane has no cache"
+        );
+        assert_eq!(
+            Outcome::NotPublished(Unpublished::AfterOom).to_string(),
+            "nothing published: the job ran out of memory (attic.publish_after_oom = false)"
+        );
+        assert_eq!(
+            Outcome::AfterTheJob(Box::new(nothing)).to_string(),
+            "after the job: nothing published: the lane has no cache"
+        );
+        assert_eq!(
+            Outcome::TimedOut {
+                waited_for_hook: true,
+                secs: 30
+            }
+            .to_string(),
+            "left unpublished: the completed hook's publication did not finish within 30 s"
+        );
+        assert_eq!(
+            Outcome::TimedOut {
+                waited_for_hook: false,
+                secs: 30
+            }
+            .to_string(),
+            "left unpublished: publishing did not finish within 30 s"
+        );
+        let done = Published {
+            uploaded: 2,
+            bytes: 2048,
+            deduplicated: 1,
+            ..Published::default()
+        };
+        let o = Outcome::Published {
+            done: done.clone(),
+            server: "http://attic:8080/".into(),
+            cache: "main".into(),
+        };
+        assert_eq!(o.to_string(), line(&done, "http://attic:8080/", "main"));
+        assert!(o
+            .to_string()
+            .starts_with("published 2 paths (2.0 KiB, 1 deduplicated) to http://attic:8080/main"));
+    }
 
     const DRV: &str = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-top.drv";
 

@@ -230,7 +230,7 @@ pub struct JobReport {
     /// Forks refused by the job's process limit.
     pub pids: Option<PidsHit>,
     /// What the agent published of the job's builds (or why nothing).
-    pub published: Option<String>,
+    pub published: Option<crate::publish::Outcome>,
     pub elapsed: Duration,
     /// The command's exit status (`128 + signal` for a signal), when the agent knows it: `exec`
     /// does; a runner's completed hook runs before the job's result exists.

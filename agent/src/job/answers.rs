@@ -14,6 +14,7 @@ use super::started::job_started;
 use crate::config::{AtticSettings, Lane};
 use crate::envelope::JobProbe;
 use crate::hooks::HookResponse;
+use crate::publish::Outcome;
 use crate::telemetry::Telemetry;
 use crate::trust::Claims;
 
@@ -112,7 +113,7 @@ pub struct Leftover {
 }
 
 impl Leftover {
-    async fn publish(&self, after: crate::envelope::Released) -> Option<String> {
+    async fn publish(&self, after: crate::envelope::Released) -> Option<Outcome> {
         let limit = if self.stop.now.is_cancelled() || self.stop.graceful.is_cancelled() {
             self.limit.min(after.left)
         } else {
@@ -134,20 +135,20 @@ impl Leftover {
                 return None;
             }
             return Some(match tokio::time::timeout(limit, busy.lock()).await {
-                Ok(_) => "after the job: the completed hook's publication finished".into(),
-                Err(_) => format!(
-                    "left unpublished: the completed hook's publication did not finish within {} s",
-                    limit.as_secs()
-                ),
+                Ok(_) => Outcome::FinishedAfter,
+                Err(_) => Outcome::TimedOut {
+                    waited_for_hook: true,
+                    secs: limit.as_secs(),
+                },
             });
         };
         let sub = grant?;
         match tokio::time::timeout(limit, publish(&self.hooks, &sub, after.oom)).await {
-            Ok(line) => Some(format!("after the job: {line}")),
-            Err(_) => Some(format!(
-                "left unpublished: publishing did not finish within {} s",
-                limit.as_secs()
-            )),
+            Ok(outcome) => Some(Outcome::AfterTheJob(Box::new(outcome))),
+            Err(_) => Some(Outcome::TimedOut {
+                waited_for_hook: false,
+                secs: limit.as_secs(),
+            }),
         }
     }
 }
@@ -157,7 +158,8 @@ impl crate::envelope::BeforeRelease for Leftover {
         &self,
         after: crate::envelope::Released,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send + '_>> {
-        Box::pin(self.publish(after))
+        // The envelope logs it as a line.
+        Box::pin(async move { self.publish(after).await.map(|o| o.to_string()) })
     }
 }
 
@@ -204,6 +206,7 @@ mod tests {
             left: Duration::from_secs(1),
             oom: false,
         }))
+        .map(|o| o.to_string())
     }
 
     #[test]

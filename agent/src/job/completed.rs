@@ -8,6 +8,7 @@ use tracing::{info, warn};
 use super::answers::RunnerHooks;
 use super::report::job_report;
 use crate::hooks::HookResponse;
+use crate::publish::{Outcome, Unpublished};
 
 pub(super) async fn job_completed(h: &RunnerHooks, grant: Option<String>) -> HookResponse {
     let mut report = job_report(h).await;
@@ -53,22 +54,21 @@ pub(super) async fn job_completed(h: &RunnerHooks, grant: Option<String>) -> Hoo
 }
 
 /// Publish what the job's daemon built; the line for its block. Never fails the job.
-pub(super) async fn publish(h: &RunnerHooks, sub: &str, oom: bool) -> String {
+pub(super) async fn publish(h: &RunnerHooks, sub: &str, oom: bool) -> Outcome {
     let lane = &h.lane.name;
     let (Some(server), Some(cache)) = (&h.lane.hints.attic_server, &h.lane.hints.attic_cache)
     else {
-        return "nothing published: the lane has no cache".into();
+        return Outcome::NotPublished(Unpublished::NoCache);
     };
     if oom && !h.attic.publish_after_oom {
-        return "nothing published: the job ran out of memory (attic.publish_after_oom = false)"
-            .into();
+        return Outcome::NotPublished(Unpublished::AfterOom);
     }
     let facts = h.probe.facts();
     let Some(root) = facts.nix_root else {
-        return "nothing published: the job had no Nix store".into();
+        return Outcome::NotPublished(Unpublished::NoStore);
     };
     let Some(auth) = h.credential.publish_auth() else {
-        return "nothing published: this agent holds no push credential".into();
+        return Outcome::NotPublished(Unpublished::NoCredential);
     };
     // The record and the closure walk read files and the store's database: on a blocking
     // thread, through the store's facade.
@@ -81,18 +81,18 @@ pub(super) async fn publish(h: &RunnerHooks, sub: &str, oom: bool) -> String {
         Err(e) => {
             h.telemetry.publish_failed(lane, e.reason());
             warn!(runner = %h.runner_name, error = %e, "cannot tell what the job built");
-            return format!("nothing published: {e}");
+            return Outcome::NotPublished(Unpublished::Failed(e.to_string()));
         }
     };
     if paths.paths.is_empty() && paths.unusable.is_empty() {
-        return "nothing published: the job built nothing".into();
+        return Outcome::NotPublished(Unpublished::BuiltNothing);
     }
     let http = match reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .build()
     {
         Ok(c) => c,
-        Err(e) => return format!("nothing published: {e}"),
+        Err(e) => return Outcome::NotPublished(Unpublished::Failed(e.to_string())),
     };
     let p = crate::publish::Publisher {
         http,
@@ -108,14 +108,18 @@ pub(super) async fn publish(h: &RunnerHooks, sub: &str, oom: bool) -> String {
             for _ in &done.failed {
                 h.telemetry.publish_failed(lane, "path");
             }
-            let line = crate::publish::line(&done, server, cache);
-            info!(runner = %h.runner_name, "{line}");
-            line
+            let outcome = Outcome::Published {
+                done,
+                server: server.clone(),
+                cache: cache.clone(),
+            };
+            info!(runner = %h.runner_name, "{outcome}");
+            outcome
         }
         Err(e) => {
             h.telemetry.publish_failed(lane, e.reason());
             warn!(runner = %h.runner_name, error = %e, "publishing failed; the job's result is unchanged");
-            format!("nothing published: {e}")
+            Outcome::NotPublished(Unpublished::Failed(e.to_string()))
         }
     }
 }
