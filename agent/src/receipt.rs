@@ -262,6 +262,44 @@ pub trait Undo {
     }
 }
 
+/// What a walk back could not undo (those entries stay in the receipt).
+#[derive(Debug, thiserror::Error)]
+pub enum UndoError {
+    /// The job's cgroup could not be emptied or removed (the undoer's words).
+    #[error("{0}")]
+    Cgroup(String),
+    #[error("kept {} while processes of the job remain; remove them once they are gone", paths(.0))]
+    KeptWhileBusy(Vec<PathBuf>),
+    #[error("remove {}: {source}", path.display())]
+    Remove { path: PathBuf, source: io::Error },
+    #[error("remove {} below {}: {source}", rel.display(), root.display())]
+    RemoveBelow {
+        root: PathBuf,
+        rel: PathBuf,
+        source: io::Error,
+    },
+    #[error("unmount below {}: {source}", path.display())]
+    Unmount { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Save(ReceiptError),
+}
+
+fn paths(p: &[PathBuf]) -> String {
+    p.iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// All of `errors` in one line.
+pub fn joined(errors: &[UndoError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// Why an entry could not be undone.
 #[derive(Debug)]
 pub enum Busy {
@@ -399,7 +437,7 @@ impl Receipt {
 
     /// Undo the entries of `scope` (all, for `None`) in reverse: cgroups first, then the rest
     /// last made first. Returns what could not be undone, which stays in the receipt. Blocking.
-    pub fn undo(&self, scope: Option<Scope>, how: &mut dyn Undo) -> Vec<String> {
+    pub fn undo(&self, scope: Option<Scope>, how: &mut dyn Undo) -> Vec<UndoError> {
         let mut inner = self.lock();
         inner.mine = true;
         let mut errors = Vec::new();
@@ -420,45 +458,51 @@ impl Receipt {
             match how.cgroup(name) {
                 Ok(()) => {}
                 Err(Busy::Kept(msg)) => {
-                    errors.push(msg);
+                    errors.push(UndoError::Cgroup(msg));
                     left.push(e.clone());
                 }
                 Err(Busy::Processes(msg)) => {
-                    errors.push(msg);
+                    errors.push(UndoError::Cgroup(msg));
                     busy = true;
                 }
             }
         }
         if busy {
-            let kept: Vec<String> = mine
+            let kept: Vec<PathBuf> = mine
                 .iter()
                 .filter_map(Entry::path)
                 .filter(|p| std::fs::symlink_metadata(p).is_ok())
-                .map(|p| p.display().to_string())
+                .map(Path::to_path_buf)
                 .collect();
             if !kept.is_empty() {
-                errors.push(format!(
-                    "kept {} while processes of the job remain; remove them once they are gone",
-                    kept.join(", ")
-                ));
+                errors.push(UndoError::KeptWhileBusy(kept));
             }
             left = mine;
         } else {
             for e in mine.into_iter().rev() {
                 let done = match &e.thing {
                     Thing::Cgroup { .. } | Thing::Lock { .. } => continue,
-                    Thing::Tree { path } => how
-                        .tree(path)
-                        .map_err(|err| format!("remove {}: {err}", path.display())),
-                    Thing::TreeBelow { root, rel } => how.tree_below(root, rel).map_err(|err| {
-                        format!("remove {} below {}: {err}", rel.display(), root.display())
+                    Thing::Tree { path } => how.tree(path).map_err(|source| UndoError::Remove {
+                        path: path.clone(),
+                        source,
                     }),
-                    Thing::Mounts { path } => how
-                        .mounts(path)
-                        .map_err(|err| format!("unmount below {}: {err}", path.display())),
+                    Thing::TreeBelow { root, rel } => {
+                        how.tree_below(root, rel)
+                            .map_err(|source| UndoError::RemoveBelow {
+                                root: root.clone(),
+                                rel: rel.clone(),
+                                source,
+                            })
+                    }
+                    Thing::Mounts { path } => {
+                        how.mounts(path).map_err(|source| UndoError::Unmount {
+                            path: path.clone(),
+                            source,
+                        })
+                    }
                 };
-                if let Err(msg) = done {
-                    errors.push(msg);
+                if let Err(err) = done {
+                    errors.push(err);
                     left.push(e);
                 }
             }
@@ -476,7 +520,7 @@ impl Receipt {
             inner.doc.entries.clear();
         }
         if let Err(e) = save(&inner) {
-            errors.push(e.to_string());
+            errors.push(UndoError::Save(e));
         }
         errors
     }
@@ -703,7 +747,7 @@ mod tests {
         assert!(
             errors
                 .iter()
-                .any(|e| e.contains("kept") && e.contains("job")),
+                .any(|e| e.to_string().contains("kept") && e.to_string().contains("job")),
             "{errors:?}"
         );
         assert!(d.iter().all(|p| p.exists()));
@@ -723,7 +767,7 @@ mod tests {
         };
         let errors = r.undo(None, &mut f);
         assert_eq!(errors.len(), 1, "{errors:?}");
-        assert!(errors[0].contains("layer"), "{errors:?}");
+        assert!(errors[0].to_string().contains("layer"), "{errors:?}");
         drop(r);
         let left = Receipt::load(&path).unwrap().entries();
         assert_eq!(left.len(), 1, "{left:?}");

@@ -267,7 +267,7 @@ fn walk_back(path: &Path, mgr: &dyn CgroupManager) -> (usize, usize) {
     if errors.is_empty() {
         info!(job = %job, pid = owner.pid, cgroups, removed = others, receipt = %path.display(), "undid what a job of an earlier run left");
     } else {
-        warn!(job = %job, pid = owner.pid, errors = %errors.join("; "), receipt = %path.display(), "cannot undo all a job of an earlier run left; the receipt keeps the rest for the next start");
+        warn!(job = %job, pid = owner.pid, errors = %crate::receipt::joined(&errors), receipt = %path.display(), "cannot undo all a job of an earlier run left; the receipt keeps the rest for the next start");
     }
     (cgroups, others)
 }

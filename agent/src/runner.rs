@@ -107,7 +107,7 @@ pub async fn run_arc(
     if c + d > 0 {
         info!(cgroups = c, dirs = d, "cleaned up after an earlier run");
     }
-    let file = jitfile::runner_file(&jit).map_err(|e| RunError::JitConfig(e.to_string()))?;
+    let file = jitfile::runner_file(&jit).map_err(RunError::JitConfig)?;
     let name = file.agent_name.clone();
     info!(runner = %name, lane = %lane.name, "ARC mode: running the runner this pod was given");
     let probe = JobProbe::default();
@@ -137,7 +137,7 @@ pub async fn run_arc(
         Ended::Ran { outcome, .. } => outcome,
         // ARC registered it: never refused, never drained here.
         Ended::NotRegistered(e) => Err(RunError::Register(e)),
-        Ended::Drained => Err(RunError::Setup("drained before it ran".into())),
+        Ended::Drained => Err(RunError::Drained),
     }
 }
 

@@ -283,8 +283,8 @@ pub enum TeardownError {
     #[error("the job's teardown did not finish within agent.teardown_deadline ({0:?}): its files are still being removed in the background")]
     Deadline(Duration),
     /// What the job's receipt could not undo (it keeps those entries for the next start).
-    #[error("{}", .0.join("; "))]
-    NotUndone(Vec<String>),
+    #[error("{}", crate::receipt::joined(.0))]
+    NotUndone(Vec<crate::receipt::UndoError>),
 }
 
 /// Why a job's Nix (its bootstrap, its own nix-daemon, its store) could not be set up.
@@ -369,7 +369,10 @@ mod tests {
     fn typed_teardown_and_nix_errors_say_what_their_strings_said() {
         let e = EnvelopeError::from(TeardownError::Deadline(Duration::from_secs(30)));
         assert_eq!(e.to_string(), "teardown failed: the job's teardown did not finish within agent.teardown_deadline (30s): its files are still being removed in the background");
-        let e = EnvelopeError::from(TeardownError::NotUndone(vec!["a".into(), "b".into()]));
+        let e = EnvelopeError::from(TeardownError::NotUndone(vec![
+            crate::receipt::UndoError::Cgroup("a".into()),
+            crate::receipt::UndoError::Cgroup("b".into()),
+        ]));
         assert_eq!(e.to_string(), "teardown failed: a; b");
         let e = EnvelopeError::from(NixSetupError::MountsBelow {
             store: PathBuf::from("/nix"),

@@ -661,7 +661,7 @@ impl Drop for JobGuard {
                 let drained = cg.kill_and_drain(DRAIN_TIMEOUT);
                 let errors = remove_after_drain(cg.as_ref(), drained, &receipt);
                 if !errors.is_empty() {
-                    tracing::error!(job = cg.name(), errors = %errors.join("; "), "the job's late teardown left things behind");
+                    tracing::error!(job = cg.name(), errors = %crate::receipt::joined(&errors), "the job's late teardown left things behind");
                 }
                 drop(slot);
             });
@@ -775,7 +775,7 @@ pub(super) fn remove_after_drain(
     cg: &dyn JobCgroup,
     drained: Result<(), CgroupError>,
     receipt: &Receipt,
-) -> Vec<String> {
+) -> Vec<crate::receipt::UndoError> {
     receipt.undo(Some(Scope::Job), &mut Drained { cg, drained })
 }
 
@@ -862,7 +862,7 @@ mod tests {
         assert!(
             errors
                 .iter()
-                .any(|e| e.contains("kept") && e.contains("job")),
+                .any(|e| e.to_string().contains("kept") && e.to_string().contains("job")),
             "{errors:?}"
         );
         // Emptied: both go.

@@ -196,7 +196,7 @@ impl World for Agent<'_> {
             &crate::receipt::dir(&ctx.cfg.agent.state_dir),
             &self.lane.name,
         )
-        .map_err(|e| RunError::Setup(e.to_string()))?;
+        .map_err(RunError::Receipt)?;
         let hooks = match Hooks::start(
             ctx,
             self.lane,

@@ -51,7 +51,7 @@ impl Hooks {
         let setup = |e: std::io::Error| {
             let _ = crate::workdir::remove_tree(&dir);
             let _ = std::fs::remove_file(&netrc);
-            RunError::Setup(format!("runner hooks: {e}"))
+            RunError::Hooks(e)
         };
         std::fs::create_dir_all(&all).map_err(setup)?;
         std::fs::set_permissions(&all, std::os::unix::fs::PermissionsExt::from_mode(0o711))
@@ -68,7 +68,7 @@ impl Hooks {
                 .map_err(|e| {
                     let _ = crate::workdir::remove_tree(&dir);
                     let _ = std::fs::remove_file(&netrc);
-                    RunError::Setup(e.to_string())
+                    RunError::Receipt(e)
                 })
         };
         recorded(What::Netrc, &netrc)?;
@@ -156,7 +156,7 @@ pub fn removal(receipt: Receipt, wait: Duration) -> impl FnOnce() + Send + 'stat
         }
         let errors = receipt.undo(Some(Scope::Runner), &mut crate::receipt::Plain);
         if !errors.is_empty() {
-            warn!(errors = %errors.join("; "), "cannot remove the runner's hook socket, netrc and build logs");
+            warn!(errors = %crate::receipt::joined(&errors), "cannot remove the runner's hook socket, netrc and build logs");
         }
     }
 }

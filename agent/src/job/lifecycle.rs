@@ -368,7 +368,7 @@ mod tests {
         ) -> Result<FakeHooks, RunError> {
             if self.fail == Fail::HooksUp {
                 note(&self.log, "hooks up fails");
-                return Err(RunError::Setup("no socket".into()));
+                return Err(RunError::Fake("no socket"));
             }
             note(&self.log, "hooks up");
             Ok(FakeHooks { events })
@@ -403,7 +403,7 @@ mod tests {
             note(&self.log, "envelope");
             if self.fail == Fail::Envelope {
                 note(&self.log, "teardown");
-                return Err(RunError::Setup("the job's cgroup".into()));
+                return Err(RunError::Fake("the job's cgroup"));
             }
             let ask = |started: bool| async move {
                 let (reply, answer) = tokio::sync::oneshot::channel();

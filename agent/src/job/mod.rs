@@ -58,14 +58,25 @@ pub struct RunContext {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("{0}")]
-    Setup(String),
+    /// The runner's hook socket directory or netrc could not be made.
+    #[error("runner hooks: {0}")]
+    Hooks(std::io::Error),
+    /// Its receipt could not be written.
+    #[error(transparent)]
+    Receipt(#[from] crate::receipt::ReceiptError),
+    /// Under ARC: the agent was drained before its one runner ran.
+    #[error("drained before it ran")]
+    Drained,
     #[error(transparent)]
     Register(#[from] RegisterError),
     #[error(transparent)]
     Envelope(#[from] crate::envelope::EnvelopeError),
     #[error("the JIT config handed to this pod is unusable: {0}")]
-    JitConfig(String),
+    JitConfig(flywheel_jit_config::jitfile::JitFileError),
+    /// A fake's failure (the lifecycle's order tests).
+    #[cfg(test)]
+    #[error("{0}")]
+    Fake(&'static str),
 }
 
 /// Per-pool counters, for tests and the closing numbers.
