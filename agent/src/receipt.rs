@@ -224,6 +224,25 @@ pub fn dir(state_dir: &Path) -> PathBuf {
 #[derive(Debug, Clone)]
 pub struct Receipt(Arc<Mutex<Inner>>);
 
+/// The writer named in a receipt that [`Receipt::load`] refuses (another version's, or one not
+/// the agent's alone), if it names one: whether its agent may still be running. Its entries are
+/// not read.
+pub fn owner_of(path: &Path) -> Option<Owner> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut text = Vec::new();
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?
+        .take(1 << 20)
+        .read_to_end(&mut text)
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    serde_json::from_value(v.get("owner")?.clone()).ok()
+}
+
 /// Whether `dir` (the receipts' directory) is safe to read receipts from: absent, or a real
 /// directory of the agent's user that nobody else can write.
 pub fn check_dir(dir: &Path) -> Result<(), ReceiptError> {

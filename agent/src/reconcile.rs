@@ -104,6 +104,9 @@ pub fn local_blocking(cfg: &Config, mgr: &dyn CgroupManager) -> (usize, usize) {
 struct Candidates {
     cgroups: Vec<String>,
     paths: Vec<std::path::PathBuf>,
+    /// Of `paths`, those whose creator's pid (in their name) is gone: the work roots' job
+    /// directories.
+    by_pid: Vec<std::path::PathBuf>,
 }
 
 impl Candidates {
@@ -146,8 +149,9 @@ impl Candidates {
         let mut roots: Vec<&Path> = cfg.lanes.iter().map(|l| l.work_root.as_path()).collect();
         roots.sort();
         roots.dedup();
+        let mut by_pid = Vec::new();
         for root in roots {
-            paths.extend(
+            by_pid.extend(
                 std::fs::read_dir(root)
                     .into_iter()
                     .flatten()
@@ -156,7 +160,12 @@ impl Candidates {
                     .map(|e| e.path()),
             );
         }
-        Candidates { cgroups, paths }
+        paths.extend(by_pid.iter().cloned());
+        Candidates {
+            cgroups,
+            paths,
+            by_pid,
+        }
     }
 
     /// Remove the candidates no receipt in `receipts` names (a receipt's path, or a path
@@ -165,13 +174,32 @@ impl Candidates {
     fn sweep(self, receipts: &Path, mgr: &dyn CgroupManager) -> (usize, usize) {
         let (mut named_cgroups, mut named_paths) = (Vec::new(), Vec::new());
         let mut unreadable = Vec::new();
-        for e in std::fs::read_dir(receipts).into_iter().flatten().flatten() {
+        // Receipts this agent cannot see may name a live agent's things: then nothing in
+        // `state_dir` is swept (the cgroups and job directories are, by their creator's pid).
+        let mut blind = false;
+        let listed = match std::fs::read_dir(receipts) {
+            Ok(rd) => Some(rd),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                warn!(dir = %receipts.display(), error = %e, "cannot list the receipts; nothing in state_dir is swept");
+                blind = true;
+                None
+            }
+        };
+        for e in listed.into_iter().flatten().flatten() {
             let path = e.path();
             if !e.file_name().to_string_lossy().ends_with(".json") {
                 continue;
             }
             let Ok(r) = Receipt::load(&path) else {
-                unreadable.push(path);
+                if crate::receipt::owner_of(&path).is_some_and(|o| o.alive()) {
+                    // A live agent's receipt this one cannot read (another version's): its
+                    // things may be anywhere in state_dir.
+                    warn!(receipt = %path.display(), "a live agent's receipt cannot be read; nothing in state_dir is swept");
+                    blind = true;
+                } else {
+                    unreadable.push(path);
+                }
                 continue;
             };
             for entry in r.entries() {
@@ -196,6 +224,9 @@ impl Candidates {
         }
         let mut others = 0;
         for p in &self.paths {
+            if blind && !self.by_pid.contains(p) {
+                continue;
+            }
             if named_paths
                 .iter()
                 .any(|n| n.starts_with(p) || p.starts_with(n))
@@ -436,6 +467,12 @@ mod tests {
         std::fs::create_dir_all(state.join("netrc")).unwrap();
         std::fs::write(&netrc, "machine x").unwrap();
         std::fs::write(&live_netrc, "machine y").unwrap();
+        // A job directory no receipt names whose creator runs (an agent with a state_dir of
+        // its own): kept.
+        let other_agents = state
+            .with_file_name("work")
+            .join(format!("fake.s3.{}.fed", std::process::id()));
+        std::fs::create_dir_all(&other_agents).unwrap();
         // Something else in the work root that is not named like a job of a lane.
         let other = state.with_file_name("work").join("operator-notes");
         std::fs::create_dir_all(&other).unwrap();
@@ -454,6 +491,10 @@ mod tests {
             "a live receipt's are kept"
         );
         assert!(other.exists(), "only what is named like a lane's job");
+        assert!(
+            other_agents.exists(),
+            "a live creator's job directory is kept"
+        );
         assert!(!bad.exists(), "moved aside");
         assert!(bad.with_extension("json.unreadable").exists());
     }
@@ -500,5 +541,36 @@ mod tests {
         std::fs::set_permissions(&receipts, std::fs::Permissions::from_mode(0o700)).unwrap();
         assert_eq!(local_blocking(&cfg, &NoCgroups), (0, 1));
         assert!(!dir.exists());
+    }
+
+    #[test]
+    fn a_live_agents_receipt_this_one_cannot_read_keeps_state_dir_as_it_is() {
+        let t = tempfile::tempdir().unwrap();
+        let state = t.path().join("state");
+        let cfg = config(&state);
+        // A running agent of another version: its receipt names a kind this one does not know.
+        let (live, _) = job(&state, "other");
+        let path = live.path();
+        let text = std::fs::read_to_string(&path).unwrap().replacen(
+            "\"what\": \"job-dir\"",
+            "\"what\": \"something-new\"",
+            1,
+        );
+        assert!(text.contains("something-new"), "{text}");
+        std::mem::forget(live);
+        std::fs::write(&path, text).unwrap();
+        assert!(Receipt::load(&path).is_err(), "this version cannot read it");
+        // Its netrc, which its receipt names, and a dead creator's job directory.
+        let netrc = state.join("netrc/other.netrc");
+        std::fs::create_dir_all(state.join("netrc")).unwrap();
+        std::fs::write(&netrc, "machine x").unwrap();
+        let old_job = state.with_file_name("work").join("fake.s0.2147483600.abc");
+        std::fs::create_dir_all(&old_job).unwrap();
+
+        let (_, removed) = local_blocking(&cfg, &NoCgroups);
+        assert_eq!(removed, 1, "only the dead creator's job directory");
+        assert!(netrc.exists(), "nothing in state_dir is swept");
+        assert!(!old_job.exists());
+        assert!(path.exists(), "a live agent's receipt is not moved aside");
     }
 }

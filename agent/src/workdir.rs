@@ -255,6 +255,23 @@ pub fn remove_tree_below(root: &Path, rel: &Path) -> io::Result<()> {
     remove_at(fd.as_fd(), name)
 }
 
+/// The directory `rel` below `root`, every component opened by descriptor without following a
+/// symlink (`root` itself is the agent's); nothing is made.
+pub(crate) fn open_dir_below(root: &Path, rel: &Path) -> io::Result<OwnedFd> {
+    let mut fd = open_dir_at(None, root.as_os_str())?;
+    for part in rel.components() {
+        let std::path::Component::Normal(part) = part else {
+            return Err(io::Error::other(format!(
+                "{}: only plain names below {}",
+                rel.display(),
+                root.display()
+            )));
+        };
+        fd = open_dir_at(Some(fd.as_fd()), part)?;
+    }
+    Ok(fd)
+}
+
 /// Remove `name` in the directory `parent`: a file (or symlink) unlinked, a directory emptied
 /// by descriptors on its own filesystem and removed.
 fn remove_at(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {

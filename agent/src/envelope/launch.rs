@@ -577,12 +577,34 @@ async fn snapshot_db(
             .map_err(io_at("chown", &up))?;
     }
     let db = lower.join("db.sqlite");
-    if !db.is_file() {
-        return Ok(());
+    // A daemon that writes this store (a trusted job's) could have made a directory on the
+    // way, or the database itself, a symlink to another SQLite file of the host's, which root
+    // would then copy into this untrusted job's layer: the directory is walked by descriptor
+    // and the file checked there, and SQLite opens it refusing a symlink in any component
+    // (`SQLITE_OPEN_NOFOLLOW`, `O_NOFOLLOW` on the file). A swap of a directory on the way
+    // between SQLite's check and its open is not excluded.
+    let dir = workdir::open_dir_below(phys_nix, Path::new("var/nix/db"))
+        .map_err(io_at("open without following a symlink", &lower))?;
+    let st = match nix::sys::stat::fstatat(
+        Some(std::os::fd::AsRawFd::as_raw_fd(&dir)),
+        "db.sqlite",
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    ) {
+        Ok(st) => st,
+        Err(nix::errno::Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(io_at("inspect", &db)(e.into())),
+    };
+    if nix::sys::stat::SFlag::from_bits_truncate(st.st_mode) & nix::sys::stat::SFlag::S_IFMT
+        != nix::sys::stat::SFlag::S_IFREG
+    {
+        return Err(io_at("snapshot", &db)(io::Error::other(
+            "not a regular file (a symlink planted by a job's daemon?)",
+        )));
     }
     let copy = up.join("db.sqlite");
     // Linear in the database and waiting on a writer's lock: on a blocking thread, through
     // the store's facade, while the runtime only awaits it.
+    drop(dir);
     let (from, into) = (db.clone(), copy.clone());
     crate::store::blocking(move |b| b.snapshot(&from, &into))
         .await
@@ -590,14 +612,16 @@ async fn snapshot_db(
         .map_err(|e| EnvelopeError::Io {
             what: "snapshot the store's database into the job's layer",
             path: db.clone(),
-            source: io::Error::other(e),
+            source: match e {
+                // SQLite's own words, as before the facade.
+                crate::store::StoreError::Open(s) | crate::store::StoreError::Read(s) => {
+                    io::Error::other(s)
+                }
+                other => io::Error::other(other),
+            },
         })?;
-    {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(&db).map_err(io_at("inspect", &db))?;
-        std::os::unix::fs::chown(&copy, Some(kuid(m.uid())), Some(kgid(m.gid())))
-            .map_err(io_at("chown", &copy))?;
-    }
+    std::os::unix::fs::chown(&copy, Some(kuid(st.st_uid)), Some(kgid(st.st_gid)))
+        .map_err(io_at("chown", &copy))?;
     for name in ["db.sqlite-wal", "db.sqlite-shm"] {
         let w = up.join(name);
         // An overlayfs whiteout: a character device 0/0 in the upper layer.
@@ -610,4 +634,56 @@ async fn snapshot_db(
         .map_err(|e| io_at("white out", &w)(e.into()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store whose database a job's daemon swapped for a symlink to another SQLite file of
+    /// the host's: the snapshot for an untrusted job's layer refuses it, and nothing of that
+    /// file reaches the layer.
+    #[tokio::test]
+    async fn a_layer_never_gets_a_database_a_symlink_points_at() {
+        let t = tempfile::tempdir().unwrap();
+        let secret = t.path().join("host-secrets.sqlite");
+        let conn = rusqlite::Connection::open(&secret).unwrap();
+        conn.execute_batch("CREATE TABLE s (v TEXT); INSERT INTO s VALUES ('host secret');")
+            .unwrap();
+        drop(conn);
+        let store = t.path().join("nix");
+        std::fs::create_dir_all(store.join("var/nix/db")).unwrap();
+        // The route is real: SQLite itself follows the link.
+        std::os::unix::fs::symlink(&secret, store.join("var/nix/db/db.sqlite")).unwrap();
+        let through = rusqlite::Connection::open(store.join("var/nix/db/db.sqlite")).unwrap();
+        let v: String = through
+            .query_row("SELECT v FROM s", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, "host secret");
+        drop(through);
+        let upper = t.path().join("upper");
+        std::fs::create_dir(&upper).unwrap();
+        let e = snapshot_db(&store, &upper, None)
+            .await
+            .expect_err("a symlinked database is refused");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        assert!(!upper.join("var/nix/db/db.sqlite").exists());
+        // And SQLite's own open refuses it too (a swap after the check above).
+        let (from, into) = (
+            store.join("var/nix/db/db.sqlite"),
+            t.path().join("through.sqlite"),
+        );
+        let r = crate::store::blocking(move |b| b.snapshot(&from, &into))
+            .await
+            .unwrap();
+        assert!(r.is_err(), "{r:?}");
+        assert!(!t.path().join("through.sqlite").exists());
+        // A real database is copied.
+        std::fs::remove_file(store.join("var/nix/db/db.sqlite")).unwrap();
+        std::fs::copy(&secret, store.join("var/nix/db/db.sqlite")).unwrap();
+        let upper = t.path().join("upper2");
+        std::fs::create_dir(&upper).unwrap();
+        snapshot_db(&store, &upper, None).await.expect("snapshot");
+        assert!(upper.join("var/nix/db/db.sqlite").is_file());
+    }
 }

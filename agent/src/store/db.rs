@@ -209,12 +209,12 @@ fn registered_by<'a>(
     found
 }
 
-/// Valid paths in a store and the sum of their NAR sizes; [`StoreError::Open`] without a
-/// database.
 pub(super) fn snapshot(db: &Path, into: &Path) -> Result<(), StoreError> {
     let conn = rusqlite::Connection::open_with_flags(
         db,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+            | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | rusqlite::OpenFlags::SQLITE_OPEN_NOFOLLOW,
     )
     .map_err(StoreError::Open)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
@@ -222,6 +222,8 @@ pub(super) fn snapshot(db: &Path, into: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Valid paths in a store and the sum of their NAR sizes; [`StoreError::Open`] without a
+/// database.
 pub(super) fn size(nix_root: &Path) -> Result<(u64, u64), StoreError> {
     let conn = open(nix_root)?;
     let (n, b) = conn.query_row(
