@@ -224,34 +224,19 @@ pub fn remove_tree_below(root: &Path, rel: &Path) -> io::Result<()> {
     let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
         return Err(io::Error::other("refusing to remove the root itself"));
     };
-    let mut fd = match open_dir_at(None, root.as_os_str()) {
+    let fd = match open_dir_below(root, parent) {
         Ok(fd) => fd,
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+            tracing::warn!(
+                root = %root.display(),
+                path = %rel.display(),
+                "not removed: a component is no longer a plain directory (a symlink planted by a job's daemon?)"
+            );
+            return Ok(());
+        }
         Err(e) => return Err(e),
     };
-    for part in parent.components() {
-        let std::path::Component::Normal(part) = part else {
-            return Err(io::Error::other(format!(
-                "{}: only plain names below {}",
-                rel.display(),
-                root.display()
-            )));
-        };
-        fd = match open_dir_at(Some(fd.as_fd()), part) {
-            Ok(fd) => fd,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
-                tracing::warn!(
-                    root = %root.display(),
-                    path = %rel.display(),
-                    component = %part.to_string_lossy(),
-                    "not removed: a component is no longer a plain directory (a symlink planted by a job's daemon?)"
-                );
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
-    }
     remove_at(fd.as_fd(), name)
 }
 
