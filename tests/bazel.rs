@@ -83,6 +83,8 @@ for i in $(seq 1800); do [ -e {s}/pr.done ] && break; sleep 0.1; done"#,
             r#"for i in $(seq 1800); do [ -e {s}/push.built ] && break; sleep 0.1; done
 env > {s}/pr.env
 {build1}
+(cd "$HOME/ws" && {bazel} --batch --output_user_root="$HOME/.bazel" clean > /dev/null 2>&1)
+{build1b}
 cp -r {ws} "$HOME/ws2" && chmod -R u+w "$HOME/ws2"
 echo 'genrule(name = "c", outs = ["c.txt"], cmd = "printf poison-c\\\\n > $@")' >> "$HOME/ws2/BUILD"
 cd "$HOME/ws2"
@@ -106,6 +108,7 @@ echo '== end'
 }} > {s}/attack.log 2>&1
 touch {s}/pr.done"#,
             build1 = bz::build_lines(&ws, "//:a //:b", None, &shared.join("pr1.log")),
+            build1b = bz::build_lines(&ws, "//:a //:b", None, &shared.join("pr1b.log")),
             ws = ws.display(),
             bazel = bz::BAZEL,
             hello_a = bz::sha256_hex(b"hello-a\n"),
@@ -148,6 +151,14 @@ touch {s}/pr.done"#,
     assert!(
         pr1.contains("bazel exit 0") && pr1.contains("remote cache hit"),
         "{pr1}"
+    );
+    // Built again from clean, its outputs came from the agent's memory (what the upstream
+    // served it the first time, each blob checked against its name), and Bazel, which
+    // checks what it downloads, took them.
+    let pr1b = read(&shared.join("pr1b.log"));
+    assert!(
+        pr1b.contains("bazel exit 0") && pr1b.contains("remote cache hit"),
+        "{pr1b}"
     );
     let pr2 = read(&shared.join("pr2.log"));
     assert!(pr2.contains("bazel exit 0"), "{pr2}");
@@ -232,10 +243,12 @@ touch {s}/pr.done"#,
         .find(|l| l.contains("flywheel: bazel cache: ") && l.contains("not a trusted job"))
         .unwrap_or_else(|| panic!("{log}"));
     assert!(!pr_line.contains(" 0 hits"), "{pr_line}");
+    assert!(pr_line.contains("from the agent's memory)"), "{pr_line}");
     // And /metrics, by lane.
     let lane = &rig.lanes[0];
     for (name, result, least) in [
         ("reads", "hit", 2),
+        ("reads", "hit_memory", 2),
         ("writes", "forwarded", 2),
         ("writes", "dropped", 2),
         ("bytes", "written", 1),

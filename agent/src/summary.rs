@@ -570,8 +570,13 @@ pub fn annotations(r: &JobReport) -> Vec<String> {
 
 /// The job's Bazel cache in one line: `exec`'s output and the completed hook's log.
 pub fn bazel_line(t: &crate::bazel::Tally) -> String {
+    let memory = if t.from_memory > 0 {
+        format!(" ({} from the agent's memory)", t.from_memory)
+    } else {
+        String::new()
+    };
     let mut s = format!(
-        "bazel cache: {} hits, {} misses, {} read, {} written",
+        "bazel cache: {} hits{memory}, {} misses, {} read, {} written",
         t.hits,
         t.misses,
         Bytes(t.bytes_read),
@@ -616,6 +621,14 @@ pub fn bazel_section(t: &crate::bazel::Tally) -> String {
         "no reads".to_owned()
     } else {
         format!("{:.0}% hits", percent(t.hits, reads))
+    };
+    let rate = if t.from_memory > 0 {
+        format!(
+            "{rate} ({} answered from the agent's memory)",
+            t.from_memory
+        )
+    } else {
+        rate
     };
     let writes = if t.trusted && t.can_write {
         "writes go to the lane's cache (a trusted job)"

@@ -104,7 +104,7 @@ impl BazelFamilies {
         let f = BazelFamilies::default();
         registry.register(
             "bazel_cache_reads",
-            "Reads through jobs' Bazel cache endpoints, by lane and result (hit, miss)",
+            "Reads through jobs' Bazel cache endpoints, by lane and result (hit: the upstream's answer, hit_memory: a CAS blob the agent kept, miss)",
             f.reads.clone(),
         );
         registry.register(

@@ -24,6 +24,8 @@ pub struct BazelSettings {
     pub max_blob_bytes: u64,
     /// How long the upstream may take to answer, or between two pieces of a body.
     pub timeout: Duration,
+    /// How many bytes of the upstream's CAS blobs the agent keeps in its memory (0: none).
+    pub memory_cache_bytes: u64,
     /// Line and column of the credential keys in the document, for `FILE:LINE:COL` when the
     /// file itself is wrong.
     #[serde(skip)]
@@ -35,6 +37,9 @@ pub struct BazelSettings {
 pub const DEFAULT_PORT: u16 = 8980;
 pub const DEFAULT_MAX_BLOB: u64 = 1 << 30;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MEMORY_CACHE: u64 = 64 << 20;
+/// The most `memory_cache` may be.
+pub const MAX_MEMORY_CACHE: u64 = 16 << 30;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,6 +51,7 @@ pub struct RawBazel {
     port: Option<Spanned<u16>>,
     max_blob_size: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
+    memory_cache: Option<Spanned<String>>,
 }
 
 /// A rejected `[lane.bazel]`: where (a byte offset) and why.
@@ -145,6 +151,20 @@ pub fn check(
         },
         None => DEFAULT_TIMEOUT,
     };
+    let memory_cache_bytes = match &raw.memory_cache {
+        Some(s) if s.get_ref().trim() == "0" => 0,
+        Some(s) => match crate::size::parse_size(s.get_ref()) {
+            Ok(n) if n <= MAX_MEMORY_CACHE => n,
+            Ok(_) => {
+                return Err(bad(
+                    s,
+                    format!("lane {name:?}: bazel.memory_cache {:?} is more than \"16Gi\": the blobs are kept in the agent's own memory, outside every job's envelope", s.get_ref()),
+                ))
+            }
+            Err(e) => return Err(bad(s, format!("lane {name:?}: bazel.memory_cache: {e} (\"0\" keeps none)"))),
+        },
+        None => DEFAULT_MEMORY_CACHE,
+    };
     let read_at = raw
         .read_credential_file
         .as_ref()
@@ -160,6 +180,7 @@ pub fn check(
         port,
         max_blob_bytes,
         timeout,
+        memory_cache_bytes,
         read_at,
         write_at,
     })

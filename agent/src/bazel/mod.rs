@@ -18,6 +18,7 @@
 mod client;
 pub mod conf;
 mod guard;
+mod memory;
 mod proxy;
 
 use std::os::fd::RawFd;
@@ -47,6 +48,8 @@ pub struct Upstream {
     pub lane: String,
     pub settings: BazelSettings,
     http: client::Client,
+    /// The CAS blobs it served, kept (`memory_cache`).
+    memory: memory::Memory,
     /// Whether it refuses writes without credentials (`guard`).
     guard: Mutex<guard::GuardState>,
     /// Told when a probe has answered.
@@ -83,6 +86,7 @@ impl Upstream {
             lane: lane.to_owned(),
             settings: s.clone(),
             http,
+            memory: memory::Memory::new(s.memory_cache_bytes),
             guard: Mutex::new(guard::GuardState::default()),
             guard_changed: tokio::sync::Notify::new(),
         }))
@@ -206,6 +210,7 @@ pub fn read_credential(path: &Path) -> Result<Secret<String>, BazelError> {
 #[derive(Debug, Default)]
 struct Counters {
     hits: AtomicU64,
+    memory_hits: AtomicU64,
     misses: AtomicU64,
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
@@ -220,8 +225,11 @@ struct Counters {
 /// What one job's endpoint did, at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tally {
-    /// Reads the upstream answered with the entry.
+    /// Reads answered with the entry: by the upstream, or from the agent's memory.
     pub hits: u64,
+    /// Of those, answered from the agent's memory (`memory_cache`) without asking the
+    /// upstream.
+    pub from_memory: u64,
     /// Reads it did not have (or could not answer: see `upstream_failures`).
     pub misses: u64,
     pub bytes_read: u64,
@@ -334,6 +342,11 @@ impl Shared {
         self.add(&self.counters.hits, 1);
         self.metric(|t, l| t.bazel_read(l, "hit"));
     }
+    fn memory_hit(&self) {
+        self.add(&self.counters.hits, 1);
+        self.add(&self.counters.memory_hits, 1);
+        self.metric(|t, l| t.bazel_read(l, "hit_memory"));
+    }
     fn miss(&self) {
         self.add(&self.counters.misses, 1);
         self.metric(|t, l| t.bazel_read(l, "miss"));
@@ -431,6 +444,7 @@ impl JobCache {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Tally {
             hits: g(&c.hits),
+            from_memory: g(&c.memory_hits),
             misses: g(&c.misses),
             bytes_read: g(&c.bytes_read),
             bytes_written: g(&c.bytes_written),

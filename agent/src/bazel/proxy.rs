@@ -177,6 +177,23 @@ fn failure_of_error(e: &SendError) -> Failure {
 async fn read(job: &Arc<Shared>, method: Method, kind: &'static str, hash: &str) -> Response<Body> {
     let up = &job.upstream;
     let timeout = up.settings.timeout;
+    if kind == "cas" {
+        if let Some(blob) = up.memory.get(hash) {
+            job.memory_hit();
+            let r = Response::builder()
+                .status(StatusCode::OK)
+                .header(hyper::header::CONTENT_LENGTH, blob.len());
+            let body = if method == Method::HEAD {
+                empty()
+            } else {
+                job.read_bytes(blob.len() as u64);
+                full(blob)
+            };
+            return r
+                .body(body)
+                .unwrap_or_else(|_| answer(StatusCode::NOT_FOUND));
+        }
+    }
     let sent = up
         .http
         .send(
@@ -231,6 +248,10 @@ async fn read(job: &Arc<Shared>, method: Method, kind: &'static str, hash: &str)
             Ok(Ok(b)) if b.len() as u64 == l => {
                 job.hit();
                 job.read_bytes(l);
+                if kind == "cas" {
+                    // Kept only when it hashes to its name.
+                    up.memory.put(hash, &b);
+                }
                 r.body(full(b))
                     .unwrap_or_else(|_| answer(StatusCode::NOT_FOUND))
             }

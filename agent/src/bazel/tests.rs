@@ -100,6 +100,7 @@ fn settings(upstream: &str) -> BazelSettings {
         port: 0,
         max_blob_bytes: 1 << 20,
         timeout: Duration::from_millis(400),
+        memory_cache_bytes: super::conf::DEFAULT_MEMORY_CACHE,
         read_at: None,
         write_at: None,
     }
@@ -302,6 +303,87 @@ async fn an_upstream_that_does_not_refuse_both_probes_is_used_by_no_job() {
             c.started_line()
         );
     }
+}
+
+#[tokio::test]
+async fn a_cas_blob_read_once_is_answered_from_memory_and_an_action_result_never_is() {
+    let (up, store) = upstream(Mode::Good).await;
+    let blob = b"an output".to_vec();
+    let cas = format!("/cas/{}", sha(&blob));
+    let ac = format!("/ac/{}", sha(b"an action"));
+    let lie = format!("/cas/{}", sha(b"what the name says"));
+    {
+        let mut s = store.lock().unwrap();
+        s.blobs.insert(cas.clone(), blob.clone());
+        s.blobs.insert(ac.clone(), b"result 1".to_vec());
+        s.blobs.insert(lie.clone(), b"something else".to_vec());
+    }
+    // Two jobs of the lane: the second reads what the first read, from the agent's memory.
+    let u = Upstream::with_credentials("l", &settings(&up), None, None).unwrap();
+    let job = |u: &Arc<Upstream>| {
+        let c = JobCache::new(u.clone(), None);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}{}", l.local_addr().unwrap(), c.base_path());
+        c.serve(l, &crate::tasks::Background::new()).unwrap();
+        (c, base)
+    };
+    let (first, a) = job(&u);
+    assert_eq!(get(&a, &cas).await, (200, blob.clone()));
+    assert_eq!(get(&a, &ac).await, (200, b"result 1".to_vec()));
+    // A blob that does not hash to its name is passed on as the upstream served it (Bazel
+    // checks what it downloads), and never kept.
+    assert_eq!(get(&a, &lie).await, (200, b"something else".to_vec()));
+    assert_eq!(first.tally().from_memory, 0);
+    // Gone from the upstream, replaced there: the blob comes from memory, the action result
+    // and the lie from the upstream as it is now.
+    {
+        let mut s = store.lock().unwrap();
+        s.blobs.remove(&cas);
+        s.blobs.insert(ac.clone(), b"result 2".to_vec());
+        s.blobs.remove(&lie);
+    }
+    let (second, b) = job(&u);
+    assert_eq!(get(&b, &cas).await, (200, blob.clone()));
+    let head = reqwest::Client::new()
+        .head(format!("{b}{cas}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            head.status().as_u16(),
+            head.headers()
+                .get("content-length")
+                .and_then(|v| v.to_str().ok())
+        ),
+        (200, Some(blob.len().to_string().as_str()))
+    );
+    assert_eq!(get(&b, &ac).await, (200, b"result 2".to_vec()));
+    assert_eq!(get(&b, &lie).await.0, 404);
+    let t = second.tally();
+    assert_eq!((t.hits, t.from_memory, t.misses), (3, 2, 1));
+    assert_eq!(t.bytes_read, blob.len() as u64 + 8);
+    // Off: every read goes to the upstream.
+    let off = Upstream::with_credentials(
+        "l",
+        &BazelSettings {
+            memory_cache_bytes: 0,
+            ..settings(&up)
+        },
+        None,
+        None,
+    )
+    .unwrap();
+    store
+        .lock()
+        .unwrap()
+        .blobs
+        .insert(cas.clone(), blob.clone());
+    let (third, c) = job(&off);
+    assert_eq!(get(&c, &cas).await, (200, blob.clone()));
+    store.lock().unwrap().blobs.remove(&cas);
+    assert_eq!(get(&c, &cas).await.0, 404);
+    assert_eq!(third.tally().from_memory, 0);
 }
 
 #[tokio::test]
@@ -618,6 +700,16 @@ fn bazel_settings_parse_and_the_hint_is_the_jobs_own_endpoint() {
     assert_eq!(b.upstream, "http://cache.example:8080");
     assert_eq!(b.port, 9090);
     assert_eq!(b.timeout, Duration::from_secs(3));
+    assert_eq!(b.memory_cache_bytes, 64 << 20);
+    assert_eq!(
+        lane_with("[lane.bazel]\nupstream = \"http://x\"\nmemory_cache = \"0\"\n")
+            .unwrap()
+            .lanes[0]
+            .bazel
+            .as_ref()
+            .map(|b| b.memory_cache_bytes),
+        Some(0)
+    );
     assert_eq!(b.write_at, Some((6, 25)));
     // The lane's hints hold no endpoint: each job's is its own (port and token).
     assert!(crate::hints::job_env(&c.lanes[0], 1 << 30, 2)
@@ -653,6 +745,8 @@ fn bad_bazel_settings_are_file_line_col() {
         ("[lane.bazel]\nupstream = \"http://x\"\ntimeout = \"1h\"\n", "lanes.toml:6:11:", "600s"),
         ("[lane.bazel]\nupstream = \"http://x\"\nport = 0\n", "lanes.toml:6:8:", "no port"),
         ("[lane.bazel]\nupstream = \"http://x\"\nmax_blob_size = \"lots\"\n", "lanes.toml:6:17:", "max_blob_size"),
+        ("[lane.bazel]\nupstream = \"http://x\"\nmemory_cache = \"some\"\n", "lanes.toml:6:16:", "memory_cache"),
+        ("[lane.bazel]\nupstream = \"http://x\"\nmemory_cache = \"17Gi\"\n", "lanes.toml:6:16:", "outside every job's envelope"),
         ("[lane.bazel]\nupstream = \"http://x\"\nwrite_token = \"x\"\n", "lanes.toml:6:1:", "unknown field"),
         ("network = \"host\"\n[lane.bazel]\nupstream = \"http://x\"\n", "lanes.toml:5:1:", "needs network = \"isolated\""),
         ("[lane.hints]\nbazel_remote_cache = \"grpc://x:1\"\n[lane.bazel]\nupstream = \"http://x\"\n", "lanes.toml:5:22:", "both name a Bazel cache"),
@@ -666,6 +760,7 @@ fn bad_bazel_settings_are_file_line_col() {
 fn the_summary_says_what_the_cache_did() {
     let t = Tally {
         hits: 3,
+        from_memory: 2,
         misses: 1,
         bytes_read: 2048,
         writes_dropped: 2,
@@ -673,12 +768,15 @@ fn the_summary_says_what_the_cache_did() {
     };
     let line = crate::summary::bazel_line(&t);
     assert!(
-        line.contains("3 hits, 1 misses") && line.contains("2 writes dropped (not a trusted job)"),
+        line.contains("3 hits (2 from the agent's memory), 1 misses")
+            && line.contains("2 writes dropped (not a trusted job)"),
         "{line}"
     );
     let md = crate::summary::bazel_section(&t);
     assert!(
-        md.contains("75% hits; writes are answered and dropped"),
+        md.contains(
+            "75% hits (2 answered from the agent's memory); writes are answered and dropped"
+        ),
         "{md}"
     );
     assert!(md.contains("| 3 | 1 | 2.0 KiB | 0 B | 2 | 0 | 0 |"), "{md}");
