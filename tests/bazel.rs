@@ -83,7 +83,7 @@ for i in $(seq 1800); do [ -e {s}/pr.done ] && break; sleep 0.1; done"#,
             r#"for i in $(seq 1800); do [ -e {s}/push.built ] && break; sleep 0.1; done
 env > {s}/pr.env
 {build1}
-(cd "$HOME/ws" && {bazel} --batch --output_user_root="$HOME/.bazel" clean > /dev/null 2>&1)
+(cd "$HOME/ws" && {bazel} --batch --output_user_root="$HOME/.bazel" clean > {s}/pr1-clean.log 2>&1) || echo "clean failed: $?" >> {s}/pr1b.log
 {build1b}
 cp -r {ws} "$HOME/ws2" && chmod -R u+w "$HOME/ws2"
 echo 'genrule(name = "c", outs = ["c.txt"], cmd = "printf poison-c\\\\n > $@")' >> "$HOME/ws2/BUILD"

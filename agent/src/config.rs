@@ -370,6 +370,17 @@ impl Config {
         self.lanes.iter().find(|l| l.name == name)
     }
 
+    /// Memory kept free for the agent when admitting runners: `agent.reserve`, and what the
+    /// lanes' Bazel `memory_cache`s may hold (the agent's own memory, outside every envelope).
+    pub fn admission_reserve_bytes(&self) -> u64 {
+        self.lanes
+            .iter()
+            .filter_map(|l| l.bazel.as_ref())
+            .fold(self.agent.reserve_bytes, |sum, b| {
+                sum.saturating_add(b.memory_cache_bytes)
+            })
+    }
+
     /// The user a runner in `slot` of `lane` runs as: `runner.user` with `{n}` replaced by
     /// the slot's host-wide index (the lanes' slots numbered one after another in config
     /// order), so no two runners that may run at once share a uid.

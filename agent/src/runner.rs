@@ -210,7 +210,7 @@ pub async fn run_pool(
     info!(cgroups = c, dirs = d, runners = r, prefix = %prefix, "startup reconciliation done");
 
     let capacity = capacity_bytes(&ctx.host, ctx.mgr.as_ref());
-    let reserve = ctx.cfg.agent.reserve_bytes;
+    let reserve = ctx.cfg.admission_reserve_bytes();
     let mut lanes: Vec<LaneState> = vec![LaneState::default(); ctx.cfg.lanes.len()];
     let mut handles: HashMap<tokio::task::Id, Handle> = HashMap::new();
     let mut tasks: JoinSet<End> = JoinSet::new();

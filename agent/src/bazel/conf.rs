@@ -40,6 +40,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MEMORY_CACHE: u64 = 64 << 20;
 /// The most `memory_cache` may be.
 pub const MAX_MEMORY_CACHE: u64 = 16 << 30;
+/// The least it may be, but for 0 (none).
+pub const MIN_MEMORY_CACHE: u64 = 1 << 20;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -152,16 +154,27 @@ pub fn check(
         None => DEFAULT_TIMEOUT,
     };
     let memory_cache_bytes = match &raw.memory_cache {
-        Some(s) if s.get_ref().trim() == "0" => 0,
         Some(s) => match crate::size::parse_size(s.get_ref()) {
-            Ok(n) if n <= MAX_MEMORY_CACHE => n,
-            Ok(_) => {
+            Err(crate::size::SizeError::Zero(_)) => 0,
+            Ok(n) if n > MAX_MEMORY_CACHE => {
                 return Err(bad(
                     s,
                     format!("lane {name:?}: bazel.memory_cache {:?} is more than \"16Gi\": the blobs are kept in the agent's own memory, outside every job's envelope", s.get_ref()),
                 ))
             }
-            Err(e) => return Err(bad(s, format!("lane {name:?}: bazel.memory_cache: {e} (\"0\" keeps none)"))),
+            Ok(n) if n < MIN_MEMORY_CACHE => {
+                return Err(bad(
+                    s,
+                    format!("lane {name:?}: bazel.memory_cache {:?} would keep next to nothing (a blob may take at most an eighth of it): use \"0\" for none, or at least \"1Mi\"", s.get_ref()),
+                ))
+            }
+            Ok(n) => n,
+            Err(e) => {
+                return Err(bad(
+                    s,
+                    format!("lane {name:?}: bazel.memory_cache: {e} (\"0\" keeps none)"),
+                ))
+            }
         },
         None => DEFAULT_MEMORY_CACHE,
     };

@@ -60,6 +60,18 @@ pub(super) struct GuardState {
     probing: bool,
 }
 
+#[cfg(test)]
+impl GuardState {
+    /// A state as if the probe had just answered `guard`.
+    pub(super) fn answered(guard: Guard) -> GuardState {
+        GuardState {
+            guard,
+            at: Some(Instant::now()),
+            probing: false,
+        }
+    }
+}
+
 impl Default for GuardState {
     fn default() -> Self {
         GuardState {

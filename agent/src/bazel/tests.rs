@@ -100,7 +100,8 @@ fn settings(upstream: &str) -> BazelSettings {
         port: 0,
         max_blob_bytes: 1 << 20,
         timeout: Duration::from_millis(400),
-        memory_cache_bytes: super::conf::DEFAULT_MEMORY_CACHE,
+        // Off unless a test is about it: every read goes upstream.
+        memory_cache_bytes: 0,
         read_at: None,
         write_at: None,
     }
@@ -319,7 +320,11 @@ async fn a_cas_blob_read_once_is_answered_from_memory_and_an_action_result_never
         s.blobs.insert(lie.clone(), b"something else".to_vec());
     }
     // Two jobs of the lane: the second reads what the first read, from the agent's memory.
-    let u = Upstream::with_credentials("l", &settings(&up), None, None).unwrap();
+    let on = BazelSettings {
+        memory_cache_bytes: super::conf::DEFAULT_MEMORY_CACHE,
+        ..settings(&up)
+    };
+    let u = Upstream::with_credentials("l", &on, None, None).unwrap();
     let job = |u: &Arc<Upstream>| {
         let c = JobCache::new(u.clone(), None);
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -363,6 +368,17 @@ async fn a_cas_blob_read_once_is_answered_from_memory_and_an_action_result_never
     let t = second.tally();
     assert_eq!((t.hits, t.from_memory, t.misses), (3, 2, 1));
     assert_eq!(t.bytes_read, blob.len() as u64 + 8);
+    // Once the upstream is found open to anonymous writes, nothing is read through the
+    // agent, not even a kept blob (the guard comes first).
+    {
+        let mut g = u.guard.lock().unwrap();
+        *g = super::guard::GuardState::answered(Guard::Open("took a write".into()));
+    }
+    let (fourth, d) = job(&u);
+    assert_eq!(get(&d, &cas).await.0, 404);
+    let t = fourth.tally();
+    assert_eq!((t.hits, t.from_memory, t.misses), (0, 0, 1));
+    assert_eq!(t.unused, Some(Unused::Open));
     // Off: every read goes to the upstream.
     let off = Upstream::with_credentials(
         "l",
@@ -701,15 +717,22 @@ fn bazel_settings_parse_and_the_hint_is_the_jobs_own_endpoint() {
     assert_eq!(b.port, 9090);
     assert_eq!(b.timeout, Duration::from_secs(3));
     assert_eq!(b.memory_cache_bytes, 64 << 20);
-    assert_eq!(
-        lane_with("[lane.bazel]\nupstream = \"http://x\"\nmemory_cache = \"0\"\n")
+    // Admission keeps it free beside agent.reserve (512Mi by default).
+    assert_eq!(c.admission_reserve_bytes(), (512 << 20) + (64 << 20));
+    for zero in ["0", "0Mi", "00"] {
+        assert_eq!(
+            lane_with(&format!(
+                "[lane.bazel]\nupstream = \"http://x\"\nmemory_cache = \"{zero}\"\n"
+            ))
             .unwrap()
             .lanes[0]
-            .bazel
-            .as_ref()
-            .map(|b| b.memory_cache_bytes),
-        Some(0)
-    );
+                .bazel
+                .as_ref()
+                .map(|b| b.memory_cache_bytes),
+            Some(0),
+            "{zero}"
+        );
+    }
     assert_eq!(b.write_at, Some((6, 25)));
     // The lane's hints hold no endpoint: each job's is its own (port and token).
     assert!(crate::hints::job_env(&c.lanes[0], 1 << 30, 2)
@@ -747,6 +770,7 @@ fn bad_bazel_settings_are_file_line_col() {
         ("[lane.bazel]\nupstream = \"http://x\"\nmax_blob_size = \"lots\"\n", "lanes.toml:6:17:", "max_blob_size"),
         ("[lane.bazel]\nupstream = \"http://x\"\nmemory_cache = \"some\"\n", "lanes.toml:6:16:", "memory_cache"),
         ("[lane.bazel]\nupstream = \"http://x\"\nmemory_cache = \"17Gi\"\n", "lanes.toml:6:16:", "outside every job's envelope"),
+        ("[lane.bazel]\nupstream = \"http://x\"\nmemory_cache = \"64Ki\"\n", "lanes.toml:6:16:", "at least \"1Mi\""),
         ("[lane.bazel]\nupstream = \"http://x\"\nwrite_token = \"x\"\n", "lanes.toml:6:1:", "unknown field"),
         ("network = \"host\"\n[lane.bazel]\nupstream = \"http://x\"\n", "lanes.toml:5:1:", "needs network = \"isolated\""),
         ("[lane.hints]\nbazel_remote_cache = \"grpc://x:1\"\n[lane.bazel]\nupstream = \"http://x\"\n", "lanes.toml:5:22:", "both name a Bazel cache"),
