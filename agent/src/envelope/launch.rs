@@ -577,12 +577,12 @@ async fn snapshot_db(
             .map_err(io_at("chown", &up))?;
     }
     let db = lower.join("db.sqlite");
-    // A daemon that writes this store (a trusted job's) could have made a directory on the
-    // way, or the database itself, a symlink to another SQLite file of the host's, which root
-    // would then copy into this untrusted job's layer: the directory is walked by descriptor
-    // and the file checked there, and SQLite opens it refusing a symlink in any component
-    // (`SQLITE_OPEN_NOFOLLOW`, `O_NOFOLLOW` on the file). A swap of a directory on the way
-    // between SQLite's check and its open is not excluded.
+    // A daemon that writes this store (a trusted job's) could make a directory on the way, or
+    // the database itself, a symlink to another SQLite file of the host's, which root would
+    // then copy into this untrusted job's layer: the directory is walked by descriptor and the
+    // file checked there; SQLite opens it through a private bind of that very directory
+    // (`snapshot_held`: no directory on its path is the daemon's to swap), refusing a symlink
+    // as the file (`SQLITE_OPEN_NOFOLLOW`, `O_NOFOLLOW` on the database, `-wal` and `-shm`).
     let dir = workdir::open_dir_below(phys_nix, Path::new("var/nix/db"))
         .map_err(io_at("open without following a symlink", &lower))?;
     let st = match nix::sys::stat::fstatat(
@@ -602,24 +602,34 @@ async fn snapshot_db(
         )));
     }
     let copy = up.join("db.sqlite");
+    // The private path SQLite is given: an empty directory of root's beside the layer's upper
+    // (in the layer's own directory, 0700), removed again after.
+    let via = upper.with_file_name("db-source");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&via)
+        .map_err(io_at("create", &via))?;
     // Linear in the database and waiting on a writer's lock: on a blocking thread, through
     // the store's facade, while the runtime only awaits it.
-    drop(dir);
-    let (from, into) = (db.clone(), copy.clone());
-    crate::store::blocking(move |b| b.snapshot(&from, &into))
-        .await
-        .and_then(|r| r)
-        .map_err(|e| EnvelopeError::Io {
-            what: "snapshot the store's database into the job's layer",
-            path: db.clone(),
-            source: match e {
-                // SQLite's own words, as before the facade.
-                crate::store::StoreError::Open(s) | crate::store::StoreError::Read(s) => {
-                    io::Error::other(s)
-                }
-                other => io::Error::other(other),
-            },
-        })?;
+    let (into, at, store) = (copy.clone(), via.clone(), phys_nix.to_path_buf());
+    let reopen = Box::new(move || workdir::open_dir_below(&store, Path::new("var/nix/db")));
+    let done =
+        crate::store::blocking(move |b| b.snapshot_held(dir, reopen, "db.sqlite", &at, &into))
+            .await
+            .and_then(|r| r);
+    // Empty again once the snapshot's thread (and its namespace) is gone.
+    let _ = std::fs::remove_dir(&via);
+    done.map_err(|e| EnvelopeError::Io {
+        what: "snapshot the store's database into the job's layer",
+        path: db.clone(),
+        source: match e {
+            // SQLite's own words, as before the facade.
+            crate::store::StoreError::Open(s) | crate::store::StoreError::Read(s) => {
+                io::Error::other(s)
+            }
+            other => io::Error::other(other),
+        },
+    })?;
     std::os::unix::fs::chown(&copy, Some(kuid(st.st_uid)), Some(kgid(st.st_gid)))
         .map_err(io_at("chown", &copy))?;
     for name in ["db.sqlite-wal", "db.sqlite-shm"] {
@@ -645,6 +655,10 @@ mod tests {
     /// file reaches the layer.
     #[tokio::test]
     async fn a_layer_never_gets_a_database_a_symlink_points_at() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP a_layer_never_gets_a_database_a_symlink_points_at: the snapshot's private mount namespace needs root");
+            return;
+        }
         let t = tempfile::tempdir().unwrap();
         let secret = t.path().join("host-secrets.sqlite");
         let conn = rusqlite::Connection::open(&secret).unwrap();
@@ -685,5 +699,101 @@ mod tests {
         std::fs::create_dir(&upper).unwrap();
         snapshot_db(&store, &upper, None).await.expect("snapshot");
         assert!(upper.join("var/nix/db/db.sqlite").is_file());
+        assert!(
+            !upper.with_file_name("db-source").exists(),
+            "the private path is removed"
+        );
+    }
+
+    /// A SQLite database at `path` whose one row says `v`.
+    fn db_saying(path: &Path, v: &str) {
+        let c = rusqlite::Connection::open(path).unwrap();
+        c.execute_batch("CREATE TABLE s (v TEXT)").unwrap();
+        c.execute("INSERT INTO s VALUES (?1)", [v]).unwrap();
+    }
+
+    fn says(path: &Path) -> rusqlite::Result<String> {
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?
+            .query_row("SELECT v FROM s", [], |r| r.get(0))
+    }
+
+    /// A daemon that writes the store swaps the database's directory for a symlink to a
+    /// directory holding another database, over and over, while untrusted layers are made. A
+    /// path-based open lands on the other database (the attack works); a layer's snapshot
+    /// is the store's own database or refused, never the other.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_directory_swapped_on_the_way_to_the_database_never_sends_the_snapshot_elsewhere() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP a_directory_swapped_on_the_way_to_the_database_never_sends_the_snapshot_elsewhere: the snapshot's private mount namespace needs root");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let store = t.path().join("nix");
+        let dbdir = store.join("var/nix/db");
+        std::fs::create_dir_all(&dbdir).unwrap();
+        db_saying(&dbdir.join("db.sqlite"), "the store's own");
+        let decoy = t.path().join("elsewhere");
+        std::fs::create_dir(&decoy).unwrap();
+        db_saying(&decoy.join("db.sqlite"), "another database");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = {
+            let (stop, dbdir, decoy) = (stop.clone(), dbdir.clone(), decoy.clone());
+            std::thread::spawn(move || {
+                let aside = dbdir.with_file_name("db.real");
+                let mut swaps = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::fs::rename(&dbdir, &aside).unwrap();
+                    std::os::unix::fs::symlink(&decoy, &dbdir).unwrap();
+                    std::thread::sleep(std::time::Duration::from_micros(300));
+                    std::fs::remove_file(&dbdir).unwrap();
+                    std::fs::rename(&aside, &dbdir).unwrap();
+                    swaps += 1;
+                    std::thread::sleep(std::time::Duration::from_micros(600));
+                }
+                swaps
+            })
+        };
+        // The attack works against a path: an open of it lands on the other database.
+        let mut landed = 0;
+        for _ in 0..2000 {
+            if says(&dbdir.join("db.sqlite")).is_ok_and(|v| v == "another database") {
+                landed += 1;
+            }
+        }
+        let (mut copied, mut refused) = (0, 0);
+        for i in 0..800 {
+            let upper = t.path().join(format!("layer{i}/upper"));
+            std::fs::create_dir_all(&upper).unwrap();
+            let copy = upper.join("var/nix/db/db.sqlite");
+            match snapshot_db(&store, &upper, None).await {
+                // Made while the directory was away: a store without a database, no copy.
+                Ok(()) if !copy.exists() => refused += 1,
+                Ok(()) => {
+                    copied += 1;
+                    // Read beside the layer: the upper holds overlayfs whiteouts for its
+                    // `-wal` and `-shm`, which SQLite would not open.
+                    let read = t.path().join(format!("copy{i}.sqlite"));
+                    std::fs::copy(&copy, &read).unwrap();
+                    assert_eq!(
+                        says(&read).unwrap(),
+                        "the store's own",
+                        "snapshot {i} copied another database"
+                    );
+                }
+                Err(_) => refused += 1,
+            }
+            assert!(!upper.with_file_name("db-source").exists());
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let swaps = swapper.join().unwrap();
+        eprintln!("{swaps} swaps; a path-based open landed elsewhere {landed} times of 2000; snapshots: {copied} copied, {refused} refused");
+        assert!(
+            swaps > 50 && landed > 0,
+            "the attack did not run: {swaps} swaps, {landed} landings"
+        );
+        assert!(
+            copied > 0,
+            "no snapshot was made under the attack: {refused} refused"
+        );
     }
 }

@@ -209,6 +209,71 @@ fn registered_by<'a>(
     found
 }
 
+/// [`snapshot`] of the database `name` in the directory `held` holds. SQLite opens its files
+/// by path (the database, then its `-wal` and `-shm`), resolving every directory on the way
+/// each time, and refuses a symlink only as the last component: whoever can change a
+/// directory on the path (a daemon that writes the store) could swap it for a symlink between
+/// two opens and send root's SQLite to another database, or make it create its `-shm`
+/// elsewhere. So SQLite gets a path none of whose directories anyone but root can change: on
+/// a thread of its own, in a mount namespace that thread alone is in (its mounts made private
+/// first, so nothing reaches the host's namespace), the directory is opened again by `reopen`
+/// (by descriptor, no symlink followed; a mount can only be bound from the namespace it is
+/// in), checked to be the one `held` holds, and bound at `via`, an empty directory of root's;
+/// SQLite opens `via/name`. The namespace, and the bind with it, end with the thread.
+pub(super) fn snapshot_held(
+    held: std::os::fd::OwnedFd,
+    reopen: Box<dyn FnOnce() -> std::io::Result<std::os::fd::OwnedFd> + Send>,
+    name: &str,
+    via: &Path,
+    into: &Path,
+) -> Result<(), StoreError> {
+    use std::os::fd::AsRawFd;
+    let (name, via, into) = (name.to_owned(), via.to_path_buf(), into.to_path_buf());
+    std::thread::Builder::new()
+        .name("flywheel-snapshot".into())
+        .spawn(move || {
+            let private = |what: &str, e: nix::errno::Errno| {
+                StoreError::Private(std::io::Error::other(format!("{what}: {e}")))
+            };
+            // This thread's own mount namespace (and its own root and working directory:
+            // CLONE_NEWNS takes CLONE_FS along), never the process's.
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+                .map_err(|e| private("unshare the mount namespace", e))?;
+            nix::mount::mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+            .map_err(|e| private("make the mounts private", e))?;
+            let dir = reopen().map_err(StoreError::Private)?;
+            let id = |fd: &std::os::fd::OwnedFd| {
+                nix::sys::stat::fstat(fd.as_raw_fd()).map(|s| (s.st_dev, s.st_ino))
+            };
+            if id(&dir).map_err(|e| private("inspect", e))?
+                != id(&held).map_err(|e| private("inspect", e))?
+            {
+                return Err(StoreError::Private(std::io::Error::other(
+                    "the database's directory was replaced while it was being snapshot",
+                )));
+            }
+            nix::mount::mount(
+                Some(format!("/proc/self/fd/{}", dir.as_raw_fd()).as_str()),
+                &via,
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|e| private("bind the database's directory", e))?;
+            drop((dir, held));
+            snapshot(&via.join(&name), &into)
+        })
+        .map_err(StoreError::Private)?
+        .join()
+        .map_err(|_| StoreError::Thread("the snapshot thread panicked".into()))?
+}
+
 pub(super) fn snapshot(db: &Path, into: &Path) -> Result<(), StoreError> {
     let conn = rusqlite::Connection::open_with_flags(
         db,

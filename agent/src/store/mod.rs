@@ -33,6 +33,9 @@ pub enum StoreError {
     /// The blocking thread panicked or the runtime is shutting down.
     #[error("the store read did not finish: {0}")]
     Thread(String),
+    /// The database's directory could not be given a path of root's alone.
+    #[error("cannot set up a private path to the store database: {0}")]
+    Private(#[source] std::io::Error),
 }
 
 /// Proof that the code holding it runs on a blocking thread, not the agent's runtime: the
@@ -98,6 +101,20 @@ impl Blocking {
     /// with it. Linear in the database.
     pub fn snapshot(&self, db: &Path, into: &Path) -> Result<(), StoreError> {
         db::snapshot(db, into)
+    }
+
+    /// [`Blocking::snapshot`] of the database `name` in the directory `held` holds, opened
+    /// through `via` (an empty directory of root's), never through a path a job's daemon could
+    /// change (`reopen` opens the directory again, by descriptor): see [`db::snapshot_held`].
+    pub fn snapshot_held(
+        &self,
+        held: std::os::fd::OwnedFd,
+        reopen: Box<dyn FnOnce() -> std::io::Result<std::os::fd::OwnedFd> + Send>,
+        name: &str,
+        via: &Path,
+        into: &Path,
+    ) -> Result<(), StoreError> {
+        db::snapshot_held(held, reopen, name, via, into)
     }
 
     /// See [`check`].
