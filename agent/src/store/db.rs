@@ -209,7 +209,7 @@ fn registered_by<'a>(
     found
 }
 
-/// [`snapshot`] of the database `name` in the directory `held` holds. SQLite opens its files
+/// [`snapshot`] of the `db.sqlite` in the directory `held` holds. SQLite opens its files
 /// by path (the database, then its `-wal` and `-shm`), resolving every directory on the way
 /// each time, and refuses a symlink only as the last component: whoever can change a
 /// directory on the path (a daemon that writes the store) could swap it for a symlink between
@@ -219,16 +219,14 @@ fn registered_by<'a>(
 /// first, so nothing reaches the host's namespace), the directory is opened again by `reopen`
 /// (by descriptor, no symlink followed; a mount can only be bound from the namespace it is
 /// in), checked to be the one `held` holds, and bound at `via`, an empty directory of root's;
-/// SQLite opens `via/name`. The namespace, and the bind with it, end with the thread.
+/// SQLite opens `via/db.sqlite`. The namespace, and the bind with it, end with the thread.
 pub(super) fn snapshot_held(
-    held: std::os::fd::OwnedFd,
-    reopen: Box<dyn FnOnce() -> std::io::Result<std::os::fd::OwnedFd> + Send>,
-    name: &str,
+    super::HeldDir { dir: held, reopen }: super::HeldDir,
     via: &Path,
     into: &Path,
 ) -> Result<(), StoreError> {
     use std::os::fd::AsRawFd;
-    let (name, via, into) = (name.to_owned(), via.to_path_buf(), into.to_path_buf());
+    let (via, into) = (via.to_path_buf(), into.to_path_buf());
     std::thread::Builder::new()
         .name("flywheel-snapshot".into())
         .spawn(move || {
@@ -267,7 +265,7 @@ pub(super) fn snapshot_held(
             )
             .map_err(|e| private("bind the database's directory", e))?;
             drop((dir, held));
-            snapshot(&via.join(&name), &into)
+            snapshot(&via.join("db.sqlite"), &into)
         })
         .map_err(StoreError::Private)?
         .join()

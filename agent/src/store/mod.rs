@@ -38,6 +38,21 @@ pub enum StoreError {
     Private(#[source] std::io::Error),
 }
 
+/// A store's database directory, open, and how to open it again (by descriptor, following no
+/// symlink) from another mount namespace.
+pub struct HeldDir {
+    pub dir: std::os::fd::OwnedFd,
+    pub reopen: Box<dyn FnOnce() -> std::io::Result<std::os::fd::OwnedFd> + Send>,
+}
+
+impl std::fmt::Debug for HeldDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldDir")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Proof that the code holding it runs on a blocking thread, not the agent's runtime: the
 /// store's blocking reads are its methods, and only [`blocking`] makes one.
 #[derive(Debug)]
@@ -103,18 +118,11 @@ impl Blocking {
         db::snapshot(db, into)
     }
 
-    /// [`Blocking::snapshot`] of the database `name` in the directory `held` holds, opened
-    /// through `via` (an empty directory of root's), never through a path a job's daemon could
-    /// change (`reopen` opens the directory again, by descriptor): see [`db::snapshot_held`].
-    pub fn snapshot_held(
-        &self,
-        held: std::os::fd::OwnedFd,
-        reopen: Box<dyn FnOnce() -> std::io::Result<std::os::fd::OwnedFd> + Send>,
-        name: &str,
-        via: &Path,
-        into: &Path,
-    ) -> Result<(), StoreError> {
-        db::snapshot_held(held, reopen, name, via, into)
+    /// [`Blocking::snapshot`] of the `db.sqlite` in `held`, opened through `via` (an empty
+    /// directory of root's), never through a path a job's daemon could change: see
+    /// [`db::snapshot_held`].
+    pub fn snapshot_held(&self, held: HeldDir, via: &Path, into: &Path) -> Result<(), StoreError> {
+        db::snapshot_held(held, via, into)
     }
 
     /// See [`check`].
