@@ -580,26 +580,45 @@ async fn snapshot_db(
     // A daemon that writes this store (a trusted job's) could make a directory on the way, or
     // the database itself, a symlink to another SQLite file of the host's, which root would
     // then copy into this untrusted job's layer: the directory is walked by descriptor and the
-    // file checked there; SQLite opens it through a private bind of that very directory
+    // files checked there; SQLite opens them through a private bind of that very directory
     // (`snapshot_held`: no directory on its path is the daemon's to swap), refusing a symlink
-    // as the file (`SQLITE_OPEN_NOFOLLOW`, `O_NOFOLLOW` on the database, `-wal` and `-shm`).
+    // as the file (`O_NOFOLLOW` on the database, its journal, `-wal` and `-shm`).
     let dir = workdir::open_dir_below(phys_nix, Path::new("var/nix/db"))
         .map_err(io_at("open without following a symlink", &lower))?;
-    let st = match nix::sys::stat::fstatat(
-        Some(std::os::fd::AsRawFd::as_raw_fd(&dir)),
-        "db.sqlite",
-        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-    ) {
+    let at = |name: &str| {
+        nix::sys::stat::fstatat(
+            Some(std::os::fd::AsRawFd::as_raw_fd(&dir)),
+            name,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    let regular = |st: &nix::sys::stat::FileStat| {
+        nix::sys::stat::SFlag::from_bits_truncate(st.st_mode) & nix::sys::stat::SFlag::S_IFMT
+            == nix::sys::stat::SFlag::S_IFREG
+    };
+    let st = match at("db.sqlite") {
         Ok(st) => st,
         Err(nix::errno::Errno::ENOENT) => return Ok(()),
         Err(e) => return Err(io_at("inspect", &db)(e.into())),
     };
-    if nix::sys::stat::SFlag::from_bits_truncate(st.st_mode) & nix::sys::stat::SFlag::S_IFMT
-        != nix::sys::stat::SFlag::S_IFREG
-    {
+    if !regular(&st) {
         return Err(io_at("snapshot", &db)(io::Error::other(
             "not a regular file (a symlink planted by a job's daemon?)",
         )));
+    }
+    // Nor a journal, WAL or shared-memory file that is not one: SQLite opens them beside the
+    // database without O_NONBLOCK, and a FIFO there would hold root's open for ever. (Each
+    // is opened by name later: a daemon that swaps one in after this check still can.)
+    for name in ["db.sqlite-journal", "db.sqlite-wal", "db.sqlite-shm"] {
+        match at(name) {
+            Ok(st) if !regular(&st) => {
+                return Err(io_at("snapshot", &lower.join(name))(io::Error::other(
+                    "not a regular file (planted by a job's daemon?)",
+                )))
+            }
+            Ok(_) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => return Err(io_at("inspect", &lower.join(name))(e.into())),
+        }
     }
     let copy = up.join("db.sqlite");
     // The private path SQLite is given: an empty directory of root's beside the layer's upper
@@ -707,6 +726,103 @@ mod tests {
         );
     }
 
+    /// The swap lands exactly between the agent's walk to the database's directory and
+    /// SQLite's open: the path then leads to the other database (the attack); SQLite given
+    /// the private bind reads the store's own.
+    #[tokio::test]
+    async fn a_swap_between_the_walk_and_sqlites_open_is_read_past() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP a_swap_between_the_walk_and_sqlites_open_is_read_past: the snapshot's private mount namespace needs root");
+            return;
+        }
+        let (t, store, dbdir, decoy) = store_and_decoy();
+        let swap = {
+            let (dbdir, decoy) = (dbdir.clone(), decoy.clone());
+            move || {
+                std::fs::rename(&dbdir, dbdir.with_file_name("db.real")).unwrap();
+                std::os::unix::fs::symlink(&decoy, &dbdir).unwrap();
+            }
+        };
+        let unswap = || {
+            std::fs::remove_file(&dbdir).unwrap();
+            std::fs::rename(dbdir.with_file_name("db.real"), &dbdir).unwrap();
+        };
+        // The attack: the directory walked, then swapped. The path now leads to the other
+        // database; SQLite's own check refuses it when the swap is already there when it
+        // looks (it can still lose the race between its look and its open: the test above).
+        let held = workdir::open_dir_below(&store, Path::new("var/nix/db")).unwrap();
+        swap();
+        assert_eq!(
+            says(&dbdir.join("db.sqlite")).unwrap(),
+            "another database",
+            "the attack did not land"
+        );
+        let (from, into) = (dbdir.join("db.sqlite"), t.path().join("by-path.sqlite"));
+        let r = crate::store::blocking(move |b| b.snapshot(&from, &into))
+            .await
+            .unwrap();
+        assert!(r.is_err(), "{r:?}");
+        drop(held);
+        unswap();
+        // The same swap, the same moment, through the private bind.
+        let held = workdir::open_dir_below(&store, Path::new("var/nix/db")).unwrap();
+        let via = t.path().join("via");
+        std::fs::create_dir(&via).unwrap();
+        let store2 = store.clone();
+        let h = crate::store::HeldDir {
+            dir: held,
+            reopen: Box::new(move || {
+                let d = workdir::open_dir_below(&store2, Path::new("var/nix/db"));
+                swap();
+                d
+            }),
+        };
+        let (at, into) = (via.clone(), t.path().join("held.sqlite"));
+        crate::store::blocking(move |b| b.snapshot_held(h, &at, &into))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(std::fs::symlink_metadata(&dbdir)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(
+            says(&t.path().join("held.sqlite")).unwrap(),
+            "the store's own"
+        );
+        unswap();
+        // A FIFO planted as the journal would hold SQLite's open for ever: refused first.
+        nix::unistd::mkfifo(
+            &dbdir.join("db.sqlite-journal"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        let upper = t.path().join("layer/upper");
+        std::fs::create_dir_all(&upper).unwrap();
+        let e = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            snapshot_db(&store, &upper, None),
+        )
+        .await
+        .expect("the snapshot returned")
+        .expect_err("a FIFO journal is refused");
+        assert!(e.to_string().contains("db.sqlite-journal"), "{e}");
+    }
+
+    /// A store whose database says "the store's own", and another directory whose database
+    /// says "another database": the tempdir, the store, its database's directory, the other.
+    fn store_and_decoy() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+        let t = tempfile::tempdir().unwrap();
+        let store = t.path().join("nix");
+        let dbdir = store.join("var/nix/db");
+        std::fs::create_dir_all(&dbdir).unwrap();
+        db_saying(&dbdir.join("db.sqlite"), "the store's own");
+        let decoy = t.path().join("elsewhere");
+        std::fs::create_dir(&decoy).unwrap();
+        db_saying(&decoy.join("db.sqlite"), "another database");
+        (t, store, dbdir, decoy)
+    }
+
     /// A SQLite database at `path` whose one row says `v`.
     fn db_saying(path: &Path, v: &str) {
         let c = rusqlite::Connection::open(path).unwrap();
@@ -729,14 +845,7 @@ mod tests {
             eprintln!("SKIP a_directory_swapped_on_the_way_to_the_database_never_sends_the_snapshot_elsewhere: the snapshot's private mount namespace needs root");
             return;
         }
-        let t = tempfile::tempdir().unwrap();
-        let store = t.path().join("nix");
-        let dbdir = store.join("var/nix/db");
-        std::fs::create_dir_all(&dbdir).unwrap();
-        db_saying(&dbdir.join("db.sqlite"), "the store's own");
-        let decoy = t.path().join("elsewhere");
-        std::fs::create_dir(&decoy).unwrap();
-        db_saying(&decoy.join("db.sqlite"), "another database");
+        let (t, store, dbdir, decoy) = store_and_decoy();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let swapper = {
             let (stop, dbdir, decoy) = (stop.clone(), dbdir.clone(), decoy.clone());

@@ -209,12 +209,12 @@ fn registered_by<'a>(
     found
 }
 
-/// [`snapshot`] of the `db.sqlite` in the directory `held` holds. SQLite opens its files
-/// by path (the database, then its `-wal` and `-shm`), resolving every directory on the way
-/// each time, and refuses a symlink only as the last component: whoever can change a
-/// directory on the path (a daemon that writes the store) could swap it for a symlink between
-/// two opens and send root's SQLite to another database, or make it create its `-shm`
-/// elsewhere. So SQLite gets a path none of whose directories anyone but root can change: on
+/// [`snapshot`] of the `db.sqlite` in the directory `held` holds. SQLite looks for a symlink
+/// on the path once (`SQLITE_OPEN_NOFOLLOW`), then opens its files by that path (the
+/// database, its journal, `-wal` and `-shm`), resolving every directory on the way each
+/// time: whoever can change a directory on the path (a daemon that writes the store) could
+/// swap it for a symlink between the look and an open and send root's SQLite to another
+/// database, or make it create its `-shm` elsewhere. So SQLite gets a path none of whose directories anyone but root can change: on
 /// a thread of its own, in a mount namespace that thread alone is in (its mounts made private
 /// first, so nothing reaches the host's namespace), the directory is opened again by `reopen`
 /// (by descriptor, no symlink followed; a mount can only be bound from the namespace it is

@@ -111,9 +111,10 @@ pub struct JobStore {
 }
 
 impl Blocking {
-    /// One consistent copy of the store database `db` at `into` (SQLite's `VACUUM INTO`, a
-    /// read transaction; waits up to 10 s for a writer's lock): an untrusted job's layer starts
-    /// with it. Linear in the database.
+    /// One consistent copy of the store database `db` at `into`, opened by its path (SQLite's
+    /// `VACUUM INTO`, a read transaction; waits up to 10 s for a writer's lock). Only for
+    /// tests: a layer's snapshot goes through [`Blocking::snapshot_held`].
+    #[cfg(test)]
     pub fn snapshot(&self, db: &Path, into: &Path) -> Result<(), StoreError> {
         db::snapshot(db, into)
     }
