@@ -214,12 +214,13 @@ fn registered_by<'a>(
 /// database, its journal, `-wal` and `-shm`), resolving every directory on the way each
 /// time: whoever can change a directory on the path (a daemon that writes the store) could
 /// swap it for a symlink between the look and an open and send root's SQLite to another
-/// database, or make it create its `-shm` elsewhere. So SQLite gets a path none of whose directories anyone but root can change: on
-/// a thread of its own, in a mount namespace that thread alone is in (its mounts made private
-/// first, so nothing reaches the host's namespace), the directory is opened again by `reopen`
-/// (by descriptor, no symlink followed; a mount can only be bound from the namespace it is
-/// in), checked to be the one `held` holds, and bound at `via`, an empty directory of root's;
-/// SQLite opens `via/db.sqlite`. The namespace, and the bind with it, end with the thread.
+/// database, or make it create its `-shm` elsewhere. So SQLite gets a path none of whose
+/// directories anyone but root can change: on a thread of its own, in a mount namespace that
+/// thread alone is in (its mounts made private first, so nothing reaches the host's
+/// namespace), the directory is opened again by `reopen` (by descriptor, no symlink followed;
+/// a mount can only be bound from the namespace it is in), checked to be the one `held`
+/// holds, and bound at `via`, an empty directory of root's; SQLite opens `via/db.sqlite`. The
+/// namespace, and the bind with it, end with the thread.
 pub(super) fn snapshot_held(
     super::HeldDir { dir: held, reopen }: super::HeldDir,
     via: &Path,
