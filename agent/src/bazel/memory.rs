@@ -26,7 +26,7 @@ const ENTRY_OVERHEAD: u64 = 256;
 
 /// How long a blob is kept at most, however often it is read: a blob purged upstream (say,
 /// one that leaked a secret) is gone from every agent within this time, without a restart.
-pub(super) const MAX_AGE: Duration = Duration::from_secs(3600);
+const MAX_AGE: Duration = Duration::from_secs(3600);
 
 /// A kept blob: its bytes, when it was last read (the clock), when it was kept.
 #[derive(Debug)]
@@ -81,7 +81,7 @@ impl Memory {
 
     /// Whether blobs of `len` bytes may be kept at all (a blob larger than an eighth of the
     /// whole would push out too much for one read).
-    pub(super) fn takes(&self, len: u64) -> bool {
+    fn takes(&self, len: u64) -> bool {
         len + ENTRY_OVERHEAD <= self.max / 8
     }
 
@@ -120,7 +120,7 @@ impl Memory {
 
     fn put_at(&self, hash: &str, blob: &[u8], at: Instant) -> bool {
         let len = blob.len() as u64;
-        if self.max == 0 || !self.takes(len) {
+        if !self.takes(len) {
             return false;
         }
         let Some(n) = name(hash) else { return false };

@@ -630,12 +630,12 @@ async fn snapshot_db(
         .map_err(io_at("create", &via))?;
     // Linear in the database and waiting on a writer's lock: on a blocking thread, through
     // the store's facade, while the runtime only awaits it.
-    let (into, at, store) = (copy.clone(), via.clone(), phys_nix.to_path_buf());
+    let (into, bound, store) = (copy.clone(), via.clone(), phys_nix.to_path_buf());
     let held = crate::store::HeldDir {
         dir,
         reopen: Box::new(move || workdir::open_dir_below(&store, Path::new("var/nix/db"))),
     };
-    let done = crate::store::blocking(move |b| b.snapshot_held(held, &at, &into))
+    let done = crate::store::blocking(move |b| b.snapshot_held(held, &bound, &into))
         .await
         .and_then(|r| r);
     // Empty again once the snapshot's thread (and its namespace) is gone.
